@@ -1,0 +1,31 @@
+# Two commands do all the set-up:  `make test`  and  `make demo`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastcl-installed
+# The CPU wheel of torch keeps a CPU machine from pulling a multi-GB CUDA build.
+TORCH_PIN  ?= torch==2.13.0
+TRITON_PIN ?= triton==3.6.0
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
+
+.PHONY: test demo bench-cpu clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN) numpy pybind11 ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+demo: $(STAMP)
+	$(PY) -m fastcl train
+
+bench-cpu: $(STAMP)
+	$(PY) benchmarks/cpu_clip.py --n 16384 --d 256 --reps 3 --json benchmarks/results/cpu_clip_n16384_d256.json
+
+clean:
+	rm -rf build *.egg-info fastcl/_C*.so $(VENV)

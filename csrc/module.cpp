@@ -1,0 +1,28 @@
+// Python module entry point for fastcl._C.  Ops register themselves with TORCH_LIBRARY_FRAGMENT
+// in their own files (namespace fastcl_C); this file only makes the shared library importable.
+#include <torch/extension.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static bool has_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+static bool has_cuda() {
+#ifdef FASTCL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_openmp", &has_openmp, "True when the extension was built with OpenMP");
+  m.def("has_cuda", &has_cuda, "True when the extension was built with its CUDA kernels");
+}

@@ -1,0 +1,8 @@
+"""fastcl: fused contrastive-learning losses that never store the similarity matrix."""
+from fastcl import _ext  # noqa: F401  (loads fastcl._C and its ops when built)
+from fastcl import nn, ops
+from fastcl.losses import clip_loss, info_nce
+
+__version__ = "0.1.0"
+
+__all__ = ["clip_loss", "info_nce", "nn", "ops", "__version__"]

@@ -1,0 +1,26 @@
+"""Loads the compiled extension ``fastcl._C`` once; the package works without it."""
+import warnings
+
+_C = None
+_error = None
+
+try:  # importing the module also registers the torch.ops.fastcl_C operators
+    from fastcl import _C  # type: ignore[attr-defined]  # noqa: F811
+except ImportError as exc:  # pragma: no cover - exercised only when the build is missing
+    _error = exc
+    warnings.warn(
+        f"fastcl: the C++ extension fastcl._C is not built ({exc}); "
+        "falling back to the pure-PyTorch reference backend on the CPU.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_available() -> bool:
+    """True when ``fastcl._C`` imported (the ``cpu`` backend is usable)."""
+    return _C is not None
+
+
+def extension_has_cuda() -> bool:
+    """True when ``fastcl._C`` was built with its CUDA kernels."""
+    return _C is not None and bool(_C.has_cuda())

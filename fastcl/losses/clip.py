@@ -1,0 +1,50 @@
+"""CLIP loss with open_clip ``ClipLoss`` semantics, fused."""
+from typing import Optional
+
+import torch
+
+from fastcl.losses._common import default_positives, positive_logits, reduce_loss
+from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.validation import check_index, check_pair, check_reduction, check_scalar
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+              logit_bias=None, *, labels: Optional[torch.Tensor] = None, reduction: str = "mean",
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Symmetric CLIP cross-entropy: ``(CE(s I T^T + b, y) + CE(s T I^T + b, y)) / 2``.
+
+    Equals open_clip's ``ClipLoss`` (features are not normalised here) in value and gradient,
+    including the gradient of ``logit_scale``, without storing the N x M logits.
+
+    Args:
+        image_features: (N, D) float tensor.
+        text_features: (M, D), same dtype/device; M == N unless ``labels`` is given.
+        logit_scale: positive float or 0-d tensor, already exponentiated (open_clip convention).
+        logit_bias: optional float or 0-d tensor added to every logit.
+        labels: optional (N,) int64, the positive text column of each image (M >= N layouts with
+            hard negatives).  The text->image term covers the labelled columns.
+        reduction: "mean", "sum" or "none" (per-image losses (N,)).
+        backend: see ``fastcl.ops.similarity_lse``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+    """
+    check_pair("image_features", image_features, "text_features", text_features)
+    check_scalar("logit_scale", logit_scale, positive=True)
+    if logit_bias is not None:
+        check_scalar("logit_bias", logit_bias)
+    check_reduction(reduction)
+    n, m = image_features.shape[0], text_features.shape[0]
+    if labels is None:
+        if m != n:
+            raise ValueError(f"text_features has {m} rows but image_features has {n}; "
+                             "pass labels for layouts with extra (hard-negative) texts")
+        labels = torch.arange(n, device=image_features.device)
+    else:
+        check_index("labels", labels, n, m, image_features.device)
+        labels = labels.long()
+    row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, logit_bias,
+                                      rows=True, cols=True, backend=backend)
+    pos = positive_logits(image_features, text_features, labels, logit_scale, logit_bias)
+    per_sample = 0.5 * ((row_lse - pos) + (col_lse.index_select(0, labels) - pos))
+    return reduce_loss(per_sample, reduction)

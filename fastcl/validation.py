@@ -1,0 +1,96 @@
+"""Argument checks shared by every public entry point.  Each error names the argument."""
+from typing import Optional, Union
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _eager() -> bool:
+    # Value checks need a device sync and break graphs; skip them while torch.compile traces.
+    return not torch.compiler.is_compiling()
+
+
+def check_embeddings(name: str, x) -> None:
+    """``x`` must be a non-empty 2-D floating tensor (N, D)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+
+
+def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Both embeddings valid, with the same D, dtype and device."""
+    check_embeddings(name_a, a)
+    check_embeddings(name_b, b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} must have the same feature size D, "
+                         f"got {a.shape[1]} and {b.shape[1]}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
+def check_scalar(name: str, value, *, positive: bool = False) -> None:
+    """A Python number or a one-element floating tensor; optionally strictly positive."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if positive and _eager() and not bool((value > 0).all()):
+            raise ValueError(f"{name} must be > 0, got {value.detach().reshape(()).item()}")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if positive and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    else:
+        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
+
+
+def check_index(name: str, idx, n: int, upper: int, device: torch.device) -> None:
+    """``idx`` is an integer tensor (n,) with values in [0, upper)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+    if idx.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{name} must be on {device}, got {idx.device}")
+    if _eager() and n > 0:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_offset(name: str, offset: Optional[int]) -> None:
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+        raise TypeError(f"{name} must be None or an int, got {type(offset).__name__}")
+
+
+def resolve_scale(temperature: Union[float, torch.Tensor, None],
+                  logit_scale: Union[float, torch.Tensor, None],
+                  default_temperature: Optional[float] = None):
+    """Exactly one of ``temperature`` (scale = 1/T) and ``logit_scale`` (already exponentiated)."""
+    if temperature is not None and logit_scale is not None:
+        raise ValueError("give either temperature or logit_scale, not both")
+    if logit_scale is not None:
+        check_scalar("logit_scale", logit_scale, positive=True)
+        return logit_scale
+    if temperature is None:
+        if default_temperature is None:
+            raise ValueError("one of temperature or logit_scale is required")
+        temperature = default_temperature
+    check_scalar("temperature", temperature, positive=True)
+    return 1.0 / temperature

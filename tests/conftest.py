@@ -1,0 +1,61 @@
+"""Shared test set-up: the tolerance table, helpers, and the GPU marker."""
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter when there is no GPU.  It must be set
+# before any @triton.jit function is created, hence here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# The one tolerance table: bound on ||out - ref|| / ||ref|| against a float64 reference computed
+# on the same (already rounded) inputs.  Half-precision rows cover the fused GPU paths that
+# round the gradient tile to the input dtype before the tensor-core products.
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 4e-3,
+}
+
+# Logits in the thousands (scale 100 on unnormalised features) carry an absolute rounding error
+# of |s| * eps in any fp32 computation, so tests at such magnitudes widen TOL by this factor.
+LARGE_LOGITS_FACTOR = 50.0
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in ``out`` gives inf (never passes)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if torch.isnan(out).any():
+        return float("inf")
+    both_inf = torch.isinf(out) & torch.isinf(ref) & (torch.sign(out) == torch.sign(ref))
+    out, ref = out.masked_fill(both_inf, 0.0), ref.masked_fill(both_inf, 0.0)
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 factor: float = 1.0) -> None:
+    """Fail unless ``rel_err(out, ref) <= factor * TOL[dtype]``."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    tol = factor * TOL[dtype]
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None, requires_grad=False):
+    """Fresh random tensor in ``dtype`` (drawn in fp32, then rounded)."""
+    x = torch.randn(*shape, generator=generator, device="cpu").to(device=device, dtype=dtype)
+    return x.requires_grad_(requires_grad)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,129 @@
+"""similarity_lse against the float64 reference: values, gradients, options, edge cases."""
+import pytest
+import torch
+
+from conftest import DTYPES, LARGE_LOGITS_FACTOR, assert_close, randn
+from fastcl.ops import reference_similarity_lse, similarity_lse
+from fastcl._ext import extension_available
+
+needs_ext = pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
+CPU_BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
+
+
+def _inputs(n, m, d, dtype, gen, scale=2.5, bias=None):
+    q = randn(n, d, dtype=dtype, generator=gen, requires_grad=True)
+    k = randn(m, d, dtype=dtype, generator=gen, requires_grad=True)
+    s = torch.tensor(scale, requires_grad=True)
+    b = None if bias is None else torch.tensor(bias, requires_grad=True)
+    return q, k, s, b
+
+
+def check_against_reference(backend, n, m, d, dtype, *, bias=None, offset=None, rows=True, cols=True,
+                            scale=2.5, seed=0, factor=1.0):
+    """Compare value and every gradient of a random weighted sum of the outputs with float64."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, s, b = _inputs(n, m, d, dtype, gen, scale, bias)
+    out = similarity_lse(q, k, s, b, rows=rows, cols=cols, exclude_diagonal=offset, backend=backend)
+    row, col = out if rows and cols else ((out, None) if rows else (None, out))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    row64, col64 = reference_similarity_lse(q64, k64, s64, b64, rows=rows, cols=cols, exclude_diagonal=offset)
+    loss, loss64 = 0.0, 0.0
+    for o, o64 in ((row, row64), (col, col64)):
+        if o is None:
+            continue
+        assert o.dtype == torch.float32
+        assert_close(o, o64, torch.float32 if dtype != torch.float64 else dtype, "lse", factor)
+        w = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        finite = torch.isfinite(o64)
+        loss = loss + (o[finite] * w[finite].float()).sum()
+        loss64 = loss64 + (o64[finite] * w[finite]).sum()
+    wrt = [q, k, s] + ([b] if b is not None else [])
+    wrt64 = [q64, k64, s64] + ([b64] if b64 is not None else [])
+    grads = torch.autograd.grad(loss, wrt)
+    grads64 = torch.autograd.grad(loss64, wrt64)
+    for name, g, g64 in zip(["dq", "dk", "dscale", "dbias"], grads, grads64):
+        assert g.dtype == (dtype if name in ("dq", "dk") else torch.float32)
+        assert_close(g, g64, dtype, name, factor)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,d", [(1, 2, 3), (2, 5, 40), (67, 131, 40), (300, 173, 128), (67, 131, 3)])
+def test_matches_reference(backend, dtype, n, m, d):
+    check_against_reference(backend, n, m, d, dtype, seed=n * 1000 + d)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("offset", [0, 3, -2, 200])
+@pytest.mark.parametrize("rows,cols", [(True, False), (False, True), (True, True)])
+def test_options(backend, offset, rows, cols):
+    check_against_reference(backend, 67, 131, 40, torch.float32, bias=-1.25, offset=offset, rows=rows, cols=cols)
+
+
+@needs_ext
+def test_spans_several_tiles():
+    # 2500 columns cross the C++ column-tile edge (2048) and 300 rows the row-tile edge (256).
+    check_against_reference("cpu", 300, 2500, 16, torch.float32, bias=0.5, offset=7)
+
+
+@needs_ext
+def test_gradcheck_cpu():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    s = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-0.3, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, s, b):
+        r, c = similarity_lse(q, k, s, b, rows=True, cols=True, exclude_diagonal=1, backend="cpu")
+        return r, c
+
+    assert torch.autograd.gradcheck(f, (q, k, s, b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_magnitudes_are_finite_and_exact(backend):
+    # logit scale 100 on unnormalised features: logits in the thousands.
+    check_against_reference(backend, 67, 131, 40, torch.float32, scale=100.0, bias=5.0,
+                            factor=LARGE_LOGITS_FACTOR)
+    gen = torch.Generator().manual_seed(3)
+    q, k = randn(67, 40, generator=gen) * 10, randn(131, 40, generator=gen) * 10
+    r, c = similarity_lse(q, k, 100.0, rows=True, cols=True, backend=backend)
+    assert torch.isfinite(r).all() and torch.isfinite(c).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_in_gives_nan_out(backend):
+    gen = torch.Generator().manual_seed(4)
+    q, k = randn(67, 40, generator=gen), randn(131, 40, generator=gen)
+    q[5, 3] = float("nan")
+    r, c = similarity_lse(q, k, 2.0, rows=True, cols=True, backend=backend)
+    assert torch.isnan(r[5]) and torch.isfinite(torch.cat([r[:5], r[6:]])).all()
+    assert torch.isnan(c).all()
+    k2 = k.clone()
+    k2[7, 0] = float("nan")
+    r = similarity_lse(randn(67, 40, generator=gen), k2, 2.0, backend=backend)
+    assert torch.isnan(r).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fully_excluded_row_is_neg_inf(backend):
+    q, k = torch.randn(1, 4), torch.randn(1, 4)
+    r = similarity_lse(q, k, 1.0, exclude_diagonal=0, backend=backend)
+    assert r.item() == float("-inf")
+
+
+@needs_ext
+def test_cpu_is_deterministic():
+    gen = torch.Generator().manual_seed(5)
+    q = randn(300, 32, generator=gen, requires_grad=True)
+    k = randn(2100, 32, generator=gen, requires_grad=True)
+
+    def run():
+        r, c = similarity_lse(q, k, 3.0, rows=True, cols=True, backend="cpu")
+        return [r, c] + list(torch.autograd.grad(r.sum() + c.sum(), [q, k]))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)

@@ -1,0 +1,71 @@
+"""Bad input raises a clear error that names the argument."""
+import pytest
+import torch
+
+import fastcl
+from fastcl.ops import similarity_lse
+
+q, k = torch.randn(5, 8), torch.randn(6, 8)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: similarity_lse(q, torch.randn(6, 7), 1.0), ValueError, "feature size D"),
+    (lambda: similarity_lse(q[0], k, 1.0), ValueError, "q must be 2-D"),
+    (lambda: similarity_lse(q, k[None], 1.0), ValueError, "k must be 2-D"),
+    (lambda: similarity_lse(q.long(), k, 1.0), TypeError, "q must be float"),
+    (lambda: similarity_lse(q, k.double(), 1.0), TypeError, "same dtype"),
+    (lambda: similarity_lse(q, k.to("meta"), 1.0), ValueError, "same device"),
+    (lambda: similarity_lse(q, k, 0.0), ValueError, "scale must be > 0"),
+    (lambda: similarity_lse(q, k, torch.tensor(-1.0)), ValueError, "scale must be > 0"),
+    (lambda: similarity_lse(q, k, torch.ones(2)), ValueError, "scale must be a scalar"),
+    (lambda: similarity_lse(q, k, "1"), TypeError, "scale must be a float"),
+    (lambda: similarity_lse(q, k, 1.0, bias="x"), TypeError, "bias must be a float"),
+    (lambda: similarity_lse(q, k, 1.0, exclude_diagonal=1.5), TypeError, "exclude_diagonal"),
+    (lambda: similarity_lse(q, k, 1.0, rows=False, cols=False), ValueError, "rows or cols"),
+    (lambda: similarity_lse(q[:0], k, 1.0), ValueError, "q must be non-empty"),
+    (lambda: similarity_lse(q, k, 1.0, backend="fast"), ValueError, "backend must be one of"),
+    (lambda: fastcl.clip_loss(q, k, 1.0), ValueError, "pass labels"),
+    (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.tensor([0, 1, 2, 3, 6])), ValueError, r"labels must lie in \[0, 6\)"),
+    (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.tensor([0, 1, 2, 3, -1])), ValueError, "labels must lie"),
+    (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.zeros(4, dtype=torch.long)), ValueError, r"labels must have shape \(5,\)"),
+    (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.zeros(5)), TypeError, "labels must be an integer"),
+    (lambda: fastcl.clip_loss(q, k[:5], -2.0), ValueError, "logit_scale must be > 0"),
+    (lambda: fastcl.clip_loss(q, k[:5], 2.0, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: fastcl.clip_loss(q[:0], k[:0], 2.0), ValueError, "image_features must be non-empty"),
+    (lambda: fastcl.info_nce(q, k, temperature=0.1, logit_scale=10.0), ValueError, "not both"),
+    (lambda: fastcl.info_nce(q, k, temperature=0.0), ValueError, "temperature must be > 0"),
+    (lambda: fastcl.info_nce(k, q), ValueError, "give the positive column"),
+    (lambda: fastcl.info_nce(q, k, exclude_self=True), ValueError, "excluded diagonal"),
+    (lambda: fastcl.info_nce(q, k, positives=torch.tensor([0, 1, 2, 3, 9])), ValueError, "positives must lie"),
+    (lambda: fastcl.nn.ClipLoss(world_size=0), ValueError, "world_size"),
+    (lambda: fastcl.nn.ClipLoss(rank=2, world_size=2), ValueError, "rank"),
+    (lambda: fastcl.nn.ClipLoss(rank=0, world_size=2), NotImplementedError, "world_size > 1"),
+    (lambda: fastcl.nn.InfoNCELoss(temperature=-1.0), ValueError, "temperature must be > 0"),
+])
+def test_bad_input_names_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_backend_env_var(monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        similarity_lse(q, k, 1.0)
+    monkeypatch.setenv("FASTCL_BACKEND", "reference")
+    assert similarity_lse(q, k, 1.0).shape == (5,)
+
+
+def test_cpu_backend_rejects_other_devices():
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        similarity_lse(q.to("meta"), k.to("meta"), 1.0, backend="cpu")
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        similarity_lse(q, k, 1.0, backend="cuda")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        similarity_lse(q, k, 1.0, backend="triton")
