@@ -5,6 +5,8 @@ STAMP  := $(VENV)/.fastcl-installed
 # The CPU wheel of torch keeps a CPU machine from pulling a multi-GB CUDA build.
 TORCH_PIN  ?= torch==2.13.0
 TRITON_PIN ?= triton==3.6.0
+# numpy 2.4 breaks the Triton 3.6 interpreter (int() of 1-element arrays).
+NUMPY_PIN  ?= numpy==2.2.6
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
 .PHONY: test demo bench-cpu clean
@@ -14,7 +16,7 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN) numpy pybind11 ninja
+	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN) $(NUMPY_PIN) pybind11 ninja
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	touch $(STAMP)
 

@@ -10,19 +10,19 @@ needs_ext = pytest.mark.skipif(not extension_available(), reason="fastcl._C not 
 CPU_BACKENDS = ["reference", pytest.param("cpu", marks=needs_ext)]
 
 
-def _inputs(n, m, d, dtype, gen, scale=2.5, bias=None):
-    q = randn(n, d, dtype=dtype, generator=gen, requires_grad=True)
-    k = randn(m, d, dtype=dtype, generator=gen, requires_grad=True)
-    s = torch.tensor(scale, requires_grad=True)
-    b = None if bias is None else torch.tensor(bias, requires_grad=True)
+def _inputs(n, m, d, dtype, gen, scale=2.5, bias=None, device="cpu"):
+    q = randn(n, d, dtype=dtype, generator=gen, device=device, requires_grad=True)
+    k = randn(m, d, dtype=dtype, generator=gen, device=device, requires_grad=True)
+    s = torch.tensor(scale, device=device, requires_grad=True)
+    b = None if bias is None else torch.tensor(bias, device=device, requires_grad=True)
     return q, k, s, b
 
 
 def check_against_reference(backend, n, m, d, dtype, *, bias=None, offset=None, rows=True, cols=True,
-                            scale=2.5, seed=0, factor=1.0):
+                            scale=2.5, seed=0, factor=1.0, device="cpu"):
     """Compare value and every gradient of a random weighted sum of the outputs with float64."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, s, b = _inputs(n, m, d, dtype, gen, scale, bias)
+    q, k, s, b = _inputs(n, m, d, dtype, gen, scale, bias, device)
     out = similarity_lse(q, k, s, b, rows=rows, cols=cols, exclude_diagonal=offset, backend=backend)
     row, col = out if rows and cols else ((out, None) if rows else (None, out))
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
@@ -35,7 +35,8 @@ def check_against_reference(backend, n, m, d, dtype, *, bias=None, offset=None, 
             continue
         assert o.dtype == torch.float32
         assert_close(o, o64, torch.float32 if dtype != torch.float64 else dtype, "lse", factor)
-        w = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        # Positive weights, as a loss gives; random signs make dscale cancel to noise.
+        w = (torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
         finite = torch.isfinite(o64)
         loss = loss + (o[finite] * w[finite].float()).sum()
         loss64 = loss64 + (o64[finite] * w[finite]).sum()

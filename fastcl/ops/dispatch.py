@@ -1,5 +1,5 @@
 """Backend choice: ``backend=`` argument, else ``FASTCL_BACKEND``, else ``auto``."""
-import functools
+import importlib.util
 import os
 from typing import Optional
 
@@ -10,14 +10,12 @@ from fastcl._ext import extension_available, extension_has_cuda
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when Triton imports."""
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when Triton is installed (checked once, at import, so torch.compile can trace this)."""
+    return _HAS_TRITON
 
 
 def triton_interpreting() -> bool:

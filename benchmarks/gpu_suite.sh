@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One-shot GPU suite: build the extension, run the GPU tests, benchmark, write JSON + logs.
+#   bash benchmarks/gpu_suite.sh OUTDIR
+# Optional: wheels in .whl/ (Inf-CL) are installed to /tmp/site first; FASTCL_COMMIT names the
+# commit in the results when the copy has no .git; SUITE_QUICK=1 shrinks the benchmark.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export FASTCL_COMMIT=${FASTCL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+start=$(date +%s)
+stamp() { echo "[suite +$(( $(date +%s) - start ))s] $*"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+stamp "1. build"
+if ! python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  stamp "build with CUDA sources failed (tail of log below); retrying CPU-only extension"
+  tail -25 "$OUT/build.log"
+  FASTCL_NO_CUDA=1 python3 setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
+fi
+python3 -c "import fastcl; from fastcl import _ext; print('extension:', _ext.extension_available(), 'cuda kernels:', _ext.extension_has_cuda())"
+
+stamp "2. GPU tests"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+echo "gpu tests exit code: $?"
+tail -15 "$OUT/gpu_tests.log"
+
+stamp "3. benchmarks"
+if [ "${SUITE_QUICK:-0}" = "1" ]; then
+  python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+else
+  python3 benchmarks/gpu_bench.py --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+fi
+for extra in benchmarks/gpu_bench_*.py; do
+  [ -e "$extra" ] || continue
+  stamp "extra: $extra"
+  python3 "$extra" --json "$OUT/$(basename "$extra" .py).json" 2>&1 | tail -12
+done
+stamp "done"

@@ -1,0 +1,321 @@
+"""Triton kernels for the row/column log-sum-exp of ``S = scale * q @ k.T + bias``.
+
+Forward: one pass over the score tiles gives the exact row LSE and, per row block, a partial
+column LSE; a tiny logsumexp over the (N / BLOCK_M, M) partials merges the columns.  No atomics.
+
+Backward, two modes (``lse_backward(mode=...)``):
+  * "fused" (D <= 256): one kernel keeps a (BLOCK, D) accumulator and loops over the other side,
+    forming dS = g_row * P_row + g_col * P_col per tile and multiplying it straight into
+    Gq = dS @ k.  The same kernel with q/k and row/col roles swapped gives Gk = dS.T @ q.
+  * "strip" (any D): a kernel writes dS for a strip of rows into a bounded workspace and cuBLAS
+    forms Gq[strip] = dS @ k and Gk += dS.T @ q[strip].
+
+Every kernel works on CPU tensors under TRITON_INTERPRET=1.  The interpreter's ``tl.dot`` is
+wrong for bf16 operands, so they are upcast there (``UPCAST``), which only changes rounding.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+FUSED_MAX_D = 256
+STRIP_WORKSPACE_BYTES = 64 * 2**20
+
+
+@triton.jit
+def _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale, bias, diag_off,
+                HAS_DIAG: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) fp32 tile of scale * a @ b.T + bias, -inf outside the matrix and on
+    the excluded diagonal (b index == a index + diag_off)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    a_rows = offs_a.to(tl.int64)[:, None] * stride_a
+    b_rows = offs_b.to(tl.int64)[:, None] * stride_b
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        a = tl.load(a_ptr + a_rows + offs_d[None, :], mask=(offs_a[:, None] < NA) & (offs_d[None, :] < D), other=0.0)
+        b = tl.load(b_ptr + b_rows + offs_d[None, :], mask=(offs_b[:, None] < NB) & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IS_FP32:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    s = acc * scale + bias
+    valid = (offs_a[:, None] < NA) & (offs_b[None, :] < NB)
+    if HAS_DIAG:
+        valid = valid & (offs_b[None, :] != offs_a[:, None] + diag_off)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, M, D, stride_q, stride_k,
+                    diag_off, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, M, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, stride_q, stride_k, scale, bias, diag_off,
+                        HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+        s2 = s * 1.4426950408889634  # work in base 2: exp2 is the native instruction
+        if ROWS:
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # never -inf - -inf
+            l_i = l_i * tl.exp2(m_i - ref) + tl.sum(tl.exp2(s2 - ref[:, None]), 1)
+            m_i = m_new
+        if COLS:
+            mc = tl.max(s2, 0)
+            refc = tl.where(mc == float("-inf"), 0.0, mc)
+            lc = tl.sum(tl.exp2(s2 - refc[None, :]), 0)
+            part = (refc + tl.log2(lc)) * 0.6931471805599453
+            tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < M)
+    if ROWS:
+        ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+        tl.store(row_ptr + offs_m, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N)
+
+
+@triton.jit
+def _load_stats(lse_ptr, g_ptr, offs, n, ACTIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """(lse, weight) for one side, or zeros when that side's statistics were not computed."""
+    if ACTIVE:
+        lse = tl.load(lse_ptr + offs, mask=offs < n, other=0.0)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0)
+    else:
+        lse = tl.zeros((BLOCK,), dtype=tl.float32)
+        g = tl.zeros((BLOCK,), dtype=tl.float32)
+    return lse, g
+
+
+@triton.jit
+def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.constexpr):
+    """dS = g_a * exp(s - lse_a) + g_b * exp(s - lse_b); lse = -inf (all excluded) counts as 0."""
+    ds = tl.zeros(s.shape, dtype=tl.float32)
+    if A_STATS:
+        la = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
+        ds += g_a[:, None] * tl.exp2((s - la[:, None]) * 1.4426950408889634)
+    if B_STATS:
+        lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
+        ds += g_b[None, :] * tl.exp2((s - lb[None, :]) * 1.4426950408889634)
+    return ds
+
+
+@triton.jit
+def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, lse_b_ptr, g_b_ptr, out_ptr,
+                       NA, NB, D, stride_a, stride_b, stride_o, diag_off,
+                       A_STATS: tl.constexpr, B_STATS: tl.constexpr, HAS_DIAG: tl.constexpr,
+                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                       UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """out[a] = sum_b dS[a, b] * b_vec[b] for one block of a rows; BLOCK_D covers all of D."""
+    pid = tl.program_id(0)
+    offs_a = pid * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    lse_a, g_a = _load_stats(lse_a_ptr, g_a_ptr, offs_a, NA, A_STATS, BLOCK_A)
+    acc = tl.zeros((BLOCK_A, BLOCK_D), dtype=tl.float32)
+    for b0 in range(0, NB, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        s = _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale, bias, diag_off,
+                        HAS_DIAG, BLOCK_A, BLOCK_B, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+        lse_b, g_b = _load_stats(lse_b_ptr, g_b_ptr, offs_b, NB, B_STATS, BLOCK_B)
+        ds = _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS, B_STATS)
+        b = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
+                    mask=(offs_b[:, None] < NB) & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        if IS_FP32:
+            acc = tl.dot(ds, b, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(ds.to(b.dtype), b, acc)
+    tl.store(out_ptr + offs_a.to(tl.int64)[:, None] * stride_o + offs_d[None, :], acc,
+             mask=(offs_a[:, None] < NA) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, col_ptr, gcol_ptr, ds_ptr,
+                         row0, N_STRIP, M, D, stride_q, stride_k, stride_ds, diag_off,
+                         ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """dS for rows [row0, row0 + N_STRIP) x all columns, written in the workspace's dtype."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row0 + local
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    # Rows past the strip are masked by passing row0 + N_STRIP as the row count.
+    s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, M, D, stride_q, stride_k, scale, bias,
+                    diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+    in_m = local < N_STRIP
+    in_n = offs_n < M
+    lse_r, g_r = _load_stats(row_ptr, grow_ptr, offs_m, row0 + N_STRIP, ROWS, BLOCK_M)
+    lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, M, COLS, BLOCK_N)
+    ds = _dscore_tile(s, lse_r, g_r, lse_c, g_c, ROWS, COLS)
+    tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + offs_n[None, :],
+             ds.to(ds_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+def _config(q: torch.Tensor) -> dict:
+    """One fixed launch configuration per situation (interpreter: small tiles for speed)."""
+    interp = q.device.type == "cpu"
+    is_fp32 = q.dtype in (torch.float32, torch.float64)
+    upcast = interp or q.dtype == torch.float64
+    precision = "ieee" if (interp or q.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
+    d = q.shape[1]
+    if interp:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
+                    UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, launch={})
+    block_d = 32 if q.dtype == torch.float32 else 64
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(d))),
+                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision,
+                launch=dict(num_warps=8, num_stages=3))
+
+
+def _check(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError("Triton kernels got CPU tensors; set TRITON_INTERPRET=1 to run them in the interpreter")
+    if q.dtype == torch.float64:
+        raise TypeError("the triton backend supports float32, bfloat16 and float16 inputs, got float64; "
+                        "use backend='cpu' or 'reference' for float64")
+
+
+def _stat_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
+    """Row LSE (N,) and column LSE (M,) (empty when not asked), fp32.
+
+    q: (N, D), k: (M, D) of one float dtype on one device; scale, bias: 0-d fp32 tensors there.
+    """
+    _check(q, k)
+    q, k = q.contiguous(), k.contiguous()
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = _config(q)
+    sd = _stat_dtype(q)
+    grid_m = triton.cdiv(n, cfg["BLOCK_M"])
+    row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
+    colpart = torch.empty((grid_m, m) if cols else (0,), device=q.device, dtype=torch.float32)
+    dummy = torch.empty(1, device=q.device, dtype=torch.float32)
+    _lse_fwd_kernel[(grid_m,)](
+        q, k, scale.float(), bias.float(), row if rows else dummy, colpart if cols else dummy, n, m, d,
+        q.stride(0), k.stride(0), 0 if diag_offset is None else int(diag_offset),
+        ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
+        **cfg["launch"])
+    col = torch.logsumexp(colpart, dim=0) if cols else torch.empty(0, device=q.device, dtype=torch.float32)
+    return row.to(sd), col.to(sd)
+
+
+def backward_mode(d: int) -> str:
+    """"fused" (in-kernel accumulation) up to D = 256, else "strip"; FASTCL_TRITON_BWD overrides."""
+    mode = os.environ.get("FASTCL_TRITON_BWD", "auto")
+    if mode not in ("auto", "fused", "strip"):
+        raise ValueError(f"FASTCL_TRITON_BWD must be auto, fused or strip, got {mode!r}")
+    if mode == "fused" and d > FUSED_MAX_D:
+        raise ValueError(f"FASTCL_TRITON_BWD=fused supports D <= {FUSED_MAX_D}, got D={d}")
+    if mode == "auto":
+        return "fused" if d <= FUSED_MAX_D else "strip"
+    return mode
+
+
+def lse_backward(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset, mode=None):
+    """Gq = dS @ k (N, D) and Gk = dS.T @ q (M, D), fp32, for the weights g_row (N,) / g_col (M,).
+
+    row_lse/col_lse are the forward's outputs (empty when that side was not computed).
+    """
+    _check(q, k)
+    q, k = q.contiguous(), k.contiguous()
+    mode = mode or backward_mode(q.shape[1])
+    rows, cols = row_lse.numel() > 0, col_lse.numel() > 0
+    f32 = lambda t: t.float().contiguous()  # noqa: E731
+    row_lse, col_lse, g_row, g_col = f32(row_lse), f32(col_lse), f32(g_row), f32(g_col)
+    dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
+    stats = (row_lse if rows else dummy, g_row if rows else dummy, col_lse if cols else dummy,
+             g_col if cols else dummy)
+    if mode == "fused":
+        gq = _grad_fused(q, k, scale, bias, *stats, rows, cols, diag_offset)
+        gk = _grad_fused(k, q, scale, bias, stats[2], stats[3], stats[0], stats[1], cols, rows,
+                         None if diag_offset is None else -int(diag_offset))
+    else:
+        gq, gk = _grad_strip(q, k, scale, bias, *stats, rows, cols, diag_offset)
+    sd = _stat_dtype(q)
+    return gq.to(sd), gk.to(sd)
+
+
+def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, diag_offset):
+    na, d = a.shape
+    cfg = _config(a)
+    block_d = max(16, triton.next_power_of_2(d))
+    if a.device.type == "cpu":
+        block_a, launch = 32, {}
+    else:
+        block_a = 64 if block_d <= 128 else 32
+        launch = dict(num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    out = torch.empty((na, d), device=a.device, dtype=torch.float32)
+    _grad_fused_kernel[(triton.cdiv(na, block_a),)](
+        a, b, scale.float(), bias.float(), lse_a, g_a, lse_b, g_b, out, na, b.shape[0], d,
+        a.stride(0), b.stride(0), out.stride(0), 0 if diag_offset is None else int(diag_offset),
+        A_STATS=a_stats, B_STATS=b_stats, HAS_DIAG=diag_offset is not None, BLOCK_A=block_a,
+        BLOCK_B=cfg["BLOCK_N"] if a.device.type == "cpu" else 64, BLOCK_D=block_d,
+        UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], **launch)
+    return out
+
+
+def _mm_f32(a, b):
+    """a @ b with fp32 output (tensor cores for half inputs, fp32 accumulation)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return (a @ b).float()
+
+
+def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset):
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = _config(q)
+    ws_dtype = q.dtype if q.dtype != torch.float64 else torch.float64
+    elem = torch.empty(0, dtype=ws_dtype).element_size()
+    bm = cfg["BLOCK_M"]
+    strip = max(bm, min(triton.cdiv(n, bm) * bm, (STRIP_WORKSPACE_BYTES // (m * elem)) // bm * bm))
+    ws = torch.empty((strip, m), device=q.device, dtype=ws_dtype)
+    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
+    gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
+    for r0 in range(0, n, strip):
+        nr = min(strip, n - r0)
+        grid = (triton.cdiv(nr, bm), triton.cdiv(m, cfg["BLOCK_N"]))
+        _dscore_strip_kernel[grid](
+            q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, ws, r0, nr, m, d,
+            q.stride(0), k.stride(0), ws.stride(0), 0 if diag_offset is None else int(diag_offset),
+            ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
+            **cfg["launch"])
+        ds = ws[:nr]
+        gq[r0:r0 + nr] = _mm_f32(ds, k)
+        gk += _mm_f32(ds.T, q[r0:r0 + nr])
+    return gq, gk
+
+
+def workspace_bytes(n: int, m: int, d: int, dtype: torch.dtype, mode: str) -> int:
+    """Extra device memory the backward allocates beyond its (N + M, D) fp32 outputs."""
+    if mode == "fused":
+        return 0
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return min(STRIP_WORKSPACE_BYTES, max(128, math.ceil(n / 128) * 128) * m * elem)

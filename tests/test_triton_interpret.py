@@ -1,0 +1,65 @@
+"""Triton backend vs the float64 reference.  On a CPU-only machine the kernels run in the
+Triton interpreter (conftest sets TRITON_INTERPRET=1), at small odd sizes."""
+import pytest
+import torch
+
+from conftest import assert_close
+from fastcl.ops.dispatch import triton_available
+from test_similarity_lse import check_against_reference
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["fused", "strip"])
+def bwd_mode(request, monkeypatch):
+    monkeypatch.setenv("FASTCL_TRITON_BWD", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [3, 40])
+def test_matches_reference(bwd_mode, dtype, d):
+    check_against_reference("triton", 67, 131, d, dtype, bias=0.75, seed=d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [None, 0, 5, -3])
+@pytest.mark.parametrize("rows,cols", [(True, False), (False, True), (True, True)])
+def test_options(bwd_mode, dtype, offset, rows, cols):
+    check_against_reference("triton", 67, 131, 40, dtype, offset=offset, rows=rows, cols=cols,
+                            bias=None if offset is None else -0.5, seed=7)
+
+
+def test_small_and_fully_excluded():
+    check_against_reference("triton", 1, 2, 3, torch.float32)
+    from fastcl.ops import similarity_lse
+    r = similarity_lse(torch.randn(1, 4), torch.randn(1, 4), 1.0, exclude_diagonal=0, backend="triton")
+    assert r.item() == float("-inf")
+
+
+def test_nan_in_gives_nan_out():
+    from fastcl.ops import similarity_lse
+    q, k = torch.randn(67, 40), torch.randn(131, 40)
+    q[5, 3] = float("nan")
+    r, c = similarity_lse(q, k, 2.0, rows=True, cols=True, backend="triton")
+    assert torch.isnan(r[5]) and torch.isfinite(torch.cat([r[:5], r[6:]])).all()
+    assert torch.isnan(c).all()
+
+
+def test_rejects_float64():
+    from fastcl.ops import similarity_lse
+    with pytest.raises(TypeError, match="float64"):
+        similarity_lse(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), 1.0,
+                       backend="triton")
+
+
+def test_clip_loss_triton_matches_cpu_reference():
+    import fastcl
+    gen = torch.Generator().manual_seed(3)
+    img = torch.randn(67, 40, generator=gen).requires_grad_()
+    txt = torch.randn(67, 40, generator=gen).requires_grad_()
+    scale = torch.tensor(4.0, requires_grad=True)
+    loss = fastcl.clip_loss(img, txt, scale, backend="triton")
+    ref = fastcl.clip_loss(*(t.detach().double().requires_grad_() for t in (img, txt, scale)), backend="reference")
+    assert_close(loss, ref, torch.float32)
