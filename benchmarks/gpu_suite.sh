@@ -20,10 +20,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 stamp "1. build"
-if ! python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+pipe=(python3 -m pip install --no-build-isolation --no-deps --no-index -e .)
+if ! "${pipe[@]}" >"$OUT/build.log" 2>&1; then
   stamp "build with CUDA sources failed (tail of log below); retrying CPU-only extension"
   tail -25 "$OUT/build.log"
-  FASTCL_NO_CUDA=1 python3 setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
+  FASTCL_NO_CUDA=1 "${pipe[@]}" >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
 fi
 python3 -c "import fastcl; from fastcl import _ext; print('extension:', _ext.extension_available(), 'cuda kernels:', _ext.extension_has_cuda())"
 

@@ -1,6 +1,8 @@
 """Loads the compiled extension ``fastcl._C`` once; the package works without it."""
 import warnings
 
+import torch  # noqa: F401  (the extension links against libtorch/libc10, loaded by torch)
+
 _C = None
 _error = None
 
