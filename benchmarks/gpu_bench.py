@@ -94,6 +94,7 @@ def main():
     ap.add_argument("--methods", default="fastcl,floor_3mm,naive,infcl")
     ap.add_argument("--rep-ms", type=int, default=400)
     ap.add_argument("--mode-check", default="32768:256", help="N:D at which both backward modes are timed")
+    ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16
@@ -111,6 +112,8 @@ def main():
             "commit": _commit(), "dtype": "bfloat16", "d": args.d}
     for n in [int(x) for x in args.ns.split(",")]:
         for m in args.methods.split(","):
+            if f"{m}@{n}" in args.skip.split(","):
+                continue
             emit(measure(m, n, args.d, dtype, args.rep_ms))
     if args.mode_check:
         n, d = (int(x) for x in args.mode_check.split(":"))

@@ -37,7 +37,7 @@ stamp "3. benchmarks"
 if [ "${SUITE_QUICK:-0}" = "1" ]; then
   python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 else
-  python3 benchmarks/gpu_bench.py --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  python3 benchmarks/gpu_bench.py ${BENCH_ARGS:-} --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 fi
 for extra in benchmarks/gpu_bench_*.py; do
   [ -e "$extra" ] || continue

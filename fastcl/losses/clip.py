@@ -3,14 +3,14 @@ from typing import Optional
 
 import torch
 
-from fastcl.losses._common import default_positives, positive_logits, reduce_loss
+from fastcl.losses._common import check_label_smoothing, mean_logits, positive_logits, reduce_loss, smoothed_ce
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import check_index, check_pair, check_reduction, check_scalar
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
               logit_bias=None, *, labels: Optional[torch.Tensor] = None, reduction: str = "mean",
-              backend: Optional[str] = None) -> torch.Tensor:
+              label_smoothing: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
     """Symmetric CLIP cross-entropy: ``(CE(s I T^T + b, y) + CE(s T I^T + b, y)) / 2``.
 
     Equals open_clip's ``ClipLoss`` (features are not normalised here) in value and gradient,
@@ -24,6 +24,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         labels: optional (N,) int64, the positive text column of each image (M >= N layouts with
             hard negatives).  The text->image term covers the labelled columns.
         reduction: "mean", "sum" or "none" (per-image losses (N,)).
+        label_smoothing: in [0, 1], as ``F.cross_entropy(..., label_smoothing=...)`` in both
+            directions: image rows smooth over the M texts, text columns over the N images.
         backend: see ``fastcl.ops.similarity_lse``.
 
     Returns:
@@ -34,6 +36,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if logit_bias is not None:
         check_scalar("logit_bias", logit_bias)
     check_reduction(reduction)
+    label_smoothing = check_label_smoothing(label_smoothing)
     n, m = image_features.shape[0], text_features.shape[0]
     if labels is None:
         if m != n:
@@ -46,5 +49,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, logit_bias,
                                       rows=True, cols=True, backend=backend)
     pos = positive_logits(image_features, text_features, labels, logit_scale, logit_bias)
-    per_sample = 0.5 * ((row_lse - pos) + (col_lse.index_select(0, labels) - pos))
+    row_mean = col_mean = None
+    if label_smoothing > 0.0:
+        row_mean = mean_logits(image_features, text_features, logit_scale, logit_bias)
+        col_mean = mean_logits(text_features, image_features, logit_scale, logit_bias).index_select(0, labels)
+    per_sample = 0.5 * (smoothed_ce(row_lse, pos, row_mean, label_smoothing)
+                        + smoothed_ce(col_lse.index_select(0, labels), pos, col_mean, label_smoothing))
     return reduce_loss(per_sample, reduction)

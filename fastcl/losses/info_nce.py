@@ -3,14 +3,16 @@ from typing import Optional
 
 import torch
 
-from fastcl.losses._common import default_positives, positive_logits, reduce_loss
+from fastcl.losses._common import (check_label_smoothing, default_positives, mean_logits, positive_logits,
+                                   reduce_loss, smoothed_ce)
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import _eager, check_index, check_pair, check_reduction, resolve_scale
 
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit_scale=None,
              positives: Optional[torch.Tensor] = None, symmetric: bool = False, exclude_self: bool = False,
-             reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+             reduction: str = "mean", label_smoothing: float = 0.0,
+             backend: Optional[str] = None) -> torch.Tensor:
     """InfoNCE loss ``mean_i [ LSE_j s_ij - s_i,p(i) ]`` with ``s = scale * query @ keys.T``.
 
     Args:
@@ -20,10 +22,15 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
             neither ``temperature`` nor ``logit_scale`` is given.
         logit_scale: positive float or 0-d tensor used as the scale directly.
         positives: optional (N,) int64 positive key of each query; default ``arange(N)`` (M >= N).
+            Keys may outnumber queries (M = N * g: in-batch plus hard negatives); every key is a
+            candidate for every query.
         symmetric: also add the keys->query direction over the positive columns, averaged 1:1.
         exclude_self: drop entry (i, i) from every denominator (query set == key set layouts);
             positives must then avoid the diagonal.
         reduction: "mean", "sum" or "none" (per-query losses (N,)).
+        label_smoothing: in [0, 1], as in ``F.cross_entropy``: the target mixes the one-hot with
+            a uniform distribution over the row's candidates (the M keys, or M - 1 with
+            ``exclude_self``); with ``symmetric`` the column term smooths over the N queries.
         backend: see ``fastcl.ops.similarity_lse``.
 
     Returns:
@@ -32,6 +39,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     check_pair("query", query, "keys", keys)
     scale = resolve_scale(temperature, logit_scale, default_temperature=0.07)
     check_reduction(reduction)
+    label_smoothing = check_label_smoothing(label_smoothing)
     n, m = query.shape[0], keys.shape[0]
     if positives is None:
         positives = default_positives(n, m, query.device, "query", "keys")
@@ -44,7 +52,13 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
                          exclude_diagonal=0 if exclude_self else None, backend=backend)
     row_lse, col_lse = out if symmetric else (out, None)
     pos = positive_logits(query, keys, positives, scale)
-    per_sample = row_lse - pos
+    row_mean = col_mean = None
+    if label_smoothing > 0.0:
+        row_mean = mean_logits(query, keys, scale, exclude_diagonal=exclude_self)
+        if symmetric:
+            col_mean = mean_logits(keys, query, scale, exclude_diagonal=exclude_self).index_select(0, positives)
+    per_sample = smoothed_ce(row_lse, pos, row_mean, label_smoothing)
     if symmetric:
-        per_sample = 0.5 * (per_sample + col_lse.index_select(0, positives) - pos)
+        col_term = smoothed_ce(col_lse.index_select(0, positives), pos, col_mean, label_smoothing)
+        per_sample = 0.5 * (per_sample + col_term)
     return reduce_loss(per_sample, reduction)
