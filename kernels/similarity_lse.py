@@ -23,7 +23,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 FUSED_MAX_D = 256
-STRIP_WORKSPACE_BYTES = 64 * 2**20
+STRIP_WORKSPACE_BYTES = 128 * 2**20
+# Rows per strip at least this many, so that dS_strip @ k (strip x D output, long K) has enough
+# output tiles to fill the GPU; measured on an H100: 1024-row strips left SMs idle.
+STRIP_MIN_ROWS = 2048
 
 
 @triton.jit
@@ -277,14 +280,25 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
-def _mm_f32(a, b):
-    """a @ b with fp32 output (tensor cores for half inputs, fp32 accumulation)."""
+def _mm_f32_into(out, a, b, accumulate: bool):
+    """out (+)= a @ b with fp32 accumulation and output; half inputs stay on the tensor cores and
+    cuBLAS adds into ``out`` itself (beta = 1), so no fp32 temporary of out's size is made."""
     if a.dtype in (torch.float32, torch.float64):
-        return a @ b
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
     try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return (a @ b).float()
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError, NotImplementedError):  # no dtype overloads (CPU, older torch)
+        if accumulate:
+            out += (a @ b).float()
+        else:
+            out.copy_(a @ b)
 
 
 def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset):
@@ -294,7 +308,8 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
     ws_dtype = q.dtype if q.dtype != torch.float64 else torch.float64
     elem = torch.empty(0, dtype=ws_dtype).element_size()
     bm = cfg["BLOCK_M"]
-    strip = max(bm, min(triton.cdiv(n, bm) * bm, (STRIP_WORKSPACE_BYTES // (m * elem)) // bm * bm))
+    rows_min = bm if q.device.type == "cpu" else STRIP_MIN_ROWS
+    strip = min(triton.cdiv(n, bm) * bm, max(rows_min, (STRIP_WORKSPACE_BYTES // (m * elem)) // bm * bm))
     ws = torch.empty((strip, m), device=q.device, dtype=ws_dtype)
     gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
     gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
@@ -308,8 +323,8 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
             BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
             **cfg["launch"])
         ds = ws[:nr]
-        gq[r0:r0 + nr] = _mm_f32(ds, k)
-        gk += _mm_f32(ds.T, q[r0:r0 + nr])
+        _mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
+        _mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
     return gq, gk
 
 
@@ -318,4 +333,5 @@ def workspace_bytes(n: int, m: int, d: int, dtype: torch.dtype, mode: str) -> in
     if mode == "fused":
         return 0
     elem = torch.empty(0, dtype=dtype).element_size()
-    return min(STRIP_WORKSPACE_BYTES, max(128, math.ceil(n / 128) * 128) * m * elem)
+    rows = min(math.ceil(n / 128) * 128, max(STRIP_MIN_ROWS, (STRIP_WORKSPACE_BYTES // (m * elem)) // 128 * 128))
+    return rows * m * elem

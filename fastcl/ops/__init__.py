@@ -1,6 +1,8 @@
 """Fused ops with autograd and backend dispatch."""
 from fastcl.ops.dispatch import BACKENDS, resolve_backend
 from fastcl.ops.reference import reference_logits, reference_similarity_lse
+from fastcl.ops.sigmoid_pair import reference_sigmoid_pair_loss, sigmoid_pair_loss
 from fastcl.ops.similarity_lse import similarity_lse
 
-__all__ = ["BACKENDS", "resolve_backend", "similarity_lse", "reference_logits", "reference_similarity_lse"]
+__all__ = ["BACKENDS", "resolve_backend", "similarity_lse", "reference_logits", "reference_similarity_lse",
+           "sigmoid_pair_loss", "reference_sigmoid_pair_loss"]

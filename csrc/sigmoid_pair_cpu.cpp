@@ -1,0 +1,157 @@
+// Pairwise sigmoid loss  L = sum_ij softplus(-z_ij * s_ij),  s = scale * q @ k^T + bias,
+// z = +1 on the diagonal (j == i) and -1 elsewhere (SigLIP), on the CPU, tile by tile.
+//
+// ATen's matmul fills one bounded (BR x BC) tile at a time; a fused OpenMP loop turns it into
+// per-row loss sums (forward) or the gradient tile dL/ds (backward), which two more matmuls
+// fold into Gq = G @ k and Gk = G^T @ q.  Nothing of size N x M is ever allocated.  Threads own
+// disjoint rows and every sum has a fixed order, so results are deterministic.  fp32/bf16/fp16
+// inputs are computed in fp32, fp64 inputs in fp64.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "fast_math.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kTileCols = 2048;
+
+using fastcl::sigmoid;
+using fastcl::softplus;
+
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Row r of a tile starting at (i0, j0) holds the positive pair when column i0 + r - j0 is inside.
+inline int64_t diag_col(int64_t i0, int64_t r, int64_t j0, int64_t nc) {
+  const int64_t c = i0 + r - j0;
+  return (c >= 0 && c < nc) ? c : -1;
+}
+
+// Per-row loss sums accumulate in T; the final sum over rows runs in double in row order.
+template <typename T>
+at::Tensor forward_impl(const at::Tensor& qf, const at::Tensor& kf, T scale, T bias) {
+  const int64_t N = qf.size(0), M = kf.size(0);
+  at::Tensor row_loss = at::zeros({N}, qf.options());
+  T* rl = row_loss.data_ptr<T>();
+  const int64_t BR = std::min(kTileRows, N), BC = std::min(kTileCols, M);
+  at::Tensor tile_buf = at::empty({BR * BC}, qf.options());
+  for (int64_t i0 = 0; i0 < N; i0 += BR) {
+    const int64_t nr = std::min(BR, N - i0);
+    at::Tensor q_strip = qf.narrow(0, i0, nr);
+    for (int64_t j0 = 0; j0 < M; j0 += BC) {
+      const int64_t nc = std::min(BC, M - j0);
+      at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
+      at::mm_out(tile, q_strip, kf.narrow(0, j0, nc).t());
+      T* t = tile.data_ptr<T>();
+      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          T* s = t + r * nc;
+          const int64_t d = diag_col(i0, r, j0, nc);
+          T pos_term = 0;
+          if (d >= 0) {  // the positive pair leaves the vector loop: softplus(-s) there
+            pos_term = softplus(-(scale * s[d] + bias));
+            s[d] = -std::numeric_limits<T>::infinity() ;  // softplus(-inf) = 0 below
+          }
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < nc; ++c) {
+            const T raw = s[c];
+            // scale * (-inf) + bias stays -inf for the masked diagonal (scale > 0).
+            acc += softplus(scale * raw + bias);
+          }
+          rl[i0 + r] += acc + pos_term;
+        }
+      });
+    }
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < N; ++i) total += static_cast<double>(rl[i]);
+  return at::full({}, total, qf.options());
+}
+
+// G_ij = dL/ds_ij = sigmoid(s_ij) off the diagonal and -sigmoid(-s_ii) on it.
+// Returns Gq = G @ k (N, D), Gk = G^T @ q (M, D) and sum(G) (0-d), all in the compute type.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at::Tensor& kf,
+                                                             T scale, T bias) {
+  const int64_t N = qf.size(0), M = kf.size(0);
+  at::Tensor Gq = at::zeros_like(qf), Gk = at::zeros_like(kf);
+  at::Tensor row_g = at::zeros({N}, qf.options());
+  T* rg = row_g.data_ptr<T>();
+  const int64_t BR = std::min(kTileRows, N), BC = std::min(kTileCols, M);
+  at::Tensor tile_buf = at::empty({BR * BC}, qf.options());
+  for (int64_t i0 = 0; i0 < N; i0 += BR) {
+    const int64_t nr = std::min(BR, N - i0);
+    at::Tensor q_strip = qf.narrow(0, i0, nr);
+    at::Tensor gq_strip = Gq.narrow(0, i0, nr);
+    for (int64_t j0 = 0; j0 < M; j0 += BC) {
+      const int64_t nc = std::min(BC, M - j0);
+      at::Tensor k_chunk = kf.narrow(0, j0, nc);
+      at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
+      at::mm_out(tile, q_strip, k_chunk.t());
+      T* t = tile.data_ptr<T>();
+      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          T* s = t + r * nc;
+          const int64_t d = diag_col(i0, r, j0, nc);
+          T pos_g = 0;
+          if (d >= 0) {
+            pos_g = -sigmoid(-(scale * s[d] + bias));
+            s[d] = -std::numeric_limits<T>::infinity();  // sigmoid(-inf) = 0 below
+          }
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t c = 0; c < nc; ++c) {
+            const T g = sigmoid(scale * s[c] + bias);
+            s[c] = g;
+            acc += g;
+          }
+          if (d >= 0) s[d] = pos_g;
+          rg[i0 + r] += acc + pos_g;
+        }
+      });
+      gq_strip.addmm_(tile, k_chunk);
+      Gk.narrow(0, j0, nc).addmm_(tile.t(), q_strip);
+    }
+  }
+  double total = 0.0;
+  for (int64_t i = 0; i < N; ++i) total += static_cast<double>(rg[i]);
+  return {Gq, Gk, at::full({}, total, qf.options())};
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2, "fastcl: q and k must be 2-D");
+  TORCH_CHECK(q.size(1) == k.size(1), "fastcl: q and k must have the same feature size D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), "fastcl cpu backend: tensors must be on the CPU");
+}
+
+at::Tensor sigmoid_pair_fwd(const at::Tensor& q, const at::Tensor& k, double scale, double bias) {
+  check_inputs(q, k);
+  const auto ct = compute_type(q);
+  at::Tensor qf = q.to(ct).contiguous(), kf = k.to(ct).contiguous();
+  if (ct == at::kDouble) return forward_impl<double>(qf, kf, scale, bias);
+  return forward_impl<float>(qf, kf, static_cast<float>(scale), static_cast<float>(bias));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_pair_bwd(const at::Tensor& q, const at::Tensor& k,
+                                                                double scale, double bias) {
+  check_inputs(q, k);
+  const auto ct = compute_type(q);
+  at::Tensor qf = q.to(ct).contiguous(), kf = k.to(ct).contiguous();
+  if (ct == at::kDouble) return backward_impl<double>(qf, kf, scale, bias);
+  return backward_impl<float>(qf, kf, static_cast<float>(scale), static_cast<float>(bias));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastcl_C, m) {
+  m.def("sigmoid_pair_fwd(Tensor q, Tensor k, float scale, float bias) -> Tensor", &sigmoid_pair_fwd);
+  m.def("sigmoid_pair_bwd(Tensor q, Tensor k, float scale, float bias) -> (Tensor, Tensor, Tensor)",
+        &sigmoid_pair_bwd);
+}

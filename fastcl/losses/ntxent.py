@@ -1,0 +1,52 @@
+"""NT-Xent (SimCLR) loss with lightly ``NTXentLoss`` semantics, fused."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastcl.losses._common import positive_logits, reduce_loss
+from fastcl.ops.reference import compute_dtype
+from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.validation import check_pair, check_reduction, check_scalar
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation of (N, D) ``x`` computed in fp32/fp64, returned in ``x.dtype``.
+
+    Normalising half-precision rows in fp32 keeps the norm exact; the result is rounded once.
+    """
+    return F.normalize(x.to(compute_dtype(x.dtype)), dim=1).to(x.dtype)
+
+
+def ntxent_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.5, *, reduction: str = "mean",
+                backend: Optional[str] = None) -> torch.Tensor:
+    """NT-Xent over the 2N views, as lightly's ``NTXentLoss`` without a memory bank.
+
+    Both outputs are L2-normalised here.  With ``z = cat(out0, out1)`` (2N, D), anchor ``i``'s
+    logits are ``z_i . z_j / temperature`` for every ``j != i``; its positive is the same sample in
+    the other view (``(i + N) mod 2N``).  The loss is the cross-entropy averaged over the 2N anchors.
+    Only the (2N,) row log-sum-exp is computed, by ``similarity_lse``; no 2N x 2N matrix is stored.
+
+    Args:
+        out0: (N, D) float32, bfloat16, float16 or float64; first view.
+        out1: (N, D), same dtype and device; second view.
+        temperature: positive float or 0-d floating tensor (may require grad).
+        reduction: "mean" (default, lightly's), "sum", or "none" for the (2N,) per-anchor losses
+            ordered as ``cat(out0, out1)``.
+        backend: see ``fastcl.ops.similarity_lse``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
+    """
+    check_pair("out0", out0, "out1", out1)
+    if out0.shape[0] != out1.shape[0]:
+        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+    check_scalar("temperature", temperature, positive=True)
+    check_reduction(reduction)
+    n = out0.shape[0]
+    z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)
+    scale = 1.0 / temperature
+    lse = similarity_lse(z, z, scale, rows=True, exclude_diagonal=0, backend=backend)
+    idx = torch.arange(2 * n, device=z.device)
+    pos = positive_logits(z, z, (idx + n) % (2 * n), scale)
+    return reduce_loss(lse - pos, reduction)

@@ -1,0 +1,28 @@
+"""SigLIP loss with open_clip ``SigLipLoss`` semantics, on the fused ``sigmoid_pair_loss`` op."""
+from typing import Optional
+
+import torch
+
+from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """``-logsigmoid(z * (s * I @ T.T + b)).sum() / N``, z = +1 on matching pairs (diagonal), -1 elsewhere.
+
+    Equals open_clip's ``SigLipLoss`` on one process (features are not normalised here), in
+    value and in the gradients of both feature sets, ``logit_scale`` and ``logit_bias``, without
+    storing the N x M logits.
+
+    Args:
+        image_features: (N, D) float32, bfloat16, float16 or float64.
+        text_features: (M, D), same dtype and device; texts past N are negatives for every image.
+        logit_scale: positive float or 0-d tensor, already exponentiated (open_clip convention).
+        logit_bias: float or 0-d tensor.
+        backend: see ``fastcl.ops.sigmoid_pair_loss``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    total = sigmoid_pair_loss(image_features, text_features, logit_scale, logit_bias, backend=backend)
+    return total / image_features.shape[0]

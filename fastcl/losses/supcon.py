@@ -1,0 +1,170 @@
+"""Supervised contrastive loss (Khosla et al.), fused: SupContrast and pytorch-metric-learning forms.
+
+Per anchor i with positives P(i) (same label, not itself) the loss needs
+``mean_{p in P(i)} log_softmax_i(p) = (sum_{p in P(i)} s_ip) / |P(i)| - LSE_{j != i} s_ij``.
+The LSE comes from ``similarity_lse`` with the diagonal excluded; the positive sum is
+``scale * a_i . (class_sum[y_i] - c_i)`` with class sums from one scatter-add, so the cost is
+O(N * D) beyond the fused op and no N x N matrix or mask exists.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from fastcl.losses.ntxent import l2_normalize
+from fastcl.ops.reference import compute_dtype
+from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.validation import FLOAT_DTYPES, check_embeddings, check_scalar
+
+CONTRAST_MODES = ("all", "one")
+
+
+def _check_labels(name: str, labels, n: int, device: torch.device) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.reshape(-1).shape[0] != n:
+        raise ValueError(f"{name} must have {n} entries (one per sample), got shape {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name} must be on {device}, got {labels.device}")
+
+
+def _positive_stats(anchors: torch.Tensor, contrasts: torch.Tensor, classes: torch.Tensor,
+                    n_anchor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum over positives of a_i . c_p, |P(i)|) per anchor; anchor i is contrast i.
+
+    ``classes`` (n_contrast,) are compact class ids in [0, C)."""
+    ct = compute_dtype(contrasts.dtype)
+    cf = contrasts.to(ct)
+    n_cls = int(classes.max()) + 1
+    sums = torch.zeros(n_cls, cf.shape[1], dtype=ct, device=cf.device).index_add_(0, classes, cf)
+    counts = torch.bincount(classes, minlength=n_cls).to(ct)
+    own = classes[:n_anchor]
+    af = anchors.to(ct)
+    # Subtracting self from its class sum leaves exactly the positives.
+    pos_dot = (af * (sums.index_select(0, own) - cf[:n_anchor])).sum(-1)
+    return pos_dot, counts.index_select(0, own) - 1
+
+
+def _mask_stats(anchors: torch.Tensor, features: torch.Tensor, mask: torch.Tensor,
+                n_anchor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same as ``_positive_stats`` for a user (bsz, bsz) weight mask: O(bsz^2 * D) on that mask."""
+    ct = compute_dtype(features.dtype)
+    bsz, n_views = features.shape[0], features.shape[1]
+    m = mask.to(ct)
+    view_sum = features.to(ct).sum(1)                       # (bsz, D)
+    weighted = (m @ view_sum).repeat(n_views, 1)[:n_anchor]  # anchor (v, b) -> row v * bsz + b
+    af = anchors.to(ct)
+    self_w = m.diagonal().repeat(n_views)[:n_anchor]
+    pos_dot = (af * weighted).sum(-1) - self_w * (af * af).sum(-1)
+    count = (m.sum(1) * n_views).repeat(n_views)[:n_anchor] - self_w
+    return pos_dot, count
+
+
+def _supcon_core(anchors, contrasts, scale, pos_dot, count, backend):
+    """Per-anchor ``-mean_{p in P(i)} log_softmax_i(p)``; 0 for anchors without positives."""
+    lse = similarity_lse(anchors, contrasts, scale, rows=True, exclude_diagonal=0, backend=backend)
+    has_pos = count > 0
+    mean_pos = pos_dot * scale / torch.where(has_pos, count, torch.ones_like(count))
+    return torch.where(has_pos, lse - mean_pos, torch.zeros_like(lse))
+
+
+def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                temperature=0.07, base_temperature: float = 0.07, contrast_mode: str = "all", *,
+                reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+    """SupCon loss in the layout of the SupContrast reference ``SupConLoss``.
+
+    Features are not normalised here.  The contrast set is every view of every sample,
+    ordered view-major (index ``v * bsz + b``); anchors are all of them (``"all"``) or view 0
+    (``"one"``).  Positives share the label (or have ``mask[b, b'] != 0``) and are not the anchor
+    itself; self is also left out of the denominator.  Per anchor the loss is
+    ``-(temperature / base_temperature) * mean_{p in P(i)} log_softmax_i(p)``, 0 when P(i) is
+    empty; the result is the mean over anchors.  With neither labels nor mask it is SimCLR.
+
+    Args:
+        features: (bsz, n_views, D) float32, bfloat16, float16 or float64.
+        labels: optional (bsz,) integer class of each sample.
+        mask: optional (bsz, bsz) float/bool contrast mask (mask[b, b'] weights the pair as a
+            positive); exclusive with ``labels``.  It costs O(bsz^2 * D), still no N x N matrix.
+        temperature: positive float or 0-d tensor.
+        base_temperature: positive float.
+        contrast_mode: "all" or "one".
+        reduction: "mean" (default), "sum" or "none" (per-anchor losses, view-major).
+        backend: see ``fastcl.ops.similarity_lse``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs), or (n_anchor,) for ``reduction="none"``.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must be 3-D (bsz, n_views, D), got shape {tuple(features.shape)}")
+    if features.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"features must be float32, bfloat16, float16 or float64, got {features.dtype}")
+    if features.numel() == 0:
+        raise ValueError(f"features must be non-empty, got shape {tuple(features.shape)}")
+    check_scalar("temperature", temperature, positive=True)
+    check_scalar("base_temperature", base_temperature, positive=True)
+    if contrast_mode not in CONTRAST_MODES:
+        raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    if labels is not None and mask is not None:
+        raise ValueError("give labels or mask, not both")
+    bsz, n_views = features.shape[0], features.shape[1]
+    contrasts = features.transpose(0, 1).reshape(bsz * n_views, features.shape[2])
+    n_anchor = bsz * n_views if contrast_mode == "all" else bsz
+    anchors = contrasts[:n_anchor]
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != (bsz, bsz):
+            raise ValueError(f"mask must have shape ({bsz}, {bsz}), got {tuple(mask.shape)}")
+        if mask.device != features.device:
+            raise ValueError(f"mask must be on {features.device}, got {mask.device}")
+        pos_dot, count = _mask_stats(anchors, features, mask, n_anchor)
+    else:
+        if labels is None:
+            classes = torch.arange(bsz, device=features.device)  # SimCLR: each sample its own class
+        else:
+            _check_labels("labels", labels, bsz, features.device)
+            classes = torch.unique(labels.reshape(-1), return_inverse=True)[1]
+        pos_dot, count = _positive_stats(anchors, contrasts, classes.repeat(n_views), n_anchor)
+    scale = 1.0 / temperature
+    per_anchor = _supcon_core(anchors, contrasts, scale, pos_dot, count, backend)
+    per_anchor = per_anchor * (temperature / base_temperature)
+    if reduction == "mean":
+        return per_anchor.mean()
+    return per_anchor.sum() if reduction == "sum" else per_anchor
+
+
+def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """SupCon in pytorch-metric-learning's form: ``SupConLoss(temperature)(embeddings, labels)``.
+
+    Embeddings are L2-normalised (cosine similarity); anchors and contrasts are the N rows, self
+    excluded; no base-temperature factor; the mean runs over anchors whose loss is non-zero
+    (anchors without positives give 0 and are left out); 0 when there are none.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 or float64.
+        labels: (N,) integer class of each row.
+        temperature: positive float or 0-d tensor.
+        backend: see ``fastcl.ops.similarity_lse``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    check_embeddings("embeddings", embeddings)
+    check_scalar("temperature", temperature, positive=True)
+    _check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+    z = l2_normalize(embeddings)
+    classes = torch.unique(labels.reshape(-1), return_inverse=True)[1]
+    pos_dot, count = _positive_stats(z, z, classes, z.shape[0])
+    per_anchor = _supcon_core(z, z, 1.0 / temperature, pos_dot, count, backend)
+    nonzero = per_anchor > 0
+    n_nonzero = nonzero.sum()
+    total = torch.where(nonzero, per_anchor, torch.zeros_like(per_anchor)).sum()
+    # NaN anywhere must survive: a NaN loss is not > 0, so add it back explicitly.
+    total = total + torch.where(torch.isnan(per_anchor), per_anchor, torch.zeros_like(per_anchor)).sum()
+    return total / n_nonzero.clamp_min(1).to(total.dtype)

@@ -1,0 +1,195 @@
+"""Triton kernels for ``sigmoid_pair_loss``: ``sum_ij softplus(-z_ij * (scale * q_i . k_j + bias))``.
+
+z = +1 on the diagonal (j == i), -1 elsewhere.  Tiles of ``q @ k.T`` are recomputed and never
+stored.  The forward writes one partial loss sum per row block (no atomics) and the host adds
+the partials in fp64 (two-stage, deterministic).  The backward is split by ownership like the
+fused-attention backward: one kernel owns row blocks (Gq = G @ k, plus partial sums of G for
+the bias), one owns column blocks (Gk = G^T @ q); neither needs atomics.
+
+Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores); fp32 inputs
+use IEEE fp32 products (no TF32) so they meet the fp32 tolerance; fp64 inputs run in fp64.
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastcl.ops.dispatch import triton_interpreting
+
+
+@triton.jit
+def _softplus(t):
+    # max(t, 0) + log1p(exp(-|t|)); log1p through Kahan's trick (u = 1 + e rounds for tiny e).
+    e = tl.exp(-tl.abs(t))
+    u = 1.0 + e
+    d = u - 1.0
+    ratio = e / tl.where(d == 0.0, 1.0, d)
+    return tl.maximum(t, 0.0) + tl.where(d == 0.0, e, tl.log(u) * ratio)
+
+
+@triton.jit
+def _sigmoid(t):
+    # From exp(-|t|) only, so it never overflows; NaN stays NaN.
+    e = tl.exp(-tl.abs(t))
+    inv = 1.0 / (1.0 + e)
+    return tl.where(t >= 0.0, inv, e * inv)
+
+
+@triton.jit
+def _tile_t(q, k, scale, bias, rows, cols, N, M,
+            ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # t = -z * s: s off the diagonal, -s on it; -inf outside the matrix (softplus = sigmoid = 0).
+    s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PRECISION)
+    s = scale * s + bias
+    diag = rows[:, None] == cols[None, :]
+    t = tl.where(diag, -s, s)
+    valid = (rows[:, None] < N) & (cols[None, :] < M)
+    return tl.where(valid, t, float("-inf")), diag
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
+                mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
+    if DOT_FP32:  # the interpreter's tl.dot is wrong on bf16 operands
+        q = q.to(tl.float32)
+    scale = tl.load(scale_ptr).to(ACC)
+    bias = tl.load(bias_ptr).to(ACC)
+    acc = tl.zeros([BLOCK_M], dtype=ACC)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :],
+                    mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+        acc += tl.sum(_softplus(t), axis=1)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # G = dL/ds: sigmoid(s) off the diagonal, -sigmoid(-s) on it, 0 outside the matrix.
+    t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+    sg = _sigmoid(t)
+    return tl.where(diag, -sg, sg)
+
+
+@triton.jit
+def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M, D,
+                     stride_q, stride_k, stride_gq,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
+                mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    scale = tl.load(scale_ptr).to(ACC)
+    bias = tl.load(bias_ptr).to(ACC)
+    gq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    gsum = tl.zeros([BLOCK_M], dtype=ACC)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :],
+                    mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+        gsum += tl.sum(g, axis=1)
+        # G is rounded to the operand dtype so the product runs on tensor cores.
+        gq += tl.dot(g.to(k.dtype), k, out_dtype=ACC, input_precision=PRECISION)
+    tl.store(gq_ptr + rows[:, None] * stride_gq + dd[None, :], gq,
+             mask=(rows[:, None] < N) & (dd[None, :] < D))
+    tl.store(gpart_ptr + pid, tl.sum(gsum, axis=0))
+
+
+@triton.jit
+def _bwd_cols_kernel(q_ptr, k_ptr, gk_ptr, scale_ptr, bias_ptr, N, M, D,
+                     stride_q, stride_k, stride_gk,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :],
+                mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+    scale = tl.load(scale_ptr).to(ACC)
+    bias = tl.load(bias_ptr).to(ACC)
+    gk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for i0 in range(0, N, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
+                    mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+        gk += tl.dot(tl.trans(g.to(q.dtype)), q, out_dtype=ACC, input_precision=PRECISION)
+    tl.store(gk_ptr + cols[:, None] * stride_gk + dd[None, :], gk,
+             mask=(cols[:, None] < M) & (dd[None, :] < D))
+
+
+def _config(q: torch.Tensor, k: torch.Tensor):
+    """Launch constants shared by the three kernels."""
+    d = q.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    block = 64 if block_d <= 128 else (32 if block_d <= 512 else 16)
+    interp = triton_interpreting()
+    fp64 = q.dtype == torch.float64
+    return dict(
+        BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+        DOT_FP32=bool(interp and q.dtype in (torch.bfloat16, torch.float16)),
+        ACC=tl.float64 if fp64 else tl.float32,
+        PRECISION="ieee" if (fp64 or q.dtype == torch.float32 or interp) else "tf32",
+    )
+
+
+def _prepare(q, k, scale, bias):
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.contiguous(), k.contiguous()
+    scale = scale.to(device=q.device, dtype=ct).reshape(1).contiguous()
+    bias = bias.to(device=q.device, dtype=ct).reshape(1).contiguous()
+    return q, k, scale, bias, ct
+
+
+def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+    """Loss sum, 0-d fp32 (fp64 for fp64 inputs).
+
+    q (N, D), k (M, D): float32/bfloat16/float16/float64 on CUDA, or on the CPU under
+    ``TRITON_INTERPRET=1``.  scale, bias: 0-d tensors (kept on the device, no host sync).
+    """
+    q, k, scale, bias, ct = _prepare(q, k, scale, bias)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    cfg = _config(q, k)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    partial = torch.empty(grid[0], device=q.device, dtype=ct)
+    _fwd_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), **cfg)
+    return partial.to(torch.float64).sum().to(ct)
+
+
+def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
+                          bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G @ k (N, D), G^T @ q (M, D), sum(G) 0-d)`` with ``G = dL/ds``, in fp32 (fp64)."""
+    q, k, scale, bias, ct = _prepare(q, k, scale, bias)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    cfg = _config(q, k)
+    gq = torch.empty((n, d), device=q.device, dtype=ct)
+    gk = torch.empty((m, d), device=q.device, dtype=ct)
+    row_grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    gpart = torch.empty(row_grid[0], device=q.device, dtype=ct)
+    _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
+                               q.stride(0), k.stride(0), gq.stride(0), **cfg)
+    _bwd_cols_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](q, k, gk, scale, bias, n, m, d,
+                                                        q.stride(0), k.stride(0), gk.stride(0), **cfg)
+    return gq, gk, gpart.to(torch.float64).sum().to(ct)

@@ -1,0 +1,358 @@
+"""The loss family (NT-Xent, SupCon, DCL, SigLIP, InfoNCE/CLIP options) against float64 oracles.
+
+Each oracle materialises the full logit matrix and follows the peer's definition literally
+(masks, F.cross_entropy, logsigmoid); the fused losses must match it in value and gradient.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DTYPES, TOL, assert_close, randn
+from fastcl._ext import extension_available
+from fastcl.losses.clip import clip_loss
+from fastcl.losses.dcl import dcl_loss
+from fastcl.losses.info_nce import info_nce
+from fastcl.losses.ntxent import ntxent_loss
+from fastcl.losses.siglip import siglip_loss
+from fastcl.losses.supcon import supcon_loss, supcon_loss_pml
+from fastcl.nn.losses import ClipLoss, DCLLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
+from fastcl.ops.dispatch import triton_available
+
+BACKENDS = ["reference"]
+if extension_available():
+    BACKENDS.append("cpu")
+if triton_available():
+    BACKENDS.append("triton")
+
+
+# ----------------------------------------------------------------------------- oracles (float64)
+def o_ntxent(a, b, t):
+    z = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)])
+    n2 = z.shape[0]
+    logits = (z @ z.T / t).masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    target = (torch.arange(n2) + n2 // 2) % n2
+    return F.cross_entropy(logits, target)
+
+
+def o_supcon(features, labels=None, mask=None, t=0.07, bt=0.07, mode="all"):
+    bsz, v = features.shape[:2]
+    if mask is None:
+        lab = torch.arange(bsz) if labels is None else labels
+        mask = (lab[:, None] == lab[None, :]).double()
+    contrast = torch.cat(torch.unbind(features, 1))
+    anchor = contrast if mode == "all" else features[:, 0]
+    a_cnt = v if mode == "all" else 1
+    logits = anchor @ contrast.T / t
+    not_self = torch.ones_like(logits)
+    not_self[range(logits.shape[0]), range(logits.shape[0])] = 0
+    pos = mask.double().repeat(a_cnt, v) * not_self
+    log_prob = logits - torch.logsumexp(logits.masked_fill(not_self == 0, float("-inf")), 1, keepdim=True)
+    n_pos = pos.sum(1)
+    mean_lp = torch.where(pos > 0, pos * log_prob, torch.zeros_like(log_prob)).sum(1) / torch.where(n_pos > 0, n_pos, torch.ones_like(n_pos))
+    return (-(t / bt) * mean_lp).mean()
+
+
+def o_supcon_pml(emb, labels, t):
+    z = F.normalize(emb, dim=1)
+    n = z.shape[0]
+    logits = z @ z.T / t
+    eye = torch.eye(n, dtype=torch.bool)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    log_prob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), 1, keepdim=True)
+    per = -(log_prob * pos).sum(1) / pos.sum(1).clamp_min(1)
+    keep = per > 0
+    return per[keep].sum() / keep.sum().clamp_min(1)
+
+
+def o_dcl(a, b, t, weight_fn=None):
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+
+    def one(x, y):
+        n = x.shape[0]
+        off = ~torch.eye(n, dtype=torch.bool)
+        sxx, sxy = x @ x.T / t, x @ y.T / t
+        pos = -sxy.diagonal()
+        if weight_fn is not None:
+            pos = pos * weight_fn(x, y)
+        neg = torch.logsumexp(sxx[off].view(n, n - 1), 1) + torch.logsumexp(sxy[off].view(n, n - 1), 1)
+        return (pos + neg).mean()
+    return 0.5 * (one(a, b) + one(b, a))
+
+
+def o_siglip(img, txt, s, b):
+    logits = s * img @ txt.T + b
+    z = -torch.ones_like(logits)
+    z[range(img.shape[0]), range(img.shape[0])] = 1
+    return -F.logsigmoid(z * logits).sum() / img.shape[0]
+
+
+def o_info_nce(q, k, scale, positives, eps, symmetric=False):
+    logits = scale * q @ k.T
+    loss = F.cross_entropy(logits, positives, label_smoothing=eps, reduction="none")
+    if symmetric:
+        col = F.cross_entropy(logits.T[positives], torch.arange(q.shape[0]), label_smoothing=eps, reduction="none")
+        loss = 0.5 * (loss + col)
+    return loss.mean()
+
+
+def o_clip(img, txt, s, b, labels, eps):
+    logits = s * img @ txt.T + (0.0 if b is None else b)
+    return 0.5 * (F.cross_entropy(logits, labels, label_smoothing=eps)
+                  + F.cross_entropy(logits.T[labels], torch.arange(img.shape[0]), label_smoothing=eps))
+
+
+# ----------------------------------------------------------------------------- harness
+def compare(fast, oracle, tensors, dtype, what, grad_tol_dtype=None):
+    """Run ``fast`` on ``tensors`` (floating ones rounded to ``dtype`` when 2-D/3-D) and ``oracle`` on
+    their float64 copies; compare the value and every gradient."""
+    leaves = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            t = t.detach().clone()
+            if t.dim() >= 2:
+                t = t.to(dtype)
+            leaves.append(t.requires_grad_())
+        else:
+            leaves.append(t)
+    out = fast(*leaves)
+    ref_leaves = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                  else t for t in leaves]
+    ref = oracle(*ref_leaves)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out, ref, dtype, f"{what} value")
+    grads = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    ref_grads = [t for t in ref_leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    got = torch.autograd.grad(out, grads)
+    want = torch.autograd.grad(ref, ref_grads)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, grad_tol_dtype or dtype, f"{what} grad {i}")
+
+
+# ----------------------------------------------------------------------------- NT-Xent
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ntxent(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    a, b = randn(67, 40, generator=g), randn(67, 40, generator=g)
+    t = torch.tensor(0.3)
+    compare(lambda x, y, tt: ntxent_loss(x, y, tt, backend=backend), o_ntxent, [a, b, t], dtype, "ntxent")
+
+
+def test_ntxent_module_and_degenerate():
+    g = torch.Generator().manual_seed(2)
+    a, b = randn(1, 5, generator=g), randn(1, 5, generator=g)
+    compare(lambda x, y: NTXentLoss(0.5)(x, y), lambda x, y: o_ntxent(x, y, 0.5), [a, b], torch.float32, "N=1")
+    with pytest.raises(NotImplementedError):
+        NTXentLoss(gather_distributed=True)
+    with pytest.raises(NotImplementedError):
+        NTXentLoss(memory_bank_size=128)
+    with pytest.raises(ValueError, match="temperature"):
+        ntxent_loss(a, b, 0.0)
+    with pytest.raises(ValueError, match="out1"):
+        ntxent_loss(randn(3, 5), randn(3, 4))
+
+
+# ----------------------------------------------------------------------------- SupCon
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["all", "one"])
+def test_supcon_labels(backend, dtype, mode):
+    g = torch.Generator().manual_seed(3)
+    feats = F.normalize(randn(37, 3, 24, generator=g), dim=-1)
+    labels = torch.randint(0, 7, (37,), generator=g)
+    labels[0] = 99  # a singleton class: anchors of view 0..2 still have the other views
+    t = torch.tensor(0.1)
+    compare(lambda f, tt: supcon_loss(f, labels, temperature=tt, base_temperature=0.07, contrast_mode=mode,
+                                      backend=backend),
+            lambda f, tt: o_supcon(f, labels, t=tt, bt=0.07, mode=mode), [feats, t], dtype, f"supcon {mode}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_mask_and_simclr(backend):
+    g = torch.Generator().manual_seed(4)
+    feats = F.normalize(randn(19, 2, 16, generator=g), dim=-1)
+    mask = (torch.rand(19, 19, generator=g) > 0.7).double()
+    mask = torch.maximum(mask, mask.T)
+    compare(lambda f: supcon_loss(f, mask=mask, backend=backend),
+            lambda f: o_supcon(f, mask=mask), [feats], torch.float32, "supcon mask")
+    compare(lambda f: supcon_loss(f, backend=backend), lambda f: o_supcon(f), [feats], torch.float32, "simclr")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["one_class", "singletons", "one_view", "n1"])
+def test_supcon_degenerate(backend, case):
+    g = torch.Generator().manual_seed(5)
+    bsz, views = {"one_class": (23, 2), "singletons": (23, 2), "one_view": (23, 1), "n1": (1, 1)}[case]
+    feats = F.normalize(randn(bsz, views, 12, generator=g), dim=-1)
+    labels = torch.zeros(bsz, dtype=torch.long) if case in ("one_class", "one_view") else torch.arange(bsz)
+    out = supcon_loss(feats, labels, backend=backend)
+    assert torch.isfinite(out)
+    if case == "n1":  # the only anchor has no positive: contributes 0, not NaN
+        assert float(out) == 0.0
+    compare(lambda f: supcon_loss(f, labels, backend=backend), lambda f: o_supcon(f, labels), [feats],
+            torch.float32, f"supcon {case}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_pml_form(backend):
+    g = torch.Generator().manual_seed(6)
+    emb = randn(41, 20, generator=g)
+    labels = torch.randint(0, 9, (41,), generator=g)
+    labels[:3] = torch.tensor([100, 101, 102])  # anchors without positives are left out of the mean
+    compare(lambda e: SupConLoss(temperature=0.1, backend=backend)(e, labels),
+            lambda e: o_supcon_pml(e, labels, 0.1), [emb], torch.float32, "pml")
+    compare(lambda e: supcon_loss_pml(e, labels, 0.2, backend=backend),
+            lambda e: o_supcon_pml(e, labels, 0.2), [emb], torch.bfloat16, "pml bf16")
+
+
+def test_supcon_module_and_errors():
+    g = torch.Generator().manual_seed(7)
+    feats = randn(9, 2, 6, generator=g)
+    labels = torch.randint(0, 3, (9,), generator=g)
+    assert_close(SupConLoss(0.2, "one", 0.1)(feats, labels),
+                 o_supcon(feats.double(), labels, t=0.2, bt=0.1, mode="one"), torch.float32, "module")
+    with pytest.raises(ValueError, match="features"):
+        supcon_loss(randn(9, 6), labels)
+    with pytest.raises(ValueError, match="labels"):
+        supcon_loss(feats, labels[:4])
+    with pytest.raises(TypeError, match="labels"):
+        supcon_loss(feats, labels.float())
+    with pytest.raises(ValueError, match="contrast_mode"):
+        supcon_loss(feats, labels, contrast_mode="some")
+    with pytest.raises(ValueError, match="mask"):
+        supcon_loss(feats, mask=torch.ones(3, 3))
+    with pytest.raises(ValueError, match="labels"):
+        SupConLoss()(randn(9, 6))
+    with pytest.raises(NotImplementedError):
+        SupConLoss(gather_distributed=True)
+
+
+# ----------------------------------------------------------------------------- DCL
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dcl(backend, dtype):
+    g = torch.Generator().manual_seed(8)
+    a, b = randn(53, 36, generator=g), randn(53, 36, generator=g)
+    t = torch.tensor(0.1)
+    compare(lambda x, y, tt: dcl_loss(x, y, tt, backend=backend), lambda x, y, tt: o_dcl(x, y, tt),
+            [a, b, t], dtype, "dcl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dclw(backend):
+    g = torch.Generator().manual_seed(9)
+    a, b = randn(31, 16, generator=g), randn(31, 16, generator=g)
+
+    def vmf(x, y, sigma=0.5):  # von Mises-Fisher weighting of the DCLW paper
+        return 2 - x.shape[0] * torch.softmax((x * y).sum(1) / sigma, dim=0)
+    compare(lambda x, y: DCLLoss(0.2, weight_fn=vmf, backend=backend)(x, y),
+            lambda x, y: o_dcl(x, y, 0.2, vmf), [a, b], torch.float32, "dclw")
+    with pytest.raises(NotImplementedError):
+        DCLLoss(gather_distributed=True)
+    with pytest.raises(TypeError, match="weight_fn"):
+        dcl_loss(a, b, 0.1, weight_fn=3)
+
+
+# ----------------------------------------------------------------------------- SigLIP
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_siglip(backend, dtype):
+    g = torch.Generator().manual_seed(10)
+    img = F.normalize(randn(67, 40, generator=g), dim=1)
+    txt = F.normalize(randn(67, 40, generator=g), dim=1)
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    compare(lambda i, t, ss, bb: SigLipLoss(backend=backend)(i, t, ss, bb), o_siglip, [img, txt, s, b], dtype, "siglip")
+    out = SigLipLoss(backend=backend)(img, txt, s, b, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    with pytest.raises(NotImplementedError):
+        SigLipLoss(rank=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------- InfoNCE / CLIP options
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps,symmetric", [(0.0, False), (0.1, False), (0.2, True)])
+def test_info_nce_hard_negatives_label_smoothing(backend, dtype, eps, symmetric):
+    g = torch.Generator().manual_seed(11)
+    n, groups, d = 43, 3, 40  # M = N * g keys: the positive plus two hard negatives per query
+    q, k = F.normalize(randn(n, d, generator=g), dim=1), F.normalize(randn(n * groups, d, generator=g), dim=1)
+    positives = torch.arange(n) * groups
+    scale = torch.tensor(14.0)
+    compare(lambda a, b, s: info_nce(a, b, logit_scale=s, positives=positives, symmetric=symmetric,
+                                     label_smoothing=eps, backend=backend),
+            lambda a, b, s: o_info_nce(a, b, s, positives, eps, symmetric), [q, k, scale], dtype, "info_nce")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_info_nce_exclude_self_label_smoothing(backend):
+    g = torch.Generator().manual_seed(12)
+    x = randn(30, 12, generator=g)
+    positives = (torch.arange(30) + 15) % 30
+
+    def oracle(a, s):
+        logits = (s * a @ a.T)
+        keep = ~torch.eye(30, dtype=torch.bool)
+        logits = logits[keep].view(30, 29)  # the excluded entry is not a class
+        target = positives - (positives > torch.arange(30)).long()
+        return F.cross_entropy(logits, target, label_smoothing=0.15)
+    compare(lambda a, s: info_nce(a, a, logit_scale=s, positives=positives, exclude_self=True,
+                                  label_smoothing=0.15, backend=backend),
+            oracle, [x, torch.tensor(3.0)], torch.float32, "exclude_self")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_clip_hard_negatives_label_smoothing(backend, dtype, eps):
+    g = torch.Generator().manual_seed(13)
+    n, m, d = 29, 87, 24
+    img, txt = F.normalize(randn(n, d, generator=g), dim=1), F.normalize(randn(m, d, generator=g), dim=1)
+    labels = torch.randperm(m, generator=g)[:n]
+    # A bias shifts every logit of a cross-entropy: its true gradient is 0, so it stays a float here.
+    s, b = torch.tensor(20.0), -1.5
+    compare(lambda i, t, ss: clip_loss(i, t, ss, b, labels=labels, label_smoothing=eps, backend=backend),
+            lambda i, t, ss: o_clip(i, t, ss, b, labels, eps), [img, txt, s], dtype, "clip")
+
+
+def test_modules_label_smoothing():
+    g = torch.Generator().manual_seed(14)
+    img, txt = randn(11, 8, generator=g), randn(11, 8, generator=g)
+    s = torch.tensor(5.0)
+    assert_close(ClipLoss(label_smoothing=0.1)(img, txt, s),
+                 o_clip(img.double(), txt.double(), 5.0, None, torch.arange(11), 0.1), torch.float32)
+    assert_close(InfoNCELoss(0.2, label_smoothing=0.3)(img, txt),
+                 o_info_nce(img.double(), txt.double(), 5.0, torch.arange(11), 0.3), torch.float32)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        info_nce(img, txt, label_smoothing=1.5)
+    with pytest.raises(TypeError, match="label_smoothing"):
+        clip_loss(img, txt, 1.0, label_smoothing="0.1")
+
+
+# ----------------------------------------------------------------------------- stability, NaN
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_large_logits(backend):
+    g = torch.Generator().manual_seed(15)
+    feats = F.normalize(randn(16, 2, 32, generator=g), dim=-1)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    # temperature 0.01: logits up to 100, far past exp's fp16 range.
+    compare(lambda f: supcon_loss(f, labels, temperature=0.01, backend=backend),
+            lambda f: o_supcon(f, labels, t=0.01), [feats], torch.float16, "supcon fp16")
+    a, b = randn(16, 32, generator=g), randn(16, 32, generator=g)
+    compare(lambda x, y: ntxent_loss(x, y, 0.01, backend=backend), lambda x, y: o_ntxent(x, y, 0.01),
+            [a, b], torch.float16, "ntxent fp16")
+    compare(lambda x, y: dcl_loss(x, y, 0.01, backend=backend), lambda x, y: o_dcl(x, y, 0.01),
+            [a, b], torch.float16, "dcl fp16")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_nan_out(backend):
+    a, b = randn(9, 6), randn(9, 6)
+    a[2, 1] = float("nan")
+    labels = torch.arange(9) % 3
+    assert torch.isnan(ntxent_loss(a, b, backend=backend))
+    assert torch.isnan(dcl_loss(a, b, backend=backend))
+    assert torch.isnan(supcon_loss(torch.stack([a, b], 1), labels, backend=backend))
+    assert torch.isnan(supcon_loss_pml(a, labels, backend=backend))
+    assert torch.isnan(siglip_loss(a, b, 10.0, -10.0, backend=backend))
+    assert torch.isnan(info_nce(a, b, label_smoothing=0.1, backend=backend))
+    assert torch.isnan(clip_loss(a, b, 10.0, label_smoothing=0.1, backend=backend))
