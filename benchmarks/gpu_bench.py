@@ -87,6 +87,36 @@ def measure(method, n, d, dtype, rep_ms, bwd_mode=None):
     return row
 
 
+def breakdown(n, d, dtype, rep_ms):
+    """Where the fused time goes: forward kernel, each backward mode, and their GEMM pieces."""
+    from triton.testing import do_bench
+
+    from fastcl.kernels import similarity_lse as K
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype)
+    scale, bias = torch.tensor(14.3, device="cuda"), torch.tensor(0.0, device="cuda")
+    row, col = K.lse_forward(q, k, scale, bias, True, True, None)
+    g = torch.full_like(row, 1.0 / n)
+    parts = {
+        "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
+        "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
+        "bwd strip": lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"),
+        "mm q@k.T": lambda: q @ k.T,
+    }
+    if d <= K.FUSED_MAX_D:
+        parts["bwd fused"] = lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="fused")
+    out = []
+    for name, fn in parts.items():
+        try:
+            out.append({"part": name, "n": n, "d": d, "median_ms": do_bench(fn, rep=rep_ms, return_mode="median")})
+        except Exception as exc:
+            out.append({"part": name, "n": n, "d": d, "error": f"{type(exc).__name__}: {exc}"[:200]})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="8192,32768,131072")
@@ -94,6 +124,7 @@ def main():
     ap.add_argument("--methods", default="fastcl,floor_3mm,naive,infcl")
     ap.add_argument("--rep-ms", type=int, default=400)
     ap.add_argument("--mode-check", default="32768:256", help="N:D at which both backward modes are timed")
+    ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -120,7 +151,16 @@ def main():
         for mode in ("fused", "strip"):
             emit(measure("fastcl", n, d, dtype, args.rep_ms, bwd_mode=mode))
         emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
+    parts = []
+    for nd in filter(None, args.breakdown.split(",")):
+        n, d = (int(x) for x in nd.split(":"))
+        parts += breakdown(n, d, dtype, args.rep_ms)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "breakdown": parts}, f, indent=2)
     print_table(rows)
+    print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"
+                                      for p in parts))
 
 
 def print_table(rows):

@@ -1,0 +1,213 @@
+"""MAE-style random masking, forward + backward: fastcl vs MAE's gather pattern (issue 5).
+
+CPU (pytest-benchmark; sizes up to the issue's B=64, L=196, D=768, mask 0.75, fp32):
+
+    pytest benchmarks/bench_masking.py --benchmark-columns=mean,median,rounds
+
+GPU (for benchmarks/gpu_suite.sh): ``gpu_masking_report()`` times each implementation with
+``triton.testing.do_bench`` (L2 flushed between runs) next to a ``torch.empty_like().copy_()``
+that moves the same number of bytes, and returns JSON-ready rows:
+
+    python benchmarks/bench_masking.py --device cuda --json benchmarks/results/masking_gpu.json
+
+"Bytes that must move" for one forward + backward with K kept of L tokens and e bytes per
+element: forward reads and writes K rows, backward reads K gradient rows and writes all L rows
+of dx, i.e. ``B * D * e * (3K + L)``.  The copy baseline copies a tensor of half that many
+bytes (read + write = the same total), so ``copy_ratio = copy_ms / op_ms`` is the fraction of
+device-to-device copy bandwidth reached (target >= 0.8).
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastcl.masking import random_masking  # noqa: E402
+
+CPU_SIZES = [(8, 196, 768), (64, 196, 768)]
+RATIO = 0.75
+
+
+def mae_masking(x: torch.Tensor, ratio: float, noise: torch.Tensor, pos: Optional[torch.Tensor] = None):
+    """MAE's recipe: optional ``x + pos`` materialised, argsort noise, gather with a (B, K, D) index."""
+    if pos is not None:
+        x = x + pos
+    n, length, d = x.shape
+    keep = int(length * (1 - ratio))
+    shuffle = torch.argsort(noise, dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    kept_ids = shuffle[:, :keep]
+    kept = torch.gather(x, 1, kept_ids.unsqueeze(-1).repeat(1, 1, d))
+    mask = torch.ones(n, length, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    return kept, mask, restore, kept_ids
+
+
+def make_step(impl: str, x: torch.Tensor, noise: torch.Tensor, grad: torch.Tensor,
+              pos: Optional[torch.Tensor] = None) -> Callable[[], tuple]:
+    """One forward + backward of ``impl`` ("mae" or a fastcl backend name such as "cpu", "triton",
+    "cuda"); ``x`` (B, L, D) requires grad, ``noise`` (B, L), ``grad`` (B, K, D)."""
+    def step():
+        x.grad = None
+        if impl == "mae":
+            out = mae_masking(x, RATIO, noise, pos)
+        else:
+            out = random_masking(x, RATIO, noise=noise, pos_embed=pos, backend=impl)
+        out[0].backward(grad)
+        return out
+    return step
+
+
+def inputs(B: int, L: int, D: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(B, L, D, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    noise = torch.rand(B, L, generator=g).to(device)
+    keep = int(L * (1 - RATIO))
+    grad = torch.randn(B, keep, D, generator=g).to(device=device, dtype=dtype)
+    return x, noise, grad
+
+
+def _result_bytes(out: tuple, x: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in out) + x.grad.numel() * x.grad.element_size()
+
+
+def temp_memory_bytes(step: Callable[[], tuple], x: torch.Tensor) -> Dict[str, int]:
+    """Peak bytes allocated during one ``step()`` and the temporary part of it: the peak minus the
+    results that must exist afterwards (the four outputs and ``x.grad``).  CUDA uses the caching
+    allocator's counters, the CPU the profiler's memory timeline."""
+    step()  # warm-up: lazy initialisation stays out of the count
+    x.grad = None
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import Action
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            out = step()
+        cur = peak = 0
+        for _, action, _, size in prof._memory_profile().timeline:
+            if action == Action.CREATE:
+                cur += size
+            elif action == Action.DESTROY:
+                cur -= size
+            peak = max(peak, cur)
+    return {"peak_bytes": int(peak), "temp_bytes": int(max(peak - _result_bytes(out, x), 0))}
+
+
+def moved_bytes(B: int, L: int, D: int, dtype: torch.dtype) -> int:
+    """Bytes one masking forward + backward must read and write (module docstring)."""
+    keep = int(L * (1 - RATIO))
+    return B * D * torch.empty((), dtype=dtype).element_size() * (3 * keep + L)
+
+
+def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dtype = torch.bfloat16,
+                       impls=("mae", "triton", "cuda")) -> List[Dict]:
+    """GPU rows for the suite: forward + backward of each implementation against the copy floor.
+
+    Returns a list of dicts, one per implementation that runs here:
+    ``{"impl", "device", "B", "L", "D", "dtype", "ms", "moved_bytes", "GBps", "copy_ms",
+    "copy_ratio", "peak_bytes", "temp_bytes"}`` where ``copy_ratio = copy_ms / ms`` (>= 0.8 is
+    the issue's target) and ``GBps = moved_bytes / ms``.  Also one row "kernels_only" per fused
+    backend: the two fused kernels with precomputed indices (no argsort, no autograd), which
+    isolates the bandwidth of the kernels from launch overhead.
+    """
+    from triton.testing import do_bench
+
+    from fastcl._ext import extension_has_cuda
+    from fastcl.ops.masking import segment_gather
+
+    dev = "cuda"
+    nbytes = moved_bytes(B, L, D, dtype)
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+    copy_ms = do_bench(lambda: torch.empty_like(src).copy_(src))
+    x, noise, grad = inputs(B, L, D, dtype, dev)
+    rows = []
+
+    def row(impl, ms, mem):
+        rows.append({"impl": impl, "device": torch.cuda.get_device_name(), "B": B, "L": L, "D": D,
+                     "dtype": str(dtype).replace("torch.", ""), "ms": ms, "moved_bytes": nbytes,
+                     "GBps": nbytes / ms / 1e6, "copy_ms": copy_ms, "copy_ratio": copy_ms / ms, **mem})
+
+    for impl in impls:
+        if impl == "cuda" and not extension_has_cuda():
+            continue
+        step = make_step(impl, x, noise, grad)
+        ms = do_bench(step)
+        row(impl, ms, temp_memory_bytes(step, x))
+        if impl != "mae":
+            _, _, ids_restore, ids_keep = random_masking(x.detach(), RATIO, noise=noise, backend=impl)
+
+            def kernels(impl=impl, ids_keep=ids_keep, ids_restore=ids_restore):
+                segment_gather(x.detach(), ids_keep, None, None, None, None, False, impl)
+                segment_gather(grad, ids_restore, None, None, None, None, False, impl)
+            row(f"{impl}:kernels_only", do_bench(kernels), {"peak_bytes": 0, "temp_bytes": 0})
+    return rows
+
+
+# ---- pytest-benchmark (CPU) ---------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # the GPU/CLI path does not need pytest
+    pytest = None
+
+if pytest is not None:
+    from fastcl._ext import extension_available
+
+    CPU_IMPLS = ["mae", "cpu"] if extension_available() else ["mae", "reference"]
+
+    @pytest.mark.parametrize("size", CPU_SIZES, ids=lambda s: "x".join(map(str, s)))
+    @pytest.mark.parametrize("impl", CPU_IMPLS)
+    def test_masking_fwd_bwd_cpu(benchmark, impl, size):
+        x, noise, grad = inputs(*size)
+        step = make_step(impl, x, noise, grad)
+        benchmark.extra_info.update(temp_memory_bytes(step, x))
+        benchmark(step)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--B", type=int, default=None)
+    p.add_argument("--L", type=int, default=196)
+    p.add_argument("--D", type=int, default=768)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.device == "cuda":
+        rows = gpu_masking_report(B=a.B or 256, L=a.L, D=a.D)
+    else:
+        import time
+        rows = []
+        impls = ["mae", "cpu"]
+        for impl in impls:
+            x, noise, grad = inputs(a.B or 64, a.L, a.D)
+            step = make_step(impl, x, noise, grad)
+            mem = temp_memory_bytes(step, x)
+            times = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+            rows.append({"impl": impl, "device": "cpu", "B": a.B or 64, "L": a.L, "D": a.D, "dtype": "float32",
+                         "ms": sorted(times)[len(times) // 2], **mem})
+    for r in rows:
+        print(json.dumps(r))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+// CUDA token masking: the segment gather of kernels/masking.py (formula there).
+// A block holds blockDim.y output rows; the threads along x sweep one row's D elements in
+// 16-byte vectors when the pointers, strides and D allow it, else element by element.
+// Sums run in fp32 (fp64 for fp64) in ascending segment order: deterministic, no atomics.
+#include "masking.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace fastcl_masking {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename O> __device__ __forceinline__ O from_acc(float x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename O> __device__ __forceinline__ O from_acc(double x) { return static_cast<O>(x); }
+
+// VEC consecutive elements as one aligned unit: 16 bytes compile to a single 128-bit access.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, typename O, int VEC>
+__global__ void segment_gather_kernel(SegmentGatherArgs a) {
+  using A = typename Acc<T>::type;
+  using PT = Pack<T, VEC>;
+  using PO = Pack<O, VEC>;
+  const int64_t row_id = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row_id >= a.B * a.R) return;
+  const int64_t b = row_id / a.R, r = row_id % a.R;
+  const int64_t s0 = a.start[b * a.start_sb + r * a.start_sr];
+  int64_t n = a.count ? a.count[b * a.count_sb + r * a.count_sr] : ((s0 >= 0 && s0 < a.J) ? 1 : 0);
+  // The host validates indices; a bad one here yields zeros instead of a wild read.
+  if (n > 0 && (s0 < 0 || s0 + n > a.J)) n = 0;
+  const T* src = static_cast<const T*>(a.src) + b * a.src_sb;
+  const T* pos = static_cast<const T*>(a.pos);
+  const T* fill = static_cast<const T*>(a.fill);
+  PO* out = reinterpret_cast<PO*>(static_cast<O*>(a.out) + row_id * a.D);
+  const int64_t nvec = a.D / VEC;
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    A acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = A(-0.0);  // -0.0 + x == x bit for bit
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t row = a.order ? a.order[b * a.order_sb + (s0 + j) * a.order_sj] : s0 + j;
+      if (row < 0 || row >= a.S) continue;
+      const PT x = reinterpret_cast<const PT*>(src + row * a.src_ss)[v];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += to_acc(x.v[e]);
+      if (pos) {
+        const PT p = reinterpret_cast<const PT*>(pos + row * a.pos_ss)[v];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += to_acc(p.v[e]);
+      }
+    }
+    PO o;
+    if (n > 0) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o.v[e] = from_acc<O>(acc[e]);
+    } else if (fill) {
+      const PT f = reinterpret_cast<const PT*>(fill)[v];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o.v[e] = from_acc<O>(to_acc(f.v[e]));
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o.v[e] = from_acc<O>(A(0));
+    }
+    out[v] = o;
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T, typename O>
+cudaError_t launch(const SegmentGatherArgs& a, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t bytes_sb = a.src_sb * sizeof(T), bytes_ss = a.src_ss * sizeof(T);
+  const bool vec_ok = a.D % kVec == 0 && aligned16(a.src) && bytes_sb % 16 == 0 && bytes_ss % 16 == 0 &&
+                      (!a.fill || aligned16(a.fill)) &&
+                      (!a.pos || (aligned16(a.pos) && (a.pos_ss * sizeof(T)) % 16 == 0)) &&
+                      (reinterpret_cast<uintptr_t>(a.out) % (kVec * sizeof(O))) == 0;
+  const int vec = vec_ok ? kVec : 1;
+  const int64_t nvec = a.D / vec;
+  // About 256 threads a block: enough x-threads to cover a row in one sweep, rest as rows.
+  int tx = static_cast<int>(nvec >= 256 ? 256 : ((nvec + 31) / 32) * 32);
+  if (tx < 32) tx = 32;
+  const int ty = 256 / tx;
+  const int64_t rows = a.B * a.R;
+  const int64_t blocks = (rows + ty - 1) / ty;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks)), block(tx, ty);
+  if (vec_ok)
+    segment_gather_kernel<T, O, kVec><<<grid, block, 0, stream>>>(a);
+  else
+    segment_gather_kernel<T, O, 1><<<grid, block, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_out(const SegmentGatherArgs& a, cudaStream_t stream) {
+  if (a.out_fp32) return launch<T, typename Acc<T>::type>(a, stream);
+  return launch<T, T>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t segment_gather_cuda(const SegmentGatherArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case kF32: return dispatch_out<float>(a, stream);
+    case kF16: return dispatch_out<__half>(a, stream);
+    case kBF16: return dispatch_out<__nv_bfloat16>(a, stream);
+    case kF64: return dispatch_out<double>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastcl_masking

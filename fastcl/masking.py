@@ -1,0 +1,181 @@
+"""MAE-style token masking: ``random_masking``, ``gather_tokens`` and ``restore_tokens``.
+
+Given the same noise these return exactly what MAE's ``random_masking`` and decoder un-shuffle
+return, without the (B, K, D) int64 index that ``torch.gather`` needs and without a dense
+zero-then-scatter backward: every pass is one fused gather (``fastcl.ops.masking``).
+
+Backends (``backend=`` or ``FASTCL_BACKEND``, see ``fastcl.ops.dispatch.resolve_backend``):
+"reference" is plain PyTorch in MAE's form; "cpu" the C++/OpenMP kernel; "triton" the Triton
+kernel; "cuda" the CUDA C++ kernel (needs ``fastcl._C`` built with CUDA).  "auto" picks Triton
+for CUDA tensors (both GPU kernels are plain bandwidth-bound gathers) and the C++ kernel for
+CPU tensors.  All dtypes: float32, bfloat16, float16 (and float64); any D; any strides.
+"""
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from fastcl.ops.dispatch import resolve_backend
+from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens
+from fastcl.validation import FLOAT_DTYPES, _eager
+
+Tensor = torch.Tensor
+
+__all__ = ["random_masking", "gather_tokens", "restore_tokens"]
+
+
+def _check_tokens(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be 3-D (B, L, D), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+
+
+def _check_ids(name: str, ids, batch: int, upper: int, device: torch.device) -> Tensor:
+    """``ids`` (batch, n) integer tensor with values in [0, upper); returned as int64."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[0] != batch:
+        raise ValueError(f"{name} must be 2-D ({batch}, n), got shape {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} must be on {device}, got {ids.device}")
+    if _eager() and ids.numel() > 0:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
+    return ids if ids.dtype == torch.int64 else ids.long()
+
+
+def _check_same(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of {x_name} ({x.dtype}), got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
+
+
+def check_mask_ratio(mask_ratio) -> float:
+    """``mask_ratio`` must be a real number in [0, 1); returned as a float."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
+        raise TypeError(f"mask_ratio must be a float in [0, 1), got {type(mask_ratio).__name__}")
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    return float(mask_ratio)
+
+
+def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = None,
+                   generator: Optional[torch.Generator] = None, pos_embed: Optional[Tensor] = None,
+                   backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keep a random ``K = int(L * (1 - mask_ratio))`` tokens per sample (MAE's random_masking).
+
+    Args:
+        x: (B, L, D) float32, bfloat16, float16 or float64; any strides; may require grad.
+        mask_ratio: float in [0, 1), the fraction of tokens removed.
+        noise: optional (B, L) floating tensor on ``x``'s device; the K tokens with the smallest
+            noise are kept.  Default ``torch.rand(B, L, generator=generator)`` on ``x``'s device.
+        generator: optional ``torch.Generator`` for the default noise.
+        pos_embed: optional (L, D) or (1, L, D), dtype and device of ``x``, may require grad.
+            It is added to the kept tokens in the same pass (``x + pos_embed`` is never stored).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (default ``FASTCL_BACKEND``/auto).
+
+    Returns:
+        x_kept: (B, K, D), dtype of ``x``: ``(x + pos_embed)[b, ids_keep[b, k]]``.
+        mask: (B, L) in the default float dtype (float32): 1 where the token was removed.
+        ids_restore: (B, L) int64, the inverse permutation (``argsort(argsort(noise))``).
+        ids_keep: (B, K) int64, the kept token indices in noise order.
+    """
+    _check_tokens("x", x)
+    ratio = check_mask_ratio(mask_ratio)
+    B, L, D = x.shape
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device, generator=generator)
+    else:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating tensor, got {noise.dtype}")
+        if tuple(noise.shape) != (B, L):
+            raise ValueError(f"noise must have shape (B, L) = ({B}, {L}), got {tuple(noise.shape)}")
+        if noise.device != x.device:
+            raise ValueError(f"noise must be on x's device {x.device}, got {noise.device}")
+    if pos_embed is not None:
+        _check_same("pos_embed", pos_embed, x, "x")
+        if tuple(pos_embed.shape) not in ((L, D), (1, L, D)):
+            raise ValueError(f"pos_embed must have shape (L, D) or (1, L, D) = (1, {L}, {D}), "
+                             f"got {tuple(pos_embed.shape)}")
+    name = resolve_backend(backend, x.device)
+    keep = int(L * (1 - ratio))
+
+    ids_shuffle = torch.argsort(noise, dim=1)
+    # The inverse of a permutation by one scatter: equal to argsort(ids_shuffle), without a sort.
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(
+        1, ids_shuffle, torch.arange(L, device=x.device).expand(B, L))
+    ids_keep = ids_shuffle[:, :keep]
+    mask = (ids_restore >= keep).to(torch.get_default_dtype())
+
+    if name == "reference":
+        src = x if pos_embed is None else x + pos_embed.reshape(1, L, D)
+        x_kept = torch.gather(src, 1, ids_keep[..., None].expand(B, keep, D))
+    else:
+        x_kept = MaskGather.apply(x, pos_embed, ids_keep, ids_restore, name)
+    return x_kept, mask, ids_restore, ids_keep
+
+
+def gather_tokens(x: Tensor, ids_keep: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Differentiable row gather along dim 1: ``out[b, k] = x[b, ids_keep[b, k]]``.
+
+    The backward accumulates ``index_add``-style, so repeated indices sum their gradients; it
+    needs no (B, K, D) index and writes each gradient row once.
+
+    Args:
+        x: (B, L, D) float32, bfloat16, float16 or float64; any strides.
+        ids_keep: (B, K) integer tensor on ``x``'s device, values in [0, L); repeats allowed.
+        backend: as in ``random_masking``.
+
+    Returns:
+        (B, K, D), dtype of ``x``.
+    """
+    _check_tokens("x", x)
+    ids = _check_ids("ids_keep", ids_keep, x.shape[0], x.shape[1], x.device)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[2]))
+    return GatherTokens.apply(x, ids, name)
+
+
+def restore_tokens(x_kept: Tensor, mask_token: Tensor, ids_restore: Tensor, *,
+                   backend: Optional[str] = None) -> Tensor:
+    """Un-shuffle for the decoder: kept tokens back in place, ``mask_token`` in removed slots.
+
+    Equal to MAE's ``gather(cat([x_kept, mask_token.repeat(B, L - K, 1)], 1), 1, ids_restore)``.
+
+    Args:
+        x_kept: (B, K, D) float32, bfloat16, float16 or float64; any strides; may require grad.
+        mask_token: (D,) or (1, 1, D), dtype and device of ``x_kept``; may require grad.
+        ids_restore: (B, L) integer tensor, L >= K, values in [0, L); slot l takes kept token
+            ``ids_restore[b, l]`` if that is < K, else the mask token.
+
+    Returns:
+        (B, L, D), dtype of ``x_kept``.  Differentiable in ``x_kept`` and ``mask_token``.
+    """
+    _check_tokens("x_kept", x_kept)
+    B, K, D = x_kept.shape
+    _check_same("mask_token", mask_token, x_kept, "x_kept")
+    if tuple(mask_token.shape) not in ((D,), (1, 1, D)):
+        raise ValueError(f"mask_token must have shape (D,) or (1, 1, D) with D = {D}, "
+                         f"got {tuple(mask_token.shape)}")
+    if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 and ids_restore.shape[1] < K:
+        raise ValueError(f"ids_restore must have L >= K = {K} columns, got shape {tuple(ids_restore.shape)}")
+    L = ids_restore.shape[1] if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 else K
+    ids = _check_ids("ids_restore", ids_restore, B, L, x_kept.device)
+    name = resolve_backend(backend, x_kept.device)
+    if name == "reference":
+        filler = mask_token.reshape(1, 1, D).expand(B, L - K, D)
+        full = torch.cat([x_kept, filler], dim=1)
+        return torch.gather(full, 1, ids[..., None].expand(B, L, D))
+    return RestoreTokens.apply(x_kept, mask_token, ids, name)

@@ -1,0 +1,63 @@
+"""``torch.nn`` modules for MAE-style token masking (thin wrappers over ``fastcl.masking``)."""
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from fastcl.masking import check_mask_ratio, random_masking, restore_tokens
+
+
+class RandomMasking(nn.Module):
+    """Keeps ``int(L * (1 - mask_ratio))`` random tokens per sample; see ``fastcl.random_masking``.
+
+    ``forward(x, noise=None, pos_embed=None, generator=None)`` takes x (B, L, D) float, optional
+    noise (B, L) float and pos_embed (L, D) or (1, L, D) in x's dtype, and returns
+    ``(x_kept (B, K, D) x.dtype, mask (B, L) float32, ids_restore (B, L) int64, ids_keep (B, K) int64)``.
+    """
+
+    def __init__(self, mask_ratio: float = 0.75, backend: Optional[str] = None):
+        super().__init__()
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                pos_embed: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
+        return random_masking(x, self.mask_ratio, noise=noise, generator=generator, pos_embed=pos_embed,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"mask_ratio={self.mask_ratio}"
+
+
+class RestoreTokens(nn.Module):
+    """Decoder un-shuffle that owns the learnable mask token, shape (1, 1, dim), float32,
+    initialised N(0, 0.02^2); see ``fastcl.restore_tokens``.
+
+    ``forward(x_kept, ids_restore)`` takes x_kept (B, K, dim) float and ids_restore (B, L) int and
+    returns (B, L, dim) in x_kept's dtype.  The token is cast to x_kept's dtype (differentiably),
+    so a float32 parameter works under bf16/fp16 autocast.
+    """
+
+    def __init__(self, dim: int, backend: Optional[str] = None):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        if dim <= 0:
+            raise ValueError(f"dim must be > 0, got {dim}")
+        self.dim = int(dim)
+        self.backend = backend
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.dim))
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, x_kept: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        if isinstance(x_kept, torch.Tensor) and x_kept.dim() == 3 and x_kept.shape[2] != self.dim:
+            raise ValueError(f"x_kept must have feature size dim = {self.dim}, got shape {tuple(x_kept.shape)}")
+        token = self.mask_token
+        if isinstance(x_kept, torch.Tensor) and x_kept.is_floating_point():
+            token = token.to(x_kept.dtype)
+        return restore_tokens(x_kept, token, ids_restore, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

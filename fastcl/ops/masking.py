@@ -1,0 +1,120 @@
+"""Autograd layer of the token-masking ops, over one fused primitive, the *segment gather*:
+
+    out[b, r] = sum_{j < n} (src[b, row_j] + pos[row_j])  if n > 0,  else fill (or 0)
+    row_j = order[b, start[b, r] + j]  (or start[b, r] + j);  n = count[b, r]  (or 1 if start < J)
+
+Forward gathers, the un-shuffle with a mask token, and every backward (a scatter written as a
+gather by the output's owner: no dense index, no atomics, deterministic) are single calls of it.
+The primitive is a ``torch.library`` custom op, so ``torch.compile`` sees it as one opaque node.
+User-facing validation lives in ``fastcl.masking``; these functions assume checked inputs.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _unit_last(t: Optional[Tensor]) -> Optional[Tensor]:
+    # Kernels take any batch/row strides but need unit stride along the feature dim.
+    if t is None or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+@torch.library.custom_op("fastcl::masking_segment_gather", mutates_args=())
+def segment_gather(src: Tensor, start: Tensor, count: Optional[Tensor], order: Optional[Tensor],
+                   fill: Optional[Tensor], pos: Optional[Tensor], out_fp32: bool, backend: str) -> Tensor:
+    """The fused primitive (module docstring); ``backend`` is "cpu", "triton" or "cuda".
+
+    src (B, S, D) float; start/count (B, R) int64; order (B, J) int64; fill (D,) and pos (S, D)
+    in ``src.dtype``.  Returns (B, R, D) in ``src.dtype`` (fp32/fp64 if ``out_fp32``)."""
+    src, pos = _unit_last(src), _unit_last(pos)
+    fill = fill.reshape(-1).contiguous() if fill is not None else None
+    if backend in ("cpu", "cuda"):
+        return torch.ops.fastcl_C.masking_segment_gather(src, start, count, order, fill, pos, out_fp32)
+    if backend == "triton":
+        from fastcl.kernels.masking import segment_gather as triton_segment_gather
+        return triton_segment_gather(src, start, count, order, fill, pos, out_fp32)
+    raise ValueError(f"masking has no fused {backend!r} backend")
+
+
+@segment_gather.register_fake
+def _(src, start, count, order, fill, pos, out_fp32, backend):
+    acc_t = torch.float64 if src.dtype == torch.float64 else torch.float32
+    return src.new_empty((src.shape[0], start.shape[1], src.shape[2]), dtype=acc_t if out_fp32 else src.dtype)
+
+
+def csr_segments(idx: Tensor, buckets: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Group the positions k of ``idx`` (B, K) int64 by value in [0, buckets).
+
+    Returns ``start`` and ``count`` (B, buckets) int64 and ``order`` (B, K) int64: the k with
+    ``idx[b, k] == v`` are ``order[b, start[b, v] : start[b, v] + count[b, v]]``, ascending."""
+    order = torch.argsort(idx, dim=1, stable=True)
+    count = torch.zeros((idx.shape[0], buckets), dtype=torch.int64, device=idx.device)
+    count.scatter_add_(1, idx, torch.ones_like(idx))
+    start = torch.cumsum(count, dim=1) - count
+    return start, count, order
+
+
+class MaskGather(torch.autograd.Function):
+    """x_kept = (x + pos)[b, ids_keep[b, k]] where ids_keep is part of a permutation whose
+    inverse is ids_restore; the backward is one owner-computes gather through ids_restore."""
+
+    @staticmethod
+    def forward(ctx, x, pos, ids_keep, ids_restore, backend):
+        ctx.save_for_backward(ids_restore)
+        ctx.backend, ctx.pos_shape = backend, None if pos is None else pos.shape
+        pos2d = None if pos is None else pos.reshape(pos.shape[-2], pos.shape[-1])
+        return segment_gather(x, ids_keep, None, None, None, pos2d, False, backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids_restore,) = ctx.saved_tensors
+        # dx[b, l] = g[b, ids_restore[b, l]] when that slot was kept (< K), else 0.
+        dx = segment_gather(_unit_last(g), ids_restore, None, None, None, None, False, ctx.backend)
+        dpos = dx.sum(0).reshape(ctx.pos_shape) if ctx.needs_input_grad[1] else None
+        return (dx if ctx.needs_input_grad[0] else None), dpos, None, None, None
+
+
+class GatherTokens(torch.autograd.Function):
+    """out[b, k] = x[b, idx[b, k]]; backward dx[b, l] = sum_{k: idx[b, k] = l} g[b, k]."""
+
+    @staticmethod
+    def forward(ctx, x, idx, backend):
+        ctx.save_for_backward(idx)
+        ctx.backend, ctx.L = backend, x.shape[1]
+        return segment_gather(x, idx, None, None, None, None, False, backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        start, count, order = csr_segments(idx, ctx.L)
+        return segment_gather(_unit_last(g), start, count, order, None, None, False, ctx.backend), None, None
+
+
+class RestoreTokens(torch.autograd.Function):
+    """out[b, l] = x_kept[b, r] if r = ids_restore[b, l] < K else mask_token.
+
+    Backward: the slots are grouped by r (K + 1 buckets, the last one all r >= K), so d x_kept
+    and d mask_token are each one gather-sum; this stays right even if ids_restore repeats."""
+
+    @staticmethod
+    def forward(ctx, x_kept, mask_token, ids_restore, backend):
+        ctx.save_for_backward(ids_restore)
+        ctx.backend, ctx.K, ctx.token_shape = backend, x_kept.shape[1], mask_token.shape
+        fill = mask_token.reshape(-1)
+        return segment_gather(x_kept, ids_restore, None, None, fill, None, False, backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        (ids_restore,) = ctx.saved_tensors
+        K, g = ctx.K, _unit_last(g)
+        start, count, order = csr_segments(ids_restore.clamp(max=K), K + 1)
+        dx = dtok = None
+        if ctx.needs_input_grad[0]:
+            dx = segment_gather(g, start[:, :K], count[:, :K], order, None, None, False, ctx.backend)
+        if ctx.needs_input_grad[1]:
+            part = segment_gather(g, start[:, K:], count[:, K:], order, None, None, True, ctx.backend)
+            dtok = part.sum((0, 1)).to(g.dtype).reshape(ctx.token_shape)
+        return dx, dtok, None, None

@@ -1,0 +1,337 @@
+"""Token masking (issue 5): every backend against an MAE-style oracle written here.
+
+Gathers and their unique-index backwards are copies, so they must match bit for bit; only sums
+of several terms (repeated indices, the mask-token gradient) are compared with the tolerance."""
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close, randn
+from fastcl._ext import extension_available, extension_has_cuda
+from fastcl.masking import gather_tokens, random_masking, restore_tokens
+from fastcl.nn.masking import RandomMasking, RestoreTokens
+from fastcl.ops.dispatch import triton_available
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ["reference"]
+if extension_available():
+    BACKENDS.append("cpu")
+if triton_available():
+    BACKENDS.append("triton")
+if HAS_CUDA and extension_has_cuda():
+    BACKENDS.append("cuda")
+
+
+def device_of(backend: str) -> str:
+    # Triton runs on CUDA tensors when there is a GPU, else in the interpreter on the CPU.
+    return "cuda" if backend in ("triton", "cuda") and HAS_CUDA else "cpu"
+
+
+# ---- the oracle: MAE's recipe (argsort noise, gather with a repeated (B, K, D) index) ----------
+
+def oracle_masking(x, ratio, noise):
+    n, length, d = x.shape
+    keep = int(length * (1 - ratio))
+    shuffle = torch.argsort(noise, dim=1)
+    restore = torch.argsort(shuffle, dim=1)
+    kept_ids = shuffle[:, :keep]
+    kept = torch.gather(x, 1, kept_ids.unsqueeze(-1).repeat(1, 1, d))
+    mask = torch.ones(n, length, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, restore)
+    return kept, mask, restore, kept_ids
+
+
+def oracle_restore(kept, token, restore):
+    n, keep, d = kept.shape
+    length = restore.shape[1]
+    tokens = token.reshape(1, 1, d).repeat(n, length - keep, 1)
+    full = torch.cat([kept, tokens], dim=1)
+    return torch.gather(full, 1, restore.unsqueeze(-1).repeat(1, 1, d))
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- random_masking -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [3, 129])
+def test_random_masking_matches_mae(backend, dtype, D):
+    dev = device_of(backend)
+    g = gen(D)
+    B, L, ratio = 3, 17, 0.75
+    x = randn(B, L, D, dtype=dtype, device=dev, generator=g)
+    noise = torch.rand(B, L, generator=g).to(dev)
+    x1, x2 = leaf(x), leaf(x)
+    kept, mask, restore, ids_keep = random_masking(x1, ratio, noise=noise, backend=backend)
+    r_kept, r_mask, r_restore, r_keep = oracle_masking(x2, ratio, noise)
+    assert kept.shape == (B, int(L * 0.25), D) and kept.dtype == dtype
+    assert torch.equal(kept, r_kept)
+    assert torch.equal(mask, r_mask) and mask.dtype == r_mask.dtype
+    assert torch.equal(restore, r_restore) and torch.equal(ids_keep, r_keep)
+    up = randn(*kept.shape, dtype=dtype, device=dev, generator=g)
+    kept.backward(up)
+    r_kept.backward(up)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9, 0.999])
+def test_random_masking_ratios(backend, ratio):
+    dev = device_of(backend)
+    g = gen(int(ratio * 1000))
+    x = randn(2, 23, 5, device=dev, generator=g)
+    noise = torch.rand(2, 23, generator=g).to(dev)
+    x1, x2 = leaf(x), leaf(x)
+    out = random_masking(x1, ratio, noise=noise, backend=backend)
+    ref = oracle_masking(x2, ratio, noise)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    keep = int(23 * (1 - ratio))
+    assert out[0].shape[1] == keep and int(out[1].sum()) == 2 * (23 - keep)
+    up = randn(*out[0].shape, device=dev, generator=g)
+    (out[0] * up).sum().backward()
+    (ref[0] * up).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+    if keep == 0:
+        assert torch.equal(x1.grad, torch.zeros_like(x1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos_shape", ["LD", "1LD"])
+def test_random_masking_fused_pos_embed(backend, dtype, pos_shape):
+    dev = device_of(backend)
+    g = gen(7)
+    B, L, D = 4, 13, 129
+    x = randn(B, L, D, dtype=dtype, device=dev, generator=g)
+    pos = randn(L, D, dtype=dtype, device=dev, generator=g)
+    if pos_shape == "1LD":
+        pos = pos[None]
+    noise = torch.rand(B, L, generator=g).to(dev)
+    x1, p1, x2, p2 = leaf(x), leaf(pos), leaf(x), leaf(pos)
+    kept, *_ = random_masking(x1, 0.6, noise=noise, pos_embed=p1, backend=backend)
+    r_kept = oracle_masking(x2 + p2, 0.6, noise)[0]
+    assert torch.equal(kept, r_kept)  # one rounding of x + pos in both
+    up = randn(*kept.shape, dtype=dtype, device=dev, generator=g)
+    kept.backward(up)
+    r_kept.backward(up)
+    assert torch.equal(x1.grad, x2.grad)
+    assert p1.grad.shape == pos.shape
+    assert_close(p1.grad, p2.grad, dtype, "d pos_embed")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_stride", "feature_stride", "batch_slice"])
+def test_random_masking_non_contiguous(backend, layout):
+    dev = device_of(backend)
+    g = gen(3)
+    if layout == "row_stride":      # every other token: stride(1) = 2 * D
+        x = randn(3, 22, 7, device=dev, generator=g)[:, ::2]
+    elif layout == "feature_stride":  # D not unit-stride
+        x = randn(3, 7, 11, device=dev, generator=g).transpose(1, 2)
+    else:                            # offset storage and batch stride
+        x = randn(6, 11, 9, device=dev, generator=g)[1::2, :, 1:8]
+    noise = torch.rand(x.shape[0], x.shape[1], generator=g).to(dev)
+    assert not x.is_contiguous()
+    x1, x2 = leaf(x), leaf(x)
+    kept = random_masking(x1, 0.4, noise=noise, backend=backend)[0]
+    r_kept = oracle_masking(x2, 0.4, noise)[0]
+    assert torch.equal(kept, r_kept)
+    up = randn(*kept.shape, device=dev, generator=g)
+    kept.backward(up)
+    r_kept.backward(up)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_masking_nan_and_generator(backend):
+    dev = device_of(backend)
+    x = randn(2, 9, 4, device=dev, generator=gen(0))
+    x[0, :, 1] = float("nan")
+    kept, mask, restore, ids_keep = random_masking(x, 0.5, generator=torch.Generator(dev).manual_seed(5),
+                                                   backend=backend)
+    assert torch.isnan(kept[0, :, 1]).all() and not torch.isnan(kept[1]).any()
+    again = random_masking(x, 0.5, generator=torch.Generator(dev).manual_seed(5), backend=backend)
+    assert torch.equal(again[3], ids_keep)
+    # Each row keeps distinct tokens, and the mask marks exactly the others.
+    assert all(len(set(r.tolist())) == 4 for r in ids_keep)
+    assert torch.equal(mask.gather(1, ids_keep), torch.zeros_like(ids_keep, dtype=mask.dtype))
+
+
+# ---- gather_tokens ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_tokens_repeated_indices(backend, dtype):
+    dev = device_of(backend)
+    g = gen(11)
+    B, L, K, D = 3, 6, 14, 129   # K > L forces repeats; some tokens are never picked
+    x = randn(B, L, D, dtype=dtype, device=dev, generator=g)
+    ids = torch.randint(0, L - 1, (B, K), generator=g).to(dev)
+    x1 = leaf(x)
+    out = gather_tokens(x1, ids, backend=backend)
+    assert torch.equal(out, torch.gather(x, 1, ids[..., None].repeat(1, 1, D)))
+    up = randn(B, K, D, dtype=dtype, device=dev, generator=g)
+    out.backward(up)
+    ref = torch.zeros(B, L, D, dtype=torch.float64, device=dev)
+    for b in range(B):
+        ref[b].index_add_(0, ids[b], up[b].double())
+    assert_close(x1.grad, ref, dtype, "index_add backward")
+    assert torch.equal(x1.grad[:, L - 1], torch.zeros_like(x1.grad[:, L - 1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_tokens_int32_and_strided_ids(backend):
+    dev = device_of(backend)
+    g = gen(2)
+    x = randn(2, 8, 3, device=dev, generator=g)
+    ids = torch.randint(0, 8, (2, 10), generator=g).to(dev)[:, ::2].to(torch.int32)
+    out = gather_tokens(x, ids, backend=backend)
+    assert torch.equal(out, torch.gather(x, 1, ids.long()[..., None].expand(-1, -1, 3)))
+
+
+# ---- restore_tokens -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("token_shape", ["D", "11D"])
+def test_restore_tokens_matches_mae(backend, dtype, token_shape):
+    dev = device_of(backend)
+    g = gen(5)
+    B, L, D, keep = 3, 15, 129, 4
+    noise = torch.rand(B, L, generator=g).to(dev)
+    restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    kept = randn(B, keep, D, dtype=dtype, device=dev, generator=g)
+    token = randn(D, dtype=dtype, device=dev, generator=g)
+    if token_shape == "11D":
+        token = token.reshape(1, 1, D)
+    k1, t1, k2, t2 = leaf(kept), leaf(token), leaf(kept), leaf(token)
+    out = restore_tokens(k1, t1, restore, backend=backend)
+    ref = oracle_restore(k2, t2, restore)
+    assert out.shape == (B, L, D) and torch.equal(out, ref)
+    up = randn(B, L, D, dtype=dtype, device=dev, generator=g)
+    out.backward(up)
+    ref.backward(up)
+    assert torch.equal(k1.grad, k2.grad)
+    assert t1.grad.shape == token.shape
+    assert_close(t1.grad, t2.grad, dtype, "d mask_token")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_then_restore_round_trip(backend):
+    dev = device_of(backend)
+    x = randn(2, 10, 3, device=dev, generator=gen(9))
+    kept, mask, restore, _ = random_masking(x, 0.7, generator=torch.Generator(dev).manual_seed(1), backend=backend)
+    token = torch.full((3,), -7.0, device=dev)
+    full = restore_tokens(kept, token, restore, backend=backend)
+    m = mask.bool()[..., None]
+    assert torch.equal(torch.where(m, x, full), x)  # kept slots are back in place
+    assert torch.equal(full[mask.bool()], token.expand(int(mask.sum()), 3))
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+def test_modules():
+    torch.manual_seed(0)
+    masking, restore = RandomMasking(0.75), RestoreTokens(6)
+    x = torch.randn(2, 8, 6, requires_grad=True)
+    kept, mask, ids_restore, ids_keep = masking(x)
+    assert kept.shape == (2, 2, 6)
+    out = restore(kept.to(torch.bfloat16), ids_restore)  # fp32 token follows the input dtype
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 6)
+    out.float().sum().backward()
+    assert restore.mask_token.grad is not None and x.grad is not None
+    assert torch.allclose(restore.mask_token.grad, torch.full((1, 1, 6), 12.0))
+    assert "mask_ratio=0.75" in repr(masking) and "dim=6" in repr(restore)
+
+
+@pytest.mark.parametrize("ctor, exc, word", [
+    (lambda: RandomMasking(1.0), ValueError, "mask_ratio"),
+    (lambda: RandomMasking(-0.1), ValueError, "mask_ratio"),
+    (lambda: RandomMasking("0.5"), TypeError, "mask_ratio"),
+    (lambda: RestoreTokens(0), ValueError, "dim"),
+    (lambda: RestoreTokens(2.5), TypeError, "dim"),
+])
+def test_module_arguments(ctor, exc, word):
+    with pytest.raises(exc, match=word):
+        ctor()
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+X = torch.randn(2, 5, 4)
+IDS = torch.tensor([[0, 4], [1, 2]])
+RESTORE = torch.argsort(torch.rand(2, 5), dim=1)
+
+
+@pytest.mark.parametrize("call, exc, word", [
+    (lambda: random_masking(X, 1.0), ValueError, "mask_ratio"),
+    (lambda: random_masking(X, -0.25), ValueError, "mask_ratio"),
+    (lambda: random_masking(X, float("nan")), ValueError, "mask_ratio"),
+    (lambda: random_masking(X, True), TypeError, "mask_ratio"),
+    (lambda: random_masking(X, None), TypeError, "mask_ratio"),
+    (lambda: random_masking(X[0], 0.5), ValueError, "x"),
+    (lambda: random_masking(X.long(), 0.5), TypeError, "x"),
+    (lambda: random_masking([[1.0]], 0.5), TypeError, "x"),
+    (lambda: random_masking(X, 0.5, noise=torch.rand(2, 4)), ValueError, "noise"),
+    (lambda: random_masking(X, 0.5, noise=torch.ones(2, 5, dtype=torch.long)), TypeError, "noise"),
+    (lambda: random_masking(X, 0.5, pos_embed=torch.randn(5, 3)), ValueError, "pos_embed"),
+    (lambda: random_masking(X, 0.5, pos_embed=torch.randn(5, 4).half()), TypeError, "pos_embed"),
+    (lambda: random_masking(X, 0.5, backend="gpu"), ValueError, "backend"),
+    (lambda: gather_tokens(X, torch.tensor([[0, 5], [1, 2]])), ValueError, "ids_keep"),
+    (lambda: gather_tokens(X, torch.tensor([[0, -1], [1, 2]])), ValueError, "ids_keep"),
+    (lambda: gather_tokens(X, IDS.float()), TypeError, "ids_keep"),
+    (lambda: gather_tokens(X, IDS[0]), ValueError, "ids_keep"),
+    (lambda: gather_tokens(X, IDS[:1]), ValueError, "ids_keep"),
+    (lambda: gather_tokens(X[0], IDS), ValueError, "x"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(3), RESTORE), ValueError, "mask_token"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(1, 4), RESTORE), ValueError, "mask_token"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(4).double(), RESTORE), TypeError, "mask_token"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(4), RESTORE + 1), ValueError, "ids_restore"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(4), RESTORE[:, :1]), ValueError, "ids_restore"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(4), RESTORE[0]), ValueError, "ids_restore"),
+    (lambda: restore_tokens(X[0], torch.zeros(4), RESTORE), ValueError, "x_kept"),
+    (lambda: RestoreTokens(3)(X[:, :2], RESTORE), ValueError, "dim"),
+])
+def test_bad_input(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ extension")
+def test_extension_op_rejects_bad_index():
+    # A direct call of the C++ op (bypassing Python validation) errors instead of reading wild memory.
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.fastcl_C.masking_segment_gather(X, torch.tensor([[0], [0]]), torch.tensor([[3], [1]]),
+                                                  torch.tensor([[0, 9], [1, 2]]), None, None, False)
+
+
+# ---- GPU only: the vectorised CUDA path and its scalar fallback --------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, offset", [(768, 0), (768, 1), (130, 0), (3, 0)])
+def test_gpu_vector_and_fallback(backend, dtype, D, offset):
+    if backend == "cuda" and not extension_has_cuda():
+        pytest.skip("fastcl._C built without CUDA")
+    g = gen(D + offset)
+    base = randn(8, 49, D + offset, dtype=dtype, device="cuda", generator=g)
+    x = base[..., offset:]   # offset 1 misaligns every row: the kernel must fall back to scalars
+    noise = torch.rand(8, 49, generator=g).cuda()
+    pos = randn(49, D, dtype=dtype, device="cuda", generator=g)
+    x1, x2 = leaf(x), leaf(x)
+    kept = random_masking(x1, 0.75, noise=noise, pos_embed=pos, backend=backend)[0]
+    r_kept = oracle_masking(x2 + pos, 0.75, noise)[0]
+    assert torch.equal(kept, r_kept)
+    up = randn(*kept.shape, dtype=dtype, device="cuda", generator=g)
+    kept.backward(up)
+    r_kept.backward(up)
+    assert torch.equal(x1.grad, x2.grad)
