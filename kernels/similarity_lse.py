@@ -3,7 +3,7 @@
 Forward: one pass over the score tiles gives the exact row LSE and, per row block, a partial
 column LSE; a tiny logsumexp over the (N / BLOCK_M, M) partials merges the columns.  No atomics.
 
-Backward, two modes (``lse_backward(mode=...)``):
+Backward, two modes (``lse_backward(mode=...)``; ``backward_mode`` picks):
   * "fused" (D <= 256): one kernel keeps a (BLOCK, D) accumulator and loops over the other side,
     forming dS = g_row * P_row + g_col * P_col per tile and multiplying it straight into
     Gq = dS @ k.  The same kernel with q/k and row/col roles swapped gives Gk = dS.T @ q.
@@ -226,15 +226,18 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
 
 
 def backward_mode(d: int) -> str:
-    """"fused" (in-kernel accumulation) up to D = 256, else "strip"; FASTCL_TRITON_BWD overrides."""
+    """Backward mode: FASTCL_TRITON_BWD = "strip", "fused" (D <= 256, no workspace) or "auto".
+
+    "auto" is "strip": on an H100 at N=32768, D=256, bf16 the strip backward made the CLIP step
+    10.8 ms against 21.3 ms for "fused" (benchmarks/results/h100_20261127_f6a3808_clip_bench.json).
+    Smaller D is not measured yet; "fused" stays available as the workspace-free mode.
+    """
     mode = os.environ.get("FASTCL_TRITON_BWD", "auto")
     if mode not in ("auto", "fused", "strip"):
         raise ValueError(f"FASTCL_TRITON_BWD must be auto, fused or strip, got {mode!r}")
     if mode == "fused" and d > FUSED_MAX_D:
         raise ValueError(f"FASTCL_TRITON_BWD=fused supports D <= {FUSED_MAX_D}, got D={d}")
-    if mode == "auto":
-        return "fused" if d <= FUSED_MAX_D else "strip"
-    return mode
+    return "strip" if mode == "auto" else mode
 
 
 def lse_backward(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset, mode=None):

@@ -76,15 +76,24 @@ def _masked_sum(g: Tensor, lse: Tensor) -> Tensor:
     return torch.where(lse > float("-inf"), g, torch.zeros_like(g)).sum()
 
 
+def _sum_of_products(x: Tensor, y: Tensor, rows: int = 4096) -> Tensor:
+    """sum(x * y) in y's dtype, a block of rows at a time so no (N, D) temporary is made."""
+    total = y.new_zeros(())
+    for i in range(0, x.shape[0], rows):
+        total = total + (x[i:i + rows].to(y.dtype) * y[i:i + rows]).sum()
+    return total
+
+
 def _backward(ctx, g_row, g_col):
     q, k, scale, bias, row, col = ctx.saved_tensors
     g_row = torch.zeros_like(row) if g_row is None else g_row.to(row.dtype).contiguous()
     g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype).contiguous()
     gq, gk = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, ctx.diag_offset, ctx.backend)
     s = scale.to(gq.dtype)
-    dq = (gq * s).to(q.dtype) if ctx.needs_input_grad[0] else None
-    dk = (gk * s).to(k.dtype) if ctx.needs_input_grad[1] else None
-    dscale = (q.to(gq.dtype) * gq).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
+    # dscale first: it needs the unscaled Gq, which is then scaled in place (no extra (N, D) copy).
+    dscale = _sum_of_products(q, gq).to(scale.dtype) if ctx.needs_input_grad[2] else None
+    dq = gq.mul_(s).to(q.dtype) if ctx.needs_input_grad[0] else None
+    dk = gk.mul_(s).to(k.dtype) if ctx.needs_input_grad[1] else None
     dbias = None
     if ctx.needs_input_grad[3]:
         dbias = (_masked_sum(g_row, row) + _masked_sum(g_col, col)).to(bias.dtype)
