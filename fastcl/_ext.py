@@ -1,4 +1,5 @@
 """Loads the compiled extension ``fastcl._C`` once; the package works without it."""
+import importlib
 import warnings
 
 import torch  # noqa: F401  (the extension links against libtorch/libc10, loaded by torch)
@@ -7,7 +8,7 @@ _C = None
 _error = None
 
 try:  # importing the module also registers the torch.ops.fastcl_C operators
-    from fastcl import _C  # type: ignore[attr-defined]  # noqa: F811
+    _C = importlib.import_module("fastcl._C")
 except ImportError as exc:  # pragma: no cover - exercised only when the build is missing
     _error = exc
     warnings.warn(

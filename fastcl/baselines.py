@@ -1,0 +1,109 @@
+"""Naive PyTorch versions of the fused ops: they materialise every matrix.
+
+These are the single copy of the baselines that ``fastcl bench`` and ``benchmarks/`` time the
+fused kernels against.  They are written for clarity, the way a user would write them first.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def naive_clip(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+               logit_bias=None) -> torch.Tensor:
+    """Symmetric CLIP cross-entropy with the (N, N) logits stored.
+
+    image_features, text_features: (N, D) float; logit_scale: float or 0-d tensor (exponentiated).
+    Returns a 0-d tensor in the input dtype.
+    """
+    logits = logit_scale * image_features @ text_features.T
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def naive_info_nce(query: torch.Tensor, keys: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """InfoNCE with positives on the diagonal: query (N, D), keys (M >= N, D) float -> 0-d."""
+    logits = query @ keys.T / temperature
+    return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device))
+
+
+def naive_ntxent(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent over 2N normalised views with the (2N, 2N) similarity stored.
+
+    out0, out1: (N, D) float (normalised here) -> 0-d mean over the 2N anchors.
+    """
+    n = out0.shape[0]
+    z = F.normalize(torch.cat([out0, out1]), dim=1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    return F.cross_entropy(sim, target)
+
+
+def naive_supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature: float = 0.07,
+                 base_temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss ("all" contrast mode) with the (V*B, V*B) logits stored.
+
+    features: (B, V, D) float, normalised rows; labels: optional (B,) int64 (None = each sample
+    its own class, i.e. SimCLR).  Returns the 0-d mean over the V*B anchors.
+    """
+    b, v, _ = features.shape
+    z = torch.cat(features.unbind(1))  # view-major (V*B, D)
+    if labels is None:
+        labels = torch.arange(b, device=z.device)
+    lab = labels.repeat(v)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(v * b, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = (lab[:, None] == lab[None, :]) & ~self_mask
+    mean_pos = log_prob.masked_fill(~pos, 0.0).sum(1) / pos.sum(1).clamp_min(1)
+    return -(temperature / base_temperature) * mean_pos.mean()
+
+
+def naive_random_masking(x: torch.Tensor, mask_ratio: float,
+                         noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE-style token masking by sorting ``noise``: keep the lowest-noise tokens.
+
+    x: (B, L, D) float; noise: (B, L) float.  Returns (x_kept (B, L_keep, D), mask (B, L) in
+    x.dtype with 1 = dropped, ids_restore (B, L) int64), L_keep = int(L * (1 - mask_ratio)).
+    """
+    b, length, d = x.shape
+    keep = int(length * (1 - mask_ratio))
+    order = torch.argsort(noise, dim=1)
+    restore = torch.argsort(order, dim=1)
+    kept = torch.gather(x, 1, order[:, :keep, None].expand(-1, -1, d))
+    mask = torch.ones(b, length, dtype=x.dtype, device=x.device)
+    mask[:, :keep] = 0
+    return kept, torch.gather(mask, 1, restore), restore
+
+
+def naive_siglip(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                 logit_bias) -> torch.Tensor:
+    """Sigmoid loss ``-sum log sigmoid(z * (s I T^T + b)) / N`` with the (N, N) logits stored.
+
+    image_features, text_features: (N, D) float; z = +1 on the diagonal, -1 elsewhere.  0-d.
+    """
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    n = logits.shape[0]
+    z = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum() / n
+
+
+def naive_dcl(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Decoupled contrastive loss (lightly semantics), both directions averaged.
+
+    out0, out1: (N, D) float, normalised here.  For anchor a_i the loss is
+    -s(a_i, b_i) + LSE_{j != i} s(a_i, a_j) + LSE_{j != i} s(a_i, b_j): two separate
+    log-sum-exps that are added, not one over the union.
+    """
+    a, b = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+
+    def one_way(x, y):
+        lse_xx = torch.logsumexp((x @ x.T / temperature).masked_fill(eye, float("-inf")), dim=1)
+        lse_xy = torch.logsumexp((x @ y.T / temperature).masked_fill(eye, float("-inf")), dim=1)
+        return (lse_xx + lse_xy - (x * y).sum(1) / temperature).mean()
+    return 0.5 * (one_way(a, b) + one_way(b, a))

@@ -1,0 +1,234 @@
+"""The training loop: gradient caching, resume, metrics and configuration errors."""
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from fastcl import clip_loss
+from fastcl.losses.ntxent import ntxent_loss
+from fastcl.models import ProjectionHead, SimCLR, TwoTower
+from fastcl.train import Trainer, fit
+
+
+def _simclr(dropout=0.0, batch_norm=False, seed=0):
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(10, 24), nn.GELU(), nn.Dropout(dropout), nn.Linear(24, 16))
+    return SimCLR(enc, ProjectionHead(16, 32, 8, batch_norm=batch_norm))
+
+
+def _ntxent(z0, z1):
+    return ntxent_loss(z0, z1, 0.3, backend="reference")
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _step_grads(model, loss, inputs, chunk_size):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = Trainer(model, loss, opt, batch_size=inputs[0].shape[0], chunk_size=chunk_size, progress=False)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    value = trainer.compute_gradients(inputs)
+    return value, _grads(model)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16])
+def test_grad_cache_equals_unchunked_simclr(chunk_size):
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g))
+    model = _simclr()
+    loss_ref, ref = _step_grads(model, _ntxent, inputs, None)
+    loss_c, got = _step_grads(model, _ntxent, inputs, chunk_size)
+    assert rel_err(loss_c, loss_ref) <= 1e-6
+    for name in ref:
+        assert rel_err(got[name], ref[name]) <= 2e-5, name
+
+
+def test_grad_cache_equals_unchunked_two_tower_with_batch_level_outputs():
+    torch.manual_seed(0)
+    model = TwoTower(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5)), nn.Linear(7, 5), embed_dim=5,
+                     init_logit_bias=-1.0)
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(12, 6, generator=g), torch.randn(12, 7, generator=g))
+
+    def loss(fi, ft, scale, bias):
+        # The CLIP gradient of a constant bias is 0 up to rounding; the extra term makes it testable.
+        return clip_loss(fi, ft, scale, bias, backend="reference") + 0.5 * (bias * scale) ** 2
+    _, ref = _step_grads(model, loss, inputs, None)
+    _, got = _step_grads(model, loss, inputs, 5)  # chunks 5, 5, 2
+    assert set(got) == {n for n, _ in model.named_parameters()}
+    for name in ref:
+        assert rel_err(got[name], ref[name]) <= 2e-5, name
+
+
+def test_grad_cache_replays_dropout_under_saved_rng():
+    # With dropout the chunked step must equal: the same chunks forwarded once each with grad
+    # (same RNG draws), embeddings concatenated, one loss.  Without restoring the RNG before the
+    # replay, the masks differ from those the loss saw and the gradients do not match.
+    g = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(12, 10, generator=g), torch.randn(12, 10, generator=g))
+    model = _simclr(dropout=0.5)
+    model.train()
+    torch.manual_seed(123)
+    model.zero_grad(set_to_none=True)
+    outs = [model(inputs[0][s:s + 4], inputs[1][s:s + 4]) for s in range(0, 12, 4)]
+    _ntxent(torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])).backward()
+    ref = _grads(model)
+    torch.manual_seed(123)
+    _, got = _step_grads(model, _ntxent, inputs, 4)
+    for name in ref:
+        assert rel_err(got[name], ref[name]) <= 2e-5, name
+    torch.manual_seed(124)  # negative control: other masks give other gradients
+    _, other = _step_grads(model, _ntxent, inputs, 4)
+    assert rel_err(other["encoder.0.weight"], ref["encoder.0.weight"]) > 1e-3
+
+
+def test_grad_cache_updates_batchnorm_stats_once_per_chunk():
+    g = torch.Generator().manual_seed(4)
+    inputs = (torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g))
+    model = _simclr(batch_norm=True)
+    expected = _simclr(batch_norm=True)
+    expected.train()
+    with torch.no_grad():
+        for s in range(0, 8, 4):
+            expected(inputs[0][s:s + 4], inputs[1][s:s + 4])
+    _step_grads(model, _ntxent, inputs, 4)
+    for (name, a), (_, b) in zip(model.named_buffers(), expected.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+def _noise_views(batch, gen):
+    (x,) = batch
+    return x + 0.1 * torch.randn(x.shape, generator=gen), x + 0.1 * torch.randn(x.shape, generator=gen)
+
+
+def _run(tmp_path, epochs, *, resume=None, max_steps=None, seed_model=0, chunk_size=4, metrics="m.jsonl"):
+    model = _simclr(dropout=0.2, seed=seed_model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    trainer = Trainer(model, _ntxent, opt, batch_size=8, chunk_size=chunk_size, transform=_noise_views,
+                      scheduler=sched, seed=7, progress=False, checkpoint_path=str(tmp_path / "ck.pt"),
+                      metrics_path=str(tmp_path / metrics))
+    data = torch.randn(27, 10, generator=torch.Generator().manual_seed(5))  # 3 steps per epoch
+    history = trainer.fit(data, epochs, resume=resume, max_steps=max_steps)
+    return model, opt, history
+
+
+def test_resume_is_bit_identical_on_cpu(tmp_path):
+    full_model, full_opt, full_hist = _run(tmp_path / "a", 3)
+    _run(tmp_path / "b", 3, max_steps=4)  # stops mid-epoch 2 and checkpoints
+    resumed, opt, hist = _run(tmp_path / "b", 3, resume=str(tmp_path / "b" / "ck.pt"), seed_model=99)
+    assert [r["step"] for r in hist] == [5, 6, 7, 8, 9]
+    assert [r["loss"] for r in hist] == [r["loss"] for r in full_hist[4:]]
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert opt.param_groups[0]["lr"] == full_opt.param_groups[0]["lr"]
+    lines = (tmp_path / "b" / "m.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in lines] == list(range(1, 10))
+
+
+def test_resume_needs_same_batch_size(tmp_path):
+    _run(tmp_path, 1)
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=4, seed=7,
+                      progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.fit(torch.randn(27, 10), 2, resume=str(tmp_path / "ck.pt"))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        trainer.fit(torch.randn(27, 10), 2, resume=str(tmp_path / "missing.pt"))
+
+
+def test_fit_trains_and_writes_csv_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = _simclr()
+    x = torch.randn(64, 10)
+    hist = fit(model, _ntxent, x, torch.optim.Adam(model.parameters(), lr=1e-2), epochs=4, batch_size=16,
+               transform=_noise_views, metrics_path=str(tmp_path / "m.csv"), progress=False)
+    assert len(hist) == 16
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert len(rows) == 16 and float(rows[-1]["samples_per_s"]) > 0 and float(rows[-1]["peak_mem_mb"]) > 0
+
+
+def test_bf16_autocast_step_runs():
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, chunk_size=4,
+                      precision="bf16", progress=False)
+    loss = trainer.train_step((torch.randn(8, 10), torch.randn(8, 10)))
+    assert loss == loss and loss > 0
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(batch_size=1), "batch_size"),
+    (dict(batch_size=8, chunk_size=9), "chunk_size"),
+    (dict(batch_size=8, chunk_size=0), "chunk_size"),
+    (dict(batch_size=8, precision="fp16"), "precision"),
+    (dict(batch_size=8, checkpoint_every=0), "checkpoint_every"),
+    (dict(batch_size=8, seed=-1), "seed"),
+])
+def test_bad_config_errors_name_the_argument(kwargs, name):
+    model = _simclr()
+    with pytest.raises(ValueError, match=name):
+        Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_bad_fit_arguments():
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        trainer.fit(torch.randn(5, 10), 1)
+    with pytest.raises(ValueError, match="epochs"):
+        trainer.fit(torch.randn(16, 10), 0)
+    with pytest.raises(ValueError, match=r"data\[1\]"):
+        trainer.fit((torch.randn(16, 10), torch.randn(15, 10)), 1)
+    with pytest.raises(TypeError, match="optimizer"):
+        Trainer(model, _ntxent, "adam", batch_size=8)
+    with pytest.raises(TypeError, match="loss_fn"):
+        Trainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8)
+
+
+def test_ddp_wrapping_with_grad_cache_single_process(tmp_path):
+    # torchrun path on one CPU process (gloo): the model is wrapped in DDP, replay chunks skip the
+    # all-reduce except the last, and the gradients still equal the plain unchunked step.
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    g = torch.Generator().manual_seed(6)
+    inputs = (torch.randn(12, 10, generator=g), torch.randn(12, 10, generator=g))
+    _, ref = _step_grads(_simclr(), _ntxent, inputs, None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _simclr()
+        trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=12,
+                          chunk_size=5, progress=False)
+        assert isinstance(trainer.model, nn.parallel.DistributedDataParallel) and trainer.module is model
+        model.zero_grad(set_to_none=True)
+        trainer.compute_gradients(inputs)
+        for name, p in model.named_parameters():
+            assert rel_err(p.grad, ref[name]) <= 2e-5, name
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grad_cache_on_gpu(precision):
+    g = torch.Generator().manual_seed(8)
+    inputs = tuple(torch.randn(64, 10, generator=g).cuda() for _ in range(2))
+
+    def loss(z0, z1):
+        return ntxent_loss(z0, z1, 0.3)
+    ref_model, model = _simclr().cuda(), _simclr().cuda()
+    for m, chunk in ((ref_model, None), (model, 16)):
+        trainer = Trainer(m, loss, torch.optim.SGD(m.parameters(), lr=0.0), batch_size=64, chunk_size=chunk,
+                          precision=precision, progress=False)
+        m.zero_grad(set_to_none=True)
+        value = trainer.compute_gradients(inputs)
+        assert torch.isfinite(value)
+    tol = 2e-4 if precision == "fp32" else 5e-2
+    for (name, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert rel_err(a.grad, b.grad) <= tol, name
