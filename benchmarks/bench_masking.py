@@ -26,26 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fastcl.baselines import naive_random_masking  # noqa: E402
 from fastcl.masking import random_masking  # noqa: E402
 
 CPU_SIZES = [(8, 196, 768), (64, 196, 768)]
 RATIO = 0.75
-
-
-def mae_masking(x: torch.Tensor, ratio: float, noise: torch.Tensor, pos: Optional[torch.Tensor] = None):
-    """MAE's recipe: optional ``x + pos`` materialised, argsort noise, gather with a (B, K, D) index."""
-    if pos is not None:
-        x = x + pos
-    n, length, d = x.shape
-    keep = int(length * (1 - ratio))
-    shuffle = torch.argsort(noise, dim=1)
-    restore = torch.argsort(shuffle, dim=1)
-    kept_ids = shuffle[:, :keep]
-    kept = torch.gather(x, 1, kept_ids.unsqueeze(-1).repeat(1, 1, d))
-    mask = torch.ones(n, length, device=x.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, restore)
-    return kept, mask, restore, kept_ids
 
 
 def make_step(impl: str, x: torch.Tensor, noise: torch.Tensor, grad: torch.Tensor,
@@ -55,7 +40,7 @@ def make_step(impl: str, x: torch.Tensor, noise: torch.Tensor, grad: torch.Tenso
     def step():
         x.grad = None
         if impl == "mae":
-            out = mae_masking(x, RATIO, noise, pos)
+            out = naive_random_masking(x, RATIO, noise, pos)
         else:
             out = random_masking(x, RATIO, noise=noise, pos_embed=pos, backend=impl)
         out[0].backward(grad)

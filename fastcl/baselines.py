@@ -63,21 +63,26 @@ def naive_supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     return -(temperature / base_temperature) * mean_pos.mean()
 
 
-def naive_random_masking(x: torch.Tensor, mask_ratio: float,
-                         noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MAE-style token masking by sorting ``noise``: keep the lowest-noise tokens.
+def naive_random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor,
+                         pos_embed: Optional[torch.Tensor] = None):
+    """MAE's ``random_masking`` recipe, literally: ``x + pos_embed`` materialised, argsort the
+    noise, and gather with a repeated (B, K, D) int64 index.
 
-    x: (B, L, D) float; noise: (B, L) float.  Returns (x_kept (B, L_keep, D), mask (B, L) in
-    x.dtype with 1 = dropped, ids_restore (B, L) int64), L_keep = int(L * (1 - mask_ratio)).
+    x: (B, L, D) float; noise: (B, L) float; pos_embed: optional (L, D) or (1, L, D).  Returns
+    (x_kept (B, K, D), mask (B, L) float32 with 1 = removed, ids_restore (B, L) int64,
+    ids_keep (B, K) int64), K = int(L * (1 - mask_ratio)).
     """
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(1, *pos_embed.shape[-2:])
     b, length, d = x.shape
     keep = int(length * (1 - mask_ratio))
-    order = torch.argsort(noise, dim=1)
-    restore = torch.argsort(order, dim=1)
-    kept = torch.gather(x, 1, order[:, :keep, None].expand(-1, -1, d))
-    mask = torch.ones(b, length, dtype=x.dtype, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).repeat(1, 1, d))
+    mask = torch.ones(b, length, device=x.device)
     mask[:, :keep] = 0
-    return kept, torch.gather(mask, 1, restore), restore
+    return kept, torch.gather(mask, 1, ids_restore), ids_restore, ids_keep
 
 
 def naive_siglip(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
