@@ -180,7 +180,7 @@ def _config(q: torch.Tensor) -> dict:
     precision = "ieee" if (interp or q.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
     d = q.shape[1]
     if interp:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
                     UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, launch={})
     block_d = 32 if q.dtype == torch.float32 else 64
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(d))),
@@ -269,7 +269,7 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     cfg = _config(a)
     block_d = max(16, triton.next_power_of_2(d))
     if a.device.type == "cpu":
-        block_a, launch = 32, {}
+        block_a, launch = 64, {}
     else:
         block_a = 64 if block_d <= 128 else 32
         launch = dict(num_warps=4 if block_d <= 64 else 8, num_stages=2)
