@@ -41,6 +41,9 @@ if [ "${SUITE_QUICK:-0}" = "1" ]; then
 else
   python3 benchmarks/gpu_bench.py ${BENCH_ARGS:-} --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 fi
-stamp "4. masking"
+stamp "4. ring code path, world size 1"
+python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
+
+stamp "5. masking"
 python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
 stamp "done"

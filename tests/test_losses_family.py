@@ -142,8 +142,11 @@ def test_ntxent_module_and_degenerate():
     g = torch.Generator().manual_seed(2)
     a, b = randn(1, 5, generator=g), randn(1, 5, generator=g)
     compare(lambda x, y: NTXentLoss(0.5)(x, y), lambda x, y: o_ntxent(x, y, 0.5), [a, b], torch.float32, "N=1")
-    with pytest.raises(NotImplementedError):
-        NTXentLoss(gather_distributed=True)
+    # gather_distributed on one process is the plain loss (lightly's behaviour)
+    compare(lambda x, y: NTXentLoss(0.5, gather_distributed=True)(x, y), lambda x, y: o_ntxent(x, y, 0.5),
+            [a, b], torch.float32, "gather_distributed, one process")
+    with pytest.raises(ValueError, match="dist_impl"):
+        NTXentLoss(gather_distributed=True, dist_impl="allreduce")
     with pytest.raises(NotImplementedError):
         NTXentLoss(memory_bank_size=128)
     with pytest.raises(ValueError, match="temperature"):
@@ -223,8 +226,8 @@ def test_supcon_module_and_errors():
         supcon_loss(feats, mask=torch.ones(3, 3))
     with pytest.raises(ValueError, match="labels"):
         SupConLoss()(randn(9, 6))
-    with pytest.raises(NotImplementedError):
-        SupConLoss(gather_distributed=True)
+    with pytest.raises(ValueError, match="dist_impl"):
+        SupConLoss(gather_distributed=True, dist_impl="bidir")
 
 
 # ----------------------------------------------------------------------------- DCL
@@ -264,8 +267,10 @@ def test_siglip(backend, dtype):
     compare(lambda i, t, ss, bb: SigLipLoss(backend=backend)(i, t, ss, bb), o_siglip, [img, txt, s, b], dtype, "siglip")
     out = SigLipLoss(backend=backend)(img, txt, s, b, output_dict=True)
     assert set(out) == {"contrastive_loss"}
-    with pytest.raises(NotImplementedError):
-        SigLipLoss(rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        SigLipLoss(rank=0, world_size=2)(img, txt, s, b)
+    with pytest.raises(ValueError, match="dist_impl"):
+        SigLipLoss(dist_impl="ring2")
 
 
 # ----------------------------------------------------------------------------- InfoNCE / CLIP options

@@ -39,7 +39,10 @@ q, k = torch.randn(5, 8), torch.randn(6, 8)
     (lambda: fastcl.info_nce(q, k, positives=torch.tensor([0, 1, 2, 3, 9])), ValueError, "positives must lie"),
     (lambda: fastcl.nn.ClipLoss(world_size=0), ValueError, "world_size"),
     (lambda: fastcl.nn.ClipLoss(rank=2, world_size=2), ValueError, "rank"),
-    (lambda: fastcl.nn.ClipLoss(rank=0, world_size=2), NotImplementedError, "world_size > 1"),
+    (lambda: fastcl.nn.ClipLoss(rank=0, world_size=2)(q, q, 1.0), RuntimeError, "init_process_group"),
+    (lambda: fastcl.nn.ClipLoss(True, False, rank=0, world_size=2, dist_impl="ring"), ValueError,
+     "gather_with_grad"),
+    (lambda: fastcl.nn.ClipLoss(dist_impl="allgather"), ValueError, "dist_impl must be one of"),
     (lambda: fastcl.nn.InfoNCELoss(temperature=-1.0), ValueError, "temperature must be > 0"),
 ])
 def test_bad_input_names_the_argument(call, exc, match):

@@ -5,12 +5,28 @@ import torch
 from torch import nn
 
 from fastcl.losses.clip import clip_loss
+from fastcl.distributed import group_info, is_distributed
 from fastcl.losses.dcl import dcl_loss
+from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, ntxent_loss_distributed,
+                                       resolve_dist_impl, siglip_loss_distributed, supcon_loss_distributed)
 from fastcl.losses.info_nce import info_nce
 from fastcl.losses.ntxent import ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import CONTRAST_MODES, supcon_loss, supcon_loss_pml
 from fastcl.validation import check_reduction, check_scalar
+
+
+def _check_world(cls: str, rank: int, world_size: int, group) -> None:
+    """The module's rank/world_size must describe ``group`` of an initialised torch.distributed."""
+    if world_size == 1:
+        return
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(f"{cls}(world_size={world_size}) needs torch.distributed initialised "
+                           "(torch.distributed.init_process_group) before the forward")
+    g_rank, g_world = group_info(group)
+    if (g_rank, g_world) != (rank, world_size):
+        raise ValueError(f"{cls}: rank={rank}, world_size={world_size} do not match the process group "
+                         f"(rank {g_rank} of {g_world})")
 
 
 def _no_distributed(cls: str, gather_distributed: bool) -> None:
@@ -24,28 +40,43 @@ class ClipLoss(nn.Module):
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale (0-d, exponentiated),
     logit_bias=None, output_dict=False)`` returns the 0-d loss, or ``{"contrastive_loss": loss}``.
-    The constructor takes open_clip's arguments; multi-process ones (world_size > 1) are not
-    supported yet and raise NotImplementedError.
+    The first five constructor arguments have open_clip's meaning.  With ``world_size > 1``
+    (torch.distributed initialised, ``rank``/``world_size`` those of ``group``) the negatives come
+    from every rank: ``dist_impl="gather"`` all-gathers the features (open_clip's behaviour, including
+    ``gather_with_grad=False``), ``dist_impl="ring"`` passes text shards around a ring with
+    O(N * D) remote memory per rank (needs ``gather_with_grad=True``).  ``cache_labels`` is
+    accepted and has no effect (no label tensor is built).  Horovod is not supported.
+    See ``fastcl.losses.distributed.clip_loss_distributed``.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *,
-                 label_smoothing: float = 0.0, backend: Optional[str] = None):
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, dist_impl: str = "gather",
+                 group=None, label_smoothing: float = 0.0, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, world_size), got {rank!r}")
-        if world_size > 1 or use_horovod:
-            raise NotImplementedError("ClipLoss across processes (world_size > 1, use_horovod) is not "
-                                      "implemented yet; use world_size=1")
+        if use_horovod:
+            raise NotImplementedError("ClipLoss(use_horovod=True) is not supported; use torch.distributed")
+        self.dist_impl = resolve_dist_impl(dist_impl)
+        if self.dist_impl == "ring" and world_size > 1 and not gather_with_grad:
+            raise ValueError("ClipLoss(dist_impl='ring') needs gather_with_grad=True: the ring always sends "
+                             "gradients to the remote shards")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
-        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.rank, self.world_size, self.group, self.backend = rank, world_size, group, backend
         self.label_smoothing = label_smoothing
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
-        loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
-                         label_smoothing=self.label_smoothing, backend=self.backend)
+        if self.world_size > 1:
+            _check_world("ClipLoss", self.rank, self.world_size, self.group)
+            loss = clip_loss_distributed(image_features, text_features, logit_scale, logit_bias,
+                                         local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+                                         dist_impl=self.dist_impl, group=self.group,
+                                         label_smoothing=self.label_smoothing, backend=self.backend)
+        else:
+            loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
+                             label_smoothing=self.label_smoothing, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -80,22 +111,30 @@ class InfoNCELoss(nn.Module):
 
 
 class NTXentLoss(nn.Module):
-    """Drop-in for lightly's ``NTXentLoss`` (no memory bank, one process).
+    """Drop-in for lightly's ``NTXentLoss`` (no memory bank).
 
     ``forward(out0 (N, D), out1 (N, D)) -> 0-d loss``; see ``fastcl.losses.ntxent.ntxent_loss``.
-    ``memory_bank_size > 0`` and ``gather_distributed=True`` raise NotImplementedError.
+    With ``gather_distributed=True`` and more than one rank in ``group`` the negatives come from
+    every rank (lightly's semantics; ``dist_impl`` "gather" or "ring"), see
+    ``fastcl.losses.distributed.ntxent_loss_distributed``.  ``memory_bank_size > 0`` raises
+    NotImplementedError.
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False, *,
-                 backend: Optional[str] = None):
+                 dist_impl: str = "gather", group=None, backend: Optional[str] = None):
         super().__init__()
         check_scalar("temperature", temperature, positive=True)
         if memory_bank_size:
             raise NotImplementedError("NTXentLoss with a memory bank is not implemented; use memory_bank_size=0")
-        _no_distributed("NTXentLoss", gather_distributed)
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this build lacks")
         self.temperature, self.backend = temperature, backend
+        self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
 
     def forward(self, out0, out1):
+        if self.gather_distributed and is_distributed(self.group):
+            return ntxent_loss_distributed(out0, out1, self.temperature, dist_impl=self.dist_impl,
+                                           group=self.group, backend=self.backend)
         return ntxent_loss(out0, out1, self.temperature, backend=self.backend)
 
 
@@ -130,21 +169,34 @@ class SupConLoss(nn.Module):
       used, and the mean runs over anchors with a non-zero loss.  For a drop-in of PML's
       ``SupConLoss(temperature=0.1)`` construct ``SupConLoss(temperature=0.1)``.
 
-    Returns a 0-d loss.  ``gather_distributed=True`` raises NotImplementedError.
+    Returns a 0-d loss.  With ``gather_distributed=True`` and more than one rank in ``group``, the
+    SupContrast form takes its contrasts from every rank (``dist_impl`` "gather" or "ring"; see
+    ``fastcl.losses.distributed.supcon_loss_distributed``); ``mask`` and the 2-D form then raise.
     """
 
     def __init__(self, temperature: float = 0.07, contrast_mode: str = "all", base_temperature: float = 0.07, *,
-                 gather_distributed: bool = False, backend: Optional[str] = None):
+                 gather_distributed: bool = False, dist_impl: str = "gather", group=None,
+                 backend: Optional[str] = None):
         super().__init__()
         check_scalar("temperature", temperature, positive=True)
         check_scalar("base_temperature", base_temperature, positive=True)
         if contrast_mode not in CONTRAST_MODES:
             raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
-        _no_distributed("SupConLoss", gather_distributed)
         self.temperature, self.contrast_mode, self.base_temperature = temperature, contrast_mode, base_temperature
+        self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
         self.backend = backend
 
     def forward(self, features, labels=None, mask=None):
+        if self.gather_distributed and is_distributed(self.group):
+            if mask is not None:
+                raise ValueError("SupConLoss(gather_distributed=True) takes labels, not mask: a (bsz, bsz) mask "
+                                 "cannot describe pairs across ranks")
+            if isinstance(features, torch.Tensor) and features.dim() == 2:
+                raise NotImplementedError("SupConLoss(gather_distributed=True) supports the SupContrast form "
+                                          "(bsz, n_views, D), not 2-D embeddings")
+            return supcon_loss_distributed(features, labels, self.temperature, self.base_temperature,
+                                           self.contrast_mode, dist_impl=self.dist_impl, group=self.group,
+                                           backend=self.backend)
         if isinstance(features, torch.Tensor) and features.dim() == 2:
             if mask is not None:
                 raise ValueError("mask is only accepted with 3-D features (bsz, n_views, D)")
@@ -156,27 +208,31 @@ class SupConLoss(nn.Module):
 
 
 class SigLipLoss(nn.Module):
-    """Drop-in for ``open_clip.loss.SigLipLoss`` on one process.
+    """Drop-in for ``open_clip.loss.SigLipLoss``.
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale (0-d, exponentiated),
     logit_bias (0-d), output_dict=False)`` returns the 0-d loss or ``{"contrastive_loss": loss}``.
-    ``world_size > 1`` raises NotImplementedError.
+    With ``world_size > 1`` each rank's images meet every rank's texts and the per-rank loss is not
+    divided by the world size (open_clip's semantics; DDP averaging gives the global mean).
+    ``dist_impl``: "ring" (also open_clip's "bidir", "shift", and None) or "gather" (also "reduce").
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
-                 *, backend: Optional[str] = None):
+                 *, group=None, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be an int in [0, world_size), got {rank!r}")
-        if dist_impl not in (None, "bidir", "shift", "reduce", "gather"):
-            raise ValueError(f"dist_impl must be one of None, 'bidir', 'shift', 'reduce', 'gather', got {dist_impl!r}")
-        if world_size > 1:
-            raise NotImplementedError("SigLipLoss across processes (world_size > 1) is not implemented yet")
+        self.impl = resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
         self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
-        self.backend = backend
+        self.group, self.backend = group, backend
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        if self.world_size > 1:
+            _check_world("SigLipLoss", self.rank, self.world_size, self.group)
+            loss = siglip_loss_distributed(image_features, text_features, logit_scale, logit_bias,
+                                           dist_impl=self.impl, group=self.group, backend=self.backend)
+        else:
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss

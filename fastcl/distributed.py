@@ -1,0 +1,286 @@
+"""Collectives for contrastive losses across ranks: autograd-aware gather/reduce and a P2P ring.
+
+Everything here takes an optional ``group`` (default: the default process group) and works on
+gloo (CPU) and NCCL (CUDA).  Shapes and dtypes are checked *collectively* first: every rank
+publishes a small metadata vector, so a rank with a different D or dtype makes every rank raise
+the same error instead of leaving the others blocked in a collective.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool)
+_MAX_TRAILING = 5           # trailing dims described in the metadata vector
+_META_LEN = 4 + _MAX_TRAILING  # [error, ndim, dtype code, dim 0, trailing dims ...]
+
+
+def is_distributed(group=None) -> bool:
+    """True when torch.distributed is initialised and ``group`` spans more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def group_info(group=None) -> Tuple[int, int]:
+    """(rank in ``group``, size of ``group``); (0, 1) when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise RuntimeError("a process group was given but torch.distributed is not initialised")
+        return 0, 1
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError("this process is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+def _comm_device(x: Tensor, group) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones through host copies).
+    backend = dist.get_backend(group)
+    return x.device if "nccl" in str(backend).lower() else torch.device("cpu")
+
+
+def _encode(x: Optional[Tensor], error: bool) -> List[int]:
+    if x is None or error:
+        return [1] + [0] * (_META_LEN - 1)
+    trailing = list(x.shape[1:])
+    too_many = len(trailing) > _MAX_TRAILING or x.dim() == 0
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    trailing = (trailing + [-1] * _MAX_TRAILING)[:_MAX_TRAILING]
+    return [2 if too_many else 0, x.dim(), code, x.shape[0] if x.dim() else 0] + trailing
+
+
+def _describe(row: Sequence[int]) -> str:
+    if row[0] == 1:
+        return "<failed its local argument checks>"
+    if row[0] == 2:
+        return f"<unsupported: {row[1]}-D>"
+    dtype = _DTYPES[row[2]] if row[2] < len(_DTYPES) else "unsupported dtype"
+    dims = [row[3]] + [d for d in row[4:4 + row[1] - 1]]
+    return f"shape {tuple(dims)} {dtype}"
+
+
+def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
+                    local_error: Optional[BaseException] = None) -> List[List[int]]:
+    """Check that every rank holds tensors of the same trailing shape and dtype; return dim-0 sizes.
+
+    Args:
+        tensors: (name, tensor) pairs, the same names in the same order on every rank; each tensor
+            is at least 1-D and may differ between ranks only in its dim-0 size.
+        group: process group (default: the world).
+        local_error: an exception from this rank's own argument checks, or None.  It is published
+            to the other ranks (so they raise too) and then re-raised here.
+
+    Returns:
+        ``sizes[i][r]``: dim-0 size of tensor ``i`` on rank ``r`` of ``group``.
+
+    Raises:
+        RuntimeError on every rank if any rank reported an error, or the ranks disagree on the
+        number of dims, any trailing dim, or the dtype, or any rank has an empty tensor.
+    """
+    rank, world = group_info(group)
+    rows = [_encode(t, local_error is not None) for _, t in tensors]
+    if world == 1:
+        gathered = [rows]
+    else:
+        device = torch.device("cpu")
+        for _, t in tensors:
+            if isinstance(t, Tensor):
+                device = _comm_device(t, group)
+                break
+        mine = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1)
+        out = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(out, mine, group=group)
+        gathered = [o.reshape(len(rows), _META_LEN).tolist() for o in out]
+    if local_error is not None:
+        raise local_error
+    failed = [r for r in range(world) if any(row[0] == 1 for row in gathered[r])]
+    if failed:
+        raise RuntimeError(f"distributed loss: the argument checks failed on rank(s) {failed} of the group; "
+                           "see the error raised on those ranks")
+    sizes = []
+    for i, (name, _) in enumerate(tensors):
+        per_rank = [gathered[r][i] for r in range(world)]
+        if any(row[0] == 2 for row in per_rank):
+            raise RuntimeError(f"{name}: only 1-D to {_MAX_TRAILING + 1}-D tensors can be exchanged; got "
+                               + ", ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(per_rank)))
+        if any(row[1:3] + row[4:] != per_rank[0][1:3] + per_rank[0][4:] for row in per_rank):
+            raise RuntimeError(f"{name} must have the same trailing shape and dtype on every rank "
+                               "(only dim 0 may differ); got "
+                               + ", ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(per_rank)))
+        if any(row[3] == 0 for row in per_rank):
+            raise RuntimeError(f"{name} must be non-empty on every rank; got "
+                               + ", ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(per_rank)))
+        sizes.append([row[3] for row in per_rank])
+    return sizes
+
+
+def _gather_padded(x: Tensor, sizes: Sequence[int], group) -> Tensor:
+    """Concatenation over ranks of ``x`` (dim-0 sizes ``sizes``), padded to one size for the wire."""
+    dev = _comm_device(x, group)
+    cap = max(sizes)
+    buf = x.detach().to(dev).contiguous()
+    if buf.shape[0] < cap:
+        buf = torch.cat([buf, buf.new_zeros((cap - buf.shape[0],) + tuple(buf.shape[1:]))])
+    out = [torch.empty_like(buf) for _ in sizes]
+    dist.all_gather(out, buf, group=group)
+    return torch.cat([o[:n] for o, n in zip(out, sizes)]).to(x.device)
+
+
+def _reduce_scatter_sum(g: Tensor, sizes: Sequence[int], rank: int, group) -> Tensor:
+    """This rank's slice of the sum over ranks of ``g`` (dim 0 = sum(sizes))."""
+    # A contiguous copy first: non-contiguous gradient buffers gave wrong results in some
+    # all_gather backwards (pytorch#120386).
+    dev = _comm_device(g, group)
+    g = g.to(dev).contiguous()
+    start = sum(sizes[:rank])
+    if "nccl" in str(dist.get_backend(group)).lower():
+        cap = max(sizes)
+        chunks = []
+        for r, n in enumerate(sizes):
+            c = g[sum(sizes[:r]):sum(sizes[:r]) + n]
+            if n < cap:
+                c = torch.cat([c, c.new_zeros((cap - n,) + tuple(c.shape[1:]))])
+            chunks.append(c)
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter_tensor(out, torch.cat(chunks), group=group)
+        return out[:sizes[rank]]
+    # gloo has no reduce-scatter; the all-reduce moves W times more data but is exact.
+    dist.all_reduce(g, group=group)
+    return g[start:start + sizes[rank]].clone()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        ctx.group, ctx.sizes = group, sizes
+        ctx.rank = dist.get_rank(group)
+        ctx.device = x.device
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        # Each rank's copy of the owner's rows received its own gradient: sum them (no 1/W).
+        return _reduce_scatter_sum(g, ctx.sizes, ctx.rank, ctx.group).to(ctx.device), None, None
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        y = x.detach().to(_comm_device(x, group)).contiguous().clone()
+        dist.all_reduce(y, group=group)
+        return y.to(x.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        # y = sum_r x_r is read by every rank, so d(sum_r L_r)/dx_r = sum_r dL_r/dy.
+        gy = g.to(_comm_device(g, ctx.group)).contiguous().clone()
+        dist.all_reduce(gy, group=ctx.group)
+        return gy.to(g.device), None
+
+
+def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
+    """Concatenate ``x`` from every rank of ``group`` in rank order; the backward sums into the owner.
+
+    The gradient that each rank's loss sends to the rows gathered from rank ``r`` is summed over
+    ranks and delivered to rank ``r`` (reduce-scatter semantics, not divided by the world size),
+    so ``sum_r L_r`` differentiates exactly as on one process.  Call it on every rank of ``group``.
+
+    Args:
+        x: (n_r, *rest) tensor of any dtype; ``n_r`` may differ between ranks, ``rest`` and the
+            dtype may not (checked on every rank first).
+        group: process group; default the world.  Without torch.distributed initialised, or with
+            one rank, ``x`` is returned unchanged.
+
+    Returns:
+        (sum_r n_r, *rest) tensor, same dtype and device as ``x``.
+
+    Raises:
+        RuntimeError on every rank when the ranks disagree on ``rest`` or dtype, or a shard is empty.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not is_distributed(group):
+        group_info(group)
+        return x
+    sizes = exchange_shapes([("x", x)], group)[0]
+    return gather_with_sizes(x, sizes, group)
+
+
+def gather_with_sizes(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:
+    """``all_gather_with_grad`` when the dim-0 ``sizes`` (one per rank) are already known and checked.
+
+    Args:
+        x: (sizes[rank], *rest) tensor.
+        sizes: dim-0 size on every rank of ``group``.
+
+    Returns:
+        (sum(sizes), *rest) tensor, differentiable (reduce-scatter backward).
+    """
+    if len(sizes) == 1:
+        return x
+    return _AllGatherWithGrad.apply(x, group, list(sizes))
+
+
+def all_gather_no_grad(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:
+    """(sum(sizes), *rest) concatenation over ranks of ``x`` (sizes[rank], *rest), without gradient."""
+    if len(sizes) == 1:
+        return x.detach()
+    return _gather_padded(x, sizes, group)
+
+
+def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
+    """Sum of ``x`` over the ranks of ``group``, differentiable: the backward is the sum of gradients.
+
+    Args:
+        x: tensor of the same shape and dtype on every rank (floating, to carry a gradient).
+
+    Returns:
+        Tensor of ``x``'s shape, dtype and device; ``x`` itself on one rank.
+    """
+    if not is_distributed(group):
+        return x
+    return _AllReduceWithGrad.apply(x, group)
+
+
+class Ring:
+    """Neighbour exchange around the ranks of ``group``: send to rank+1, receive from rank-1.
+
+    ``exchange`` posts every send and receive of one step at once (``batch_isend_irecv``) and
+    returns immediately, so the caller computes on the current block while the next one travels.
+    Every rank must post the same sequence of exchanges.
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world = group_info(group)
+        self.next = (self.rank + 1) % self.world
+        self.prev = (self.rank - 1) % self.world
+
+    def origin(self, step: int) -> int:
+        """Group rank whose shard this rank holds at ``step`` of the ring (step 0: its own)."""
+        return (self.rank - step) % self.world
+
+    def exchange(self, sends: Sequence[Tensor], recv_like: Sequence[Tuple[tuple, torch.dtype]]):
+        """Post isend of ``sends`` to the next rank and irecv of buffers shaped ``recv_like`` from the
+        previous one.  Returns ``(works, received)``; call ``wait(works)`` before reading ``received``
+        or overwriting a sent tensor."""
+        ops, received = [], []
+        device = sends[0].device
+        for t in sends:
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=self.next))
+        for shape, dtype in recv_like:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            received.append(buf)
+            ops.append(dist.P2POp(dist.irecv, buf, group=self.group, group_peer=self.prev))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        # Keep the (possibly copied) send buffers alive until the wait.
+        return (works, [op.tensor for op in ops]), received
+
+    @staticmethod
+    def wait(handle) -> None:
+        works, _ = handle
+        for w in works:
+            w.wait()

@@ -1,0 +1,283 @@
+"""Body of one rank in tests/test_distributed.py: many checks per spawn, results to a JSON file.
+
+Every check compares a distributed loss against the single-process loss of the global batch,
+the way DDP sees it: each rank projects its shard with a replicated parameter, computes its
+loss, runs backward; the gradients are then averaged over ranks (what DDP does) and must equal
+the gradients of the global-batch loss, and the mean of the per-rank losses must equal its value.
+"""
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+TOL = 1e-5
+D_IN, D = 12, 16
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / max(||ref||, 1e-2): relative, but absolute for gradients that are exactly 0
+    analytically (a bias under softmax cross-entropy: sums of O(1) terms that cancel to ~1e-7)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-2))
+
+
+class Checker:
+    def __init__(self, rank):
+        self.rank, self.failures, self.passed = rank, [], []
+
+    def run(self, name, fn):
+        try:
+            fn()
+            self.passed.append(name)
+        except Exception:  # recorded, reported by the parent test
+            self.failures.append(f"{name}: {traceback.format_exc(limit=4)}")
+
+    @staticmethod
+    def close(out, ref, what):
+        err = rel_err(out, ref)
+        assert err <= TOL, f"{what}: relative error {err:.3e} > {TOL}"
+
+
+def make_params(gen, bias=None):
+    p = {"proj": torch.randn(D_IN, D, generator=gen) / D_IN ** 0.5, "scale": torch.tensor(4.0)}
+    if bias is not None:
+        p["bias"] = torch.tensor(bias)
+    return p
+
+
+def ddp_compare(ck, name, dist_fn, ref_fn, inputs, sizes, params, group, weighted=False):
+    """``dist_fn(local inputs, params)`` on every rank of ``group`` vs ``ref_fn(global inputs, params)``.
+
+    ``weighted``: scale each rank's loss by n_r * W / B so uneven shards still average to the
+    global mean (the per-rank loss is a mean over local rows)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    off, n, total = sum(sizes[:rank]), sizes[rank], sum(sizes)
+    local = [x[off:off + n] for x in inputs]
+    p = {k: v.clone().requires_grad_() for k, v in params.items()}
+    loss = dist_fn(local, p)
+    if weighted:
+        loss = loss * (n * world / total)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, group=group)
+    mean_loss /= world
+    grads = {}
+    for k, v in p.items():
+        g = v.grad.clone()
+        dist.all_reduce(g, group=group)  # DDP: average the parameter gradients
+        grads[k] = g / world
+    q = {k: v.clone().requires_grad_() for k, v in params.items()}
+    ref = ref_fn(inputs, q)
+    ref.backward()
+    ck.close(mean_loss, ref.detach(), f"{name} loss")
+    for k in p:
+        ck.close(grads[k], q[k].grad, f"{name} grad {k}")
+
+
+def checks(ck, rank, world, tmp):
+    import fastcl
+    from fastcl.distributed import all_gather_with_grad
+    from fastcl.losses.distributed import (clip_loss_distributed, ntxent_loss_distributed, siglip_loss_distributed,
+                                           supcon_loss_distributed)
+    from fastcl.nn import ClipLoss, NTXentLoss, SigLipLoss, SupConLoss
+
+    gen = torch.Generator().manual_seed(1234)  # identical global data on every rank
+    b = 6
+    sizes = [b] * world
+    B = sum(sizes)
+    img, txt = torch.randn(B, D_IN, generator=gen), torch.randn(B, D_IN, generator=gen)
+    params = make_params(gen, bias=-1.5)
+
+    def enc(x, p):
+        return x @ p["proj"]
+
+    # ---- CLIP: open_clip local_loss/gather_with_grad, both implementations ----
+    def ref_clip(x, p, smooth=0.0, bias=False):
+        return fastcl.clip_loss(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"] if bias else None,
+                                label_smoothing=smooth)
+
+    for impl in ("gather", "ring"):
+        for local in (True, False):
+            ck.run(f"clip {impl} local_loss={local}", lambda impl=impl, local=local: ddp_compare(
+                ck, f"clip {impl} local={local}",
+                lambda x, p: clip_loss_distributed(enc(x[0], p), enc(x[1], p), p["scale"], local_loss=local,
+                                                   dist_impl=impl),
+                ref_clip, [img, txt], sizes, {k: params[k] for k in ("proj", "scale")}, None))
+        ck.run(f"clip module {impl} bias+smoothing", lambda impl=impl: ddp_compare(
+            ck, f"clip module {impl}",
+            lambda x, p: ClipLoss(True, True, False, rank, world, dist_impl=impl, label_smoothing=0.1)(
+                enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
+            lambda x, p: ref_clip(x, p, 0.1, True), [img, txt], sizes, params, None))
+
+    # the ring without the extension: each block materialised in plain PyTorch
+    ck.run("clip ring reference backend", lambda: ddp_compare(
+        ck, "clip ring reference",
+        lambda x, p: clip_loss_distributed(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"], dist_impl="ring",
+                                           backend="reference"),
+        lambda x, p: ref_clip(x, p, 0.0, True), [img, txt], sizes, params, None))
+    ck.run("siglip ring reference backend", lambda: ddp_compare(
+        ck, "siglip ring reference",
+        lambda x, p: siglip_loss_distributed(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"], backend="reference"),
+        lambda x, p: fastcl.siglip_loss(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
+        [img, txt], sizes, params, None))
+
+    # gather_with_grad=False keeps open_clip's gradient-free gather: compare with a literal version.
+    def clip_no_grad_gather():
+        off = rank * b
+        i_loc = enc(img[off:off + b], {"proj": params["proj"]}).requires_grad_()
+        t_loc = enc(txt[off:off + b], {"proj": params["proj"]}).requires_grad_()
+        loss = ClipLoss(True, False, False, rank, world)(i_loc, t_loc, params["scale"])
+        loss.backward()
+        gi, gt = [torch.empty_like(i_loc) for _ in range(world)], [torch.empty_like(t_loc) for _ in range(world)]
+        dist.all_gather(gi, i_loc.detach())
+        dist.all_gather(gt, t_loc.detach())
+        i_ref, t_ref = i_loc.detach().clone().requires_grad_(), t_loc.detach().clone().requires_grad_()
+        labels = torch.arange(b) + off
+        ce = torch.nn.functional.cross_entropy
+        ref = 0.5 * (ce(params["scale"] * i_ref @ torch.cat(gt).T, labels)
+                     + ce(params["scale"] * t_ref @ torch.cat(gi).T, labels))
+        ref.backward()
+        ck.close(loss.detach(), ref.detach(), "clip no-grad gather loss")
+        ck.close(i_loc.grad, i_ref.grad, "clip no-grad gather image grad")
+        ck.close(t_loc.grad, t_ref.grad, "clip no-grad gather text grad")
+    ck.run("clip gather_with_grad=False", clip_no_grad_gather)
+
+    # ---- SigLIP: per-rank loss not divided by the world size ----
+    for impl in ("gather", "ring", "bidir"):
+        ck.run(f"siglip {impl}", lambda impl=impl: ddp_compare(
+            ck, f"siglip {impl}",
+            lambda x, p: SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(
+                enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
+            lambda x, p: fastcl.siglip_loss(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
+            [img, txt], sizes, params, None))
+
+    # ---- NT-Xent: lightly gather_distributed ----
+    temp = torch.tensor(0.3)
+    for impl in ("gather", "ring"):
+        ck.run(f"ntxent {impl}", lambda impl=impl: ddp_compare(
+            ck, f"ntxent {impl}",
+            lambda x, p: NTXentLoss(0.3, gather_distributed=True, dist_impl=impl)(enc(x[0], p), enc(x[1], p)),
+            lambda x, p: fastcl.ntxent_loss(enc(x[0], p), enc(x[1], p), temp),
+            [img, txt], sizes, {"proj": params["proj"]}, None))
+
+    # ---- SupCon across ranks: labels shared between ranks, SimCLR form, mode "one" ----
+    views = torch.randn(B, 2, D_IN, generator=gen)
+    labels = torch.randint(0, 4, (B,), generator=gen)
+    for impl in ("gather", "ring"):
+        for use_labels, mode in ((True, "all"), (False, "all"), (True, "one")):
+            name = f"supcon {impl} labels={use_labels} mode={mode}"
+            ck.run(name, lambda impl=impl, use_labels=use_labels, mode=mode, name=name: ddp_compare(
+                ck, name,
+                lambda x, p: SupConLoss(0.2, mode, 0.1, gather_distributed=True, dist_impl=impl)(
+                    enc(x[0], p), x[1] if use_labels else None),
+                lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1] if use_labels else None, None, 0.2, 0.1, mode),
+                [views, labels], sizes, {"proj": params["proj"]}, None))
+
+    # ---- uneven shard sizes (gather, and the ring too) ----
+    un = [3, 5, 4, 6][:world]
+    Bu = sum(un)
+    img_u, txt_u = img[:Bu], txt[:Bu]
+    for impl in ("gather", "ring"):
+        ck.run(f"uneven clip {impl}", lambda impl=impl: ddp_compare(
+            ck, f"uneven clip {impl}",
+            lambda x, p: clip_loss_distributed(enc(x[0], p), enc(x[1], p), p["scale"], dist_impl=impl),
+            ref_clip, [img_u, txt_u], un, {k: params[k] for k in ("proj", "scale")}, None, weighted=True))
+        ck.run(f"uneven ntxent {impl}", lambda impl=impl: ddp_compare(
+            ck, f"uneven ntxent {impl}",
+            lambda x, p: ntxent_loss_distributed(enc(x[0], p), enc(x[1], p), temp, dist_impl=impl),
+            lambda x, p: fastcl.ntxent_loss(enc(x[0], p), enc(x[1], p), temp),
+            [img_u, txt_u], un, {"proj": params["proj"]}, None, weighted=True))
+    ck.run("uneven supcon gather", lambda: ddp_compare(
+        ck, "uneven supcon gather",
+        lambda x, p: supcon_loss_distributed(enc(x[0], p), x[1], 0.2, 0.1, dist_impl="gather"),
+        lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1], None, 0.2, 0.1),
+        [views[:Bu], labels[:Bu]], un, {"proj": params["proj"]}, None, weighted=True))
+
+    # ---- all_gather_with_grad itself: uneven sizes, non-contiguous upstream gradient, no 1/W ----
+    def gather_grad():
+        off, n = sum(un[:rank]), un[rank]
+        x = img_u[off:off + n].clone().requires_grad_()
+        y = all_gather_with_grad(x)
+        assert torch.equal(y, img_u), "gathered rows out of rank order"
+        weights = torch.randn(D_IN, Bu, generator=torch.Generator().manual_seed(7))
+        (y.t() * weights).sum().backward()  # the gradient reaching y is a transposed view
+        ck.close(x.grad, world * weights.t()[off:off + n], "all_gather_with_grad backward")
+    ck.run("all_gather_with_grad", gather_grad)
+
+    # ---- a custom subgroup: odd ranks (or both ranks reversed-order-free for W=2) ----
+    members = [r for r in range(world) if r % 2 == 1] if world >= 4 else list(range(world))
+    others = [r for r in range(world) if r not in members]
+    sub = dist.new_group(members)
+    if others:
+        dist.new_group(others)  # every rank takes part in every new_group call
+    if rank in members:
+        sub_sizes = [4 + i for i in range(len(members))]
+        sB = sum(sub_sizes)
+        for impl in ("gather", "ring"):
+            ck.run(f"subgroup clip {impl}", lambda impl=impl: ddp_compare(
+                ck, f"subgroup clip {impl}",
+                lambda x, p: ClipLoss(True, True, False, dist.get_rank(sub), len(members), dist_impl=impl,
+                                      group=sub)(enc(x[0], p), enc(x[1], p), p["scale"]),
+                ref_clip, [img[:sB], txt[:sB]], sub_sizes, {k: params[k] for k in ("proj", "scale")}, sub,
+                weighted=True))
+            ck.run(f"subgroup siglip {impl}", lambda impl=impl: ddp_compare(
+                ck, f"subgroup siglip {impl}",
+                lambda x, p: siglip_loss_distributed(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"],
+                                                     dist_impl=impl, group=sub),
+                lambda x, p: fastcl.siglip_loss(enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
+                [img[:len(members) * 4], txt[:len(members) * 4]], [4] * len(members), params, sub))
+
+    # ---- mismatches raise on every rank (never hang) ----
+    def mismatch(make, match):
+        def run():
+            try:
+                make()
+            except RuntimeError as e:
+                assert match in str(e), f"unexpected message: {e}"
+            else:
+                raise AssertionError("no error raised")
+        return run
+    d_bad = D + (rank == world - 1)
+    a = torch.randn(4, d_bad)
+    ck.run("D mismatch all_gather", mismatch(lambda: all_gather_with_grad(a), "same trailing shape"))
+    for impl in ("gather", "ring"):
+        ck.run(f"D mismatch clip {impl}", mismatch(lambda impl=impl: clip_loss_distributed(a, a, 2.0, dist_impl=impl),
+                                                   "same trailing shape"))
+    a_dt = torch.randn(4, D, dtype=torch.float64 if rank == 0 else torch.float32)
+    ck.run("dtype mismatch ntxent", mismatch(lambda: ntxent_loss_distributed(a_dt, a_dt, dist_impl="ring"),
+                                             "dtype"))
+    # a local argument error on one rank makes the others raise too
+    bad_scale = -1.0 if rank == 0 else 2.0
+    def local_error():
+        try:
+            siglip_loss_distributed(a_dt.float(), a_dt.float(), bad_scale, 0.0)
+        except ValueError as e:
+            assert rank == 0 and "logit_scale" in str(e), str(e)
+        except RuntimeError as e:
+            assert rank != 0 and "rank(s) [0]" in str(e), str(e)
+        else:
+            raise AssertionError("no error raised")
+    ck.run("local error published", local_error)
+    dist.barrier()
+
+
+def worker(rank, world, tmp):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    ck = Checker(rank)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        checks(ck, rank, world, tmp)
+        dist.destroy_process_group()
+    except Exception:
+        ck.failures.append("worker: " + traceback.format_exc())
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump({"passed": ck.passed, "failures": ck.failures}, f)
+    sys.stdout.flush()

@@ -1,0 +1,108 @@
+"""Distributed losses on CPU (gloo): one spawn per world size, every check inside it.
+
+The checks themselves live in ``_dist_worker.py`` (spawned processes import it by name).  Each
+rank writes its passed/failed checks to a JSON file; the parent joins with a timeout and kills
+the ranks if any hangs, so a deadlock fails the test instead of blocking the suite.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _dist_worker  # noqa: E402
+
+JOIN_TIMEOUT_S = 120
+# Checks every rank must report (subgroup checks run only on the subgroup's members).
+EXPECTED = ["clip gather local_loss=True", "clip ring local_loss=False", "clip module ring bias+smoothing",
+            "clip gather_with_grad=False",
+            "clip ring reference backend", "siglip ring reference backend", "siglip gather", "siglip ring", "siglip bidir", "ntxent gather",
+            "ntxent ring", "supcon ring labels=True mode=all", "supcon gather labels=False mode=all",
+            "supcon ring labels=True mode=one", "uneven clip gather", "uneven clip ring", "uneven ntxent gather",
+            "uneven supcon gather", "all_gather_with_grad", "D mismatch all_gather", "D mismatch clip gather",
+            "D mismatch clip ring", "dtype mismatch ntxent", "local error published"]
+
+
+def _run(world, tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_dist_worker.worker, args=(r, world, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(JOIN_TIMEOUT_S)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join()
+    assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT_S}s (deadlock?)"
+    results = []
+    for r in range(world):
+        path = tmp_path / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no results (exit code {procs[r].exitcode})"
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_losses_match_global_batch(world, tmp_path):
+    results = _run(world, tmp_path)
+    failures = [f"rank {r}: {f}" for r, res in enumerate(results) for f in res["failures"]]
+    assert not failures, "\n".join(failures)
+    for r, res in enumerate(results):
+        missing = [c for c in EXPECTED if c not in res["passed"]]
+        assert not missing, f"rank {r} did not run {missing}"
+    members = [r for r in range(world) if r % 2 == 1] if world >= 4 else list(range(world))
+    for r in members:
+        assert "subgroup clip ring" in results[r]["passed"] and "subgroup siglip gather" in results[r]["passed"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_one_process_ring_and_gather_equal_plain_losses(backend):
+    # World size 1 without torch.distributed: the same ring code (no messages) and the gather
+    # path reduce to the single-process losses, in value and gradient.
+    import fastcl
+    from fastcl.losses.distributed import (clip_loss_distributed, ntxent_loss_distributed, siglip_loss_distributed,
+                                           supcon_loss_distributed)
+    if backend == "cpu" and not fastcl._ext.extension_available():
+        pytest.skip("fastcl._C not built")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    feats, labels = torch.randn(10, 2, 8, generator=g), torch.randint(0, 3, (10,), generator=g)
+    cases = [
+        (lambda x, y, impl: clip_loss_distributed(x, y, 3.0, 0.5, dist_impl=impl, backend=backend),
+         lambda x, y: fastcl.clip_loss(x, y, 3.0, 0.5)),
+        (lambda x, y, impl: siglip_loss_distributed(x, y, 3.0, -1.0, dist_impl=impl, backend=backend),
+         lambda x, y: fastcl.siglip_loss(x, y, 3.0, -1.0)),
+        (lambda x, y, impl: ntxent_loss_distributed(x, y, 0.4, dist_impl=impl, backend=backend),
+         lambda x, y: fastcl.ntxent_loss(x, y, 0.4)),
+        (lambda x, y, impl: supcon_loss_distributed(torch.stack([x, y], 1), labels, 0.2, dist_impl=impl,
+                                                    backend=backend),
+         lambda x, y: fastcl.supcon_loss(torch.stack([x, y], 1), labels, None, 0.2)),
+    ]
+    for fn, ref_fn in cases:
+        x0, y0 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        ref = ref_fn(x0, y0)
+        ref.backward()
+        for impl in ("gather", "ring"):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            out = fn(x, y, impl)
+            out.backward()
+            assert _dist_worker.rel_err(out, ref) <= 1e-5, impl
+            assert _dist_worker.rel_err(x.grad, x0.grad) <= 1e-5, impl
+            assert _dist_worker.rel_err(y.grad, y0.grad) <= 1e-5, impl
+
+
+def test_bad_dist_impl_and_ring_without_gradient_gather():
+    from fastcl.losses.distributed import clip_loss_distributed, siglip_loss_distributed
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="dist_impl must be one of"):
+        clip_loss_distributed(x, x, 1.0, dist_impl="bidir")  # SigLIP's alias only
+    with pytest.raises(ValueError, match="gather_with_grad"):
+        clip_loss_distributed(x, x, 1.0, dist_impl="ring", gather_with_grad=False)
+    with pytest.raises(ValueError, match="logit_scale"):
+        siglip_loss_distributed(x, x, -1.0, 0.0)
