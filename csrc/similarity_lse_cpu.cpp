@@ -18,29 +18,28 @@
 
 namespace {
 
-constexpr int64_t kTileRows = 256;
-constexpr int64_t kTileCols = 2048;
+constexpr int64_t kTileRows = 512;
+constexpr int64_t kTileCols = 1024;
 
 using fastcl::fast_exp;  // shared vectorisable exp, csrc/fast_math.h
 
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-// s = scale * raw + bias in place, with the excluded entry (j == i + offset) set to -inf.
+// Fills the tile with scale * q_strip @ k_chunk^T in one BLAS call (beta = 0: the old contents
+// are ignored) and sets the excluded entries (j == i + offset) to -inf.  The bias is a constant
+// shift, so it never touches the tile: LSE(s + b) = LSE(s) + b.
 template <typename T>
-void transform_tile(T* tile, int64_t nr, int64_t nc, int64_t i0, int64_t j0, T scale, T bias,
-                    bool has_diag, int64_t offset) {
-  at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* s = tile + r * nc;
-#pragma omp simd
-      for (int64_t c = 0; c < nc; ++c) s[c] = scale * s[c] + bias;
-      if (has_diag) {
-        int64_t c = i0 + r + offset - j0;
-        if (c >= 0 && c < nc) s[c] = neg_inf<T>();
-      }
-    }
-  });
+void fill_tile(at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk, double scale,
+               int64_t i0, int64_t j0, bool has_diag, int64_t offset) {
+  at::addmm_out(tile, tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
+  if (!has_diag) return;
+  T* t = tile.data_ptr<T>();
+  const int64_t nr = tile.size(0), nc = tile.size(1);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t c = i0 + r + offset - j0;
+    if (c >= 0 && c < nc) t[r * nc + c] = neg_inf<T>();
+  }
 }
 
 // Online update of (max, sum) with one tile row; the reference point is 0 while the row is
@@ -92,10 +91,10 @@ void update_cols(const T* tile, int64_t nr, int64_t nc, T* col_m, T* col_s) {
   });
 }
 
-// lse = m + log(s); a row with every entry excluded gives -inf.
+// lse = m + log(s) + bias; a row with every entry excluded gives -inf.
 template <typename T>
-void finish_lse(const T* m, const T* s, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = m[i] + std::log(s[i]);
+void finish_lse(const T* m, const T* s, T bias, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = m[i] + std::log(s[i]) + bias;
 }
 
 at::ScalarType compute_type(const at::Tensor& q) {
@@ -118,21 +117,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& qf, const at::
     for (int64_t j0 = 0; j0 < M; j0 += BC) {
       const int64_t nc = std::min(BC, M - j0);
       at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-      at::mm_out(tile, q_strip, kf.narrow(0, j0, nc).t());
+      fill_tile<T>(tile, q_strip, kf.narrow(0, j0, nc), scale, i0, j0, has_diag, offset);
       T* t = tile.data_ptr<T>();
-      transform_tile<T>(t, nr, nc, i0, j0, scale, bias, has_diag, offset);
       if (rows) update_rows<T>(t, nr, nc, row_m.data_ptr<T>() + i0, row_s.data_ptr<T>() + i0);
       if (cols) update_cols<T>(t, nr, nc, col_m.data_ptr<T>() + j0, col_s.data_ptr<T>() + j0);
     }
   }
   at::Tensor row_lse = at::empty_like(row_m), col_lse = at::empty_like(col_m);
-  if (rows) finish_lse<T>(row_m.data_ptr<T>(), row_s.data_ptr<T>(), row_lse.data_ptr<T>(), N);
-  if (cols) finish_lse<T>(col_m.data_ptr<T>(), col_s.data_ptr<T>(), col_lse.data_ptr<T>(), M);
+  if (rows) finish_lse<T>(row_m.data_ptr<T>(), row_s.data_ptr<T>(), bias, row_lse.data_ptr<T>(), N);
+  if (cols) finish_lse<T>(col_m.data_ptr<T>(), col_s.data_ptr<T>(), bias, col_lse.data_ptr<T>(), M);
   return {row_lse, col_lse};
 }
 
 // dS = g_row[i] * exp(s - row_lse[i]) + g_col[j] * exp(s - col_lse[j]), then
-// Gq += dS @ k, Gk += dS^T @ q.  A fully excluded row/column (lse = -inf) contributes 0.
+// Gq += dS @ k, Gk += dS^T @ q.  The tile holds s - bias, so the bias moves into the LSEs.
+// A fully excluded row/column (lse = -inf) contributes 0.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at::Tensor& kf, T scale,
                                                  T bias, const at::Tensor& row_lse,
@@ -141,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
                                                  int64_t offset) {
   const int64_t N = qf.size(0), M = kf.size(0);
   const bool rows = row_lse.numel() > 0, cols = col_lse.numel() > 0;
-  auto safe = [](const at::Tensor& lse) {
-    return at::where(at::isneginf(lse), at::full({}, std::numeric_limits<T>::infinity(), lse.options()), lse).contiguous();
+  auto safe = [bias](const at::Tensor& lse) {
+    return at::where(at::isneginf(lse), at::full({}, std::numeric_limits<T>::infinity(), lse.options()), lse - bias).contiguous();
   };
   at::Tensor rl = rows ? safe(row_lse) : row_lse, cl = cols ? safe(col_lse) : col_lse;
   at::Tensor gr = rows ? g_row.to(qf.scalar_type()).contiguous() : g_row;
@@ -158,9 +157,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
       const int64_t nc = std::min(BC, M - j0);
       at::Tensor k_chunk = kf.narrow(0, j0, nc);
       at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-      at::mm_out(tile, q_strip, k_chunk.t());
+      fill_tile<T>(tile, q_strip, k_chunk, scale, i0, j0, has_diag, offset);
       T* t = tile.data_ptr<T>();
-      transform_tile<T>(t, nr, nc, i0, j0, scale, bias, has_diag, offset);
       const T* rlp = rows ? rl.data_ptr<T>() + i0 : nullptr;
       const T* grp = rows ? gr.data_ptr<T>() + i0 : nullptr;
       const T* clp = cols ? cl.data_ptr<T>() + j0 : nullptr;

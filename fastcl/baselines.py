@@ -11,16 +11,18 @@ import torch.nn.functional as F
 
 def naive_clip(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                logit_bias=None) -> torch.Tensor:
-    """Symmetric CLIP cross-entropy with the (N, N) logits stored.
+    """Symmetric CLIP cross-entropy as open_clip computes it: both (N, N) logit matrices are
+    formed by their own matmul and stored.
 
     image_features, text_features: (N, D) float; logit_scale: float or 0-d tensor (exponentiated).
     Returns a 0-d tensor in the input dtype.
     """
-    logits = logit_scale * image_features @ text_features.T
+    logits_per_image = logit_scale * image_features @ text_features.T
+    logits_per_text = logit_scale * text_features @ image_features.T
     if logit_bias is not None:
-        logits = logits + logit_bias
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
 def naive_info_nce(query: torch.Tensor, keys: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

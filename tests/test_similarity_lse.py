@@ -65,8 +65,8 @@ def test_options(backend, offset, rows, cols):
 
 @needs_ext
 def test_spans_several_tiles():
-    # 2500 columns cross the C++ column-tile edge (2048) and 300 rows the row-tile edge (256).
-    check_against_reference("cpu", 300, 2500, 16, torch.float32, bias=0.5, offset=7)
+    # 2500 columns cross the C++ column-tile edges (1024) and 600 rows the row-tile edge (512).
+    check_against_reference("cpu", 600, 2500, 16, torch.float32, bias=0.5, offset=7)
 
 
 @needs_ext
@@ -119,7 +119,7 @@ def test_fully_excluded_row_is_neg_inf(backend):
 @needs_ext
 def test_cpu_is_deterministic():
     gen = torch.Generator().manual_seed(5)
-    q = randn(300, 32, generator=gen, requires_grad=True)
+    q = randn(600, 32, generator=gen, requires_grad=True)
     k = randn(2100, 32, generator=gen, requires_grad=True)
 
     def run():

@@ -38,6 +38,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
     n, m = image_features.shape[0], text_features.shape[0]
+    diagonal = labels is None
     if labels is None:
         if m != n:
             raise ValueError(f"text_features has {m} rows but image_features has {n}; "
@@ -48,11 +49,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         labels = labels.long()
     row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, logit_bias,
                                       rows=True, cols=True, backend=backend)
-    pos = positive_logits(image_features, text_features, labels, logit_scale, logit_bias)
+    pos = positive_logits(image_features, text_features, None if diagonal else labels, logit_scale, logit_bias)
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(image_features, text_features, logit_scale, logit_bias)
         col_mean = mean_logits(text_features, image_features, logit_scale, logit_bias).index_select(0, labels)
     per_sample = 0.5 * (smoothed_ce(row_lse, pos, row_mean, label_smoothing)
-                        + smoothed_ce(col_lse.index_select(0, labels), pos, col_mean, label_smoothing))
+                        + smoothed_ce(col_lse if diagonal else col_lse.index_select(0, labels), pos, col_mean,
+                                      label_smoothing))
     return reduce_loss(per_sample, reduction)
