@@ -69,7 +69,10 @@ inline float fast_log_1_2(float u) {
 inline float fast_log1p_unit(float e) {
   const float u = 1.0f + e;
   const float d = u - 1.0f;
-  return d == 0.0f ? e : fast_log_1_2(u) * (e / d);
+  // Divide by a denominator that is never 0, so the division may be evaluated on every lane:
+  // a possibly-trapping division under a condition keeps GCC from vectorising the caller.
+  const float r = fast_log_1_2(u) * (e / (d == 0.0f ? 1.0f : d));
+  return d == 0.0f ? e : r;
 }
 
 // softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)); never overflows, NaN -> NaN.

@@ -46,7 +46,8 @@ def naive_ntxent(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.
 
 def naive_supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature: float = 0.07,
                  base_temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss ("all" contrast mode) with the (V*B, V*B) logits stored.
+    """Supervised contrastive loss ("all" contrast mode) computed the way the SupContrast
+    reference does: float (V*B, V*B) positive and self masks, max-shifted logits, exp, log-sum.
 
     features: (B, V, D) float, normalised rows; labels: optional (B,) int64 (None = each sample
     its own class, i.e. SimCLR).  Returns the 0-d mean over the V*B anchors.
@@ -56,12 +57,16 @@ def naive_supcon(features: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     if labels is None:
         labels = torch.arange(b, device=z.device)
     lab = labels.repeat(v)
+    n = v * b
+    mask = torch.eq(lab[:, None], lab[None, :]).to(z.dtype)
     logits = z @ z.T / temperature
-    self_mask = torch.eye(v * b, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = (lab[:, None] == lab[None, :]) & ~self_mask
-    mean_pos = log_prob.masked_fill(~pos, 0.0).sum(1) / pos.sum(1).clamp_min(1)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = 1.0 - torch.eye(n, device=z.device, dtype=z.dtype)
+    mask = mask * not_self
+    exp_logits = torch.exp(logits) * not_self
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    n_pos = mask.sum(1)
+    mean_pos = (mask * log_prob).sum(1) / torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
     return -(temperature / base_temperature) * mean_pos.mean()
 
 

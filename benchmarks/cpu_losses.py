@@ -1,10 +1,13 @@
-"""CLIP loss forward+backward on the CPU: fused ``cpu`` backend vs open_clip-style naive PyTorch.
+"""A loss's forward+backward on the CPU: the fused ``cpu`` backend vs the naive PyTorch path
+users have today (``fastcl.baselines``: open_clip ClipLoss / SigLipLoss, SupContrast SupConLoss).
 
 Each step of each method runs in its own process, so peak resident memory is measured cleanly as
 (peak RSS during the first timed step) - (RSS once the inputs exist).  The floor row is four
 matmuls of the same shape: what any method that recomputes the logits in the backward pays.
 
-    python benchmarks/cpu_clip.py --n 16384 --d 256 --reps 3 --json benchmarks/results/cpu_clip.json
+    python benchmarks/cpu_losses.py --loss clip --n 16384 --d 256 --reps 5 --json OUT.json
+    python benchmarks/cpu_losses.py --loss siglip --n 8192 --d 256
+    python benchmarks/cpu_losses.py --loss supcon --n 8192 --d 256     # n_views=2, 100 classes
 """
 import argparse
 import json
@@ -23,57 +26,82 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def worker(method: str, n: int, d: int, reps: int) -> dict:
+def _inputs(loss: str, n: int, d: int):
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
+    if loss == "supcon":
+        feats = F.normalize(torch.randn(n, 2, d), dim=-1).requires_grad_()
+        return [feats], {"labels": torch.randint(0, 100, (n,))}, 2 * n
     img = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
-    scale = torch.tensor(14.3, requires_grad=True)
+    if loss == "siglip":
+        return [img, txt], {"scale": torch.tensor(10.0, requires_grad=True),
+                            "bias": torch.tensor(-10.0, requires_grad=True)}, n
+    return [img, txt], {"scale": torch.tensor(14.3, requires_grad=True)}, n
 
-    def naive():
-        from fastcl.baselines import naive_clip
-        loss = naive_clip(img, txt, scale)
-        loss.backward()
-        return loss
 
-    def fused():
-        import fastcl
-        loss = fastcl.clip_loss(img, txt, scale, backend="cpu")
-        loss.backward()
-        return loss
+def _loss_fns(loss: str):
+    """(naive, fused) callables taking (tensors, extra)."""
+    import fastcl
+    from fastcl import baselines as B
 
-    out = torch.empty(n, n) if method == "floor_4mm" else None
+    if loss == "clip":
+        return (lambda t, e: B.naive_clip(t[0], t[1], e["scale"]),
+                lambda t, e: fastcl.clip_loss(t[0], t[1], e["scale"], backend="cpu"))
+    if loss == "siglip":
+        return (lambda t, e: B.naive_siglip(t[0], t[1], e["scale"], e["bias"]),
+                lambda t, e: fastcl.siglip_loss(t[0], t[1], e["scale"], e["bias"], backend="cpu"))
+    return (lambda t, e: B.naive_supcon(t[0], e["labels"], temperature=0.1, base_temperature=0.1),
+            lambda t, e: fastcl.supcon_loss(t[0], e["labels"], temperature=0.1, base_temperature=0.1,
+                                            backend="cpu"))
 
-    def floor():
-        # Into one preallocated (N, N) buffer, so page faults of fresh 1 GB outputs stay out.
-        a, b = img.detach(), txt.detach()
+
+def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
+    import torch
+
+    tensors, extra, rows = _inputs(loss, n, d)
+    naive, fused = _loss_fns(loss)
+    params = tensors + [v for v in extra.values() if v.requires_grad]
+    out = torch.empty(rows, rows) if method == "floor_4mm" else None
+
+    def floor(t, e):
+        # Four matmuls of the logits' shape, into one preallocated buffer (no page faults).
+        z = t[0].detach().reshape(-1, d)
+        k = z if loss == "supcon" else t[1].detach()
         for _ in range(4):
-            torch.mm(a, b.T, out=out) if a.shape[0] == n else torch.mm(a, b.T)
+            torch.mm(z, k.T, out=out) if z.shape[0] == rows else torch.mm(z, k.T)
 
     fn = {"naive": naive, "fastcl_cpu": fused, "floor_4mm": floor}[method]
+
+    def step(t, e):
+        loss_value = fn(t, e)
+        if loss_value is not None:
+            loss_value.backward()
+        return loss_value
+
     # Warm up on a tiny batch so lazy imports and first-call set-up stay out of time and memory.
-    full = (img, txt)
-    img, txt = img[:8].detach().requires_grad_(), txt[:8].detach().requires_grad_()
-    fn()
-    img, txt = full
+    small = [x[:8].detach().requires_grad_() for x in tensors]
+    step(small, {k: (v[:8] if k == "labels" else v) for k, v in extra.items()})
     base = _rss_kb()
-    times, loss, peak = [], None, None
+    times, value, peak = [], None, None
     for _ in range(reps):
-        img.grad = txt.grad = scale.grad = None
+        for p in params:
+            p.grad = None
         t0 = time.perf_counter()
-        out = fn()
+        res = step(tensors, extra)
         times.append(time.perf_counter() - t0)
-        loss = None if out is None else float(out.detach())
+        value = None if res is None else float(res.detach())
         # Peak of the first step: later steps only add allocator fragmentation to the high-water mark.
         peak = peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"method": method, "times_s": times, "median_s": sorted(times)[len(times) // 2],
-            "peak_extra_mb": max(0, peak - base) / 1024, "loss": loss}
+            "peak_extra_mb": max(0, peak - base) / 1024, "loss": value}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--loss", choices=("clip", "siglip", "supcon"), default="clip")
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")
@@ -82,15 +110,15 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.n, args.d, args.reps)))
+        print(json.dumps(worker(args.loss, args.worker, args.n, args.d, args.reps)))
         return
     # Rounds interleave the methods (one process per method per round), so that drift in the
     # machine's speed over the run hits every method alike.
     per = {m: [] for m in args.methods.split(",")}
     for _ in range(args.reps):
         for m in per:
-            out = subprocess.run([sys.executable, __file__, "--worker", m, "--n", str(args.n), "--d", str(args.d),
-                                  "--reps", "1"], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--loss", args.loss, "--worker", m, "--n", str(args.n),
+                                  "--d", str(args.d), "--reps", "1"], capture_output=True, text=True, check=True)
             per[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
     for m, runs in per.items():
@@ -98,7 +126,7 @@ def main() -> None:
         rows.append({"method": m, "times_s": times, "median_s": sorted(times)[len(times) // 2],
                      "peak_extra_mb": max(r["peak_extra_mb"] for r in runs), "loss": runs[0]["loss"]})
     by = {r["method"]: r for r in rows}
-    print(f"CLIP loss fwd+bwd, fp32, N=M={args.n}, D={args.d}, median of {args.reps} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    print(f"{args.loss} loss fwd+bwd, fp32, N={args.n}, D={args.d}, median of {args.reps} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     print(f"{'method':<12} {'median s':>9} {'peak extra MB':>14} {'vs naive':>9} {'x floor':>8}  loss")
     for r in rows:
         vs = by["naive"]["median_s"] / r["median_s"] if "naive" in by else float("nan")
@@ -109,7 +137,7 @@ def main() -> None:
         print(f"fastcl peak memory = {100 * by['fastcl_cpu']['peak_extra_mb'] / by['naive']['peak_extra_mb']:.2f}% of naive")
     if args.json:
         import torch
-        meta = {"n": args.n, "d": args.d, "reps": args.reps, "torch": torch.__version__, "cpus": os.cpu_count(),
+        meta = {"loss": args.loss, "n": args.n, "d": args.d, "reps": args.reps, "torch": torch.__version__, "cpus": os.cpu_count(),
                 "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
