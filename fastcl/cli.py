@@ -104,13 +104,32 @@ def cmd_train(args, parser) -> int:
     device = _check_device(parser, args.device or _default_device())
     import torch
     torch.set_num_threads(args.threads)
+    device = _init_distributed_from_env(device)
     start = time.perf_counter()
     run(loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, chunk_size=args.chunk_size, device=device,
         backend=args.backend, seed=args.seed, out=args.out, lr=args.lr, temperature=args.temperature,
         encoder=args.encoder, limit=args.limit, probe_repeats=args.probe_repeats, progress=not args.no_progress,
         max_steps=args.max_steps, precision=args.precision)
     print(f"total wall time {time.perf_counter() - start:.1f}s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
+
+
+def _init_distributed_from_env(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, else gloo) and
+    return this rank's device; otherwise return ``device`` unchanged."""
+    import os
+
+    import torch
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return device
 
 
 def cmd_bench(args, parser) -> int:

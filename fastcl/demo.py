@@ -101,18 +101,30 @@ ENCODERS = {"cnn": DigitsCNN, "mlp": DigitsMLP}
 
 
 def make_loss(name: str, temperature: float, backend: Optional[str]):
-    """Two-view loss ``loss(z0 (B,D), z1 (B,D)) -> 0-d`` for ``name`` in LOSSES."""
+    """Two-view loss ``loss(z0 (B,D), z1 (B,D)) -> 0-d`` for ``name`` in LOSSES.
+
+    Under torch.distributed (more than one rank) the negatives come from every rank, through
+    the all-gather versions in ``fastcl.losses.distributed``.
+    """
+    d = torch.distributed
+    multi = d.is_available() and d.is_initialized() and d.get_world_size() > 1
     if name == "ntxent":
+        from fastcl.losses.distributed import ntxent_loss_distributed
         from fastcl.losses.ntxent import ntxent_loss
-        return lambda z0, z1: ntxent_loss(z0, z1, temperature, backend=backend)
+        fn = ntxent_loss_distributed if multi else ntxent_loss
+        return lambda z0, z1: fn(z0, z1, temperature, backend=backend)
     if name == "supcon":
         # No labels: SupCon reduces to the SimCLR objective over the [B, 2, D] views.
+        from fastcl.losses.distributed import supcon_loss_distributed
         from fastcl.losses.supcon import supcon_loss
-        return lambda z0, z1: supcon_loss(torch.stack([z0, z1], 1), temperature=temperature,
-                                          base_temperature=temperature, backend=backend)
+        fn = supcon_loss_distributed if multi else supcon_loss
+        return lambda z0, z1: fn(torch.stack([z0, z1], 1), temperature=temperature,
+                                 base_temperature=temperature, backend=backend)
     if name == "clip":
         from fastcl.losses import clip_loss
-        return lambda z0, z1: clip_loss(z0, z1, 1.0 / temperature, backend=backend)
+        from fastcl.losses.distributed import clip_loss_distributed
+        fn = clip_loss_distributed if multi else clip_loss
+        return lambda z0, z1: fn(z0, z1, 1.0 / temperature, backend=backend)
     raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
 
 

@@ -116,8 +116,9 @@ class Trainer:
 
     Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
     ``DistributedDataParallel`` and each process trains on its own 1/world_size share of every
-    epoch's permutation.  The loss is still computed per process on the local batch: the
-    distributed (all-gather) losses are not wired in yet.
+    epoch's permutation.  ``loss_fn`` sees the local batch: pass a distributed loss
+    (``fastcl.losses.distributed``, or a module with ``gather_distributed=True``) to take the
+    negatives from every rank, as ``fastcl train`` does.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,

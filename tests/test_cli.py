@@ -33,6 +33,27 @@ def test_tiny_train_run_prints_probe_table(tmp_path, capsys):
     assert ckpt["global_step"] == 4
 
 
+def test_train_under_torchrun_uses_distributed_loss(tmp_path):
+    """Two CPU ranks under torchrun: the process group comes up, the all-gather NT-Xent runs,
+    and both ranks finish the tiny run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastcl"] + TINY + ["--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("  trained encoder") == 2  # one probe table per rank
+
+
+def test_make_loss_switches_to_distributed(monkeypatch):
+    from fastcl import demo
+    from fastcl.losses import distributed as dl
+    calls = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dl, "ntxent_loss_distributed", lambda *a, **k: calls.append("ntxent") or torch.zeros(()))
+    demo.make_loss("ntxent", 0.5, None)(torch.randn(4, 3), torch.randn(4, 3))
+    assert calls == ["ntxent"]
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["train", "--batch-size", "1"], "--batch-size"),
     (["train", "--batch-size", "8", "--chunk-size", "16"], "--chunk-size"),
