@@ -48,6 +48,22 @@ def test_grad_cache_equals_unchunked_simclr(chunk_size):
         assert rel_err(got[name], ref[name]) <= 2e-5, name
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_grad_cache_bounds_the_rows_under_autograd(chunk_size):
+    """Activation memory follows the rows the encoder sees with autograd on: with chunk_size
+    that is at most chunk_size per forward, however large the batch; without it, the batch."""
+    model = _simclr()
+    seen = []
+    model.encoder.register_forward_hook(
+        lambda mod, args, out: seen.append((args[0].shape[0], torch.is_grad_enabled())))
+    g = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g))
+    _step_grads(model, _ntxent, inputs, chunk_size)
+    with_grad = [rows for rows, grad in seen if grad]
+    assert with_grad, "the encoder never ran with autograd"
+    assert max(with_grad) == (24 if chunk_size is None else chunk_size)
+
+
 def test_grad_cache_equals_unchunked_two_tower_with_batch_level_outputs():
     torch.manual_seed(0)
     model = TwoTower(nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5)), nn.Linear(7, 5), embed_dim=5,
