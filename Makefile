@@ -17,7 +17,8 @@ $(PY):
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PIN) $(TRITON_PIN) $(NUMPY_PIN) pybind11 ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,peers]"
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
 test: $(STAMP)

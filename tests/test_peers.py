@@ -1,0 +1,79 @@
+"""fastcl's drop-ins against the peer packages themselves (optional: `pip install .[peers]` and
+`pip install --no-deps open-clip-torch==3.3.0`; `make test` installs both).
+
+open_clip's package import pulls in torchvision, so only its loss module is loaded, from file.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from conftest import assert_close, randn
+from fastcl._ext import extension_available
+
+BACKENDS = ["reference"] + (["cpu"] if extension_available() else [])
+
+
+def _open_clip_loss_module():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch not installed (pip install --no-deps open-clip-torch==3.3.0)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    mod_spec = importlib.util.spec_from_file_location("_peer_open_clip_loss", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _compare(ours, theirs, wrt_ours, wrt_theirs, dtype=torch.float32):
+    assert_close(ours, theirs, dtype, "loss")
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(theirs, wrt_theirs))):
+        assert_close(a, b, dtype, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_clip_clip_loss(backend):
+    oc = _open_clip_loss_module()
+    gen = torch.Generator().manual_seed(0)
+    img = F.normalize(randn(67, 40, generator=gen), dim=-1)
+    txt = F.normalize(randn(67, 40, generator=gen), dim=-1)
+    scale = torch.tensor(14.3)
+    a = _leaves(img, txt, scale)
+    b = _leaves(img, txt, scale)
+    ours = fastcl.nn.ClipLoss(backend=backend)(*a)
+    theirs = oc.ClipLoss()(*b)
+    _compare(ours, theirs, a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_clip_siglip_loss(backend):
+    oc = _open_clip_loss_module()
+    gen = torch.Generator().manual_seed(1)
+    img = F.normalize(randn(67, 40, generator=gen), dim=-1)
+    txt = F.normalize(randn(67, 40, generator=gen), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    a = _leaves(img, txt, scale, bias)
+    b = _leaves(img, txt, scale, bias)
+    ours = fastcl.nn.SigLipLoss(backend=backend)(*a)
+    theirs = oc.SigLipLoss()(*b)
+    _compare(ours, theirs, a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pytorch_metric_learning_supcon(backend):
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    gen = torch.Generator().manual_seed(2)
+    emb = randn(67, 40, generator=gen)
+    labels = torch.randint(0, 9, (67,), generator=gen)
+    labels[0] = 100  # one anchor without positives: pml leaves it out of the mean
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    ours = fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels)
+    theirs = pml.SupConLoss(temperature=0.1)(b, labels)
+    _compare(ours, theirs, [a], [b])
