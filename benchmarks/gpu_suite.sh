@@ -44,6 +44,9 @@ fi
 stamp "4. ring code path, world size 1"
 python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
 
-stamp "5. masking"
+stamp "5. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
+python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
+
+stamp "6. masking"
 python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
 stamp "done"
