@@ -17,7 +17,7 @@ import torch
 
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens
-from fastcl.validation import FLOAT_DTYPES, _eager
+from fastcl.validation import _eager, check_float_tensor
 
 Tensor = torch.Tensor
 
@@ -25,12 +25,7 @@ __all__ = ["random_masking", "gather_tokens", "restore_tokens"]
 
 
 def _check_tokens(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be 3-D (B, L, D), got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    check_float_tensor(name, x, "(B, L, D)", non_empty=False)
 
 
 def _check_ids(name: str, ids, batch: int, upper: int, device: torch.device) -> Tensor:

@@ -12,16 +12,22 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_embeddings(name: str, x) -> None:
-    """``x`` must be a non-empty 2-D floating tensor (N, D)."""
+def check_float_tensor(name: str, x, layout: str, *, non_empty: bool = True) -> None:
+    """``x`` must be a floating tensor with one dimension per name in ``layout``, e.g. "(B, L, D)"."""
+    ndim = layout.count(",") + 1
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if non_empty and x.numel() == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+
+
+def check_embeddings(name: str, x) -> None:
+    """``x`` must be a non-empty 2-D floating tensor (N, D)."""
+    check_float_tensor(name, x, "(N, D)")
 
 
 def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import FLOAT_DTYPES, check_embeddings, check_scalar
+from fastcl.validation import check_embeddings, check_float_tensor, check_scalar
 
 CONTRAST_MODES = ("all", "one")
 
@@ -95,14 +95,7 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     Returns:
         0-d float32 tensor (float64 for float64 inputs), or (n_anchor,) for ``reduction="none"``.
     """
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 3:
-        raise ValueError(f"features must be 3-D (bsz, n_views, D), got shape {tuple(features.shape)}")
-    if features.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"features must be float32, bfloat16, float16 or float64, got {features.dtype}")
-    if features.numel() == 0:
-        raise ValueError(f"features must be non-empty, got shape {tuple(features.shape)}")
+    check_float_tensor("features", features, "(bsz, n_views, D)")
     check_scalar("temperature", temperature, positive=True)
     check_scalar("base_temperature", base_temperature, positive=True)
     if contrast_mode not in CONTRAST_MODES:
