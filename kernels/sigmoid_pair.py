@@ -112,35 +112,8 @@ def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M,
     tl.store(gpart_ptr + pid, tl.sum(gsum, axis=0))
 
 
-@triton.jit
-def _bwd_cols_kernel(q_ptr, k_ptr, gk_ptr, scale_ptr, bias_ptr, N, M, D,
-                     stride_q, stride_k, stride_gk,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :],
-                mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
-    if DOT_FP32:
-        k = k.to(tl.float32)
-    scale = tl.load(scale_ptr).to(ACC)
-    bias = tl.load(bias_ptr).to(ACC)
-    gk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    for i0 in range(0, N, BLOCK_M):
-        rows = i0 + tl.arange(0, BLOCK_M)
-        q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
-                    mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
-        gk += tl.dot(tl.trans(g.to(q.dtype)), q, out_dtype=ACC, input_precision=PRECISION)
-    tl.store(gk_ptr + cols[:, None] * stride_gk + dd[None, :], gk,
-             mask=(cols[:, None] < M) & (dd[None, :] < D))
-
-
 def _config(q: torch.Tensor, k: torch.Tensor):
-    """Launch constants shared by the three kernels."""
+    """Launch constants shared by the forward and backward kernels."""
     d = q.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
     block = 64 if block_d <= 128 else (32 if block_d <= 512 else 16)
@@ -190,6 +163,10 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     gpart = torch.empty(row_grid[0], device=q.device, dtype=ct)
     _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
                                q.stride(0), k.stride(0), gq.stride(0), **cfg)
-    _bwd_cols_kernel[(triton.cdiv(m, cfg["BLOCK_N"]),)](q, k, gk, scale, bias, n, m, d,
-                                                        q.stride(0), k.stride(0), gk.stride(0), **cfg)
+    # G^T has the same form with q and k swapped (the positive pairs stay on the diagonal), so
+    # the row kernel on (k, q) gives G^T @ q; its partial sums of G are not needed again.
+    col_grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+    scratch = torch.empty(col_grid[0], device=q.device, dtype=ct)
+    _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
+                               k.stride(0), q.stride(0), gk.stride(0), **cfg)
     return gq, gk, gpart.to(torch.float64).sum().to(ct)
