@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include "fast_math.h"
+#include "score_tiles.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -61,34 +62,27 @@ inline int64_t diag_col(int64_t i0, int64_t r, int64_t j0, int64_t nc) {
 // Per-row loss sums accumulate in T; the final sum over rows runs in double in row order.
 template <typename T>
 at::Tensor forward_impl(const at::Tensor& qf, const at::Tensor& kf, T scale, T bias) {
-  const int64_t N = qf.size(0), M = kf.size(0);
+  const int64_t N = qf.size(0);
   at::Tensor row_loss = at::zeros({N}, qf.options());
   T* rl = row_loss.data_ptr<T>();
-  const int64_t BR = std::min(kTileRows, N), BC = std::min(kTileCols, M);
-  at::Tensor tile_buf = at::empty({BR * BC}, qf.options());
-  for (int64_t i0 = 0; i0 < N; i0 += BR) {
-    const int64_t nr = std::min(BR, N - i0);
-    at::Tensor q_strip = qf.narrow(0, i0, nr);
-    for (int64_t j0 = 0; j0 < M; j0 += BC) {
-      const int64_t nc = std::min(BC, M - j0);
-      at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-      at::addmm_out(tile, tile, q_strip, kf.narrow(0, j0, nc).t(), /*beta=*/0, /*alpha=*/scale);
-      T* t = tile.data_ptr<T>();
-      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          T* s = t + r * nc;
-          const int64_t d = diag_col(i0, r, j0, nc);
-          T pos_term = 0;
-          if (d >= 0) {  // the positive pair leaves the vector loop: softplus(-s) there
-            pos_term = softplus(-(s[d] + bias));
-            s[d] = -std::numeric_limits<T>::infinity() ;  // softplus(-inf) = 0 below
-          }
-          // The tile already holds scale * q.k (BLAS alpha).
-          rl[i0 + r] += softplus_row_sum<T>(s, nc, bias) + pos_term;
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
+                              [&](at::Tensor& tile, const at::Tensor&, const at::Tensor&, int64_t i0, int64_t j0) {
+    const int64_t nr = tile.size(0), nc = tile.size(1);
+    T* t = tile.data_ptr<T>();
+    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* s = t + r * nc;
+        const int64_t d = diag_col(i0, r, j0, nc);
+        T pos_term = 0;
+        if (d >= 0) {  // the positive pair leaves the vector loop: softplus(-s) there
+          pos_term = softplus(-(s[d] + bias));
+          s[d] = -std::numeric_limits<T>::infinity();  // softplus(-inf) = 0 below
         }
-      });
-    }
-  }
+        // The tile already holds scale * q.k (BLAS alpha).
+        rl[i0 + r] += softplus_row_sum<T>(s, nc, bias) + pos_term;
+      }
+    });
+  });
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) total += static_cast<double>(rl[i]);
   return at::full({}, total, qf.options());
@@ -99,40 +93,31 @@ at::Tensor forward_impl(const at::Tensor& qf, const at::Tensor& kf, T scale, T b
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at::Tensor& kf,
                                                              T scale, T bias) {
-  const int64_t N = qf.size(0), M = kf.size(0);
+  const int64_t N = qf.size(0);
   at::Tensor Gq = at::zeros_like(qf), Gk = at::zeros_like(kf);
   at::Tensor row_g = at::zeros({N}, qf.options());
   T* rg = row_g.data_ptr<T>();
-  const int64_t BR = std::min(kTileRows, N), BC = std::min(kTileCols, M);
-  at::Tensor tile_buf = at::empty({BR * BC}, qf.options());
-  for (int64_t i0 = 0; i0 < N; i0 += BR) {
-    const int64_t nr = std::min(BR, N - i0);
-    at::Tensor q_strip = qf.narrow(0, i0, nr);
-    at::Tensor gq_strip = Gq.narrow(0, i0, nr);
-    for (int64_t j0 = 0; j0 < M; j0 += BC) {
-      const int64_t nc = std::min(BC, M - j0);
-      at::Tensor k_chunk = kf.narrow(0, j0, nc);
-      at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-      at::addmm_out(tile, tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
-      T* t = tile.data_ptr<T>();
-      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          T* s = t + r * nc;
-          const int64_t d = diag_col(i0, r, j0, nc);
-          T pos_g = 0;
-          if (d >= 0) {
-            pos_g = -sigmoid(-(s[d] + bias));
-            s[d] = -std::numeric_limits<T>::infinity();  // sigmoid(-inf) = 0 below
-          }
-          const T acc = sigmoid_row_fill<T>(s, nc, bias);
-          if (d >= 0) s[d] = pos_g;
-          rg[i0 + r] += acc + pos_g;
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
+                              [&](at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk,
+                                  int64_t i0, int64_t j0) {
+    const int64_t nr = tile.size(0), nc = tile.size(1);
+    T* t = tile.data_ptr<T>();
+    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* s = t + r * nc;
+        const int64_t d = diag_col(i0, r, j0, nc);
+        T pos_g = 0;
+        if (d >= 0) {
+          pos_g = -sigmoid(-(s[d] + bias));
+          s[d] = -std::numeric_limits<T>::infinity();  // sigmoid(-inf) = 0 below
         }
-      });
-      gq_strip.addmm_(tile, k_chunk);
-      Gk.narrow(0, j0, nc).addmm_(tile.t(), q_strip);
-    }
-  }
+        const T acc = sigmoid_row_fill<T>(s, nc, bias);
+        if (d >= 0) s[d] = pos_g;
+        rg[i0 + r] += acc + pos_g;
+      }
+    });
+    fastcl::accumulate_tile_grads(Gq, Gk, tile, q_strip, k_chunk, i0, j0);
+  });
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) total += static_cast<double>(rg[i]);
   return {Gq, Gk, at::full({}, total, qf.options())};

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include "fast_math.h"
+#include "score_tiles.h"
 
 #include <cmath>
 #include <cstdint>
@@ -26,14 +27,10 @@ using fastcl::fast_exp;  // shared vectorisable exp, csrc/fast_math.h
 template <typename T>
 constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
-// Fills the tile with scale * q_strip @ k_chunk^T in one BLAS call (beta = 0: the old contents
-// are ignored) and sets the excluded entries (j == i + offset) to -inf.  The bias is a constant
-// shift, so it never touches the tile: LSE(s + b) = LSE(s) + b.
+// Sets the excluded entries (j == i + offset) of a tile starting at (i0, j0) to -inf.  The bias
+// is a constant shift, so it never touches the tile: LSE(s + b) = LSE(s) + b.
 template <typename T>
-void fill_tile(at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk, double scale,
-               int64_t i0, int64_t j0, bool has_diag, int64_t offset) {
-  at::addmm_out(tile, tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
-  if (!has_diag) return;
+void mask_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, int64_t offset) {
   T* t = tile.data_ptr<T>();
   const int64_t nr = tile.size(0), nc = tile.size(1);
   for (int64_t r = 0; r < nr; ++r) {
@@ -109,20 +106,14 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& qf, const at::
   auto opts = qf.options();
   at::Tensor row_m = at::full({rows ? N : 0}, neg_inf<T>(), opts), row_s = at::zeros({rows ? N : 0}, opts);
   at::Tensor col_m = at::full({cols ? M : 0}, neg_inf<T>(), opts), col_s = at::zeros({cols ? M : 0}, opts);
-  const int64_t BR = std::min(kTileRows, N), BC = std::min(kTileCols, M);
-  at::Tensor tile_buf = at::empty({BR * BC}, opts);
-  for (int64_t i0 = 0; i0 < N; i0 += BR) {
-    const int64_t nr = std::min(BR, N - i0);
-    at::Tensor q_strip = qf.narrow(0, i0, nr);
-    for (int64_t j0 = 0; j0 < M; j0 += BC) {
-      const int64_t nc = std::min(BC, M - j0);
-      at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-      fill_tile<T>(tile, q_strip, kf.narrow(0, j0, nc), scale, i0, j0, has_diag, offset);
-      T* t = tile.data_ptr<T>();
-      if (rows) update_rows<T>(t, nr, nc, row_m.data_ptr<T>() + i0, row_s.data_ptr<T>() + i0);
-      if (cols) update_cols<T>(t, nr, nc, col_m.data_ptr<T>() + j0, col_s.data_ptr<T>() + j0);
-    }
-  }
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
+                              [&](at::Tensor& tile, const at::Tensor&, const at::Tensor&, int64_t i0, int64_t j0) {
+    if (has_diag) mask_diagonal<T>(tile, i0, j0, offset);
+    const int64_t nr = tile.size(0), nc = tile.size(1);
+    const T* t = tile.data_ptr<T>();
+    if (rows) update_rows<T>(t, nr, nc, row_m.data_ptr<T>() + i0, row_s.data_ptr<T>() + i0);
+    if (cols) update_cols<T>(t, nr, nc, col_m.data_ptr<T>() + j0, col_s.data_ptr<T>() + j0);
+  });
   at::Tensor row_lse = at::empty_like(row_m), col_lse = at::empty_like(col_m);
   if (rows) finish_lse<T>(row_m.data_ptr<T>(), row_s.data_ptr<T>(), bias, row_lse.data_ptr<T>(), N);
   if (cols) finish_lse<T>(col_m.data_ptr<T>(), col_s.data_ptr<T>(), bias, col_lse.data_ptr<T>(), M);
@@ -138,7 +129,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
                                                  const at::Tensor& col_lse, const at::Tensor& g_row,
                                                  const at::Tensor& g_col, bool has_diag,
                                                  int64_t offset) {
-  const int64_t N = qf.size(0), M = kf.size(0);
   const bool rows = row_lse.numel() > 0, cols = col_lse.numel() > 0;
   auto safe = [bias](const at::Tensor& lse) {
     return at::where(at::isneginf(lse), at::full({}, std::numeric_limits<T>::infinity(), lse.options()), lse - bias).contiguous();
@@ -147,44 +137,36 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
   at::Tensor gr = rows ? g_row.to(qf.scalar_type()).contiguous() : g_row;
   at::Tensor gc = cols ? g_col.to(qf.scalar_type()).contiguous() : g_col;
   at::Tensor Gq = at::zeros_like(qf), Gk = at::zeros_like(kf);
-  const int64_t BR = std::min(kTileRows, N), BC = std::min(kTileCols, M);
-  at::Tensor tile_buf = at::empty({BR * BC}, qf.options());
-  for (int64_t i0 = 0; i0 < N; i0 += BR) {
-    const int64_t nr = std::min(BR, N - i0);
-    at::Tensor q_strip = qf.narrow(0, i0, nr);
-    at::Tensor gq_strip = Gq.narrow(0, i0, nr);
-    for (int64_t j0 = 0; j0 < M; j0 += BC) {
-      const int64_t nc = std::min(BC, M - j0);
-      at::Tensor k_chunk = kf.narrow(0, j0, nc);
-      at::Tensor tile = tile_buf.narrow(0, 0, nr * nc).view({nr, nc});
-      fill_tile<T>(tile, q_strip, k_chunk, scale, i0, j0, has_diag, offset);
-      T* t = tile.data_ptr<T>();
-      const T* rlp = rows ? rl.data_ptr<T>() + i0 : nullptr;
-      const T* grp = rows ? gr.data_ptr<T>() + i0 : nullptr;
-      const T* clp = cols ? cl.data_ptr<T>() + j0 : nullptr;
-      const T* gcp = cols ? gc.data_ptr<T>() + j0 : nullptr;
-      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          T* s = t + r * nc;
-          if (rows && cols) {
-            const T gri = grp[r], rli = rlp[r];
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
+                              [&](at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk,
+                                  int64_t i0, int64_t j0) {
+    if (has_diag) mask_diagonal<T>(tile, i0, j0, offset);
+    const int64_t nr = tile.size(0), nc = tile.size(1);
+    T* t = tile.data_ptr<T>();
+    const T* rlp = rows ? rl.data_ptr<T>() + i0 : nullptr;
+    const T* grp = rows ? gr.data_ptr<T>() + i0 : nullptr;
+    const T* clp = cols ? cl.data_ptr<T>() + j0 : nullptr;
+    const T* gcp = cols ? gc.data_ptr<T>() + j0 : nullptr;
+    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* s = t + r * nc;
+        if (rows && cols) {
+          const T gri = grp[r], rli = rlp[r];
 #pragma omp simd
-            for (int64_t c = 0; c < nc; ++c)
-              s[c] = gri * fast_exp(s[c] - rli) + gcp[c] * fast_exp(s[c] - clp[c]);
-          } else if (rows) {
-            const T gri = grp[r], rli = rlp[r];
+          for (int64_t c = 0; c < nc; ++c)
+            s[c] = gri * fast_exp(s[c] - rli) + gcp[c] * fast_exp(s[c] - clp[c]);
+        } else if (rows) {
+          const T gri = grp[r], rli = rlp[r];
 #pragma omp simd
-            for (int64_t c = 0; c < nc; ++c) s[c] = gri * fast_exp(s[c] - rli);
-          } else {
+          for (int64_t c = 0; c < nc; ++c) s[c] = gri * fast_exp(s[c] - rli);
+        } else {
 #pragma omp simd
-            for (int64_t c = 0; c < nc; ++c) s[c] = gcp[c] * fast_exp(s[c] - clp[c]);
-          }
+          for (int64_t c = 0; c < nc; ++c) s[c] = gcp[c] * fast_exp(s[c] - clp[c]);
         }
-      });
-      gq_strip.addmm_(tile, k_chunk);
-      Gk.narrow(0, j0, nc).addmm_(tile.t(), q_strip);
-    }
-  }
+      }
+    });
+    fastcl::accumulate_tile_grads(Gq, Gk, tile, q_strip, k_chunk, i0, j0);
+  });
   return {Gq, Gk};
 }
 
