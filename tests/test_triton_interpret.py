@@ -63,3 +63,15 @@ def test_clip_loss_triton_matches_cpu_reference():
     loss = fastcl.clip_loss(img, txt, scale, backend="triton")
     ref = fastcl.clip_loss(*(t.detach().double().requires_grad_() for t in (img, txt, scale)), backend="reference")
     assert_close(loss, ref, torch.float32)
+
+
+def test_backward_mode_env_is_checked(monkeypatch):
+    from fastcl.kernels.similarity_lse import backward_mode
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "bogus")
+    with pytest.raises(ValueError, match="FASTCL_TRITON_BWD must be auto, fused or strip"):
+        backward_mode(64)
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "fused")
+    with pytest.raises(ValueError, match="FASTCL_TRITON_BWD=fused supports D <= 256"):
+        backward_mode(512)
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "auto")
+    assert backward_mode(64) == "strip"
