@@ -61,6 +61,34 @@ def _merge(a: Tensor, b: Tensor) -> Tensor:
     return torch.logaddexp(a, b)
 
 
+class _HomewardSum:
+    """Sums a travelling key shard's gradient: each rank adds its block's part, then passes the
+    running sum on with the shard, so after the last step every shard's sum is back home."""
+
+    def __init__(self, ring: Ring, sizes, home_rows: int, d: int, dtype: torch.dtype):
+        self.ring, self.sizes, self.home_rows, self.d, self.dtype = ring, sizes, home_rows, d, dtype
+        self.pending, self.incoming, self.total = None, None, None
+
+    def add(self, t: int, part: Tensor) -> None:
+        """Adds this rank's part for the shard held at step ``t`` and sends the sum onward."""
+        w = self.ring.world
+        if t > 0:
+            Ring.wait(self.pending)
+            part = self.incoming[0] + part
+        if w == 1:
+            self.total = part
+            return
+        back = self.sizes[self.ring.origin(t + 1)] if t < w - 1 else self.home_rows
+        self.pending, self.incoming = self.ring.exchange([part], [((back, self.d), self.dtype)])
+
+    def home(self) -> Tensor:
+        """This rank's own shard's summed gradient, once every step has been added."""
+        if self.ring.world > 1:
+            Ring.wait(self.pending)
+            self.total = self.incoming[0]
+        return self.total
+
+
 class _RingLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, scale_t, bias_t, cols, exclude_self, backend, ring, sizes):
@@ -110,7 +138,7 @@ class _RingLSE(torch.autograd.Function):
         # A shard travels with its global column statistics: (2, M) = [col LSE; grad of col LSE].
         shard, stats = k.detach(), torch.stack([col, g_col]) if cols else None
         gq = torch.zeros(q.shape, dtype=ct, device=q.device)
-        acc, pend_acc, acc_in = None, None, None
+        gk_sum = _HomewardSum(ring, sizes, k.shape[0], d, ct)
         for t in range(w):
             if t < w - 1:
                 nxt = sizes[ring.origin(t + 1)]
@@ -124,21 +152,12 @@ class _RingLSE(torch.autograd.Function):
             c_g = stats[1] if cols else col
             gq_t, gk_t = _lse_block_bwd(q, shard, scale_t, bias_t, row, c_lse, g_row, c_g, diag, backend)
             gq += gq_t
-            if t > 0:
-                Ring.wait(pend_acc)
-                gk_t = acc_in[0] + gk_t
-            if w == 1:
-                acc = gk_t
-            else:
-                back = sizes[ring.origin(t + 1)] if t < w - 1 else k.shape[0]
-                pend_acc, acc_in = ring.exchange([gk_t], [((back, d), ct)])
+            gk_sum.add(t, gk_t)
             if t < w - 1:
                 Ring.wait(pend_k)
                 shard = recv[0]
                 stats = recv[1] if cols else None
-        if w > 1:
-            Ring.wait(pend_acc)
-            acc = acc_in[0]
+        acc = gk_sum.home()
         s = scale_t.to(ct)
         dq = (gq * s).to(q.dtype) if ctx.needs_input_grad[0] else None
         dk = (acc * s).to(k.dtype) if ctx.needs_input_grad[1] else None
@@ -258,28 +277,18 @@ class _RingSigmoid(torch.autograd.Function):
         shard = k.detach()
         gq = torch.zeros(q.shape, dtype=ct, device=q.device)
         gsum = torch.zeros((), dtype=ct, device=q.device)
-        acc, pend_acc, acc_in = None, None, None
+        gk_sum = _HomewardSum(ring, sizes, k.shape[0], d, ct)
         for t in range(w):
             if t < w - 1:
                 pend_k, recv = ring.exchange([shard], [((sizes[ring.origin(t + 1)], d), k.dtype)])
             gq_t, gk_t, gs_t = _sp_block_bwd(q, shard, scale_t, bias_t, t == 0, backend)
             gq += gq_t
             gsum = gsum + gs_t
-            gk_t = gk_t * g  # this rank's upstream gradient, before the block leaves
-            if t > 0:
-                Ring.wait(pend_acc)
-                gk_t = acc_in[0] + gk_t
-            if w == 1:
-                acc = gk_t
-            else:
-                back = sizes[ring.origin(t + 1)] if t < w - 1 else k.shape[0]
-                pend_acc, acc_in = ring.exchange([gk_t], [((back, d), ct)])
+            gk_sum.add(t, gk_t * g)  # this rank's upstream gradient, before the block leaves
             if t < w - 1:
                 Ring.wait(pend_k)
                 shard = recv[0]
-        if w > 1:
-            Ring.wait(pend_acc)
-            acc = acc_in[0]
+        acc = gk_sum.home()
         s = scale_t.to(ct)
         dq = (gq * (g * s)).to(q.dtype) if ctx.needs_input_grad[0] else None
         dk = (acc * s).to(k.dtype) if ctx.needs_input_grad[1] else None
