@@ -28,7 +28,7 @@ from fastcl.ops.reference import compute_dtype
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
-from fastcl.validation import FLOAT_DTYPES, check_pair, check_scalar
+from fastcl.validation import check_float_tensor, check_pair, check_scalar
 
 Tensor = torch.Tensor
 
@@ -280,12 +280,7 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     impl = resolve_dist_impl(dist_impl)
 
     def checks():
-        if not isinstance(features, Tensor):
-            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-        if features.dim() != 3:
-            raise ValueError(f"features must be 3-D (bsz, n_views, D), got shape {tuple(features.shape)}")
-        if features.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"features must be float32, bfloat16, float16 or float64, got {features.dtype}")
+        check_float_tensor("features", features, "(bsz, n_views, D)", non_empty=False)
         check_scalar("temperature", temperature, positive=True)
         check_scalar("base_temperature", base_temperature, positive=True)
         if contrast_mode not in CONTRAST_MODES:
