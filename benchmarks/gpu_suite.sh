@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU suite: build the extension, run the GPU tests, benchmark, write JSON + logs.
 #   bash benchmarks/gpu_suite.sh OUTDIR
-# Optional: wheels in .whl/ (Inf-CL) are installed to /tmp/site first; FASTCL_COMMIT names the
+# Optional: wheels in .whl/ are installed to /tmp/site first (the Inf-CL row needs
+# `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand, carried to the GPU machine); FASTCL_COMMIT names the
 # commit in the results when the copy has no .git; SUITE_QUICK=1 shrinks the benchmark.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
