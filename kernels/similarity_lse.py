@@ -13,19 +13,18 @@ Backward, two modes (``lse_backward(mode=...)``; ``backward_mode`` picks):
 Every kernel works on CPU tensors under TRITON_INTERPRET=1.  The interpreter's ``tl.dot`` is
 wrong for bf16 operands, so they are upcast there (``UPCAST``), which only changes rounding.
 """
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 FUSED_MAX_D = 256
 STRIP_WORKSPACE_BYTES = 128 * 2**20
-# Rows per strip at least this many, so that dS_strip @ k (strip x D output, long K) has enough
-# output tiles to fill the GPU; measured on an H100: 1024-row strips left SMs idle.
+# Rows per strip at least this many, so that dS_strip @ k (a strip x D output over a long K) has
+# enough output tiles for the GPU.  On an H100 (N=32768, D=768, bf16) the CLIP step went from
+# 23.2 to 18.7 ms when strips grew from 1024 to 2048 rows, together with the fp32 accumulation
+# moving into cuBLAS (both changes in one run; not separated).
 STRIP_MIN_ROWS = 2048
 
 
@@ -329,12 +328,3 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
         _mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
         _mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
     return gq, gk
-
-
-def workspace_bytes(n: int, m: int, d: int, dtype: torch.dtype, mode: str) -> int:
-    """Extra device memory the backward allocates beyond its (N + M, D) fp32 outputs."""
-    if mode == "fused":
-        return 0
-    elem = torch.empty(0, dtype=dtype).element_size()
-    rows = min(math.ceil(n / 128) * 128, max(STRIP_MIN_ROWS, (STRIP_WORKSPACE_BYTES // (m * elem)) // 128 * 128))
-    return rows * m * elem
