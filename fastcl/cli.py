@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="SimCLR on scikit-learn's 8x8 digits, then a 5-shot linear probe")
     t.add_argument("--loss", choices=LOSSES, default="ntxent", help="two-view loss (default ntxent)")
-    t.add_argument("--epochs", type=_positive_int, default=250)
+    t.add_argument("--epochs", type=_positive_int, default=320)
     t.add_argument("--batch-size", type=_positive_int, default=256)
     t.add_argument("--chunk-size", type=_positive_int, default=None,
                    help="gradient caching: run the encoder this many samples at a time")

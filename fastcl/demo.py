@@ -162,7 +162,7 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
     return {"mean": float(t.mean()), "std": float(t.std()) if len(accs) > 1 else 0.0}
 
 
-def run(*, loss: str = "ntxent", epochs: int = 250, batch_size: int = 256, chunk_size: Optional[int] = None,
+def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk_size: Optional[int] = None,
         device: str = "cpu", backend: Optional[str] = None, seed: int = 0, out: Optional[str] = None,
         lr: float = 3e-3, temperature: float = 0.5, encoder: str = "cnn", width: Optional[int] = None,
         limit: Optional[int] = None,
