@@ -49,25 +49,29 @@ def _tile_t(q, k, scale, bias, rows, cols, N, M,
 
 
 @triton.jit
+def _load_rows(ptr, idx, n, stride, dd, D, DOT_FP32: tl.constexpr):
+    """(len(idx), BLOCK_D) block of rows ``idx`` (zeros past n and D); fp32 when DOT_FP32, as the
+    interpreter's tl.dot is wrong on bf16 operands."""
+    x = tl.load(ptr + idx[:, None] * stride + dd[None, :], mask=(idx[:, None] < n) & (dd[None, :] < D), other=0.0)
+    if DOT_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
-    q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
-                mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-    if DOT_FP32:  # the interpreter's tl.dot is wrong on bf16 operands
-        q = q.to(tl.float32)
+    q = _load_rows(q_ptr, rows, N, stride_q, dd, D, DOT_FP32)
     scale = tl.load(scale_ptr).to(ACC)
     bias = tl.load(bias_ptr).to(ACC)
     acc = tl.zeros([BLOCK_M], dtype=ACC)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :],
-                    mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
+        k = _load_rows(k_ptr, cols, M, stride_k, dd, D, DOT_FP32)
         t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
         acc += tl.sum(_softplus(t), axis=1)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
@@ -89,20 +93,14 @@ def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M,
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
-    q = tl.load(q_ptr + rows[:, None] * stride_q + dd[None, :],
-                mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _load_rows(q_ptr, rows, N, stride_q, dd, D, DOT_FP32)
     scale = tl.load(scale_ptr).to(ACC)
     bias = tl.load(bias_ptr).to(ACC)
     gq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     gsum = tl.zeros([BLOCK_M], dtype=ACC)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptr + cols[:, None] * stride_k + dd[None, :],
-                    mask=(cols[:, None] < M) & (dd[None, :] < D), other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
+        k = _load_rows(k_ptr, cols, M, stride_k, dd, D, DOT_FP32)
         g = _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
         gsum += tl.sum(g, axis=1)
         # G is rounded to the operand dtype so the product runs on tensor cores.
