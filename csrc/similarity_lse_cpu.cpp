@@ -11,6 +11,7 @@
 #include "fast_math.h"
 #include "score_tiles.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,51 +40,113 @@ void mask_diagonal(at::Tensor& tile, int64_t i0, int64_t j0, int64_t offset) {
   }
 }
 
-// Online update of (max, sum) with one tile row; the reference point is 0 while the row is
-// still all -inf, so that -inf - -inf never appears.
+// Folds a partial (max m_p, sum s_p of exp(x - m_p)) into a running (m, s).  A partial whose
+// max is -inf carries sum 0, or NaN when its entries were NaN, and is simply added.
 template <typename T>
-void update_rows(const T* tile, int64_t nr, int64_t nc, T* row_m, T* row_s) {
-  at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* s = tile + r * nc;
-      T mt = neg_inf<T>();
-#pragma omp simd reduction(max : mt)
-      for (int64_t c = 0; c < nc; ++c) mt = s[c] > mt ? s[c] : mt;
-      T m_old = row_m[r];
-      T m_new = mt > m_old ? mt : m_old;
-      T ref = m_new == neg_inf<T>() ? T(0) : m_new;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < nc; ++c) acc += fast_exp(s[c] - ref);
-      T factor = m_old == neg_inf<T>() ? T(0) : fast_exp(m_old - ref);
-      row_s[r] = row_s[r] * factor + acc;
-      row_m[r] = m_new;
-    }
-  });
+inline void merge_stat(T& m, T& s, T m_p, T s_p) {
+  if (m_p == neg_inf<T>()) {
+    s += s_p;
+    return;
+  }
+  const T m_new = m_p > m ? m_p : m;
+  s = s * fast_exp(m - m_new) + s_p * fast_exp(m_p - m_new);
+  m = m_new;
 }
 
+// Rows per chunk of a tile: chunks are the unit of parallel work and each keeps its own column
+// partials, merged in chunk order, so results do not depend on the number of threads.
+constexpr int64_t kChunkRows = 64;
+
+// The column statistics reuse the row exponentials e = exp(s - m_row) through one shared
+// reference R per tile: exp(s - R) = e * exp(m_row - R).  That is exact to fp32 for every
+// column whose tile maximum lies within kSharedRefGap of R (the terms that matter stay normal
+// floats); the rare column further below R is recomputed on its own.
+constexpr double kSharedRefGap = 60.0;
+
+// Scratch for the column partials of one tile, reused across tiles.
 template <typename T>
-void update_cols(const T* tile, int64_t nr, int64_t nc, T* col_m, T* col_s) {
-  at::parallel_for(0, nc, 256, [&](int64_t c0, int64_t c1) {
-    const int64_t w = c1 - c0;
-    std::vector<T> m_new(col_m + c0, col_m + c1), ref(w);
-    for (int64_t r = 0; r < nr; ++r) {
-      const T* s = tile + r * nc + c0;
-#pragma omp simd
-      for (int64_t c = 0; c < w; ++c) m_new[c] = s[c] > m_new[c] ? s[c] : m_new[c];
+struct ColumnScratch {
+  std::vector<T> sum, max, chunk_ref, row_max;
+};
+
+// Online row and/or column (max, sum) statistics of one (nr x nc) tile, one exp per element.
+template <typename T>
+void update_stats(const T* tile, int64_t nr, int64_t nc, T* row_m, T* row_s, T* col_m, T* col_s,
+                  ColumnScratch<T>& w) {
+  const bool cols = col_m != nullptr;
+  const int64_t chunks = (nr + kChunkRows - 1) / kChunkRows;
+  w.row_max.resize(nr);
+  if (cols) {
+    w.sum.assign(chunks * nc, T(0));
+    w.max.assign(chunks * nc, neg_inf<T>());
+    w.chunk_ref.resize(chunks);
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * kChunkRows, r1 = std::min(nr, r0 + kChunkRows);
+      T R = neg_inf<T>();
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* s = tile + r * nc;
+        T mt = neg_inf<T>();
+#pragma omp simd reduction(max : mt)
+        for (int64_t j = 0; j < nc; ++j) mt = s[j] > mt ? s[j] : mt;
+        w.row_max[r] = mt;
+        R = mt > R ? mt : R;
+      }
+      T* cs = cols ? w.sum.data() + c * nc : nullptr;
+      T* cm = cols ? w.max.data() + c * nc : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* s = tile + r * nc;
+        const T m = w.row_max[r];
+        const T ref = m == neg_inf<T>() ? T(0) : m;  // an all -inf row gives e = 0 (or NaN)
+        T acc = 0;
+        if (cols) {
+          const T a = m == neg_inf<T>() ? T(0) : fast_exp(m - R);
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < nc; ++j) {
+            const T e = fast_exp(s[j] - ref);
+            acc += e;
+            cs[j] += a * e;
+            cm[j] = s[j] > cm[j] ? s[j] : cm[j];
+          }
+        } else {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 0; j < nc; ++j) acc += fast_exp(s[j] - ref);
+        }
+        if (row_m != nullptr) merge_stat(row_m[r], row_s[r], m, acc);
+      }
+      if (cols) w.chunk_ref[c] = R;
     }
-    for (int64_t c = 0; c < w; ++c) {
-      ref[c] = m_new[c] == neg_inf<T>() ? T(0) : m_new[c];
-      T m_old = col_m[c0 + c];
-      T factor = m_old == neg_inf<T>() ? T(0) : fast_exp(m_old - ref[c]);
-      col_s[c0 + c] *= factor;
-      col_m[c0 + c] = m_new[c];
-    }
-    T* sum = col_s + c0;
-    for (int64_t r = 0; r < nr; ++r) {
-      const T* s = tile + r * nc + c0;
+  });
+  if (!cols) return;
+  T R = neg_inf<T>();
+  for (int64_t c = 0; c < chunks; ++c) R = w.chunk_ref[c] > R ? w.chunk_ref[c] : R;
+  at::parallel_for(0, nc, 256, [&](int64_t j0, int64_t j1) {
+    const int64_t width = j1 - j0;
+    std::vector<T> sum(width, T(0)), mx(width, neg_inf<T>());
+    for (int64_t c = 0; c < chunks; ++c) {
+      const T Rc = w.chunk_ref[c];
+      const T f = Rc == neg_inf<T>() ? T(0) : fast_exp(Rc - R);
+      const T* cs = w.sum.data() + c * nc + j0;
+      const T* cm = w.max.data() + c * nc + j0;
 #pragma omp simd
-      for (int64_t c = 0; c < w; ++c) sum[c] += fast_exp(s[c] - ref[c]);
+      for (int64_t j = 0; j < width; ++j) {
+        sum[j] += f * cs[j];
+        mx[j] = cm[j] > mx[j] ? cm[j] : mx[j];
+      }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      const T m = mx[j];
+      T s = sum[j];
+      if (m != neg_inf<T>()) {
+        if (m >= R - T(kSharedRefGap)) {
+          s *= fast_exp(R - m);  // re-reference the sum to the column's own maximum
+        } else {
+          s = 0;
+          for (int64_t r = 0; r < nr; ++r) s += fast_exp(tile[r * nc + j0 + j] - m);
+        }
+      }
+      merge_stat(col_m[j0 + j], col_s[j0 + j], m, s);
     }
   });
 }
@@ -106,18 +169,66 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& qf, const at::
   auto opts = qf.options();
   at::Tensor row_m = at::full({rows ? N : 0}, neg_inf<T>(), opts), row_s = at::zeros({rows ? N : 0}, opts);
   at::Tensor col_m = at::full({cols ? M : 0}, neg_inf<T>(), opts), col_s = at::zeros({cols ? M : 0}, opts);
+  ColumnScratch<T> scratch;
   fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
                               [&](at::Tensor& tile, const at::Tensor&, const at::Tensor&, int64_t i0, int64_t j0) {
     if (has_diag) mask_diagonal<T>(tile, i0, j0, offset);
     const int64_t nr = tile.size(0), nc = tile.size(1);
     const T* t = tile.data_ptr<T>();
-    if (rows) update_rows<T>(t, nr, nc, row_m.data_ptr<T>() + i0, row_s.data_ptr<T>() + i0);
-    if (cols) update_cols<T>(t, nr, nc, col_m.data_ptr<T>() + j0, col_s.data_ptr<T>() + j0);
+    update_stats<T>(t, nr, nc, rows ? row_m.data_ptr<T>() + i0 : nullptr, rows ? row_s.data_ptr<T>() + i0 : nullptr,
+                    cols ? col_m.data_ptr<T>() + j0 : nullptr, cols ? col_s.data_ptr<T>() + j0 : nullptr, scratch);
   });
   at::Tensor row_lse = at::empty_like(row_m), col_lse = at::empty_like(col_m);
   if (rows) finish_lse<T>(row_m.data_ptr<T>(), row_s.data_ptr<T>(), bias, row_lse.data_ptr<T>(), N);
   if (cols) finish_lse<T>(col_m.data_ptr<T>(), col_s.data_ptr<T>(), bias, col_lse.data_ptr<T>(), M);
   return {row_lse, col_lse};
+}
+
+// Scratch for the combined gradient tile, reused across tiles.
+template <typename T>
+struct GradientScratch {
+  std::vector<T> alpha, beta_g;
+  std::vector<int64_t> exact_cols;
+};
+
+// dS = g_row[i] * exp(s - rl[i]) + g_col[j] * exp(s - cl[j]) with one exp per element:
+// with P = exp(s - rl[i]) and a shared reference T0 = max_i rl[i],
+//   dS = P * (g_row[i] + exp(rl[i] - T0) * g_col[j] * exp(T0 - cl[j])).
+// exp(T0 - cl[j]) may not overflow, so columns with T0 - cl[j] > kSharedRefGap (rare: a column
+// whose LSE is far below every row's) take the exact two-exp form.  An excluded row or column
+// has lse +inf here and contributes 0.
+template <typename T>
+void gradient_tile_both(T* tile, int64_t nr, int64_t nc, const T* rl, const T* gr, const T* cl,
+                        const T* gc, GradientScratch<T>& w) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T T0 = neg_inf<T>();
+  for (int64_t r = 0; r < nr; ++r)
+    if (rl[r] < inf) T0 = rl[r] > T0 ? rl[r] : T0;
+  if (T0 == neg_inf<T>()) T0 = 0;
+  w.alpha.resize(nr);
+  w.beta_g.resize(nc);
+  w.exact_cols.clear();
+  for (int64_t r = 0; r < nr; ++r) w.alpha[r] = rl[r] < inf ? fast_exp(rl[r] - T0) : T(0);
+  for (int64_t j = 0; j < nc; ++j) {
+    const bool exact = cl[j] < inf && T0 - cl[j] > T(kSharedRefGap);
+    if (exact) w.exact_cols.push_back(j);
+    w.beta_g[j] = exact ? T(0) : gc[j] * fast_exp(T0 - cl[j]);  // cl = +inf gives 0, NaN stays NaN
+  }
+  const T* bg = w.beta_g.data();
+  at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<T> saved(w.exact_cols.size());
+    for (int64_t r = r0; r < r1; ++r) {
+      T* s = tile + r * nc;
+      for (size_t x = 0; x < saved.size(); ++x) saved[x] = s[w.exact_cols[x]];
+      const T gri = gr[r], rli = rl[r], ai = w.alpha[r];
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) s[j] = fast_exp(s[j] - rli) * (gri + ai * bg[j]);
+      for (size_t x = 0; x < saved.size(); ++x) {
+        const int64_t j = w.exact_cols[x];
+        s[j] += gc[j] * fast_exp(saved[x] - cl[j]);
+      }
+    }
+  });
 }
 
 // dS = g_row[i] * exp(s - row_lse[i]) + g_col[j] * exp(s - col_lse[j]), then
@@ -137,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
   at::Tensor gr = rows ? g_row.to(qf.scalar_type()).contiguous() : g_row;
   at::Tensor gc = cols ? g_col.to(qf.scalar_type()).contiguous() : g_col;
   at::Tensor Gq = at::zeros_like(qf), Gk = at::zeros_like(kf);
+  GradientScratch<T> scratch;
   fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
                               [&](at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk,
                                   int64_t i0, int64_t j0) {
@@ -147,24 +259,23 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
     const T* grp = rows ? gr.data_ptr<T>() + i0 : nullptr;
     const T* clp = cols ? cl.data_ptr<T>() + j0 : nullptr;
     const T* gcp = cols ? gc.data_ptr<T>() + j0 : nullptr;
-    at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T* s = t + r * nc;
-        if (rows && cols) {
-          const T gri = grp[r], rli = rlp[r];
+    if (rows && cols) {
+      gradient_tile_both<T>(t, nr, nc, rlp, grp, clp, gcp, scratch);
+    } else {
+      at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          T* s = t + r * nc;
+          if (rows) {
+            const T gri = grp[r], rli = rlp[r];
 #pragma omp simd
-          for (int64_t c = 0; c < nc; ++c)
-            s[c] = gri * fast_exp(s[c] - rli) + gcp[c] * fast_exp(s[c] - clp[c]);
-        } else if (rows) {
-          const T gri = grp[r], rli = rlp[r];
+            for (int64_t c = 0; c < nc; ++c) s[c] = gri * fast_exp(s[c] - rli);
+          } else {
 #pragma omp simd
-          for (int64_t c = 0; c < nc; ++c) s[c] = gri * fast_exp(s[c] - rli);
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < nc; ++c) s[c] = gcp[c] * fast_exp(s[c] - clp[c]);
+            for (int64_t c = 0; c < nc; ++c) s[c] = gcp[c] * fast_exp(s[c] - clp[c]);
+          }
         }
-      }
-    });
+      });
+    }
     fastcl::accumulate_tile_grads(Gq, Gk, tile, q_strip, k_chunk, i0, j0);
   });
   return {Gq, Gk};

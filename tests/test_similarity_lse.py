@@ -96,6 +96,41 @@ def test_large_magnitudes_are_finite_and_exact(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("rows,cols", [(True, True), (False, True)])
+def test_columns_far_below_the_tile_maximum(backend, rows, cols):
+    # One dominant row lifts the tile maximum hundreds above most columns' maxima, and its LSE
+    # far above those columns' LSEs: the C++ kernels share one exp between rows and columns
+    # only within 60 of that maximum and must take their exact per-column path elsewhere.
+    gen = torch.Generator().manual_seed(11)
+    q, k = randn(67, 8, generator=gen), randn(131, 8, generator=gen)
+    q[0] = 0.0
+    q[0, 0] = 40.0
+    k[:3, 0] = torch.tensor([3.0, 2.9, 2.6])  # a few columns near the maximum share the exp
+    s = q.double() @ k.double().T * 2.5
+    gap = s.max() - s.max(dim=0).values
+    assert (gap > 60).any() and (gap <= 60).any(), "the construction must reach both paths"
+    _compare_fixed(backend, q, k, 2.5, rows=rows, cols=cols)
+
+
+def _compare_fixed(backend, q, k, scale, *, rows, cols):
+    """Value and gradients of a positive weighted sum of the outputs against float64."""
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    out = similarity_lse(q, k, scale, rows=rows, cols=cols, backend=backend)
+    out64 = reference_similarity_lse(q64, k64, scale, None, rows=rows, cols=cols)
+    out = out if rows and cols else ((out, None) if rows else (None, out))
+    loss, loss64 = 0.0, 0.0
+    for i, (o, o64) in enumerate(zip(out, out64)):
+        if o is None:
+            continue
+        assert_close(o, o64, torch.float32, "lse")
+        w = torch.linspace(0.5, 1.5, o.numel(), dtype=torch.float64)
+        loss, loss64 = loss + (o * w.float()).sum(), loss64 + (o64 * w).sum()
+    for name, g, g64 in zip(("dq", "dk"), torch.autograd.grad(loss, [q, k]), torch.autograd.grad(loss64, [q64, k64])):
+        assert_close(g, g64, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_in_gives_nan_out(backend):
     gen = torch.Generator().manual_seed(4)
     q, k = randn(67, 40, generator=gen), randn(131, 40, generator=gen)
