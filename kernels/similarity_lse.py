@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcl.ops.strips import mm_f32_into
+
 FUSED_MAX_D = 256
 STRIP_WORKSPACE_BYTES = 128 * 2**20
 # Rows per strip at least this many, so that dS_strip @ k (a strip x D output over a long K) has
@@ -282,27 +284,6 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
-def _mm_f32_into(out, a, b, accumulate: bool):
-    """out (+)= a @ b with fp32 accumulation and output; half inputs stay on the tensor cores and
-    cuBLAS adds into ``out`` itself (beta = 1), so no fp32 temporary of out's size is made."""
-    if a.dtype in (torch.float32, torch.float64):
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-        return
-    try:
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
-    except (TypeError, RuntimeError, NotImplementedError):  # no dtype overloads (CPU, older torch)
-        if accumulate:
-            out += (a @ b).float()
-        else:
-            out.copy_(a @ b)
-
-
 def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset):
     n, d = q.shape
     m = k.shape[0]
@@ -325,6 +306,6 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
             BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
             **cfg["launch"])
         ds = ws[:nr]
-        _mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
-        _mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
+        mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
+        mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
     return gq, gk

@@ -1,7 +1,8 @@
 """Backend choice: ``backend=`` argument, else ``FASTCL_BACKEND``, else ``auto``."""
 import importlib.util
+import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -22,17 +23,41 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+def pick_gpu_backend(op: str, n: int, m: int, d: int, dtype: torch.dtype) -> str:
+    """"triton" or "cuda" for one problem, from the committed table in ``dispatch_table.py``.
+
+    op: "similarity_lse" or "sigmoid_pair"; q is (n, d), k is (m, d) of ``dtype``.  The nearest
+    measured grid point (log2 of sqrt(n * m) and of d) for the op and dtype decides; the table's
+    DEFAULT answers where it has no entry (everywhere, until it is measured).
+    """
+    from fastcl.ops import dispatch_table as t
+    name = str(dtype).replace("torch.", "")
+    points = [(key[2], key[3]) for key in t.TABLE if key[0] == op and key[1] == name]
+    if not points:
+        return t.DEFAULT
+    size = math.log2(max(1.0, math.sqrt(n * m)))
+    gn, gd = min(points, key=lambda p: (math.log2(p[0]) - size) ** 2 + (math.log2(p[1]) - math.log2(max(d, 1))) ** 2)
+    return t.TABLE[(op, name, gn, gd)]
+
+
+def resolve_backend(backend: Optional[str], device: torch.device,
+                    problem: Optional[Tuple[str, int, int, int, torch.dtype]] = None) -> str:
     """Concrete backend name for tensors on ``device``; raises a clear error if unusable.
 
-    ``auto`` picks ``triton`` for CUDA tensors and ``cpu`` (the C++ extension) for CPU
-    tensors, and falls back to ``reference`` when those are missing.
+    ``auto`` picks ``cpu`` (the C++ extension) for CPU tensors and ``triton`` for CUDA tensors,
+    falling back to ``reference`` when those are missing.  Ops with a ``cuda`` backend pass
+    ``problem = (op, n, m, d, dtype)``: then ``auto`` on CUDA asks ``pick_gpu_backend`` when
+    both triton and the CUDA kernels are there, and uses whichever one is there otherwise.
     """
     name = backend if backend is not None else os.environ.get("FASTCL_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     name = name.lower()
     if name == "auto":
+        if device.type == "cuda" and problem is not None and extension_has_cuda():
+            if not triton_available():
+                return "cuda"
+            return pick_gpu_backend(*problem)
         if device.type == "cuda" and triton_available():
             return "triton"
         if device.type == "cpu" and extension_available():

@@ -27,6 +27,9 @@ def _kernel_forward(backend: str):
     if backend == "triton":
         from fastcl.kernels.sigmoid_pair import sigmoid_pair_forward
         return sigmoid_pair_forward
+    if backend == "cuda":
+        from fastcl.ops.strips import sigmoid_forward
+        return sigmoid_forward
     raise ValueError(f"sigmoid_pair_loss has no fused {backend!r} backend")
 
 
@@ -36,6 +39,9 @@ def _kernel_backward(backend: str):
     if backend == "triton":
         from fastcl.kernels.sigmoid_pair import sigmoid_pair_backward
         return sigmoid_pair_backward
+    if backend == "cuda":
+        from fastcl.ops.strips import sigmoid_backward
+        return sigmoid_backward
     raise ValueError(f"sigmoid_pair_loss has no fused {backend!r} backend")
 
 
@@ -108,7 +114,8 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
         k: (M, D), same dtype and device; M may differ from N (columns past N are all negatives).
         scale: positive Python float or 0-d floating tensor (may require grad).
         bias: Python float or 0-d floating tensor (may require grad).
-        backend: "auto", "reference", "cpu" or "triton"; default ``FASTCL_BACKEND`` or "auto".
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (float32/bfloat16/float16 on
+            CUDA; fastcl.ops.strips); default ``FASTCL_BACKEND`` or "auto".
 
     Returns:
         0-d tensor, float32 (float64 for float64 inputs); differentiable in q, k, scale, bias.
@@ -116,9 +123,7 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
     check_pair("q", q, "k", k)
     check_scalar("scale", scale, positive=True)
     check_scalar("bias", bias)
-    name = resolve_backend(backend, q.device)
-    if name == "cuda":  # no hand-written CUDA kernel for this op; Triton covers CUDA tensors
-        name = "triton"
+    name = resolve_backend(backend, q.device, ("sigmoid_pair", q.shape[0], k.shape[0], q.shape[1], q.dtype))
     if name == "reference":
         return reference_sigmoid_pair_loss(q, k, scale, bias)
     ct = compute_dtype(q.dtype)

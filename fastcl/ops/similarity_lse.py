@@ -24,6 +24,9 @@ def _kernels_forward(backend: str):
     if backend == "triton":
         from fastcl.kernels.similarity_lse import lse_forward
         return lse_forward
+    if backend == "cuda":
+        from fastcl.ops.strips import lse_forward
+        return lse_forward
     raise ValueError(f"similarity_lse has no fused {backend!r} backend")
 
 
@@ -33,6 +36,9 @@ def _kernels_backward(backend: str):
             q, k, float(s), float(b), rl, cl, gr, gc, d)
     if backend == "triton":
         from fastcl.kernels.similarity_lse import lse_backward
+        return lse_backward
+    if backend == "cuda":
+        from fastcl.ops.strips import lse_backward
         return lse_backward
     raise ValueError(f"similarity_lse has no fused {backend!r} backend")
 
@@ -121,7 +127,8 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         rows: return the row LSE, shape (N,).
         cols: return the column LSE, shape (M,).
         exclude_diagonal: if an int ``offset``, entries with ``j == i + offset`` are left out.
-        backend: "auto", "reference", "cpu", "triton" or "cuda"; default ``FASTCL_BACKEND`` or "auto".
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (float32/bfloat16/float16 on
+            CUDA; fastcl.ops.strips); default ``FASTCL_BACKEND`` or "auto".
 
     Returns:
         The row LSE (N,), the column LSE (M,), or the tuple (row, col) when both are asked for;
@@ -134,7 +141,7 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
     check_offset("exclude_diagonal", exclude_diagonal)
     if not (rows or cols):
         raise ValueError("at least one of rows or cols must be True")
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, ("similarity_lse", q.shape[0], k.shape[0], q.shape[1], q.dtype))
     if name == "reference":
         row, col = reference_similarity_lse(q, k, scale, bias, rows=rows, cols=cols,
                                             exclude_diagonal=exclude_diagonal)

@@ -1,0 +1,259 @@
+"""Strip driver of the ``cuda`` backend (``similarity_lse`` and ``sigmoid_pair_loss``).
+
+For each strip of rows, cuBLAS (``torch.mm``) writes the raw scores ``x = q[strip] @ k.T`` in
+fp32 into a workspace of at most ``workspace_bytes()``; one fused CUDA epilogue then reads the
+strip once (csrc/cuda/similarity_strips.cu):
+
+    forward   row LSE of s = scale * x + bias, the strip's column LSE (merged across strips with
+              logaddexp, in strip order), or the sigmoid loss per row;
+    backward  the gradient tile dS (or G), written in place over the strip in the input dtype,
+              then Gq[strip] = dS @ k and Gk += dS.T @ q[strip] (cuBLAS, fp32 accumulation).
+
+The scores stay fp32 so the LSEs keep fp32 accuracy for half inputs (a bf16 score strip would
+carry an absolute error of |s| * 2^-9).  Scale and bias are device scalars read by the epilogues,
+so nothing syncs with the host.  The epilogues sit behind a small interface (``CudaEpilogues``);
+the tests run this driver on the CPU with a pure-PyTorch stand-in for it.
+
+Epilogue interface (scores: (R, M) fp32 strip, row stride >= M; scale, bias: 0-d fp32; ``diag``:
+local column offset of the special entry ``j == i + diag`` of row i, or None):
+
+    lse_fwd(scores, scale, bias, diag, rows, cols) -> (row (R,) or (0,), col (M,) or (0,))  fp32
+    lse_bwd(scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype) -> None
+        writes dS over ``scores`` (see ``inplace_view``); row_lse/g_row (R,), col_lse/g_col (M,) or None
+    sigmoid_fwd(scores, scale, bias, diag) -> (R,) fp32 row sums of the loss terms
+    sigmoid_bwd(scores, scale, bias, diag, out_dtype) -> (R,) fp32 row sums of G; writes G in place
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+DEFAULT_WORKSPACE_MB = 256.0
+# Set to a number of MB to override FASTCL_CUDA_WORKSPACE_MB (and the default) in this process.
+WORKSPACE_MB: Optional[float] = None
+# Mirrors kFwdRowsPerBlock and kFwdSplitCols in csrc/cuda/similarity_strips.cuh (checked by a
+# test): the forward epilogue keeps one column partial per PARTIAL_ROWS rows and one row
+# partial per split of SPLIT_COLS columns, which count against the workspace too.
+PARTIAL_ROWS = 16
+SPLIT_COLS = 1024
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def workspace_mb() -> float:
+    """The workspace bound in MB: ``WORKSPACE_MB``, else ``FASTCL_CUDA_WORKSPACE_MB``, else 256."""
+    if WORKSPACE_MB is not None:
+        value, where = WORKSPACE_MB, "fastcl.ops.strips.WORKSPACE_MB"
+    else:
+        where = "FASTCL_CUDA_WORKSPACE_MB"
+        text = os.environ.get(where)
+        if text is None:
+            return DEFAULT_WORKSPACE_MB
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{where} must be a number of MB, got {text!r}") from None
+    if not value > 0:
+        raise ValueError(f"{where} must be > 0 MB, got {value!r}")
+    return float(value)
+
+
+def workspace_bytes() -> int:
+    """The workspace bound in bytes (see ``workspace_mb``)."""
+    return int(workspace_mb() * 2**20)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def workspace_usage(rows: int, m: int) -> int:
+    """Bytes the driver and the epilogues hold at once for a strip of ``rows`` x ``m``: the fp32
+    score strip, the forward's column partials (rows / PARTIAL_ROWS) x m and row partials."""
+    col_parts = _cdiv(rows, PARTIAL_ROWS) * m if rows > PARTIAL_ROWS else 0
+    row_parts = rows * _cdiv(m, SPLIT_COLS) if m > SPLIT_COLS else 0
+    return 4 * (rows * m + col_parts + row_parts)
+
+
+def strip_rows(n: int, m: int, budget: Optional[int] = None) -> int:
+    """Rows per strip: as many as fit ``budget`` bytes (default ``workspace_bytes()``), at most n.
+
+    A multiple of PARTIAL_ROWS when more than that many fit (whole row groups); at least one
+    row even if a single row exceeds the budget (then one row of m fp32 scores is used).
+    """
+    budget = workspace_bytes() if budget is None else budget
+    lo, hi = 1, max(1, min(n, budget // (4 * m)))  # usage >= 4 * rows * m
+    while lo < hi:  # the most rows whose usage fits (usage grows with rows)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if workspace_usage(mid, m) <= budget else (lo, mid - 1)
+    if lo > PARTIAL_ROWS and lo < n:
+        lo -= lo % PARTIAL_ROWS
+    return lo
+
+
+def mm_f32_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b`` with fp32 accumulation and an fp32 ``out``.
+
+    a (P, K), b (K, Q): one dtype (float32/bfloat16/float16/float64, any strides); out (P, Q)
+    float32 (float64 for float64 inputs).  Half inputs stay on the tensor cores and cuBLAS writes
+    or adds into ``out`` itself (beta = 1), so no temporary of out's size is made.  Where the
+    dtype overloads are missing (CPU, older torch) the product runs on fp32 copies instead.
+    """
+    if a.dtype in (torch.float32, torch.float64):
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    try:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError, NotImplementedError):  # no dtype overloads (CPU, older torch)
+        if accumulate:
+            out.addmm_(a.float(), b.float())
+        else:
+            torch.mm(a.float(), b.float(), out=out)
+
+
+def inplace_view(scores: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (R, M) tile in ``dtype`` that a backward epilogue writes over the fp32 strip (R, M):
+    row i lies in the first bytes of the strip's row i (row stride 4 / itemsize times longer)."""
+    if dtype == torch.float32:
+        return scores
+    return scores.view(dtype)[:, :scores.shape[1]]
+
+
+class CudaEpilogues:
+    """The fused epilogues of csrc/cuda/similarity_strips.cu (``torch.ops.fastcl_C.cuda_strip_*``).
+
+    Signatures: see the module docstring."""
+
+    @staticmethod
+    def lse_fwd(scores, scale, bias, diag, rows, cols):
+        return torch.ops.fastcl_C.cuda_strip_lse_fwd(scores, scale, bias, diag, rows, cols)
+
+    @staticmethod
+    def lse_bwd(scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype):
+        torch.ops.fastcl_C.cuda_strip_lse_bwd(scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype)
+
+    @staticmethod
+    def sigmoid_fwd(scores, scale, bias, diag):
+        return torch.ops.fastcl_C.cuda_strip_sigmoid_fwd(scores, scale, bias, diag)
+
+    @staticmethod
+    def sigmoid_bwd(scores, scale, bias, diag, out_dtype):
+        return torch.ops.fastcl_C.cuda_strip_sigmoid_bwd(scores, scale, bias, diag, out_dtype)
+
+
+# The epilogues the driver calls; tests swap in a pure-PyTorch stand-in to run it on the CPU.
+EPILOGUES = CudaEpilogues
+
+
+def _prepare(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor):
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the cuda backend supports float32, bfloat16 and float16 inputs, got {q.dtype}; "
+                        "use backend='triton', 'cpu' or 'reference' for float64")
+    f32 = lambda t: t.to(device=q.device, dtype=torch.float32).reshape(()).contiguous()  # noqa: E731
+    ws = torch.empty((strip_rows(q.shape[0], k.shape[0]), k.shape[0]), device=q.device, dtype=torch.float32)
+    return f32(scale), f32(bias), ws
+
+
+def _strips(n: int, ws: Tensor):
+    step = ws.shape[0]
+    for r0 in range(0, n, step):
+        yield r0, min(step, n - r0)
+
+
+def lse_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
+                diag_offset: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """Row LSE (N,) and column LSE (M,) of ``scale * q @ k.T + bias`` (each (0,) when not
+    asked), float32; entries ``j == i + diag_offset`` left out.
+
+    q (N, D), k (M, D): float32/bfloat16/float16 on one CUDA device; scale, bias: 0-d tensors.
+    """
+    epi = EPILOGUES
+    scale, bias, ws = _prepare(q, k, scale, bias)
+    n, m = q.shape[0], k.shape[0]
+    row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
+    col = torch.full((m if cols else 0,), float("-inf"), device=q.device, dtype=torch.float32)
+    kt = k.T
+    for r0, nr in _strips(n, ws):
+        scores = ws[:nr]
+        mm_f32_into(scores, q[r0:r0 + nr], kt, accumulate=False)
+        diag = None if diag_offset is None else r0 + int(diag_offset)
+        r, c = epi.lse_fwd(scores, scale, bias, diag, rows, cols)
+        if rows:
+            row[r0:r0 + nr] = r
+        if cols:  # strip order: deterministic
+            torch.logaddexp(col, c, out=col)
+    return row, col
+
+
+def lse_backward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
+                 g_row: Tensor, g_col: Tensor, diag_offset: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """``Gq = dS @ k`` (N, D) and ``Gk = dS.T @ q`` (M, D), float32, unscaled, for
+    ``dS = g_row * P_row + g_col * P_col``.
+
+    q (N, D), k (M, D) as in ``lse_forward``; row_lse, g_row (N,) and col_lse, g_col (M,) fp32,
+    where an empty row_lse / col_lse (0,) marks a side the forward did not compute.
+    """
+    epi = EPILOGUES
+    scale, bias, ws = _prepare(q, k, scale, bias)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    rows, cols = row_lse.numel() > 0, col_lse.numel() > 0
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    row_lse, g_row, col_lse, g_col = f32(row_lse), f32(g_row), f32(col_lse), f32(g_col)
+    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
+    gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
+    kt = k.T
+    for r0, nr in _strips(n, ws):
+        scores, q_strip = ws[:nr], q[r0:r0 + nr]
+        mm_f32_into(scores, q_strip, kt, accumulate=False)
+        diag = None if diag_offset is None else r0 + int(diag_offset)
+        epi.lse_bwd(scores, scale, bias, diag,
+                    row_lse[r0:r0 + nr] if rows else None, g_row[r0:r0 + nr] if rows else None,
+                    col_lse if cols else None, g_col if cols else None, q.dtype)
+        ds = inplace_view(scores, q.dtype)
+        mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
+        mm_f32_into(gk, ds.T, q_strip, accumulate=True)
+    return gq, gk
+
+
+def sigmoid_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``sum_ij softplus(-z_ij * (scale * q_i . k_j + bias))``, z = +1 iff j == i: 0-d float32.
+
+    q (N, D), k (M, D): float32/bfloat16/float16 on one CUDA device; scale, bias: 0-d tensors.
+    Row sums are added in float64, strip by strip (deterministic).
+    """
+    epi = EPILOGUES
+    scale, bias, ws = _prepare(q, k, scale, bias)
+    total = torch.zeros((), device=q.device, dtype=torch.float64)
+    kt = k.T
+    for r0, nr in _strips(q.shape[0], ws):
+        scores = ws[:nr]
+        mm_f32_into(scores, q[r0:r0 + nr], kt, accumulate=False)
+        total += epi.sigmoid_fwd(scores, scale, bias, r0).sum(dtype=torch.float64)
+    return total.to(torch.float32)
+
+
+def sigmoid_backward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(G @ k (N, D), G.T @ q (M, D), sum(G) 0-d)``, float32, with ``G = dL/ds`` of
+    ``sigmoid_forward``'s loss.  Inputs as in ``sigmoid_forward``."""
+    epi = EPILOGUES
+    scale, bias, ws = _prepare(q, k, scale, bias)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
+    gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
+    gsum = torch.zeros((), device=q.device, dtype=torch.float64)
+    kt = k.T
+    for r0, nr in _strips(n, ws):
+        scores, q_strip = ws[:nr], q[r0:r0 + nr]
+        mm_f32_into(scores, q_strip, kt, accumulate=False)
+        gsum += epi.sigmoid_bwd(scores, scale, bias, r0, q.dtype).sum(dtype=torch.float64)
+        g = inplace_view(scores, q.dtype)
+        mm_f32_into(gq[r0:r0 + nr], g, k, accumulate=False)
+        mm_f32_into(gk, g.T, q_strip, accumulate=True)
+    return gq, gk, gsum.to(torch.float32)

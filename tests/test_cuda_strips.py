@@ -1,0 +1,191 @@
+"""The cuda backend's strip driver (fastcl/ops/strips.py) on the CPU, with the CUDA epilogues
+replaced by a float64 PyTorch stand-in (tests/_strip_emulation.py): strip boundaries, the
+diagonal offset per strip, the column merge across strips, the in-place gradient tile and the
+autograd formulas, against the float64 reference at odd sizes with a tiny workspace.  Also the
+workspace bound, the dispatch table and the errors.  The CUDA kernels themselves are checked
+against the same stand-in in tests/test_gpu.py."""
+import importlib
+import pathlib
+import re
+
+import pytest
+import torch
+
+from _strip_emulation import TorchEpilogues
+from conftest import DTYPES, assert_close, randn
+from fastcl.ops import dispatch, dispatch_table, strips
+from fastcl.ops.dispatch import resolve_backend
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The modules, not the functions that fastcl.ops re-exports under the same names.
+similarity_lse_mod = importlib.import_module("fastcl.ops.similarity_lse")
+sigmoid_pair_mod = importlib.import_module("fastcl.ops.sigmoid_pair")
+
+
+class CountingEpilogues(TorchEpilogues):
+    calls = 0
+
+    @classmethod
+    def lse_fwd(cls, *args):
+        cls.calls += 1
+        return TorchEpilogues.lse_fwd(*args)
+
+
+@pytest.fixture(params=[0.01, 0.0015], ids=["strips16", "strips3"])
+def emulated(request, monkeypatch):
+    """backend="cuda" on CPU tensors runs the real driver with the stand-in epilogues; the
+    workspace holds 16 (or 3) rows of 131 columns, so N=67 takes 5 (or 23) strips."""
+    real = resolve_backend
+    fake = lambda backend, device, problem=None: "cuda" if backend == "cuda" else real(backend, device, problem)  # noqa: E731
+    monkeypatch.setattr(similarity_lse_mod, "resolve_backend", fake)
+    monkeypatch.setattr(sigmoid_pair_mod, "resolve_backend", fake)
+    monkeypatch.setattr(strips, "EPILOGUES", CountingEpilogues)
+    monkeypatch.setattr(strips, "WORKSPACE_MB", request.param)
+    CountingEpilogues.calls = 0
+    return request.param
+
+
+def test_workspace_gives_several_strips(emulated):
+    assert strips.strip_rows(67, 131) == (16 if emulated == 0.01 else 3)
+    from test_similarity_lse import check_against_reference
+    check_against_reference("cuda", 67, 131, 40, torch.float32, cols=True)
+    assert CountingEpilogues.calls == (5 if emulated == 0.01 else 23)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,d", [(67, 131, 40), (1, 2, 3), (300, 17, 8)])
+def test_lse_matches_reference(emulated, dtype, n, m, d):
+    from test_similarity_lse import check_against_reference
+    check_against_reference("cuda", n, m, d, dtype, bias=0.75, seed=n + d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [None, 0, 3, -2, 17, 200])
+@pytest.mark.parametrize("rows,cols", [(True, False), (False, True), (True, True)])
+def test_lse_options(emulated, dtype, offset, rows, cols):
+    from test_similarity_lse import check_against_reference
+    check_against_reference("cuda", 67, 131, 40, dtype, offset=offset, rows=rows, cols=cols,
+                            bias=None if offset is None else -1.25, seed=7)
+
+
+def test_lse_fully_excluded_row(emulated):
+    from fastcl.ops import similarity_lse
+    q = torch.randn(1, 4, requires_grad=True)
+    r = similarity_lse(q, torch.randn(1, 4), 1.0, exclude_diagonal=0, backend="cuda")
+    assert r.item() == float("-inf")
+    r.exp().sum().backward()  # a fully excluded row has zero gradient
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_the_check_catches_a_lost_strip(emulated, monkeypatch):
+    """A driver that kept only the first strip's column statistics must fail the comparison."""
+    from test_similarity_lse import check_against_reference
+    seen = []
+
+    class FirstStripOnly(TorchEpilogues):
+        @staticmethod
+        def lse_fwd(scores, scale, bias, diag, rows, cols):
+            row, col = TorchEpilogues.lse_fwd(scores, scale, bias, diag, rows, cols)
+            seen.append(1)
+            return row, (col if len(seen) == 1 else torch.full_like(col, float("-inf")))
+
+    monkeypatch.setattr(strips, "EPILOGUES", FirstStripOnly)
+    with pytest.raises(AssertionError, match="relative error"):
+        check_against_reference("cuda", 67, 131, 40, torch.float32, rows=False, cols=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,d", [(67, 131, 40), (131, 67, 24), (1, 3, 5)])
+def test_sigmoid_matches_oracle(emulated, dtype, n, m, d):
+    import torch.nn.functional as F
+    from test_sigmoid_pair import _run
+    g = torch.Generator().manual_seed(n * 1000 + m)
+    q = F.normalize(randn(n, d, generator=g), dim=1).to(dtype)
+    k = F.normalize(randn(m, d, generator=g), dim=1).to(dtype)
+    outs, refs = _run(q, k, torch.tensor(10.5), torch.tensor(-9.5), "cuda")
+    for what, o, r in zip(["loss", "dq", "dk", "dscale", "dbias"], outs, refs):
+        if what in ("dq", "dk"):
+            assert o.dtype == dtype
+        assert_close(o, r, dtype, f"cuda {what}")
+
+
+def test_inplace_view_shares_the_strip():
+    scores = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    v = strips.inplace_view(scores, torch.bfloat16)
+    assert v.shape == (3, 4) and v.stride() == (8, 1) and v.data_ptr() == scores.data_ptr()
+    assert strips.inplace_view(scores, torch.float32) is scores
+
+
+@pytest.mark.parametrize("n,m", [(67, 131), (32768, 32768), (131072, 131072), (5, 3_000_000), (10**6, 1000)])
+@pytest.mark.parametrize("mb", [0.01, 1.0, 256.0])
+def test_strip_rows_respect_the_budget(n, m, mb):
+    budget = int(mb * 2**20)
+    rows = strips.strip_rows(n, m, budget)
+    assert 1 <= rows <= n
+    if strips.workspace_usage(1, m) <= budget:
+        assert strips.workspace_usage(rows, m) <= budget
+        # and not wastefully small: one more row group would not fit (or all rows are in).
+        more = rows + (strips.PARTIAL_ROWS if rows >= strips.PARTIAL_ROWS else 1)
+        assert rows == n or strips.workspace_usage(more, m) > budget
+
+
+def test_workspace_setting(monkeypatch):
+    monkeypatch.delenv("FASTCL_CUDA_WORKSPACE_MB", raising=False)
+    assert strips.workspace_mb() == 256.0 and strips.workspace_bytes() == 256 * 2**20
+    monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", "64")
+    assert strips.workspace_bytes() == 64 * 2**20
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 8)
+    assert strips.workspace_bytes() == 8 * 2**20
+    monkeypatch.setattr(strips, "WORKSPACE_MB", None)
+    for bad in ("0", "-3", "lots"):
+        monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="FASTCL_CUDA_WORKSPACE_MB"):
+            strips.workspace_bytes()
+
+
+def test_partial_constants_match_the_kernel():
+    header = (ROOT / "csrc/cuda/similarity_strips.cuh").read_text()
+    assert int(re.search(r"kFwdRowsPerBlock = (\d+);", header).group(1)) == strips.PARTIAL_ROWS
+    assert int(re.search(r"kFwdSplitCols = (\d+);", header).group(1)) == strips.SPLIT_COLS
+
+
+def test_float64_is_refused_with_a_clear_error():
+    q = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="cuda backend supports float32, bfloat16 and float16"):
+        strips.lse_forward(q, q, torch.tensor(1.0), torch.tensor(0.0), True, False, None)
+
+
+def test_backend_cuda_errors_name_the_problem():
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        resolve_backend("cuda", torch.device("cpu"))
+    from fastcl._ext import extension_has_cuda
+    if not extension_has_cuda():
+        with pytest.raises(RuntimeError, match="fastcl._C built with CUDA"):
+            resolve_backend("cuda", torch.device("cuda"))
+
+
+def test_dispatch_table_lookup(monkeypatch):
+    assert dispatch_table.DEFAULT == "triton"
+    if not dispatch_table.TABLE:  # unmeasured: triton everywhere, and the file says so
+        assert dispatch_table.MEASURED_ON is None
+        assert "NOT MEASURED" in dispatch_table.__doc__
+        assert dispatch.pick_gpu_backend("similarity_lse", 32768, 32768, 768, torch.bfloat16) == "triton"
+    table = {("similarity_lse", "bfloat16", 4096, 64): "triton", ("similarity_lse", "bfloat16", 32768, 2048): "cuda",
+             ("sigmoid_pair", "float32", 4096, 64): "cuda"}
+    monkeypatch.setattr(dispatch_table, "TABLE", table)
+    pick = dispatch.pick_gpu_backend
+    assert pick("similarity_lse", 30000, 40000, 4000, torch.bfloat16) == "cuda"
+    assert pick("similarity_lse", 1000, 1000, 32, torch.bfloat16) == "triton"
+    assert pick("similarity_lse", 1000, 1000, 32, torch.float16) == "triton"  # no entries: DEFAULT
+    assert pick("sigmoid_pair", 10, 10, 3, torch.float32) == "cuda"
+
+
+def test_auto_on_cuda_consults_the_table_only_with_the_cuda_kernels(monkeypatch):
+    monkeypatch.setattr(dispatch, "pick_gpu_backend", lambda *a: "cuda")
+    problem = ("similarity_lse", 8, 8, 4, torch.float32)
+    monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda"), problem) == "cuda"
+    if dispatch.triton_available():
+        assert resolve_backend("auto", torch.device("cuda")) == "triton"  # no problem given: old rule
+        monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: False)
+        assert resolve_backend("auto", torch.device("cuda"), problem) == "triton"
