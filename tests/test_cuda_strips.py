@@ -189,3 +189,10 @@ def test_auto_on_cuda_consults_the_table_only_with_the_cuda_kernels(monkeypatch)
         assert resolve_backend("auto", torch.device("cuda")) == "triton"  # no problem given: old rule
         monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: False)
         assert resolve_backend("auto", torch.device("cuda"), problem) == "triton"
+
+
+def test_stand_in_has_the_cuda_signatures():
+    import inspect
+    for name in ("lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd"):
+        assert (inspect.signature(getattr(strips.CudaEpilogues, name))
+                == inspect.signature(getattr(TorchEpilogues, name))), name

@@ -1,5 +1,6 @@
-"""GPU checks (skipped without CUDA): the Triton backend at larger odd sizes, every option,
-both backward modes, and a poisoned-memory check that every output element is written."""
+"""GPU checks (skipped without CUDA): the Triton and cuda backends at larger odd sizes, every
+option, both Triton backward modes, the cuda epilogues one by one against a float64 stand-in,
+cuda against triton, and poisoned-memory checks that every output element is written."""
 import pytest
 import torch
 
@@ -66,3 +67,225 @@ def test_clip_loss_triton_vs_cpu_backend():
     gpu = fastcl.clip_loss(img.cuda(), txt.cuda(), scale.cuda(), backend="triton")
     assert_close(gpu.cpu(), cpu, torch.float32)
     assert fastcl.ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# The cuda backend (cuBLAS score strips + the fused epilogues of csrc/cuda/similarity_strips.cu)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cuda_ext():
+    """The CUDA kernels must be built on a CUDA machine, unless the build was told to skip them."""
+    import os
+
+    from fastcl._ext import extension_has_cuda
+    if not extension_has_cuda():
+        if os.environ.get("FASTCL_NO_EXT") == "1" or os.environ.get("FASTCL_NO_CUDA") == "1":
+            pytest.skip("built without the CUDA kernels on purpose")
+        pytest.fail("fastcl._C has no CUDA kernels on a CUDA machine: the CUDA build failed (see build.log)")
+
+
+@pytest.fixture(params=[None, 1.0], ids=["ws_default", "ws_1MB"])
+def workspace(request, monkeypatch, cuda_ext):
+    """The default workspace, and 1 MB so that every problem below takes several strips."""
+    from fastcl.ops import strips
+    monkeypatch.setattr(strips, "WORKSPACE_MB", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,m,d", [(1000, 3001, 40), (2053, 1031, 256), (777, 1500, 3), (67, 131, 40), (1, 2, 3)])
+def test_cuda_matches_reference(workspace, dtype, n, m, d):
+    check_against_reference("cuda", n, m, d, dtype, bias=0.3, seed=n, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_large_d(cuda_ext, dtype):
+    check_against_reference("cuda", 1501, 2003, 768, dtype, bias=-0.2, seed=1, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [None, 0, 17, -5, 5000])
+@pytest.mark.parametrize("rows,cols", [(True, False), (False, True), (True, True)])
+def test_cuda_options(workspace, dtype, offset, rows, cols):
+    check_against_reference("cuda", 1000, 1337, 64, dtype, offset=offset, rows=rows, cols=cols,
+                            bias=None if offset is None else 1.5, seed=3, device="cuda")
+
+
+def test_cuda_large_logits(cuda_ext):
+    from conftest import LARGE_LOGITS_FACTOR
+    check_against_reference("cuda", 1000, 1000, 128, torch.float32, scale=100.0, bias=-10.0,
+                            factor=LARGE_LOGITS_FACTOR, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [None, 3])
+def test_cuda_agrees_with_triton(cuda_ext, dtype, offset):
+    """Two independent GPU implementations: outputs and gradients within the dtype's tolerance."""
+    from fastcl.ops import similarity_lse
+    gen = torch.Generator().manual_seed(9)
+    q0 = torch.randn(1531, 96, generator=gen).to(dtype)
+    k0 = torch.randn(2011, 96, generator=gen).to(dtype)
+    res = {}
+    for backend in ("triton", "cuda"):
+        q, k = q0.cuda().requires_grad_(), k0.cuda().requires_grad_()
+        s = torch.tensor(4.0, device="cuda", requires_grad=True)
+        r, c = similarity_lse(q, k, s, 0.5, rows=True, cols=True, exclude_diagonal=offset, backend=backend)
+        loss = r.sum() + 0.5 * c.sum()
+        res[backend] = [r, c, *torch.autograd.grad(loss, [q, k, s])]
+    for what, a, b in zip(["row", "col", "dq", "dk", "dscale"], res["cuda"], res["triton"]):
+        assert_close(a, b, torch.float32 if what in ("row", "col") else dtype, f"cuda vs triton {what}")
+
+
+def test_cuda_is_deterministic(cuda_ext):
+    from fastcl.ops import similarity_lse
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3000, 64, generator=gen).cuda().requires_grad_()
+    k = torch.randn(2100, 64, generator=gen).cuda().requires_grad_()
+
+    def run():
+        r, c = similarity_lse(q, k, 3.0, rows=True, cols=True, backend="cuda")
+        return [r, c] + list(torch.autograd.grad(r.sum() + c.sum(), [q, k]))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_cuda_nan_and_fully_excluded(cuda_ext):
+    from fastcl.ops import similarity_lse
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(67, 40, generator=gen).cuda(), torch.randn(131, 40, generator=gen).cuda()
+    q[5, 3] = float("nan")
+    r, c = similarity_lse(q, k, 2.0, rows=True, cols=True, backend="cuda")
+    assert torch.isnan(r[5]) and torch.isfinite(torch.cat([r[:5], r[6:]])).all()
+    assert torch.isnan(c).all()
+    qe = torch.randn(1, 4, device="cuda", requires_grad=True)
+    r = similarity_lse(qe, torch.randn(1, 4, device="cuda"), 1.0, exclude_diagonal=0, backend="cuda")
+    assert r.item() == float("-inf")
+    (g,) = torch.autograd.grad(r.exp().sum(), [qe])
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_every_output_element_is_written(cuda_ext, dtype, monkeypatch):
+    """Poison the caching allocator's free memory with NaN, small strips so the workspace is
+    reused: an element the kernels or the driver leave unwritten shows up as NaN."""
+    from fastcl.ops import strips
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 2.0)
+    for m in (2007, 2008):  # odd M: 4-byte path; M % 4 == 0: 16-byte path
+        q = torch.randn(1003, 200, device="cuda", dtype=dtype)
+        k = torch.randn(m, 200, device="cuda", dtype=dtype)
+        scale, bias = torch.tensor(3.0, device="cuda"), torch.tensor(0.0, device="cuda")
+        for rows, cols in ((True, True), (True, False), (False, True)):
+            poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
+            del poison
+            row, col = strips.lse_forward(q, k, scale, bias, rows, cols, 4)
+            assert torch.isfinite(row).all() and torch.isfinite(col).all()
+            poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
+            del poison
+            g_row, g_col = torch.rand_like(row), torch.rand_like(col)
+            gq, gk = strips.lse_backward(q, k, scale, bias, row, col, g_row, g_col, 4)
+            assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+        poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
+        del poison
+        loss = strips.sigmoid_forward(q, k, scale, bias)
+        gq, gk, gsum = strips.sigmoid_backward(q, k, scale, bias)
+        assert torch.isfinite(loss) and torch.isfinite(gq).all() and torch.isfinite(gk).all() and torch.isfinite(gsum)
+
+
+# Each epilogue against the float64 stand-in, on strips whose padding columns [M, ld) hold NaN
+# (a read past column M would show) and whose shapes reach both load paths, several row groups
+# and column splits, and a row stride that breaks 16-byte alignment.
+STRIP_SHAPES = [(37, 1028, 1028), (37, 1031, 1031), (5, 12, 13), (300, 4100, 4104), (1, 1, 1), (40, 3, 3)]
+
+
+def _strip(r, m, ld, seed):
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.full((r, ld), float("nan"))
+    buf[:, :m] = torch.randn(r, m, generator=gen) * 3
+    return buf.cuda()[:, :m]
+
+
+@pytest.mark.parametrize("r,m,ld", STRIP_SHAPES)
+@pytest.mark.parametrize("diag", [None, 0, 3, -2, 5000])
+def test_epilogue_lse_fwd(cuda_ext, r, m, ld, diag):
+    from _strip_emulation import TorchEpilogues
+    from fastcl.ops.strips import CudaEpilogues
+    scores = _strip(r, m, ld, r + m)
+    scale, bias = torch.tensor(1.7, device="cuda"), torch.tensor(-0.4, device="cuda")
+    for rows, cols in ((True, True), (True, False), (False, True)):
+        out = CudaEpilogues.lse_fwd(scores, scale, bias, diag, rows, cols)
+        ref = TorchEpilogues.lse_fwd(scores, scale, bias, diag, rows, cols)
+        for what, o, e in zip(("row", "col"), out, ref):
+            assert o.shape == e.shape
+            if o.numel():
+                assert_close(o, e, torch.float32, f"lse_fwd {what} rows={rows} cols={cols}")
+
+
+@pytest.mark.parametrize("r,m,ld", STRIP_SHAPES)
+@pytest.mark.parametrize("diag", [None, 0, -2])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_epilogue_lse_bwd_in_place(cuda_ext, r, m, ld, diag, out_dtype):
+    from _strip_emulation import TorchEpilogues
+    from fastcl.ops.strips import CudaEpilogues, inplace_view
+    scale, bias = torch.tensor(1.7, device="cuda"), torch.tensor(-0.4, device="cuda")
+    base = _strip(r, m, ld, 7 * r + m)
+    row, col = TorchEpilogues.lse_fwd(base, scale, bias, diag, True, True)
+    if r > 2:  # a fully excluded row / column (LSE = -inf) must give zero terms
+        row[1], col[0] = float("-inf"), float("-inf")
+    g_row, g_col = torch.rand_like(row) + 0.1, torch.rand_like(col) + 0.1
+    for stats in ((row, g_row, col, g_col), (row, g_row, None, None), (None, None, col, g_col)):
+        # A fresh strip with the same padded layout (NaN padding) for each call.
+        got = torch.as_strided(torch.full((r * ld,), float("nan"), device="cuda"), (r, m), (ld, 1)).copy_(base)
+        want = got.clone()
+        CudaEpilogues.lse_bwd(got, scale, bias, diag, *stats, out_dtype)
+        TorchEpilogues.lse_bwd(want, scale, bias, diag, *stats, out_dtype)
+        a, b = inplace_view(got, out_dtype), inplace_view(want, out_dtype)
+        assert torch.isfinite(a).all(), "an element of the gradient tile was not written"
+        assert_close(a, b, out_dtype, f"lse_bwd in place ({out_dtype})")
+
+
+@pytest.mark.parametrize("r,m,ld", STRIP_SHAPES)
+@pytest.mark.parametrize("diag", [0, 3, 5000])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_epilogue_sigmoid(cuda_ext, r, m, ld, diag, out_dtype):
+    from _strip_emulation import TorchEpilogues
+    from fastcl.ops.strips import CudaEpilogues, inplace_view
+    scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    got = _strip(r, m, ld, r * m + 1)
+    want = torch.empty((r, m), device="cuda").copy_(got)
+    assert_close(CudaEpilogues.sigmoid_fwd(got, scale, bias, diag),
+                 TorchEpilogues.sigmoid_fwd(want, scale, bias, diag), torch.float32, "sigmoid_fwd")
+    s_got = CudaEpilogues.sigmoid_bwd(got, scale, bias, diag, out_dtype)
+    s_want = TorchEpilogues.sigmoid_bwd(want, scale, bias, diag, out_dtype)
+    assert_close(s_got, s_want, torch.float32, "sigmoid_bwd row sums")
+    a, b = inplace_view(got, out_dtype), inplace_view(want, out_dtype)
+    assert torch.isfinite(a).all()
+    assert_close(a, b, out_dtype, "sigmoid_bwd in place")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_sigmoid_matches_oracle_and_triton(workspace, dtype):
+    import torch.nn.functional as F
+
+    from test_sigmoid_pair import _run
+    g = torch.Generator().manual_seed(17)
+    n, m, d = 1031, 2053, 200
+    q = F.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype).cuda()
+    k = F.normalize(torch.randn(m, d, generator=g), dim=1).to(dtype).cuda()
+    scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
+    outs, refs = _run(q, k, scale, bias, "cuda")
+    touts, _ = _run(q, k, scale, bias, "triton")
+    for what, o, r, t in zip(["loss", "dq", "dk", "dscale", "dbias"], outs, refs, touts):
+        assert_close(o.cpu(), r.cpu(), dtype, f"cuda {what}")
+        assert_close(o, t, dtype, f"cuda vs triton {what}")
+
+
+def test_clip_loss_cuda_vs_cpu_backend(cuda_ext):
+    import fastcl
+    gen = torch.Generator().manual_seed(5)
+    img, txt = torch.randn(1500, 512, generator=gen), torch.randn(1500, 512, generator=gen)
+    scale = torch.tensor(10.0)
+    cpu = fastcl.clip_loss(img, txt, scale, backend="cpu")
+    gpu = fastcl.clip_loss(img.cuda(), txt.cuda(), scale.cuda(), backend="cuda")
+    assert_close(gpu.cpu(), cpu, torch.float32)
