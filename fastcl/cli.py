@@ -236,6 +236,7 @@ def cmd_info(args, parser) -> int:
     print("backends:")
     for name, ok, why in rows:
         print(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
+    _print_cuda_settings()
     from fastcl.ops.dispatch import resolve_backend
     print(f"auto picks: cpu tensors -> {resolve_backend('auto', torch.device('cpu'))}"
           + (f", cuda tensors -> {resolve_backend('auto', torch.device('cuda'))}" if cuda else ""))
@@ -243,6 +244,22 @@ def cmd_info(args, parser) -> int:
     for case, why in available_cases().items():
         print(f"  op {case:<9} {'available' if not why else 'missing: ' + why}")
     return 0
+
+
+def _print_cuda_settings() -> None:
+    """The cuda backend's workspace bound and where ``auto``'s triton/cuda table comes from."""
+    from fastcl.ops import dispatch_table, strips
+    try:
+        ws = f"{strips.workspace_mb():g} MB"
+    except ValueError as exc:
+        ws = f"invalid ({exc})"
+    source = ("WORKSPACE_MB" if strips.WORKSPACE_MB is not None else
+              "FASTCL_CUDA_WORKSPACE_MB" if "FASTCL_CUDA_WORKSPACE_MB" in os.environ else "default")
+    print(f"cuda workspace: {ws} ({source}; set FASTCL_CUDA_WORKSPACE_MB to change)")
+    if dispatch_table.MEASURED_ON:
+        print(f"auto on CUDA, triton vs cuda: table measured on {dispatch_table.MEASURED_ON}")
+    else:
+        print(f"auto on CUDA, triton vs cuda: table not measured yet, {dispatch_table.DEFAULT} everywhere")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

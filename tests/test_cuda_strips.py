@@ -196,3 +196,12 @@ def test_stand_in_has_the_cuda_signatures():
     for name in ("lse_fwd", "lse_bwd", "sigmoid_fwd", "sigmoid_bwd"):
         assert (inspect.signature(getattr(strips.CudaEpilogues, name))
                 == inspect.signature(getattr(TorchEpilogues, name))), name
+
+
+def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
+    from fastcl.cli import main
+    monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", "64")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cuda workspace: 64 MB (FASTCL_CUDA_WORKSPACE_MB" in out
+    assert "auto on CUDA, triton vs cuda: table" in out
