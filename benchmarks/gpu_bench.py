@@ -1,10 +1,17 @@
-"""CLIP loss forward+backward on one GPU: fastcl (triton) vs naive open_clip-style PyTorch, Inf-CL
-and the three-matmul floor, measured in one run with ``triton.testing.do_bench`` medians.
+"""CLIP loss forward+backward on one GPU: fastcl (triton and cuda backends) vs naive open_clip-style
+PyTorch, Inf-CL and the three-matmul floor, measured in one run with ``triton.testing.do_bench``
+medians.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` during one fwd+bwd, minus the inputs and the
 input gradients it returns.  Writes JSON and prints a table.
 
     python3 benchmarks/gpu_bench.py --json OUT/clip_bench.json
+
+Second mode: time triton against cuda (forward + backward of similarity_lse with rows and
+columns, and of sigmoid_pair_loss) over a small grid of N = M and D, and write the table that
+``auto`` consults (fastcl/ops/dispatch_table.py), with this GPU's name in it:
+
+    python3 benchmarks/gpu_bench.py --dispatch-table OUT/dispatch_table.py
 """
 import argparse
 import json
@@ -23,6 +30,11 @@ def fastcl_clip(img, txt, scale):
     return fastcl.clip_loss(img, txt, scale, backend="triton")
 
 
+def fastcl_cuda_clip(img, txt, scale):
+    import fastcl
+    return fastcl.clip_loss(img, txt, scale, backend="cuda")
+
+
 def infcl_clip(img, txt, scale):
     from inf_cl import cal_flash_loss  # upcasts to fp32 internally, one call per direction
     labels = torch.arange(img.shape[0], device=img.device)
@@ -37,7 +49,8 @@ def floor_three_mm(img, txt, scale):
     return None
 
 
-METHODS = {"fastcl": fastcl_clip, "naive": naive_clip, "infcl": infcl_clip, "floor_3mm": floor_three_mm}
+METHODS = {"fastcl": fastcl_clip, "fastcl_cuda": fastcl_cuda_clip, "naive": naive_clip, "infcl": infcl_clip,
+           "floor_3mm": floor_three_mm}
 
 
 def measure(method, n, d, dtype, rep_ms, bwd_mode=None):
@@ -102,6 +115,15 @@ def breakdown(n, d, dtype, rep_ms):
     }
     if d <= K.FUSED_MAX_D:
         parts["bwd fused"] = lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="fused")
+    from fastcl._ext import extension_has_cuda
+    if extension_has_cuda():
+        from fastcl.ops import strips
+        parts["cuda fwd rows+cols"] = lambda: strips.lse_forward(q, k, scale, bias, True, True, None)
+        parts["cuda bwd"] = lambda: strips.lse_backward(q, k, scale, bias, row, col, g, g, None)
+        ws = torch.empty((strips.strip_rows(n, n), n), device="cuda")
+        parts["cuda strip mm (fp32 out), all strips"] = lambda: [
+            strips.mm_f32_into(ws[:min(ws.shape[0], n - r0)], q[r0:r0 + ws.shape[0]], k.T, False)
+            for r0 in range(0, n, ws.shape[0])]
     out = []
     for name, fn in parts.items():
         try:
@@ -116,13 +138,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="8192,32768,131072")
     ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--methods", default="fastcl,floor_3mm,naive,infcl")
+    ap.add_argument("--methods", default="fastcl,fastcl_cuda,floor_3mm,naive,infcl")
     ap.add_argument("--rep-ms", type=int, default=400)
     ap.add_argument("--mode-check", default="32768:256", help="N:D at which both backward modes are timed")
     ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dispatch-table", default=None, metavar="PATH",
+                    help="instead of the CLIP table: time triton vs cuda over the grid and write the dispatch table")
+    ap.add_argument("--table-ns", default=None, help="N = M grid (default: dispatch_table.GRID_N)")
+    ap.add_argument("--table-ds", default=None, help="D grid (default: dispatch_table.GRID_D)")
+    ap.add_argument("--table-dtypes", default="bfloat16,float32")
+    ap.add_argument("--table-margin", type=float, default=0.05,
+                    help="cuda wins a point only when at least this fraction faster than triton")
     args = ap.parse_args()
+    if args.dispatch_table:
+        return dispatch_table_mode(args)
     dtype = torch.bfloat16
     rows = []
 
@@ -169,6 +200,98 @@ def print_table(rows):
         mem = r.get("peak_extra_mb")
         print(f"{r['method']:<16} {r['n']:>7} {r['d']:>5} {ts:>10} {f(fl):>8} {f(nv, True):>9} {f(ic, True):>9} "
               f"{'-' if mem is None else f'{mem:.1f}':>14}")
+
+
+OPS = ("similarity_lse", "sigmoid_pair")
+
+
+def time_op(op, backend, n, d, dtype, rep_ms):
+    """Median ms of forward + backward of ``op`` on ``backend`` at q, k (n, d); None if it fails."""
+    from triton.testing import do_bench
+
+    import fastcl
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+    k = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+
+    def step():
+        if op == "similarity_lse":
+            r, c = fastcl.ops.similarity_lse(q, k, 14.3, rows=True, cols=True, backend=backend)
+            loss = r.sum() + c.sum()
+        else:
+            loss = fastcl.ops.sigmoid_pair_loss(q, k, 10.0, -10.0, backend=backend)
+        return torch.autograd.grad(loss, [q, k])
+
+    try:
+        step()
+        return do_bench(step, warmup=25, rep=rep_ms, return_mode="median")
+    except Exception as exc:  # a backend that fails at a point loses it
+        print(f"  {op} {backend} n={n} d={d} {dtype}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def render_dispatch_table(measured_on, grid_n, grid_d, table, timings):
+    """Text of fastcl/ops/dispatch_table.py: ``table`` maps (op, dtype, n, d) to the backend,
+    ``timings`` the same keys to (triton ms, cuda ms)."""
+    lines = [
+        '"""Which fused GPU backend ``auto`` picks for CUDA tensors, per op, dtype and shape.',
+        "",
+        f"Measured on {measured_on}:",
+        "forward + backward of similarity_lse (rows and columns) and sigmoid_pair_loss, N = M, median",
+        "ms (triton / cuda) in the comment after each entry.  Regenerate on the GPU that should decide:",
+        "",
+        "    python benchmarks/gpu_bench.py --dispatch-table fastcl/ops/dispatch_table.py",
+        "",
+        "Lookup (``fastcl.ops.dispatch.pick_gpu_backend``): the grid point nearest in log2 of",
+        "sqrt(N * M) and of D, among the entries for the op and dtype; DEFAULT where there is none.",
+        '"""',
+        "",
+        f"MEASURED_ON = {measured_on!r}",
+        'DEFAULT = "triton"',
+        f"GRID_N = {tuple(grid_n)!r}",
+        f"GRID_D = {tuple(grid_d)!r}",
+        "",
+        '# (op, dtype name, N, D) -> "triton" or "cuda"; N = M at every measured point.',
+        "TABLE = {",
+    ]
+    fmt = lambda t: "failed" if t is None else f"{t:.3f}"  # noqa: E731
+    for key in sorted(table):
+        tt, tc = timings[key]
+        lines.append(f"    {key!r}: {table[key]!r},  # triton {fmt(tt)} ms, cuda {fmt(tc)} ms")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def dispatch_table_mode(args):
+    from fastcl._ext import extension_has_cuda
+    from fastcl.ops import dispatch_table as current
+    if not extension_has_cuda():
+        raise SystemExit("--dispatch-table needs fastcl._C built with its CUDA kernels")
+    grid_n = [int(x) for x in args.table_ns.split(",")] if args.table_ns else list(current.GRID_N)
+    grid_d = [int(x) for x in args.table_ds.split(",")] if args.table_ds else list(current.GRID_D)
+    table, timings = {}, {}
+    for op in OPS:
+        for dname in args.table_dtypes.split(","):
+            dtype = getattr(torch, dname)
+            for n in grid_n:
+                for d in grid_d:
+                    tt = time_op(op, "triton", n, d, dtype, args.rep_ms)
+                    tc = time_op(op, "cuda", n, d, dtype, args.rep_ms)
+                    if tt is None and tc is None:
+                        continue
+                    win = "cuda" if tt is None or (tc is not None and tc < (1 - args.table_margin) * tt) else "triton"
+                    key = (op, dname, n, d)
+                    table[key], timings[key] = win, (tt, tc)
+                    print(json.dumps({"op": op, "dtype": dname, "n": n, "d": d, "triton_ms": tt, "cuda_ms": tc,
+                                      "pick": win}), flush=True)
+    measured_on = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+                   f"{__import__('triton').__version__}, commit {_commit()}, {time.strftime('%Y-%m-%d')}")
+    text = render_dispatch_table(measured_on, grid_n, grid_d, table, timings)
+    with open(args.dispatch_table, "w") as f:
+        f.write(text)
+    print(text)
 
 
 def _commit():

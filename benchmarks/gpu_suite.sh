@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_suite.sh OUTDIR
 # Optional: wheels in .whl/ are installed to /tmp/site first (the Inf-CL row needs
 # `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand, carried to the GPU machine); FASTCL_COMMIT names the
-# commit in the results when the copy has no .git; SUITE_QUICK=1 shrinks the benchmark.
+# commit in the results when the copy has no .git; SUITE_QUICK=1 shrinks the benchmarks; SUITE_NO_TABLE=1 skips
+# the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -41,6 +42,18 @@ if [ "${SUITE_QUICK:-0}" = "1" ]; then
   python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 else
   python3 benchmarks/gpu_bench.py ${BENCH_ARGS:-} --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+fi
+stamp "3b. triton vs cuda over a shape grid: the dispatch table (adopt it by copying $OUT/dispatch_table.py to fastcl/ops/)"
+if [ "${SUITE_NO_TABLE:-0}" != "1" ] && python3 -c "from fastcl._ext import extension_has_cuda as h; raise SystemExit(0 if h() else 1)"; then
+  if [ "${SUITE_QUICK:-0}" = "1" ]; then
+    table_args="--table-ns 8192,32768 --table-ds 256,768 --table-dtypes bfloat16"
+  else
+    table_args=${TABLE_ARGS:-}
+  fi
+  python3 benchmarks/gpu_bench.py --dispatch-table "$OUT/dispatch_table.py" --rep-ms 100 $table_args 2>&1 \
+    | tee "$OUT/dispatch_table.log" | grep -E '^\{|Error' | tail -40
+else
+  echo "skipped (SUITE_NO_TABLE=1, or fastcl._C has no CUDA kernels)"
 fi
 stamp "4. ring code path, world size 1"
 python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6

@@ -205,3 +205,25 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "cuda workspace: 64 MB (FASTCL_CUDA_WORKSPACE_MB" in out
     assert "auto on CUDA, triton vs cuda: table" in out
+
+
+def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
+    """The file gpu_bench.py --dispatch-table writes is a valid dispatch_table.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    table = {("similarity_lse", "bfloat16", 4096, 64): "triton", ("similarity_lse", "bfloat16", 32768, 2048): "cuda"}
+    timings = {k: (1.0, None if v == "cuda" else 2.0) for k, v in table.items()}
+    text = bench.render_dispatch_table("Test GPU, torch x", (4096, 32768), (64, 2048), table, timings)
+    path = tmp_path / "dispatch_table.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("rendered_table", path)
+    rendered = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rendered)
+    assert rendered.MEASURED_ON == "Test GPU, torch x" and rendered.TABLE == table
+    assert "NOT MEASURED" not in rendered.__doc__
+    for name in ("TABLE", "DEFAULT", "MEASURED_ON"):
+        monkeypatch.setattr(dispatch_table, name, getattr(rendered, name))
+    assert dispatch.pick_gpu_backend("similarity_lse", 32768, 32768, 1536, torch.bfloat16) == "cuda"
+    assert dispatch.pick_gpu_backend("similarity_lse", 8192, 8192, 128, torch.bfloat16) == "triton"
