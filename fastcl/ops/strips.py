@@ -23,7 +23,9 @@ local column offset of the special entry ``j == i + diag`` of row i, or None):
     sigmoid_fwd(scores, scale, bias, diag) -> (R,) fp32 row sums of the loss terms
     sigmoid_bwd(scores, scale, bias, diag, out_dtype) -> (R,) fp32 row sums of G; writes G in place
 """
+import functools
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -112,10 +114,20 @@ def mm_f32_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         else:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
     except (TypeError, RuntimeError, NotImplementedError):  # no dtype overloads (CPU, older torch)
+        if a.is_cuda:
+            _warn_slow_mm(a.dtype)
         if accumulate:
             out.addmm_(a.float(), b.float())
         else:
             torch.mm(a.float(), b.float(), out=out)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_slow_mm(dtype: torch.dtype) -> None:
+    # On a GPU the fallback costs an fp32 copy of each operand and an fp32 matmul: say so once.
+    warnings.warn(f"fastcl: torch.mm has no {dtype} -> float32 overload here (torch {torch.__version__}); "
+                  "the strip matmuls run on fp32 copies, which is slower and uses more memory",
+                  RuntimeWarning, stacklevel=3)
 
 
 def inplace_view(scores: Tensor, dtype: torch.dtype) -> Tensor:
