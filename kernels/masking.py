@@ -8,13 +8,90 @@
 Gather (n == 1), un-shuffle with a mask token (n in {0, 1}) and the index_add backward (CSR
 segments) are all this one pass; sums run in fp32 (fp64 for fp64) in ascending j, so results
 are deterministic.  Kernels and launch helpers only: no autograd, no validation.
+
+Two kernels implement it.  Without ``count`` (every forward, and the backward of
+``random_masking``) each output row is one source row or the fill, so ``_row_copy_kernel`` moves a
+2-D tile of ROWS rows x BLOCK_D columns per program with one masked load and one store, and
+copies bits unchanged when nothing is added.  With ``count`` (CSR segments: backwards with
+repeated indices) ``_segment_gather_kernel`` runs one program per output row and loops over its
+segment.
 """
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _round_to_out(acc, out_ty: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
+    """Round the fp32/fp64 accumulator ``acc`` to ``out_ty`` (round to nearest even)."""
+    if BF16_RNE_BY_HAND:
+        # The interpreter truncates fp32 -> bf16; round to nearest even with integer ops instead.
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(acc != acc, 0x7FC0, bits)
+        res = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        res = acc.to(out_ty)
+    return res
+
+
+@triton.jit
+def _row_copy_kernel(
+    src, start, order, fill, pos, out,
+    BR, R, D, S, n_dblocks,
+    stride_sb, stride_ss, stride_ob, stride_or,
+    stride_tb, stride_tr, stride_qb, stride_qj, stride_ps,
+    HAS_ORDER: tl.constexpr, HAS_FILL: tl.constexpr, HAS_POS: tl.constexpr, CONVERT: tl.constexpr,
+    ACC_F64: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr, EVEN_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, r] = src[b, row] (+ pos[row]) with row = start[b, r] (or order[b, start[b, r]]) if
+    0 <= start[b, r] < S, else fill (or 0).  Program p covers flat output rows
+    [ROWS * (p // n_dblocks), +ROWS) and columns [BLOCK_D * (p % n_dblocks), +BLOCK_D): the D
+    blocks of one row block are neighbours in launch order, so whole rows stream together."""
+    pid = tl.program_id(0)
+    rblock = pid // n_dblocks
+    dblock = pid - rblock * n_dblocks
+    rid = rblock.to(tl.int64) * ROWS + tl.arange(0, ROWS)   # flat output row b * R + r
+    rmask = rid < BR
+    b = rid // R
+    r = rid - b * R
+    s0 = tl.load(start + b * stride_tb + r * stride_tr, mask=rmask, other=-1)
+    # Out-of-range start means "not kept" (the un-shuffle and the masking backward use it).
+    keep = rmask & (s0 >= 0) & (s0 < S)
+    if HAS_ORDER:
+        row = tl.load(order + b * stride_qb + s0 * stride_qj, mask=keep, other=0)
+    else:
+        row = s0
+    offs = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        # D % BLOCK_D == 0: no column mask, so the row mask alone decides (keeps 16-byte vectors).
+        lmask = keep[:, None]
+        smask = rmask[:, None]
+    else:
+        dmask = offs < D
+        lmask = keep[:, None] & dmask[None, :]
+        smask = rmask[:, None] & dmask[None, :]
+    v = tl.load(src + (b * stride_sb + row * stride_ss)[:, None] + offs[None, :], mask=lmask, other=0.0)
+    if HAS_FILL:
+        f = tl.load(fill + offs, mask=offs < D, other=0.0)
+    else:
+        f = tl.zeros([BLOCK_D], dtype=v.dtype)
+    if CONVERT:
+        # An addend or a wider output: compute in the accumulator type, round once.
+        acc_ty = tl.float64 if ACC_F64 else tl.float32
+        acc = v.to(acc_ty)
+        if HAS_POS:
+            acc += tl.load(pos + (row * stride_ps)[:, None] + offs[None, :], mask=lmask, other=0.0).to(acc_ty)
+        acc = tl.where(keep[:, None], acc, f.to(acc_ty)[None, :])
+        res = _round_to_out(acc, out.dtype.element_ty, BF16_RNE_BY_HAND)
+    else:
+        # A pure copy: move the bits as they are (NaN payloads and -0.0 included).
+        res = tl.where(keep[:, None], v, f[None, :])
+    tl.store(out + (b * stride_ob + r * stride_or)[:, None] + offs[None, :], res, mask=smask)
 
 
 @triton.jit
@@ -59,20 +136,43 @@ def _segment_gather_kernel(
     else:
         f = tl.zeros([BLOCK_D], dtype=acc.dtype)
     acc = tl.where(n > 0, acc, f)
-    if BF16_RNE_BY_HAND:
-        # The interpreter truncates fp32 -> bf16; round to nearest even with integer ops instead.
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        bits = tl.where(acc != acc, 0x7FC0, bits)
-        res = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        res = acc.to(out.dtype.element_ty)
+    res = _round_to_out(acc, out.dtype.element_ty, BF16_RNE_BY_HAND)
     tl.store(out + b * stride_ob + r * stride_or + offs, res, mask=dmask)
+
+
+# Bytes one _row_copy_kernel program moves in (and out): 8 KB is 64 B (four 16-byte vectors) per
+# thread at 4 warps, enough loads in flight per SM to cover DRAM latency.  Unmeasured choice.
+ROW_COPY_TILE_BYTES = 8192
+
+
+def row_copy_config(D: int, elem_bytes: int) -> Dict[str, int]:
+    """Launch shape of ``_row_copy_kernel`` for rows of ``D`` elements of ``elem_bytes`` bytes.
+
+    BLOCK_D is the largest power of two (at most 512) whose padding of D wastes at most 1/8 of
+    the lanes, else the least wasteful one: D=768 gives 256 (three full blocks, where a single
+    1024-wide block would idle a quarter of its lanes).  ROWS fills ``ROW_COPY_TILE_BYTES``.
+    Returns {"ROWS", "BLOCK_D", "num_warps"}.
+    """
+    top = min(512, triton.next_power_of_2(D))
+    cands = [bd for bd in (1 << i for i in range(10)) if min(16, top) <= bd <= top]
+    waste = {bd: triton.cdiv(D, bd) * bd - D for bd in cands}
+    good = [bd for bd in cands if 8 * waste[bd] <= triton.cdiv(D, bd) * bd]
+    block_d = max(good) if good else min(cands, key=lambda bd: (waste[bd], -bd))
+    rows = max(1, min(64, ROW_COPY_TILE_BYTES // (block_d * elem_bytes)))
+    rows = 1 << (rows.bit_length() - 1)  # tl.arange needs a power of two
+    # About 16 bytes (one vector) per thread and repetition: 4 warps for a full tile, fewer for tiny ones.
+    num_warps = max(1, min(4, rows * block_d * elem_bytes // (32 * 16 * 4)))
+    return {"ROWS": rows, "BLOCK_D": block_d, "num_warps": num_warps}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def segment_gather(src: torch.Tensor, start: torch.Tensor, count: Optional[torch.Tensor] = None,
                    order: Optional[torch.Tensor] = None, fill: Optional[torch.Tensor] = None,
-                   pos: Optional[torch.Tensor] = None, out_fp32: bool = False) -> torch.Tensor:
+                   pos: Optional[torch.Tensor] = None, out_fp32: bool = False,
+                   config: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """Launch the segment gather (see module docstring); inputs are assumed validated.
 
     Args:
@@ -83,6 +183,8 @@ def segment_gather(src: torch.Tensor, start: torch.Tensor, count: Optional[torch
         fill: optional contiguous (D,) tensor, dtype of ``src``, for rows with an empty segment.
         pos: optional (S, D) tensor, dtype of ``src``, ``stride(1) == 1``, added to each row read.
         out_fp32: write float32 (float64 for float64 ``src``) instead of ``src.dtype``.
+        config: optional launch shape {"ROWS", "BLOCK_D", "num_warps"} for the row-copy kernel
+            (used without ``count``; default ``row_copy_config``), for benchmark sweeps.
 
     Returns:
         (B, R, D) contiguous tensor.
@@ -94,22 +196,38 @@ def segment_gather(src: torch.Tensor, start: torch.Tensor, count: Optional[torch
     out = torch.empty((B, R, D), device=src.device, dtype=out_dtype)
     if out.numel() == 0:
         return out
-    # One program per output row: whole rows fit in a block up to D = 4096, then tile D.
+    bf16_by_hand = out_dtype == torch.bfloat16 and _interpreting()
+    J = order.shape[1] if order is not None else S
+    dummy = start
+    ordr = order if order is not None else dummy
+    if count is None:
+        cfg = config or row_copy_config(D, src.element_size())
+        n_dblocks = triton.cdiv(D, cfg["BLOCK_D"])
+        grid = (triton.cdiv(B * R, cfg["ROWS"]) * n_dblocks,)
+        _row_copy_kernel[grid](
+            src, start, ordr, fill if fill is not None else src, pos if pos is not None else src, out,
+            B * R, R, D, J, n_dblocks,
+            src.stride(0), src.stride(1), out.stride(0), out.stride(1),
+            start.stride(0), start.stride(1), ordr.stride(0), ordr.stride(1),
+            pos.stride(0) if pos is not None else 0,
+            HAS_ORDER=order is not None, HAS_FILL=fill is not None, HAS_POS=pos is not None,
+            CONVERT=pos is not None or out_dtype != src.dtype, ACC_F64=acc_f64,
+            BF16_RNE_BY_HAND=bf16_by_hand, EVEN_D=D % cfg["BLOCK_D"] == 0,
+            ROWS=cfg["ROWS"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+        return out
+    # CSR segments: one program per output row; whole rows fit in a block up to D = 4096, then tile D.
     block_d = min(triton.next_power_of_2(D), 4096)
     num_warps = 8 if block_d >= 2048 else (4 if block_d >= 512 else (2 if block_d >= 128 else 1))
-    dummy = start
-    cnt = count if count is not None else dummy
-    ordr = order if order is not None else dummy
     grid = (B * R, triton.cdiv(D, block_d))
     _segment_gather_kernel[grid](
-        src, start, cnt, ordr, fill if fill is not None else src, pos if pos is not None else src, out,
-        R, D, order.shape[1] if order is not None else S,
+        src, start, count, ordr, fill if fill is not None else src, pos if pos is not None else src, out,
+        R, D, J,
         src.stride(0), src.stride(1), out.stride(0), out.stride(1),
-        start.stride(0), start.stride(1), cnt.stride(0), cnt.stride(1),
+        start.stride(0), start.stride(1), count.stride(0), count.stride(1),
         ordr.stride(0), ordr.stride(1), pos.stride(0) if pos is not None else 0,
-        HAS_COUNT=count is not None, HAS_ORDER=order is not None, HAS_FILL=fill is not None,
-        HAS_POS=pos is not None, ACC_F64=acc_f64,
-        BF16_RNE_BY_HAND=out_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        HAS_COUNT=True, HAS_ORDER=order is not None, HAS_FILL=fill is not None,
+        HAS_POS=pos is not None, ACC_F64=acc_f64, BF16_RNE_BY_HAND=bf16_by_hand,
         BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
