@@ -1,11 +1,16 @@
 // CUDA token masking: the segment gather of kernels/masking.py (formula there).
-// A block holds blockDim.y output rows; the threads along x sweep one row's D elements in
-// 16-byte vectors when the pointers, strides and D allow it, else element by element.
-// Sums run in fp32 (fp64 for fp64) in ascending segment order: deterministic, no atomics.
+// Two kernels.  Without `count` (every forward, and the backward of random_masking) each output
+// row is one source row or the fill: row_copy_kernel gives each thread kRowsPerThread rows and
+// issues all their loads before any store.  With `count` (CSR segments) segment_gather_kernel
+// sums each segment.  In both, threads along x sweep a row's D elements in 16-byte vectors when
+// the pointers, strides and D allow it, else element by element.  Sums run in fp32 (fp64 for
+// fp64) in ascending segment order: deterministic, no atomics.
 #include "masking.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 namespace fastcl_masking {
 namespace {
@@ -79,6 +84,76 @@ __global__ void segment_gather_kernel(SegmentGatherArgs a) {
   }
 }
 
+// Output rows per thread in row_copy_kernel: four 16-byte loads in flight per thread.
+constexpr int kRowsPerThread = 4;
+
+// out[b, r] = src[b, row] (+ pos[row]) with row = start[b, r] (or order[b, start[b, r]]) when
+// 0 <= start[b, r] < J, else fill (or 0).  Block x covers blockDim.y * kRowsPerThread flat rows
+// b * R + r; thread (x, y) owns rows first + k * blockDim.y.  Index math runs once per row;
+// the element loop only adds the vector index.  CONVERT: a pos addend or a wider output, so
+// values go through the accumulator type; otherwise the bits are copied as they are.
+template <typename T, typename O, int VEC, bool CONVERT>
+__global__ void __launch_bounds__(256) row_copy_kernel(SegmentGatherArgs a) {
+  using A = typename Acc<T>::type;
+  using PT = Pack<T, VEC>;
+  using PO = Pack<O, VEC>;
+  const int64_t rows = a.B * a.R;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.y * kRowsPerThread + threadIdx.y;
+  const PT* srow[kRowsPerThread];
+  const PT* prow[kRowsPerThread];
+  PO* orow[kRowsPerThread];
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int64_t row_id = first + static_cast<int64_t>(k) * blockDim.y;
+    srow[k] = nullptr;
+    prow[k] = nullptr;
+    orow[k] = row_id < rows ? reinterpret_cast<PO*>(static_cast<O*>(a.out) + row_id * a.D) : nullptr;
+    if (!orow[k]) continue;
+    const int64_t b = row_id / a.R, r = row_id - b * a.R;
+    const int64_t s0 = a.start[b * a.start_sb + r * a.start_sr];
+    if (s0 < 0 || s0 >= a.J) continue;  // not kept: fill
+    const int64_t row = a.order ? a.order[b * a.order_sb + s0 * a.order_sj] : s0;
+    if (row < 0 || row >= a.S) continue;  // the host validates; a bad index gives the fill, not a wild read
+    srow[k] = reinterpret_cast<const PT*>(static_cast<const T*>(a.src) + b * a.src_sb + row * a.src_ss);
+    if (CONVERT && a.pos) prow[k] = reinterpret_cast<const PT*>(static_cast<const T*>(a.pos) + row * a.pos_ss);
+  }
+  const PT* fill = static_cast<const PT*>(a.fill);
+  const int64_t nvec = a.D / VEC;
+  for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+    PT x[kRowsPerThread];
+    PT p[kRowsPerThread];
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      if (srow[k]) x[k] = srow[k][v];
+      if (CONVERT && prow[k]) p[k] = prow[k][v];
+    }
+    PT f;
+    if (fill) {
+      f = fill[v];
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) f.v[e] = from_acc<T>(A(0));
+    }
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      if (!orow[k]) continue;
+      const PT in = srow[k] ? x[k] : f;
+      PO o;
+      if constexpr (CONVERT) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          A val = to_acc(in.v[e]);
+          if (srow[k] && prow[k]) val += to_acc(p[k].v[e]);
+          o.v[e] = from_acc<O>(val);
+        }
+      } else {
+        o = in;  // T == O: a bit copy
+      }
+      orow[k][v] = o;
+    }
+  }
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename T, typename O>
@@ -91,19 +166,46 @@ cudaError_t launch(const SegmentGatherArgs& a, cudaStream_t stream) {
                       (reinterpret_cast<uintptr_t>(a.out) % (kVec * sizeof(O))) == 0;
   const int vec = vec_ok ? kVec : 1;
   const int64_t nvec = a.D / vec;
-  // About 256 threads a block: enough x-threads to cover a row in one sweep, rest as rows.
-  int tx = static_cast<int>(nvec >= 256 ? 256 : ((nvec + 31) / 32) * 32);
-  if (tx < 32) tx = 32;
+  // About 256 threads a block: enough x-threads to cover a row in one sweep (a power of two
+  // below a warp, so short rows share warps), the rest as rows.
+  int tx;
+  if (nvec >= 256) {
+    tx = 256;
+  } else if (nvec >= 32) {
+    tx = static_cast<int>((nvec + 31) / 32) * 32;
+  } else {
+    tx = 1;
+    while (tx < nvec) tx *= 2;
+  }
   const int ty = 256 / tx;
   const int64_t rows = a.B * a.R;
-  const int64_t blocks = (rows + ty - 1) / ty;
+  const bool row_copy = a.count == nullptr;
+  const int64_t rows_per_block = static_cast<int64_t>(ty) * (row_copy ? kRowsPerThread : 1);
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks)), block(tx, ty);
-  if (vec_ok)
+  if (row_copy) {
+    // A bit copy (CONVERT = false) needs T == O and no pos.  kCopy keeps the false
+    // instantiation out of the T != O launchers, where that branch never runs.
+    constexpr bool kCopy = std::is_same<T, O>::value;
+    const bool convert = !kCopy || a.pos != nullptr;
+    if (vec_ok) {
+      if (convert)
+        row_copy_kernel<T, O, kVec, true><<<grid, block, 0, stream>>>(a);
+      else
+        row_copy_kernel<T, O, kVec, !kCopy><<<grid, block, 0, stream>>>(a);
+    } else {
+      if (convert)
+        row_copy_kernel<T, O, 1, true><<<grid, block, 0, stream>>>(a);
+      else
+        row_copy_kernel<T, O, 1, !kCopy><<<grid, block, 0, stream>>>(a);
+    }
+  } else if (vec_ok) {
     segment_gather_kernel<T, O, kVec><<<grid, block, 0, stream>>>(a);
-  else
+  } else {
     segment_gather_kernel<T, O, 1><<<grid, block, 0, stream>>>(a);
+  }
   return cudaGetLastError();
 }
 
