@@ -227,3 +227,10 @@ def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
         monkeypatch.setattr(dispatch_table, name, getattr(rendered, name))
     assert dispatch.pick_gpu_backend("similarity_lse", 32768, 32768, 1536, torch.bfloat16) == "cuda"
     assert dispatch.pick_gpu_backend("similarity_lse", 8192, 8192, 128, torch.bfloat16) == "triton"
+
+
+def test_auto_never_sends_float64_to_the_cuda_kernels(monkeypatch):
+    monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda"), ("similarity_lse", 8, 8, 4, torch.float64)) == "reference"
+    assert resolve_backend("auto", torch.device("cuda"), ("similarity_lse", 8, 8, 4, torch.float32)) == "cuda"

@@ -54,7 +54,9 @@ def resolve_backend(backend: Optional[str], device: torch.device,
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     name = name.lower()
     if name == "auto":
-        if device.type == "cuda" and problem is not None and extension_has_cuda():
+        # The CUDA kernels take float32/bfloat16/float16; float64 keeps the old rule.
+        if (device.type == "cuda" and problem is not None and problem[4] != torch.float64
+                and extension_has_cuda()):
             if not triton_available():
                 return "cuda"
             return pick_gpu_backend(*problem)
