@@ -28,7 +28,9 @@ CXX = shutil.which("g++")
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_nvcc_compiles(source, arch, tmp_path):
-    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-O3", str(source), "-o", str(tmp_path / "out.o")]
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what setup.py's build adds (no half operators)
+    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, str(source),
+           "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "out.o").stat().st_size > 0
