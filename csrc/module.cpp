@@ -2,6 +2,8 @@
 // in their own files (namespace fastcl_C); this file only makes the shared library importable.
 #include <torch/extension.h>
 
+#include "tile_gemm.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -22,7 +24,10 @@ static bool has_cuda() {
 #endif
 }
 
+static std::string cpu_gemm() { return fastcl::find_onednn_matmul() != nullptr ? "onednn" : "aten"; }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_openmp", &has_openmp, "True when the extension was built with OpenMP");
   m.def("has_cuda", &has_cuda, "True when the extension was built with its CUDA kernels");
+  m.def("cpu_gemm", &cpu_gemm, "GEMM behind the fp32 CPU tiles: 'onednn' or 'aten' (FASTCL_CPU_GEMM=aten forces it)");
 }

@@ -5,6 +5,8 @@
 
 #include <torch/extension.h>
 
+#include "tile_gemm.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -25,7 +27,7 @@ void for_each_score_tile(const at::Tensor& q, const at::Tensor& k, double scale,
       const int64_t nc = std::min(BC, M - j0);
       const at::Tensor k_chunk = k.narrow(0, j0, nc);
       at::Tensor tile = buf.narrow(0, 0, nr * nc).view({nr, nc});
-      at::addmm_out(tile, tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
+      tile_gemm(tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
       visit(tile, q_strip, k_chunk, i0, j0);
     }
   }
@@ -34,8 +36,8 @@ void for_each_score_tile(const at::Tensor& q, const at::Tensor& k, double scale,
 // Gq[i0 : i0 + nr] += G @ k_chunk and Gk[j0 : j0 + nc] += G^T @ q_strip for a gradient tile G.
 inline void accumulate_tile_grads(at::Tensor& Gq, at::Tensor& Gk, const at::Tensor& G, const at::Tensor& q_strip,
                                   const at::Tensor& k_chunk, int64_t i0, int64_t j0) {
-  Gq.narrow(0, i0, G.size(0)).addmm_(G, k_chunk);
-  Gk.narrow(0, j0, G.size(1)).addmm_(G.t(), q_strip);
+  tile_gemm(Gq.narrow(0, i0, G.size(0)), G, k_chunk, 1, 1);
+  tile_gemm(Gk.narrow(0, j0, G.size(1)), G.t(), q_strip, 1, 1);
 }
 
 }  // namespace fastcl

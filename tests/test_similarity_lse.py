@@ -1,4 +1,8 @@
 """similarity_lse against the float64 reference: values, gradients, options, edge cases."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -163,3 +167,25 @@ def test_cpu_is_deterministic():
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+@needs_ext
+def test_cpu_gemm_choices_agree(tmp_path):
+    # fp32 tiles use oneDNN's GEMM when libtorch exports it; FASTCL_CPU_GEMM=aten forces ATen's.
+    code = ("import torch, fastcl; from fastcl import _ext; g = torch.Generator().manual_seed(9);"
+            "q = torch.randn(600, 40, generator=g, requires_grad=True);"
+            "k = torch.randn(1100, 40, generator=g, requires_grad=True);"
+            "r, c = fastcl.ops.similarity_lse(q, k, 3.0, rows=True, cols=True, backend='cpu');"
+            "gq, gk = torch.autograd.grad(r.sum() + 2 * c.sum(), [q, k]);"
+            "print(_ext._C.cpu_gemm()); torch.save([r, c, gq, gk], sys.argv[1])")
+    outs, names = [], []
+    for i, choice in enumerate(("", "aten")):
+        path = str(tmp_path / f"gemm_{i}.pt")
+        env = dict(os.environ, FASTCL_CPU_GEMM=choice)
+        res = subprocess.run([sys.executable, "-c", "import sys; " + code, path], env=env,
+                             capture_output=True, text=True, check=True)
+        names.append(res.stdout.split()[-1])
+        outs.append(torch.load(path))
+    assert names[1] == "aten" and names[0] in ("onednn", "aten")
+    for a, b in zip(*outs):
+        assert_close(a, b, torch.float32, "onednn vs aten")

@@ -1,0 +1,43 @@
+// out = beta * out + alpha * a @ b for the CPU tile kernels, through the fastest fp32 GEMM at
+// hand.  On this project's CPUs oneDNN's fp32 matmul (IEEE fp32 arithmetic) runs 10-12% faster
+// than the BLAS behind at::addmm for our tile shapes (benchmarks/README.md), so fp32 tiles go
+// through ATen's exported oneDNN entry point when the running libtorch has it.  The header that
+// declares it is not installed, so it is looked up at run time: a libtorch without it, fp64,
+// or FASTCL_CPU_GEMM=aten falls back to at::addmm_out.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fastcl {
+
+using OnednnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+inline OnednnMatmul find_onednn_matmul() {
+  const char* choice = std::getenv("FASTCL_CPU_GEMM");
+  if (choice != nullptr && std::strcmp(choice, "aten") == 0) return nullptr;
+  void* lib = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
+  if (lib == nullptr) return nullptr;
+  // at::native::mkldnn_matmul(const Tensor& mat1, const Tensor& mat2, const Tensor& result,
+  //                           float beta, float alpha)
+  return reinterpret_cast<OnednnMatmul>(
+      dlsym(lib, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+}
+
+inline void tile_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
+                      double alpha) {
+  static const OnednnMatmul onednn = find_onednn_matmul();
+  if (onednn != nullptr && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+      b.scalar_type() == at::kFloat) {
+    onednn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
+    return;
+  }
+  at::Tensor o = out;
+  at::addmm_out(o, out, a, b, beta, alpha);
+}
+
+}  // namespace fastcl
