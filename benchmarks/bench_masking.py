@@ -15,6 +15,13 @@ element: forward reads and writes K rows, backward reads K gradient rows and wri
 of dx, i.e. ``B * D * e * (3K + L)``.  The copy baseline copies a tensor of half that many
 bytes (read + write = the same total), so ``copy_ratio = copy_ms / op_ms`` is the fraction of
 device-to-device copy bandwidth reached (target >= 0.8).
+
+Each implementation is timed twice.  ``"timing": "eager"`` rows use ``do_bench``: at this size
+they include the CPU's launch overhead (Python, autograd, the custom op).  ``"timing":
+"cuda_graph"`` rows replay the same calls from a CUDA graph (``graph_ms``: L2 flushed before each
+call as ``do_bench`` does, flush time subtracted), so they measure the GPU work alone; their
+``copy_ms`` is the copy timed the same way.  ``--sweep`` adds graph timings of the Triton
+row-copy kernels over a grid of launch shapes (ROWS, BLOCK_D, num_warps).
 """
 import argparse
 import json
@@ -96,47 +103,127 @@ def moved_bytes(B: int, L: int, D: int, dtype: torch.dtype) -> int:
     return B * D * torch.empty((), dtype=dtype).element_size() * (3 * keep + L)
 
 
+def graph_ms(fn: Callable[[], object], reps: int = 20, replays: int = 10,
+             flush_bytes: int = 256 << 20) -> Optional[float]:
+    """Median GPU milliseconds of one ``fn()`` replayed from a CUDA graph, or None if capture fails.
+
+    Two graphs of ``reps`` steps are captured: (zero an L2-sized buffer, ``fn()``) and the zeroing
+    alone; the difference of their replay times over ``reps`` is the time of ``fn`` on a cold L2,
+    without any CPU launch overhead.  ``fn`` must be capturable (no host syncs)."""
+    cache = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+    side = torch.cuda.Stream()
+    try:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graphs = []
+        for with_fn in (True, False):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    cache.zero_()
+                    if with_fn:
+                        fn()
+            graphs.append(g)
+    except Exception as exc:  # noqa: BLE001 - any capture failure means "no graph timing"
+        print(f"# CUDA graph capture failed ({type(exc).__name__}: {exc}); graph row skipped", file=sys.stderr)
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a broken capture may leave an error behind
+            pass
+        return None
+
+    def replay_ms(g):
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    return max(replay_ms(graphs[0]) - replay_ms(graphs[1]), 0.0) / reps
+
+
+# Launch shapes tried by --sweep for the Triton row-copy kernel.
+SWEEP = [{"ROWS": r, "BLOCK_D": d, "num_warps": w} for r in (4, 8, 16, 32) for d in (128, 256, 512)
+         for w in (2, 4, 8)]
+
+
 def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dtype = torch.bfloat16,
-                       impls=("mae", "triton", "cuda")) -> List[Dict]:
+                       impls=("mae", "triton", "cuda"), sweep: bool = False, device: str = "cuda") -> List[Dict]:
     """GPU rows for the suite: forward + backward of each implementation against the copy floor.
 
-    Returns a list of dicts, one per implementation that runs here:
-    ``{"impl", "device", "B", "L", "D", "dtype", "ms", "moved_bytes", "GBps", "copy_ms",
+    Returns a list of dicts, one per implementation and timing that runs here:
+    ``{"impl", "timing", "device", "B", "L", "D", "dtype", "ms", "moved_bytes", "GBps", "copy_ms",
     "copy_ratio", "peak_bytes", "temp_bytes"}`` where ``copy_ratio = copy_ms / ms`` (>= 0.8 is
-    the issue's target) and ``GBps = moved_bytes / ms``.  Also one row "kernels_only" per fused
-    backend: the two fused kernels with precomputed indices (no argsort, no autograd), which
-    isolates the bandwidth of the kernels from launch overhead.
+    the issue's target), ``GBps = moved_bytes / ms`` and ``timing`` is "eager" (``do_bench``) or
+    "cuda_graph" (``graph_ms``, the copy timed the same way).  Also rows "<backend>:kernels_only"
+    per fused backend: the two fused kernels with precomputed indices (no argsort, no autograd).
+    A backend that cannot run here gives one row ``{"impl", "skipped": reason}``.  ``device`` is
+    "cuda" except in the CPU smoke test of this function (interpreter, timers stubbed).
     """
     from triton.testing import do_bench
 
-    from fastcl._ext import extension_has_cuda
+    from fastcl._ext import extension_available, extension_has_cuda
     from fastcl.ops.masking import segment_gather
 
-    dev = "cuda"
+    dev = device
     nbytes = moved_bytes(B, L, D, dtype)
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
-    copy_ms = do_bench(lambda: torch.empty_like(src).copy_(src))
+
+    def copy():
+        return torch.empty_like(src).copy_(src)
+    copy_ms = {"eager": do_bench(copy), "cuda_graph": graph_ms(copy)}
     x, noise, grad = inputs(B, L, D, dtype, dev)
     rows = []
 
-    def row(impl, ms, mem):
-        rows.append({"impl": impl, "device": torch.cuda.get_device_name(), "B": B, "L": L, "D": D,
-                     "dtype": str(dtype).replace("torch.", ""), "ms": ms, "moved_bytes": nbytes,
-                     "GBps": nbytes / ms / 1e6, "copy_ms": copy_ms, "copy_ratio": copy_ms / ms, **mem})
+    def row(impl, timing, ms, mem):
+        if ms is None or copy_ms[timing] is None:
+            return
+        name = torch.cuda.get_device_name() if dev == "cuda" else dev
+        rows.append({"impl": impl, "timing": timing, "device": name, "B": B, "L": L,
+                     "D": D, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "moved_bytes": nbytes,
+                     "GBps": nbytes / ms / 1e6, "copy_ms": copy_ms[timing], "copy_ratio": copy_ms[timing] / ms,
+                     **mem})
 
+    no_mem = {"peak_bytes": 0, "temp_bytes": 0}
     for impl in impls:
-        if impl == "cuda" and not extension_has_cuda():
+        if impl == "cuda" and not (extension_has_cuda() and dev == "cuda"):
+            why = "fastcl._C built without CUDA" if extension_available() else "fastcl._C not built"
+            rows.append({"impl": impl, "skipped": why})
             continue
         step = make_step(impl, x, noise, grad)
-        ms = do_bench(step)
-        row(impl, ms, temp_memory_bytes(step, x))
+        mem = temp_memory_bytes(step, x)
+        row(impl, "eager", do_bench(step), mem)
+        row(impl, "cuda_graph", graph_ms(step), mem)
         if impl != "mae":
             _, _, ids_restore, ids_keep = random_masking(x.detach(), RATIO, noise=noise, backend=impl)
 
             def kernels(impl=impl, ids_keep=ids_keep, ids_restore=ids_restore):
                 segment_gather(x.detach(), ids_keep, None, None, None, None, False, impl)
                 segment_gather(grad, ids_restore, None, None, None, None, False, impl)
-            row(f"{impl}:kernels_only", do_bench(kernels), {"peak_bytes": 0, "temp_bytes": 0})
+            row(f"{impl}:kernels_only", "eager", do_bench(kernels), no_mem)
+            row(f"{impl}:kernels_only", "cuda_graph", graph_ms(kernels), no_mem)
+            if impl == "triton" and sweep:
+                from fastcl.kernels.masking import segment_gather as launch
+                xd = x.detach()
+                for cfg in SWEEP:
+                    def shaped(cfg=cfg, ids_keep=ids_keep, ids_restore=ids_restore):
+                        launch(xd, ids_keep, config=cfg)
+                        launch(grad, ids_restore, config=cfg)
+                    name = "triton:kernels_only[r%d_d%d_w%d]" % (cfg["ROWS"], cfg["BLOCK_D"], cfg["num_warps"])
+                    try:
+                        row(name, "cuda_graph", graph_ms(shaped), no_mem)
+                    except Exception as exc:  # noqa: BLE001 - one bad shape must not end the sweep
+                        rows.append({"impl": name, "skipped": f"{type(exc).__name__}: {exc}"})
     return rows
 
 
@@ -168,9 +255,10 @@ def main(argv=None):
     p.add_argument("--L", type=int, default=196)
     p.add_argument("--D", type=int, default=768)
     p.add_argument("--json", default=None)
+    p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over launch shapes")
     a = p.parse_args(argv)
     if a.device == "cuda":
-        rows = gpu_masking_report(B=a.B or 256, L=a.L, D=a.D)
+        rows = gpu_masking_report(B=a.B or 256, L=a.L, D=a.D, sweep=a.sweep)
     else:
         import time
         rows = []
@@ -188,6 +276,13 @@ def main(argv=None):
                          "ms": sorted(times)[len(times) // 2], **mem})
     for r in rows:
         print(json.dumps(r))
+    # Compact summary last: the GPU suite shows only the tail of this output.
+    for r in rows:
+        if "ms" in r:
+            ratio = f"  copy_ratio {r['copy_ratio']:.2f}" if "copy_ratio" in r else ""
+            print(f"# {r['impl']:<34} {r.get('timing', ''):<10} {r['ms']:.4f} ms{ratio}")
+        else:
+            print(f"# {r['impl']:<34} skipped: {r.get('skipped')}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
