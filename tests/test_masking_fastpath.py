@@ -241,3 +241,43 @@ def test_row_copy_config(D, elem):
         assert 8 * (-(-D // bd) * bd - D) <= -(-D // bd) * bd   # at most 1/8 of the lanes idle
     if D == 768:
         assert bd == 256   # three full blocks, no idle lanes
+
+
+# ---- GPU only: the same edges for both GPU backends, the CUDA row-copy kernel included ----------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [3, 129, 768, 776])
+def test_gpu_row_copy_edges(backend, dtype, D):
+    from fastcl._ext import extension_has_cuda
+    if backend == "cuda" and not extension_has_cuda():
+        pytest.skip("fastcl._C built without CUDA")
+    g = gen(D)
+    B, S, R = 3, 37, 29                    # B * R = 87: partial last block for every rows-per-block
+    src = make_x(B, S, D, dtype, "row_stride", g)
+    start = torch.randint(-2, S + 2, (B, R), generator=g).to(DEV)
+    order = torch.randint(0, S, (B, S), generator=g).to(DEV)
+    fill = randn(D, dtype=dtype, device=DEV, generator=g)
+    pos = randn(S, D, dtype=dtype, device=DEV, generator=g)
+    for kw in ({}, {"fill": fill}, {"pos": pos}, {"order": order, "fill": fill}, {"out_fp32": True}):
+        if backend == "cuda":
+            out = torch.ops.fastcl_C.masking_segment_gather(src, start, None, kw.get("order"), kw.get("fill"),
+                                                            kw.get("pos"), kw.get("out_fp32", False))
+        else:
+            out = km().segment_gather(src, start, **kw)
+        assert bits_equal(out, reference_row_copy(src, start, **kw)), kw
+    for ratio in (0.0, 0.75, 0.999):
+        x = make_x(B, S, D, dtype, "contiguous", g)
+        noise = torch.rand(B, S, generator=g).to(DEV)
+        x1, x2 = leaf(x), leaf(x)
+        kept, _, restore, _ = random_masking(x1, ratio, noise=noise, backend=backend)
+        r_kept = mae_masking(x2, ratio, noise)[0]
+        assert bits_equal(kept, r_kept)
+        up = randn(*kept.shape, dtype=dtype, device=DEV, generator=g)
+        kept.backward(up)
+        r_kept.backward(up)
+        assert bits_equal(x1.grad, x2.grad)
+        token = randn(D, dtype=dtype, device=DEV, generator=g)
+        assert bits_equal(restore_tokens(kept.detach(), token, restore, backend=backend),
+                          mae_restore(kept.detach(), token, restore))
