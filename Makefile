@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) -m fastcl train
 
 bench-cpu: $(STAMP)
-	$(PY) benchmarks/cpu_losses.py --loss clip --n 16384 --d 256 --reps 5 --json benchmarks/results/cpu_clip_n16384_d256.json
+	$(PY) benchmarks/cpu_losses.py --loss clip --n 16384 --d 256 --reps 5 --methods naive,fastcl_cpu,fastcl_cpu_aten_gemm,floor_4mm --json benchmarks/results/cpu_clip_n16384_d256.json
 	$(PY) benchmarks/cpu_losses.py --loss siglip --n 8192 --d 256 --reps 5 --json benchmarks/results/cpu_siglip_n8192_d256.json
 	$(PY) benchmarks/cpu_losses.py --loss supcon --n 8192 --d 256 --reps 5 --json benchmarks/results/cpu_supcon_n8192_d256.json
 

@@ -19,6 +19,8 @@ import sys
 import time
 
 METHODS = ("naive", "fastcl_cpu", "floor_4mm")
+# Extra method: the fused backend with ATen's GEMM instead of oneDNN's (csrc/tile_gemm.h).
+OPTIONAL_METHODS = ("fastcl_cpu_aten_gemm",)
 
 
 def _rss_kb() -> int:
@@ -73,7 +75,7 @@ def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
         for _ in range(4):
             torch.mm(z, k.T, out=out) if z.shape[0] == rows else torch.mm(z, k.T)
 
-    fn = {"naive": naive, "fastcl_cpu": fused, "floor_4mm": floor}[method]
+    fn = {"naive": naive, "fastcl_cpu": fused, "fastcl_cpu_aten_gemm": fused, "floor_4mm": floor}[method]
 
     def step(t, e):
         loss_value = fn(t, e)
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"any of {METHODS + OPTIONAL_METHODS}")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -117,8 +119,10 @@ def main() -> None:
     per = {m: [] for m in args.methods.split(",")}
     for _ in range(args.reps):
         for m in per:
+            env = dict(os.environ, FASTCL_CPU_GEMM="aten") if m == "fastcl_cpu_aten_gemm" else None
             out = subprocess.run([sys.executable, __file__, "--loss", args.loss, "--worker", m, "--n", str(args.n),
-                                  "--d", str(args.d), "--reps", "1"], capture_output=True, text=True, check=True)
+                                  "--d", str(args.d), "--reps", "1"], capture_output=True, text=True, check=True,
+                                 env=env)
             per[m].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
     for m, runs in per.items():
@@ -137,7 +141,8 @@ def main() -> None:
         print(f"fastcl peak memory = {100 * by['fastcl_cpu']['peak_extra_mb'] / by['naive']['peak_extra_mb']:.2f}% of naive")
     if args.json:
         import torch
-        meta = {"loss": args.loss, "n": args.n, "d": args.d, "reps": args.reps, "torch": torch.__version__, "cpus": os.cpu_count(),
+        from fastcl import _ext
+        meta = {"cpu_gemm": _ext._C.cpu_gemm() if _ext.extension_available() else None, "loss": args.loss, "n": args.n, "d": args.d, "reps": args.reps, "torch": torch.__version__, "cpus": os.cpu_count(),
                 "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
