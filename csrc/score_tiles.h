@@ -1,9 +1,18 @@
-// Tile-by-tile traversal of S = scale * q @ k^T shared by the CPU kernels: one bounded
-// (rows x cols) buffer, filled by one BLAS call per tile, handed to a visitor; nothing of size
-// N x M is allocated.  Tiles are visited in a fixed order, so results are deterministic.
+// Tile-by-tile traversal of S = scale * q @ k^T shared by the CPU kernels.  Nothing of size
+// N x M is allocated: each worker ("slot") owns one bounded (rows x cols) buffer, filled by one
+// GEMM per tile and handed to a visitor.
+//
+// Row strips are dealt to the slots round-robin (slot s visits strips s, s + slots, ...), each
+// strip's tiles in column order.  A tile's GEMM and its elementwise pass then run on one core
+// (its cache), and no GEMM call forks or joins threads: measured 3-5% faster here than one
+// multithreaded GEMM per tile.  Anything the visitors accumulate across strips (column
+// statistics, Gk) is kept per slot and merged in slot order, so results are deterministic for
+// a given thread count.
 #pragma once
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include "tile_gemm.h"
 
@@ -12,32 +21,77 @@
 
 namespace fastcl {
 
-// visit(tile (nr, nc), q_strip (nr, D), k_chunk (nc, D), i0, j0) for every tile; the tile holds
-// scale * q_strip @ k_chunk^T (BLAS beta = 0, so the buffer's old contents are ignored).
-template <typename Visit>
-void for_each_score_tile(const at::Tensor& q, const at::Tensor& k, double scale, int64_t tile_rows,
-                         int64_t tile_cols, Visit&& visit) {
-  const int64_t N = q.size(0), M = k.size(0);
-  const int64_t BR = std::min(tile_rows, N), BC = std::min(tile_cols, M);
-  at::Tensor buf = at::empty({BR * BC}, q.options());
-  for (int64_t i0 = 0; i0 < N; i0 += BR) {
-    const int64_t nr = std::min(BR, N - i0);
-    const at::Tensor q_strip = q.narrow(0, i0, nr);
-    for (int64_t j0 = 0; j0 < M; j0 += BC) {
-      const int64_t nc = std::min(BC, M - j0);
-      const at::Tensor k_chunk = k.narrow(0, j0, nc);
-      at::Tensor tile = buf.narrow(0, 0, nr * nc).view({nr, nc});
-      tile_gemm(tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
-      visit(tile, q_strip, k_chunk, i0, j0);
-    }
-  }
+// Number of slots for N rows: one per thread, at most one per strip, and at most
+// 1 + extra_budget / per_slot_bytes when each extra slot costs per_slot_bytes of state.
+inline int64_t score_tile_slots(int64_t N, int64_t tile_rows, int64_t per_slot_bytes = 0,
+                                int64_t extra_budget = int64_t(64) << 20) {
+  const int64_t strips = (N + tile_rows - 1) / tile_rows;
+  int64_t slots = std::min<int64_t>(at::get_num_threads(), strips);
+  if (per_slot_bytes > 0) slots = std::min<int64_t>(slots, 1 + extra_budget / per_slot_bytes);
+  return std::max<int64_t>(slots, 1);
 }
 
-// Gq[i0 : i0 + nr] += G @ k_chunk and Gk[j0 : j0 + nc] += G^T @ q_strip for a gradient tile G.
-inline void accumulate_tile_grads(at::Tensor& Gq, at::Tensor& Gk, const at::Tensor& G, const at::Tensor& q_strip,
-                                  const at::Tensor& k_chunk, int64_t i0, int64_t j0) {
-  tile_gemm(Gq.narrow(0, i0, G.size(0)), G, k_chunk, 1, 1);
-  tile_gemm(Gk.narrow(0, j0, G.size(1)), G.t(), q_strip, 1, 1);
+// visit(slot, tile (nr, nc), q_strip (nr, D), k_chunk (nc, D), i0, j0) for every tile; the tile
+// holds scale * q_strip @ k_chunk^T (GEMM beta = 0, so the buffer's old contents are ignored).
+// With one slot the traversal is sequential and the GEMMs and visitors use every thread.
+template <typename Visit>
+void for_each_score_tile(const at::Tensor& q, const at::Tensor& k, double scale, int64_t tile_rows,
+                         int64_t tile_cols, int64_t slots, Visit&& visit) {
+  const int64_t N = q.size(0), M = k.size(0);
+  const int64_t BR = std::min(tile_rows, N), BC = std::min(tile_cols, M);
+  const int64_t strips = (N + BR - 1) / BR;
+  auto run_slot = [&](int64_t slot) {
+    at::Tensor buf = at::empty({BR * BC}, q.options());
+    for (int64_t strip = slot; strip < strips; strip += slots) {
+      const int64_t i0 = strip * BR, nr = std::min(BR, N - i0);
+      const at::Tensor q_strip = q.narrow(0, i0, nr);
+      for (int64_t j0 = 0; j0 < M; j0 += BC) {
+        const int64_t nc = std::min(BC, M - j0);
+        const at::Tensor k_chunk = k.narrow(0, j0, nc);
+        at::Tensor tile = buf.narrow(0, 0, nr * nc).view({nr, nc});
+        tile_gemm(tile, q_strip, k_chunk.t(), /*beta=*/0, /*alpha=*/scale);
+        visit(slot, tile, q_strip, k_chunk, i0, j0);
+      }
+    }
+  };
+  if (slots <= 1) {
+    run_slot(0);
+    return;
+  }
+  // Worker threads start with default thread-local state; give them the caller's (dispatch key
+  // exclusions, grad mode), so the ATen fallback GEMM behaves as on the calling thread.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, slots, 1, [&](int64_t s0, int64_t s1) {
+    at::ThreadLocalStateGuard guard(caller_state);
+    for (int64_t s = s0; s < s1; ++s) run_slot(s);
+  });
 }
+
+// Gradient accumulators for one traversal: Gq (N, D) is shared (slots own disjoint rows);
+// Gk (M, D) gets one buffer per slot, slot 0's being the result, summed in slot order.
+struct TileGrads {
+  at::Tensor Gq;
+  std::vector<at::Tensor> Gk;
+
+  TileGrads(const at::Tensor& q, const at::Tensor& k, int64_t slots) : Gq(at::zeros_like(q)) {
+    for (int64_t s = 0; s < slots; ++s) Gk.push_back(at::zeros_like(k));
+  }
+
+  // Gq[i0 : i0 + nr] += G @ k_chunk and Gk[j0 : j0 + nc] += G^T @ q_strip for a gradient tile G.
+  void accumulate(int64_t slot, const at::Tensor& G, const at::Tensor& q_strip, const at::Tensor& k_chunk,
+                  int64_t i0, int64_t j0) {
+    tile_gemm(Gq.narrow(0, i0, G.size(0)), G, k_chunk, 1, 1);
+    tile_gemm(Gk[slot].narrow(0, j0, G.size(1)), G.t(), q_strip, 1, 1);
+  }
+
+  // (Gq, Gk) once the traversal is done.
+  std::tuple<at::Tensor, at::Tensor> finish() {
+    for (size_t s = 1; s < Gk.size(); ++s) Gk[0].add_(Gk[s]);
+    return {Gq, Gk[0]};
+  }
+};
+
+// Bytes of the per-slot gradient state of a (N, D) x (M, D) problem in element size `elem`.
+inline int64_t grad_slot_bytes(const at::Tensor& k) { return k.numel() * k.element_size(); }
 
 }  // namespace fastcl

@@ -1,8 +1,8 @@
 // Pairwise sigmoid loss  L = sum_ij softplus(-z_ij * s_ij),  s = scale * q @ k^T + bias,
 // z = +1 on the diagonal (j == i) and -1 elsewhere (SigLIP), on the CPU, tile by tile.
 //
-// ATen's matmul fills one bounded (BR x BC) tile at a time; a fused OpenMP loop turns it into
-// per-row loss sums (forward) or the gradient tile dL/ds (backward), which two more matmuls
+// A GEMM fills one bounded (BR x BC) tile at a time (csrc/score_tiles.h); a fused loop turns it
+// into per-row loss sums (forward) or the gradient tile dL/ds (backward), which two more GEMMs
 // fold into Gq = G @ k and Gk = G^T @ q.  Nothing of size N x M is ever allocated.  Threads own
 // disjoint rows and every sum has a fixed order, so results are deterministic.  fp32/bf16/fp16
 // inputs are computed in fp32, fp64 inputs in fp64.
@@ -65,8 +65,9 @@ at::Tensor forward_impl(const at::Tensor& qf, const at::Tensor& kf, T scale, T b
   const int64_t N = qf.size(0);
   at::Tensor row_loss = at::zeros({N}, qf.options());
   T* rl = row_loss.data_ptr<T>();
-  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
-                              [&](at::Tensor& tile, const at::Tensor&, const at::Tensor&, int64_t i0, int64_t j0) {
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols, fastcl::score_tile_slots(N, kTileRows),
+                              [&](int64_t, at::Tensor& tile, const at::Tensor&, const at::Tensor&, int64_t i0,
+                                  int64_t j0) {
     const int64_t nr = tile.size(0), nc = tile.size(1);
     T* t = tile.data_ptr<T>();
     at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
@@ -94,12 +95,13 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at::Tensor& kf,
                                                              T scale, T bias) {
   const int64_t N = qf.size(0);
-  at::Tensor Gq = at::zeros_like(qf), Gk = at::zeros_like(kf);
+  const int64_t slots = fastcl::score_tile_slots(N, kTileRows, fastcl::grad_slot_bytes(kf));
+  fastcl::TileGrads grads(qf, kf, slots);
   at::Tensor row_g = at::zeros({N}, qf.options());
   T* rg = row_g.data_ptr<T>();
-  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
-                              [&](at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk,
-                                  int64_t i0, int64_t j0) {
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols, slots,
+                              [&](int64_t slot, at::Tensor& tile, const at::Tensor& q_strip,
+                                  const at::Tensor& k_chunk, int64_t i0, int64_t j0) {
     const int64_t nr = tile.size(0), nc = tile.size(1);
     T* t = tile.data_ptr<T>();
     at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
@@ -116,10 +118,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& q
         rg[i0 + r] += acc + pos_g;
       }
     });
-    fastcl::accumulate_tile_grads(Gq, Gk, tile, q_strip, k_chunk, i0, j0);
+    grads.accumulate(slot, tile, q_strip, k_chunk, i0, j0);
   });
   double total = 0.0;
   for (int64_t i = 0; i < N; ++i) total += static_cast<double>(rg[i]);
+  auto [Gq, Gk] = grads.finish();
   return {Gq, Gk, at::full({}, total, qf.options())};
 }
 

@@ -1,10 +1,10 @@
 // Row/column log-sum-exp of S = scale * q @ k^T + bias on the CPU, tile by tile.
 //
-// ATen's matmul fills one bounded (BR x BC) tile at a time; fused OpenMP loops turn it into
-// online log-sum-exp statistics (forward) or the combined gradient tile (backward), which is
-// folded straight into dq/dk by two more matmuls.  Nothing of size N x M is ever allocated.
-// Every reduction has a fixed order (threads own disjoint rows or columns), so results are
-// deterministic.  fp32/bf16/fp16 inputs are computed in fp32, fp64 inputs in fp64.
+// A GEMM fills one bounded (BR x BC) tile at a time (csrc/score_tiles.h); fused loops turn it
+// into online log-sum-exp statistics (forward) or the combined gradient tile (backward), which
+// is folded straight into dq/dk by two more GEMMs.  Nothing of size N x M is ever allocated.
+// Every reduction has a fixed order (per-slot and per-chunk partials merged in order), so
+// results are deterministic.  fp32/bf16/fp16 inputs are computed in fp32, fp64 inputs in fp64.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -53,8 +53,8 @@ inline void merge_stat(T& m, T& s, T m_p, T s_p) {
   m = m_new;
 }
 
-// Rows per chunk of a tile: chunks are the unit of parallel work and each keeps its own column
-// partials, merged in chunk order, so results do not depend on the number of threads.
+// Rows per chunk of a tile: chunks are the unit of parallel work within a tile (when the
+// traversal has one slot) and each keeps its own column partials, merged in chunk order.
 constexpr int64_t kChunkRows = 64;
 
 // The column statistics reuse the row exponentials e = exp(s - m_row) through one shared
@@ -169,15 +169,33 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& qf, const at::
   auto opts = qf.options();
   at::Tensor row_m = at::full({rows ? N : 0}, neg_inf<T>(), opts), row_s = at::zeros({rows ? N : 0}, opts);
   at::Tensor col_m = at::full({cols ? M : 0}, neg_inf<T>(), opts), col_s = at::zeros({cols ? M : 0}, opts);
-  ColumnScratch<T> scratch;
-  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
-                              [&](at::Tensor& tile, const at::Tensor&, const at::Tensor&, int64_t i0, int64_t j0) {
+  // Column statistics are accumulated per slot (slot 0 in col_m/col_s) and merged in slot order.
+  const int64_t slots = fastcl::score_tile_slots(N, kTileRows, cols ? 2 * M * int64_t(sizeof(T)) : 0);
+  std::vector<at::Tensor> slot_m{col_m}, slot_s{col_s};
+  for (int64_t x = 1; x < slots && cols; ++x) {
+    slot_m.push_back(at::full({M}, neg_inf<T>(), opts));
+    slot_s.push_back(at::zeros({M}, opts));
+  }
+  std::vector<ColumnScratch<T>> scratch(slots);
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols, slots,
+                              [&](int64_t slot, at::Tensor& tile, const at::Tensor&, const at::Tensor&,
+                                  int64_t i0, int64_t j0) {
     if (has_diag) mask_diagonal<T>(tile, i0, j0, offset);
     const int64_t nr = tile.size(0), nc = tile.size(1);
     const T* t = tile.data_ptr<T>();
     update_stats<T>(t, nr, nc, rows ? row_m.data_ptr<T>() + i0 : nullptr, rows ? row_s.data_ptr<T>() + i0 : nullptr,
-                    cols ? col_m.data_ptr<T>() + j0 : nullptr, cols ? col_s.data_ptr<T>() + j0 : nullptr, scratch);
+                    cols ? slot_m[slot].data_ptr<T>() + j0 : nullptr, cols ? slot_s[slot].data_ptr<T>() + j0 : nullptr,
+                    scratch[slot]);
   });
+  if (cols) {
+    T* cm = col_m.data_ptr<T>();
+    T* cs = col_s.data_ptr<T>();
+    for (int64_t x = 1; x < slots; ++x) {
+      const T* pm = slot_m[x].data_ptr<T>();
+      const T* ps = slot_s[x].data_ptr<T>();
+      for (int64_t j = 0; j < M; ++j) merge_stat(cm[j], cs[j], pm[j], ps[j]);
+    }
+  }
   at::Tensor row_lse = at::empty_like(row_m), col_lse = at::empty_like(col_m);
   if (rows) finish_lse<T>(row_m.data_ptr<T>(), row_s.data_ptr<T>(), bias, row_lse.data_ptr<T>(), N);
   if (cols) finish_lse<T>(col_m.data_ptr<T>(), col_s.data_ptr<T>(), bias, col_lse.data_ptr<T>(), M);
@@ -247,11 +265,12 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
   at::Tensor rl = rows ? safe(row_lse) : row_lse, cl = cols ? safe(col_lse) : col_lse;
   at::Tensor gr = rows ? g_row.to(qf.scalar_type()).contiguous() : g_row;
   at::Tensor gc = cols ? g_col.to(qf.scalar_type()).contiguous() : g_col;
-  at::Tensor Gq = at::zeros_like(qf), Gk = at::zeros_like(kf);
-  GradientScratch<T> scratch;
-  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols,
-                              [&](at::Tensor& tile, const at::Tensor& q_strip, const at::Tensor& k_chunk,
-                                  int64_t i0, int64_t j0) {
+  const int64_t slots = fastcl::score_tile_slots(qf.size(0), kTileRows, fastcl::grad_slot_bytes(kf));
+  fastcl::TileGrads grads(qf, kf, slots);
+  std::vector<GradientScratch<T>> scratch(slots);
+  fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols, slots,
+                              [&](int64_t slot, at::Tensor& tile, const at::Tensor& q_strip,
+                                  const at::Tensor& k_chunk, int64_t i0, int64_t j0) {
     if (has_diag) mask_diagonal<T>(tile, i0, j0, offset);
     const int64_t nr = tile.size(0), nc = tile.size(1);
     T* t = tile.data_ptr<T>();
@@ -260,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
     const T* clp = cols ? cl.data_ptr<T>() + j0 : nullptr;
     const T* gcp = cols ? gc.data_ptr<T>() + j0 : nullptr;
     if (rows && cols) {
-      gradient_tile_both<T>(t, nr, nc, rlp, grp, clp, gcp, scratch);
+      gradient_tile_both<T>(t, nr, nc, rlp, grp, clp, gcp, scratch[slot]);
     } else {
       at::parallel_for(0, nr, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -276,9 +295,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
         }
       });
     }
-    fastcl::accumulate_tile_grads(Gq, Gk, tile, q_strip, k_chunk, i0, j0);
+    grads.accumulate(slot, tile, q_strip, k_chunk, i0, j0);
   });
-  return {Gq, Gk};
+  return grads.finish();
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k) {

@@ -189,3 +189,24 @@ def test_cpu_gemm_choices_agree(tmp_path):
     assert names[1] == "aten" and names[0] in ("onednn", "aten")
     for a, b in zip(*outs):
         assert_close(a, b, torch.float32, "onednn vs aten")
+
+
+@needs_ext
+def test_cpu_slots_merge_in_order():
+    # With 3 threads, 1100 rows make 3 row strips, one per slot: column statistics and Gk are
+    # merged across slots; the result must match float64 and repeat bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        check_against_reference("cpu", 1100, 700, 24, torch.float32, bias=0.25, offset=-5, seed=21)
+        gen = torch.Generator().manual_seed(22)
+        q, k = randn(1100, 24, generator=gen, requires_grad=True), randn(700, 24, generator=gen, requires_grad=True)
+
+        def run():
+            r, c = similarity_lse(q, k, 4.0, rows=True, cols=True, backend="cpu")
+            return [r, c] + list(torch.autograd.grad(r.sum() + c.sum(), [q, k]))
+
+        for a, b in zip(run(), run()):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
