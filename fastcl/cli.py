@@ -217,7 +217,7 @@ def cmd_info(args, parser) -> int:
         print(f"  no CUDA device (torch built with CUDA {torch.version.cuda})")
     ext, ext_cuda = _ext.extension_available(), _ext.extension_has_cuda()
     rows = [("reference", True, "pure PyTorch, always available")]
-    rows.append(("cpu", ext, "C++ extension fastcl._C" if ext else
+    rows.append(("cpu", ext, f"C++ extension fastcl._C, {_ext._C.cpu_gemm()} GEMM for fp32 tiles" if ext else
                  f"fastcl._C not built ({_ext._error}); run pip install --no-build-isolation -e ."))
     if not triton_available():
         rows.append(("triton", False, "Triton is not installed (pip install triton)"))

@@ -29,10 +29,8 @@ Tensor = torch.Tensor
 
 
 def block_backend(backend: Optional[str], device: torch.device) -> str:
-    """Concrete backend for one block: "reference" (materialised block), "cpu" or "triton"."""
-    name = resolve_backend(backend, device)
-    # The LSE and sigmoid ops have no hand-written CUDA kernel; Triton covers CUDA tensors.
-    return "triton" if name == "cuda" else name
+    """Concrete backend for one block: "reference" (materialised block), "cpu", "triton" or "cuda"."""
+    return resolve_backend(backend, device)
 
 
 # ---- one block (q, k): fused custom ops, or a materialised fallback without the extension ----
