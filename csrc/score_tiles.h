@@ -4,10 +4,9 @@
 //
 // Row strips are dealt to the slots round-robin (slot s visits strips s, s + slots, ...), each
 // strip's tiles in column order.  A tile's GEMM and its elementwise pass then run on one core
-// (its cache), and no GEMM call forks or joins threads: measured 3-5% faster here than one
-// multithreaded GEMM per tile.  Anything the visitors accumulate across strips (column
-// statistics, Gk) is kept per slot and merged in slot order, so results are deterministic for
-// a given thread count.
+// (its cache), and no GEMM call forks or joins threads.  Anything the visitors accumulate
+// across strips (column statistics, Gk) is kept per slot and merged in slot order, so results
+// are deterministic for a given thread count.
 #pragma once
 
 #include <torch/extension.h>
