@@ -39,6 +39,16 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
+def assert_same_fwd_bwd(kept, r_kept, x1, x2, g):
+    """``kept`` equals MAE's ``r_kept`` bit for bit, and so do the gradients they send back to
+    their leaves ``x1`` and ``x2`` for one random upstream gradient drawn from ``g``."""
+    assert bits_equal(kept, r_kept)
+    up = randn(*kept.shape, dtype=kept.dtype, device=DEV, generator=g)
+    kept.backward(up)
+    r_kept.backward(up)
+    assert bits_equal(x1.grad, x2.grad)
+
+
 def mae_masking(x, ratio, noise):
     """MAE's random_masking: argsort the noise, gather with a repeated (B, K, D) int64 index."""
     B, L, D = x.shape
@@ -85,11 +95,7 @@ def test_random_masking_fast_path_matches_mae(dtype, D, shape):
     kept, _, restore, ids_keep = random_masking(x1, ratio, noise=noise, backend="triton")
     r_kept, r_restore, r_keep = mae_masking(x2, ratio, noise)
     assert torch.equal(restore, r_restore) and torch.equal(ids_keep, r_keep)
-    assert bits_equal(kept, r_kept)
-    up = randn(*kept.shape, dtype=dtype, device=DEV, generator=g)
-    kept.backward(up)
-    r_kept.backward(up)
-    assert bits_equal(x1.grad, x2.grad)
+    assert_same_fwd_bwd(kept, r_kept, x1, x2, g)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,11 +109,7 @@ def test_random_masking_fast_path_non_contiguous(dtype, layout, D):
     x1, x2 = leaf(x), leaf(x)
     kept = random_masking(x1, 0.75, noise=noise, backend="triton")[0]
     r_kept = mae_masking(x2, 0.75, noise)[0]
-    assert bits_equal(kept, r_kept)
-    up = randn(*kept.shape, dtype=dtype, device=DEV, generator=g)
-    kept.backward(up)
-    r_kept.backward(up)
-    assert bits_equal(x1.grad, x2.grad)
+    assert_same_fwd_bwd(kept, r_kept, x1, x2, g)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,11 +124,7 @@ def test_fast_path_pos_embed_rounds_once(dtype, D):
     x1, x2 = leaf(x), leaf(x)
     kept = random_masking(x1, 0.6, noise=noise, pos_embed=pos, backend="triton")[0]
     r_kept = mae_masking(x2 + pos, 0.6, noise)[0]
-    assert bits_equal(kept, r_kept)
-    up = randn(*kept.shape, dtype=dtype, device=DEV, generator=g)
-    kept.backward(up)
-    r_kept.backward(up)
-    assert bits_equal(x1.grad, x2.grad)
+    assert_same_fwd_bwd(kept, r_kept, x1, x2, g)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -273,11 +271,7 @@ def test_gpu_row_copy_edges(backend, dtype, D):
         x1, x2 = leaf(x), leaf(x)
         kept, _, restore, _ = random_masking(x1, ratio, noise=noise, backend=backend)
         r_kept = mae_masking(x2, ratio, noise)[0]
-        assert bits_equal(kept, r_kept)
-        up = randn(*kept.shape, dtype=dtype, device=DEV, generator=g)
-        kept.backward(up)
-        r_kept.backward(up)
-        assert bits_equal(x1.grad, x2.grad)
+        assert_same_fwd_bwd(kept, r_kept, x1, x2, g)
         token = randn(D, dtype=dtype, device=DEV, generator=g)
         assert bits_equal(restore_tokens(kept.detach(), token, restore, backend=backend),
                           mae_restore(kept.detach(), token, restore))
