@@ -53,13 +53,18 @@ METHODS = {"fastcl": fastcl_clip, "fastcl_cuda": fastcl_cuda_clip, "naive": naiv
            "floor_3mm": floor_three_mm}
 
 
-def measure(method, n, d, dtype, rep_ms, bwd_mode=None):
+def _set_env(name, value):
+    if value:
+        os.environ[name] = value
+    else:
+        os.environ.pop(name, None)
+
+
+def measure(method, n, d, dtype, rep_ms, bwd_mode=None, exp_mode=None):
     from triton.testing import do_bench
 
-    if bwd_mode:
-        os.environ["FASTCL_TRITON_BWD"] = bwd_mode
-    else:
-        os.environ.pop("FASTCL_TRITON_BWD", None)
+    _set_env("FASTCL_TRITON_BWD", bwd_mode)
+    _set_env("FASTCL_TRITON_EXP", exp_mode)
     fn = METHODS[method]
     gen = torch.Generator(device="cuda").manual_seed(0)
     img = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
@@ -73,7 +78,8 @@ def measure(method, n, d, dtype, rep_ms, bwd_mode=None):
             return None
         return loss, torch.autograd.grad(loss, wrt)
 
-    row = {"method": method + (f"[{bwd_mode}]" if bwd_mode else ""), "n": n, "d": d, "dtype": str(dtype)}
+    tags = [t for t in (bwd_mode, exp_mode and f"exp={exp_mode}") if t]
+    row = {"method": method + (f"[{','.join(tags)}]" if tags else ""), "n": n, "d": d, "dtype": str(dtype)}
     try:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -107,8 +113,19 @@ def breakdown(n, d, dtype, rep_ms):
     scale, bias = torch.tensor(14.3, device="cuda"), torch.tensor(0.0, device="cuda")
     row, col = K.lse_forward(q, k, scale, bias, True, True, None)
     g = torch.full_like(row, 1.0 / n)
+    def shared(fn):
+        def run():
+            os.environ["FASTCL_TRITON_EXP"] = "shared"
+            try:
+                return fn()
+            finally:
+                os.environ.pop("FASTCL_TRITON_EXP", None)
+        return run
+
     parts = {
         "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
+        "fwd rows+cols, shared exp": shared(lambda: K.lse_forward(q, k, scale, bias, True, True, None)),
+        "bwd strip, shared exp": shared(lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip")),
         "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
         "bwd strip": lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"),
         "mm q@k.T": lambda: q @ k.T,
@@ -141,6 +158,8 @@ def main():
     ap.add_argument("--methods", default="fastcl,fastcl_cuda,floor_3mm,naive,infcl")
     ap.add_argument("--rep-ms", type=int, default=400)
     ap.add_argument("--mode-check", default="32768:256", help="N:D at which both backward modes are timed")
+    ap.add_argument("--exp-check", default="32768:768",
+                    help="N:D at which both Triton exp modes (FASTCL_TRITON_EXP exact, shared) are timed")
     ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
     ap.add_argument("--json", default=None)
@@ -177,6 +196,11 @@ def main():
         for mode in ("fused", "strip"):
             emit(measure("fastcl", n, d, dtype, args.rep_ms, bwd_mode=mode))
         emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
+    if args.exp_check:
+        n, d = (int(x) for x in args.exp_check.split(":"))
+        for mode in ("exact", "shared"):
+            emit(measure("fastcl", n, d, dtype, args.rep_ms, exp_mode=mode))
+    _set_env("FASTCL_TRITON_EXP", None)
     parts = []
     for nd in filter(None, args.breakdown.split(",")):
         n, d = (int(x) for x in nd.split(":"))

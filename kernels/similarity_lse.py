@@ -10,6 +10,9 @@ Backward, two modes (``lse_backward(mode=...)``; ``backward_mode`` picks):
   * "strip" (any D): a kernel writes dS for a strip of rows into a bounded workspace and cuBLAS
     forms Gq[strip] = dS @ k and Gk += dS.T @ q[strip].
 
+``FASTCL_TRITON_EXP=shared`` (opt-in until timed on a GPU; ``exp_mode``) makes the forward and
+the dS tiles take one exp per score for both sides instead of one per side.
+
 Every kernel works on CPU tensors under TRITON_INTERPRET=1.  The interpreter's ``tl.dot`` is
 wrong for bf16 operands, so they are upcast there (``UPCAST``), which only changes rounding.
 """
@@ -61,8 +64,9 @@ def _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, sca
 @triton.jit
 def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, M, D, stride_q, stride_k,
                     diag_off, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                    SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
+                    PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
@@ -74,17 +78,41 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
         s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, stride_q, stride_k, scale, bias, diag_off,
                         HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         s2 = s * 1.4426950408889634  # work in base 2: exp2 is the native instruction
-        if ROWS:
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # never -inf - -inf
-            l_i = l_i * tl.exp2(m_i - ref) + tl.sum(tl.exp2(s2 - ref[:, None]), 1)
-            m_i = m_new
-        if COLS:
-            mc = tl.max(s2, 0)
-            refc = tl.where(mc == float("-inf"), 0.0, mc)
-            lc = tl.sum(tl.exp2(s2 - refc[None, :]), 0)
-            part = (refc + tl.log2(lc)) * 0.6931471805599453
+        if SHARED_EXP and COLS:
+            # One exp per score for both sides: p = 2^(s - t_i) with t_i the tile's row max; the
+            # columns reuse it through the tile max R: 2^(s - R) = p * 2^(t_i - R).
+            t_i = tl.max(s2, 1)
+            t_ref = tl.where(t_i == float("-inf"), 0.0, t_i)
+            p = tl.exp2(s2 - t_ref[:, None])
+            if ROWS:
+                m_new = tl.maximum(m_i, t_i)
+                ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - ref) + tl.sum(p, 1) * tl.exp2(t_ref - ref)
+                m_i = m_new
+            big_r = tl.max(t_i, 0)
+            r_ref = tl.where(big_r == float("-inf"), 0.0, big_r)
+            a = tl.where(t_i == float("-inf"), 0.0, tl.exp2(t_ref - r_ref))
+            lc = tl.sum(p * a[:, None], 0)
+            part = (r_ref + tl.log2(lc)) * 0.6931471805599453
+            # A column far below R (its sum near fp32's smallest normals, or empty) is redone
+            # exactly; in practice that is the matrix's edge tiles.
+            if tl.min(lc, 0) < 1.0e-24:
+                mc = tl.max(s2, 0)
+                refc = tl.where(mc == float("-inf"), 0.0, mc)
+                part = (refc + tl.log2(tl.sum(tl.exp2(s2 - refc[None, :]), 0))) * 0.6931471805599453
             tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < M)
+        else:
+            if ROWS:
+                m_new = tl.maximum(m_i, tl.max(s2, 1))
+                ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # never -inf - -inf
+                l_i = l_i * tl.exp2(m_i - ref) + tl.sum(tl.exp2(s2 - ref[:, None]), 1)
+                m_i = m_new
+            if COLS:
+                mc = tl.max(s2, 0)
+                refc = tl.where(mc == float("-inf"), 0.0, mc)
+                lc = tl.sum(tl.exp2(s2 - refc[None, :]), 0)
+                part = (refc + tl.log2(lc)) * 0.6931471805599453
+                tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < M)
     if ROWS:
         ref = tl.where(m_i == float("-inf"), 0.0, m_i)
         tl.store(row_ptr + offs_m, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N)
@@ -103,15 +131,33 @@ def _load_stats(lse_ptr, g_ptr, offs, n, ACTIVE: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.constexpr):
+def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.constexpr,
+                 SHARED_EXP: tl.constexpr):
     """dS = g_a * exp(s - lse_a) + g_b * exp(s - lse_b); lse = -inf (all excluded) counts as 0."""
-    ds = tl.zeros(s.shape, dtype=tl.float32)
-    if A_STATS:
-        la = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
-        ds += g_a[:, None] * tl.exp2((s - la[:, None]) * 1.4426950408889634)
-    if B_STATS:
-        lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
-        ds += g_b[None, :] * tl.exp2((s - lb[None, :]) * 1.4426950408889634)
+    if SHARED_EXP and A_STATS and B_STATS:
+        # One exp per score: with P = 2^(s - la) and t the block's largest finite la,
+        # dS = P * (g_a + 2^(la - t) * g_b * 2^(t - lb)).  2^(t - lb) may not overflow, so a
+        # block with a column LSE more than 64 (base 2) below t takes the exact form.
+        s2 = s * 1.4426950408889634
+        la = tl.where(lse_a == float("-inf"), float("inf"), lse_a) * 1.4426950408889634
+        lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b) * 1.4426950408889634
+        finite_a = la < float("inf")
+        t = tl.max(tl.where(finite_a, la, float("-inf")), 0)
+        t = tl.where(t == float("-inf"), 0.0, t)
+        alpha = tl.where(finite_a, tl.exp2(la - t), 0.0)
+        gap = t - lb
+        beta_g = g_b * tl.exp2(gap)
+        ds = tl.exp2(s2 - la[:, None]) * (g_a[:, None] + alpha[:, None] * beta_g[None, :])
+        if tl.max(gap, 0) > 64.0:
+            ds = g_a[:, None] * tl.exp2(s2 - la[:, None]) + g_b[None, :] * tl.exp2(s2 - lb[None, :])
+    else:
+        ds = tl.zeros(s.shape, dtype=tl.float32)
+        if A_STATS:
+            la = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
+            ds += g_a[:, None] * tl.exp2((s - la[:, None]) * 1.4426950408889634)
+        if B_STATS:
+            lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
+            ds += g_b[None, :] * tl.exp2((s - lb[None, :]) * 1.4426950408889634)
     return ds
 
 
@@ -119,7 +165,7 @@ def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.c
 def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, lse_b_ptr, g_b_ptr, out_ptr,
                        NA, NB, D, stride_a, stride_b, stride_o, diag_off,
                        A_STATS: tl.constexpr, B_STATS: tl.constexpr, HAS_DIAG: tl.constexpr,
-                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                       SHARED_EXP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """out[a] = sum_b dS[a, b] * b_vec[b] for one block of a rows; BLOCK_D covers all of D."""
     pid = tl.program_id(0)
@@ -134,7 +180,7 @@ def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, ls
         s = _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale, bias, diag_off,
                         HAS_DIAG, BLOCK_A, BLOCK_B, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         lse_b, g_b = _load_stats(lse_b_ptr, g_b_ptr, offs_b, NB, B_STATS, BLOCK_B)
-        ds = _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS, B_STATS)
+        ds = _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS, B_STATS, SHARED_EXP)
         b = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
                     mask=(offs_b[:, None] < NB) & (offs_d[None, :] < D), other=0.0)
         if UPCAST:
@@ -151,8 +197,9 @@ def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, ls
 def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, col_ptr, gcol_ptr, ds_ptr,
                          row0, N_STRIP, M, D, stride_q, stride_k, stride_ds, diag_off,
                          ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                         SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """dS for rows [row0, row0 + N_STRIP) x all columns, written in the workspace's dtype."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -168,7 +215,7 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
     in_n = offs_n < M
     lse_r, g_r = _load_stats(row_ptr, grow_ptr, offs_m, row0 + N_STRIP, ROWS, BLOCK_M)
     lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, M, COLS, BLOCK_N)
-    ds = _dscore_tile(s, lse_r, g_r, lse_c, g_c, ROWS, COLS)
+    ds = _dscore_tile(s, lse_r, g_r, lse_c, g_c, ROWS, COLS, SHARED_EXP)
     tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + offs_n[None, :],
              ds.to(ds_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
@@ -219,7 +266,8 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     _lse_fwd_kernel[(grid_m,)](
         q, k, scale.float(), bias.float(), row if rows else dummy, colpart if cols else dummy, n, m, d,
         q.stride(0), k.stride(0), 0 if diag_offset is None else int(diag_offset),
-        ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
         **cfg["launch"])
     col = torch.logsumexp(colpart, dim=0) if cols else torch.empty(0, device=q.device, dtype=torch.float32)
@@ -239,6 +287,20 @@ def backward_mode(d: int) -> str:
     if mode == "fused" and d > FUSED_MAX_D:
         raise ValueError(f"FASTCL_TRITON_BWD=fused supports D <= {FUSED_MAX_D}, got D={d}")
     return "strip" if mode == "auto" else mode
+
+
+def exp_mode() -> str:
+    """How the kernels form row and column terms: FASTCL_TRITON_EXP = "exact" (default) or "shared".
+
+    "exact" takes one exp per score and side.  "shared" takes one exp per score for both sides
+    (a shared per-tile reference, with an exact fallback for tiles where it would lose range);
+    it does less work but has not been timed on a GPU yet, so it is opt-in
+    (benchmarks/gpu_bench.py times both in its breakdown).
+    """
+    mode = os.environ.get("FASTCL_TRITON_EXP", "exact")
+    if mode not in ("exact", "shared"):
+        raise ValueError(f"FASTCL_TRITON_EXP must be exact or shared, got {mode!r}")
+    return mode
 
 
 def lse_backward(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset, mode=None):
@@ -278,7 +340,8 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     _grad_fused_kernel[(triton.cdiv(na, block_a),)](
         a, b, scale.float(), bias.float(), lse_a, g_a, lse_b, g_b, out, na, b.shape[0], d,
         a.stride(0), b.stride(0), out.stride(0), 0 if diag_offset is None else int(diag_offset),
-        A_STATS=a_stats, B_STATS=b_stats, HAS_DIAG=diag_offset is not None, BLOCK_A=block_a,
+        A_STATS=a_stats, B_STATS=b_stats, HAS_DIAG=diag_offset is not None,
+        SHARED_EXP=exp_mode() == "shared", BLOCK_A=block_a,
         BLOCK_B=cfg["BLOCK_N"] if a.device.type == "cpu" else 64, BLOCK_D=block_d,
         UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], **launch)
     return out
@@ -302,7 +365,8 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
         _dscore_strip_kernel[grid](
             q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, ws, r0, nr, m, d,
             q.stride(0), k.stride(0), ws.stride(0), 0 if diag_offset is None else int(diag_offset),
-            ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
+            ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
             **cfg["launch"])
         ds = ws[:nr]

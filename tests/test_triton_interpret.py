@@ -11,9 +11,17 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not insta
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["fused", "strip"])
+@pytest.fixture(params=["exact", "shared"])
+def exp_mode(request, monkeypatch):
+    monkeypatch.setenv("FASTCL_TRITON_EXP", request.param)
+    return request.param
+
+
+@pytest.fixture(params=[("fused", "exact"), ("strip", "exact"), ("fused", "shared"), ("strip", "shared")],
+                ids=lambda p: "-".join(p))
 def bwd_mode(request, monkeypatch):
-    monkeypatch.setenv("FASTCL_TRITON_BWD", request.param)
+    monkeypatch.setenv("FASTCL_TRITON_BWD", request.param[0])
+    monkeypatch.setenv("FASTCL_TRITON_EXP", request.param[1])
     return request.param
 
 
@@ -31,14 +39,14 @@ def test_options(bwd_mode, dtype, offset, rows, cols):
                             bias=None if offset is None else -0.5, seed=7)
 
 
-def test_small_and_fully_excluded():
+def test_small_and_fully_excluded(exp_mode):
     check_against_reference("triton", 1, 2, 3, torch.float32)
     from fastcl.ops import similarity_lse
     r = similarity_lse(torch.randn(1, 4), torch.randn(1, 4), 1.0, exclude_diagonal=0, backend="triton")
     assert r.item() == float("-inf")
 
 
-def test_nan_in_gives_nan_out():
+def test_nan_in_gives_nan_out(exp_mode):
     from fastcl.ops import similarity_lse
     q, k = torch.randn(67, 40), torch.randn(131, 40)
     q[5, 3] = float("nan")
@@ -63,6 +71,28 @@ def test_clip_loss_triton_matches_cpu_reference():
     loss = fastcl.clip_loss(img, txt, scale, backend="triton")
     ref = fastcl.clip_loss(*(t.detach().double().requires_grad_() for t in (img, txt, scale)), backend="reference")
     assert_close(loss, ref, torch.float32)
+
+
+@pytest.mark.parametrize("rows,cols", [(True, True), (False, True)])
+def test_columns_far_below_the_tile_maximum(bwd_mode, rows, cols):
+    # The shared-exp kernels must fall back to the exact form where one dominant row puts the
+    # tile maximum (and its LSE) hundreds above most columns' (see the same test for the cpu).
+    from test_similarity_lse import _compare_fixed
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(67, 8, generator=gen), torch.randn(131, 8, generator=gen)
+    q[0] = 0.0
+    q[0, 0] = 40.0
+    k[:3, 0] = torch.tensor([3.0, 2.9, 2.6])
+    _compare_fixed("triton", q, k, 2.5, rows=rows, cols=cols)
+
+
+def test_exp_mode_env_is_checked(monkeypatch):
+    from fastcl.kernels.similarity_lse import exp_mode
+    monkeypatch.setenv("FASTCL_TRITON_EXP", "bogus")
+    with pytest.raises(ValueError, match="FASTCL_TRITON_EXP must be exact or shared"):
+        exp_mode()
+    monkeypatch.delenv("FASTCL_TRITON_EXP")
+    assert exp_mode() == "exact"
 
 
 def test_backward_mode_env_is_checked(monkeypatch):
