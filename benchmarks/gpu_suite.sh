@@ -60,6 +60,8 @@ python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$
 
 stamp "5. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
 python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
+# Above D=256 the sigmoid loss takes the Triton strip mode (kernels/sigmoid_pair.py).
+python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$OUT/losses_d768" 2>&1 | tail -8
 
 stamp "6. masking"
 python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8

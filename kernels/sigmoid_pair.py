@@ -6,15 +6,21 @@ the partials in fp64 (two-stage, deterministic).  The backward is split by owner
 fused-attention backward: one kernel owns row blocks (Gq = G @ k, plus partial sums of G for
 the bias), one owns column blocks (Gk = G^T @ q); neither needs atomics.
 
+Those kernels hold a (BLOCK, D) block of each side, which suits D <= 256.  Above that (or with
+FASTCL_TRITON_BWD=strip) the forward loops over D in chunks and the backward writes G a strip of
+rows at a time for cuBLAS, as the LSE kernels' strip backward does (``sigmoid_mode``).
+
 Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores); fp32 inputs
 use IEEE fp32 products (no TF32) so they meet the fp32 tolerance; fp64 inputs run in fp64.
 """
+import os
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fastcl.kernels.similarity_lse import FUSED_MAX_D, _config as _strip_config, _score_tile, strip_backward
 from fastcl.ops.dispatch import triton_interpreting
 
 
@@ -110,6 +116,76 @@ def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M,
     tl.store(gpart_ptr + pid, tl.sum(gsum, axis=0))
 
 
+@triton.jit
+def _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # t = -z * s as in _tile_t, with s from the D-chunked score tile of the LSE kernels.
+    s = _score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias, 0,
+                    False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+    diag = rows[:, None] == cols[None, :]
+    valid = (rows[:, None] < N) & (cols[None, :] < M)
+    return tl.where(valid, tl.where(diag, -s, s), float("-inf")), diag
+
+
+@triton.jit
+def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for j0 in range(0, M, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias,
+                               BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+        acc += tl.sum(_softplus(t), axis=1)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0, N_STRIP, M, D,
+                       stride_q, stride_k, stride_g,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """G for rows [row0, row0 + N_STRIP) x all columns into the workspace, plus one partial sum
+    of G per tile (gpart[pid_m, pid_n]) for the bias gradient."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + local
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    # Rows past the strip are masked by passing row0 + N_STRIP as the row count.
+    t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, row0 + N_STRIP, M, D, stride_q, stride_k, scale, bias,
+                           BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+    sg = _sigmoid(t)
+    g = tl.where(diag, -sg, sg)
+    tl.store(g_ptr + local.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=(local[:, None] < N_STRIP) & (cols[None, :] < M))
+    tl.store(gpart_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g, axis=1), axis=0))
+
+
+def sigmoid_mode(q: torch.Tensor) -> str:
+    """"fused" (one kernel per pass, (BLOCK, D) blocks) or "strip" (D-chunked tiles, cuBLAS backward).
+
+    FASTCL_TRITON_BWD=auto picks "fused" for D <= 256 (timed on an H100 at D=128) and "strip"
+    above, where a whole-D block would not fit in registers (that choice is by design, not timed
+    yet); "fused" and "strip" force a mode.  float64 always runs "fused".
+    """
+    mode = os.environ.get("FASTCL_TRITON_BWD", "auto")
+    if mode not in ("auto", "fused", "strip"):
+        raise ValueError(f"FASTCL_TRITON_BWD must be auto, fused or strip, got {mode!r}")
+    if q.dtype == torch.float64:
+        return "fused"
+    if mode == "auto":
+        return "fused" if q.shape[1] <= FUSED_MAX_D else "strip"
+    return mode
+
+
 def _config(q: torch.Tensor, k: torch.Tensor):
     """Launch constants shared by the forward and backward kernels."""
     d = q.shape[1]
@@ -142,6 +218,15 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     """
     q, k, scale, bias, ct = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    if sigmoid_mode(q) == "strip":
+        sc = _strip_config(q)
+        grid = (triton.cdiv(n, sc["BLOCK_M"]),)
+        partial = torch.empty(grid[0], device=q.device, dtype=ct)
+        _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0),
+                                  BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
+                                  UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
+                                  **sc["launch"])
+        return partial.to(torch.float64).sum().to(ct)
     cfg = _config(q, k)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=q.device, dtype=ct)
@@ -154,6 +239,20 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     """``(G @ k (N, D), G^T @ q (M, D), sum(G) 0-d)`` with ``G = dL/ds``, in fp32 (fp64)."""
     q, k, scale, bias, ct = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    if sigmoid_mode(q) == "strip":
+        parts = []
+
+        def launch(ws, r0, nr, sc):
+            grid = (triton.cdiv(nr, sc["BLOCK_M"]), triton.cdiv(m, sc["BLOCK_N"]))
+            gpart = torch.empty(grid, device=q.device, dtype=torch.float32)
+            _grad_strip_kernel[grid](q, k, scale, bias, ws, gpart, r0, nr, m, d,
+                                     q.stride(0), k.stride(0), ws.stride(0),
+                                     BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
+                                     UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
+                                     **sc["launch"])
+            parts.append(gpart.reshape(-1))
+        gq, gk = strip_backward(q, k, launch)
+        return gq, gk, torch.cat(parts).to(torch.float64).sum().to(ct)
     cfg = _config(q, k)
     gq = torch.empty((n, d), device=q.device, dtype=ct)
     gk = torch.empty((m, d), device=q.device, dtype=ct)

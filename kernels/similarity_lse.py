@@ -347,20 +347,37 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
-def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset):
+def strip_backward(q, k, launch):
+    """Gq = dS @ k (N, D) and Gk = dS.T @ q (M, D) in fp32, with dS formed a strip of rows at a time.
+
+    ``launch(ws, r0, nr, cfg)`` must write dS[r0 : r0 + nr] into ``ws[:nr]`` ((strip, M), the
+    input dtype); cuBLAS then folds it into Gq and Gk.  The workspace is bounded by
+    STRIP_WORKSPACE_BYTES (but holds at least STRIP_MIN_ROWS rows on a GPU).
+    """
     n, d = q.shape
     m = k.shape[0]
     cfg = _config(q)
-    ws_dtype = q.dtype if q.dtype != torch.float64 else torch.float64
-    elem = torch.empty(0, dtype=ws_dtype).element_size()
+    elem = q.element_size()
     bm = cfg["BLOCK_M"]
     rows_min = bm if q.device.type == "cpu" else STRIP_MIN_ROWS
     strip = min(triton.cdiv(n, bm) * bm, max(rows_min, (STRIP_WORKSPACE_BYTES // (m * elem)) // bm * bm))
-    ws = torch.empty((strip, m), device=q.device, dtype=ws_dtype)
+    ws = torch.empty((strip, m), device=q.device, dtype=q.dtype)
     gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
     gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
     for r0 in range(0, n, strip):
         nr = min(strip, n - r0)
+        launch(ws, r0, nr, cfg)
+        ds = ws[:nr]
+        mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
+        mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
+    return gq, gk
+
+
+def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset):
+    m, d = k.shape
+
+    def launch(ws, r0, nr, cfg):
+        bm = cfg["BLOCK_M"]
         grid = (triton.cdiv(nr, bm), triton.cdiv(m, cfg["BLOCK_N"]))
         _dscore_strip_kernel[grid](
             q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, ws, r0, nr, m, d,
@@ -369,7 +386,4 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
             BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
             **cfg["launch"])
-        ds = ws[:nr]
-        mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
-        mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
-    return gq, gk
+    return strip_backward(q, k, launch)

@@ -141,11 +141,12 @@ def test_bad_inputs_name_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_triton_large(dtype):
+@pytest.mark.parametrize("d", [200, 771])  # fused kernels, then the D-chunked strip mode
+def test_cuda_triton_large(dtype, d):
     """Larger odd sizes on the GPU; outputs of the kernels are checked against poisoned buffers."""
     from fastcl.kernels.sigmoid_pair import sigmoid_pair_backward, sigmoid_pair_forward
     g = torch.Generator().manual_seed(17)
-    n, m, d = 1031, 2053, 200
+    n, m = 1031, 2053
     q = F.normalize(randn(n, d, generator=g), dim=1).to(dtype).cuda()
     k = F.normalize(randn(m, d, generator=g), dim=1).to(dtype).cuda()
     scale, bias = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
@@ -159,3 +160,46 @@ def test_cuda_triton_large(dtype):
     loss = sigmoid_pair_forward(q, k, scale, bias)
     gq, gk, gsum = sigmoid_pair_backward(q, k, scale, bias)
     assert torch.isfinite(loss) and torch.isfinite(gq).all() and torch.isfinite(gk).all() and torch.isfinite(gsum)
+
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("check,args", [
+    (test_value_and_grads, (torch.float32, 67, 131, 40)),
+    (test_value_and_grads, (torch.bfloat16, 67, 131, 40)),
+    (test_value_and_grads, (torch.float16, 33, 17, 24)),
+    (test_extreme_values_stay_finite, (100.0, -50.0)),
+    (test_extreme_values_stay_finite, (1e4, 5e3)),
+    (test_tiny_terms_keep_relative_precision, ()),
+    (test_fp16_large_logits, ()),
+    (test_nan_in_nan_out, ()),
+    (test_single_pair, ()),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_triton_strip_mode(monkeypatch, check, args):
+    # FASTCL_TRITON_BWD=strip: D-chunked forward and the cuBLAS strip backward (auto above D=256).
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    check("triton", *args)
+
+
+@needs_triton
+def test_triton_sigmoid_mode(monkeypatch):
+    from fastcl.kernels.sigmoid_pair import sigmoid_mode
+    q = torch.empty(4, 257)
+    assert sigmoid_mode(q) == "strip" and sigmoid_mode(q[:, :256]) == "fused"
+    assert sigmoid_mode(q.double()) == "fused"
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "fused")
+    assert sigmoid_mode(q) == "fused"
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "nope")
+    with pytest.raises(ValueError, match="FASTCL_TRITON_BWD"):
+        sigmoid_mode(q)
+
+
+@needs_triton
+def test_triton_strip_mode_several_strips(monkeypatch):
+    # A 40 KB workspace holds 64 rows of 131 fp32 columns: 67 rows take two strips.
+    from fastcl.kernels import similarity_lse as K
+    monkeypatch.setattr(K, "STRIP_WORKSPACE_BYTES", 64 * 131 * 4)
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    test_value_and_grads("triton", torch.float32, 67, 131, 40)
