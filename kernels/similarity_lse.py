@@ -248,6 +248,43 @@ def _stat_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def autotune_enabled() -> bool:
+    """FASTCL_TRITON_AUTOTUNE=1 times a few launch shapes of the forward and strip kernels per
+    problem size and keeps the fastest (opt-in: the fixed shapes in ``_config`` are the default)."""
+    flag = os.environ.get("FASTCL_TRITON_AUTOTUNE", "0")
+    if flag not in ("0", "1"):
+        raise ValueError(f"FASTCL_TRITON_AUTOTUNE must be 0 or 1, got {flag!r}")
+    return flag == "1"
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) tried by the opt-in autotuner on a GPU.
+TUNE_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 64, 4, 4),
+               (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 3))
+# In the interpreter (tests), two small shapes, timed with a wall clock.
+TUNE_SHAPES_INTERPRETER = ((64, 64, 32, 4, 1), (32, 64, 16, 4, 1))
+_TUNED = {}
+
+
+def _wall_clock_bench(kernel_call, quantiles):
+    import time
+    t0 = time.perf_counter()
+    kernel_call()
+    ms = (time.perf_counter() - t0) * 1e3
+    return [ms for _ in quantiles]
+
+
+def _tuned(kernel, key, interpreter: bool):
+    """``kernel`` wrapped in triton.autotune over TUNE_SHAPES (one wrapper per kernel and mode)."""
+    name = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), interpreter)
+    if name not in _TUNED:
+        shapes = TUNE_SHAPES_INTERPRETER if interpreter else TUNE_SHAPES
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st)
+                   for bm, bn, bd, w, st in shapes]
+        extra = dict(do_bench=_wall_clock_bench) if interpreter else {}
+        _TUNED[name] = triton.autotune(configs, key=key, **extra)(kernel)
+    return _TUNED[name]
+
+
 def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     """Row LSE (N,) and column LSE (M,) (empty when not asked), fp32.
 
@@ -259,18 +296,25 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     m = k.shape[0]
     cfg = _config(q)
     sd = _stat_dtype(q)
-    grid_m = triton.cdiv(n, cfg["BLOCK_M"])
+    tune = autotune_enabled()
+    interp = q.device.type == "cpu"
+    min_bm = min(sh[0] for sh in (TUNE_SHAPES_INTERPRETER if interp else TUNE_SHAPES)) if tune else cfg["BLOCK_M"]
     row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
-    colpart = torch.empty((grid_m, m) if cols else (0,), device=q.device, dtype=torch.float32)
+    colpart = torch.empty((triton.cdiv(n, min_bm), m) if cols else (0,), device=q.device, dtype=torch.float32)
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
-    _lse_fwd_kernel[(grid_m,)](
-        q, k, scale.float(), bias.float(), row if rows else dummy, colpart if cols else dummy, n, m, d,
-        q.stride(0), k.stride(0), 0 if diag_offset is None else int(diag_offset),
-        ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
-        **cfg["launch"])
-    col = torch.logsumexp(colpart, dim=0) if cols else torch.empty(0, device=q.device, dtype=torch.float32)
+    args = (q, k, scale.float(), bias.float(), row if rows else dummy, colpart if cols else dummy, n, m, d,
+            q.stride(0), k.stride(0), 0 if diag_offset is None else int(diag_offset))
+    flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
+                 UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
+    if tune:
+        kernel = _tuned(_lse_fwd_kernel, ["N", "M", "D"], interp)
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **flags)
+        grid_m = triton.cdiv(n, kernel.best_config.kwargs["BLOCK_M"])
+    else:
+        grid_m = triton.cdiv(n, cfg["BLOCK_M"])
+        _lse_fwd_kernel[(grid_m,)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                   BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
+    col = torch.logsumexp(colpart[:grid_m], dim=0) if cols else torch.empty(0, device=q.device, dtype=torch.float32)
     return row.to(sd), col.to(sd)
 
 
@@ -377,13 +421,15 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
     m, d = k.shape
 
     def launch(ws, r0, nr, cfg):
-        bm = cfg["BLOCK_M"]
-        grid = (triton.cdiv(nr, bm), triton.cdiv(m, cfg["BLOCK_N"]))
-        _dscore_strip_kernel[grid](
-            q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, ws, r0, nr, m, d,
-            q.stride(0), k.stride(0), ws.stride(0), 0 if diag_offset is None else int(diag_offset),
-            ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
-            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=cfg["BLOCK_D"], UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"],
-            **cfg["launch"])
+        args = (q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, ws, r0, nr, m, d,
+                q.stride(0), k.stride(0), ws.stride(0), 0 if diag_offset is None else int(diag_offset))
+        flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
+                     UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
+        if autotune_enabled():
+            kernel = _tuned(_dscore_strip_kernel, ["N_STRIP", "M", "D"], q.device.type == "cpu")
+            kernel[lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))](*args, **flags)
+        else:
+            grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(m, cfg["BLOCK_N"]))
+            _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                       BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
     return strip_backward(q, k, launch)

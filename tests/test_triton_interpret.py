@@ -86,6 +86,21 @@ def test_columns_far_below_the_tile_maximum(bwd_mode, rows, cols):
     _compare_fixed("triton", q, k, 2.5, rows=rows, cols=cols)
 
 
+@pytest.mark.parametrize("offset", [None, 3])
+def test_autotuned_launches_match_reference(monkeypatch, offset):
+    # FASTCL_TRITON_AUTOTUNE=1: the forward and strip kernels pick among launch shapes (two in
+    # the interpreter, BLOCK_M 64 and 32); whichever wins, results must be right.
+    from fastcl.kernels import similarity_lse as K
+    monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    check_against_reference("triton", 67, 131, 40, torch.float32, offset=offset, bias=0.5, seed=31)
+    tuned = [K._TUNED[key] for key in K._TUNED if key[1]]
+    assert len(tuned) == 2 and all(t.best_config.kwargs["BLOCK_M"] in (32, 64) for t in tuned)
+    monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="FASTCL_TRITON_AUTOTUNE must be 0 or 1"):
+        K.autotune_enabled()
+
+
 def test_exp_mode_env_is_checked(monkeypatch):
     from fastcl.kernels.similarity_lse import exp_mode
     monkeypatch.setenv("FASTCL_TRITON_EXP", "bogus")
