@@ -4,7 +4,9 @@
 # Optional: wheels in .whl/ are installed to /tmp/site first (the Inf-CL row needs
 # `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand, carried to the GPU machine); FASTCL_COMMIT names the
 # commit in the results when the copy has no .git; SUITE_QUICK=1 shrinks the benchmarks; SUITE_NO_TABLE=1 skips
-# the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it).
+# the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it); SUITE_STEPS picks steps
+# (comma list of build,tests,bench,table,ring,losses,masking; default all), e.g. to split the suite
+# over two calls on the lent machine.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -13,6 +15,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export FASTCL_COMMIT=${FASTCL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 start=$(date +%s)
 stamp() { echo "[suite +$(( $(date +%s) - start ))s] $*"; }
+want() { [[ ",${SUITE_STEPS:-build,tests,bench,table,ring,losses,masking}," == *",$1,"* ]]; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -21,6 +24,7 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
+if want build; then
 stamp "1. build"
 pipe=(python3 -m pip install --no-build-isolation --no-deps --no-index -e .)
 # SUITE_NO_EXT=1 installs the Python package only (the triton paths need no compiled code).
@@ -30,19 +34,25 @@ if ! "${pipe[@]}" >"$OUT/build.log" 2>&1; then
   tail -25 "$OUT/build.log"
   FASTCL_NO_CUDA=1 "${pipe[@]}" >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
 fi
+fi
 python3 -c "import fastcl; from fastcl import _ext; print('extension:', _ext.extension_available(), 'cuda kernels:', _ext.extension_has_cuda())"
 
+if want tests; then
 stamp "2. GPU tests"
 python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests} --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit code: $?"
 tail -15 "$OUT/gpu_tests.log"
+fi
 
+if want bench; then
 stamp "3. benchmarks"
 if [ "${SUITE_QUICK:-0}" = "1" ]; then
   python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 else
   python3 benchmarks/gpu_bench.py ${BENCH_ARGS:-} --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
 fi
+fi
+if want table; then
 stamp "3b. triton vs cuda over a shape grid: the dispatch table (adopt it by copying $OUT/dispatch_table.py to fastcl/ops/)"
 if [ "${SUITE_NO_TABLE:-0}" != "1" ] && python3 -c "from fastcl._ext import extension_has_cuda as h; raise SystemExit(0 if h() else 1)"; then
   if [ "${SUITE_QUICK:-0}" = "1" ]; then
@@ -55,14 +65,21 @@ if [ "${SUITE_NO_TABLE:-0}" != "1" ] && python3 -c "from fastcl._ext import exte
 else
   echo "skipped (SUITE_NO_TABLE=1, or fastcl._C has no CUDA kernels)"
 fi
+fi
+if want ring; then
 stamp "4. ring code path, world size 1"
 python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
+fi
 
+if want losses; then
 stamp "5. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
 python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
 # Above D=256 the sigmoid loss takes the Triton strip mode (kernels/sigmoid_pair.py).
 python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$OUT/losses_d768" 2>&1 | tail -8
+fi
 
+if want masking; then
 stamp "6. masking"
 python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
+fi
 stamp "done"
