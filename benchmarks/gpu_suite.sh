@@ -23,6 +23,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# Whether cuBLAS can add a bf16 product into an fp32 out= (the strip backwards' Gk); if not,
+# fastcl.ops.strips.mm_f32_into warns and goes through an fp32 temporary.
+python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"
+import torch
+a = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+out = torch.zeros(64, 64, device="cuda")
+for name, call in (("mm", lambda: torch.mm(a, a.T, out_dtype=torch.float32, out=out)),
+                   ("addmm", lambda: torch.addmm(out, a, a.T, out_dtype=torch.float32, out=out))):
+    try:
+        call()
+        print(f"{name} bf16 -> fp32 out=: ok")
+    except Exception as exc:
+        print(f"{name} bf16 -> fp32 out=: {type(exc).__name__}: {str(exc)[:160]}")
+PY
 
 if want build; then
 stamp "1. build"

@@ -234,3 +234,17 @@ def test_auto_never_sends_float64_to_the_cuda_kernels(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     assert resolve_backend("auto", torch.device("cuda"), ("similarity_lse", 8, 8, 4, torch.float64)) == "reference"
     assert resolve_backend("auto", torch.device("cuda"), ("similarity_lse", 8, 8, 4, torch.float32)) == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mm_f32_into(dtype, accumulate):
+    # out (+)= a @ b in fp32 for every input dtype; on the CPU half inputs take the fp32-copy path.
+    from fastcl.ops.strips import mm_f32_into
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(37, 53, generator=gen).to(dtype), torch.randn(53, 29, generator=gen).to(dtype)
+    out = torch.randn(37, 29, generator=gen)
+    expected = (out.double() if accumulate else 0) + a.double() @ b.double()
+    mm_f32_into(out, a, b.T.contiguous().T, accumulate)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)

@@ -99,8 +99,9 @@ def mm_f32_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
 
     a (P, K), b (K, Q): one dtype (float32/bfloat16/float16/float64, any strides); out (P, Q)
     float32 (float64 for float64 inputs).  Half inputs stay on the tensor cores and cuBLAS writes
-    or adds into ``out`` itself (beta = 1), so no temporary of out's size is made.  Where the
-    dtype overloads are missing (CPU, older torch) the product runs on fp32 copies instead.
+    or adds into ``out`` itself (beta = 1), so no temporary of out's size is made.  Where that
+    overload is missing: on a GPU, the product goes through an fp32 temporary of out's size (still
+    on the tensor cores, with a warning); on the CPU (tests), through fp32 copies of a and b.
     """
     if a.dtype in (torch.float32, torch.float64):
         if accumulate:
@@ -113,21 +114,32 @@ def mm_f32_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return
     except (TypeError, RuntimeError, NotImplementedError):  # no dtype overloads (CPU, older torch)
-        if a.is_cuda:
-            _warn_slow_mm(a.dtype)
+        pass
+    if a.is_cuda:
+        _warn_slow_mm(a.dtype)
+        try:
+            prod = torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            prod = torch.mm(a, b).float()  # the product rounded to a's dtype once
         if accumulate:
-            out.addmm_(a.float(), b.float())
+            out += prod
         else:
-            torch.mm(a.float(), b.float(), out=out)
+            out.copy_(prod)
+        return
+    if accumulate:
+        out.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=out)
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_slow_mm(dtype: torch.dtype) -> None:
-    # On a GPU the fallback costs an fp32 copy of each operand and an fp32 matmul: say so once.
-    warnings.warn(f"fastcl: torch.mm has no {dtype} -> float32 overload here (torch {torch.__version__}); "
-                  "the strip matmuls run on fp32 copies, which is slower and uses more memory",
-                  RuntimeWarning, stacklevel=3)
+    # On a GPU the fallback costs a temporary of the output's size and an extra pass over it.
+    warnings.warn(f"fastcl: torch.addmm/mm with out_dtype=float32 into an fp32 out= is missing for {dtype} here "
+                  f"(torch {torch.__version__}); the strip matmuls go through an fp32 temporary, which is "
+                  "slower and uses more memory", RuntimeWarning, stacklevel=3)
 
 
 def inplace_view(scores: Tensor, dtype: torch.dtype) -> Tensor:
