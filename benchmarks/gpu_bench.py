@@ -101,7 +101,7 @@ def measure(method, n, d, dtype, rep_ms, bwd_mode=None, exp_mode=None):
     return row
 
 
-def breakdown(n, d, dtype, rep_ms):
+def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     """Where the fused time goes: forward kernel, each backward mode, and their GEMM pieces."""
     from triton.testing import do_bench
 
@@ -130,14 +130,17 @@ def breakdown(n, d, dtype, rep_ms):
 
     parts = {
         "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
-        "fwd rows+cols, shared exp": shared(lambda: K.lse_forward(q, k, scale, bias, True, True, None)),
-        "bwd strip, shared exp": shared(lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip")),
-        "fwd rows+cols, autotuned": tuned(lambda: K.lse_forward(q, k, scale, bias, True, True, None)),
-        "bwd strip, autotuned": tuned(lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip")),
         "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
         "bwd strip": lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"),
         "mm q@k.T": lambda: q @ k.T,
     }
+    if tuning_rows:  # the opt-in kernel variants (FASTCL_TRITON_EXP, FASTCL_TRITON_AUTOTUNE)
+        parts["fwd rows+cols, shared exp"] = shared(lambda: K.lse_forward(q, k, scale, bias, True, True, None))
+        parts["bwd strip, shared exp"] = shared(
+            lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"))
+        parts["fwd rows+cols, autotuned"] = tuned(lambda: K.lse_forward(q, k, scale, bias, True, True, None))
+        parts["bwd strip, autotuned"] = tuned(
+            lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"))
     if d <= K.FUSED_MAX_D:
         parts["bwd fused"] = lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="fused")
     from fastcl._ext import extension_has_cuda
@@ -172,7 +175,9 @@ def main():
     ap.add_argument("--methods", default="fastcl,fastcl_cuda,floor_3mm,naive,infcl")
     ap.add_argument("--rep-ms", type=int, default=400)
     ap.add_argument("--mode-check", default="32768:256", help="N:D at which both backward modes are timed")
-    ap.add_argument("--exp-check", default="32768:768",
+    ap.add_argument("--tuning-rows", action="store_true",
+                    help="add breakdown rows for FASTCL_TRITON_EXP=shared and FASTCL_TRITON_AUTOTUNE=1")
+    ap.add_argument("--exp-check", default="",
                     help="N:D at which both Triton exp modes (FASTCL_TRITON_EXP exact, shared) are timed")
     ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
@@ -200,7 +205,7 @@ def main():
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
             "commit": _commit(), "dtype": "bfloat16", "d": args.d}
-    for n in [int(x) for x in args.ns.split(",")]:
+    for n in [int(x) for x in args.ns.split(",") if x]:
         for m in args.methods.split(","):
             if f"{m}@{n}" in args.skip.split(","):
                 continue
@@ -214,11 +219,12 @@ def main():
         n, d = (int(x) for x in args.exp_check.split(":"))
         for mode in ("exact", "shared"):
             emit(measure("fastcl", n, d, dtype, args.rep_ms, exp_mode=mode))
+        emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
     _set_env("FASTCL_TRITON_EXP", None)
     parts = []
     for nd in filter(None, args.breakdown.split(",")):
         n, d = (int(x) for x in nd.split(":"))
-        parts += breakdown(n, d, dtype, args.rep_ms)
+        parts += breakdown(n, d, dtype, args.rep_ms, args.tuning_rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "breakdown": parts}, f, indent=2)

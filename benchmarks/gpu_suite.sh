@@ -5,8 +5,8 @@
 # `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand, carried to the GPU machine); FASTCL_COMMIT names the
 # commit in the results when the copy has no .git; SUITE_QUICK=1 shrinks the benchmarks; SUITE_NO_TABLE=1 skips
 # the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it); SUITE_STEPS picks steps
-# (comma list of build,tests,bench,table,ring,losses,masking; default all), e.g. to split the suite
-# over two calls on the lent machine.
+# (comma list of build,tests,bench,table,ring,losses,masking,tuning; default all but table and tuning, which
+# keeps one call under 10 minutes), e.g. SUITE_STEPS=table,tuning for a second call on the same warm machine.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export FASTCL_COMMIT=${FASTCL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 start=$(date +%s)
 stamp() { echo "[suite +$(( $(date +%s) - start ))s] $*"; }
-want() { [[ ",${SUITE_STEPS:-build,tests,bench,table,ring,losses,masking}," == *",$1,"* ]]; }
+want() { [[ ",${SUITE_STEPS:-build,tests,bench,ring,losses,masking}," == *",$1,"* ]]; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -95,5 +95,12 @@ fi
 if want masking; then
 stamp "6. masking"
 python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
+fi
+
+if want tuning; then
+stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), masking tile sweep"
+python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
+  --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
+python3 benchmarks/bench_masking.py --device cuda --sweep --json "$OUT/masking_sweep.json" 2>&1 | tail -12
 fi
 stamp "done"
