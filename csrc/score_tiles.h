@@ -20,14 +20,16 @@
 
 namespace fastcl {
 
-// Number of slots for N rows: one per thread, at most one per strip, and at most
-// 1 + extra_budget / per_slot_bytes when each extra slot costs per_slot_bytes of state.
+// Number of slots for N rows: one per thread when every thread gets a strip and the extra
+// per-slot state ((slots - 1) * per_slot_bytes) fits extra_budget; otherwise a single slot, whose
+// GEMMs and visitors then use every thread (so a many-core machine never idles threads).
 inline int64_t score_tile_slots(int64_t N, int64_t tile_rows, int64_t per_slot_bytes = 0,
                                 int64_t extra_budget = int64_t(64) << 20) {
   const int64_t strips = (N + tile_rows - 1) / tile_rows;
-  int64_t slots = std::min<int64_t>(at::get_num_threads(), strips);
-  if (per_slot_bytes > 0) slots = std::min<int64_t>(slots, 1 + extra_budget / per_slot_bytes);
-  return std::max<int64_t>(slots, 1);
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || strips < threads) return 1;
+  if (per_slot_bytes > 0 && (threads - 1) > extra_budget / per_slot_bytes) return 1;
+  return threads;
 }
 
 // visit(slot, tile (nr, nc), q_strip (nr, D), k_chunk (nc, D), i0, j0) for every tile; the tile

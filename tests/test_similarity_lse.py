@@ -192,15 +192,17 @@ def test_cpu_gemm_choices_agree(tmp_path):
 
 
 @needs_ext
-def test_cpu_slots_merge_in_order():
-    # With 3 threads, 1100 rows make 3 row strips, one per slot: column statistics and Gk are
-    # merged across slots; the result must match float64 and repeat bit for bit.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
+@pytest.mark.parametrize("threads,n", [(3, 1100), (4, 600)])
+def test_cpu_slots_merge_in_order(threads, n):
+    # 3 threads, 1100 rows: 3 row strips, one per slot; column statistics and Gk are merged across
+    # slots.  4 threads, 600 rows: fewer strips than threads, so one slot with threaded GEMMs.
+    # Either way the result must match float64 and repeat bit for bit.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        check_against_reference("cpu", 1100, 700, 24, torch.float32, bias=0.25, offset=-5, seed=21)
+        check_against_reference("cpu", n, 700, 24, torch.float32, bias=0.25, offset=-5, seed=21)
         gen = torch.Generator().manual_seed(22)
-        q, k = randn(1100, 24, generator=gen, requires_grad=True), randn(700, 24, generator=gen, requires_grad=True)
+        q, k = randn(n, 24, generator=gen, requires_grad=True), randn(700, 24, generator=gen, requires_grad=True)
 
         def run():
             r, c = similarity_lse(q, k, 4.0, rows=True, cols=True, backend="cpu")
@@ -209,4 +211,4 @@ def test_cpu_slots_merge_in_order():
         for a, b in zip(run(), run()):
             assert torch.equal(a, b)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
