@@ -1,6 +1,6 @@
 // out = beta * out + alpha * a @ b for the CPU tile kernels, through the fastest fp32 GEMM at
 // hand.  On this project's CPU, oneDNN's fp32 matmul (IEEE fp32 arithmetic) makes the CLIP
-// benchmark 2.78 s instead of 3.11 s with the BLAS behind at::addmm (benchmarks/README.md), so
+// benchmark 2.87 s instead of 3.31 s with the BLAS behind at::addmm (benchmarks/README.md), so
 // fp32 tiles go through ATen's exported oneDNN entry point when the running libtorch has it.
 // The header that declares it is not installed, so it is looked up at run time: a libtorch
 // without it, fp64, or FASTCL_CPU_GEMM=aten falls back to at::addmm_out.
