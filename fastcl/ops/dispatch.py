@@ -2,7 +2,7 @@
 import importlib.util
 import math
 import os
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -38,6 +38,18 @@ def pick_gpu_backend(op: str, n: int, m: int, d: int, dtype: torch.dtype) -> str
     size = math.log2(max(1.0, math.sqrt(n * m)))
     gn, gd = min(points, key=lambda p: (math.log2(p[0]) - size) ** 2 + (math.log2(p[1]) - math.log2(max(d, 1))) ** 2)
     return t.TABLE[(op, name, gn, gd)]
+
+
+def fused_kernel(op: str, backend: str, kernels: Dict[str, Union[str, Callable]]) -> Callable:
+    """The fused kernel of ``op`` for ``backend``: ``kernels[backend]`` is a callable, or a
+    "module:function" path imported on first use (so Triton and the CUDA driver load lazily)."""
+    entry = kernels.get(backend)
+    if entry is None:
+        raise ValueError(f"{op} has no fused {backend!r} backend")
+    if isinstance(entry, str):
+        module, name = entry.split(":")
+        return getattr(importlib.import_module(module), name)
+    return entry
 
 
 def resolve_backend(backend: Optional[str], device: torch.device,

@@ -14,40 +14,28 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastcl.ops.dispatch import resolve_backend
+from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import compute_dtype, reference_logits
 from fastcl.validation import check_pair, check_scalar
 
 Tensor = torch.Tensor
 
 
-def _kernel_forward(backend: str):
-    if backend == "cpu":
-        return lambda q, k, s, b: torch.ops.fastcl_C.sigmoid_pair_fwd(q, k, float(s), float(b))
-    if backend == "triton":
-        from fastcl.kernels.sigmoid_pair import sigmoid_pair_forward
-        return sigmoid_pair_forward
-    if backend == "cuda":
-        from fastcl.ops.strips import sigmoid_forward
-        return sigmoid_forward
-    raise ValueError(f"sigmoid_pair_loss has no fused {backend!r} backend")
-
-
-def _kernel_backward(backend: str):
-    if backend == "cpu":
-        return lambda q, k, s, b: torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(s), float(b))
-    if backend == "triton":
-        from fastcl.kernels.sigmoid_pair import sigmoid_pair_backward
-        return sigmoid_pair_backward
-    if backend == "cuda":
-        from fastcl.ops.strips import sigmoid_backward
-        return sigmoid_backward
-    raise ValueError(f"sigmoid_pair_loss has no fused {backend!r} backend")
+_FORWARD = {
+    "cpu": lambda q, k, s, b: torch.ops.fastcl_C.sigmoid_pair_fwd(q, k, float(s), float(b)),
+    "triton": "fastcl.kernels.sigmoid_pair:sigmoid_pair_forward",
+    "cuda": "fastcl.ops.strips:sigmoid_forward",
+}
+_BACKWARD = {
+    "cpu": lambda q, k, s, b: torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(s), float(b)),
+    "triton": "fastcl.kernels.sigmoid_pair:sigmoid_pair_backward",
+    "cuda": "fastcl.ops.strips:sigmoid_backward",
+}
 
 
 @torch.library.custom_op("fastcl::sigmoid_pair_fwd", mutates_args=())
 def _sp_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
-    return _kernel_forward(backend)(q, k, scale, bias)
+    return fused_kernel("sigmoid_pair_loss", backend, _FORWARD)(q, k, scale, bias)
 
 
 @_sp_fwd.register_fake
@@ -57,7 +45,7 @@ def _(q, k, scale, bias, backend):
 
 @torch.library.custom_op("fastcl::sigmoid_pair_bwd", mutates_args=())
 def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    gq, gk, gsum = _kernel_backward(backend)(q, k, scale, bias)
+    gq, gk, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias)
     return gq, gk, gsum
 
 

@@ -11,42 +11,30 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastcl.ops.dispatch import resolve_backend
+from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import compute_dtype, reference_similarity_lse
 from fastcl.validation import check_offset, check_pair, check_scalar
 
 Tensor = torch.Tensor
 
 
-def _kernels_forward(backend: str):
-    if backend == "cpu":
-        return lambda q, k, s, b, r, c, d: torch.ops.fastcl_C.sim_lse_fwd(q, k, float(s), float(b), r, c, d)
-    if backend == "triton":
-        from fastcl.kernels.similarity_lse import lse_forward
-        return lse_forward
-    if backend == "cuda":
-        from fastcl.ops.strips import lse_forward
-        return lse_forward
-    raise ValueError(f"similarity_lse has no fused {backend!r} backend")
-
-
-def _kernels_backward(backend: str):
-    if backend == "cpu":
-        return lambda q, k, s, b, rl, cl, gr, gc, d: torch.ops.fastcl_C.sim_lse_bwd(
-            q, k, float(s), float(b), rl, cl, gr, gc, d)
-    if backend == "triton":
-        from fastcl.kernels.similarity_lse import lse_backward
-        return lse_backward
-    if backend == "cuda":
-        from fastcl.ops.strips import lse_backward
-        return lse_backward
-    raise ValueError(f"similarity_lse has no fused {backend!r} backend")
+_FORWARD = {
+    "cpu": lambda q, k, s, b, r, c, d: torch.ops.fastcl_C.sim_lse_fwd(q, k, float(s), float(b), r, c, d),
+    "triton": "fastcl.kernels.similarity_lse:lse_forward",
+    "cuda": "fastcl.ops.strips:lse_forward",
+}
+_BACKWARD = {
+    "cpu": lambda q, k, s, b, rl, cl, gr, gc, d: torch.ops.fastcl_C.sim_lse_bwd(
+        q, k, float(s), float(b), rl, cl, gr, gc, d),
+    "triton": "fastcl.kernels.similarity_lse:lse_backward",
+    "cuda": "fastcl.ops.strips:lse_backward",
+}
 
 
 @torch.library.custom_op("fastcl::similarity_lse_fwd", mutates_args=())
 def _lse_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
              diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor]:
-    row, col = _kernels_forward(backend)(q, k, scale, bias, rows, cols, diag_offset)
+    row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
     return row, col
 
 
@@ -60,7 +48,8 @@ def _(q, k, scale, bias, rows, cols, diag_offset, backend):
 @torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=())
 def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
              g_row: Tensor, g_col: Tensor, diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor]:
-    gq, gk = _kernels_backward(backend)(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset)
+    gq, gk = fused_kernel("similarity_lse", backend, _BACKWARD)(q, k, scale, bias, row_lse, col_lse, g_row, g_col,
+                                                               diag_offset)
     return gq, gk
 
 
