@@ -92,7 +92,7 @@ struct TileGrads {
   }
 };
 
-// Bytes of the per-slot gradient state of a (N, D) x (M, D) problem in element size `elem`.
+// Bytes of one slot's gradient state: one Gk buffer the size of k (M, D).
 inline int64_t grad_slot_bytes(const at::Tensor& k) { return k.numel() * k.element_size(); }
 
 }  // namespace fastcl

@@ -3,7 +3,8 @@
 // benchmark 2.87 s instead of 3.31 s with the BLAS behind at::addmm (benchmarks/README.md), so
 // fp32 tiles go through ATen's exported oneDNN entry point when the running libtorch has it.
 // The header that declares it is not installed, so it is looked up at run time: a libtorch
-// without it, fp64, or FASTCL_CPU_GEMM=aten falls back to at::addmm_out.
+// without it, fp64, or FASTCL_CPU_GEMM=aten falls back to at::addmm_out ("onednn" or unset:
+// oneDNN when present).
 #pragma once
 
 #include <torch/extension.h>
@@ -19,6 +20,9 @@ using OnednnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Te
 
 inline OnednnMatmul find_onednn_matmul() {
   const char* choice = std::getenv("FASTCL_CPU_GEMM");
+  const bool valid = choice == nullptr || choice[0] == '\0' || std::strcmp(choice, "onednn") == 0 ||
+                     std::strcmp(choice, "aten") == 0;
+  TORCH_CHECK(valid, "FASTCL_CPU_GEMM must be unset, 'onednn' or 'aten', got '", choice ? choice : "", "'");
   if (choice != nullptr && std::strcmp(choice, "aten") == 0) return nullptr;
   void* lib = dlopen("libtorch_cpu.so", RTLD_NOLOAD | RTLD_LAZY);
   if (lib == nullptr) return nullptr;

@@ -189,6 +189,9 @@ def test_cpu_gemm_choices_agree(tmp_path):
     assert names[1] == "aten" and names[0] in ("onednn", "aten")
     for a, b in zip(*outs):
         assert_close(a, b, torch.float32, "onednn vs aten")
+    bad = subprocess.run([sys.executable, "-c", "import sys; " + code, str(tmp_path / "bad.pt")],
+                         env=dict(os.environ, FASTCL_CPU_GEMM="mkl"), capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTCL_CPU_GEMM must be unset, 'onednn' or 'aten', got 'mkl'" in bad.stderr
 
 
 @needs_ext
