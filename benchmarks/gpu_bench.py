@@ -128,26 +128,40 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     def tuned(fn):
         return with_env("FASTCL_TRITON_AUTOTUNE", "1", fn)
 
+    one = torch.ones((), device="cuda")
+
+    def bwd(mode):
+        return lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, one, q.dtype, mode=mode)
+
+    def big_workspace(fn):  # one column chunk: no repeated rounding of dq, more memory
+        def run():
+            from fastcl.ops import strips
+            old, strips.WORKSPACE_MB = strips.WORKSPACE_MB, 1024.0
+            try:
+                return fn()
+            finally:
+                strips.WORKSPACE_MB = old
+        return run
+
     parts = {
         "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
         "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
-        "bwd strip": lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"),
+        "bwd strip": bwd("strip"),
+        "bwd strip, 1 GB workspace": big_workspace(bwd("strip")),
         "mm q@k.T": lambda: q @ k.T,
     }
     if tuning_rows:  # the opt-in kernel variants (FASTCL_TRITON_EXP, FASTCL_TRITON_AUTOTUNE)
         parts["fwd rows+cols, shared exp"] = shared(lambda: K.lse_forward(q, k, scale, bias, True, True, None))
-        parts["bwd strip, shared exp"] = shared(
-            lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"))
+        parts["bwd strip, shared exp"] = shared(bwd("strip"))
         parts["fwd rows+cols, autotuned"] = tuned(lambda: K.lse_forward(q, k, scale, bias, True, True, None))
-        parts["bwd strip, autotuned"] = tuned(
-            lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="strip"))
+        parts["bwd strip, autotuned"] = tuned(bwd("strip"))
     if d <= K.FUSED_MAX_D:
-        parts["bwd fused"] = lambda: K.lse_backward(q, k, scale, bias, row, col, g, g, None, mode="fused")
+        parts["bwd fused"] = bwd("fused")
     from fastcl._ext import extension_has_cuda
     if extension_has_cuda():
         from fastcl.ops import strips
         parts["cuda fwd rows+cols"] = lambda: strips.lse_forward(q, k, scale, bias, True, True, None)
-        parts["cuda bwd"] = lambda: strips.lse_backward(q, k, scale, bias, row, col, g, g, None)
+        parts["cuda bwd"] = lambda: strips.lse_grads(q, k, scale, bias, row, col, g, g, None, None, one, q.dtype)
         ws = torch.empty((strips.strip_rows(n, n), n), device="cuda")
         parts["cuda strip mm (fp32 out), all strips"] = lambda: [
             strips.mm_f32_into(ws[:min(ws.shape[0], n - r0)], q[r0:r0 + ws.shape[0]], k.T, False)

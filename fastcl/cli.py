@@ -247,15 +247,15 @@ def cmd_info(args, parser) -> int:
 
 
 def _print_cuda_settings() -> None:
-    """The cuda backend's workspace bound and where ``auto``'s triton/cuda table comes from."""
+    """The GPU backends' workspace bound and where ``auto``'s triton/cuda table comes from."""
     from fastcl.ops import dispatch_table, strips
     try:
         ws = f"{strips.workspace_mb():g} MB"
     except ValueError as exc:
         ws = f"invalid ({exc})"
     source = ("WORKSPACE_MB" if strips.WORKSPACE_MB is not None else
-              "FASTCL_CUDA_WORKSPACE_MB" if "FASTCL_CUDA_WORKSPACE_MB" in os.environ else "default")
-    print(f"cuda workspace: {ws} ({source}; set FASTCL_CUDA_WORKSPACE_MB to change)")
+              "FASTCL_WORKSPACE_MB" if "FASTCL_WORKSPACE_MB" in os.environ else "default")
+    print(f"GPU workspace (triton and cuda strips): {ws} ({source}; set FASTCL_WORKSPACE_MB to change)")
     if dispatch_table.MEASURED_ON:
         print(f"auto on CUDA, triton vs cuda: table measured on {dispatch_table.MEASURED_ON}")
     else:

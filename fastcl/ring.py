@@ -40,7 +40,8 @@ def _lse_block_fwd(q, k, scale_t, bias_t, cols: bool, diag: Optional[int], backe
         s = reference_logits(q, k, scale_t, bias_t, diag)
         col = torch.logsumexp(s, 0) if cols else s.new_empty((0,))
         return torch.logsumexp(s, 1), col
-    return torch.ops.fastcl.similarity_lse_fwd(q, k, scale_t, bias_t, True, cols, diag, backend)
+    row, col, _ = torch.ops.fastcl.similarity_lse_fwd(q, k, scale_t, bias_t, True, cols, diag, False, backend)
+    return row, col
 
 
 def _lse_block_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col, diag, backend):
@@ -51,7 +52,12 @@ def _lse_block_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col, diag, 
         if col_lse.numel():
             ds = ds + g_col[None, :] * torch.exp(s - col_lse[None, :])
         return ds @ k.to(ct), ds.T @ q.to(ct)
-    return torch.ops.fastcl.similarity_lse_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col, diag, backend)
+    # Unscaled fp32 (fp64) Gq, Gk of this block: grad_scale 1, no positive logits.
+    ct = compute_dtype(q.dtype)
+    gq, gk, _ = torch.ops.fastcl.similarity_lse_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col,
+                                                    row_lse.new_empty((0,)), diag, torch.ones_like(scale_t), ct,
+                                                    backend)
+    return gq, gk
 
 
 def _merge(a: Tensor, b: Tensor) -> Tensor:
@@ -236,7 +242,7 @@ def _sp_block_bwd(q, k, scale_t, bias_t, positives: bool, backend: str):
         if positives:
             g.diagonal()[:] = -torch.sigmoid(-s.diagonal())
         return g @ k.to(ct), g.T @ q.to(ct), g.sum()
-    gq, gk, gsum = torch.ops.fastcl.sigmoid_pair_bwd(q, k, scale_t, bias_t, backend)
+    gq, gk, _, gsum = torch.ops.fastcl.sigmoid_pair_bwd(q, k, scale_t, bias_t, torch.ones_like(scale_t), ct, backend)
     if not positives:
         # sigmoid(s) - (-sigmoid(-s)) = 1 on the diagonal
         d = min(q.shape[0], k.shape[0])

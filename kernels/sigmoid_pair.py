@@ -7,8 +7,8 @@ fused-attention backward: one kernel owns row blocks (Gq = G @ k, plus partial s
 the bias), one owns column blocks (Gk = G^T @ q); neither needs atomics.
 
 Those kernels hold a (BLOCK, D) block of each side, which suits D <= 256.  Above that (or with
-FASTCL_TRITON_BWD=strip) the forward loops over D in chunks and the backward writes G a strip of
-rows at a time for cuBLAS, as the LSE kernels' strip backward does (``sigmoid_mode``).
+FASTCL_TRITON_BWD=strip) the forward loops over D in chunks and the backward writes G a block of
+rows x columns at a time for cuBLAS, as the LSE kernels' strip backward does (``sigmoid_mode``).
 
 Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores); fp32 inputs
 use IEEE fp32 products (no TF32) so they meet the fp32 tolerance; fp64 inputs run in fp64.
@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.kernels.similarity_lse import FUSED_MAX_D, _config as _strip_config, _score_tile, strip_backward
+from fastcl.kernels.similarity_lse import FUSED_MAX_D, _config as _strip_config, _score_tile, strip_grads_triton
+from fastcl.ops.strip_grads import finish_full
 from fastcl.ops.dispatch import triton_interpreting
 
 
@@ -146,26 +147,27 @@ def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, st
 
 
 @triton.jit
-def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0, N_STRIP, M, D,
+def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0, N_STRIP, col0, N_COLS, D,
                        stride_q, stride_k, stride_g,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """G for rows [row0, row0 + N_STRIP) x all columns into the workspace, plus one partial sum
-    of G per tile (gpart[pid_m, pid_n]) for the bias gradient."""
+    """G for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS) into the workspace (local
+    coordinates), plus one partial sum of G per tile (gpart[pid_m, pid_n]) for the bias gradient."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = row0 + local
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + local_n
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    # Rows past the strip are masked by passing row0 + N_STRIP as the row count.
-    t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, row0 + N_STRIP, M, D, stride_q, stride_k, scale, bias,
-                           BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+    # Rows and columns past the block are masked by passing its ends as the counts.
+    t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k,
+                           scale, bias, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
     sg = _sigmoid(t)
     g = tl.where(diag, -sg, sg)
-    tl.store(g_ptr + local.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
-             mask=(local[:, None] < N_STRIP) & (cols[None, :] < M))
+    tl.store(g_ptr + local.to(tl.int64)[:, None] * stride_g + local_n[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=(local[:, None] < N_STRIP) & (local_n[None, :] < N_COLS))
     tl.store(gpart_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g, axis=1), axis=0))
 
 
@@ -234,25 +236,28 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     return partial.to(torch.float64).sum().to(ct)
 
 
-def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
-                          bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G @ k (N, D), G^T @ q (M, D), sum(G) 0-d)`` with ``G = dL/ds``, in fp32 (fp64)."""
+def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                          grad_scale: torch.Tensor, out_dtype: torch.dtype
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, qgq, gsum)`` with ``G = dL/ds``: dq = grad_scale * G @ k (N, D), dk = grad_scale *
+    G^T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).
+    grad_scale: 0-d tensor on q's device."""
     q, k, scale, bias, ct = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
         parts = []
 
-        def launch(ws, r0, nr, sc):
-            grid = (triton.cdiv(nr, sc["BLOCK_M"]), triton.cdiv(m, sc["BLOCK_N"]))
+        def launch(tile, r0, nr, c0, nc, sc):
+            grid = (triton.cdiv(nr, sc["BLOCK_M"]), triton.cdiv(nc, sc["BLOCK_N"]))
             gpart = torch.empty(grid, device=q.device, dtype=torch.float32)
-            _grad_strip_kernel[grid](q, k, scale, bias, ws, gpart, r0, nr, m, d,
-                                     q.stride(0), k.stride(0), ws.stride(0),
+            _grad_strip_kernel[grid](q, k, scale, bias, tile, gpart, r0, nr, c0, nc, d,
+                                     q.stride(0), k.stride(0), tile.stride(0),
                                      BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                      UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                      **sc["launch"])
-            parts.append(gpart.reshape(-1))
-        gq, gk = strip_backward(q, k, launch)
-        return gq, gk, torch.cat(parts).to(torch.float64).sum().to(ct)
+            parts.append(gpart.to(torch.float64).sum())
+        dq, dk, qgq = strip_grads_triton(q, k, grad_scale, launch, out_dtype)
+        return dq, dk, qgq, torch.stack(parts).sum().to(ct)
     cfg = _config(q, k)
     gq = torch.empty((n, d), device=q.device, dtype=ct)
     gk = torch.empty((m, d), device=q.device, dtype=ct)
@@ -266,4 +271,5 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     scratch = torch.empty(col_grid[0], device=q.device, dtype=ct)
     _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
                                k.stride(0), q.stride(0), gk.stride(0), **cfg)
-    return gq, gk, gpart.to(torch.float64).sum().to(ct)
+    dq, dk, qgq = finish_full(q, k, gq, gk, grad_scale, out_dtype)
+    return dq, dk, qgq, gpart.to(torch.float64).sum().to(ct)

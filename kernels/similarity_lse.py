@@ -1,14 +1,15 @@
 """Triton kernels for the row/column log-sum-exp of ``S = scale * q @ k.T + bias``.
 
 Forward: one pass over the score tiles gives the exact row LSE and, per row block, a partial
-column LSE; a tiny logsumexp over the (N / BLOCK_M, M) partials merges the columns.  No atomics.
+column LSE; a small logsumexp over the (rows / BLOCK_M, M) partials merges the columns.  No
+atomics.  Very large N runs in groups of rows so the partials stay bounded (``forward_group_rows``).
 
 Backward, two modes (``lse_backward(mode=...)``; ``backward_mode`` picks):
   * "fused" (D <= 256): one kernel keeps a (BLOCK, D) accumulator and loops over the other side,
     forming dS = g_row * P_row + g_col * P_col per tile and multiplying it straight into
     Gq = dS @ k.  The same kernel with q/k and row/col roles swapped gives Gk = dS.T @ q.
-  * "strip" (any D): a kernel writes dS for a strip of rows into a bounded workspace and cuBLAS
-    forms Gq[strip] = dS @ k and Gk += dS.T @ q[strip].
+  * "strip" (any D): a kernel writes dS for a block of rows x columns into a bounded workspace
+    and cuBLAS folds it into the gradients (fastcl/ops/strip_grads.py: no whole fp32 Gq or Gk).
 
 ``FASTCL_TRITON_EXP=shared`` (opt-in until timed on a GPU; ``exp_mode``) makes the forward and
 the dS tiles take one exp per score for both sides instead of one per side.
@@ -22,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.ops.strips import mm_f32_into
+from fastcl.ops.strip_grads import finish_full, strip_grads
+from fastcl.ops.strips import workspace_bytes
 
 FUSED_MAX_D = 256
-STRIP_WORKSPACE_BYTES = 128 * 2**20
 # Rows per strip at least this many, so that dS_strip @ k (a strip x D output over a long K) has
 # enough output tiles for the GPU.  On an H100 (N=32768, D=768, bf16) the CLIP step went from
 # 23.2 to 18.7 ms when strips grew from 1024 to 2048 rows, together with the fp32 accumulation
@@ -195,29 +196,29 @@ def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, ls
 
 @triton.jit
 def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, col_ptr, gcol_ptr, ds_ptr,
-                         row0, N_STRIP, M, D, stride_q, stride_k, stride_ds, diag_off,
+                         row0, N_STRIP, col0, N_COLS, D, stride_q, stride_k, stride_ds, diag_off,
                          ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
                          SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
                          PRECISION: tl.constexpr):
-    """dS for rows [row0, row0 + N_STRIP) x all columns, written in the workspace's dtype."""
+    """dS for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS), written in the
+    workspace's dtype at local coordinates."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = row0 + local
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = col0 + local_n
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
-    # Rows past the strip are masked by passing row0 + N_STRIP as the row count.
-    s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, M, D, stride_q, stride_k, scale, bias,
-                    diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
-    in_m = local < N_STRIP
-    in_n = offs_n < M
+    # Rows and columns past the block are masked by passing its ends as the counts.
+    s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k, scale,
+                    bias, diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
     lse_r, g_r = _load_stats(row_ptr, grow_ptr, offs_m, row0 + N_STRIP, ROWS, BLOCK_M)
-    lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, M, COLS, BLOCK_N)
+    lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, col0 + N_COLS, COLS, BLOCK_N)
     ds = _dscore_tile(s, lse_r, g_r, lse_c, g_c, ROWS, COLS, SHARED_EXP)
-    tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + offs_n[None, :],
-             ds.to(ds_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+    tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + local_n[None, :],
+             ds.to(ds_ptr.dtype.element_ty), mask=(local[:, None] < N_STRIP) & (local_n[None, :] < N_COLS))
 
 
 def _config(q: torch.Tensor) -> dict:
@@ -285,6 +286,15 @@ def _tuned(kernel, key, interpreter: bool):
     return _TUNED[name]
 
 
+def forward_group_rows(n: int, m: int, block_m_min: int, block_m_max: int, sms: int) -> int:
+    """Rows per forward launch: the launch's column partials ((rows / block_m_min) x m fp32) fit half
+    the workspace, but every launch keeps at least two row blocks per SM (``sms``: 0 in the
+    interpreter), so a single launch covers every N up to 2 * sms * block_m_max rows."""
+    fit = (workspace_bytes() // 2) // (4 * m) * block_m_min
+    rows = max(fit, 2 * sms * block_m_max, block_m_max)
+    return min(n, rows - rows % block_m_max)
+
+
 def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     """Row LSE (N,) and column LSE (M,) (empty when not asked), fp32.
 
@@ -298,23 +308,33 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     sd = _stat_dtype(q)
     tune = autotune_enabled()
     interp = q.device.type == "cpu"
-    min_bm = min(sh[0] for sh in (TUNE_SHAPES_INTERPRETER if interp else TUNE_SHAPES)) if tune else cfg["BLOCK_M"]
+    shapes = TUNE_SHAPES_INTERPRETER if interp else TUNE_SHAPES
+    bm_min = min(sh[0] for sh in shapes) if tune else cfg["BLOCK_M"]
+    bm_max = max(sh[0] for sh in shapes) if tune else cfg["BLOCK_M"]
+    sms = 0 if interp else torch.cuda.get_device_properties(q.device).multi_processor_count
+    group = forward_group_rows(n, m, bm_min, bm_max, sms)
     row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
-    colpart = torch.empty((triton.cdiv(n, min_bm), m) if cols else (0,), device=q.device, dtype=torch.float32)
+    col = torch.full((m,) if cols else (0,), float("-inf"), device=q.device, dtype=torch.float32)
+    colpart = torch.empty((triton.cdiv(group, bm_min), m) if cols else (0,), device=q.device, dtype=torch.float32)
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
-    args = (q, k, scale.float(), bias.float(), row if rows else dummy, colpart if cols else dummy, n, m, d,
-            q.stride(0), k.stride(0), 0 if diag_offset is None else int(diag_offset))
     flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
                  UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
-    if tune:
-        kernel = _tuned(_lse_fwd_kernel, ["N", "M", "D"], interp)
-        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **flags)
-        grid_m = triton.cdiv(n, kernel.best_config.kwargs["BLOCK_M"])
-    else:
-        grid_m = triton.cdiv(n, cfg["BLOCK_M"])
-        _lse_fwd_kernel[(grid_m,)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                   BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
-    col = torch.logsumexp(colpart[:grid_m], dim=0) if cols else torch.empty(0, device=q.device, dtype=torch.float32)
+    for r0 in range(0, n, group):  # groups in order: the column merge is deterministic
+        q_g = q[r0:r0 + group]
+        ng = q_g.shape[0]
+        args = (q_g, k, scale.float(), bias.float(), row[r0:r0 + ng] if rows else dummy, colpart if cols else dummy,
+                ng, m, d, q.stride(0), k.stride(0), 0 if diag_offset is None else r0 + int(diag_offset))
+        if tune:
+            kernel = _tuned(_lse_fwd_kernel, ["N", "M", "D"], interp)
+            kernel[lambda meta: (triton.cdiv(ng, meta["BLOCK_M"]),)](*args, **flags)
+            grid_m = triton.cdiv(ng, kernel.best_config.kwargs["BLOCK_M"])
+        else:
+            grid_m = triton.cdiv(ng, cfg["BLOCK_M"])
+            _lse_fwd_kernel[(grid_m,)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                       BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
+        if cols:
+            part = torch.logsumexp(colpart[:grid_m], dim=0)
+            col = part if r0 == 0 else torch.logaddexp(col, part)
     return row.to(sd), col.to(sd)
 
 
@@ -347,10 +367,14 @@ def exp_mode() -> str:
     return mode
 
 
-def lse_backward(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset, mode=None):
-    """Gq = dS @ k (N, D) and Gk = dS.T @ q (M, D), fp32, for the weights g_row (N,) / g_col (M,).
+def lse_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, diag_offset, grad_scale, out_dtype,
+              mode=None):
+    """``(dq, dk, qgq)`` of ``fastcl::similarity_lse_bwd``: dq = grad_scale * Gq (N, D) and
+    dk = grad_scale * Gk (M, D) in out_dtype, qgq = sum(q * Gq) 0-d fp32, with
+    Gq = dS @ k + g_pos * k[:N], Gk = dS.T @ q + g_pos * q, dS = g_row * P_row + g_col * P_col.
 
-    row_lse/col_lse are the forward's outputs (empty when that side was not computed).
+    row_lse/col_lse (N,)/(M,) are the forward's outputs (empty when that side was not computed);
+    g_pos (N,) or None; scale, bias, grad_scale: 0-d fp32 tensors on q's device.
     """
     _check(q, k)
     q, k = q.contiguous(), k.contiguous()
@@ -358,6 +382,7 @@ def lse_backward(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset,
     rows, cols = row_lse.numel() > 0, col_lse.numel() > 0
     f32 = lambda t: t.float().contiguous()  # noqa: E731
     row_lse, col_lse, g_row, g_col = f32(row_lse), f32(col_lse), f32(g_row), f32(g_col)
+    g_pos = None if g_pos is None else f32(g_pos)
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     stats = (row_lse if rows else dummy, g_row if rows else dummy, col_lse if cols else dummy,
              g_col if cols else dummy)
@@ -365,10 +390,8 @@ def lse_backward(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset,
         gq = _grad_fused(q, k, scale, bias, *stats, rows, cols, diag_offset)
         gk = _grad_fused(k, q, scale, bias, stats[2], stats[3], stats[0], stats[1], cols, rows,
                          None if diag_offset is None else -int(diag_offset))
-    else:
-        gq, gk = _grad_strip(q, k, scale, bias, *stats, rows, cols, diag_offset)
-    sd = _stat_dtype(q)
-    return gq.to(sd), gk.to(sd)
+        return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos)
+    return _grad_strip(q, k, scale, bias, *stats, rows, cols, diag_offset, g_pos, grad_scale, out_dtype)
 
 
 def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, diag_offset):
@@ -391,45 +414,37 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
-def strip_backward(q, k, launch):
-    """Gq = dS @ k (N, D) and Gk = dS.T @ q (M, D) in fp32, with dS formed a strip of rows at a time.
-
-    ``launch(ws, r0, nr, cfg)`` must write dS[r0 : r0 + nr] into ``ws[:nr]`` ((strip, M), the
-    input dtype); cuBLAS then folds it into Gq and Gk.  The workspace is bounded by
-    STRIP_WORKSPACE_BYTES (but holds at least STRIP_MIN_ROWS rows on a GPU).
-    """
-    n, d = q.shape
-    m = k.shape[0]
+def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None):
+    """``strip_grads`` with a Triton tile kernel: ``launch(tile, r0, nr, c0, nc, cfg)`` writes the
+    gradient tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) into ``tile`` ((nr, nc), q's dtype).
+    Strips hold at least STRIP_MIN_ROWS rows on a GPU (one row block in the interpreter)."""
     cfg = _config(q)
-    elem = q.element_size()
-    bm = cfg["BLOCK_M"]
-    rows_min = bm if q.device.type == "cpu" else STRIP_MIN_ROWS
-    strip = min(triton.cdiv(n, bm) * bm, max(rows_min, (STRIP_WORKSPACE_BYTES // (m * elem)) // bm * bm))
-    ws = torch.empty((strip, m), device=q.device, dtype=q.dtype)
-    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
-    gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
-    for r0 in range(0, n, strip):
-        nr = min(strip, n - r0)
-        launch(ws, r0, nr, cfg)
-        ds = ws[:nr]
-        mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
-        mm_f32_into(gk, ds.T, q[r0:r0 + nr], accumulate=True)
-    return gq, gk
+    interp = q.device.type == "cpu"
+
+    def form_tile(ws, r0, nr, c0, nc):
+        tile = ws[:nr * nc].view(nr, nc)
+        launch(tile, r0, nr, c0, nc, cfg)
+        return tile
+
+    return strip_grads(q, k, grad_scale, form_tile, tile_dtype=q.dtype, out_dtype=out_dtype, g_pos=g_pos,
+                       min_rows=cfg["BLOCK_M"] if interp else STRIP_MIN_ROWS, row_align=cfg["BLOCK_M"],
+                       col_align=cfg["BLOCK_N"])
 
 
-def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset):
-    m, d = k.shape
+def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset, g_pos, grad_scale,
+                out_dtype):
+    d = k.shape[1]
 
-    def launch(ws, r0, nr, cfg):
-        args = (q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, ws, r0, nr, m, d,
-                q.stride(0), k.stride(0), ws.stride(0), 0 if diag_offset is None else int(diag_offset))
+    def launch(tile, r0, nr, c0, nc, cfg):
+        args = (q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, tile, r0, nr, c0, nc, d,
+                q.stride(0), k.stride(0), tile.stride(0), 0 if diag_offset is None else int(diag_offset))
         flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
                      UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
         if autotune_enabled():
-            kernel = _tuned(_dscore_strip_kernel, ["N_STRIP", "M", "D"], q.device.type == "cpu")
-            kernel[lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(m, meta["BLOCK_N"]))](*args, **flags)
+            kernel = _tuned(_dscore_strip_kernel, ["N_STRIP", "N_COLS", "D"], q.device.type == "cpu")
+            kernel[lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(nc, meta["BLOCK_N"]))](*args, **flags)
         else:
-            grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(m, cfg["BLOCK_N"]))
+            grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
             _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                        BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
-    return strip_backward(q, k, launch)
+    return strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos)

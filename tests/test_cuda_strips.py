@@ -130,16 +130,16 @@ def test_strip_rows_respect_the_budget(n, m, mb):
 
 
 def test_workspace_setting(monkeypatch):
-    monkeypatch.delenv("FASTCL_CUDA_WORKSPACE_MB", raising=False)
-    assert strips.workspace_mb() == 256.0 and strips.workspace_bytes() == 256 * 2**20
-    monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", "64")
-    assert strips.workspace_bytes() == 64 * 2**20
+    monkeypatch.delenv("FASTCL_WORKSPACE_MB", raising=False)
+    assert strips.workspace_mb() == 64.0 and strips.workspace_bytes() == 64 * 2**20
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "200")
+    assert strips.workspace_bytes() == 200 * 2**20
     monkeypatch.setattr(strips, "WORKSPACE_MB", 8)
     assert strips.workspace_bytes() == 8 * 2**20
     monkeypatch.setattr(strips, "WORKSPACE_MB", None)
     for bad in ("0", "-3", "lots"):
-        monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", bad)
-        with pytest.raises(ValueError, match="FASTCL_CUDA_WORKSPACE_MB"):
+        monkeypatch.setenv("FASTCL_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="FASTCL_WORKSPACE_MB"):
             strips.workspace_bytes()
 
 
@@ -200,10 +200,10 @@ def test_stand_in_has_the_cuda_signatures():
 
 def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
     from fastcl.cli import main
-    monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", "64")
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "64")
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "cuda workspace: 64 MB (FASTCL_CUDA_WORKSPACE_MB" in out
+    assert "GPU workspace (triton and cuda strips): 64 MB (FASTCL_WORKSPACE_MB" in out
     assert "auto on CUDA, triton vs cuda: table" in out
 
 

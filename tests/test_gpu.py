@@ -40,11 +40,14 @@ def test_triton_large_logits():
                             factor=LARGE_LOGITS_FACTOR, device="cuda")
 
 
-@pytest.mark.parametrize("mode", ["fused", "strip"])
-def test_every_output_element_is_written(mode, monkeypatch):
-    """Fill the caching allocator's free memory with NaN first: an unwritten element shows up."""
-    from fastcl.kernels.similarity_lse import lse_backward, lse_forward
+@pytest.mark.parametrize("mode,workspace_mb", [("fused", None), ("strip", None), ("strip", 1.0)])
+def test_every_output_element_is_written(mode, workspace_mb, monkeypatch):
+    """Fill the caching allocator's free memory with NaN first: an unwritten element shows up.
+    A 1 MB workspace makes the strip backward take several column chunks."""
+    from fastcl.kernels.similarity_lse import lse_forward, lse_grads
+    from fastcl.ops import strips
     monkeypatch.setenv("FASTCL_TRITON_BWD", mode)
+    monkeypatch.setattr(strips, "WORKSPACE_MB", workspace_mb)
     q = torch.randn(1003, 200, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2007, 200, device="cuda", dtype=torch.bfloat16)
     scale, bias = torch.tensor(3.0, device="cuda"), torch.tensor(0.0, device="cuda")
@@ -54,8 +57,10 @@ def test_every_output_element_is_written(mode, monkeypatch):
     assert torch.isfinite(row).all() and torch.isfinite(col).all()
     poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
     del poison
-    gq, gk = lse_backward(q, k, scale, bias, row, col, torch.rand_like(row), torch.rand_like(col), 4)
-    assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+    one = torch.ones((), device="cuda")
+    dq, dk, qgq = lse_grads(q, k, scale, bias, row, col, torch.rand_like(row), torch.rand_like(col),
+                            torch.rand_like(row), 4, one, q.dtype)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(qgq)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -187,13 +192,15 @@ def test_cuda_every_output_element_is_written(cuda_ext, dtype, monkeypatch):
             poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
             del poison
             g_row, g_col = torch.rand_like(row), torch.rand_like(col)
-            gq, gk = strips.lse_backward(q, k, scale, bias, row, col, g_row, g_col, 4)
-            assert torch.isfinite(gq).all() and torch.isfinite(gk).all()
+            g_pos = torch.rand(q.shape[0], device="cuda") if m >= q.shape[0] else None
+            dq, dk, qgq = strips.lse_grads(q, k, scale, bias, row, col, g_row, g_col, g_pos, 4, scale, dtype)
+            assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(qgq)
         poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
         del poison
         loss = strips.sigmoid_forward(q, k, scale, bias)
-        gq, gk, gsum = strips.sigmoid_backward(q, k, scale, bias)
-        assert torch.isfinite(loss) and torch.isfinite(gq).all() and torch.isfinite(gk).all() and torch.isfinite(gsum)
+        dq, dk, qgq, gsum = strips.sigmoid_grads(q, k, scale, bias, scale, dtype)
+        assert torch.isfinite(loss) and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+        assert torch.isfinite(qgq) and torch.isfinite(gsum)
 
 
 # Each epilogue against the float64 stand-in, on strips whose padding columns [M, ld) hold NaN

@@ -8,6 +8,7 @@ import torch
 
 from conftest import DTYPES, LARGE_LOGITS_FACTOR, assert_close, randn
 from fastcl.ops import reference_similarity_lse, similarity_lse
+from fastcl.ops.reference import reference_positives
 from fastcl._ext import extension_available
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
@@ -23,24 +24,30 @@ def _inputs(n, m, d, dtype, gen, scale=2.5, bias=None, device="cpu"):
 
 
 def check_against_reference(backend, n, m, d, dtype, *, bias=None, offset=None, rows=True, cols=True,
-                            scale=2.5, seed=0, factor=1.0, device="cpu"):
+                            positives=False, scale=2.5, seed=0, factor=1.0, device="cpu"):
     """Compare value and every gradient of a random weighted sum of the outputs with float64."""
     gen = torch.Generator().manual_seed(seed)
     q, k, s, b = _inputs(n, m, d, dtype, gen, scale, bias, device)
-    out = similarity_lse(q, k, s, b, rows=rows, cols=cols, exclude_diagonal=offset, backend=backend)
-    row, col = out if rows and cols else ((out, None) if rows else (None, out))
+    out = similarity_lse(q, k, s, b, rows=rows, cols=cols, exclude_diagonal=offset, positives=positives,
+                         backend=backend)
+    out = list(out) if isinstance(out, tuple) else [out]
+    row = out.pop(0) if rows else None
+    col = out.pop(0) if cols else None
+    pos = out.pop(0) if positives else None
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
     s64 = s.detach().double().requires_grad_()
     b64 = None if b is None else b.detach().double().requires_grad_()
     row64, col64 = reference_similarity_lse(q64, k64, s64, b64, rows=rows, cols=cols, exclude_diagonal=offset)
+    pos64 = reference_positives(q64, k64, s64, b64) if positives else None
     loss, loss64 = 0.0, 0.0
-    for o, o64 in ((row, row64), (col, col64)):
+    for o, o64, sign in ((row, row64, 1.0), (col, col64, 1.0), (pos, pos64, -1.0)):
         if o is None:
             continue
         assert o.dtype == torch.float32
         assert_close(o, o64, torch.float32 if dtype != torch.float64 else dtype, "lse", factor)
-        # Positive weights, as a loss gives; random signs make dscale cancel to noise.
-        w = (torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
+        # Positive weights, as a loss gives (minus the positive logits); random signs make dscale
+        # cancel to noise.
+        w = sign * (torch.rand(o.shape, generator=gen, dtype=torch.float64) + 0.5).to(device)
         finite = torch.isfinite(o64)
         loss = loss + (o[finite] * w[finite].float()).sum()
         loss64 = loss64 + (o64[finite] * w[finite]).sum()
@@ -65,6 +72,21 @@ def test_matches_reference(backend, dtype, n, m, d):
 @pytest.mark.parametrize("rows,cols", [(True, False), (False, True), (True, True)])
 def test_options(backend, offset, rows, cols):
     check_against_reference(backend, 67, 131, 40, torch.float32, bias=-1.25, offset=offset, rows=rows, cols=cols)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,cols,offset", [(True, True, None), (True, False, 0), (False, True, 3)])
+def test_positive_logits(backend, dtype, rows, cols, offset):
+    # positives=True: the (i, i) logits and their gradient folded into the op's backward.
+    check_against_reference(backend, 67, 131, 40, dtype, bias=0.5, offset=offset, rows=rows, cols=cols,
+                            positives=True, seed=3)
+
+
+def test_positives_need_as_many_keys_as_queries():
+    q = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="positives=True needs k"):
+        similarity_lse(q, q[:4], 1.0, positives=True)
 
 
 @needs_ext

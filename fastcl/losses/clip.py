@@ -47,9 +47,13 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     else:
         check_index("labels", labels, n, m, image_features.device)
         labels = labels.long()
-    row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, logit_bias,
-                                      rows=True, cols=True, backend=backend)
-    pos = positive_logits(image_features, text_features, None if diagonal else labels, logit_scale, logit_bias)
+    if diagonal:  # the positives' gradient folds into the op's backward: no extra (N, D) buffers
+        row_lse, col_lse, pos = similarity_lse(image_features, text_features, logit_scale, logit_bias,
+                                               rows=True, cols=True, positives=True, backend=backend)
+    else:
+        row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, logit_bias,
+                                          rows=True, cols=True, backend=backend)
+        pos = positive_logits(image_features, text_features, labels, logit_scale, logit_bias)
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(image_features, text_features, logit_scale, logit_bias)

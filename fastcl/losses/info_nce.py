@@ -41,6 +41,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
     n, m = query.shape[0], keys.shape[0]
+    diagonal = positives is None
     if positives is None:
         positives = default_positives(n, m, query.device, "query", "keys")
     else:
@@ -48,10 +49,12 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
         positives = positives.long()
     if exclude_self and _eager() and bool((positives == torch.arange(n, device=query.device)).any()):
         raise ValueError("positives must not point at the excluded diagonal when exclude_self=True")
+    # Default positives (i, i) come from the op itself, which folds their gradient into its backward.
     out = similarity_lse(query, keys, scale, rows=True, cols=symmetric,
-                         exclude_diagonal=0 if exclude_self else None, backend=backend)
-    row_lse, col_lse = out if symmetric else (out, None)
-    pos = positive_logits(query, keys, positives, scale)
+                         exclude_diagonal=0 if exclude_self else None, positives=diagonal, backend=backend)
+    out = out if isinstance(out, tuple) else (out,)
+    row_lse, col_lse = out[0], (out[1] if symmetric else None)
+    pos = out[-1] if diagonal else positive_logits(query, keys, positives, scale)
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(query, keys, scale, exclude_diagonal=exclude_self)

@@ -8,6 +8,8 @@ op is opaque to ``torch.compile`` and its autograd formula lives here once:
     G = dL/ds = sigmoid(s) off the diagonal, -sigmoid(-s) on it     (recomputed tile by tile)
     Gq = G @ k,  Gk = G.T @ q,  gsum = sum(G)                        (from the kernels)
     dq = g * scale * Gq,  dk = g * scale * Gk,  dscale = g * sum(q * Gq),  dbias = g * gsum
+
+The backends return dq and dk already scaled, in the input dtype (fastcl/ops/strip_grads.py).
 """
 from typing import Optional, Tuple
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import compute_dtype, reference_logits
+from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_pair, check_scalar
 
 Tensor = torch.Tensor
@@ -26,10 +29,18 @@ _FORWARD = {
     "triton": "fastcl.kernels.sigmoid_pair:sigmoid_pair_forward",
     "cuda": "fastcl.ops.strips:sigmoid_forward",
 }
+
+
+def _cpu_grads(q, k, scale, bias, grad_scale, out_dtype):
+    gq, gk, gsum = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(scale), float(bias))
+    return (*finish_full(q, k, gq, gk, grad_scale, out_dtype), gsum)
+
+
+# Each returns (dq, dk, qgq, gsum): see _sp_bwd.
 _BACKWARD = {
-    "cpu": lambda q, k, s, b: torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(s), float(b)),
+    "cpu": _cpu_grads,
     "triton": "fastcl.kernels.sigmoid_pair:sigmoid_pair_backward",
-    "cuda": "fastcl.ops.strips:sigmoid_backward",
+    "cuda": "fastcl.ops.strips:sigmoid_grads",
 }
 
 
@@ -44,15 +55,20 @@ def _(q, k, scale, bias, backend):
 
 
 @torch.library.custom_op("fastcl::sigmoid_pair_bwd", mutates_args=())
-def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    gq, gk, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias)
-    return gq, gk, gsum
+def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
+            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, qgq, gsum)``: dq = grad_scale * G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in
+    out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64)."""
+    dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
+                                                                            out_dtype)
+    return dq, dk, qgq, gsum
 
 
 @_sp_bwd.register_fake
-def _(q, k, scale, bias, backend):
+def _(q, k, scale, bias, grad_scale, out_dtype, backend):
     ct = compute_dtype(q.dtype)
-    return q.new_empty(q.shape, dtype=ct), k.new_empty(k.shape, dtype=ct), q.new_empty((), dtype=ct)
+    return (q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype),
+            q.new_empty((), dtype=ct), q.new_empty((), dtype=ct))
 
 
 def _setup_context(ctx, inputs, output):
@@ -63,14 +79,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g):
     q, k, scale, bias = ctx.saved_tensors
-    gq, gk, gsum = _sp_bwd(q, k, scale, bias, ctx.backend)
-    g = g.to(gq.dtype)
-    gs = g * scale.to(gq.dtype)
-    dq = (gq * gs).to(q.dtype) if ctx.needs_input_grad[0] else None
-    dk = (gk * gs).to(k.dtype) if ctx.needs_input_grad[1] else None
-    dscale = (g * (q.to(gq.dtype) * gq).sum()).to(scale.dtype) if ctx.needs_input_grad[2] else None
+    g = g.to(scale.dtype)
+    dq, dk, qgq, gsum = _sp_bwd(q, k, scale, bias, g * scale, q.dtype, ctx.backend)
+    dscale = (g * qgq).to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = (g * gsum).to(bias.dtype) if ctx.needs_input_grad[3] else None
-    return dq, dk, dscale, dbias, None
+    return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, dscale, dbias, None)
 
 
 _sp_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -4,15 +4,19 @@ The fused backends sit behind two ``torch.library`` custom ops (forward and back
 op is opaque to ``torch.compile`` (no graph break) and its autograd formula lives here once:
 
     dS = g_row[:, None] * P_row + g_col[None, :] * P_col     (recomputed tile by tile)
-    Gq = dS @ k,  Gk = dS.T @ q                               (from the kernels, fp32)
-    dq = scale * Gq,  dk = scale * Gk,  dscale = sum(q * Gq),  dbias = sum(dS)
+    Gq = dS @ k + g_pos * k[:N],  Gk = dS.T @ q + g_pos * q   (g_pos: the positive logits' weights)
+    dq = scale * Gq,  dk = scale * Gk,  dscale = sum(q * Gq),  dbias = sum(dS) + sum(g_pos)
+
+The backends return dq, dk already scaled in the input dtype and sum(q * Gq), so the GPU
+backends never hold a whole fp32 Gq or Gk (fastcl/ops/strip_grads.py).
 """
 from typing import Optional, Tuple
 
 import torch
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_similarity_lse
+from fastcl.ops.reference import compute_dtype, reference_positives, reference_similarity_lse, row_dots
+from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_offset, check_pair, check_scalar
 
 Tensor = torch.Tensor
@@ -23,47 +27,63 @@ _FORWARD = {
     "triton": "fastcl.kernels.similarity_lse:lse_forward",
     "cuda": "fastcl.ops.strips:lse_forward",
 }
+
+
+def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, diag, grad_scale, out_dtype):
+    gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, float(scale), float(bias), row_lse, col_lse, g_row, g_col, diag)
+    return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos)
+
+
+# Each returns (dq, dk, qgq): see _lse_bwd.
 _BACKWARD = {
-    "cpu": lambda q, k, s, b, rl, cl, gr, gc, d: torch.ops.fastcl_C.sim_lse_bwd(
-        q, k, float(s), float(b), rl, cl, gr, gc, d),
-    "triton": "fastcl.kernels.similarity_lse:lse_backward",
-    "cuda": "fastcl.ops.strips:lse_backward",
+    "cpu": _cpu_grads,
+    "triton": "fastcl.kernels.similarity_lse:lse_grads",
+    "cuda": "fastcl.ops.strips:lse_grads",
 }
 
 
 @torch.library.custom_op("fastcl::similarity_lse_fwd", mutates_args=())
 def _lse_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
-             diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor]:
+             diag_offset: Optional[int], positives: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
-    return row, col
+    ct = compute_dtype(q.dtype)
+    pos = (row_dots(q, k) * scale.to(ct) + bias.to(ct)) if positives else q.new_empty((0,), dtype=ct)
+    return row, col, pos
 
 
 @_lse_fwd.register_fake
-def _(q, k, scale, bias, rows, cols, diag_offset, backend):
+def _(q, k, scale, bias, rows, cols, diag_offset, positives, backend):
     ct = compute_dtype(q.dtype)
     return (q.new_empty((q.shape[0] if rows else 0,), dtype=ct),
-            k.new_empty((k.shape[0] if cols else 0,), dtype=ct))
+            k.new_empty((k.shape[0] if cols else 0,), dtype=ct),
+            q.new_empty((q.shape[0] if positives else 0,), dtype=ct))
 
 
 @torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=())
 def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
-             g_row: Tensor, g_col: Tensor, diag_offset: Optional[int], backend: str) -> Tuple[Tensor, Tensor]:
-    gq, gk = fused_kernel("similarity_lse", backend, _BACKWARD)(q, k, scale, bias, row_lse, col_lse, g_row, g_col,
-                                                               diag_offset)
-    return gq, gk
+             g_row: Tensor, g_col: Tensor, g_pos: Tensor, diag_offset: Optional[int], grad_scale: Tensor,
+             out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, qgq)``: dq = grad_scale * (dS @ k + g_pos * k[:N]) (N, D) and
+    dk = grad_scale * (dS.T @ q + g_pos * q) (M, D) in out_dtype, qgq = sum(q * (dS @ k + g_pos * k[:N]))
+    0-d fp32 (fp64), for dS = g_row * P_row + g_col * P_col.  An empty row_lse / col_lse (0,) marks a
+    side the forward did not compute; an empty g_pos (0,) means no positive logits."""
+    pos = g_pos if g_pos.numel() else None
+    dq, dk, qgq = fused_kernel("similarity_lse", backend, _BACKWARD)(
+        q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, diag_offset, grad_scale, out_dtype)
+    return dq, dk, qgq
 
 
 @_lse_bwd.register_fake
-def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, diag_offset, backend):
-    ct = compute_dtype(q.dtype)
-    return q.new_empty(q.shape, dtype=ct), k.new_empty(k.shape, dtype=ct)
+def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, diag_offset, grad_scale, out_dtype, backend):
+    return (q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype),
+            q.new_empty((), dtype=compute_dtype(q.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, bias, rows, cols, diag_offset, backend = inputs
-    row, col = output
+    q, k, scale, bias, rows, cols, diag_offset, positives, backend = inputs
+    row, col, _ = output
     ctx.save_for_backward(q, k, scale, bias, row, col)
-    ctx.diag_offset, ctx.backend = diag_offset, backend
+    ctx.diag_offset, ctx.backend, ctx.positives = diag_offset, backend, positives
 
 
 def _masked_sum(g: Tensor, lse: Tensor) -> Tensor:
@@ -71,28 +91,23 @@ def _masked_sum(g: Tensor, lse: Tensor) -> Tensor:
     return torch.where(lse > float("-inf"), g, torch.zeros_like(g)).sum()
 
 
-def _sum_of_products(x: Tensor, y: Tensor, rows: int = 4096) -> Tensor:
-    """sum(x * y) in y's dtype, a block of rows at a time so no (N, D) temporary is made."""
-    total = y.new_zeros(())
-    for i in range(0, x.shape[0], rows):
-        total = total + (x[i:i + rows].to(y.dtype) * y[i:i + rows]).sum()
-    return total
-
-
-def _backward(ctx, g_row, g_col):
+def _backward(ctx, g_row, g_col, g_pos):
     q, k, scale, bias, row, col = ctx.saved_tensors
     g_row = torch.zeros_like(row) if g_row is None else g_row.to(row.dtype).contiguous()
     g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype).contiguous()
-    gq, gk = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, ctx.diag_offset, ctx.backend)
-    s = scale.to(gq.dtype)
-    # dscale first: it needs the unscaled Gq, which is then scaled in place (no extra (N, D) copy).
-    dscale = _sum_of_products(q, gq).to(scale.dtype) if ctx.needs_input_grad[2] else None
-    dq = gq.mul_(s).to(q.dtype) if ctx.needs_input_grad[0] else None
-    dk = gk.mul_(s).to(k.dtype) if ctx.needs_input_grad[1] else None
+    if ctx.positives and g_pos is not None:
+        g_pos = g_pos.to(row.dtype if row.numel() else col.dtype).contiguous()
+    else:
+        g_pos = row.new_empty((0,))
+    dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, ctx.diag_offset, scale, q.dtype,
+                           ctx.backend)
+    dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = None
     if ctx.needs_input_grad[3]:
-        dbias = (_masked_sum(g_row, row) + _masked_sum(g_col, col)).to(bias.dtype)
-    return dq, dk, dscale, dbias, None, None, None, None
+        dbias = _masked_sum(g_row, row) + _masked_sum(g_col, col) + g_pos.sum()
+        dbias = dbias.to(bias.dtype)
+    return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
+            dscale, dbias, None, None, None, None, None)
 
 
 _lse_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -105,7 +120,7 @@ def _as_scalar_tensor(value, device: torch.device, dtype: torch.dtype) -> Tensor
 
 
 def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True, cols: bool = False,
-                   exclude_diagonal: Optional[int] = None, backend: Optional[str] = None):
+                   exclude_diagonal: Optional[int] = None, positives: bool = False, backend: Optional[str] = None):
     """Log-sum-exp over rows and/or columns of ``S = scale * q @ k.T + bias``, never storing S.
 
     Args:
@@ -116,12 +131,16 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         rows: return the row LSE, shape (N,).
         cols: return the column LSE, shape (M,).
         exclude_diagonal: if an int ``offset``, entries with ``j == i + offset`` are left out.
+        positives: also return the (N,) logits ``S_ii`` of the pairs (i, i) (needs M >= N).  Their
+            gradient is folded into the op's own backward, so a loss built from them allocates
+            no extra (N, D) gradient buffers.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (float32/bfloat16/float16 on
             CUDA; fastcl.ops.strips); default ``FASTCL_BACKEND`` or "auto".
 
     Returns:
-        The row LSE (N,), the column LSE (M,), or the tuple (row, col) when both are asked for;
-        float32 (float64 for float64 inputs).  A row with every entry excluded gives -inf.
+        The asked outputs in the order row LSE (N,), column LSE (M,), positive logits (N,): one
+        tensor when one is asked for, else a tuple; float32 (float64 for float64 inputs).  A row
+        with every entry excluded gives -inf.
     """
     check_pair("q", q, "k", k)
     check_scalar("scale", scale, positive=True)
@@ -130,15 +149,18 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
     check_offset("exclude_diagonal", exclude_diagonal)
     if not (rows or cols):
         raise ValueError("at least one of rows or cols must be True")
+    if positives and k.shape[0] < q.shape[0]:
+        raise ValueError(f"positives=True needs k to have at least as many rows as q (the pairs (i, i)), "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
     name = resolve_backend(backend, q.device, ("similarity_lse", q.shape[0], k.shape[0], q.shape[1], q.dtype))
     if name == "reference":
         row, col = reference_similarity_lse(q, k, scale, bias, rows=rows, cols=cols,
                                             exclude_diagonal=exclude_diagonal)
+        pos = reference_positives(q, k, scale, bias) if positives else None
     else:
         ct = compute_dtype(q.dtype)
         scale_t = _as_scalar_tensor(scale, q.device, ct)
         bias_t = _as_scalar_tensor(0.0 if bias is None else bias, q.device, ct)
-        row, col = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, name)
-    if rows and cols:
-        return row, col
-    return row if rows else col
+        row, col, pos = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, name)
+    out = [t for t, asked in ((row, rows), (col, cols), (pos, positives)) if asked]
+    return out[0] if len(out) == 1 else tuple(out)

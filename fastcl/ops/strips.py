@@ -6,8 +6,9 @@ strip once (csrc/cuda/similarity_strips.cu):
 
     forward   row LSE of s = scale * x + bias, the strip's column LSE (merged across strips with
               logaddexp, in strip order), or the sigmoid loss per row;
-    backward  the gradient tile dS (or G), written in place over the strip in the input dtype,
-              then Gq[strip] = dS @ k and Gk += dS.T @ q[strip] (cuBLAS, fp32 accumulation).
+    backward  per block of rows x columns, the gradient tile dS (or G), written in place over
+              the scores in the input dtype; fastcl/ops/strip_grads.py folds the tiles into dq
+              and dk with cuBLAS (fp32 accumulation) under the same workspace bound.
 
 The scores stay fp32 so the LSEs keep fp32 accuracy for half inputs (a bf16 score strip would
 carry an absolute error of |s| * 2^-9).  Scale and bias are device scalars read by the epilogues,
@@ -32,8 +33,11 @@ import torch
 
 Tensor = torch.Tensor
 
-DEFAULT_WORKSPACE_MB = 256.0
-# Set to a number of MB to override FASTCL_CUDA_WORKSPACE_MB (and the default) in this process.
+# Scratch bound of the GPU backends: the cuda forward's score strips and both backends' backward
+# (fastcl/ops/strip_grads.py).  64 MB is 0.8% of the 8 GB the naive CLIP loss took at N=32768,
+# D=768, bf16 on an H100 (benchmarks/results/h100_20261127_f6a3808_clip_bench.json).
+DEFAULT_WORKSPACE_MB = 64.0
+# Set to a number of MB to override FASTCL_WORKSPACE_MB (and the default) in this process.
 WORKSPACE_MB: Optional[float] = None
 # Mirrors kFwdRowsPerBlock and kFwdSplitCols in csrc/cuda/similarity_strips.cuh (checked by a
 # test): the forward epilogue keeps one column partial per PARTIAL_ROWS rows and one row
@@ -41,14 +45,19 @@ WORKSPACE_MB: Optional[float] = None
 PARTIAL_ROWS = 16
 SPLIT_COLS = 1024
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Backward tiles (fastcl/ops/strip_grads.py): at least this many rows per strip, so the
+# dS @ k_chunk product has enough output tiles, and column chunks in multiples of this
+# (both by design, not timed yet).
+GRAD_MIN_ROWS = 2048
+GRAD_COL_ALIGN = 128
 
 
 def workspace_mb() -> float:
-    """The workspace bound in MB: ``WORKSPACE_MB``, else ``FASTCL_CUDA_WORKSPACE_MB``, else 256."""
+    """The workspace bound in MB: ``WORKSPACE_MB``, else ``FASTCL_WORKSPACE_MB``, else 64."""
     if WORKSPACE_MB is not None:
         value, where = WORKSPACE_MB, "fastcl.ops.strips.WORKSPACE_MB"
     else:
-        where = "FASTCL_CUDA_WORKSPACE_MB"
+        where = "FASTCL_WORKSPACE_MB"
         text = os.environ.get(where)
         if text is None:
             return DEFAULT_WORKSPACE_MB
@@ -176,13 +185,18 @@ class CudaEpilogues:
 EPILOGUES = CudaEpilogues
 
 
-def _prepare(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor):
+def _scalars(q: Tensor, scale: Tensor, bias: Tensor):
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the cuda backend supports float32, bfloat16 and float16 inputs, got {q.dtype}; "
                         "use backend='triton', 'cpu' or 'reference' for float64")
     f32 = lambda t: t.to(device=q.device, dtype=torch.float32).reshape(()).contiguous()  # noqa: E731
+    return f32(scale), f32(bias)
+
+
+def _prepare(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor):
+    scale, bias = _scalars(q, scale, bias)
     ws = torch.empty((strip_rows(q.shape[0], k.shape[0]), k.shape[0]), device=q.device, dtype=torch.float32)
-    return f32(scale), f32(bias), ws
+    return scale, bias, ws
 
 
 def _strips(n: int, ws: Tensor):
@@ -216,34 +230,48 @@ def lse_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, c
     return row, col
 
 
-def lse_backward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
-                 g_row: Tensor, g_col: Tensor, diag_offset: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """``Gq = dS @ k`` (N, D) and ``Gk = dS.T @ q`` (M, D), float32, unscaled, for
-    ``dS = g_row * P_row + g_col * P_col``.
+def _grads(q: Tensor, k: Tensor, grad_scale: Tensor, epilogue, out_dtype: torch.dtype,
+           g_pos: Optional[Tensor] = None):
+    """``strip_grads`` with cuBLAS fp32 score tiles and an in-place epilogue
+    ``epilogue(scores, r0, c0)`` that overwrites the (nr, nc) fp32 scores with the gradient tile."""
+    from fastcl.ops.strip_grads import strip_grads
+
+    def form_tile(ws, r0, nr, c0, nc):
+        scores = ws[:nr * nc].view(nr, nc)
+        mm_f32_into(scores, q[r0:r0 + nr], k[c0:c0 + nc].T, accumulate=False)
+        epilogue(scores, r0, c0)
+        return inplace_view(scores, q.dtype)
+
+    return strip_grads(q, k, grad_scale.to(torch.float32), form_tile, tile_dtype=torch.float32,
+                       out_dtype=out_dtype, g_pos=g_pos, min_rows=GRAD_MIN_ROWS, row_align=PARTIAL_ROWS,
+                       col_align=GRAD_COL_ALIGN)
+
+
+def lse_grads(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
+              g_row: Tensor, g_col: Tensor, g_pos: Optional[Tensor], diag_offset: Optional[int],
+              grad_scale: Tensor, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, qgq)`` of ``fastcl::similarity_lse_bwd`` for ``dS = g_row * P_row + g_col * P_col``:
+    dq = grad_scale * (dS @ k + g_pos * k[:N]) (N, D), dk = grad_scale * (dS.T @ q + g_pos * q)
+    (M, D) in out_dtype, qgq = sum(q * (dS @ k + g_pos * k[:N])) 0-d fp32.
 
     q (N, D), k (M, D) as in ``lse_forward``; row_lse, g_row (N,) and col_lse, g_col (M,) fp32,
-    where an empty row_lse / col_lse (0,) marks a side the forward did not compute.
+    where an empty row_lse / col_lse (0,) marks a side the forward did not compute; g_pos (N,)
+    fp32 or None; grad_scale 0-d.
     """
     epi = EPILOGUES
-    scale, bias, ws = _prepare(q, k, scale, bias)
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    scale, bias = _scalars(q, scale, bias)
     rows, cols = row_lse.numel() > 0, col_lse.numel() > 0
     f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
     row_lse, g_row, col_lse, g_col = f32(row_lse), f32(g_row), f32(col_lse), f32(g_col)
-    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
-    gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
-    kt = k.T
-    for r0, nr in _strips(n, ws):
-        scores, q_strip = ws[:nr], q[r0:r0 + nr]
-        mm_f32_into(scores, q_strip, kt, accumulate=False)
-        diag = None if diag_offset is None else r0 + int(diag_offset)
+
+    def epilogue(scores, r0, c0):
+        nr, nc = scores.shape
+        diag = None if diag_offset is None else r0 + int(diag_offset) - c0
         epi.lse_bwd(scores, scale, bias, diag,
                     row_lse[r0:r0 + nr] if rows else None, g_row[r0:r0 + nr] if rows else None,
-                    col_lse if cols else None, g_col if cols else None, q.dtype)
-        ds = inplace_view(scores, q.dtype)
-        mm_f32_into(gq[r0:r0 + nr], ds, k, accumulate=False)
-        mm_f32_into(gk, ds.T, q_strip, accumulate=True)
-    return gq, gk
+                    col_lse[c0:c0 + nc] if cols else None, g_col[c0:c0 + nc] if cols else None, q.dtype)
+
+    return _grads(q, k, grad_scale, epilogue, out_dtype, None if g_pos is None else f32(g_pos))
 
 
 def sigmoid_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
@@ -263,21 +291,18 @@ def sigmoid_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tensor
     return total.to(torch.float32)
 
 
-def sigmoid_backward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(G @ k (N, D), G.T @ q (M, D), sum(G) 0-d)``, float32, with ``G = dL/ds`` of
-    ``sigmoid_forward``'s loss.  Inputs as in ``sigmoid_forward``."""
+def sigmoid_grads(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor,
+                  out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, qgq, gsum)`` with ``G = dL/ds`` of ``sigmoid_forward``'s loss: dq = grad_scale *
+    G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and
+    gsum = sum(G), 0-d fp32 (row sums added in fp64).  Inputs as in ``sigmoid_forward``."""
     epi = EPILOGUES
-    scale, bias, ws = _prepare(q, k, scale, bias)
-    n, m, d = q.shape[0], k.shape[0], q.shape[1]
-    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
-    gk = torch.zeros((m, d), device=q.device, dtype=torch.float32)
+    scale, bias = _scalars(q, scale, bias)
     gsum = torch.zeros((), device=q.device, dtype=torch.float64)
-    kt = k.T
-    for r0, nr in _strips(n, ws):
-        scores, q_strip = ws[:nr], q[r0:r0 + nr]
-        mm_f32_into(scores, q_strip, kt, accumulate=False)
-        gsum += epi.sigmoid_bwd(scores, scale, bias, r0, q.dtype).sum(dtype=torch.float64)
-        g = inplace_view(scores, q.dtype)
-        mm_f32_into(gq[r0:r0 + nr], g, k, accumulate=False)
-        mm_f32_into(gk, g.T, q_strip, accumulate=True)
-    return gq, gk, gsum.to(torch.float32)
+
+    def epilogue(scores, r0, c0):
+        nonlocal gsum
+        gsum += epi.sigmoid_bwd(scores, scale, bias, r0 - c0, q.dtype).sum(dtype=torch.float64)
+
+    dq, dk, qgq = _grads(q, k, grad_scale, epilogue, out_dtype)
+    return dq, dk, qgq, gsum.to(torch.float32)

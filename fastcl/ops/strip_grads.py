@@ -1,0 +1,133 @@
+"""Gradients from gradient tiles with bounded scratch memory (the triton and cuda backends).
+
+Both GPU backends can form the gradient tile T (dS of the LSE, or G of the sigmoid loss) for any
+block of rows x columns.  ``strip_grads`` turns those tiles into the finished gradients
+
+    dq = grad_scale * (T @ k + g_pos * k[:N])       (N, D) in out_dtype
+    dk = grad_scale * (T.T @ q + g_pos * q[:M])      (M, D) in out_dtype
+    qgq = sum(q * (T @ k + g_pos * k[:N]))           0-d, for the scale's gradient
+
+(``g_pos``: optional weights of the pairs (i, i), whose logits the forward returned as well), and
+never holds more than the workspace budget (``fastcl.ops.strips.workspace_bytes``) of scratch:
+
+    for each chunk of columns c:                      Gk_c  (cols, D) fp32 accumulator
+        for each strip of rows r:                     T     (rows, cols) tile workspace
+            form T[r, c];  P = T @ k_c                P     (rows, D) fp32
+            qgq += sum(q_r * P);  dq_r (+)= grad_scale * P
+            Gk_c += T.T @ q_r
+        dk_c = grad_scale * Gk_c
+
+No full-size fp32 accumulator exists: with half outputs dq is summed in its own dtype, one
+rounding per column chunk (one chunk, i.e. a single rounding, whenever Gk fits the budget); with
+fp32 outputs dq and dk are the accumulators.  ``plan`` picks the fewest chunks that fit.
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from fastcl.ops.strips import mm_f32_into, workspace_bytes
+
+Tensor = torch.Tensor
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool) -> int:
+    """Scratch held at once: the tile workspace, P and its product with q (fp32), and the column
+    chunk's fp32 Gk when the outputs are not fp32 (``chunk_acc``)."""
+    return tile_itemsize * rows * cols + 8 * rows * d + (4 * cols * d if chunk_acc else 0)
+
+
+def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: int,
+         min_rows: int, row_align: int, col_align: int) -> Tuple[int, int]:
+    """(rows per strip, columns per chunk): the fewest column chunks for which a strip of at least
+    ``min(n, min_rows)`` rows fits ``budget`` bytes, then as many rows as fit (a multiple of
+    ``row_align`` unless all n).  If nothing fits, the smallest pieces (over the budget)."""
+    want = min(n, min_rows)
+    last = None
+    for chunks in range(1, _cdiv(m, col_align) + 1):
+        cols = min(m, _cdiv(_cdiv(m, chunks), col_align) * col_align)
+        if cols == last:
+            continue
+        last = cols
+        fixed = scratch_bytes(0, cols, d, tile_itemsize, chunk_acc)
+        per_row = scratch_bytes(1, cols, d, tile_itemsize, chunk_acc) - fixed
+        rows = max(0, budget - fixed) // per_row
+        if rows >= want:
+            if rows >= n:
+                return n, cols
+            return max(want, rows - rows % row_align), cols
+    return want, min(m, col_align)
+
+
+FormTile = Callable[[Tensor, int, int, int, int], Tensor]
+
+
+def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *, tile_dtype: torch.dtype,
+                out_dtype: torch.dtype, g_pos: Optional[Tensor] = None, min_rows: int, row_align: int,
+                col_align: int, budget: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, qgq)`` as in the module docstring.
+
+    q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
+    fp32 or None (needs M >= N).  ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows
+    [r0, r0 + nr) and columns [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the
+    flat workspace ``ws`` (``tile_dtype``; it may return a reinterpreting view of it).
+    dq, dk: out_dtype; qgq: 0-d fp32 (fp64 for fp64 inputs).
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    chunk_acc = out_dtype != acc
+    budget = workspace_bytes() if budget is None else budget
+    rows, cols = plan(n, m, d, torch.empty((), dtype=tile_dtype).element_size(), chunk_acc, budget,
+                      min_rows, row_align, col_align)
+    dev = q.device
+    ws = torch.empty(rows * cols, device=dev, dtype=tile_dtype)
+    p = torch.empty((rows, d), device=dev, dtype=acc)
+    gk_buf = torch.empty((cols, d), device=dev, dtype=acc) if chunk_acc else None
+    dq = torch.empty((n, d), device=dev, dtype=out_dtype)
+    dk = torch.empty((m, d), device=dev, dtype=out_dtype)
+    qgq = torch.zeros((), device=dev, dtype=torch.float64)
+    s = grad_scale.to(acc)
+    for c0 in range(0, m, cols):
+        nc = min(cols, m - c0)
+        k_c = k[c0:c0 + nc]
+        gk = gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]
+        for r0 in range(0, n, rows):
+            nr = min(rows, n - r0)
+            tile = form_tile(ws, r0, nr, c0, nc)
+            q_r, p_r = q[r0:r0 + nr], p[:nr]
+            mm_f32_into(p_r, tile, k_c, accumulate=False)
+            mm_f32_into(gk, tile.T, q_r, accumulate=r0 > 0)
+            if g_pos is not None and c0 == 0:
+                p_r.addcmul_(g_pos[r0:r0 + nr, None], k[r0:r0 + nr])
+            qgq += (p_r * q_r).sum(dtype=torch.float64)
+            p_r.mul_(s)
+            if c0 == 0:
+                dq[r0:r0 + nr].copy_(p_r)
+            else:
+                dq[r0:r0 + nr].add_(p_r)
+        if g_pos is not None and c0 < n:
+            top = min(c0 + nc, n)
+            gk[:top - c0].addcmul_(g_pos[c0:top, None], q[c0:top])
+        gk.mul_(s)
+        if chunk_acc:
+            dk[c0:c0 + nc].copy_(gk)
+    return dq, dk, qgq.to(acc)
+
+
+def finish_full(q: Tensor, k: Tensor, gq: Tensor, gk: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
+                g_pos: Optional[Tensor] = None, rows: int = 4096) -> Tuple[Tensor, Tensor, Tensor]:
+    """The same ``(dq, dk, qgq)`` from whole fp32 (fp64) ``Gq = T @ k`` (N, D) and ``Gk = T.T @ q``
+    (M, D), for the backends that form those (cpu, fused triton); gq and gk are overwritten."""
+    n = q.shape[0]
+    if g_pos is not None:
+        gq.addcmul_(g_pos[:, None], k[:n])
+        gk[:n].addcmul_(g_pos[:, None], q)
+    qgq = gq.new_zeros((), dtype=torch.float64)
+    for i in range(0, n, rows):  # no (N, D) product temporary
+        qgq += (gq[i:i + rows] * q[i:i + rows]).sum(dtype=torch.float64)
+    s = grad_scale.to(gq.dtype)
+    return gq.mul_(s).to(out_dtype), gk.mul_(s).to(out_dtype), qgq.to(gq.dtype)

@@ -1,0 +1,212 @@
+"""The bounded-memory gradient driver (fastcl/ops/strip_grads.py): its plan, its sums against whole
+float64 products, and the triton and cuda backends run through it with budgets small enough to
+need several column chunks and row strips."""
+import importlib
+
+import pytest
+import torch
+
+from conftest import DTYPES, assert_close, randn
+from fastcl.ops import strips
+from fastcl.ops.strip_grads import finish_full, plan, scratch_bytes, strip_grads
+
+similarity_lse_mod = importlib.import_module("fastcl.ops.similarity_lse")
+sigmoid_pair_mod = importlib.import_module("fastcl.ops.sigmoid_pair")
+
+
+@pytest.mark.parametrize("n,m,d", [(67, 131, 40), (32768, 32768, 768), (1, 1, 3), (4096, 100000, 1024)])
+@pytest.mark.parametrize("itemsize,chunk_acc", [(2, True), (4, True), (4, False)])
+@pytest.mark.parametrize("budget", [10_000, 2**20, 64 * 2**20])
+def test_plan_fits_the_budget_with_the_fewest_chunks(n, m, d, itemsize, chunk_acc, budget):
+    min_rows, align = 16, 16
+    rows, cols = plan(n, m, d, itemsize, chunk_acc, budget, min_rows, align, align)
+    assert 1 <= rows <= n and 1 <= cols <= m
+    assert rows == n or rows % align == 0 or rows == min(n, min_rows)
+    fits = scratch_bytes(rows, cols, d, itemsize, chunk_acc) <= budget
+    if not fits:  # only when not even the smallest pieces fit
+        assert (rows, cols) == (min(n, min_rows), min(m, align))
+        assert scratch_bytes(rows, cols, d, itemsize, chunk_acc) > budget
+        return
+    assert rows >= min(n, min_rows)
+    chunks = -(-m // cols)
+    if chunks > 1:  # one chunk fewer would not leave room for the minimum strip
+        wider = min(m, -(-(-(-m // (chunks - 1))) // align) * align)
+        assert scratch_bytes(min(n, min_rows), wider, d, itemsize, chunk_acc) > budget
+    if rows < n:  # as many rows as fit
+        assert scratch_bytes(rows + align, cols, d, itemsize, chunk_acc) > budget
+
+
+def test_default_budget_at_the_clip_target_shape():
+    # N = M = 32768, D = 768, bf16 tiles (triton): the 64 MB default is 0.8% of the 8 GB that the
+    # naive loss took there (benchmarks/results/h100_20261127_f6a3808_clip_bench.json).
+    rows, cols = plan(32768, 32768, 768, 2, True, 64 * 2**20, 2048, 128, 128)
+    assert scratch_bytes(rows, cols, 768, 2, True) <= 64 * 2**20
+    assert rows >= 2048 and -(-32768 // cols) == 5
+
+
+def _dense_tile(t):
+    """form_tile over a dense float64 tile t (N, M); counts its calls and the blocks it saw."""
+    seen = []
+
+    def form_tile(ws, r0, nr, c0, nc):
+        seen.append((r0, nr, c0, nc))
+        tile = ws[:nr * nc].view(nr, nc)
+        tile.copy_(t[r0:r0 + nr, c0:c0 + nc])
+        return tile
+    return form_tile, seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out", ["input", "fp32"])
+@pytest.mark.parametrize("budget", [10 ** 9, 6000, 1])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_strip_grads_equals_whole_products(dtype, out, budget, with_pos):
+    """Against the whole float64 products, with one block, with several chunks and strips, and with
+    the smallest pieces (budget 1 byte), with and without positive-pair weights."""
+    gen = torch.Generator().manual_seed(5)
+    n, m, d = 67, 131, 40
+    q, k = randn(n, d, generator=gen).to(dtype), randn(m, d, generator=gen).to(dtype)
+    t = randn(n, m, generator=gen).to(dtype)  # the tile values, as a kernel would round them
+    g_pos = randn(n, generator=gen) if with_pos else None
+    grad_scale = torch.tensor(1.7)
+    out_dtype = dtype if out == "input" else torch.float32
+    form_tile, seen = _dense_tile(t)
+    dq, dk, qgq = strip_grads(q, k, grad_scale, form_tile, tile_dtype=dtype, out_dtype=out_dtype, g_pos=g_pos,
+                              min_rows=16, row_align=16, col_align=16, budget=budget)
+    gq64, gk64 = t.double() @ k.double(), t.double().T @ q.double()
+    if with_pos:
+        gq64 += g_pos.double()[:, None] * k.double()[:n]
+        gk64[:n] += g_pos.double()[:, None] * q.double()
+    assert dq.dtype == out_dtype and dk.dtype == out_dtype and qgq.dtype == torch.float32
+    # Output rounding: with several column chunks a half dq is rounded once per chunk.
+    chunks = len({c0 for _, _, c0, _ in seen})
+    assert_close(dq, 1.7 * gq64, out_dtype, "dq", factor=chunks)
+    assert_close(dk, 1.7 * gk64, out_dtype, "dk")
+    assert_close(qgq, (q.double() * gq64).sum(), torch.float32, "qgq")
+    # Every (row, column) was covered exactly once.
+    covered = torch.zeros(n, m, dtype=torch.int32)
+    for r0, nr, c0, nc in seen:
+        covered[r0:r0 + nr, c0:c0 + nc] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    if budget == 6000:
+        assert chunks > 1 and len(seen) > chunks
+
+
+def test_finish_full_matches_strip_grads():
+    gen = torch.Generator().manual_seed(6)
+    n, m, d = 20, 33, 8
+    q, k = randn(n, d, generator=gen), randn(m, d, generator=gen)
+    t, g_pos = randn(n, m, generator=gen), randn(n, generator=gen)
+    form_tile, _ = _dense_tile(t)
+    a = strip_grads(q, k, torch.tensor(0.5), form_tile, tile_dtype=torch.float32, out_dtype=torch.bfloat16,
+                    g_pos=g_pos, min_rows=8, row_align=8, col_align=8, budget=3000)
+    b = finish_full(q, k, t @ k, t.T @ q, torch.tensor(0.5), torch.bfloat16, g_pos)
+    for x, y, name in zip(a, b, ["dq", "dk", "qgq"]):
+        assert_close(x.float(), y.float(), torch.bfloat16 if name != "qgq" else torch.float32, name, factor=4)
+
+
+# ---- the backends through the driver, with several chunks and strips ----
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    """A 24 KB budget: at N=67, M=131, D=40 the backward takes several column chunks and strips."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 24 / 1024)
+    return strips.workspace_bytes()
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from fastcl.ops.dispatch import triton_available
+    if not triton_available():
+        pytest.skip("triton interpreter unavailable")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [None, 0, 70, -3])
+def test_triton_lse_in_chunks(tiny_budget, monkeypatch, dtype, offset):
+    _triton()
+    from test_similarity_lse import check_against_reference
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    # The interpreter's 64-row, 64-column minimum pieces exceed 24 KB: 2 strips x 3 chunks.
+    assert plan(67, 131, 40, dtype.itemsize, dtype != torch.float32, tiny_budget, 64, 64, 64) == (64, 64)
+    check_against_reference("triton", 67, 131, 40, dtype, bias=-0.5, offset=offset, positives=True,
+                            seed=11, factor=3)
+
+
+def test_triton_sigmoid_in_chunks(tiny_budget, monkeypatch):
+    _triton()
+    from test_sigmoid_pair import test_value_and_grads
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    test_value_and_grads("triton", torch.float32, 67, 131, 40)
+    test_value_and_grads("triton", torch.bfloat16, 67, 131, 40)
+
+
+@pytest.fixture
+def emulated_cuda(tiny_budget, monkeypatch):
+    """backend="cuda" on CPU tensors: the real driver with the float64 stand-in epilogues, and
+    small strips so that the 24 KB budget is met."""
+    from _strip_emulation import TorchEpilogues
+    from fastcl.ops.dispatch import resolve_backend
+    fake = lambda backend, device, problem=None: "cuda" if backend == "cuda" else resolve_backend(  # noqa: E731
+        backend, device, problem)
+    monkeypatch.setattr(similarity_lse_mod, "resolve_backend", fake)
+    monkeypatch.setattr(sigmoid_pair_mod, "resolve_backend", fake)
+    monkeypatch.setattr(strips, "EPILOGUES", TorchEpilogues)
+    monkeypatch.setattr(strips, "GRAD_MIN_ROWS", 16)
+    monkeypatch.setattr(strips, "GRAD_COL_ALIGN", 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [None, 0, 70, -3])
+def test_cuda_driver_lse_in_chunks(emulated_cuda, dtype, offset):
+    from test_similarity_lse import check_against_reference
+    check_against_reference("cuda", 67, 131, 40, dtype, bias=-0.5, offset=offset, positives=True, seed=12,
+                            factor=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_driver_sigmoid_in_chunks(emulated_cuda, dtype):
+    from test_sigmoid_pair import test_value_and_grads
+    test_value_and_grads("cuda", dtype, 67, 131, 40)
+
+
+def test_cuda_driver_really_chunks(emulated_cuda, monkeypatch):
+    """The 24 KB budget gives several column chunks and strips at this shape, each block once."""
+    from _strip_emulation import TorchEpilogues
+    seen = []
+
+    class Recording(TorchEpilogues):
+        @staticmethod
+        def lse_bwd(scores, *args):
+            seen.append(tuple(scores.shape))
+            return TorchEpilogues.lse_bwd(scores, *args)
+    monkeypatch.setattr(strips, "EPILOGUES", Recording)
+    from fastcl.ops import similarity_lse
+    q = torch.randn(67, 40).bfloat16().requires_grad_()
+    k = torch.randn(131, 40).bfloat16().requires_grad_()
+    r, c = similarity_lse(q, k, 2.0, rows=True, cols=True, backend="cuda")
+    (r.sum() + c.sum()).backward()
+    assert len({m for _, m in seen}) >= 2 and len(seen) > 4
+    assert sum(r * m for r, m in seen) == 67 * 131
+
+
+def test_forward_group_rows():
+    pytest.importorskip("triton")
+    from fastcl.kernels.similarity_lse import forward_group_rows
+    # 64 MB: half holds 32768 partial rows of M=256 fp32 -> every N fits one launch of 64-row blocks.
+    assert forward_group_rows(100000, 256, 64, 64, 132) == 100000
+    # H100-like: M = N = 131072 gives 64 partial rows (8192 rows) per 32 MB, raised to 2 blocks per SM.
+    assert forward_group_rows(131072, 131072, 128, 128, 132) == 2 * 132 * 128
+    assert forward_group_rows(32768, 32768, 128, 128, 132) == 32768  # one launch at the target shape
+
+
+@pytest.mark.parametrize("offset", [None, 0, -5, 70])
+def test_triton_forward_in_row_groups(monkeypatch, offset):
+    """A workspace too small for one row block's column partials: the forward runs one 64-row group
+    at a time and merges the columns in order."""
+    _triton()
+    from fastcl.kernels.similarity_lse import forward_group_rows
+    from test_similarity_lse import check_against_reference
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 0.0005)
+    assert forward_group_rows(67, 131, 64, 64, 0) == 64
+    check_against_reference("triton", 67, 131, 40, torch.float32, bias=0.25, offset=offset, seed=13)
