@@ -131,7 +131,7 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     one = torch.ones((), device="cuda")
 
     def bwd(mode):
-        return lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, one, q.dtype, mode=mode)
+        return lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype, mode=mode)
 
     def big_workspace(fn):  # one column chunk: no repeated rounding of dq, more memory
         def run():
@@ -161,7 +161,7 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     if extension_has_cuda():
         from fastcl.ops import strips
         parts["cuda fwd rows+cols"] = lambda: strips.lse_forward(q, k, scale, bias, True, True, None)
-        parts["cuda bwd"] = lambda: strips.lse_grads(q, k, scale, bias, row, col, g, g, None, None, one, q.dtype)
+        parts["cuda bwd"] = lambda: strips.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype)
         ws = torch.empty((strips.strip_rows(n, n), n), device="cuda")
         parts["cuda strip mm (fp32 out), all strips"] = lambda: [
             strips.mm_f32_into(ws[:min(ws.shape[0], n - r0)], q[r0:r0 + ws.shape[0]], k.T, False)

@@ -3,7 +3,7 @@
 These are the single copy of the baselines that ``fastcl bench`` and ``benchmarks/`` time the
 fused kernels against.  They are written for clarity, the way a user would write them first.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

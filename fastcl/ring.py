@@ -40,7 +40,7 @@ def _lse_block_fwd(q, k, scale_t, bias_t, cols: bool, diag: Optional[int], backe
         s = reference_logits(q, k, scale_t, bias_t, diag)
         col = torch.logsumexp(s, 0) if cols else s.new_empty((0,))
         return torch.logsumexp(s, 1), col
-    row, col, _ = torch.ops.fastcl.similarity_lse_fwd(q, k, scale_t, bias_t, True, cols, diag, False, backend)
+    row, col, _ = torch.ops.fastcl.similarity_lse_fwd(q, k, scale_t, bias_t, True, cols, diag, False, None, backend)
     return row, col
 
 
@@ -55,7 +55,7 @@ def _lse_block_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col, diag, 
     # Unscaled fp32 (fp64) Gq, Gk of this block: grad_scale 1, no positive logits.
     ct = compute_dtype(q.dtype)
     gq, gk, _ = torch.ops.fastcl.similarity_lse_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col,
-                                                    row_lse.new_empty((0,)), diag, torch.ones_like(scale_t), ct,
+                                                    row_lse.new_empty((0,)), None, diag, torch.ones_like(scale_t), ct,
                                                     backend)
     return gq, gk
 

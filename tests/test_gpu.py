@@ -59,7 +59,7 @@ def test_every_output_element_is_written(mode, workspace_mb, monkeypatch):
     del poison
     one = torch.ones((), device="cuda")
     dq, dk, qgq = lse_grads(q, k, scale, bias, row, col, torch.rand_like(row), torch.rand_like(col),
-                            torch.rand_like(row), 4, one, q.dtype)
+                            torch.rand_like(row), None, 4, one, q.dtype)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(qgq)
 
 
@@ -193,7 +193,7 @@ def test_cuda_every_output_element_is_written(cuda_ext, dtype, monkeypatch):
             del poison
             g_row, g_col = torch.rand_like(row), torch.rand_like(col)
             g_pos = torch.rand(q.shape[0], device="cuda") if m >= q.shape[0] else None
-            dq, dk, qgq = strips.lse_grads(q, k, scale, bias, row, col, g_row, g_col, g_pos, 4, scale, dtype)
+            dq, dk, qgq = strips.lse_grads(q, k, scale, bias, row, col, g_row, g_col, g_pos, None, 4, scale, dtype)
             assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(qgq)
         poison = torch.full((64 * 2**20,), float("nan"), device="cuda")
         del poison

@@ -33,12 +33,13 @@ def check_against_reference(backend, n, m, d, dtype, *, bias=None, offset=None, 
     out = list(out) if isinstance(out, tuple) else [out]
     row = out.pop(0) if rows else None
     col = out.pop(0) if cols else None
-    pos = out.pop(0) if positives else None
+    pos = out.pop(0) if positives is not False else None
     q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
     s64 = s.detach().double().requires_grad_()
     b64 = None if b is None else b.detach().double().requires_grad_()
     row64, col64 = reference_similarity_lse(q64, k64, s64, b64, rows=rows, cols=cols, exclude_diagonal=offset)
-    pos64 = reference_positives(q64, k64, s64, b64) if positives else None
+    index = positives if isinstance(positives, torch.Tensor) else None
+    pos64 = reference_positives(q64, k64, s64, b64, index) if positives is not False else None
     loss, loss64 = 0.0, 0.0
     for o, o64, sign in ((row, row64, 1.0), (col, col64, 1.0), (pos, pos64, -1.0)):
         if o is None:
@@ -74,19 +75,32 @@ def test_options(backend, offset, rows, cols):
     check_against_reference(backend, 67, 131, 40, torch.float32, bias=-1.25, offset=offset, rows=rows, cols=cols)
 
 
+def positive_index(n, m, seed=0):
+    """(n,) int64 positives into m keys with repeats (several queries share a key)."""
+    return torch.randint(0, m, (n,), generator=torch.Generator().manual_seed(seed)) // 3 * 3
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols,offset", [(True, True, None), (True, False, 0), (False, True, 3)])
-def test_positive_logits(backend, dtype, rows, cols, offset):
-    # positives=True: the (i, i) logits and their gradient folded into the op's backward.
+@pytest.mark.parametrize("which", ["diagonal", "index"])
+def test_positive_logits(backend, dtype, rows, cols, offset, which):
+    # The (i, i) or (i, index_i) logits, with their gradient folded into the op's backward.
+    positives = True if which == "diagonal" else positive_index(67, 131)
     check_against_reference(backend, 67, 131, 40, dtype, bias=0.5, offset=offset, rows=rows, cols=cols,
-                            positives=True, seed=3)
+                            positives=positives, seed=3)
 
 
-def test_positives_need_as_many_keys_as_queries():
+def test_positives_are_checked():
     q = torch.randn(5, 4)
     with pytest.raises(ValueError, match="positives=True needs k"):
         similarity_lse(q, q[:4], 1.0, positives=True)
+    with pytest.raises(ValueError, match="positives must lie in"):
+        similarity_lse(q, q, 1.0, positives=torch.tensor([0, 1, 2, 3, 5]))
+    with pytest.raises(ValueError, match="positives must have shape"):
+        similarity_lse(q, q, 1.0, positives=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="positives must be a bool"):
+        similarity_lse(q, q, 1.0, positives=1)
 
 
 @needs_ext

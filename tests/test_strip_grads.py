@@ -59,24 +59,28 @@ def _dense_tile(t):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("out", ["input", "fp32"])
 @pytest.mark.parametrize("budget", [10 ** 9, 6000, 1])
-@pytest.mark.parametrize("with_pos", [False, True])
-def test_strip_grads_equals_whole_products(dtype, out, budget, with_pos):
+@pytest.mark.parametrize("pos", [None, "diagonal", "index"])
+def test_strip_grads_equals_whole_products(dtype, out, budget, pos):
     """Against the whole float64 products, with one block, with several chunks and strips, and with
-    the smallest pieces (budget 1 byte), with and without positive-pair weights."""
+    the smallest pieces (budget 1 byte), without positive pairs, with the pairs (i, i) and with an
+    index that repeats keys."""
+    from test_similarity_lse import positive_index
     gen = torch.Generator().manual_seed(5)
     n, m, d = 67, 131, 40
     q, k = randn(n, d, generator=gen).to(dtype), randn(m, d, generator=gen).to(dtype)
     t = randn(n, m, generator=gen).to(dtype)  # the tile values, as a kernel would round them
-    g_pos = randn(n, generator=gen) if with_pos else None
+    g_pos = randn(n, generator=gen) if pos else None
+    index = positive_index(n, m) if pos == "index" else None
     grad_scale = torch.tensor(1.7)
     out_dtype = dtype if out == "input" else torch.float32
     form_tile, seen = _dense_tile(t)
     dq, dk, qgq = strip_grads(q, k, grad_scale, form_tile, tile_dtype=dtype, out_dtype=out_dtype, g_pos=g_pos,
-                              min_rows=16, row_align=16, col_align=16, budget=budget)
+                              pos_index=index, min_rows=16, row_align=16, col_align=16, budget=budget)
     gq64, gk64 = t.double() @ k.double(), t.double().T @ q.double()
-    if with_pos:
-        gq64 += g_pos.double()[:, None] * k.double()[:n]
-        gk64[:n] += g_pos.double()[:, None] * q.double()
+    if pos:
+        idx = torch.arange(n) if index is None else index
+        gq64 += g_pos.double()[:, None] * k.double()[idx]
+        gk64.index_add_(0, idx, g_pos.double()[:, None] * q.double())
     assert dq.dtype == out_dtype and dk.dtype == out_dtype and qgq.dtype == torch.float32
     # Output rounding: with several column chunks a half dq is rounded once per chunk.
     chunks = len({c0 for _, _, c0, _ in seen})
@@ -92,15 +96,18 @@ def test_strip_grads_equals_whole_products(dtype, out, budget, with_pos):
         assert chunks > 1 and len(seen) > chunks
 
 
-def test_finish_full_matches_strip_grads():
+@pytest.mark.parametrize("with_index", [False, True])
+def test_finish_full_matches_strip_grads(with_index):
+    from test_similarity_lse import positive_index
     gen = torch.Generator().manual_seed(6)
     n, m, d = 20, 33, 8
     q, k = randn(n, d, generator=gen), randn(m, d, generator=gen)
     t, g_pos = randn(n, m, generator=gen), randn(n, generator=gen)
+    index = positive_index(n, m) if with_index else None
     form_tile, _ = _dense_tile(t)
     a = strip_grads(q, k, torch.tensor(0.5), form_tile, tile_dtype=torch.float32, out_dtype=torch.bfloat16,
-                    g_pos=g_pos, min_rows=8, row_align=8, col_align=8, budget=3000)
-    b = finish_full(q, k, t @ k, t.T @ q, torch.tensor(0.5), torch.bfloat16, g_pos)
+                    g_pos=g_pos, pos_index=index, min_rows=8, row_align=8, col_align=8, budget=3000)
+    b = finish_full(q, k, t @ k, t.T @ q, torch.tensor(0.5), torch.bfloat16, g_pos, index)
     for x, y, name in zip(a, b, ["dq", "dk", "qgq"]):
         assert_close(x.float(), y.float(), torch.bfloat16 if name != "qgq" else torch.float32, name, factor=4)
 
@@ -125,12 +132,12 @@ def _triton():
 @pytest.mark.parametrize("offset", [None, 0, 70, -3])
 def test_triton_lse_in_chunks(tiny_budget, monkeypatch, dtype, offset):
     _triton()
-    from test_similarity_lse import check_against_reference
+    from test_similarity_lse import check_against_reference, positive_index
     monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
     # The interpreter's 64-row, 64-column minimum pieces exceed 24 KB: 2 strips x 3 chunks.
     assert plan(67, 131, 40, dtype.itemsize, dtype != torch.float32, tiny_budget, 64, 64, 64) == (64, 64)
-    check_against_reference("triton", 67, 131, 40, dtype, bias=-0.5, offset=offset, positives=True,
-                            seed=11, factor=3)
+    check_against_reference("triton", 67, 131, 40, dtype, bias=-0.5, offset=offset, seed=11, factor=3,
+                            positives=True if offset is None else positive_index(67, 131, offset))
 
 
 def test_triton_sigmoid_in_chunks(tiny_budget, monkeypatch):
@@ -159,9 +166,9 @@ def emulated_cuda(tiny_budget, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [None, 0, 70, -3])
 def test_cuda_driver_lse_in_chunks(emulated_cuda, dtype, offset):
-    from test_similarity_lse import check_against_reference
-    check_against_reference("cuda", 67, 131, 40, dtype, bias=-0.5, offset=offset, positives=True, seed=12,
-                            factor=3)
+    from test_similarity_lse import check_against_reference, positive_index
+    check_against_reference("cuda", 67, 131, 40, dtype, bias=-0.5, offset=offset, seed=12, factor=3,
+                            positives=True if offset is None else positive_index(67, 131, offset))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from fastcl.losses._common import check_label_smoothing, mean_logits, positive_logits, reduce_loss, smoothed_ce
+from fastcl.losses._common import check_label_smoothing, mean_logits, reduce_loss, smoothed_ce
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import check_index, check_pair, check_reduction, check_scalar
 
@@ -47,13 +47,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     else:
         check_index("labels", labels, n, m, image_features.device)
         labels = labels.long()
-    if diagonal:  # the positives' gradient folds into the op's backward: no extra (N, D) buffers
-        row_lse, col_lse, pos = similarity_lse(image_features, text_features, logit_scale, logit_bias,
-                                               rows=True, cols=True, positives=True, backend=backend)
-    else:
-        row_lse, col_lse = similarity_lse(image_features, text_features, logit_scale, logit_bias,
-                                          rows=True, cols=True, backend=backend)
-        pos = positive_logits(image_features, text_features, labels, logit_scale, logit_bias)
+    # The positives' gradient folds into the op's backward: no extra (N, D) buffers.
+    row_lse, col_lse, pos = similarity_lse(image_features, text_features, logit_scale, logit_bias, rows=True,
+                                           cols=True, positives=True if diagonal else labels, backend=backend)
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(image_features, text_features, logit_scale, logit_bias)

@@ -3,8 +3,7 @@ from typing import Optional
 
 import torch
 
-from fastcl.losses._common import (check_label_smoothing, default_positives, mean_logits, positive_logits,
-                                   reduce_loss, smoothed_ce)
+from fastcl.losses._common import check_label_smoothing, default_positives, mean_logits, reduce_loss, smoothed_ce
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import _eager, check_index, check_pair, check_reduction, resolve_scale
 
@@ -49,12 +48,10 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
         positives = positives.long()
     if exclude_self and _eager() and bool((positives == torch.arange(n, device=query.device)).any()):
         raise ValueError("positives must not point at the excluded diagonal when exclude_self=True")
-    # Default positives (i, i) come from the op itself, which folds their gradient into its backward.
-    out = similarity_lse(query, keys, scale, rows=True, cols=symmetric,
-                         exclude_diagonal=0 if exclude_self else None, positives=diagonal, backend=backend)
-    out = out if isinstance(out, tuple) else (out,)
-    row_lse, col_lse = out[0], (out[1] if symmetric else None)
-    pos = out[-1] if diagonal else positive_logits(query, keys, positives, scale)
+    # The positive logits come from the op itself, which folds their gradient into its backward.
+    out = similarity_lse(query, keys, scale, rows=True, cols=symmetric, exclude_diagonal=0 if exclude_self else None,
+                         positives=True if diagonal else positives, backend=backend)
+    row_lse, col_lse, pos = out if symmetric else (out[0], None, out[1])
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(query, keys, scale, exclude_diagonal=exclude_self)

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastcl.losses._common import positive_logits, reduce_loss
+from fastcl.losses._common import reduce_loss
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import check_pair, check_reduction, check_scalar
@@ -46,7 +46,6 @@ def ntxent_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.5, *, redu
     n = out0.shape[0]
     z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)
     scale = 1.0 / temperature
-    lse = similarity_lse(z, z, scale, rows=True, exclude_diagonal=0, backend=backend)
-    idx = torch.arange(2 * n, device=z.device)
-    pos = positive_logits(z, z, (idx + n) % (2 * n), scale)
+    partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    lse, pos = similarity_lse(z, z, scale, rows=True, exclude_diagonal=0, positives=partner, backend=backend)
     return reduce_loss(lse - pos, reduction)

@@ -50,7 +50,7 @@ def _mask_stats(anchors: torch.Tensor, features: torch.Tensor, mask: torch.Tenso
                 n_anchor: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Same as ``_positive_stats`` for a user (bsz, bsz) weight mask: O(bsz^2 * D) on that mask."""
     ct = compute_dtype(features.dtype)
-    bsz, n_views = features.shape[0], features.shape[1]
+    n_views = features.shape[1]
     m = mask.to(ct)
     view_sum = features.to(ct).sum(1)                       # (bsz, D)
     weighted = (m @ view_sum).repeat(n_views, 1)[:n_anchor]  # anchor (v, b) -> row v * bsz + b

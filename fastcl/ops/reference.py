@@ -31,22 +31,28 @@ def reference_similarity_lse(q, k, scale, bias=None, *, rows=True, cols=False,
     return (torch.logsumexp(s, 1) if rows else None, torch.logsumexp(s, 0) if cols else None)
 
 
-def row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 4096) -> torch.Tensor:
-    """(N,) ``a_i . b_i`` for a (N, D) and the first N rows of b (>= N, D), in the compute dtype,
-    a block of rows at a time so half inputs never get whole (N, D) upcast copies."""
+def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = None,
+             rows: int = 4096) -> torch.Tensor:
+    """(N,) ``a_i . b_{index_i}`` for a (N, D), b (M, D) and index (N,) int64 (None: the first N rows
+    of b, M >= N), in the compute dtype, a block of rows at a time so half inputs never get whole
+    (N, D) upcast or gathered copies."""
     ct = compute_dtype(a.dtype)
     n = a.shape[0]
     out = torch.empty(n, device=a.device, dtype=ct)
     for i in range(0, n, rows):
-        x, y = a[i:i + rows].to(ct), b[i:min(i + rows, n)].to(ct)
-        torch.bmm(x.unsqueeze(1), y.unsqueeze(2), out=out[i:i + rows].view(-1, 1, 1))
+        j = min(i + rows, n)
+        y = b[i:j] if index is None else b.index_select(0, index[i:j])
+        torch.bmm(a[i:j].to(ct).unsqueeze(1), y.to(ct).unsqueeze(2), out=out[i:j].view(-1, 1, 1))
     return out
 
 
-def reference_positives(q: torch.Tensor, k: torch.Tensor, scale, bias=None) -> torch.Tensor:
-    """(N,) logits ``scale * q_i . k_i + bias`` of the pairs (i, i), in the compute dtype (differentiable)."""
+def reference_positives(q: torch.Tensor, k: torch.Tensor, scale, bias=None,
+                        index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N,) logits ``scale * q_i . k_{index_i} + bias`` of the positive pairs (index None: the pairs
+    (i, i)), in the compute dtype (differentiable)."""
     ct = compute_dtype(q.dtype)
-    s = (q.to(ct) * k[:q.shape[0]].to(ct)).sum(-1) * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
+    kk = k[:q.shape[0]] if index is None else k.index_select(0, index)
+    s = (q.to(ct) * kk.to(ct)).sum(-1) * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
         s = s + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
     return s

@@ -4,7 +4,7 @@ The fused backends sit behind two ``torch.library`` custom ops (forward and back
 op is opaque to ``torch.compile`` (no graph break) and its autograd formula lives here once:
 
     dS = g_row[:, None] * P_row + g_col[None, :] * P_col     (recomputed tile by tile)
-    Gq = dS @ k + g_pos * k[:N],  Gk = dS.T @ q + g_pos * q   (g_pos: the positive logits' weights)
+    Gq = dS @ k + g_pos * k[pos],  Gk = dS.T @ q + scatter_pos(g_pos * q)   (g_pos: positive logits)
     dq = scale * Gq,  dk = scale * Gk,  dscale = sum(q * Gq),  dbias = sum(dS) + sum(g_pos)
 
 The backends return dq, dk already scaled in the input dtype and sum(q * Gq), so the GPU
@@ -17,7 +17,7 @@ import torch
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import compute_dtype, reference_positives, reference_similarity_lse, row_dots
 from fastcl.ops.strip_grads import finish_full
-from fastcl.validation import check_offset, check_pair, check_scalar
+from fastcl.validation import check_index, check_offset, check_pair, check_scalar
 
 Tensor = torch.Tensor
 
@@ -29,9 +29,9 @@ _FORWARD = {
 }
 
 
-def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, diag, grad_scale, out_dtype):
+def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag, grad_scale, out_dtype):
     gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, float(scale), float(bias), row_lse, col_lse, g_row, g_col, diag)
-    return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos)
+    return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos, pos_index)
 
 
 # Each returns (dq, dk, qgq): see _lse_bwd.
@@ -44,15 +44,19 @@ _BACKWARD = {
 
 @torch.library.custom_op("fastcl::similarity_lse_fwd", mutates_args=())
 def _lse_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
-             diag_offset: Optional[int], positives: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+             diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
+             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
     ct = compute_dtype(q.dtype)
-    pos = (row_dots(q, k) * scale.to(ct) + bias.to(ct)) if positives else q.new_empty((0,), dtype=ct)
+    if positives:
+        pos = row_dots(q, k, pos_index) * scale.to(ct) + bias.to(ct)
+    else:
+        pos = q.new_empty((0,), dtype=ct)
     return row, col, pos
 
 
 @_lse_fwd.register_fake
-def _(q, k, scale, bias, rows, cols, diag_offset, positives, backend):
+def _(q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend):
     ct = compute_dtype(q.dtype)
     return (q.new_empty((q.shape[0] if rows else 0,), dtype=ct),
             k.new_empty((k.shape[0] if cols else 0,), dtype=ct),
@@ -61,28 +65,30 @@ def _(q, k, scale, bias, rows, cols, diag_offset, positives, backend):
 
 @torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=())
 def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
-             g_row: Tensor, g_col: Tensor, g_pos: Tensor, diag_offset: Optional[int], grad_scale: Tensor,
-             out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, qgq)``: dq = grad_scale * (dS @ k + g_pos * k[:N]) (N, D) and
-    dk = grad_scale * (dS.T @ q + g_pos * q) (M, D) in out_dtype, qgq = sum(q * (dS @ k + g_pos * k[:N]))
-    0-d fp32 (fp64), for dS = g_row * P_row + g_col * P_col.  An empty row_lse / col_lse (0,) marks a
-    side the forward did not compute; an empty g_pos (0,) means no positive logits."""
+             g_row: Tensor, g_col: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], diag_offset: Optional[int],
+             grad_scale: Tensor, out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, qgq)``: dq = grad_scale * Gq (N, D) and dk = grad_scale * Gk (M, D) in out_dtype,
+    qgq = sum(q * Gq) 0-d fp32 (fp64), with Gq = dS @ k + g_pos * k[pos], Gk = dS.T @ q plus g_pos_i * q_i
+    added to row pos_i, dS = g_row * P_row + g_col * P_col, pos = pos_index or (0, ..., N-1).  An empty
+    row_lse / col_lse (0,) marks a side the forward did not compute; an empty g_pos (0,) means no
+    positive logits."""
     pos = g_pos if g_pos.numel() else None
     dq, dk, qgq = fused_kernel("similarity_lse", backend, _BACKWARD)(
-        q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, diag_offset, grad_scale, out_dtype)
+        q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype)
     return dq, dk, qgq
 
 
 @_lse_bwd.register_fake
-def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, diag_offset, grad_scale, out_dtype, backend):
+def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag_offset, grad_scale, out_dtype,
+      backend):
     return (q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype),
             q.new_empty((), dtype=compute_dtype(q.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, bias, rows, cols, diag_offset, positives, backend = inputs
+    q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend = inputs
     row, col, _ = output
-    ctx.save_for_backward(q, k, scale, bias, row, col)
+    ctx.save_for_backward(q, k, scale, bias, row, col, pos_index)
     ctx.diag_offset, ctx.backend, ctx.positives = diag_offset, backend, positives
 
 
@@ -92,22 +98,22 @@ def _masked_sum(g: Tensor, lse: Tensor) -> Tensor:
 
 
 def _backward(ctx, g_row, g_col, g_pos):
-    q, k, scale, bias, row, col = ctx.saved_tensors
+    q, k, scale, bias, row, col, pos_index = ctx.saved_tensors
     g_row = torch.zeros_like(row) if g_row is None else g_row.to(row.dtype).contiguous()
     g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype).contiguous()
     if ctx.positives and g_pos is not None:
         g_pos = g_pos.to(row.dtype if row.numel() else col.dtype).contiguous()
     else:
         g_pos = row.new_empty((0,))
-    dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, ctx.diag_offset, scale, q.dtype,
-                           ctx.backend)
+    dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
+                           q.dtype, ctx.backend)
     dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = None
     if ctx.needs_input_grad[3]:
         dbias = _masked_sum(g_row, row) + _masked_sum(g_col, col) + g_pos.sum()
         dbias = dbias.to(bias.dtype)
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-            dscale, dbias, None, None, None, None, None)
+            dscale, dbias, None, None, None, None, None, None)
 
 
 _lse_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -131,9 +137,10 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         rows: return the row LSE, shape (N,).
         cols: return the column LSE, shape (M,).
         exclude_diagonal: if an int ``offset``, entries with ``j == i + offset`` are left out.
-        positives: also return the (N,) logits ``S_ii`` of the pairs (i, i) (needs M >= N).  Their
-            gradient is folded into the op's own backward, so a loss built from them allocates
-            no extra (N, D) gradient buffers.
+        positives: also return the (N,) logits of the positive pairs: ``True`` for ``S_ii`` (needs
+            M >= N), or an (N,) integer tensor ``index`` for ``S_{i, index_i}``.  Their gradient is
+            folded into the op's own backward, so a loss built from them allocates no extra
+            (N, D) gradient buffers.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (float32/bfloat16/float16 on
             CUDA; fastcl.ops.strips); default ``FASTCL_BACKEND`` or "auto".
 
@@ -149,18 +156,24 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
     check_offset("exclude_diagonal", exclude_diagonal)
     if not (rows or cols):
         raise ValueError("at least one of rows or cols must be True")
-    if positives and k.shape[0] < q.shape[0]:
+    pos_index = None
+    if isinstance(positives, torch.Tensor):
+        check_index("positives", positives, q.shape[0], k.shape[0], q.device)
+        pos_index, positives = positives.long().contiguous(), True
+    elif not isinstance(positives, bool):
+        raise TypeError(f"positives must be a bool or an (N,) integer tensor, got {type(positives).__name__}")
+    elif positives and k.shape[0] < q.shape[0]:
         raise ValueError(f"positives=True needs k to have at least as many rows as q (the pairs (i, i)), "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
     name = resolve_backend(backend, q.device, ("similarity_lse", q.shape[0], k.shape[0], q.shape[1], q.dtype))
     if name == "reference":
         row, col = reference_similarity_lse(q, k, scale, bias, rows=rows, cols=cols,
                                             exclude_diagonal=exclude_diagonal)
-        pos = reference_positives(q, k, scale, bias) if positives else None
+        pos = reference_positives(q, k, scale, bias, pos_index) if positives else None
     else:
         ct = compute_dtype(q.dtype)
         scale_t = _as_scalar_tensor(scale, q.device, ct)
         bias_t = _as_scalar_tensor(0.0 if bias is None else bias, q.device, ct)
-        row, col, pos = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, name)
+        row, col, pos = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, pos_index, name)
     out = [t for t, asked in ((row, rows), (col, cols), (pos, positives)) if asked]
     return out[0] if len(out) == 1 else tuple(out)

@@ -3,11 +3,12 @@
 Both GPU backends can form the gradient tile T (dS of the LSE, or G of the sigmoid loss) for any
 block of rows x columns.  ``strip_grads`` turns those tiles into the finished gradients
 
-    dq = grad_scale * (T @ k + g_pos * k[:N])       (N, D) in out_dtype
-    dk = grad_scale * (T.T @ q + g_pos * q[:M])      (M, D) in out_dtype
-    qgq = sum(q * (T @ k + g_pos * k[:N]))           0-d, for the scale's gradient
+    dq = grad_scale * (T @ k + g_pos * k[pos])        (N, D) in out_dtype
+    dk = grad_scale * (T.T @ q + scatter_pos(g_pos * q)) (M, D) in out_dtype
+    qgq = sum(q * (T @ k + g_pos * k[pos]))            0-d, for the scale's gradient
 
-(``g_pos``: optional weights of the pairs (i, i), whose logits the forward returned as well), and
+(``g_pos``: optional weights of the positive pairs (i, pos_i), pos_i = i unless a ``pos_index``
+is given, whose logits the forward returned as well), and
 never holds more than the workspace budget (``fastcl.ops.strips.workspace_bytes``) of scratch:
 
     for each chunk of columns c:                      Gk_c  (cols, D) fp32 accumulator
@@ -66,12 +67,14 @@ FormTile = Callable[[Tensor, int, int, int, int], Tensor]
 
 
 def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *, tile_dtype: torch.dtype,
-                out_dtype: torch.dtype, g_pos: Optional[Tensor] = None, min_rows: int, row_align: int,
-                col_align: int, budget: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                out_dtype: torch.dtype, g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None,
+                min_rows: int, row_align: int, col_align: int,
+                budget: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq)`` as in the module docstring.
 
     q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
-    fp32 or None (needs M >= N).  ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows
+    fp32 or None; pos_index: (N,) int64 in [0, M), or None for the pairs (i, i) (needs M >= N).
+    Repeated pos_index entries add up (``index_add_``, whose order on CUDA is not fixed).  ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows
     [r0, r0 + nr) and columns [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the
     flat workspace ``ws`` (``tile_dtype``; it may return a reinterpreting view of it).
     dq, dk: out_dtype; qgq: 0-d fp32 (fp64 for fp64 inputs).
@@ -102,30 +105,52 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
             mm_f32_into(p_r, tile, k_c, accumulate=False)
             mm_f32_into(gk, tile.T, q_r, accumulate=r0 > 0)
             if g_pos is not None and c0 == 0:
-                p_r.addcmul_(g_pos[r0:r0 + nr, None], k[r0:r0 + nr])
+                kk = k[r0:r0 + nr] if pos_index is None else k.index_select(0, pos_index[r0:r0 + nr])
+                p_r.addcmul_(g_pos[r0:r0 + nr, None], kk)
             qgq += (p_r * q_r).sum(dtype=torch.float64)
             p_r.mul_(s)
             if c0 == 0:
                 dq[r0:r0 + nr].copy_(p_r)
             else:
                 dq[r0:r0 + nr].add_(p_r)
-        if g_pos is not None and c0 < n:
-            top = min(c0 + nc, n)
-            gk[:top - c0].addcmul_(g_pos[c0:top, None], q[c0:top])
+        if g_pos is not None:
+            _add_positive_columns(gk, q, g_pos, pos_index, c0, p)
         gk.mul_(s)
         if chunk_acc:
             dk[c0:c0 + nc].copy_(gk)
     return dq, dk, qgq.to(acc)
 
 
+def _add_positive_columns(gk: Tensor, q: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], c0: int,
+                          buf: Tensor) -> None:
+    """gk (nc, D), the columns [c0, c0 + nc) of Gk: += g_pos_i * q_i for every i with pos_i in them.
+    ``buf`` (rows, D) is scratch of gk's dtype: the products go through it a block of rows at a time."""
+    nc, n = gk.shape[0], q.shape[0]
+    if pos_index is None:
+        if c0 < n:
+            top = min(c0 + nc, n)
+            gk[:top - c0].addcmul_(g_pos[c0:top, None], q[c0:top])
+        return
+    inside = (pos_index >= c0) & (pos_index < c0 + nc)  # no host sync: rows outside add zeros
+    local = torch.where(inside, pos_index - c0, torch.zeros_like(pos_index))
+    weight = torch.where(inside, g_pos, torch.zeros_like(g_pos))
+    step = buf.shape[0]
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        prod = torch.mul(weight[i:j, None], q[i:j], out=buf[:j - i])
+        gk.index_add_(0, local[i:j], prod)
+
+
 def finish_full(q: Tensor, k: Tensor, gq: Tensor, gk: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
-                g_pos: Optional[Tensor] = None, rows: int = 4096) -> Tuple[Tensor, Tensor, Tensor]:
+                g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None,
+                rows: int = 4096) -> Tuple[Tensor, Tensor, Tensor]:
     """The same ``(dq, dk, qgq)`` from whole fp32 (fp64) ``Gq = T @ k`` (N, D) and ``Gk = T.T @ q``
     (M, D), for the backends that form those (cpu, fused triton); gq and gk are overwritten."""
     n = q.shape[0]
     if g_pos is not None:
-        gq.addcmul_(g_pos[:, None], k[:n])
-        gk[:n].addcmul_(g_pos[:, None], q)
+        gq.addcmul_(g_pos[:, None], k[:n] if pos_index is None else k.index_select(0, pos_index))
+        _add_positive_columns(gk, q, g_pos, pos_index, 0, torch.empty((min(n, rows), q.shape[1]),
+                                                                       device=q.device, dtype=gk.dtype))
     qgq = gq.new_zeros((), dtype=torch.float64)
     for i in range(0, n, rows):  # no (N, D) product temporary
         qgq += (gq[i:i + rows] * q[i:i + rows]).sum(dtype=torch.float64)
