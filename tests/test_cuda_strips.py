@@ -139,8 +139,12 @@ def test_workspace_setting(monkeypatch):
     monkeypatch.setattr(strips, "WORKSPACE_MB", None)
     for bad in ("0", "-3", "lots"):
         monkeypatch.setenv("FASTCL_WORKSPACE_MB", bad)
-        with pytest.raises(ValueError, match="FASTCL_WORKSPACE_MB"):
+        with pytest.raises(ValueError, match="FASTCL_WORKSPACE_MB must"):
             strips.workspace_bytes()
+    monkeypatch.delenv("FASTCL_WORKSPACE_MB")
+    monkeypatch.setenv("FASTCL_CUDA_WORKSPACE_MB", "128")  # the old name is refused, not ignored
+    with pytest.raises(ValueError, match="renamed FASTCL_WORKSPACE_MB"):
+        strips.workspace_bytes()
 
 
 def test_partial_constants_match_the_kernel():

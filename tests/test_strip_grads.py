@@ -96,6 +96,35 @@ def test_strip_grads_equals_whole_products(dtype, out, budget, pos):
         assert chunks > 1 and len(seen) > chunks
 
 
+@pytest.mark.parametrize("pos", ["diagonal", "index"])
+def test_positive_term_cancels_before_rounding(pos):
+    """A confident CLIP-like tile: dS_{i, pos_i} = g (p_i - 1) nearly cancels the positive term
+    -g k_{pos_i}.  Added with the chunk that holds column pos_i, the half dq loses no more than
+    with a single chunk; added with another chunk, both large parts would be rounded first."""
+    gen = torch.Generator().manual_seed(8)
+    n, d = 96, 32
+    q = torch.nn.functional.normalize(randn(n, d, generator=gen), dim=1)
+    perm = torch.randperm(n, generator=gen) if pos == "index" else torch.arange(n)
+    k = torch.empty_like(q)
+    k[perm] = q + 0.05 * randn(n, d, generator=gen)  # key pos_i close to query i
+    q, k = q.bfloat16(), k.bfloat16()
+    s = 30.0 * q.double() @ k.double().T
+    g = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    t = (g[:, None] * torch.softmax(s, 1)).bfloat16()
+    g_pos = -g.float()
+    ref = t.double() @ k.double() + g_pos.double()[:, None] * k.double()[perm]
+    errs = []
+    for budget in (10 ** 9, 4000):
+        form_tile, seen = _dense_tile(t)
+        dq, _, _ = strip_grads(q, k, torch.tensor(1.0), form_tile, tile_dtype=torch.bfloat16,
+                               out_dtype=torch.bfloat16, g_pos=g_pos, pos_index=None if pos == "diagonal" else perm,
+                               min_rows=16, row_align=16, col_align=16, budget=budget)
+        errs.append(((dq.double() - ref).norm() / ref.norm()).item())
+        chunks = len({c0 for _, _, c0, _ in seen})
+    assert chunks >= 3
+    assert errs[1] <= 1.5 * errs[0] + 1e-6, errs
+
+
 @pytest.mark.parametrize("with_index", [False, True])
 def test_finish_full_matches_strip_grads(with_index):
     from test_similarity_lse import positive_index

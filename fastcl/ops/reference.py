@@ -32,7 +32,7 @@ def reference_similarity_lse(q, k, scale, bias=None, *, rows=True, cols=False,
 
 
 def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = None,
-             rows: int = 4096) -> torch.Tensor:
+             rows: int = 1024) -> torch.Tensor:
     """(N,) ``a_i . b_{index_i}`` for a (N, D), b (M, D) and index (N,) int64 (None: the first N rows
     of b, M >= N), in the compute dtype, a block of rows at a time so half inputs never get whole
     (N, D) upcast or gathered copies."""

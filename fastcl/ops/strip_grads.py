@@ -36,8 +36,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool) -> int:
-    """Scratch held at once: the tile workspace, P and its product with q (fp32), and the column
-    chunk's fp32 Gk when the outputs are not fp32 (``chunk_acc``)."""
+    """Scratch held at once: the tile workspace, P (fp32) and one transient of P's size (its product
+    with q, or the gathered positive keys), and the column chunk's fp32 Gk when the outputs are not
+    fp32 (``chunk_acc``)."""
     return tile_itemsize * rows * cols + 8 * rows * d + (4 * cols * d if chunk_acc else 0)
 
 
@@ -104,10 +105,9 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
             q_r, p_r = q[r0:r0 + nr], p[:nr]
             mm_f32_into(p_r, tile, k_c, accumulate=False)
             mm_f32_into(gk, tile.T, q_r, accumulate=r0 > 0)
-            if g_pos is not None and c0 == 0:
-                kk = k[r0:r0 + nr] if pos_index is None else k.index_select(0, pos_index[r0:r0 + nr])
-                p_r.addcmul_(g_pos[r0:r0 + nr, None], kk)
-            qgq += (p_r * q_r).sum(dtype=torch.float64)
+            if g_pos is not None:
+                _add_positive_rows(p_r, k, g_pos, pos_index, r0, c0, nc)
+            qgq += (p_r * q_r).sum(dim=1).sum(dtype=torch.float64)  # fp64 over (nr,), not a (nr, D) copy
             p_r.mul_(s)
             if c0 == 0:
                 dq[r0:r0 + nr].copy_(p_r)
@@ -119,6 +119,23 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
         if chunk_acc:
             dk[c0:c0 + nc].copy_(gk)
     return dq, dk, qgq.to(acc)
+
+
+def _add_positive_rows(p: Tensor, k: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], r0: int, c0: int,
+                       nc: int) -> None:
+    """p (nr, D), rows [r0, r0 + nr) of Gq's part from columns [c0, c0 + nc): += g_pos_i * k_{pos_i} for
+    the rows whose positive column lies in them.  Adding the term with the chunk that holds its
+    column lets it cancel against dS_{i, pos_i} * k_{pos_i} before dq is rounded."""
+    nr = p.shape[0]
+    if pos_index is None:
+        lo, hi = max(r0, c0), min(r0 + nr, c0 + nc)
+        if lo < hi:
+            p[lo - r0:hi - r0].addcmul_(g_pos[lo:hi, None], k[lo:hi])
+        return
+    idx = pos_index[r0:r0 + nr]
+    inside = (idx >= c0) & (idx < c0 + nc)  # no host sync: rows outside add zeros
+    p.addcmul_(torch.where(inside, g_pos[r0:r0 + nr], torch.zeros_like(g_pos[r0:r0 + nr]))[:, None],
+               k.index_select(0, idx))
 
 
 def _add_positive_columns(gk: Tensor, q: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], c0: int,
@@ -153,6 +170,6 @@ def finish_full(q: Tensor, k: Tensor, gq: Tensor, gk: Tensor, grad_scale: Tensor
                                                                        device=q.device, dtype=gk.dtype))
     qgq = gq.new_zeros((), dtype=torch.float64)
     for i in range(0, n, rows):  # no (N, D) product temporary
-        qgq += (gq[i:i + rows] * q[i:i + rows]).sum(dtype=torch.float64)
+        qgq += (gq[i:i + rows] * q[i:i + rows]).sum(dim=1).sum(dtype=torch.float64)
     s = grad_scale.to(gq.dtype)
     return gq.mul_(s).to(out_dtype), gk.mul_(s).to(out_dtype), qgq.to(gq.dtype)

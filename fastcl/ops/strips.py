@@ -54,6 +54,9 @@ GRAD_COL_ALIGN = 128
 
 def workspace_mb() -> float:
     """The workspace bound in MB: ``WORKSPACE_MB``, else ``FASTCL_WORKSPACE_MB``, else 64."""
+    if "FASTCL_CUDA_WORKSPACE_MB" in os.environ:  # the old name: refuse rather than ignore it
+        raise ValueError("FASTCL_CUDA_WORKSPACE_MB was renamed FASTCL_WORKSPACE_MB (it now bounds the triton "
+                         "backend's scratch too); set that instead")
     if WORKSPACE_MB is not None:
         value, where = WORKSPACE_MB, "fastcl.ops.strips.WORKSPACE_MB"
     else:
