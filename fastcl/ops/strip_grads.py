@@ -14,9 +14,9 @@ never holds more than the workspace budget (``fastcl.ops.strips.workspace_bytes`
     for each chunk of columns c:                      Gk_c  (cols, D) fp32 accumulator
         for each strip of rows r:                     T     (rows, cols) tile workspace
             form T[r, c];  P = T @ k_c                P     (rows, D) fp32
-            qgq += sum(q_r * P);  dq_r (+)= grad_scale * P
+            dq_r (+)= grad_scale * P
             Gk_c += T.T @ q_r
-        dk_c = grad_scale * Gk_c
+        qgq += sum(k_c * Gk_c);  dk_c = grad_scale * Gk_c
 
 No full-size fp32 accumulator exists: with half outputs dq is summed in its own dtype, one
 rounding per column chunk (one chunk, i.e. a single rounding, whenever Gk fits the budget); with
@@ -36,9 +36,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool) -> int:
-    """Scratch held at once: the tile workspace, P (fp32) and one transient of P's size (its product
-    with q, or the gathered positive keys), and the column chunk's fp32 Gk when the outputs are not
-    fp32 (``chunk_acc``)."""
+    """Scratch held at once: the tile workspace, P (fp32) and one transient of P's size (the
+    gathered positive keys), and the column chunk's fp32 Gk when the outputs are not fp32
+    (``chunk_acc``)."""
     return tile_itemsize * rows * cols + 8 * rows * d + (4 * cols * d if chunk_acc else 0)
 
 
@@ -75,9 +75,10 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
 
     q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
     fp32 or None; pos_index: (N,) int64 in [0, M), or None for the pairs (i, i) (needs M >= N).
-    Repeated pos_index entries add up (``index_add_``, whose order on CUDA is not fixed).  ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows
-    [r0, r0 + nr) and columns [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the
-    flat workspace ``ws`` (``tile_dtype``; it may return a reinterpreting view of it).
+    Repeated pos_index entries add up (``index_add_``, whose order on CUDA is not fixed).
+    ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows [r0, r0 + nr) and columns
+    [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the flat workspace ``ws``
+    (``tile_dtype``; it may return a reinterpreting view of it).
     dq, dk: out_dtype; qgq: 0-d fp32 (fp64 for fp64 inputs).
     """
     n, d = q.shape
@@ -107,18 +108,29 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
             mm_f32_into(gk, tile.T, q_r, accumulate=r0 > 0)
             if g_pos is not None:
                 _add_positive_rows(p_r, k, g_pos, pos_index, r0, c0, nc)
-            qgq += (p_r * q_r).sum(dim=1).sum(dtype=torch.float64)  # fp64 over (nr,), not a (nr, D) copy
-            p_r.mul_(s)
-            if c0 == 0:
-                dq[r0:r0 + nr].copy_(p_r)
+            if c0 == 0:  # one pass over P: scaled, rounded to dq's dtype
+                torch.mul(p_r, s, out=dq[r0:r0 + nr])
             else:
-                dq[r0:r0 + nr].add_(p_r)
+                dq[r0:r0 + nr].addcmul_(p_r, s)
         if g_pos is not None:
             _add_positive_columns(gk, q, g_pos, pos_index, c0, p)
+        # sum(q * Gq) == sum(k * Gk): once per chunk over its Gk instead of once per block over P.
+        qgq += _sum_of_products(gk, k_c, p)
         gk.mul_(s)
         if chunk_acc:
             dk[c0:c0 + nc].copy_(gk)
     return dq, dk, qgq.to(acc)
+
+
+def _sum_of_products(a: Tensor, b: Tensor, buf: Tensor) -> Tensor:
+    """sum(a * b) in fp64 for a (R, D) and b (R, D), through ``buf`` ((rows, D), a's dtype) a block
+    of rows at a time: rows are summed in a's dtype, then in fp64."""
+    total = torch.zeros((), device=a.device, dtype=torch.float64)
+    step = buf.shape[0]
+    for i in range(0, a.shape[0], step):
+        j = min(i + step, a.shape[0])
+        total += torch.mul(a[i:j], b[i:j], out=buf[:j - i]).sum(dim=1).sum(dtype=torch.float64)
+    return total
 
 
 def _add_positive_rows(p: Tensor, k: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], r0: int, c0: int,
@@ -168,8 +180,6 @@ def finish_full(q: Tensor, k: Tensor, gq: Tensor, gk: Tensor, grad_scale: Tensor
         gq.addcmul_(g_pos[:, None], k[:n] if pos_index is None else k.index_select(0, pos_index))
         _add_positive_columns(gk, q, g_pos, pos_index, 0, torch.empty((min(n, rows), q.shape[1]),
                                                                        device=q.device, dtype=gk.dtype))
-    qgq = gq.new_zeros((), dtype=torch.float64)
-    for i in range(0, n, rows):  # no (N, D) product temporary
-        qgq += (gq[i:i + rows] * q[i:i + rows]).sum(dim=1).sum(dtype=torch.float64)
+    qgq = _sum_of_products(gq, q, torch.empty((min(n, rows), q.shape[1]), device=q.device, dtype=gq.dtype))
     s = grad_scale.to(gq.dtype)
     return gq.mul_(s).to(out_dtype), gk.mul_(s).to(out_dtype), qgq.to(gq.dtype)
