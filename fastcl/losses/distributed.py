@@ -122,10 +122,8 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
         if not local_loss:
             return clip_loss(all_i, all_t, s, b, label_smoothing=eps, backend=backend)
         labels = torch.arange(n, device=image_features.device) + off
-        lse_i = similarity_lse(image_features, all_t, s, b, rows=True, backend=backend)
-        lse_t = similarity_lse(text_features, all_i, s, b, rows=True, backend=backend)
-        pos_i = positive_logits(image_features, all_t, labels, s, b)
-        pos_t = positive_logits(text_features, all_i, labels, s, b)
+        lse_i, pos_i = similarity_lse(image_features, all_t, s, b, rows=True, positives=labels, backend=backend)
+        lse_t, pos_t = similarity_lse(text_features, all_i, s, b, rows=True, positives=labels, backend=backend)
         mean_i = mean_t = None
         if eps > 0.0:
             mean_i = mean_logits(image_features, all_t, s, b)
@@ -233,8 +231,8 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
     if impl == "gather":
         off = _offset(z_sizes, rank)
         all_z = gather_with_sizes(z, z_sizes, group)
-        lse = similarity_lse(z, all_z, scale, rows=True, exclude_diagonal=off, backend=backend)
-        pos = positive_logits(z, all_z, partner + off, scale)
+        lse, pos = similarity_lse(z, all_z, scale, rows=True, exclude_diagonal=off, positives=partner + off,
+                                  backend=backend)
     else:
         lse, _ = ring_similarity_lse(z, z, scale, exclude_self=True, ring=Ring(group), sizes=z_sizes,
                                      backend=backend)
