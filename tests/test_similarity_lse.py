@@ -8,7 +8,7 @@ import torch
 
 from conftest import DTYPES, LARGE_LOGITS_FACTOR, assert_close, randn
 from fastcl.ops import reference_similarity_lse, similarity_lse
-from fastcl.ops.reference import reference_positives
+from fastcl.ops.reference import positive_logits
 from fastcl._ext import extension_available
 
 needs_ext = pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
@@ -39,7 +39,7 @@ def check_against_reference(backend, n, m, d, dtype, *, bias=None, offset=None, 
     b64 = None if b is None else b.detach().double().requires_grad_()
     row64, col64 = reference_similarity_lse(q64, k64, s64, b64, rows=rows, cols=cols, exclude_diagonal=offset)
     index = positives if isinstance(positives, torch.Tensor) else None
-    pos64 = reference_positives(q64, k64, s64, b64, index) if positives is not False else None
+    pos64 = positive_logits(q64, k64, index, s64, b64) if positives is not False else None
     loss, loss64 = 0.0, 0.0
     for o, o64, sign in ((row, row64, 1.0), (col, col64, 1.0), (pos, pos64, -1.0)):
         if o is None:

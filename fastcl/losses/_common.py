@@ -4,21 +4,6 @@ import torch
 from fastcl.ops.reference import compute_dtype
 
 
-def positive_logits(q: torch.Tensor, k: torch.Tensor, index, scale, bias=None) -> torch.Tensor:
-    """(N,) ``scale * <q_i, k_index[i]> + bias`` in the compute dtype (fp32, or fp64).
-
-    ``index`` is an (N,) int64 tensor, or None for the diagonal (k_i), which needs no gather.
-    """
-    ct = compute_dtype(q.dtype)
-    kk = k[: q.shape[0]] if index is None else k.index_select(0, index)
-    if q.dtype == ct:  # a batched row dot: no (N, D) product temporary
-        dots = torch.bmm(q.unsqueeze(1), kk.unsqueeze(2)).reshape(-1)
-    else:
-        dots = (q.to(ct) * kk.to(ct)).sum(-1)
-    out = dots * scale
-    return out + bias if bias is not None else out
-
-
 def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return per_sample.mean()

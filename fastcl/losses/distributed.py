@@ -20,7 +20,8 @@ import torch
 
 from fastcl.distributed import (Ring, all_gather_no_grad, all_reduce_with_grad, exchange_shapes,
                                 gather_with_sizes, group_info)
-from fastcl.losses._common import check_label_smoothing, mean_logits, positive_logits, smoothed_ce
+from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_ce
+from fastcl.ops.reference import positive_logits
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import CONTRAST_MODES, _check_labels

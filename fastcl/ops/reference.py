@@ -46,13 +46,20 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = N
     return out
 
 
-def reference_positives(q: torch.Tensor, k: torch.Tensor, scale, bias=None,
-                        index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N,) logits ``scale * q_i . k_{index_i} + bias`` of the positive pairs (index None: the pairs
-    (i, i)), in the compute dtype (differentiable)."""
+def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tensor], scale,
+                    bias=None) -> torch.Tensor:
+    """(N,) ``scale * q_i . k_{index_i} + bias`` in the compute dtype, differentiable: the reference
+    path of ``similarity_lse(..., positives=...)`` and the ring losses' positive logits.
+
+    ``index`` is an (N,) int64 tensor, or None for the diagonal (k_i), which needs no gather.
+    """
     ct = compute_dtype(q.dtype)
-    kk = k[:q.shape[0]] if index is None else k.index_select(0, index)
-    s = (q.to(ct) * kk.to(ct)).sum(-1) * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
-    if bias is not None:
-        s = s + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
-    return s
+    kk = k[: q.shape[0]] if index is None else k.index_select(0, index)
+    if q.dtype == ct:  # a batched row dot: no (N, D) product temporary
+        dots = torch.bmm(q.unsqueeze(1), kk.unsqueeze(2)).reshape(-1)
+    else:
+        dots = (q.to(ct) * kk.to(ct)).sum(-1)
+    out = dots * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
+    if bias is None:
+        return out
+    return out + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)

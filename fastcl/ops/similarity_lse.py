@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_positives, reference_similarity_lse, row_dots
+from fastcl.ops.reference import compute_dtype, positive_logits, reference_similarity_lse, row_dots
 from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_index, check_offset, check_pair, check_scalar
 
@@ -169,7 +169,7 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
     if name == "reference":
         row, col = reference_similarity_lse(q, k, scale, bias, rows=rows, cols=cols,
                                             exclude_diagonal=exclude_diagonal)
-        pos = reference_positives(q, k, scale, bias, pos_index) if positives else None
+        pos = positive_logits(q, k, pos_index, scale, bias) if positives else None
     else:
         ct = compute_dtype(q.dtype)
         scale_t = _as_scalar_tensor(scale, q.device, ct)
