@@ -19,8 +19,13 @@ def _run(fn, img, txt, scale):
 def test_clip_loss_compiles_without_graph_break_cpu(compiler):
     torch._dynamo.reset()
 
+    labels = torch.randperm(67, generator=torch.Generator().manual_seed(1))
+
     def f(img, txt, scale):
-        return fastcl.clip_loss(img, txt, scale, backend="cpu") + 0.5 * fastcl.info_nce(img, txt, logit_scale=scale)
+        # Positive logits from the op: the diagonal (clip_loss, info_nce) and by index (labels, NT-Xent).
+        return (fastcl.clip_loss(img, txt, scale, backend="cpu") + 0.5 * fastcl.info_nce(img, txt, logit_scale=scale)
+                + fastcl.clip_loss(img, txt, scale, labels=labels, backend="cpu")
+                + fastcl.ntxent_loss(img, txt, temperature=0.5, backend="cpu"))
 
     gen = torch.Generator().manual_seed(0)
     args = (torch.randn(67, 40, generator=gen), torch.randn(67, 40, generator=gen), torch.tensor(3.0))

@@ -39,6 +39,14 @@ def test_options(bwd_mode, dtype, offset, rows, cols):
                             bias=None if offset is None else -0.5, seed=7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["diagonal", "index"])
+def test_positive_logits(bwd_mode, dtype, which):
+    from test_similarity_lse import positive_index
+    positives = True if which == "diagonal" else positive_index(67, 131, 2)
+    check_against_reference("triton", 67, 131, 40, dtype, bias=0.5, offset=0, positives=positives, seed=9)
+
+
 def test_small_and_fully_excluded(exp_mode):
     check_against_reference("triton", 1, 2, 3, torch.float32)
     from fastcl.ops import similarity_lse
