@@ -291,7 +291,8 @@ def forward_group_rows(n: int, m: int, block_m_min: int, block_m_max: int, sms: 
     the workspace, but every launch keeps at least two row blocks per SM (``sms``: 0 in the
     interpreter), so a single launch covers every N up to 2 * sms * block_m_max rows.  The
     partials are thus at most max(workspace / 2, 2 * sms * m * 4 bytes): 138 MB at M = 131072
-    on 132 SMs, against 512 MB for one launch over N = 131072 rows."""
+    on 132 SMs, against 512 MB for one launch over N = 131072 rows.  (Merging them takes a
+    temporary of (rows / block_m_min) x 2048 fp32 at a time, ``_merge_column_partials``.)"""
     fit = (workspace_bytes() // 2) // (4 * m) * block_m_min
     rows = max(fit, 2 * sms * block_m_max, block_m_max)
     return min(n, rows - rows % block_m_max)
@@ -335,9 +336,19 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
             _lse_fwd_kernel[(grid_m,)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                        BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
         if cols:
-            part = torch.logsumexp(colpart[:grid_m], dim=0)
-            col = part if r0 == 0 else torch.logaddexp(col, part)
+            _merge_column_partials(colpart[:grid_m], col, first=r0 == 0)
     return row.to(sd), col.to(sd)
+
+
+def _merge_column_partials(parts: torch.Tensor, col: torch.Tensor, first: bool, block: int = 2048) -> None:
+    """col (M,) = logsumexp of parts (P, M) over P (first group) or logaddexp(col, that), a block of
+    columns at a time: logsumexp's temporary is (P, block), not another copy of parts."""
+    for j in range(0, parts.shape[1], block):
+        part = torch.logsumexp(parts[:, j:j + block], dim=0)
+        if first:
+            col[j:j + block] = part
+        else:
+            torch.logaddexp(col[j:j + block], part, out=col[j:j + block])
 
 
 def backward_mode(d: int) -> str:

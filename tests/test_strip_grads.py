@@ -246,3 +246,17 @@ def test_triton_forward_in_row_groups(monkeypatch, offset):
     monkeypatch.setattr(strips, "WORKSPACE_MB", 0.0005)
     assert forward_group_rows(67, 131, 64, 64, 0) == 64
     check_against_reference("triton", 67, 131, 40, torch.float32, bias=0.25, offset=offset, seed=13)
+
+
+def test_column_partials_merge_in_blocks():
+    pytest.importorskip("triton")
+    from fastcl.kernels.similarity_lse import _merge_column_partials
+    gen = torch.Generator().manual_seed(4)
+    parts = torch.randn(5, 11, generator=gen) * 30
+    parts[:, 3] = float("-inf")  # a column with no entries in this group
+    col = torch.empty(11)
+    _merge_column_partials(parts, col, first=True, block=3)
+    assert torch.equal(col, torch.logsumexp(parts, 0))
+    more = torch.randn(4, 11, generator=gen)
+    _merge_column_partials(more, col, first=False, block=4)
+    assert torch.allclose(col, torch.logsumexp(torch.cat([parts, more]), 0), rtol=1e-6, atol=1e-6)
