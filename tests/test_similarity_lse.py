@@ -251,3 +251,15 @@ def test_cpu_slots_merge_in_order(threads, n):
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_index", [False, True])
+def test_row_dots_in_blocks(dtype, with_index):
+    from fastcl.ops.reference import row_dots
+    gen = torch.Generator().manual_seed(2)
+    a, b = randn(600, 9, dtype=dtype, generator=gen), randn(700, 9, dtype=dtype, generator=gen)
+    index = positive_index(600, 700) if with_index else None
+    got = row_dots(a, b, index, block_bytes=1)  # 256-row blocks: three of them
+    bb = b[:600] if index is None else b[index]
+    assert_close(got, (a.double() * bb.double()).sum(1), torch.float32 if dtype != torch.float64 else dtype)

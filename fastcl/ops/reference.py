@@ -32,13 +32,20 @@ def reference_similarity_lse(q, k, scale, bias=None, *, rows=True, cols=False,
 
 
 def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = None,
-             rows: int = 1024) -> torch.Tensor:
+             block_bytes: int = 16 * 2**20) -> torch.Tensor:
     """(N,) ``a_i . b_{index_i}`` for a (N, D), b (M, D) and index (N,) int64 (None: the first N rows
-    of b, M >= N), in the compute dtype, a block of rows at a time so half inputs never get whole
-    (N, D) upcast or gathered copies."""
+    of b, M >= N), in the compute dtype.  Half inputs on a GPU take one batched product with fp32
+    accumulation and output; otherwise a block of rows at a time (about ``block_bytes`` of fp32
+    copies), so half inputs never get whole (N, D) upcast or gathered copies."""
     ct = compute_dtype(a.dtype)
     n = a.shape[0]
+    if index is None and a.is_cuda and a.dtype != ct:
+        try:
+            return torch.bmm(a.unsqueeze(1), b[:n].unsqueeze(2), out_dtype=ct).reshape(n)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass  # no fp32-output overload in this torch: the blocks below
     out = torch.empty(n, device=a.device, dtype=ct)
+    rows = max(256, block_bytes // (8 * max(1, a.shape[1])))
     for i in range(0, n, rows):
         j = min(i + rows, n)
         y = b[i:j] if index is None else b.index_select(0, index[i:j])
