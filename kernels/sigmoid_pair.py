@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcl.kernels.similarity_lse import FUSED_MAX_D, _config as _strip_config, _score_tile, strip_grads_triton
+from fastcl.kernels.similarity_lse import (FUSED_MAX_D, _config as _strip_config, _score_tile, _strip_block,
+                                           strip_grads_triton)
 from fastcl.ops.strip_grads import finish_full
 from fastcl.ops.dispatch import triton_interpreting
 
@@ -153,14 +154,9 @@ def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0
                        UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """G for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS) into the workspace (local
     coordinates), plus one partial sum of G per tile (gpart[pid_m, pid_n]) for the bias gradient."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local, local_n, scale, bias = _strip_block(scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
     rows = row0 + local
     cols = col0 + local_n
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
     # Rows and columns past the block are masked by passing its ends as the counts.
     t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k,
                            scale, bias, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
@@ -168,7 +164,7 @@ def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0
     g = tl.where(diag, -sg, sg)
     tl.store(g_ptr + local.to(tl.int64)[:, None] * stride_g + local_n[None, :], g.to(g_ptr.dtype.element_ty),
              mask=(local[:, None] < N_STRIP) & (local_n[None, :] < N_COLS))
-    tl.store(gpart_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g, axis=1), axis=0))
+    tl.store(gpart_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, axis=1), axis=0))
 
 
 def sigmoid_mode(q: torch.Tensor) -> str:

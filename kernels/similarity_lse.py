@@ -195,6 +195,14 @@ def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, ls
 
 
 @triton.jit
+def _strip_block(scale_ptr, bias_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's local row and column offsets in its gradient block, and scale, bias (fp32)."""
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    local_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return local, local_n, tl.load(scale_ptr).to(tl.float32), tl.load(bias_ptr).to(tl.float32)
+
+
+@triton.jit
 def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, col_ptr, gcol_ptr, ds_ptr,
                          row0, N_STRIP, col0, N_COLS, D, stride_q, stride_k, stride_ds, diag_off,
                          ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
@@ -203,14 +211,9 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
                          PRECISION: tl.constexpr):
     """dS for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS), written in the
     workspace's dtype at local coordinates."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local, local_n, scale, bias = _strip_block(scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
     offs_m = row0 + local
     offs_n = col0 + local_n
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
     # Rows and columns past the block are masked by passing its ends as the counts.
     s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k, scale,
                     bias, diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
