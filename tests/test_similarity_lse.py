@@ -101,6 +101,8 @@ def test_positives_are_checked():
         similarity_lse(q, q, 1.0, positives=torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="positives must be a bool"):
         similarity_lse(q, q, 1.0, positives=1)
+    with pytest.raises(TypeError, match="positives must be an integer tensor"):
+        similarity_lse(q, q, 1.0, positives=torch.arange(5.0))
 
 
 @needs_ext

@@ -10,7 +10,7 @@ op is opaque to ``torch.compile`` (no graph break) and its autograd formula live
 The backends return dq, dk already scaled in the input dtype and sum(q * Gq), so the GPU
 backends never hold a whole fp32 Gq or Gk (fastcl/ops/strip_grads.py).
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -102,7 +102,7 @@ def _backward(ctx, g_row, g_col, g_pos):
     g_row = torch.zeros_like(row) if g_row is None else g_row.to(row.dtype).contiguous()
     g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype).contiguous()
     if ctx.positives and g_pos is not None:
-        g_pos = g_pos.to(row.dtype if row.numel() else col.dtype).contiguous()
+        g_pos = g_pos.to(row.dtype).contiguous()  # row and col share the compute dtype, even when empty
     else:
         g_pos = row.new_empty((0,))
     dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
@@ -126,7 +126,8 @@ def _as_scalar_tensor(value, device: torch.device, dtype: torch.dtype) -> Tensor
 
 
 def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True, cols: bool = False,
-                   exclude_diagonal: Optional[int] = None, positives: bool = False, backend: Optional[str] = None):
+                   exclude_diagonal: Optional[int] = None, positives: Union[bool, Tensor] = False,
+                   backend: Optional[str] = None):
     """Log-sum-exp over rows and/or columns of ``S = scale * q @ k.T + bias``, never storing S.
 
     Args:
