@@ -326,3 +326,32 @@ def test_clip_memory_stays_within_the_workspace(backend, labels, request, monkey
     assert extra <= 24 * 2**20, f"{extra / 2**20:.1f} MB beyond inputs and gradients"
     for g in grads:
         assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_losses_with_repeated_indices_are_deterministic(backend, request):
+    """Repeated positive columns (CLIP labels, InfoNCE positives) and SupCon's class sums add up in
+    a fixed order: two runs give the same bits, values and gradients."""
+    import fastcl
+    if backend == "cuda":
+        request.getfixturevalue("cuda_ext")
+    gen = torch.Generator().manual_seed(11)
+    n, m, d = 3001, 1200, 96
+    img = torch.randn(n, d, generator=gen).cuda().bfloat16().requires_grad_()
+    txt = torch.randn(m, d, generator=gen).cuda().bfloat16().requires_grad_()
+    scale = torch.tensor(10.0, device="cuda", requires_grad=True)
+    lab = torch.randint(0, 40, (n,), generator=gen).cuda()  # many rows share a column
+    feats = torch.randn(n, 2, d, generator=gen).cuda().requires_grad_()
+    classes = torch.randint(0, 7, (n,), generator=gen).cuda()
+
+    def run():
+        out = []
+        for loss, inputs in ((fastcl.clip_loss(img, txt, scale, labels=lab, backend=backend), [img, txt, scale]),
+                             (fastcl.info_nce(img, txt, positives=lab, symmetric=True, backend=backend),
+                              [img, txt]),
+                             (fastcl.supcon_loss(feats, classes, backend=backend), [feats])):
+            out += [loss, *torch.autograd.grad(loss, inputs)]
+        return out
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)

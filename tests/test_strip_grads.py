@@ -260,3 +260,29 @@ def test_column_partials_merge_in_blocks():
     more = torch.randn(4, 11, generator=gen)
     _merge_column_partials(more, col, first=False, block=4)
     assert torch.allclose(col, torch.logsumexp(torch.cat([parts, more]), 0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_index_sum_and_take_rows_sum_repeated_indices(dtype):
+    """index_sum_ adds every row of src into out at its index, repeats included; take_rows gathers,
+    and its gradient sums the repeats (checked against float64 loops)."""
+    from fastcl.ops.reference import index_sum_, take_rows
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 13, (131,), generator=gen)
+    idx[:7] = 4  # a long run of one index
+    src = torch.randn(131, 40, generator=gen, dtype=dtype)
+    out = torch.randn(13, 40, generator=gen, dtype=dtype)
+    want = out.double().clone()
+    for i, v in enumerate(idx.tolist()):
+        want[v] += src[i].double()
+    assert_close(index_sum_(out, idx, src), want, dtype, "index_sum_")
+
+    x = torch.randn(13, 40, generator=gen, dtype=dtype, requires_grad=True)
+    g = torch.randn(131, 40, generator=gen, dtype=dtype)
+    rows = take_rows(x, idx)
+    assert torch.equal(rows, x.detach()[idx])
+    (grad,) = torch.autograd.grad(rows, x, g)
+    want = torch.zeros(13, 40, dtype=torch.float64)
+    for i, v in enumerate(idx.tolist()):
+        want[v] += g[i].double()
+    assert_close(grad, want, dtype, "take_rows gradient")

@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from fastcl.losses._common import check_label_smoothing, mean_logits, reduce_loss, smoothed_ce
+from fastcl.ops.reference import take_rows
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import check_index, check_pair, check_reduction, check_scalar
 
@@ -53,8 +54,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(image_features, text_features, logit_scale, logit_bias)
-        col_mean = mean_logits(text_features, image_features, logit_scale, logit_bias).index_select(0, labels)
+        col_mean = take_rows(mean_logits(text_features, image_features, logit_scale, logit_bias), labels)
     per_sample = 0.5 * (smoothed_ce(row_lse, pos, row_mean, label_smoothing)
-                        + smoothed_ce(col_lse if diagonal else col_lse.index_select(0, labels), pos, col_mean,
+                        + smoothed_ce(col_lse if diagonal else take_rows(col_lse, labels), pos, col_mean,
                                       label_smoothing))
     return reduce_loss(per_sample, reduction)

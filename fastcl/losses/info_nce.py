@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from fastcl.losses._common import check_label_smoothing, default_positives, mean_logits, reduce_loss, smoothed_ce
+from fastcl.ops.reference import take_rows
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import _eager, check_index, check_pair, check_reduction, resolve_scale
 
@@ -56,9 +57,9 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     if label_smoothing > 0.0:
         row_mean = mean_logits(query, keys, scale, exclude_diagonal=exclude_self)
         if symmetric:
-            col_mean = mean_logits(keys, query, scale, exclude_diagonal=exclude_self).index_select(0, positives)
+            col_mean = take_rows(mean_logits(keys, query, scale, exclude_diagonal=exclude_self), positives)
     per_sample = smoothed_ce(row_lse, pos, row_mean, label_smoothing)
     if symmetric:
-        col_term = smoothed_ce(col_lse.index_select(0, positives), pos, col_mean, label_smoothing)
+        col_term = smoothed_ce(take_rows(col_lse, positives), pos, col_mean, label_smoothing)
         per_sample = 0.5 * (per_sample + col_term)
     return reduce_loss(per_sample, reduction)

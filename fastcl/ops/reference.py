@@ -53,6 +53,27 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = N
     return out
 
 
+def index_sum_(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``out[index[i]] += src[i]`` for every i, in place, summed in the same order on every run.
+
+    out (R, D) and src (n, D) of one float dtype on one device; index (n,) int64 in [0, R).
+    Returns ``out``; differentiable in ``src`` as ``index_add_`` is.  On CUDA ``index_add_`` adds
+    with atomics, whose order varies from run to run; ``index_put_(accumulate=True)`` sorts the
+    indices and sums each run of one index in order.  It sums a run serially, so callers keep
+    the runs short.  ``index_add_`` on the CPU is already ordered.
+    """
+    if out.is_cuda:
+        return out.index_put_((index,), src, accumulate=True)
+    return out.index_add_(0, index, src)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]``: (n, ...) rows of x (R, ...) for index (n,) int64 in [0, R), differentiable,
+    with a backward that sums repeated indices in the same order on every run (see ``index_sum_``:
+    on CUDA the backward of advanced indexing sorts, that of ``index_select`` adds with atomics)."""
+    return x[index] if x.is_cuda else x.index_select(0, index)
+
+
 def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tensor], scale,
                     bias=None) -> torch.Tensor:
     """(N,) ``scale * q_i . k_{index_i} + bias`` in the compute dtype, differentiable: the reference
@@ -61,7 +82,7 @@ def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tens
     ``index`` is an (N,) int64 tensor, or None for the diagonal (k_i), which needs no gather.
     """
     ct = compute_dtype(q.dtype)
-    kk = k[: q.shape[0]] if index is None else k.index_select(0, index)
+    kk = k[: q.shape[0]] if index is None else take_rows(k, index)
     if q.dtype == ct:  # a batched row dot: no (N, D) product temporary
         dots = torch.bmm(q.unsqueeze(1), kk.unsqueeze(2)).reshape(-1)
     else:

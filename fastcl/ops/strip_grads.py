@@ -26,6 +26,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from fastcl.ops.reference import index_sum_
 from fastcl.ops.strips import mm_f32_into, workspace_bytes
 
 Tensor = torch.Tensor
@@ -75,7 +76,7 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
 
     q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
     fp32 or None; pos_index: (N,) int64 in [0, M), or None for the pairs (i, i) (needs M >= N).
-    Repeated pos_index entries add up (``index_add_``, whose order on CUDA is not fixed).
+    Repeated pos_index entries add up, in a fixed order (``reference.index_sum_``).
     ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows [r0, r0 + nr) and columns
     [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the flat workspace ``ws``
     (``tile_dtype``; it may return a reinterpreting view of it).
@@ -160,14 +161,17 @@ def _add_positive_columns(gk: Tensor, q: Tensor, g_pos: Tensor, pos_index: Optio
             top = min(c0 + nc, n)
             gk[:top - c0].addcmul_(g_pos[c0:top, None], q[c0:top])
         return
-    inside = (pos_index >= c0) & (pos_index < c0 + nc)  # no host sync: rows outside add zeros
-    local = torch.where(inside, pos_index - c0, torch.zeros_like(pos_index))
+    inside = (pos_index >= c0) & (pos_index < c0 + nc)
+    # No host sync: rows outside add exact zeros, spread over the chunk's rows (i mod nc) so that
+    # no index gets a long run of them (index_sum_ sums a run serially on CUDA).
+    spread = torch.arange(n, device=pos_index.device) % nc
+    local = torch.where(inside, pos_index - c0, spread)
     weight = torch.where(inside, g_pos, torch.zeros_like(g_pos))
     step = buf.shape[0]
     for i in range(0, n, step):
         j = min(i + step, n)
         prod = torch.mul(weight[i:j, None], q[i:j], out=buf[:j - i])
-        gk.index_add_(0, local[i:j], prod)
+        index_sum_(gk, local[i:j], prod)
 
 
 def finish_full(q: Tensor, k: Tensor, gq: Tensor, gk: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
