@@ -4,6 +4,10 @@ CPU (pytest-benchmark; sizes up to the issue's B=64, L=196, D=768, mask 0.75, fp
 
     pytest benchmarks/bench_masking.py --benchmark-columns=mean,median,rounds
 
+or the interleaved CPU report with ratios against MAE (``cpu_masking_report``):
+
+    python benchmarks/bench_masking.py --device cpu --json benchmarks/results/cpu_masking_b64.json
+
 GPU (for benchmarks/gpu_suite.sh): ``gpu_masking_report()`` times each implementation with
 ``triton.testing.do_bench`` (L2 flushed between runs) next to a ``torch.empty_like().copy_()``
 that moves the same number of bytes, and returns JSON-ready rows:
@@ -227,6 +231,39 @@ def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dt
     return rows
 
 
+def cpu_masking_report(B: int = 64, L: int = 196, D: int = 768, rounds: int = 5, reps: int = 10,
+                       impls=("mae", "cpu")) -> List[Dict]:
+    """CPU rows (fp32, forward + backward): ``{"impl", "device", "B", "L", "D", "dtype", "ms",
+    "round_ms", "peak_bytes", "temp_bytes"}`` plus, for each fastcl impl, ``"speedup_vs_mae"`` and
+    ``"min_round_speedup"``.  The implementations take turns, ``rounds`` times ``reps`` calls each,
+    so drift of a shared machine falls on all of them; ``ms`` is the median of the round medians."""
+    import time
+    steps, rows = {}, {}
+    for impl in impls:
+        x, noise, grad = inputs(B, L, D)
+        steps[impl] = make_step(impl, x, noise, grad)
+        rows[impl] = {"impl": impl, "device": "cpu", "B": B, "L": L, "D": D, "dtype": "float32",
+                      "round_ms": [], **temp_memory_bytes(steps[impl], x)}
+    for _ in range(rounds):
+        for impl in impls:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                steps[impl]()
+                times.append((time.perf_counter() - t0) * 1e3)
+            rows[impl]["round_ms"].append(sorted(times)[len(times) // 2])
+    for r in rows.values():
+        r["ms"] = sorted(r["round_ms"])[len(r["round_ms"]) // 2]
+    if "mae" in rows:
+        base = rows["mae"]
+        for impl, r in rows.items():
+            if impl != "mae":
+                r["speedup_vs_mae"] = base["ms"] / r["ms"]
+                r["min_round_speedup"] = min(m / f for m, f in zip(base["round_ms"], r["round_ms"]))
+                r["temp_ratio_vs_mae"] = base["temp_bytes"] / max(r["temp_bytes"], 1)
+    return list(rows.values())
+
+
 # ---- pytest-benchmark (CPU) ---------------------------------------------------------------------
 
 try:
@@ -256,36 +293,34 @@ def main(argv=None):
     p.add_argument("--D", type=int, default=768)
     p.add_argument("--json", default=None)
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over launch shapes")
+    p.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds of 10 calls per impl")
     a = p.parse_args(argv)
     if a.device == "cuda":
         rows = gpu_masking_report(B=a.B or 256, L=a.L, D=a.D, sweep=a.sweep)
     else:
-        import time
-        rows = []
-        impls = ["mae", "cpu"]
-        for impl in impls:
-            x, noise, grad = inputs(a.B or 64, a.L, a.D)
-            step = make_step(impl, x, noise, grad)
-            mem = temp_memory_bytes(step, x)
-            times = []
-            for _ in range(10):
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-            rows.append({"impl": impl, "device": "cpu", "B": a.B or 64, "L": a.L, "D": a.D, "dtype": "float32",
-                         "ms": sorted(times)[len(times) // 2], **mem})
+        rows = cpu_masking_report(B=a.B or 64, L=a.L, D=a.D, rounds=a.rounds)
     for r in rows:
         print(json.dumps(r))
     # Compact summary last: the GPU suite shows only the tail of this output.
     for r in rows:
         if "ms" in r:
             ratio = f"  copy_ratio {r['copy_ratio']:.2f}" if "copy_ratio" in r else ""
+            if "speedup_vs_mae" in r:
+                ratio = (f"  {r['speedup_vs_mae']:.2f}x vs mae (min round {r['min_round_speedup']:.2f}x),"
+                         f" temp memory {r['temp_ratio_vs_mae']:.0f}x less")
             print(f"# {r['impl']:<34} {r.get('timing', ''):<10} {r['ms']:.4f} ms{ratio}")
         else:
             print(f"# {r['impl']:<34} skipped: {r.get('skipped')}")
     if a.json:
+        import subprocess
+        import time
+        commit = os.environ.get("FASTCL_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        meta = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit,
+                "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return rows
 
 

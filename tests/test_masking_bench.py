@@ -47,3 +47,17 @@ def test_gpu_report_rows_on_cpu(monkeypatch):
     for r in rows:
         if "ms" in r:
             assert r["copy_ratio"] == 1.0 and r["moved_bytes"] == bench.moved_bytes(2, 8, 16, torch.float32)
+
+
+def test_cpu_report_ratios():
+    """The CPU report times MAE and fastcl in turns and derives its ratios from those rounds."""
+    from fastcl._ext import extension_available
+    bench = load_bench()
+    impl = "cpu" if extension_available() else "reference"
+    rows = {r["impl"]: r for r in bench.cpu_masking_report(B=2, L=9, D=5, rounds=3, reps=2, impls=("mae", impl))}
+    mae, ours = rows["mae"], rows[impl]
+    assert len(mae["round_ms"]) == len(ours["round_ms"]) == 3
+    assert ours["speedup_vs_mae"] == mae["ms"] / ours["ms"]
+    assert ours["min_round_speedup"] == min(m / f for m, f in zip(mae["round_ms"], ours["round_ms"]))
+    assert ours["temp_ratio_vs_mae"] == mae["temp_bytes"] / max(ours["temp_bytes"], 1)
+    assert "speedup_vs_mae" not in mae
