@@ -65,19 +65,7 @@ def measure(method, n, d, dtype, rep_ms, bwd_mode=None, exp_mode=None):
 
     _set_env("FASTCL_TRITON_BWD", bwd_mode)
     _set_env("FASTCL_TRITON_EXP", exp_mode)
-    fn = METHODS[method]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    img = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
-    txt = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
-    scale = torch.tensor(14.3, device="cuda", requires_grad=True)
-    wrt = [img, txt, scale]
-
-    def step():
-        loss = fn(img, txt, scale)
-        if loss is None:
-            return None
-        return loss, torch.autograd.grad(loss, wrt)
-
+    step = _clip_step(method, n, d, dtype)
     tags = [t for t in (bwd_mode, exp_mode and f"exp={exp_mode}") if t]
     row = {"method": method + (f"[{','.join(tags)}]" if tags else ""), "n": n, "d": d, "dtype": str(dtype)}
     try:
@@ -185,6 +173,70 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     return out
 
 
+def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) -> dict:
+    """Where one ``step()`` spends its time, kernel by kernel (torch.profiler), after one warm-up call.
+
+    Returns ``{"wall_ms_per_step", "busy_ms_per_step", "top": [{"name", "calls_per_step",
+    "ms_per_step"}, ...]}``: on a GPU the device kernels and copies by their own device time (busy
+    = their sum, so wall - busy is time the GPU waited on the host); on the CPU (smoke test) the
+    operators by their own CPU time.  Wall time includes the profiler's overhead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    step()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+
+    def own_us(e):
+        if on_gpu:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages()
+              if (e.device_type == DeviceType.CUDA) == on_gpu and own_us(e) > 0]
+    events.sort(key=own_us, reverse=True)
+    rows = [{"name": e.key[:160], "calls_per_step": e.count / steps, "ms_per_step": own_us(e) / 1e3 / steps}
+            for e in events]
+    return {"wall_ms_per_step": wall_ms, "busy_ms_per_step": sum(r["ms_per_step"] for r in rows),
+            "top": rows[:top]}
+
+
+def _clip_step(method, n, d, dtype):
+    """A CLIP fwd+bwd of ``method`` on fresh unit-norm (n, d) inputs; returns (loss, grads) or None."""
+    fn = METHODS[method]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    img = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+    txt = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+    scale = torch.tensor(14.3, device="cuda", requires_grad=True)
+
+    def step():
+        loss = fn(img, txt, scale)
+        return None if loss is None else (loss, torch.autograd.grad(loss, [img, txt, scale]))
+    return step
+
+
+def profile_rows(methods, n, d, dtype):
+    """``kernel_profile`` of the CLIP fwd+bwd for each method at (n, d), as JSON-ready rows."""
+    out = []
+    for method in methods:
+        try:
+            out.append({"profile": method, "n": n, "d": d, **kernel_profile(_clip_step(method, n, d, dtype))})
+        except Exception as exc:  # a failing profile is reported, not fatal for the suite
+            out.append({"profile": method, "n": n, "d": d, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        finally:
+            torch.cuda.empty_cache()
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="8192,32768,131072")
@@ -198,6 +250,8 @@ def main():
                     help="N:D at which both Triton exp modes (FASTCL_TRITON_EXP exact, shared) are timed")
     ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
+    ap.add_argument("--profile", default="32768:768",
+                    help="N:D list at which the fastcl rows are profiled kernel by kernel (torch.profiler)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dispatch-table", default=None, metavar="PATH",
                     help="instead of the CLIP table: time triton vs cuda over the grid and write the dispatch table")
@@ -242,12 +296,21 @@ def main():
     for nd in filter(None, args.breakdown.split(",")):
         n, d = (int(x) for x in nd.split(":"))
         parts += breakdown(n, d, dtype, args.rep_ms, args.tuning_rows)
+    profiles = []
+    for nd in filter(None, args.profile.split(",")):
+        n, d = (int(x) for x in nd.split(":"))
+        profiles += profile_rows([m for m in args.methods.split(",") if m.startswith("fastcl")], n, d, dtype)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "breakdown": parts}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "breakdown": parts, "profiles": profiles}, f, indent=2)
     print_table(rows)
     print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"
                                       for p in parts))
+    for p in profiles:
+        if "top" in p:
+            kernels = ", ".join(f"{r['name'][:40]} {r['ms_per_step']:.2f}" for r in p["top"][:5])
+            print(f"profile {p['profile']}@{p['n']}x{p['d']}: wall {p['wall_ms_per_step']:.2f} ms, "
+                  f"GPU busy {p['busy_ms_per_step']:.2f} ms; top: {kernels}")
 
 
 def print_table(rows):

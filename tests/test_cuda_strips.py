@@ -211,12 +211,31 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
     assert "auto on CUDA, triton vs cuda: table" in out
 
 
-def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
-    """The file gpu_bench.py --dispatch-table writes is a valid dispatch_table.py."""
+def _gpu_bench():
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_kernel_profile_ranks_operators_by_their_own_time():
+    """The suite's per-kernel profile, run on the CPU (operators instead of kernels)."""
+    bench = _gpu_bench()
+    a, b = torch.randn(300, 300), torch.randn(300, 300)
+    prof = bench.kernel_profile(lambda: (a @ b).relu().sum(), steps=3, device="cpu", top=2)
+    assert len(prof["top"]) == 2
+    first, second = prof["top"]
+    assert first["ms_per_step"] >= second["ms_per_step"] > 0
+    assert any("mm" in r["name"] for r in prof["top"])
+    assert prof["busy_ms_per_step"] >= first["ms_per_step"] + second["ms_per_step"] - 1e-9
+    assert prof["wall_ms_per_step"] > 0
+
+
+def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
+    """The file gpu_bench.py --dispatch-table writes is a valid dispatch_table.py."""
+    import importlib.util
+    bench = _gpu_bench()
     table = {("similarity_lse", "bfloat16", 4096, 64): "triton", ("similarity_lse", "bfloat16", 32768, 2048): "cuda"}
     timings = {k: (1.0, None if v == "cuda" else 2.0) for k, v in table.items()}
     text = bench.render_dispatch_table("Test GPU, torch x", (4096, 32768), (64, 2048), table, timings)
