@@ -173,6 +173,45 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     return out
 
 
+def config_sweep(n, d, dtype, rep_ms, device="cuda"):
+    """The LSE kernels at each launch shape of the autotuner's list (``FASTCL_TRITON_TILE``): forward
+    rows+cols, forward rows only, and the strip backward (its cuBLAS part is the same at every
+    shape, so its differences are the dS kernel's).  Rows: {"tile", "part", "n", "d", "median_ms"}.
+    ``device`` is "cuda" except in the CPU smoke test (interpreter, which keeps its own tiles)."""
+    from triton.testing import do_bench
+
+    from fastcl.kernels import similarity_lse as K
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
+    scale, bias, one = (torch.tensor(v, device=device) for v in (14.3, 0.0, 1.0))
+    row, col = K.lse_forward(q, k, scale, bias, True, True, None)
+    g = torch.full_like(row, 1.0 / n)
+    parts = {
+        "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
+        "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
+        "bwd strip": lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype,
+                                         mode="strip"),
+    }
+    out = []
+    for shape in K.TUNE_SHAPES:
+        tile = ",".join(map(str, shape))
+        os.environ["FASTCL_TRITON_TILE"] = tile
+        try:
+            for name, fn in parts.items():
+                r = {"tile": tile, "part": name, "n": n, "d": d}
+                try:
+                    r["median_ms"] = do_bench(fn, rep=rep_ms, return_mode="median")
+                except Exception as exc:  # a shape that fails to compile or run loses its row
+                    r["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                out.append(r)
+                print(json.dumps(r), flush=True)
+        finally:
+            os.environ.pop("FASTCL_TRITON_TILE", None)
+    return out
+
+
 def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) -> dict:
     """Where one ``step()`` spends its time, kernel by kernel (torch.profiler), after one warm-up call.
 
@@ -250,6 +289,8 @@ def main():
                     help="N:D at which both Triton exp modes (FASTCL_TRITON_EXP exact, shared) are timed")
     ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
+    ap.add_argument("--config-sweep", default="",
+                    help="N:D at which the LSE kernels are timed at every launch shape of the autotuner's list")
     ap.add_argument("--profile", default="32768:768",
                     help="N:D list at which the fastcl rows are profiled kernel by kernel (torch.profiler)")
     ap.add_argument("--json", default=None)
@@ -296,16 +337,24 @@ def main():
     for nd in filter(None, args.breakdown.split(",")):
         n, d = (int(x) for x in nd.split(":"))
         parts += breakdown(n, d, dtype, args.rep_ms, args.tuning_rows)
+    sweep = []
+    for nd in filter(None, args.config_sweep.split(",")):
+        n, d = (int(x) for x in nd.split(":"))
+        sweep += config_sweep(n, d, dtype, args.rep_ms)
     profiles = []
     for nd in filter(None, args.profile.split(",")):
         n, d = (int(x) for x in nd.split(":"))
         profiles += profile_rows([m for m in args.methods.split(",") if m.startswith("fastcl")], n, d, dtype)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "breakdown": parts, "profiles": profiles}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "breakdown": parts, "config_sweep": sweep, "profiles": profiles},
+                      f, indent=2)
     print_table(rows)
     print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"
                                       for p in parts))
+    for part in dict.fromkeys(r["part"] for r in sweep):
+        timed = sorted((r["median_ms"], r["tile"]) for r in sweep if r["part"] == part and "median_ms" in r)
+        print(f"sweep {part}: " + ", ".join(f"[{t}] {ms:.2f}" for ms, t in timed))
     for p in profiles:
         if "top" in p:
             kernels = ", ".join(f"{r['name'][:40]} {r['ms_per_step']:.2f}" for r in p["top"][:5])

@@ -99,9 +99,9 @@ python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json"
 fi
 
 if want tuning; then
-stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), masking tile sweep"
+stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), launch-shape sweep, masking tile sweep"
 python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
-  --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
+  --config-sweep 32768:768 --profile "" --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
 python3 benchmarks/bench_masking.py --device cuda --sweep --json "$OUT/masking_sweep.json" 2>&1 | tail -12
 fi
 stamp "done"

@@ -11,6 +11,8 @@ Backward, two modes (``lse_grads(mode=...)``; ``backward_mode`` picks):
   * "strip" (any D): a kernel writes dS for a block of rows x columns into a bounded workspace
     and cuBLAS folds it into the gradients (fastcl/ops/strip_grads.py: no whole fp32 Gq or Gk).
 
+``FASTCL_TRITON_TILE`` replaces the fixed launch shape (``tile_override``), for sweeps.
+
 ``FASTCL_TRITON_EXP=shared`` (opt-in until timed on a GPU; ``exp_mode``) makes the forward and
 the dS tiles take one exp per score for both sides instead of one per side.
 
@@ -64,17 +66,21 @@ def _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, sca
 
 @triton.jit
 def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, M, D, stride_q, stride_k,
-                    diag_off, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
+                    diag_off, col_span, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
                     SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
                     PRECISION: tl.constexpr):
+    # Program (pid, split) covers rows [pid * BLOCK_M, +BLOCK_M) x columns [split * col_span, +col_span)
+    # (col_span a multiple of BLOCK_N): its row LSE over those columns goes to row_ptr[split, :].
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, M, BLOCK_N):
+    c_lo = split * col_span
+    for n0 in range(c_lo, tl.minimum(c_lo + col_span, M), BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, stride_q, stride_k, scale, bias, diag_off,
                         HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
@@ -116,7 +122,8 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
                 tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < M)
     if ROWS:
         ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-        tl.store(row_ptr + offs_m, (ref + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N)
+        tl.store(row_ptr + split.to(tl.int64) * N + offs_m, (ref + tl.log2(l_i)) * 0.6931471805599453,
+                 mask=offs_m < N)
 
 
 @triton.jit
@@ -234,10 +241,37 @@ def _config(q: torch.Tensor) -> dict:
     if interp:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
                     UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, launch={})
-    block_d = 32 if q.dtype == torch.float32 else 64
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(d))),
+    tile = tile_override()
+    if tile is not None:
+        bm, bn, bd, warps, stages = tile
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, triton.next_power_of_2(d))),
+                    UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision,
+                    launch=dict(num_warps=warps, num_stages=stages))
+    # fp32 takes 64-column tiles: at 128 x 128 x 32 its forward spills registers on sm_90 (the
+    # ptxas counts checked by tests/test_triton_lse_compile.py).
+    block_d, block_n = (32, 64) if q.dtype == torch.float32 else (64, 128)
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(d))),
                 UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision,
                 launch=dict(num_warps=8, num_stages=3))
+
+
+def tile_override():
+    """FASTCL_TRITON_TILE="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages" replaces the fixed launch
+    shape of the LSE kernels on a GPU (for benchmark sweeps; the interpreter keeps its small
+    tiles); None when unset.  Blocks must be powers of two of at least 16, warps 1 to 16."""
+    raw = os.environ.get("FASTCL_TRITON_TILE", "").strip()
+    if not raw:
+        return None
+    try:
+        vals = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        vals = ()
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0  # noqa: E731
+    if (len(vals) != 5 or not all(pow2(v) for v in vals[:3]) or not 1 <= vals[3] <= 16
+            or vals[3] & (vals[3] - 1) or not 1 <= vals[4] <= 8):
+        raise ValueError("FASTCL_TRITON_TILE must be BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages with "
+                         f"power-of-two blocks >= 16, num_warps a power of two <= 16 and 1-8 stages, got {raw!r}")
+    return vals
 
 
 def _check(q: torch.Tensor, k: torch.Tensor) -> None:
@@ -301,6 +335,23 @@ def forward_group_rows(n: int, m: int, block_m_min: int, block_m_max: int, sms: 
     return min(n, rows - rows % block_m_max)
 
 
+def forward_column_splits(row_blocks: int, sms: int, max_splits: int = 8) -> int:
+    """Column ranges per row block in the forward.  Each program walks all M columns of its row
+    block, so with fewer row blocks than SMs (N=8192: 64 blocks of 128 rows on 132 SMs) most SMs
+    idle; splitting the columns into s ranges gives s times the programs.  Picks the smallest s
+    that minimises the waves per unit of work, ceil(row_blocks * s / sms) / s (one program per SM
+    at a time); 1 in the interpreter (``sms`` 0)."""
+    if sms <= 0 or row_blocks >= 2 * sms:
+        return 1
+    cost = {s: -(-row_blocks * s // sms) / s for s in range(1, max_splits + 1)}
+    best = min(cost.values())
+    return min(s for s, c in cost.items() if c <= best * 1.01)
+
+
+# Column ranges are whole multiples of the widest BLOCK_N a launch may use (TUNE_SHAPES).
+SPLIT_ALIGN = 256
+
+
 def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     """Row LSE (N,) and column LSE (M,) (empty when not asked), fp32.
 
@@ -319,7 +370,12 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     bm_max = max(sh[0] for sh in shapes) if tune else cfg["BLOCK_M"]
     sms = 0 if interp else torch.cuda.get_device_properties(q.device).multi_processor_count
     group = forward_group_rows(n, m, bm_min, bm_max, sms)
+    splits = forward_column_splits(triton.cdiv(min(n, group), cfg["BLOCK_M"]), sms)
+    col_span = triton.cdiv(triton.cdiv(m, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = triton.cdiv(m, col_span)
     row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
+    # Row LSE per column range (splits > 1), merged below; with one range the kernel writes ``row``.
+    rowpart = torch.empty((splits, group) if rows and splits > 1 else (0,), device=q.device, dtype=torch.float32)
     col = torch.full((m,) if cols else (0,), float("-inf"), device=q.device, dtype=torch.float32)
     colpart = torch.empty((triton.cdiv(group, bm_min), m) if cols else (0,), device=q.device, dtype=torch.float32)
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
@@ -328,16 +384,21 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     for r0 in range(0, n, group):  # groups in order: the column merge is deterministic
         q_g = q[r0:r0 + group]
         ng = q_g.shape[0]
-        args = (q_g, k, scale.float(), bias.float(), row[r0:r0 + ng] if rows else dummy, colpart if cols else dummy,
-                ng, m, d, q.stride(0), k.stride(0), 0 if diag_offset is None else r0 + int(diag_offset))
+        # (splits, ng) contiguous, as the kernel indexes it (the last group may be short).
+        part = rowpart.view(-1)[:splits * ng].view(splits, ng) if rows and splits > 1 else None
+        row_out = (row[r0:r0 + ng] if part is None else part) if rows else dummy
+        args = (q_g, k, scale.float(), bias.float(), row_out, colpart if cols else dummy,
+                ng, m, d, q.stride(0), k.stride(0), 0 if diag_offset is None else r0 + int(diag_offset), col_span)
         if tune:
             kernel = _tuned(_lse_fwd_kernel, ["N", "M", "D"], interp)
-            kernel[lambda meta: (triton.cdiv(ng, meta["BLOCK_M"]),)](*args, **flags)
+            kernel[lambda meta: (triton.cdiv(ng, meta["BLOCK_M"]), splits)](*args, **flags)
             grid_m = triton.cdiv(ng, kernel.best_config.kwargs["BLOCK_M"])
         else:
             grid_m = triton.cdiv(ng, cfg["BLOCK_M"])
-            _lse_fwd_kernel[(grid_m,)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                       BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
+            _lse_fwd_kernel[(grid_m, splits)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                              BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
+        if part is not None:
+            torch.logsumexp(part, dim=0, out=row[r0:r0 + ng])
         if cols:
             _merge_column_partials(colpart[:grid_m], col, first=r0 == 0)
     return row.to(sd), col.to(sd)

@@ -5,6 +5,7 @@ autograd formulas, against the float64 reference at odd sizes with a tiny worksp
 workspace bound, the dispatch table and the errors.  The CUDA kernels themselves are checked
 against the same stand-in in tests/test_gpu.py."""
 import importlib
+import os
 import pathlib
 import re
 
@@ -230,6 +231,29 @@ def test_kernel_profile_ranks_operators_by_their_own_time():
     assert any("mm" in r["name"] for r in prof["top"])
     assert prof["busy_ms_per_step"] >= first["ms_per_step"] + second["ms_per_step"] - 1e-9
     assert prof["wall_ms_per_step"] > 0
+
+
+def test_config_sweep_rows_on_cpu(monkeypatch):
+    """The suite's launch-shape sweep, run through the interpreter with the timer stubbed: one row
+    per shape and part, and FASTCL_TRITON_TILE unset again afterwards."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter")
+    import triton.testing
+    bench = _gpu_bench()
+    from fastcl.kernels import similarity_lse as K
+    seen = []
+
+    def fake_bench(fn, *args, **kwargs):
+        seen.append(os.environ.get("FASTCL_TRITON_TILE"))
+        fn()
+        return 1.0
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.delenv("FASTCL_TRITON_TILE", raising=False)
+    rows = bench.config_sweep(67, 40, torch.float32, 10, device="cpu")
+    assert len(rows) == 3 * len(K.TUNE_SHAPES) and all(r["median_ms"] == 1.0 for r in rows)
+    assert seen == [",".join(map(str, sh)) for sh in K.TUNE_SHAPES for _ in range(3)]
+    assert "FASTCL_TRITON_TILE" not in os.environ
 
 
 def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):

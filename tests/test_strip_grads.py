@@ -286,3 +286,33 @@ def test_index_sum_and_take_rows_sum_repeated_indices(dtype):
     for i, v in enumerate(idx.tolist()):
         want[v] += g[i].double()
     assert_close(grad, want, dtype, "take_rows gradient")
+
+
+def test_forward_column_splits():
+    pytest.importorskip("triton")
+    from fastcl.kernels.similarity_lse import forward_column_splits
+    assert forward_column_splits(64, 132) == 2      # N=8192, 128-row blocks on an H100: one full wave
+    assert forward_column_splits(256, 132) == 1     # N=32768: already two waves
+    assert forward_column_splits(16, 132) == 8      # capped
+    assert forward_column_splits(5, 0) == 1         # the interpreter
+    assert all(forward_column_splits(rb, 132) == 1 for rb in range(264, 600))  # two waves or more
+    for rb in range(1, 264):
+        s = forward_column_splits(rb, 132)
+        waves = lambda t: -(-rb * t // 132) / t  # noqa: E731
+        assert waves(s) <= min(waves(t) for t in range(1, 9)) * 1.01
+
+
+@pytest.mark.parametrize("rows,cols", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("offset", [None, 0, -5, 70])
+def test_triton_forward_in_column_ranges(monkeypatch, rows, cols, offset):
+    """Several column ranges per row block (as on a GPU with few row blocks): the row LSE of each
+    range is merged afterwards; with row groups too, and a last group shorter than the others."""
+    _triton()
+    import fastcl.kernels.similarity_lse as K
+    from test_similarity_lse import check_against_reference
+    monkeypatch.setattr(K, "forward_column_splits", lambda row_blocks, sms: 3)
+    monkeypatch.setattr(K, "SPLIT_ALIGN", 64)
+    check_against_reference("triton", 67, 331, 40, torch.float32, bias=0.25, offset=offset, seed=17,
+                            rows=rows, cols=cols)
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 0.0005)  # 64-row groups: 67 = 64 + 3
+    check_against_reference("triton", 67, 331, 40, torch.float32, offset=offset, seed=18, rows=rows, cols=cols)

@@ -109,6 +109,25 @@ def test_autotuned_launches_match_reference(monkeypatch, offset):
         K.autotune_enabled()
 
 
+def test_tile_override_sets_the_gpu_launch_shape(monkeypatch):
+    """FASTCL_TRITON_TILE replaces the fixed GPU launch shape (a meta tensor stands in for a CUDA
+    one); the interpreter keeps its small tiles; bad values raise an error naming the variable."""
+    from fastcl.kernels import similarity_lse as K
+    gpu_like = torch.empty(4, 768, dtype=torch.bfloat16, device="meta")
+    default = K._config(gpu_like)
+    assert (default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_D"]) == (128, 128, 64)
+    monkeypatch.setenv("FASTCL_TRITON_TILE", "64,128,32,4,2")
+    cfg = K._config(gpu_like)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]) == (64, 128, 32)
+    assert cfg["launch"] == {"num_warps": 4, "num_stages": 2}
+    assert K._config(torch.empty(4, 3, dtype=torch.bfloat16, device="meta"))["BLOCK_D"] == 16  # D=3
+    assert K._config(torch.empty(4, 768))["BLOCK_M"] == 64  # the interpreter's shape
+    for bad in ("64,128,32,4", "64,100,32,4,2", "64,128,32,3,2", "64,128,32,4,0", "a,b,c,d,e", "8,128,32,4,2"):
+        monkeypatch.setenv("FASTCL_TRITON_TILE", bad)
+        with pytest.raises(ValueError, match="FASTCL_TRITON_TILE"):
+            K._config(gpu_like)
+
+
 def test_exp_mode_env_is_checked(monkeypatch):
     from fastcl.kernels.similarity_lse import exp_mode
     monkeypatch.setenv("FASTCL_TRITON_EXP", "bogus")

@@ -1,0 +1,137 @@
+"""Resource usage of the Triton LSE kernels on sm_90 (H100/H200), read without a GPU.
+
+Compiles the forward kernel and the strip-gradient (dS) kernel with Triton's own compiler for
+an sm_90 target and reads the cubin with the ``cuobjdump`` that ships with Triton: registers per
+thread, spill instructions (STL/LDL in the SASS), shared memory, warpgroup MMAs (``HGMMA``) and
+how many programs fit on one SM at once (by registers and by shared memory; 64K registers and
+227 KB of shared memory per SM).  Integer arguments are compiled as divisible by 16, as Triton
+specialises them at the CLIP target shape (N = M = 32768, D = 768).
+
+    python benchmarks/triton_sm90_resources.py                    # default shapes, every dtype
+    python benchmarks/triton_sm90_resources.py --sweep            # bf16 at the autotuner's shapes
+    python benchmarks/triton_sm90_resources.py --json OUT.json
+
+Runs with TRITON_INTERPRET unset (the kernels must be compiled, not interpreted).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+REGS_PER_SM = 65536
+SMEM_PER_SM = 227 * 1024
+TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (ROWS, COLS, HAS_DIAG) of the launches: CLIP (both sides), InfoNCE (rows), columns alone, NT-Xent.
+FLAG_SETS = [(True, True, False), (True, False, False), (False, True, False), (True, True, True)]
+
+
+def _compile(fn, ptrs, ints, consts, warps, stages):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = dict(ptrs)
+    sig.update({n: "i32" for n in ints})
+    sig.update({k: "constexpr" for k in consts})
+    names = list(sig)
+    hinted = [n for n in names if n.endswith("_ptr") or n in ints]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def usage(compiled, warps: int) -> dict:
+    """Registers, stack, spill instructions, shared memory, HGMMA count and programs per SM."""
+    import triton.backends.nvidia as nv
+    cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    if not m:
+        raise RuntimeError(f"no resource line in cuobjdump's output: {res[:500]}")
+    reg, stack, _, local = (int(v) for v in m.groups())
+    smem = int(compiled.metadata.shared)
+    # Registers are allocated per warp in units of 256 (8 per thread).
+    per_warp = -(-reg * 32 // 256) * 256
+    by_regs = REGS_PER_SM // (per_warp * warps)
+    by_smem = SMEM_PER_SM // smem if smem else 32
+    return {"regs": reg, "stack": stack, "local": local, "spill_ops": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+            "smem": smem, "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "programs_per_sm": min(by_regs, by_smem)}
+
+
+def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, shape=None) -> dict:
+    """Compile ``kernel`` ("fwd" or "dscore_strip") for ``dtype`` at ``shape`` (BLOCK_M, BLOCK_N,
+    BLOCK_D, num_warps, num_stages; default: the launcher's ``_config``) and return its usage."""
+    from fastcl.kernels import similarity_lse as K
+
+    cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))
+    if shape is None:
+        shape = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["launch"]["num_warps"],
+                 cfg["launch"]["num_stages"])
+    bm, bn, bd, warps, stages = shape
+    consts = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag, SHARED_EXP=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                  UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
+    ptr = "*" + dtype
+    if kernel == "fwd":
+        c = _compile(K._lse_fwd_kernel,
+                     {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
+                      "colpart_ptr": "*fp32"},
+                     ["N", "M", "D", "stride_q", "stride_k", "diag_off", "col_span"], consts, warps, stages)
+    elif kernel == "dscore_strip":
+        c = _compile(K._dscore_strip_kernel,
+                     {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
+                      "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr},
+                     ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_ds", "diag_off"],
+                     consts, warps, stages)
+    else:
+        raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")
+    return {"kernel": kernel, "dtype": dtype, "rows": rows, "cols": cols, "diag": diag,
+            "shape": ",".join(map(str, shape)), **usage(c, warps)}
+
+
+def default_rows() -> list:
+    """Both kernels at the default shapes: every flag set for bf16, CLIP's for fp16 and fp32."""
+    out = []
+    for dtype in TYPES:
+        for rows, cols, diag in FLAG_SETS if dtype == "bf16" else FLAG_SETS[:1]:
+            for kernel in ("fwd", "dscore_strip"):
+                out.append(kernel_usage(kernel, dtype, rows, cols, diag))
+    return out
+
+
+def sweep_rows() -> list:
+    """Both kernels, bf16, CLIP flags, at every shape of the opt-in autotuner's list."""
+    from fastcl.kernels import similarity_lse as K
+    return [kernel_usage(kernel, "bf16", True, True, False, shape)
+            for shape in K.TUNE_SHAPES for kernel in ("fwd", "dscore_strip")]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="bf16 at the autotuner's shapes instead of the defaults")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the kernels must be compiled")
+    rows = sweep_rows() if args.sweep else default_rows()
+    print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<16} {'regs':>4} {'spills':>6} "
+          f"{'smem KB':>7} {'HGMMA':>5} {'per SM':>6}")
+    for r in rows:
+        print(f"{r['kernel']:<13} {r['dtype']:<5} {r['rows']!s:<5} {r['cols']!s:<5} {r['diag']!s:<5} {r['shape']:<16} "
+              f"{r['regs']:>4} {r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['programs_per_sm']:>6}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The Triton LSE kernels compiled for sm_90 without a GPU (benchmarks/triton_sm90_resources.py).
+
+The interpreter runs the kernels' logic but not their typing, code generation or register
+allocation.  This compiles the forward and strip-gradient kernels at the default launch shape
+(``_config``) for the flag combinations the launchers use, and reads the cubin: no spills (no
+local memory, no STL/LDL in the SASS) at the default shape, and for bf16/fp16 the dots on Hopper's
+warpgroup MMA (``HGMMA``).  It runs in a subprocess because the test session sets
+TRITON_INTERPRET=1 before the kernels are defined."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fastcl.ops.dispatch import triton_available
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_lse_kernels_compile_for_sm90_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCL_TRITON_TILE")}
+    out = tmp_path / "resources.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sm90_resources.py"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    kernels = json.loads(out.read_text())
+    assert len(kernels) == 2 * (4 + 1 + 1)
+    for k in kernels:
+        assert k["local"] == 0 and k["spill_ops"] == 0, f"register spills at the default launch shape: {k}"
+        assert k["programs_per_sm"] >= 1, k
+        if k["dtype"] in ("bf16", "fp16"):
+            assert k["hgmma"] > 0, f"half dots not on the warpgroup MMA: {k}"
