@@ -171,7 +171,9 @@ def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dt
     the issue's target), ``GBps = moved_bytes / ms`` and ``timing`` is "eager" (``do_bench``) or
     "cuda_graph" (``graph_ms``, the copy timed the same way).  Also rows "<backend>:kernels_only"
     per fused backend: the two fused kernels with precomputed indices (no argsort, no autograd).
-    A backend that cannot run here gives one row ``{"impl", "skipped": reason}``.  ``device`` is
+    A backend that cannot run here gives one row ``{"impl", "skipped": reason}``; on a GPU each
+    implementation also gets a row ``{"impl", "profile"}`` (``fastcl.profiling.kernel_profile``
+    of its eager step).  ``device`` is
     "cuda" except in the CPU smoke test of this function (interpreter, timers stubbed).
     """
     from triton.testing import do_bench
@@ -208,6 +210,9 @@ def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dt
         mem = temp_memory_bytes(step, x)
         row(impl, "eager", do_bench(step), mem)
         row(impl, "cuda_graph", graph_ms(step), mem)
+        if dev == "cuda":  # where the eager step's time goes: GPU-busy vs wall, kernel by kernel
+            from fastcl.profiling import kernel_profile
+            rows.append({"impl": impl, "profile": kernel_profile(step, steps=20, top=10)})
         if impl != "mae":
             _, _, ids_restore, ids_keep = random_masking(x.detach(), RATIO, noise=noise, backend=impl)
 
@@ -303,7 +308,11 @@ def main(argv=None):
         print(json.dumps(r))
     # Compact summary last: the GPU suite shows only the tail of this output.
     for r in rows:
-        if "ms" in r:
+        if "profile" in r:
+            p = r["profile"]
+            print(f"# {r['impl']:<34} profile: wall {p['wall_ms_per_step']:.3f} ms, GPU busy "
+                  f"{p['busy_ms_per_step']:.3f} ms in {sum(k['calls_per_step'] for k in p['top']):.0f}+ kernels")
+        elif "ms" in r:
             ratio = f"  copy_ratio {r['copy_ratio']:.2f}" if "copy_ratio" in r else ""
             if "speedup_vs_mae" in r:
                 ratio = (f"  {r['speedup_vs_mae']:.2f}x vs mae (min round {r['min_round_speedup']:.2f}x),"

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.baselines import naive_clip
+from fastcl.profiling import kernel_profile
 
 
 def fastcl_clip(img, txt, scale):
@@ -173,10 +174,17 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     return out
 
 
-def config_sweep(n, d, dtype, rep_ms, device="cuda"):
+# Launch shapes the default run times: the fixed shape, and three that fit two or more programs
+# per SM on sm_90 (benchmarks/triton_sm90_resources.py --sweep), so one can overlap the other's
+# epilogue.  The tuning step times every shape of the autotuner's list.
+QUICK_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3))
+
+
+def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
     """The LSE kernels at each launch shape of the autotuner's list (``FASTCL_TRITON_TILE``): forward
     rows+cols, forward rows only, and the strip backward (its cuBLAS part is the same at every
-    shape, so its differences are the dS kernel's).  Rows: {"tile", "part", "n", "d", "median_ms"}.
+    shape, so its differences are the dS kernel's), at each of ``shapes`` (default: the autotuner's
+    list).  Rows: {"tile", "part", "n", "d", "median_ms"}.
     ``device`` is "cuda" except in the CPU smoke test (interpreter, which keeps its own tiles)."""
     from triton.testing import do_bench
 
@@ -195,7 +203,7 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda"):
                                          mode="strip"),
     }
     out = []
-    for shape in K.TUNE_SHAPES:
+    for shape in K.TUNE_SHAPES if shapes is None else shapes:
         tile = ",".join(map(str, shape))
         os.environ["FASTCL_TRITON_TILE"] = tile
         try:
@@ -210,42 +218,6 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda"):
         finally:
             os.environ.pop("FASTCL_TRITON_TILE", None)
     return out
-
-
-def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) -> dict:
-    """Where one ``step()`` spends its time, kernel by kernel (torch.profiler), after one warm-up call.
-
-    Returns ``{"wall_ms_per_step", "busy_ms_per_step", "top": [{"name", "calls_per_step",
-    "ms_per_step"}, ...]}``: on a GPU the device kernels and copies by their own device time (busy
-    = their sum, so wall - busy is time the GPU waited on the host); on the CPU (smoke test) the
-    operators by their own CPU time.  Wall time includes the profiler's overhead."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    on_gpu = device == "cuda"
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    step()
-    sync()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=acts) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-
-    def own_us(e):
-        if on_gpu:
-            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        return e.self_cpu_time_total
-
-    events = [e for e in prof.key_averages()
-              if (e.device_type == DeviceType.CUDA) == on_gpu and own_us(e) > 0]
-    events.sort(key=own_us, reverse=True)
-    rows = [{"name": e.key[:160], "calls_per_step": e.count / steps, "ms_per_step": own_us(e) / 1e3 / steps}
-            for e in events]
-    return {"wall_ms_per_step": wall_ms, "busy_ms_per_step": sum(r["ms_per_step"] for r in rows),
-            "top": rows[:top]}
 
 
 def _clip_step(method, n, d, dtype):
@@ -289,8 +261,10 @@ def main():
                     help="N:D at which both Triton exp modes (FASTCL_TRITON_EXP exact, shared) are timed")
     ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
-    ap.add_argument("--config-sweep", default="",
-                    help="N:D at which the LSE kernels are timed at every launch shape of the autotuner's list")
+    ap.add_argument("--config-sweep", default="32768:768",
+                    help="N:D at which the LSE kernels are timed at several launch shapes")
+    ap.add_argument("--sweep-shapes", choices=("quick", "all"), default="quick",
+                    help="quick: QUICK_SHAPES; all: every shape of the autotuner's list")
     ap.add_argument("--profile", default="32768:768",
                     help="N:D list at which the fastcl rows are profiled kernel by kernel (torch.profiler)")
     ap.add_argument("--json", default=None)
@@ -340,7 +314,8 @@ def main():
     sweep = []
     for nd in filter(None, args.config_sweep.split(",")):
         n, d = (int(x) for x in nd.split(":"))
-        sweep += config_sweep(n, d, dtype, args.rep_ms)
+        sweep += config_sweep(n, d, dtype, args.rep_ms,
+                              shapes=QUICK_SHAPES if args.sweep_shapes == "quick" else None)
     profiles = []
     for nd in filter(None, args.profile.split(",")):
         n, d = (int(x) for x in nd.split(":"))

@@ -62,9 +62,11 @@ fi
 if want bench; then
 stamp "3. benchmarks"
 if [ "${SUITE_QUICK:-0}" = "1" ]; then
-  python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --config-sweep "" --json "$OUT/clip_bench.json" 2>&1 \
+    | tee "$OUT/bench.log" | tail -30
 else
-  python3 benchmarks/gpu_bench.py ${BENCH_ARGS:---skip infcl@131072 --rep-ms 250} --json "$OUT/clip_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -20
+  python3 benchmarks/gpu_bench.py ${BENCH_ARGS:---skip infcl@131072 --rep-ms 250} --json "$OUT/clip_bench.json" 2>&1 \
+    | tee "$OUT/bench.log" | tail -30
 fi
 fi
 if want table; then
@@ -101,7 +103,7 @@ fi
 if want tuning; then
 stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), launch-shape sweep, masking tile sweep"
 python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
-  --config-sweep 32768:768 --profile "" --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
+  --config-sweep 32768:768 --sweep-shapes all --profile "" --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
 python3 benchmarks/bench_masking.py --device cuda --sweep --json "$OUT/masking_sweep.json" 2>&1 | tail -12
 fi
 stamp "done"

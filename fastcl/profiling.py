@@ -4,6 +4,7 @@ Each case builds inputs for a batch size ``n`` and runs forward + backward once 
 Peak memory is the CUDA allocator's peak above the inputs on a GPU.  On the CPU there is no
 allocator counter, so every (case, method) sweep runs in a fresh subprocess and reports the rise
 of peak RSS above the RSS once the inputs exist (sizes ascend, so each new peak is its own).
+``kernel_profile`` says where one step's time goes, kernel by kernel (the GPU benchmarks use it).
 """
 import csv
 import json
@@ -19,6 +20,42 @@ import torch.nn.functional as F
 from fastcl import baselines
 
 CSV_FIELDS = ("case", "method", "device", "dtype", "n", "d", "time_ms", "peak_mem_mb", "speedup", "status")
+
+
+def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) -> dict:
+    """Where one ``step()`` spends its time, kernel by kernel (torch.profiler), after one warm-up call.
+
+    Returns ``{"wall_ms_per_step", "busy_ms_per_step", "top": [{"name", "calls_per_step",
+    "ms_per_step"}, ...]}``: on a GPU the device kernels and copies by their own device time (busy
+    = their sum, so wall - busy is time the GPU waited on the host); on the CPU (smoke test) the
+    operators by their own CPU time.  Wall time includes the profiler's overhead."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    step()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+
+    def own_us(e):
+        if on_gpu:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages()
+              if (e.device_type == DeviceType.CUDA) == on_gpu and own_us(e) > 0]
+    events.sort(key=own_us, reverse=True)
+    rows = [{"name": e.key[:160], "calls_per_step": e.count / steps, "ms_per_step": own_us(e) / 1e3 / steps}
+            for e in events]
+    return {"wall_ms_per_step": wall_ms, "busy_ms_per_step": sum(r["ms_per_step"] for r in rows),
+            "top": rows[:top]}
 
 
 def _dtype(name: str) -> torch.dtype:
