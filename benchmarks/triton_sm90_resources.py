@@ -9,6 +9,7 @@ specialises them at the CLIP target shape (N = M = 32768, D = 768).
 
     python benchmarks/triton_sm90_resources.py                    # default shapes, every dtype
     python benchmarks/triton_sm90_resources.py --sweep            # bf16 at the autotuner's shapes
+    python benchmarks/triton_sm90_resources.py --shared-exp       # the FASTCL_TRITON_EXP=shared kernels
     python benchmarks/triton_sm90_resources.py --json OUT.json
 
 Runs with TRITON_INTERPRET unset (the kernels must be compiled, not interpreted).
@@ -67,9 +68,11 @@ def usage(compiled, warps: int) -> dict:
             "smem": smem, "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "programs_per_sm": min(by_regs, by_smem)}
 
 
-def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, shape=None) -> dict:
+def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, shape=None,
+                 shared_exp: bool = False) -> dict:
     """Compile ``kernel`` ("fwd" or "dscore_strip") for ``dtype`` at ``shape`` (BLOCK_M, BLOCK_N,
-    BLOCK_D, num_warps, num_stages; default: the launcher's ``_config``) and return its usage."""
+    BLOCK_D, num_warps, num_stages; default: the launcher's ``_config``) and return its usage;
+    ``shared_exp`` compiles the FASTCL_TRITON_EXP=shared variant."""
     from fastcl.kernels import similarity_lse as K
 
     cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))
@@ -77,7 +80,7 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
         shape = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["launch"]["num_warps"],
                  cfg["launch"]["num_stages"])
     bm, bn, bd, warps, stages = shape
-    consts = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag, SHARED_EXP=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    consts = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag, SHARED_EXP=shared_exp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
     ptr = "*" + dtype
     if kernel == "fwd":
@@ -93,35 +96,36 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
                      consts, warps, stages)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")
-    return {"kernel": kernel, "dtype": dtype, "rows": rows, "cols": cols, "diag": diag,
+    return {"kernel": kernel, "dtype": dtype, "rows": rows, "cols": cols, "diag": diag, "shared_exp": shared_exp,
             "shape": ",".join(map(str, shape)), **usage(c, warps)}
 
 
-def default_rows() -> list:
+def default_rows(shared_exp: bool = False) -> list:
     """Both kernels at the default shapes: every flag set for bf16, CLIP's for fp16 and fp32."""
     out = []
     for dtype in TYPES:
         for rows, cols, diag in FLAG_SETS if dtype == "bf16" else FLAG_SETS[:1]:
             for kernel in ("fwd", "dscore_strip"):
-                out.append(kernel_usage(kernel, dtype, rows, cols, diag))
+                out.append(kernel_usage(kernel, dtype, rows, cols, diag, shared_exp=shared_exp))
     return out
 
 
-def sweep_rows() -> list:
+def sweep_rows(shared_exp: bool = False) -> list:
     """Both kernels, bf16, CLIP flags, at every shape of the opt-in autotuner's list."""
     from fastcl.kernels import similarity_lse as K
-    return [kernel_usage(kernel, "bf16", True, True, False, shape)
+    return [kernel_usage(kernel, "bf16", True, True, False, shape, shared_exp=shared_exp)
             for shape in K.TUNE_SHAPES for kernel in ("fwd", "dscore_strip")]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="bf16 at the autotuner's shapes instead of the defaults")
+    ap.add_argument("--shared-exp", action="store_true", help="the FASTCL_TRITON_EXP=shared variant")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the kernels must be compiled")
-    rows = sweep_rows() if args.sweep else default_rows()
+    rows = sweep_rows(args.shared_exp) if args.sweep else default_rows(args.shared_exp)
     print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<16} {'regs':>4} {'spills':>6} "
           f"{'smem KB':>7} {'HGMMA':>5} {'per SM':>6}")
     for r in rows:
