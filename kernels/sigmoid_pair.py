@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcl.kernels import similarity_lse as lse_kernels
 from fastcl.kernels.similarity_lse import (FUSED_MAX_D, _config as _strip_config, _score_tile, _strip_block,
                                            strip_grads_triton)
 from fastcl.ops.strip_grads import finish_full
@@ -131,20 +132,23 @@ def _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, b
 
 
 @triton.jit
-def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k,
+def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k, col_span,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # Program (pid, split): rows [pid * BLOCK_M, +BLOCK_M) x columns [split * col_span, +col_span).
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     scale = tl.load(scale_ptr).to(tl.float32)
     bias = tl.load(bias_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for j0 in range(0, M, BLOCK_N):
+    c_lo = split * col_span
+    for j0 in range(c_lo, tl.minimum(c_lo + col_span, M), BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias,
                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         acc += tl.sum(_softplus(t), axis=1)
-    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+    tl.store(part_ptr + pid * tl.num_programs(1) + split, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -218,9 +222,13 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
         sc = _strip_config(q)
-        grid = (triton.cdiv(n, sc["BLOCK_M"]),)
-        partial = torch.empty(grid[0], device=q.device, dtype=ct)
-        _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0),
+        row_blocks = triton.cdiv(n, sc["BLOCK_M"])
+        sms = 0 if q.device.type == "cpu" else torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = lse_kernels.forward_column_splits(row_blocks, sms)  # few row blocks: split the columns
+        col_span = triton.cdiv(triton.cdiv(m, splits), lse_kernels.SPLIT_ALIGN) * lse_kernels.SPLIT_ALIGN
+        grid = (row_blocks, triton.cdiv(m, col_span))
+        partial = torch.empty(grid, device=q.device, dtype=ct)
+        _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), col_span,
                                   BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                   UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                   **sc["launch"])

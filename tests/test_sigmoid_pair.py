@@ -205,3 +205,15 @@ def test_triton_strip_mode_several_strips(monkeypatch):
     monkeypatch.setattr(strips, "WORKSPACE_MB", 1 / 16)
     monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
     test_value_and_grads("triton", torch.float32, 67, 131, 40)
+
+
+@needs_triton
+def test_triton_strip_forward_in_column_ranges(monkeypatch):
+    # Few row blocks on a GPU split the columns into ranges; each (row block, range) program adds
+    # its own partial sum.  Forced here: three ranges of 64 columns for M = 131.
+    from fastcl.kernels import similarity_lse as K
+    monkeypatch.setattr(K, "forward_column_splits", lambda row_blocks, sms: 3)
+    monkeypatch.setattr(K, "SPLIT_ALIGN", 64)
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    test_value_and_grads("triton", torch.float32, 67, 131, 40)
+    test_value_and_grads("triton", torch.bfloat16, 67, 131, 40)
