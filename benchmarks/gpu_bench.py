@@ -174,9 +174,10 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     return out
 
 
-# Launch shapes the default run times: the fixed shape, and three that fit two or more programs
-# per SM on sm_90 (benchmarks/triton_sm90_resources.py --sweep), so one can overlap the other's
-# epilogue.  The tuning step times every shape of the autotuner's list.
+# Launch shapes the default run times: the fixed shape, and three whose forward fits two or more
+# programs per SM on sm_90 (benchmarks/triton_sm90_resources.py --sweep; the dS kernel at
+# 128,128,32 still fits one), so one can overlap the other's epilogue.  The tuning step times
+# every shape of the autotuner's list.
 QUICK_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3))
 
 
@@ -202,7 +203,11 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
         "bwd strip": lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype,
                                          mode="strip"),
     }
+    if K.autotune_enabled():  # the autotuner would pick the shapes itself
+        print("config sweep skipped: FASTCL_TRITON_AUTOTUNE=1", flush=True)
+        return []
     out = []
+    user_tile = os.environ.get("FASTCL_TRITON_TILE")
     for shape in K.TUNE_SHAPES if shapes is None else shapes:
         tile = ",".join(map(str, shape))
         os.environ["FASTCL_TRITON_TILE"] = tile
@@ -216,7 +221,7 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
                 out.append(r)
                 print(json.dumps(r), flush=True)
         finally:
-            os.environ.pop("FASTCL_TRITON_TILE", None)
+            _set_env("FASTCL_TRITON_TILE", user_tile)
     return out
 
 

@@ -50,7 +50,8 @@ def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) ->
         return e.self_cpu_time_total
 
     events = [e for e in prof.key_averages()
-              if (e.device_type == DeviceType.CUDA) == on_gpu and own_us(e) > 0]
+              if (e.device_type == DeviceType.CUDA) == on_gpu and own_us(e) > 0
+              and not getattr(e, "is_user_annotation", False)]
     events.sort(key=own_us, reverse=True)
     rows = [{"name": e.key[:160], "calls_per_step": e.count / steps, "ms_per_step": own_us(e) / 1e3 / steps}
             for e in events]

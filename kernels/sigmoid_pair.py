@@ -143,9 +143,10 @@ def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, st
     bias = tl.load(bias_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     c_lo = split * col_span
-    for j0 in range(c_lo, tl.minimum(c_lo + col_span, M), BLOCK_N):
+    c_hi = tl.minimum(c_lo + col_span, M)  # the range's end masks its last tile: ranges never overlap
+    for j0 in range(c_lo, c_hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias,
+        t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, N, c_hi, D, stride_q, stride_k, scale, bias,
                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         acc += tl.sum(_softplus(t), axis=1)
     tl.store(part_ptr + pid * tl.num_programs(1) + split, tl.sum(acc, axis=0))

@@ -80,9 +80,10 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     c_lo = split * col_span
-    for n0 in range(c_lo, tl.minimum(c_lo + col_span, M), BLOCK_N):
+    c_hi = tl.minimum(c_lo + col_span, M)  # the range's end masks its last tile: ranges never overlap
+    for n0 in range(c_lo, c_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, M, D, stride_q, stride_k, scale, bias, diag_off,
+        s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale, bias, diag_off,
                         HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         s2 = s * 1.4426950408889634  # work in base 2: exp2 is the native instruction
         if SHARED_EXP and COLS:
@@ -107,7 +108,7 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
                 mc = tl.max(s2, 0)
                 refc = tl.where(mc == float("-inf"), 0.0, mc)
                 part = (refc + tl.log2(tl.sum(tl.exp2(s2 - refc[None, :]), 0))) * 0.6931471805599453
-            tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < M)
+            tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < c_hi)
         else:
             if ROWS:
                 m_new = tl.maximum(m_i, tl.max(s2, 1))
@@ -119,7 +120,7 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
                 refc = tl.where(mc == float("-inf"), 0.0, mc)
                 lc = tl.sum(tl.exp2(s2 - refc[None, :]), 0)
                 part = (refc + tl.log2(lc)) * 0.6931471805599453
-                tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < M)
+                tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < c_hi)
     if ROWS:
         ref = tl.where(m_i == float("-inf"), 0.0, m_i)
         tl.store(row_ptr + split.to(tl.int64) * N + offs_m, (ref + tl.log2(l_i)) * 0.6931471805599453,
@@ -348,7 +349,8 @@ def forward_column_splits(row_blocks: int, sms: int, max_splits: int = 8) -> int
     return min(s for s, c in cost.items() if c <= best * 1.01)
 
 
-# Column ranges are whole multiples of the widest BLOCK_N a launch may use (TUNE_SHAPES).
+# Column ranges are multiples of this (the widest BLOCK_N of TUNE_SHAPES), so that only the last
+# range has a partial tile; the kernels mask each range at its end whatever BLOCK_N is.
 SPLIT_ALIGN = 256
 
 

@@ -254,6 +254,11 @@ def test_config_sweep_rows_on_cpu(monkeypatch):
     assert len(rows) == 3 * len(K.TUNE_SHAPES) and all(r["median_ms"] == 1.0 for r in rows)
     assert seen == [",".join(map(str, sh)) for sh in K.TUNE_SHAPES for _ in range(3)]
     assert "FASTCL_TRITON_TILE" not in os.environ
+    monkeypatch.setenv("FASTCL_TRITON_TILE", "64,64,64,4,3")  # a user's own shape comes back
+    assert len(bench.config_sweep(67, 40, torch.float32, 10, device="cpu", shapes=[(128, 64, 32, 4, 2)])) == 3
+    assert os.environ["FASTCL_TRITON_TILE"] == "64,64,64,4,3"
+    monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "1")  # the autotuner would override the shapes
+    assert bench.config_sweep(67, 40, torch.float32, 10, device="cpu") == []
 
 
 def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):

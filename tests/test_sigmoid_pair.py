@@ -210,10 +210,12 @@ def test_triton_strip_mode_several_strips(monkeypatch):
 @needs_triton
 def test_triton_strip_forward_in_column_ranges(monkeypatch):
     # Few row blocks on a GPU split the columns into ranges; each (row block, range) program adds
-    # its own partial sum.  Forced here: three ranges of 64 columns for M = 131.
+    # its own partial sum.  Forced here: three ranges for M = 131, of 64 columns (whole tiles) and
+    # of 48 (ending inside the interpreter's 64-column tiles).
     from fastcl.kernels import similarity_lse as K
     monkeypatch.setattr(K, "forward_column_splits", lambda row_blocks, sms: 3)
-    monkeypatch.setattr(K, "SPLIT_ALIGN", 64)
     monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
-    test_value_and_grads("triton", torch.float32, 67, 131, 40)
-    test_value_and_grads("triton", torch.bfloat16, 67, 131, 40)
+    for align in (64, 16):
+        monkeypatch.setattr(K, "SPLIT_ALIGN", align)
+        test_value_and_grads("triton", torch.float32, 67, 131, 40)
+        test_value_and_grads("triton", torch.bfloat16, 67, 131, 40)

@@ -24,7 +24,7 @@ from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_c
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import CONTRAST_MODES, _check_labels
-from fastcl.ops.reference import compute_dtype, index_sum_, positive_logits, take_rows
+from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
@@ -309,12 +309,11 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
         off = _offset(c_sizes, rank)
         all_c = gather_with_sizes(contrasts, c_sizes, group)
         all_cls = all_gather_no_grad(cls_rep, c_sizes, group)
-        sums = index_sum_(torch.zeros(n_cls, d, dtype=ct, device=features.device), all_cls, all_c.to(ct))
+        sums = torch.zeros(n_cls, d, dtype=ct, device=features.device).index_add_(0, all_cls, all_c.to(ct))
         counts = torch.bincount(all_cls, minlength=n_cls).to(ct)
         lse = similarity_lse(anchors, all_c, scale, rows=True, exclude_diagonal=off, backend=backend)
     else:
-        local_sums = index_sum_(torch.zeros(n_cls, d, dtype=ct, device=features.device), cls_rep,
-                                contrasts.to(ct))
+        local_sums = torch.zeros(n_cls, d, dtype=ct, device=features.device).index_add_(0, cls_rep, contrasts.to(ct))
         counts = torch.bincount(cls_rep, minlength=n_cls).to(ct)
         if labels is None:
             sums = local_sums
@@ -325,8 +324,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
                                      sizes=c_sizes, backend=backend)
     own = cls_rep[:n_anchor]
     a = anchors.to(ct)
-    pos_dot = (a * (take_rows(sums, own) - a)).sum(-1)  # class sum minus self = the positives
-    count = take_rows(counts, own) - 1
+    pos_dot = (a * (sums.index_select(0, own) - a)).sum(-1)  # class sum minus self = the positives
+    count = counts.index_select(0, own) - 1
     has_pos = count > 0
     mean_pos = pos_dot * scale / torch.where(has_pos, count, torch.ones_like(count))
     per_anchor = torch.where(has_pos, lse - mean_pos, torch.zeros_like(lse))

@@ -60,7 +60,9 @@ def index_sum_(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> tor
     Returns ``out``; differentiable in ``src`` as ``index_add_`` is.  On CUDA ``index_add_`` adds
     with atomics, whose order varies from run to run; ``index_put_(accumulate=True)`` sorts the
     indices and sums each run of one index in order.  It sums a run serially, so callers keep
-    the runs short.  ``index_add_`` on the CPU is already ordered.
+    the runs short (SupCon's class sums, runs of a whole class, stay on ``index_add_``).
+    ``index_add_`` on the CPU is already ordered.  The order is fixed in eager mode: under
+    ``torch.compile`` Inductor turns both into atomic adds unless deterministic algorithms are on.
     """
     if out.is_cuda:
         return out.index_put_((index,), src, accumulate=True)
@@ -69,8 +71,10 @@ def index_sum_(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> tor
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]``: (n, ...) rows of x (R, ...) for index (n,) int64 in [0, R), differentiable,
-    with a backward that sums repeated indices in the same order on every run (see ``index_sum_``:
-    on CUDA the backward of advanced indexing sorts, that of ``index_select`` adds with atomics)."""
+    with a backward that sums repeated indices in the same order on every run in eager mode (see
+    ``index_sum_``: on CUDA the backward of advanced indexing sorts, that of ``index_select`` adds
+    with atomics).  For indices that repeat a few times (labels, positives): a run as long as a
+    class is summed serially."""
     return x[index] if x.is_cuda else x.index_select(0, index)
 
 

@@ -76,7 +76,7 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
 
     q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
     fp32 or None; pos_index: (N,) int64 in [0, M), or None for the pairs (i, i) (needs M >= N).
-    Repeated pos_index entries add up, in a fixed order (``reference.index_sum_``).
+    Repeated pos_index entries add up, in a fixed order in eager mode (``reference.index_sum_``).
     ``form_tile(ws, r0, nr, c0, nc)`` returns the tile for rows [r0, r0 + nr) and columns
     [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the flat workspace ``ws``
     (``tile_dtype``; it may return a reinterpreting view of it).
@@ -89,6 +89,11 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     budget = workspace_bytes() if budget is None else budget
     rows, cols = plan(n, m, d, torch.empty((), dtype=tile_dtype).element_size(), chunk_acc, budget,
                       min_rows, row_align, col_align)
+    # The same number of chunks, of even widths: no tiny last chunk (its positive-column sums
+    # would be long runs of one index in index_sum_).
+    chunks = -(-m // cols)
+    even = -(-m // chunks)
+    cols = min(cols, -(-even // col_align) * col_align)
     dev = q.device
     ws = torch.empty(rows * cols, device=dev, dtype=tile_dtype)
     p = torch.empty((rows, d), device=dev, dtype=acc)
