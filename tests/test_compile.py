@@ -49,3 +49,40 @@ def test_clip_loss_compiles_without_graph_break_gpu():
     compiled = _run(torch.compile(f, fullgraph=True), *args)
     for a, b in zip(compiled, eager):
         assert_close(a, b, torch.bfloat16)
+
+
+@pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
+def test_masking_compiles_to_the_custom_op_and_matches_eager():
+    """random_masking, restore_tokens and gather_tokens under torch.compile(fullgraph=True): the
+    gathers are the opaque custom op fastcl::masking_segment_gather (eager mode calls the kernel
+    directly), and values and gradients equal eager mode."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    x0, noise, tok0 = torch.randn(3, 9, 5, generator=gen), torch.rand(3, 9, generator=gen), torch.randn(5, generator=gen)
+
+    def f(x, tok):
+        kept, mask, ids_restore, ids_keep = fastcl.random_masking(x, 0.5, noise=noise, backend="cpu")
+        full = fastcl.restore_tokens(kept * 2, tok, ids_restore, backend="cpu")
+        return full.square().sum() + fastcl.gather_tokens(full, ids_keep, backend="cpu").sum() + mask.sum()
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    ops = []
+
+    def record(gm, example_inputs):  # the forward and backward graphs after AOT autograd
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return make_boxed_func(gm)
+    recording = aot_autograd(fw_compiler=record, bw_compiler=record)
+
+    def run(fn):
+        x, tok = x0.clone().requires_grad_(), tok0.clone().requires_grad_()
+        out = fn(x, tok)
+        out.backward()
+        return [out, x.grad, tok.grad]
+
+    eager = run(f)
+    compiled = run(torch.compile(f, fullgraph=True, backend=recording))
+    # Three forward gathers, four backward ones (restore_tokens has one for each input).
+    assert sum("masking_segment_gather" in op for op in ops) == 7, ops
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)

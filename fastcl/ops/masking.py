@@ -22,13 +22,21 @@ def _unit_last(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.contiguous()
 
 
-@torch.library.custom_op("fastcl::masking_segment_gather", mutates_args=())
 def segment_gather(src: Tensor, start: Tensor, count: Optional[Tensor], order: Optional[Tensor],
                    fill: Optional[Tensor], pos: Optional[Tensor], out_fp32: bool, backend: str) -> Tensor:
     """The fused primitive (module docstring); ``backend`` is "cpu", "triton" or "cuda".
 
     src (B, S, D) float; start/count (B, R) int64; order (B, J) int64; fill (D,) and pos (S, D)
-    in ``src.dtype``.  Returns (B, R, D) in ``src.dtype`` (fp32/fp64 if ``out_fp32``)."""
+    in ``src.dtype``.  Returns (B, R, D) in ``src.dtype`` (fp32/fp64 if ``out_fp32``).
+    Under ``torch.compile`` this is the custom op ``fastcl::masking_segment_gather`` (one opaque
+    node); in eager mode the kernel is called directly, without the custom op's dispatch, which
+    costs more than the whole kernel launch at MAE's sizes."""
+    if torch.compiler.is_compiling():
+        return segment_gather_op(src, start, count, order, fill, pos, out_fp32, backend)
+    return _segment_gather(src, start, count, order, fill, pos, out_fp32, backend)
+
+
+def _segment_gather(src, start, count, order, fill, pos, out_fp32, backend):
     src, pos = _unit_last(src), _unit_last(pos)
     fill = fill.reshape(-1).contiguous() if fill is not None else None
     if backend in ("cpu", "cuda"):
@@ -39,7 +47,14 @@ def segment_gather(src: Tensor, start: Tensor, count: Optional[Tensor], order: O
     raise ValueError(f"masking has no fused {backend!r} backend")
 
 
-@segment_gather.register_fake
+@torch.library.custom_op("fastcl::masking_segment_gather", mutates_args=())
+def segment_gather_op(src: Tensor, start: Tensor, count: Optional[Tensor], order: Optional[Tensor],
+                      fill: Optional[Tensor], pos: Optional[Tensor], out_fp32: bool, backend: str) -> Tensor:
+    """``segment_gather`` as a custom op, for ``torch.compile``."""
+    return _segment_gather(src, start, count, order, fill, pos, out_fp32, backend)
+
+
+@segment_gather_op.register_fake
 def _(src, start, count, order, fill, pos, out_fp32, backend):
     acc_t = torch.float64 if src.dtype == torch.float64 else torch.float32
     return src.new_empty((src.shape[0], start.shape[1], src.shape[2]), dtype=acc_t if out_fp32 else src.dtype)
