@@ -312,28 +312,39 @@ def main():
             emit(measure("fastcl", n, d, dtype, args.rep_ms, exp_mode=mode))
         emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
     _set_env("FASTCL_TRITON_EXP", None)
-    parts = []
+    parts, sweep, profiles = [], [], []
+
+    def save():  # after every stage: a later stage that dies keeps what came before
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows, "breakdown": parts, "config_sweep": sweep,
+                           "profiles": profiles}, f, indent=2)
+
+    def stage(name, fn, into):
+        try:
+            into += fn()
+        except Exception as exc:  # a failing stage is reported, not fatal for the suite
+            into.append({"stage": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            print(json.dumps(into[-1]), flush=True)
+        save()
+
     for nd in filter(None, args.breakdown.split(",")):
         n, d = (int(x) for x in nd.split(":"))
-        parts += breakdown(n, d, dtype, args.rep_ms, args.tuning_rows)
-    sweep = []
+        stage("breakdown", lambda: breakdown(n, d, dtype, args.rep_ms, args.tuning_rows), parts)
     for nd in filter(None, args.config_sweep.split(",")):
         n, d = (int(x) for x in nd.split(":"))
-        sweep += config_sweep(n, d, dtype, args.rep_ms,
-                              shapes=QUICK_SHAPES if args.sweep_shapes == "quick" else None)
-    profiles = []
+        shapes = QUICK_SHAPES if args.sweep_shapes == "quick" else None
+        stage("config_sweep", lambda: config_sweep(n, d, dtype, args.rep_ms, shapes=shapes), sweep)
     for nd in filter(None, args.profile.split(",")):
         n, d = (int(x) for x in nd.split(":"))
-        profiles += profile_rows([m for m in args.methods.split(",") if m.startswith("fastcl")], n, d, dtype)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "breakdown": parts, "config_sweep": sweep, "profiles": profiles},
-                      f, indent=2)
+        fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
+        stage("profile", lambda: profile_rows(fastcl_methods, n, d, dtype), profiles)
+    save()
     print_table(rows)
     print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"
-                                      for p in parts))
-    for part in dict.fromkeys(r["part"] for r in sweep):
-        timed = sorted((r["median_ms"], r["tile"]) for r in sweep if r["part"] == part and "median_ms" in r)
+                                      for p in parts if "part" in p))
+    for part in dict.fromkeys(r["part"] for r in sweep if "part" in r):
+        timed = sorted((r["median_ms"], r["tile"]) for r in sweep if r.get("part") == part and "median_ms" in r)
         print(f"sweep {part}: " + ", ".join(f"[{t}] {ms:.2f}" for ms, t in timed))
     for p in profiles:
         if "top" in p:
