@@ -86,3 +86,19 @@ def test_masking_compiles_to_the_custom_op_and_matches_eager():
     assert sum("masking_segment_gather" in op for op in ops) == 7, ops
     for a, b in zip(compiled, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
+def test_masking_runs_under_fake_tensors():
+    """Fake tensors (shape and memory estimates) go through the custom op's fake kernel.
+    (restore_tokens and gather_tokens read their indices' range in eager mode, which fake tensors
+    cannot give; random_masking makes its own indices.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.randn(3, 9, 5, requires_grad=True)
+        pos = torch.randn(9, 5, requires_grad=True)
+        kept, mask, ids_restore, ids_keep = fastcl.random_masking(x, 0.5, noise=torch.rand(3, 9), pos_embed=pos,
+                                                                  backend="cpu")
+        kept.square().sum().backward()
+        assert kept.shape == (3, 4, 5) and ids_restore.shape == (3, 9)
+        assert x.grad.shape == x.shape and pos.grad.shape == pos.shape

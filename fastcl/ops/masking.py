@@ -11,6 +11,7 @@ User-facing validation lives in ``fastcl.masking``; these functions assume check
 from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 Tensor = torch.Tensor
 
@@ -28,10 +29,12 @@ def segment_gather(src: Tensor, start: Tensor, count: Optional[Tensor], order: O
 
     src (B, S, D) float; start/count (B, R) int64; order (B, J) int64; fill (D,) and pos (S, D)
     in ``src.dtype``.  Returns (B, R, D) in ``src.dtype`` (fp32/fp64 if ``out_fp32``).
-    Under ``torch.compile`` this is the custom op ``fastcl::masking_segment_gather`` (one opaque
-    node); in eager mode the kernel is called directly, without the custom op's dispatch, which
+    Under ``torch.compile``, a dispatch mode (FakeTensorMode, ...) or a tensor subclass this is the
+    custom op ``fastcl::masking_segment_gather`` (one opaque node with a fake kernel); on plain
+    tensors in eager mode the kernel is called directly, without the custom op's dispatch, which
     costs more than the whole kernel launch at MAE's sizes."""
-    if torch.compiler.is_compiling():
+    if (torch.compiler.is_compiling() or type(src) is not torch.Tensor
+            or is_in_torch_dispatch_mode()):
         return segment_gather_op(src, start, count, order, fill, pos, out_fp32, backend)
     return _segment_gather(src, start, count, order, fill, pos, out_fp32, backend)
 
