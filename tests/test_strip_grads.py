@@ -58,12 +58,13 @@ def _dense_tile(t):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("out", ["input", "fp32"])
-@pytest.mark.parametrize("budget", [10 ** 9, 6000, 1])
+@pytest.mark.parametrize("budget", [10 ** 9, 6000, 8000, 12000, 1])
 @pytest.mark.parametrize("pos", [None, "diagonal", "index"])
 def test_strip_grads_equals_whole_products(dtype, out, budget, pos):
     """Against the whole float64 products, with one block, with several chunks and strips, and with
     the smallest pieces (budget 1 byte), without positive pairs, with the pairs (i, i) and with an
-    index that repeats keys."""
+    index that repeats keys.  Budgets 8000 (fp32) and 12000 (half) give 32-column chunks whose
+    3-column rest is widened by 16 columns of the chunk before (``column_chunks``)."""
     from test_similarity_lse import positive_index
     gen = torch.Generator().manual_seed(5)
     n, m, d = 67, 131, 40
@@ -319,3 +320,20 @@ def test_triton_forward_in_column_ranges(monkeypatch, rows, cols, offset, align)
                             rows=rows, cols=cols)
     monkeypatch.setattr(strips, "WORKSPACE_MB", 0.0005)  # 64-row groups: 67 = 64 + 3
     check_against_reference("triton", 67, m, 40, torch.float32, offset=offset, seed=18, rows=rows, cols=cols)
+
+
+def test_column_chunks_cover_the_columns_without_a_sliver():
+    from fastcl.ops.strip_grads import column_chunks
+    assert column_chunks(1025, 256, 128) == [(0, 256), (256, 256), (512, 256), (768, 128), (896, 129)]
+    assert column_chunks(32768, 6656, 128) == [(i * 6656, 6656) for i in range(4)] + [(26624, 6144)]
+    assert column_chunks(1025, 128, 128)[-1] == (1024, 1)  # no chunk can spare 128 columns
+    assert column_chunks(100, 100, 16) == [(0, 100)]
+    for m in range(1, 700, 7):
+        for align in (16, 128):
+            for cols in sorted({min(m, align * t) for t in (1, 2, 3, 5)}):
+                chunks = column_chunks(m, cols, align)
+                assert [c0 for c0, _ in chunks] == [sum(w for _, w in chunks[:i]) for i in range(len(chunks))]
+                assert sum(w for _, w in chunks) == m and all(0 < w <= cols for _, w in chunks)
+                assert len(chunks) == -(-m // cols)
+                if cols >= 2 * align and len(chunks) > 1:
+                    assert chunks[-1][1] >= align

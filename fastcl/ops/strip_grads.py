@@ -22,7 +22,7 @@ No full-size fp32 accumulator exists: with half outputs dq is summed in its own 
 rounding per column chunk (one chunk, i.e. a single rounding, whenever Gk fits the budget); with
 fp32 outputs dq and dk are the accumulators.  ``plan`` picks the fewest chunks that fit.
 """
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -89,11 +89,6 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     budget = workspace_bytes() if budget is None else budget
     rows, cols = plan(n, m, d, torch.empty((), dtype=tile_dtype).element_size(), chunk_acc, budget,
                       min_rows, row_align, col_align)
-    # The same number of chunks, of even widths: no tiny last chunk (its positive-column sums
-    # would be long runs of one index in index_sum_).
-    chunks = -(-m // cols)
-    even = -(-m // chunks)
-    cols = min(cols, -(-even // col_align) * col_align)
     dev = q.device
     ws = torch.empty(rows * cols, device=dev, dtype=tile_dtype)
     p = torch.empty((rows, d), device=dev, dtype=acc)
@@ -102,8 +97,7 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     dk = torch.empty((m, d), device=dev, dtype=out_dtype)
     qgq = torch.zeros((), device=dev, dtype=torch.float64)
     s = grad_scale.to(acc)
-    for c0 in range(0, m, cols):
-        nc = min(cols, m - c0)
+    for c0, nc in column_chunks(m, cols, col_align):
         k_c = k[c0:c0 + nc]
         gk = gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]
         for r0 in range(0, n, rows):
@@ -126,6 +120,19 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
         if chunk_acc:
             dk[c0:c0 + nc].copy_(gk)
     return dq, dk, qgq.to(acc)
+
+
+def column_chunks(m: int, cols: int, col_align: int) -> List[Tuple[int, int]]:
+    """(start, width) of the column chunks: ``cols`` wide (a multiple of ``col_align``, or m), the
+    last one taking the rest.  A rest narrower than ``col_align`` is widened by ``col_align``
+    columns taken from the chunk before (when that leaves it ``col_align`` or more): a chunk of a
+    few columns would make its positive-column sums long runs of one index (``index_sum_``)."""
+    starts = list(range(0, m, cols))
+    ends = starts[1:] + [m]
+    if len(starts) > 1 and m - starts[-1] < col_align and cols >= 2 * col_align:
+        starts[-1] -= col_align
+        ends[-2] = starts[-1]
+    return [(a, b - a) for a, b in zip(starts, ends)]
 
 
 def _sum_of_products(a: Tensor, b: Tensor, buf: Tensor) -> Tensor:
