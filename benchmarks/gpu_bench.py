@@ -191,6 +191,9 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
 
     from fastcl.kernels import similarity_lse as K
 
+    if K.autotune_enabled():  # the autotuner would pick the shapes itself
+        print("config sweep skipped: FASTCL_TRITON_AUTOTUNE=1", flush=True)
+        return []
     gen = torch.Generator(device=device).manual_seed(0)
     q = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
     k = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
@@ -203,9 +206,6 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
         "bwd strip": lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype,
                                          mode="strip"),
     }
-    if K.autotune_enabled():  # the autotuner would pick the shapes itself
-        print("config sweep skipped: FASTCL_TRITON_AUTOTUNE=1", flush=True)
-        return []
     out = []
     user_tile = os.environ.get("FASTCL_TRITON_TILE")
     for shape in K.TUNE_SHAPES if shapes is None else shapes:

@@ -71,7 +71,7 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
                     PRECISION: tl.constexpr):
     # Program (pid, split) covers rows [pid * BLOCK_M, +BLOCK_M) x columns [split * col_span, +col_span)
-    # (col_span a multiple of BLOCK_N): its row LSE over those columns goes to row_ptr[split, :].
+    # (its last tile masked at the range's end): its row LSE over them goes to row_ptr[split, :].
     pid = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -337,3 +337,25 @@ def test_column_chunks_cover_the_columns_without_a_sliver():
                 assert len(chunks) == -(-m // cols)
                 if cols >= 2 * align and len(chunks) > 1:
                     assert chunks[-1][1] >= align
+
+
+@pytest.mark.parametrize("shared_exp", [False, True])
+def test_forward_range_writes_only_its_columns(shared_exp):
+    """One column range (grid (row blocks, 1), col_span 48) inside 64-column tiles writes the column
+    partials of its own 48 columns and nothing past them: on a GPU the ranges run in any order, so
+    a write past the end could land after the next range's."""
+    _triton()
+    import fastcl.kernels.similarity_lse as K
+    gen = torch.Generator().manual_seed(9)
+    n, m, d = 67, 131, 40
+    q, k = randn(n, d, generator=gen), randn(m, d, generator=gen)
+    row = torch.full((n,), float("nan"))
+    colpart = torch.full((2, m), float("nan"))
+    K._lse_fwd_kernel[(2, 1)](q, k, torch.tensor(1.5), torch.tensor(0.0), row, colpart, n, m, d, d, d, 0, 48,
+                              ROWS=True, COLS=True, HAS_DIAG=False, SHARED_EXP=shared_exp, BLOCK_M=64, BLOCK_N=64,
+                              BLOCK_D=64, UPCAST=True, IS_FP32=True, PRECISION="ieee")
+    s = 1.5 * q.double() @ k.double().T
+    assert torch.isnan(colpart[:, 48:]).all()
+    want = torch.stack([torch.logsumexp(s[:64, :48], 0), torch.logsumexp(s[64:, :48], 0)])
+    assert_close(colpart[:, :48], want, torch.float32, "column partials")
+    assert_close(row, torch.logsumexp(s[:, :48], 1), torch.float32, "row LSE of the range")
