@@ -247,7 +247,10 @@ def cmd_info(args, parser) -> int:
 
 
 def _print_cuda_settings() -> None:
-    """The GPU backends' workspace bound and where ``auto``'s triton/cuda table comes from."""
+    """The GPU backends' workspace bound, where ``auto``'s triton/cuda table comes from, and the
+    Triton kernels' launch shape."""
+    import torch
+
     from fastcl.ops import dispatch_table, strips
     try:
         ws = f"{strips.workspace_mb():g} MB"
@@ -260,6 +263,24 @@ def _print_cuda_settings() -> None:
         print(f"auto on CUDA, triton vs cuda: table measured on {dispatch_table.MEASURED_ON}")
     else:
         print(f"auto on CUDA, triton vs cuda: table not measured yet, {dispatch_table.DEFAULT} everywhere")
+    from fastcl.ops.dispatch import triton_available
+    if triton_available():
+        from fastcl.kernels import similarity_lse as K
+        try:
+            shapes = []
+            for name, dt in (("half", torch.bfloat16), ("fp32", torch.float32)):
+                c = K._config(torch.empty(1, 768, dtype=dt, device="meta"))
+                shapes.append(f"{name} {c['BLOCK_M']},{c['BLOCK_N']},{c['BLOCK_D']},{c['launch']['num_warps']},"
+                              f"{c['launch']['num_stages']}")
+            what = ", ".join(shapes) + (" (FASTCL_TRITON_TILE)" if K.tile_override() else "")
+        except ValueError as exc:
+            what = f"invalid ({exc})"
+        try:
+            if K.autotune_enabled():
+                what += "; FASTCL_TRITON_AUTOTUNE=1 picks among the autotuner's shapes"
+        except ValueError as exc:
+            what += f"; {exc}"
+        print(f"Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages at D=768): {what}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -210,6 +210,14 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "GPU workspace (triton and cuda strips): 64 MB (FASTCL_WORKSPACE_MB" in out
     assert "auto on CUDA, triton vs cuda: table" in out
+    if dispatch.triton_available():
+        assert "Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages at D=768): half 128,128,64,8,3" in out
+        monkeypatch.setenv("FASTCL_TRITON_TILE", "64,64,32,4,2")
+        monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "maybe")  # a bad value is reported, not raised
+        assert main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert "half 64,64,32,4,2, fp32 64,64,32,4,2 (FASTCL_TRITON_TILE)" in out
+        assert "FASTCL_TRITON_AUTOTUNE must be 0 or 1" in out
 
 
 def _gpu_bench():
