@@ -8,6 +8,9 @@
 # the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it); SUITE_STEPS picks steps
 # (comma list of build,tests,bench,table,ring,losses,masking,tuning; default all but table and tuning, which
 # keeps one call under 10 minutes), e.g. SUITE_STEPS=table,tuning for a second call on the same warm machine.
+# SUITE_BUDGET_S (default 520) caps the whole call: each step runs under `timeout` with what is left, and a
+# step that finds under 15 s left is skipped, so the call ends with its results on disk instead of being
+# killed from outside (the benchmark scripts write their JSON as they go).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -16,6 +19,12 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export FASTCL_COMMIT=${FASTCL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 start=$(date +%s)
 stamp() { echo "[suite +$(( $(date +%s) - start ))s] $*"; }
+SUITE_BUDGET_S=${SUITE_BUDGET_S:-520}
+budgeted() {  # run "$@" with the time left in SUITE_BUDGET_S
+  local left=$(( SUITE_BUDGET_S - ($(date +%s) - start) ))
+  if (( left < 15 )); then stamp "skipped, SUITE_BUDGET_S=${SUITE_BUDGET_S} spent: $*"; return 124; fi
+  timeout --kill-after=5 "$left" "$@"
+}
 want() { [[ ",${SUITE_STEPS:-build,tests,bench,ring,losses,masking}," == *",$1,"* ]]; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -44,17 +53,17 @@ stamp "1. build"
 pipe=(python3 -m pip install --no-build-isolation --no-deps --no-index -e .)
 # SUITE_NO_EXT=1 installs the Python package only (the triton paths need no compiled code).
 [ "${SUITE_NO_EXT:-0}" = "1" ] && export FASTCL_NO_EXT=1
-if ! "${pipe[@]}" >"$OUT/build.log" 2>&1; then
+if ! budgeted "${pipe[@]}" >"$OUT/build.log" 2>&1; then
   stamp "build with CUDA sources failed (tail of log below); retrying CPU-only extension"
   tail -25 "$OUT/build.log"
-  FASTCL_NO_CUDA=1 "${pipe[@]}" >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
+  FASTCL_NO_CUDA=1 budgeted "${pipe[@]}" >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
 fi
 fi
 python3 -c "import fastcl; from fastcl import _ext; print('extension:', _ext.extension_available(), 'cuda kernels:', _ext.extension_has_cuda())"
 
 if want tests; then
 stamp "2. GPU tests"
-python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests} --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+budgeted python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests} --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
 echo "gpu tests exit code: $?"
 tail -15 "$OUT/gpu_tests.log"
 fi
@@ -62,10 +71,10 @@ fi
 if want bench; then
 stamp "3. benchmarks"
 if [ "${SUITE_QUICK:-0}" = "1" ]; then
-  python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --config-sweep "" --json "$OUT/clip_bench.json" 2>&1 \
+  budgeted python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --config-sweep "" --json "$OUT/clip_bench.json" 2>&1 \
     | tee "$OUT/bench.log" | tail -30
 else
-  python3 benchmarks/gpu_bench.py ${BENCH_ARGS:---skip infcl@131072 --rep-ms 250} --json "$OUT/clip_bench.json" 2>&1 \
+  budgeted python3 benchmarks/gpu_bench.py ${BENCH_ARGS:---skip infcl@131072 --rep-ms 250} --json "$OUT/clip_bench.json" 2>&1 \
     | tee "$OUT/bench.log" | tail -30
 fi
 fi
@@ -77,7 +86,7 @@ if [ "${SUITE_NO_TABLE:-0}" != "1" ] && python3 -c "from fastcl._ext import exte
   else
     table_args=${TABLE_ARGS:-}
   fi
-  python3 benchmarks/gpu_bench.py --dispatch-table "$OUT/dispatch_table.py" --rep-ms 100 $table_args 2>&1 \
+  budgeted python3 benchmarks/gpu_bench.py --dispatch-table "$OUT/dispatch_table.py" --rep-ms 100 $table_args 2>&1 \
     | tee "$OUT/dispatch_table.log" | grep -E '^\{|Error' | tail -40
 else
   echo "skipped (SUITE_NO_TABLE=1, or fastcl._C has no CUDA kernels)"
@@ -85,25 +94,25 @@ fi
 fi
 if want ring; then
 stamp "4. ring code path, world size 1"
-python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
+budgeted python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
 fi
 
 if want losses; then
 stamp "5. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
-python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
+budgeted python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
 # Above D=256 the sigmoid loss takes the Triton strip mode (kernels/sigmoid_pair.py).
-python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$OUT/losses_d768" 2>&1 | tail -8
+budgeted python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$OUT/losses_d768" 2>&1 | tail -8
 fi
 
 if want masking; then
 stamp "6. masking"
-python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
+budgeted python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
 fi
 
 if want tuning; then
 stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), launch-shape sweep, masking tile sweep"
-python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
+budgeted python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
   --config-sweep 32768:768 --sweep-shapes all --profile "" --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
-python3 benchmarks/bench_masking.py --device cuda --sweep --json "$OUT/masking_sweep.json" 2>&1 | tail -12
+budgeted python3 benchmarks/bench_masking.py --device cuda --sweep --json "$OUT/masking_sweep.json" 2>&1 | tail -12
 fi
 stamp "done"
