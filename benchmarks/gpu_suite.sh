@@ -6,7 +6,7 @@
 # commit in the results when the copy has no .git; BENCH_ARGS replaces the benchmark's options (default: skip
 # Inf-CL at N=131072, about 6.4 s a call, measured at b463cd9); SUITE_QUICK=1 shrinks the benchmarks; SUITE_NO_TABLE=1 skips
 # the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it); SUITE_STEPS picks steps
-# (comma list of build,tests,bench,table,ring,losses,masking,tuning; default all but table and tuning, which
+# (comma list of build,tests,bench,table,masking,ring,losses,tuning, run in that order; default all but table and tuning, which
 # keeps one call under 10 minutes), e.g. SUITE_STEPS=table,tuning for a second call on the same warm machine.
 # SUITE_BUDGET_S (default 520) caps the whole call: each step runs under `timeout` with what is left, and a
 # step that finds under 15 s left is skipped, so the call ends with its results on disk instead of being
@@ -25,7 +25,7 @@ budgeted() {  # run "$@" with the time left in SUITE_BUDGET_S
   if (( left < 15 )); then stamp "skipped, SUITE_BUDGET_S=${SUITE_BUDGET_S} spent: $*"; return 124; fi
   timeout --kill-after=5 "$left" "$@"
 }
-want() { [[ ",${SUITE_STEPS:-build,tests,bench,ring,losses,masking}," == *",$1,"* ]]; }
+want() { [[ ",${SUITE_STEPS:-build,tests,bench,masking,ring,losses}," == *",$1,"* ]]; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -92,22 +92,22 @@ else
   echo "skipped (SUITE_NO_TABLE=1, or fastcl._C has no CUDA kernels)"
 fi
 fi
+if want masking; then
+stamp "4. masking"
+budgeted python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
+fi
 if want ring; then
-stamp "4. ring code path, world size 1"
+stamp "5. ring code path, world size 1"
 budgeted python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
 fi
 
 if want losses; then
-stamp "5. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
+stamp "6. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
 budgeted python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
 # Above D=256 the sigmoid loss takes the Triton strip mode (kernels/sigmoid_pair.py).
 budgeted python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$OUT/losses_d768" 2>&1 | tail -8
 fi
 
-if want masking; then
-stamp "6. masking"
-budgeted python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
-fi
 
 if want tuning; then
 stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), launch-shape sweep, masking tile sweep"
