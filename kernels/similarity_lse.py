@@ -329,8 +329,8 @@ def forward_group_rows(n: int, m: int, block_m_min: int, block_m_max: int, sms: 
     the workspace, but every launch keeps at least two row blocks per SM (``sms``: 0 in the
     interpreter), so a single launch covers every N up to 2 * sms * block_m_max rows.  The
     partials are thus at most max(workspace / 2, 2 * sms * m * 4 bytes): 138 MB at M = 131072
-    on 132 SMs, against 512 MB for one launch over N = 131072 rows.  (Merging them takes a
-    temporary of (rows / block_m_min) x 2048 fp32 at a time, ``_merge_column_partials``.)"""
+    on 132 SMs, against 512 MB for one launch over N = 131072 rows.  (They are merged in place,
+    ``_merge_column_partials``.)"""
     fit = (workspace_bytes() // 2) // (4 * m) * block_m_min
     rows = max(fit, 2 * sms * block_m_max, block_m_max)
     return min(n, rows - rows % block_m_max)
@@ -406,15 +406,20 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     return row.to(sd), col.to(sd)
 
 
-def _merge_column_partials(parts: torch.Tensor, col: torch.Tensor, first: bool, block: int = 2048) -> None:
-    """col (M,) = logsumexp of parts (P, M) over P (first group) or logaddexp(col, that), a block of
-    columns at a time: logsumexp's temporary is (P, block), not another copy of parts."""
-    for j in range(0, parts.shape[1], block):
-        part = torch.logsumexp(parts[:, j:j + block], dim=0)
-        if first:
-            col[j:j + block] = part
-        else:
-            torch.logaddexp(col[j:j + block], part, out=col[j:j + block])
+def _merge_column_partials(parts: torch.Tensor, col: torch.Tensor, first: bool) -> None:
+    """col (M,) = logsumexp of parts (P, M) over P (first group) or logaddexp(col, that).
+
+    Works in place on ``parts`` (scratch, overwritten by the next group): a handful of launches
+    and no (P, M) temporary, where ``torch.logsumexp`` would take another copy of ``parts``.  The
+    steps are logsumexp's own (shift by the column max, infinities shifted by 0), so the result is
+    the same, NaN and +-inf included."""
+    ref = parts.amax(dim=0)
+    ref.masked_fill_(ref.abs() == float("inf"), 0.0)
+    lse = parts.sub_(ref).exp_().sum(dim=0).log_().add_(ref)
+    if first:
+        col.copy_(lse)
+    else:
+        torch.logaddexp(col, lse, out=col)
 
 
 def backward_mode(d: int) -> str:

@@ -249,18 +249,25 @@ def test_triton_forward_in_row_groups(monkeypatch, offset):
     check_against_reference("triton", 67, 131, 40, torch.float32, bias=0.25, offset=offset, seed=13)
 
 
-def test_column_partials_merge_in_blocks():
+def test_column_partials_merge_as_logsumexp():
+    """The in-place merge gives torch.logsumexp's bits: finite columns, a column with no entries
+    (-inf), +inf and NaN; a second group is added with logaddexp."""
     pytest.importorskip("triton")
     from fastcl.kernels.similarity_lse import _merge_column_partials
     gen = torch.Generator().manual_seed(4)
     parts = torch.randn(5, 11, generator=gen) * 30
     parts[:, 3] = float("-inf")  # a column with no entries in this group
+    parts[2, 5] = float("inf")
+    parts[1, 7] = float("nan")
     col = torch.empty(11)
-    _merge_column_partials(parts, col, first=True, block=3)
-    assert torch.equal(col, torch.logsumexp(parts, 0))
+    want = torch.logsumexp(parts, 0)
+    _merge_column_partials(parts.clone(), col, first=True)
+    assert torch.allclose(col, want, rtol=0, atol=0, equal_nan=True)  # the same bits
+    assert torch.isnan(col[7]) and col[5] == float("inf") and col[3] == float("-inf")
     more = torch.randn(4, 11, generator=gen)
-    _merge_column_partials(more, col, first=False, block=4)
-    assert torch.allclose(col, torch.logsumexp(torch.cat([parts, more]), 0), rtol=1e-6, atol=1e-6)
+    both = torch.logsumexp(torch.cat([parts, more]), 0)
+    _merge_column_partials(more.clone(), col, first=False)
+    assert torch.allclose(col, both, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
