@@ -17,7 +17,7 @@ import torch
 
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens
-from fastcl.validation import _eager, check_float_tensor
+from fastcl.validation import _eager, check_float_tensor, index_range
 
 Tensor = torch.Tensor
 
@@ -39,7 +39,7 @@ def _check_ids(name: str, ids, batch: int, upper: int, device: torch.device) -> 
     if ids.device != device:
         raise ValueError(f"{name} must be on {device}, got {ids.device}")
     if _eager() and ids.numel() > 0:
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = index_range(ids)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
     return ids if ids.dtype == torch.int64 else ids.long()

@@ -59,6 +59,12 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
         raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
 
 
+def index_range(idx: torch.Tensor):
+    """(min, max) of a non-empty integer tensor as Python ints, with one device sync."""
+    lo, hi = torch.aminmax(idx)
+    return tuple(int(v) for v in torch.stack([lo, hi]).tolist())
+
+
 def check_index(name: str, idx, n: int, upper: int, device: torch.device) -> None:
     """``idx`` is an integer tensor (n,) with values in [0, upper)."""
     if not isinstance(idx, torch.Tensor):
@@ -70,7 +76,7 @@ def check_index(name: str, idx, n: int, upper: int, device: torch.device) -> Non
     if idx.device != device:
         raise ValueError(f"{name} must be on {device}, got {idx.device}")
     if _eager() and n > 0:
-        lo, hi = int(idx.min()), int(idx.max())
+        lo, hi = index_range(idx)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
 
