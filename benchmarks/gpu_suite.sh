@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU suite: build the extension, run the GPU tests, benchmark, write JSON + logs.
+# One-shot GPU suite: build the extension, run the GPU tests, benchmark, write JSON + logs
+# (OUTDIR gets suite_results.tar.gz and copies of the main files: see finish below).
 #   bash benchmarks/gpu_suite.sh OUTDIR
 # Optional: wheels in .whl/ are installed to /tmp/site first (the Inf-CL row needs
 # `pip download --no-deps -d .whl inf-cl==1.2.1` beforehand, carried to the GPU machine); FASTCL_COMMIT names the
@@ -14,6 +15,18 @@
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 mkdir -p "$OUT"
+# Everything is written to WORK; at exit the call's $OUT gets suite_results.tar.gz (all of it) and
+# copies of the main files, at most 8 files in all (the limit on what a lent machine sends back).
+WORK=${SUITE_WORK:-$(mktemp -d /tmp/fastcl_suite.XXXXXX)}
+mkdir -p "$WORK"
+finish() {
+  tar czf "$OUT/suite_results.tar.gz" -C "$WORK" . 2>/dev/null
+  for f in gpu.txt gpu_tests.log clip_bench.json masking_gpu.json dispatch_table.py tuning_bench.json; do
+    [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
+  done
+}
+trap finish EXIT
+trap 'exit 143' TERM INT  # a stop from outside still packs what is there
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 export FASTCL_COMMIT=${FASTCL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -31,11 +44,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$WORK/gpu.txt"
 # Whether cuBLAS can add a bf16 product into an fp32 out= (the strip backwards' Gk); if not,
 # fastcl.ops.strips.mm_f32_into warns and goes through an fp32 temporary.
-python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu.txt"
+python3 - <<'PY' 2>&1 | tee -a "$WORK/gpu.txt"
 import torch
 a = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
 out = torch.zeros(64, 64, device="cuda")
@@ -53,29 +66,29 @@ stamp "1. build"
 pipe=(python3 -m pip install --no-build-isolation --no-deps --no-index -e .)
 # SUITE_NO_EXT=1 installs the Python package only (the triton paths need no compiled code).
 [ "${SUITE_NO_EXT:-0}" = "1" ] && export FASTCL_NO_EXT=1
-if ! budgeted "${pipe[@]}" >"$OUT/build.log" 2>&1; then
+if ! budgeted "${pipe[@]}" >"$WORK/build.log" 2>&1; then
   stamp "build with CUDA sources failed (tail of log below); retrying CPU-only extension"
-  tail -25 "$OUT/build.log"
-  FASTCL_NO_CUDA=1 budgeted "${pipe[@]}" >>"$OUT/build.log" 2>&1 || stamp "CPU extension build failed too"
+  tail -25 "$WORK/build.log"
+  FASTCL_NO_CUDA=1 budgeted "${pipe[@]}" >>"$WORK/build.log" 2>&1 || stamp "CPU extension build failed too"
 fi
 fi
 python3 -c "import fastcl; from fastcl import _ext; print('extension:', _ext.extension_available(), 'cuda kernels:', _ext.extension_has_cuda())"
 
 if want tests; then
 stamp "2. GPU tests"
-budgeted python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests} --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+budgeted python3 -m pytest -q -m gpu -p no:cacheprovider ${SUITE_TESTS:-tests} --junitxml="$WORK/gpu_tests.xml" >"$WORK/gpu_tests.log" 2>&1
 echo "gpu tests exit code: $?"
-tail -15 "$OUT/gpu_tests.log"
+tail -15 "$WORK/gpu_tests.log"
 fi
 
 if want bench; then
 stamp "3. benchmarks"
 if [ "${SUITE_QUICK:-0}" = "1" ]; then
-  budgeted python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --config-sweep "" --json "$OUT/clip_bench.json" 2>&1 \
-    | tee "$OUT/bench.log" | tail -30
+  budgeted python3 benchmarks/gpu_bench.py --ns 8192,32768 --rep-ms 200 --config-sweep "" --json "$WORK/clip_bench.json" 2>&1 \
+    | tee "$WORK/bench.log" | tail -30
 else
-  budgeted python3 benchmarks/gpu_bench.py ${BENCH_ARGS:---skip infcl@131072 --rep-ms 250} --json "$OUT/clip_bench.json" 2>&1 \
-    | tee "$OUT/bench.log" | tail -30
+  budgeted python3 benchmarks/gpu_bench.py ${BENCH_ARGS:---skip infcl@131072 --rep-ms 250} --json "$WORK/clip_bench.json" 2>&1 \
+    | tee "$WORK/bench.log" | tail -30
 fi
 fi
 if want table; then
@@ -86,33 +99,33 @@ if [ "${SUITE_NO_TABLE:-0}" != "1" ] && python3 -c "from fastcl._ext import exte
   else
     table_args=${TABLE_ARGS:-}
   fi
-  budgeted python3 benchmarks/gpu_bench.py --dispatch-table "$OUT/dispatch_table.py" --rep-ms 100 $table_args 2>&1 \
-    | tee "$OUT/dispatch_table.log" | grep -E '^\{|Error' | tail -40
+  budgeted python3 benchmarks/gpu_bench.py --dispatch-table "$WORK/dispatch_table.py" --rep-ms 100 $table_args 2>&1 \
+    | tee "$WORK/dispatch_table.log" | grep -E '^\{|Error' | tail -40
 else
   echo "skipped (SUITE_NO_TABLE=1, or fastcl._C has no CUDA kernels)"
 fi
 fi
 if want masking; then
 stamp "4. masking"
-budgeted python3 benchmarks/bench_masking.py --device cuda --json "$OUT/masking_gpu.json" 2>&1 | tail -8
+budgeted python3 benchmarks/bench_masking.py --device cuda --json "$WORK/masking_gpu.json" 2>&1 | tail -8
 fi
 if want ring; then
 stamp "5. ring code path, world size 1"
-budgeted python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$OUT/dist_ring_ws1.json" 2>&1 | tail -6
+budgeted python3 benchmarks/dist_ring_vs_gather.py --world-size 1 --device cuda --json "$WORK/dist_ring_ws1.json" 2>&1 | tail -6
 fi
 
 if want losses; then
 stamp "6. loss family on the GPU: clip, ntxent, supcon, siglip, dcl vs naive (fastcl bench)"
-budgeted python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$OUT/losses" 2>&1 | tail -25
+budgeted python3 -m fastcl bench --device cuda --cases clip,ntxent,supcon,siglip,dcl --sizes 8192,32768 --dim 256 --out "$WORK/losses" 2>&1 | tail -25
 # Above D=256 the sigmoid loss takes the Triton strip mode (kernels/sigmoid_pair.py).
-budgeted python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$OUT/losses_d768" 2>&1 | tail -8
+budgeted python3 -m fastcl bench --device cuda --cases siglip --sizes 8192,32768 --dim 768 --out "$WORK/losses_d768" 2>&1 | tail -8
 fi
 
 
 if want tuning; then
 stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), launch-shape sweep, masking tile sweep"
 budgeted python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
-  --config-sweep 32768:768 --sweep-shapes all --profile "" --json "$OUT/tuning_bench.json" 2>&1 | tee "$OUT/tuning.log" | tail -20
-budgeted python3 benchmarks/bench_masking.py --device cuda --sweep --json "$OUT/masking_sweep.json" 2>&1 | tail -12
+  --config-sweep 32768:768 --sweep-shapes all --profile "" --json "$WORK/tuning_bench.json" 2>&1 | tee "$WORK/tuning.log" | tail -20
+budgeted python3 benchmarks/bench_masking.py --device cuda --sweep --json "$WORK/masking_sweep.json" 2>&1 | tail -12
 fi
 stamp "done"
