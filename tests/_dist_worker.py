@@ -8,6 +8,7 @@ the gradients of the global-batch loss, and the mean of the per-rank losses must
 import json
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -275,9 +276,14 @@ def worker(rank, world, tmp):
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=60))
         checks(ck, rank, world, tmp)
-        dist.destroy_process_group()
     except Exception:
         ck.failures.append("worker: " + traceback.format_exc())
+    # The results go out before the group is torn down: gloo's teardown can deadlock inside
+    # PyTorch (its destructor joins a worker thread, holding the GIL, while that thread waits for
+    # the GIL to free its last work), and the parent then knows the checks themselves finished.
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump({"passed": ck.passed, "failures": ck.failures}, f)
     sys.stdout.flush()
+    if dist.is_initialized():
+        time.sleep(0.2)  # releases the GIL, so gloo's worker frees its last work first
+        dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """The training loop: gradient caching, resume, metrics and configuration errors."""
 import csv
+import gc
 import json
+import time
 
 import pytest
 import torch
@@ -227,6 +229,13 @@ def test_ddp_wrapping_with_grad_cache_single_process(tmp_path):
         for name, p in model.named_parameters():
             assert rel_err(p.grad, ref[name]) <= 2e-5, name
     finally:
+        # Gloo's worker thread frees its last all-reduce work after the work completes, and that
+        # needs the GIL.  If the DDP reducer (which holds the process group) were freed first, the
+        # group's destructor would join that thread while holding the GIL: a deadlock (seen once
+        # in CI).  Sleeping releases the GIL; then the DDP objects go before the group.
+        time.sleep(0.2)
+        trainer = model = None
+        gc.collect()
         dist.destroy_process_group()
 
 
