@@ -224,10 +224,9 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     if sigmoid_mode(q) == "strip":
         sc = _strip_config(q)
         row_blocks = triton.cdiv(n, sc["BLOCK_M"])
-        sms = 0 if q.device.type == "cpu" else torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = lse_kernels.forward_column_splits(row_blocks, sms)  # few row blocks: split the columns
-        col_span = triton.cdiv(triton.cdiv(m, splits), lse_kernels.SPLIT_ALIGN) * lse_kernels.SPLIT_ALIGN
-        grid = (row_blocks, triton.cdiv(m, col_span))
+        # Few row blocks: the columns in ranges, as in the LSE forward.
+        col_span, ranges = lse_kernels.column_ranges(row_blocks, m, lse_kernels.sm_count(q.device))
+        grid = (row_blocks, ranges)
         partial = torch.empty(grid, device=q.device, dtype=ct)
         _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), col_span,
                                   BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],

@@ -20,6 +20,7 @@ Every kernel works on CPU tensors under TRITON_INTERPRET=1.  The interpreter's `
 wrong for bf16 operands, so they are upcast there (``UPCAST``), which only changes rounding.
 """
 import os
+from typing import Tuple
 
 import torch
 import triton
@@ -354,6 +355,18 @@ def forward_column_splits(row_blocks: int, sms: int, max_splits: int = 8) -> int
 SPLIT_ALIGN = 256
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 0 for CPU tensors (the interpreter)."""
+    return 0 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def column_ranges(row_blocks: int, m: int, sms: int) -> Tuple[int, int]:
+    """(col_span, ranges): the forward's m columns in ``ranges`` ranges of ``col_span`` columns (the
+    last one shorter), ``forward_column_splits`` of them rounded to SPLIT_ALIGN columns."""
+    col_span = triton.cdiv(triton.cdiv(m, forward_column_splits(row_blocks, sms)), SPLIT_ALIGN) * SPLIT_ALIGN
+    return col_span, triton.cdiv(m, col_span)
+
+
 def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     """Row LSE (N,) and column LSE (M,) (empty when not asked), fp32.
 
@@ -370,11 +383,9 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     shapes = TUNE_SHAPES_INTERPRETER if interp else TUNE_SHAPES
     bm_min = min(sh[0] for sh in shapes) if tune else cfg["BLOCK_M"]
     bm_max = max(sh[0] for sh in shapes) if tune else cfg["BLOCK_M"]
-    sms = 0 if interp else torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = sm_count(q.device)
     group = forward_group_rows(n, m, bm_min, bm_max, sms)
-    splits = forward_column_splits(triton.cdiv(min(n, group), cfg["BLOCK_M"]), sms)
-    col_span = triton.cdiv(triton.cdiv(m, splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    splits = triton.cdiv(m, col_span)
+    col_span, splits = column_ranges(triton.cdiv(min(n, group), cfg["BLOCK_M"]), m, sms)
     row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
     # Row LSE per column range (splits > 1), merged below; with one range the kernel writes ``row``.
     rowpart = torch.empty((splits, group) if rows and splits > 1 else (0,), device=q.device, dtype=torch.float32)
