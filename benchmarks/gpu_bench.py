@@ -61,6 +61,31 @@ def _set_env(name, value):
         os.environ.pop(name, None)
 
 
+def _unit_pair(n, d, dtype, device="cuda", requires_grad=False):
+    """Two (n, d) unit-norm tensors of ``dtype``, the same ones for every row (seed 0)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return tuple(F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
+                 .requires_grad_(requires_grad) for _ in range(2))
+
+
+def _lse_setup(n, d, dtype, device="cuda"):
+    """Inputs, forward statistics and the three timed LSE calls that ``breakdown`` and
+    ``config_sweep`` share: (q, k, scale, bias, grad_args, parts), with ``grad_args`` the
+    arguments of a backward call (``lse_grads(*grad_args)`` of either GPU backend) and ``parts``
+    {"fwd rows+cols", "fwd rows only", "bwd strip"} -> call."""
+    from fastcl.kernels import similarity_lse as K
+
+    q, k = _unit_pair(n, d, dtype, device)
+    scale, bias, one = (torch.tensor(v, device=device) for v in (14.3, 0.0, 1.0))
+    row, col = K.lse_forward(q, k, scale, bias, True, True, None)
+    g = torch.full_like(row, 1.0 / n)
+    grad_args = (q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype)
+    parts = {"fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
+             "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
+             "bwd strip": lambda: K.lse_grads(*grad_args, mode="strip")}
+    return q, k, scale, bias, grad_args, parts
+
+
 def measure(method, n, d, dtype, rep_ms, bwd_mode=None, exp_mode=None):
     from triton.testing import do_bench
 
@@ -99,12 +124,11 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
 
     from fastcl.kernels import similarity_lse as K
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype)
-    scale, bias = torch.tensor(14.3, device="cuda"), torch.tensor(0.0, device="cuda")
-    row, col = K.lse_forward(q, k, scale, bias, True, True, None)
-    g = torch.full_like(row, 1.0 / n)
+    q, k, scale, bias, grad_args, core = _lse_setup(n, d, dtype)
+
+    def bwd(mode):
+        return lambda: K.lse_grads(*grad_args, mode=mode)
+
     def with_env(name, value, fn):
         def run():
             os.environ[name] = value
@@ -120,11 +144,6 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     def tuned(fn):
         return with_env("FASTCL_TRITON_AUTOTUNE", "1", fn)
 
-    one = torch.ones((), device="cuda")
-
-    def bwd(mode):
-        return lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype, mode=mode)
-
     def big_workspace(fn):  # one column chunk: no repeated rounding of dq, more memory
         def run():
             from fastcl.ops import strips
@@ -135,13 +154,7 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
                 strips.WORKSPACE_MB = old
         return run
 
-    parts = {
-        "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
-        "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
-        "bwd strip": bwd("strip"),
-        "bwd strip, 1 GB workspace": big_workspace(bwd("strip")),
-        "mm q@k.T": lambda: q @ k.T,
-    }
+    parts = {**core, "bwd strip, 1 GB workspace": big_workspace(bwd("strip")), "mm q@k.T": lambda: q @ k.T}
     if tuning_rows:  # the opt-in kernel variants (FASTCL_TRITON_EXP, FASTCL_TRITON_AUTOTUNE)
         parts["fwd rows+cols, shared exp"] = shared(lambda: K.lse_forward(q, k, scale, bias, True, True, None))
         parts["bwd strip, shared exp"] = shared(bwd("strip"))
@@ -153,7 +166,7 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     if extension_has_cuda():
         from fastcl.ops import strips
         parts["cuda fwd rows+cols"] = lambda: strips.lse_forward(q, k, scale, bias, True, True, None)
-        parts["cuda bwd"] = lambda: strips.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype)
+        parts["cuda bwd"] = lambda: strips.lse_grads(*grad_args)
         ws = torch.empty((strips.strip_rows(n, n), n), device="cuda")
         parts["cuda strip mm (fp32 out), all strips"] = lambda: [
             strips.mm_f32_into(ws[:min(ws.shape[0], n - r0)], q[r0:r0 + ws.shape[0]], k.T, False)
@@ -194,18 +207,7 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
     if K.autotune_enabled():  # the autotuner would pick the shapes itself
         print("config sweep skipped: FASTCL_TRITON_AUTOTUNE=1", flush=True)
         return []
-    gen = torch.Generator(device=device).manual_seed(0)
-    q = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
-    k = F.normalize(torch.randn(n, d, device=device, generator=gen), dim=-1).to(dtype)
-    scale, bias, one = (torch.tensor(v, device=device) for v in (14.3, 0.0, 1.0))
-    row, col = K.lse_forward(q, k, scale, bias, True, True, None)
-    g = torch.full_like(row, 1.0 / n)
-    parts = {
-        "fwd rows+cols": lambda: K.lse_forward(q, k, scale, bias, True, True, None),
-        "fwd rows only": lambda: K.lse_forward(q, k, scale, bias, True, False, None),
-        "bwd strip": lambda: K.lse_grads(q, k, scale, bias, row, col, g, g, None, None, None, one, q.dtype,
-                                         mode="strip"),
-    }
+    parts = _lse_setup(n, d, dtype, device)[-1]
     out = []
     user_tile = os.environ.get("FASTCL_TRITON_TILE")
     for shape in K.TUNE_SHAPES if shapes is None else shapes:
@@ -228,9 +230,7 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
 def _clip_step(method, n, d, dtype):
     """A CLIP fwd+bwd of ``method`` on fresh unit-norm (n, d) inputs; returns (loss, grads) or None."""
     fn = METHODS[method]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    img = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
-    txt = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+    img, txt = _unit_pair(n, d, dtype, requires_grad=True)
     scale = torch.tensor(14.3, device="cuda", requires_grad=True)
 
     def step():
@@ -374,9 +374,7 @@ def time_op(op, backend, n, d, dtype, rep_ms):
     from triton.testing import do_bench
 
     import fastcl
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
-    k = F.normalize(torch.randn(n, d, device="cuda", generator=gen), dim=-1).to(dtype).requires_grad_()
+    q, k = _unit_pair(n, d, dtype, requires_grad=True)
 
     def step():
         if op == "similarity_lse":
