@@ -330,10 +330,10 @@ def main(argv=None):
         else:
             print(f"# {r['impl']:<34} skipped: {r.get('skipped')}")
     if a.json:
-        import subprocess
         import time
-        commit = os.environ.get("FASTCL_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+        from fastcl.profiling import source_commit
+        commit = source_commit()
         meta = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": commit,
                 "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}

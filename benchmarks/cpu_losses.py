@@ -142,19 +142,12 @@ def main() -> None:
     if args.json:
         import torch
         from fastcl import _ext
+        from fastcl.profiling import source_commit
         meta = {"cpu_gemm": _ext._C.cpu_gemm() if _ext.extension_available() else None, "loss": args.loss, "n": args.n, "d": args.d, "reps": args.reps, "torch": torch.__version__, "cpus": os.cpu_count(),
-                "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
+                "date": time.strftime("%Y-%m-%d"), "commit": source_commit()}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ columns, and of sigmoid_pair_loss) over a small grid of N = M and D, and write t
 import argparse
 import json
 import os
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 from fastcl.baselines import naive_clip
-from fastcl.profiling import kernel_profile
+from fastcl.profiling import kernel_profile, source_commit
 
 
 def fastcl_clip(img, txt, scale):
@@ -295,7 +294,7 @@ def main():
 
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
-            "commit": _commit(), "dtype": "bfloat16", "d": args.d}
+            "commit": source_commit(), "dtype": "bfloat16", "d": args.d}
     for n in [int(x) for x in args.ns.split(",") if x]:
         for m in args.methods.split(","):
             if f"{m}@{n}" in args.skip.split(","):
@@ -449,20 +448,11 @@ def dispatch_table_mode(args):
                     print(json.dumps({"op": op, "dtype": dname, "n": n, "d": d, "triton_ms": tt, "cuda_ms": tc,
                                       "pick": win}), flush=True)
     measured_on = (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-                   f"{__import__('triton').__version__}, commit {_commit()}, {time.strftime('%Y-%m-%d')}")
+                   f"{__import__('triton').__version__}, commit {source_commit()}, {time.strftime('%Y-%m-%d')}")
     text = render_dispatch_table(measured_on, grid_n, grid_d, table, timings)
     with open(args.dispatch_table, "w") as f:
         f.write(text)
     print(text)
-
-
-def _commit():
-    if os.environ.get("FASTCL_COMMIT"):
-        return os.environ["FASTCL_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

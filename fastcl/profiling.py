@@ -22,6 +22,20 @@ from fastcl import baselines
 CSV_FIELDS = ("case", "method", "device", "dtype", "n", "d", "time_ms", "peak_mem_mb", "speedup", "status")
 
 
+def source_commit() -> str:
+    """The commit benchmark results are tagged with: ``FASTCL_COMMIT`` when set (a copy without
+    .git, such as the one a GPU machine gets), else ``git rev-parse --short HEAD`` of the checkout
+    this package lives in, else "unknown"."""
+    if os.environ.get("FASTCL_COMMIT"):
+        return os.environ["FASTCL_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    except OSError:
+        out = ""
+    return out or "unknown"
+
+
 def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) -> dict:
     """Where one ``step()`` spends its time, kernel by kernel (torch.profiler), after one warm-up call.
 

@@ -241,6 +241,14 @@ def test_kernel_profile_ranks_operators_by_their_own_time():
     assert prof["wall_ms_per_step"] > 0
 
 
+def test_source_commit_for_benchmark_results(monkeypatch):
+    from fastcl.profiling import source_commit
+    monkeypatch.setenv("FASTCL_COMMIT", "abc1234")  # a copy without .git, e.g. on a GPU machine
+    assert source_commit() == "abc1234"
+    monkeypatch.delenv("FASTCL_COMMIT")
+    assert source_commit()  # the checkout's short hash, or "unknown" outside a checkout
+
+
 def test_config_sweep_rows_on_cpu(monkeypatch):
     """The suite's launch-shape sweep, run through the interpreter with the timer stubbed: one row
     per shape and part, and FASTCL_TRITON_TILE unset again afterwards."""
