@@ -46,6 +46,16 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
 
 
+def load_module(name: str, path):
+    """The Python file at ``path`` imported as a module named ``name`` (benchmark scripts, peer
+    sources, generated files: none of them is on the import path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None, requires_grad=False):
     """Fresh random tensor in ``dtype`` (drawn in fp32, then rounded)."""
     x = torch.randn(*shape, generator=generator, device="cpu").to(device=device, dtype=dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _strip_emulation import TorchEpilogues
-from conftest import DTYPES, assert_close, randn
+from conftest import DTYPES, assert_close, load_module, randn
 from fastcl.ops import dispatch, dispatch_table, strips
 from fastcl.ops.dispatch import resolve_backend
 
@@ -221,11 +221,7 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
 
 
 def _gpu_bench():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_module("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
 
 
 def test_kernel_profile_ranks_operators_by_their_own_time():
@@ -283,16 +279,13 @@ def test_config_sweep_rows_on_cpu(monkeypatch):
 
 def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
     """The file gpu_bench.py --dispatch-table writes is a valid dispatch_table.py."""
-    import importlib.util
     bench = _gpu_bench()
     table = {("similarity_lse", "bfloat16", 4096, 64): "triton", ("similarity_lse", "bfloat16", 32768, 2048): "cuda"}
     timings = {k: (1.0, None if v == "cuda" else 2.0) for k, v in table.items()}
     text = bench.render_dispatch_table("Test GPU, torch x", (4096, 32768), (64, 2048), table, timings)
     path = tmp_path / "dispatch_table.py"
     path.write_text(text)
-    spec = importlib.util.spec_from_file_location("rendered_table", path)
-    rendered = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rendered)
+    rendered = load_module("rendered_table", path)
     assert rendered.MEASURED_ON == "Test GPU, torch x" and rendered.TABLE == table
     assert "NOT MEASURED" not in rendered.__doc__
     for name in ("TABLE", "DEFAULT", "MEASURED_ON"):

@@ -4,22 +4,19 @@ The timers are stubbed (each calls the timed function once and reports 1 ms) and
 the interpreter, so this checks that every row's callable runs and the report has the rows the
 GPU suite expects (eager and CUDA-graph timings, kernels-only rows, the launch-shape sweep, an
 explicit "skipped" row for a backend that cannot run) before a GPU session spends time on it."""
-import importlib.util
 import pathlib
 
 import pytest
 import torch
 
+from conftest import load_module
 from fastcl.ops.dispatch import triton_available
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_masking", ROOT / "benchmarks" / "bench_masking.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module("bench_masking", ROOT / "benchmarks" / "bench_masking.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not triton_available(),

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import assert_close, randn
+from conftest import assert_close, load_module, randn
 from fastcl._ext import extension_available
 
 BACKENDS = ["reference"] + (["cpu"] if extension_available() else [])
@@ -22,10 +22,7 @@ def _open_clip_loss_module():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("open_clip_torch not installed (pip install --no-deps open-clip-torch==3.3.0)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    mod_spec = importlib.util.spec_from_file_location("_peer_open_clip_loss", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    return load_module("_peer_open_clip_loss", path)
 
 
 def _leaves(*ts):
