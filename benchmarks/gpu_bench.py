@@ -283,14 +283,18 @@ def main():
     if args.dispatch_table:
         return dispatch_table_mode(args)
     dtype = torch.bfloat16
-    rows = []
+    rows, parts, sweep, profiles = [], [], [], []
+
+    def save():  # after every row and stage: a later one that dies keeps what came before
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows, "breakdown": parts, "config_sweep": sweep,
+                           "profiles": profiles}, f, indent=2)
 
     def emit(r):
         rows.append(r)
         print(json.dumps(r), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        save()
 
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d"),
@@ -311,13 +315,6 @@ def main():
             emit(measure("fastcl", n, d, dtype, args.rep_ms, exp_mode=mode))
         emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
     _set_env("FASTCL_TRITON_EXP", None)
-    parts, sweep, profiles = [], [], []
-
-    def save():  # after every stage: a later stage that dies keeps what came before
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows, "breakdown": parts, "config_sweep": sweep,
-                           "profiles": profiles}, f, indent=2)
 
     def stage(name, fn, into):
         try:
