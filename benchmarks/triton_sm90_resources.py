@@ -75,10 +75,9 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
     ``shared_exp`` compiles the FASTCL_TRITON_EXP=shared variant."""
     from fastcl.kernels import similarity_lse as K
 
-    cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))
+    cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))  # flags of a GPU launch
     if shape is None:
-        shape = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["launch"]["num_warps"],
-                 cfg["launch"]["num_stages"])
+        shape = K.gpu_launch_shape(TYPES[dtype])
     bm, bn, bd, warps, stages = shape
     consts = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag, SHARED_EXP=shared_exp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])

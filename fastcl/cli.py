@@ -267,12 +267,9 @@ def _print_cuda_settings() -> None:
     if triton_available():
         from fastcl.kernels import similarity_lse as K
         try:
-            shapes = []
-            for name, dt in (("half", torch.bfloat16), ("fp32", torch.float32)):
-                c = K._config(torch.empty(1, 768, dtype=dt, device="meta"))
-                shapes.append(f"{name} {c['BLOCK_M']},{c['BLOCK_N']},{c['BLOCK_D']},{c['launch']['num_warps']},"
-                              f"{c['launch']['num_stages']}")
-            what = ", ".join(shapes) + (" (FASTCL_TRITON_TILE)" if K.tile_override() else "")
+            what = ", ".join(f"{name} " + ",".join(map(str, K.gpu_launch_shape(dt)))
+                             for name, dt in (("half", torch.bfloat16), ("fp32", torch.float32)))
+            what += " (FASTCL_TRITON_TILE)" if K.tile_override() else ""
         except ValueError as exc:
             what = f"invalid ({exc})"
         try:

@@ -257,6 +257,13 @@ def _config(q: torch.Tensor) -> dict:
                 launch=dict(num_warps=8, num_stages=3))
 
 
+def gpu_launch_shape(dtype: torch.dtype, d: int = 768) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the LSE kernels on a GPU for inputs of
+    ``dtype`` and feature size ``d`` (``_config``'s choice, ``FASTCL_TRITON_TILE`` included)."""
+    c = _config(torch.empty(1, d, dtype=dtype, device="meta"))  # a meta tensor stands in for CUDA
+    return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["launch"]["num_warps"], c["launch"]["num_stages"]
+
+
 def tile_override():
     """FASTCL_TRITON_TILE="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages" replaces the fixed launch
     shape of the LSE kernels on a GPU (for benchmark sweeps; the interpreter keeps its small
