@@ -297,6 +297,8 @@ if pytest is not None:
 
 
 def main(argv=None):
+    from fastcl.cli import _positive_int
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--B", type=int, default=None)
@@ -304,7 +306,7 @@ def main(argv=None):
     p.add_argument("--D", type=int, default=768)
     p.add_argument("--json", default=None)
     p.add_argument("--sweep", action="store_true", help="also time the Triton kernels over launch shapes")
-    p.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds of 10 calls per impl")
+    p.add_argument("--rounds", type=_positive_int, default=5, help="CPU: interleaved rounds of 10 calls per impl")
     a = p.parse_args(argv)
     if a.device == "cuda":
         rows = gpu_masking_report(B=a.B or 256, L=a.L, D=a.D, sweep=a.sweep)

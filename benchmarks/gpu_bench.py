@@ -252,24 +252,39 @@ def profile_rows(methods, n, d, dtype):
     return out
 
 
+def nd_list(text: str):
+    """argparse type of the N:D options: "32768:768,8192:256" -> [(32768, 768), (8192, 256)]; "" -> []."""
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            n, d = (int(x) for x in item.split(":"))
+        except ValueError:
+            n = d = 0
+        if n <= 0 or d <= 0:
+            raise argparse.ArgumentTypeError(f"expected a comma list of N:D with positive integers, got {text!r}")
+        out.append((n, d))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ns", default="8192,32768,131072")
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--methods", default="fastcl,fastcl_cuda,floor_3mm,naive,infcl")
     ap.add_argument("--rep-ms", type=int, default=400)
-    ap.add_argument("--mode-check", default="32768:256", help="N:D at which both backward modes are timed")
+    ap.add_argument("--mode-check", default="32768:256", type=nd_list,
+                    help="N:D at which both backward modes are timed")
     ap.add_argument("--tuning-rows", action="store_true",
                     help="add breakdown rows for FASTCL_TRITON_EXP=shared and FASTCL_TRITON_AUTOTUNE=1")
-    ap.add_argument("--exp-check", default="",
+    ap.add_argument("--exp-check", default="", type=nd_list,
                     help="N:D at which both Triton exp modes (FASTCL_TRITON_EXP exact, shared) are timed")
-    ap.add_argument("--breakdown", default="32768:768,32768:256", help="N:D list for the per-kernel timing")
+    ap.add_argument("--breakdown", default="32768:768,32768:256", type=nd_list, help="N:D list for the per-kernel timing")
     ap.add_argument("--skip", default="", help="comma list of METHOD@N rows to leave out")
-    ap.add_argument("--config-sweep", default="32768:768",
+    ap.add_argument("--config-sweep", default="32768:768", type=nd_list,
                     help="N:D at which the LSE kernels are timed at several launch shapes")
     ap.add_argument("--sweep-shapes", choices=("quick", "all"), default="quick",
                     help="quick: QUICK_SHAPES; all: every shape of the autotuner's list")
-    ap.add_argument("--profile", default="32768:768",
+    ap.add_argument("--profile", default="32768:768", type=nd_list,
                     help="N:D list at which the fastcl rows are profiled kernel by kernel (torch.profiler)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dispatch-table", default=None, metavar="PATH",
@@ -304,13 +319,11 @@ def main():
             if f"{m}@{n}" in args.skip.split(","):
                 continue
             emit(measure(m, n, args.d, dtype, args.rep_ms))
-    if args.mode_check:
-        n, d = (int(x) for x in args.mode_check.split(":"))
+    for n, d in args.mode_check:
         for mode in ("fused", "strip"):
             emit(measure("fastcl", n, d, dtype, args.rep_ms, bwd_mode=mode))
         emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
-    if args.exp_check:
-        n, d = (int(x) for x in args.exp_check.split(":"))
+    for n, d in args.exp_check:
         for mode in ("exact", "shared"):
             emit(measure("fastcl", n, d, dtype, args.rep_ms, exp_mode=mode))
         emit(measure("floor_3mm", n, d, dtype, args.rep_ms))
@@ -324,15 +337,12 @@ def main():
             print(json.dumps(into[-1]), flush=True)
         save()
 
-    for nd in filter(None, args.breakdown.split(",")):
-        n, d = (int(x) for x in nd.split(":"))
+    for n, d in args.breakdown:
         stage("breakdown", lambda: breakdown(n, d, dtype, args.rep_ms, args.tuning_rows), parts)
-    for nd in filter(None, args.config_sweep.split(",")):
-        n, d = (int(x) for x in nd.split(":"))
+    for n, d in args.config_sweep:
         shapes = QUICK_SHAPES if args.sweep_shapes == "quick" else None
         stage("config_sweep", lambda: config_sweep(n, d, dtype, args.rep_ms, shapes=shapes), sweep)
-    for nd in filter(None, args.profile.split(",")):
-        n, d = (int(x) for x in nd.split(":"))
+    for n, d in args.profile:
         fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
         stage("profile", lambda: profile_rows(fastcl_methods, n, d, dtype), profiles)
     save()

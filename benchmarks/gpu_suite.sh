@@ -33,6 +33,7 @@ export FASTCL_COMMIT=${FASTCL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null |
 start=$(date +%s)
 stamp() { echo "[suite +$(( $(date +%s) - start ))s] $*"; }
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-520}
+[[ "$SUITE_BUDGET_S" =~ ^[0-9]+$ ]] || { echo "SUITE_BUDGET_S must be a whole number of seconds, got '$SUITE_BUDGET_S'" >&2; exit 2; }
 budgeted() {  # run "$@" with the time left in SUITE_BUDGET_S
   local left=$(( SUITE_BUDGET_S - ($(date +%s) - start) ))
   if (( left < 15 )); then stamp "skipped, SUITE_BUDGET_S=${SUITE_BUDGET_S} spent: $*"; return 124; fi

@@ -237,6 +237,19 @@ def test_kernel_profile_ranks_operators_by_their_own_time():
     assert prof["wall_ms_per_step"] > 0
 
 
+def test_gpu_bench_reads_nd_lists_and_names_a_bad_one(capsys, monkeypatch):
+    import argparse
+    bench = _gpu_bench()
+    assert bench.nd_list("32768:768,8192:256") == [(32768, 768), (8192, 256)] and bench.nd_list("") == []
+    for bad in ("32768", "32768:0", "a:b", "1:2:3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="N:D"):
+            bench.nd_list(bad)
+    monkeypatch.setattr("sys.argv", ["gpu_bench.py", "--profile", "32768x768"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "argument --profile: expected a comma list of N:D" in capsys.readouterr().err
+
+
 def test_source_commit_for_benchmark_results(monkeypatch):
     from fastcl.profiling import source_commit
     monkeypatch.setenv("FASTCL_COMMIT", "abc1234")  # a copy without .git, e.g. on a GPU machine

@@ -35,3 +35,9 @@ def test_suite_packs_its_results(tmp_path):
     assert "Stand-in GPU" in (out / "gpu.txt").read_text()
     with tarfile.open(out / "suite_results.tar.gz") as tar:
         assert "./gpu.txt" in tar.getnames()
+
+
+def test_suite_names_a_bad_budget(tmp_path):
+    proc, out = _run_suite(tmp_path, SUITE_STEPS="masking", SUITE_BUDGET_S="9m")
+    assert proc.returncode == 2
+    assert "SUITE_BUDGET_S must be a whole number of seconds, got '9m'" in proc.stderr

@@ -58,3 +58,10 @@ def test_cpu_report_ratios():
     assert ours["min_round_speedup"] == min(m / f for m, f in zip(mae["round_ms"], ours["round_ms"]))
     assert ours["temp_ratio_vs_mae"] == mae["temp_bytes"] / max(ours["temp_bytes"], 1)
     assert "speedup_vs_mae" not in mae
+
+
+@pytest.mark.parametrize("rounds", ["0", "-2", "two"])
+def test_cpu_report_rejects_bad_rounds(rounds, capsys):
+    with pytest.raises(SystemExit):
+        load_bench().main(["--device", "cpu", "--rounds", rounds])
+    assert "--rounds" in capsys.readouterr().err
