@@ -1,9 +1,10 @@
 """The cuda backend's strip driver (fastcl/ops/strips.py) on the CPU, with the CUDA epilogues
-replaced by a float64 PyTorch stand-in (tests/_strip_emulation.py): strip boundaries, the
-diagonal offset per strip, the column merge across strips, the in-place gradient tile and the
-autograd formulas, against the float64 reference at odd sizes with a tiny workspace.  Also the
-workspace bound, the dispatch table and the errors.  The CUDA kernels themselves are checked
-against the same stand-in in tests/test_gpu.py."""
+replaced by a float64 PyTorch stand-in (tests/_strip_emulation.py) and by the CUDA epilogue
+kernels themselves compiled for the CPU (tests/_cuda_host.py): strip boundaries, the diagonal
+offset per strip, the column merge across strips, the in-place gradient tile and the autograd
+formulas, against the float64 reference at odd sizes with a tiny workspace.  Also the workspace
+bound, the dispatch table and the errors.  The kernels one by one: tests/test_cuda_host.py (on
+the CPU) and tests/test_gpu.py."""
 import importlib
 import os
 import pathlib
@@ -12,6 +13,7 @@ import re
 import pytest
 import torch
 
+import _cuda_host
 from _strip_emulation import TorchEpilogues
 from conftest import DTYPES, assert_close, load_module, randn
 from fastcl.ops import dispatch, dispatch_table, strips
@@ -23,34 +25,44 @@ similarity_lse_mod = importlib.import_module("fastcl.ops.similarity_lse")
 sigmoid_pair_mod = importlib.import_module("fastcl.ops.sigmoid_pair")
 
 
-class CountingEpilogues(TorchEpilogues):
-    calls = 0
+def counting(base):
+    """``base`` with a count of its lse_fwd calls (one per strip)."""
+    class Counting(base):
+        calls = 0
 
-    @classmethod
-    def lse_fwd(cls, *args):
-        cls.calls += 1
-        return TorchEpilogues.lse_fwd(*args)
+        @classmethod
+        def lse_fwd(cls, *args):
+            Counting.calls += 1
+            return base.lse_fwd(*args)
+    return Counting
 
 
-@pytest.fixture(params=[0.01, 0.0015], ids=["strips16", "strips3"])
+EPILOGUE_KINDS = ["stand-in"] + (["kernels"] if _cuda_host.compiler() else [])
+
+
+@pytest.fixture(params=[(kind, mb) for kind in EPILOGUE_KINDS for mb in (0.01, 0.0015)],
+                ids=lambda p: f"{p[0]}-strips{16 if p[1] == 0.01 else 3}")
 def emulated(request, monkeypatch):
-    """backend="cuda" on CPU tensors runs the real driver with the stand-in epilogues; the
-    workspace holds 16 (or 3) rows of 131 columns, so N=67 takes 5 (or 23) strips."""
+    """backend="cuda" on CPU tensors runs the real driver with the float64 stand-in epilogues, or
+    with the CUDA epilogue kernels compiled for the CPU (tests/_cuda_host.py); the workspace holds
+    16 (or 3) rows of 131 columns, so N=67 takes 5 (or 23) strips.  Returns the epilogues class."""
+    kind, mb = request.param
     real = resolve_backend
     fake = lambda backend, device, problem=None: "cuda" if backend == "cuda" else real(backend, device, problem)  # noqa: E731
     monkeypatch.setattr(similarity_lse_mod, "resolve_backend", fake)
     monkeypatch.setattr(sigmoid_pair_mod, "resolve_backend", fake)
-    monkeypatch.setattr(strips, "EPILOGUES", CountingEpilogues)
-    monkeypatch.setattr(strips, "WORKSPACE_MB", request.param)
-    CountingEpilogues.calls = 0
-    return request.param
+    epilogues = counting(TorchEpilogues if kind == "stand-in" else _cuda_host.HostEpilogues)
+    monkeypatch.setattr(strips, "EPILOGUES", epilogues)
+    monkeypatch.setattr(strips, "WORKSPACE_MB", mb)
+    epilogues.workspace_mb = mb
+    return epilogues
 
 
 def test_workspace_gives_several_strips(emulated):
-    assert strips.strip_rows(67, 131) == (16 if emulated == 0.01 else 3)
+    assert strips.strip_rows(67, 131) == (16 if emulated.workspace_mb == 0.01 else 3)
     from test_similarity_lse import check_against_reference
     check_against_reference("cuda", 67, 131, 40, torch.float32, cols=True)
-    assert CountingEpilogues.calls == (5 if emulated == 0.01 else 23)
+    assert emulated.calls == (5 if emulated.workspace_mb == 0.01 else 23)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

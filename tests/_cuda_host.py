@@ -1,0 +1,240 @@
+"""The CUDA kernels of csrc/cuda, compiled for the CPU and called through ctypes.
+
+``build()`` rewrites the launches of each .cu file for tests/cuda_host/cuda_host.h (GPU threads
+as fibers, barriers and shuffles emulated) and compiles it, with the C entry points of
+tests/cuda_host/kernels_capi.cpp, into a shared library with g++ (cached by content hash).
+``HostEpilogues`` and ``host_segment_gather`` then do what the ATen glue of csrc/cuda/*_ops.cpp
+does around each launch, on CPU tensors: the real kernel code runs, so the tests check its
+indexing, vector paths, partial merges and in-place writes without a GPU.
+"""
+import contextlib
+import ctypes
+import hashlib
+import importlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOST_DIR = ROOT / "tests" / "cuda_host"
+CUDA_DIR = ROOT / "csrc" / "cuda"
+SOURCES = ("similarity_strips.cu", "masking.cu")
+# kernel<T, ...><<<grid, block, shmem, stream>>>(args);
+LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(([^;]*)\);", re.S)
+# What UBSan writes to stderr on a misaligned 16-byte vector access (a GPU would fault there).
+UBSAN_REPORT = "runtime error:"
+
+OUT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MASKING_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def compiler():
+    """The C++ compiler, or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def host_source(text: str) -> str:
+    """CUDA source with every ``kernel<<<cfg>>>(args);`` rewritten as a host launch."""
+    out, n = LAUNCH.subn(lambda m: f"::cuda_host::launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", text)
+    if n != text.count("<<<"):
+        raise RuntimeError(f"rewrote {n} of {text.count('<<<')} kernel launches")
+    return out
+
+
+def build(overrides=None) -> pathlib.Path:
+    """Path of the compiled library (built on first use, keyed by the sources' content);
+    ``overrides`` maps a name of SOURCES to replacement text (the tests' mutants)."""
+    texts = {s: (overrides or {}).get(s) or (CUDA_DIR / s).read_text() for s in SOURCES}
+    others = sorted(CUDA_DIR.glob("*.cuh")) + sorted(HOST_DIR.rglob("*.[ch]*"))
+    digest = hashlib.sha256("".join(texts.values()).encode()
+                            + b"".join(p.name.encode() + p.read_bytes() for p in others)).hexdigest()[:16]
+    out_dir = pathlib.Path(tempfile.gettempdir()) / f"fastcl_cuda_host_{digest}"
+    lib = out_dir / "libcuda_host.so"
+    if lib.exists():
+        return lib
+    work = pathlib.Path(tempfile.mkdtemp(prefix="fastcl_cuda_host_build_"))
+    cpp = []
+    for name, text in texts.items():
+        dst = work / (pathlib.Path(name).stem + ".cpp")
+        dst.write_text(f'#line 1 "{CUDA_DIR / name}"\n' + host_source(text))
+        cpp.append(str(dst))
+    cmd = [compiler(), "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-fno-strict-aliasing",
+           "-fsanitize=alignment", "-Wno-unknown-pragmas", f"-I{HOST_DIR / 'include'}", f"-I{CUDA_DIR}",
+           "-include", str(HOST_DIR / "cuda_host.h"), *cpp, str(HOST_DIR / "kernels_capi.cpp"),
+           "-o", str(work / lib.name)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling csrc/cuda for the CPU failed:\n{done.stderr[-4000:]}")
+    out_dir.mkdir(exist_ok=True)
+    os.replace(work / lib.name, lib)  # atomic: a concurrent build just replaces it
+    shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+def load(path) -> ctypes.CDLL:
+    """The library at ``path`` with its C signatures declared."""
+    lib = ctypes.CDLL(str(path))
+    P, I64, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    strip = [P, I64, I64, I64, P, P]
+    lib.host_set_reverse.argtypes = [I]
+    lib.host_error_string.argtypes, lib.host_error_string.restype = [I], ctypes.c_char_p
+    lib.host_launches.restype = I64
+    lib.host_lse_fwd_plan.argtypes = [I64, I64, I, P]
+    lib.host_lse_fwd.argtypes = strip + [I, I64, I, I, P, P, P, P, P]
+    lib.host_lse_bwd.argtypes = strip + [I, I64, P, P, P, P, I]
+    lib.host_sigmoid_fwd.argtypes = strip + [I64, P]
+    lib.host_sigmoid_bwd.argtypes = strip + [I64, I, P]
+    lib.host_segment_gather.argtypes = [ctypes.POINTER(SegmentGatherArgs)]
+    return lib
+
+
+_LIB = None
+
+
+def library() -> ctypes.CDLL:
+    """The library built from the sources as they are (the one the wrappers below call)."""
+    global _LIB
+    if _LIB is None:
+        _LIB = load(build())
+    return _LIB
+
+
+@contextlib.contextmanager
+def using(lib: ctypes.CDLL):
+    """Make the wrappers below call ``lib`` (a mutant) inside the block."""
+    global _LIB
+    saved = library()
+    _LIB = lib
+    try:
+        yield lib
+    finally:
+        _LIB = saved
+
+
+def set_reverse(reverse: bool) -> None:
+    """Run each block's threads in descending order (the other interleaving)."""
+    library().host_set_reverse(int(reverse))
+
+
+def launches() -> int:
+    """Kernel launches so far."""
+    return library().host_launches()
+
+
+def _ptr(t):
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _check(err: int, op: str) -> None:
+    if err != 0:
+        raise RuntimeError(f"{op} launch failed: {library().host_error_string(err).decode()}")
+
+
+class HostEpilogues:
+    """Same signatures as ``fastcl.ops.strips.CudaEpilogues``, on CPU tensors.
+
+    ``sm_count`` feeds ``lse_fwd_plan``; a small one at small sizes gives several column splits
+    and row groups, so the partial buffers and the merge kernel run too."""
+
+    sm_count = 2
+
+    @staticmethod
+    def _args(scores, scale, bias):
+        assert scores.dtype == torch.float32 and scores.dim() == 2 and scores.stride(1) == 1
+        assert scores.stride(0) >= scores.shape[1] and scale.numel() == 1 and bias.numel() == 1
+        r, m = scores.shape
+        return [scores.data_ptr(), r, m, scores.stride(0), scale.data_ptr(), bias.data_ptr()]
+
+    @classmethod
+    def lse_fwd(cls, scores, scale, bias, diag, rows, cols):
+        args = cls._args(scores, scale, bias)
+        r, m = scores.shape
+        row = scores.new_empty(r if rows else 0)
+        col = scores.new_empty(m if cols else 0)
+        if r == 0 or m == 0:
+            return row.fill_(float("-inf")), col.fill_(float("-inf"))
+        plan = torch.zeros(3, dtype=torch.int64)
+        library().host_lse_fwd_plan(r, m, cls.sm_count, plan.data_ptr())
+        groups, splits, _ = plan.tolist()
+        row_part = scores.new_empty((splits, r)) if rows and splits > 1 else None
+        col_part = scores.new_empty((groups, m)) if cols and groups > 1 else None
+        _check(library().host_lse_fwd(*args, diag is not None, diag or 0, rows, cols, plan.data_ptr(),
+                                      _ptr(row_part), _ptr(col_part), _ptr(row), _ptr(col)), "lse_fwd")
+        return row, col
+
+    @classmethod
+    def lse_bwd(cls, scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype):
+        stats = [None if t is None else t.contiguous() for t in (row_lse, g_row, col_lse, g_col)]
+        _check(library().host_lse_bwd(*cls._args(scores, scale, bias), diag is not None, diag or 0,
+                                      *[_ptr(t) for t in stats], OUT_TYPES[out_dtype]), "lse_bwd")
+
+    @classmethod
+    def sigmoid_fwd(cls, scores, scale, bias, diag):
+        row_sum = scores.new_empty(scores.shape[0])
+        _check(library().host_sigmoid_fwd(*cls._args(scores, scale, bias), diag, _ptr(row_sum)), "sigmoid_fwd")
+        return row_sum.zero_() if scores.shape[1] == 0 else row_sum
+
+    @classmethod
+    def sigmoid_bwd(cls, scores, scale, bias, diag, out_dtype):
+        row_sum = scores.new_empty(scores.shape[0])
+        _check(library().host_sigmoid_bwd(*cls._args(scores, scale, bias), diag, OUT_TYPES[out_dtype],
+                                          _ptr(row_sum)), "sigmoid_bwd")
+        return row_sum.zero_() if scores.shape[1] == 0 else row_sum
+
+
+class SegmentGatherArgs(ctypes.Structure):
+    """csrc/cuda/masking.cuh's SegmentGatherArgs."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("src", "start", "count", "order", "fill", "pos", "out")]
+                + [(n, ctypes.c_int64) for n in ("B", "S", "R", "D", "J", "src_sb", "src_ss", "start_sb", "start_sr",
+                                                 "count_sb", "count_sr", "order_sb", "order_sj", "pos_ss")]
+                + [("dtype", ctypes.c_int), ("out_fp32", ctypes.c_bool)])
+
+
+def host_segment_gather(src, start, count, order, fill, pos, out_fp32):
+    """``fastcl_C::masking_segment_gather`` on CPU tensors through the CUDA kernel (the steps of
+    csrc/cuda/masking_ops.cpp; the arguments are assumed checked)."""
+    src = src if src.stride(2) == 1 else src.contiguous()
+    fill = None if fill is None else fill.contiguous().view(-1)
+    pos = pos if pos is None or pos.stride(1) == 1 else pos.contiguous()
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    b, s, d = src.shape
+    out = torch.empty((b, start.shape[1], d), dtype=acc if out_fp32 else src.dtype)
+    if out.numel() == 0:
+        return out
+    a = SegmentGatherArgs(
+        src=src.data_ptr(), start=start.data_ptr(), count=_ptr(count), order=_ptr(order), fill=_ptr(fill),
+        pos=_ptr(pos), out=out.data_ptr(), B=b, S=s, R=start.shape[1], D=d,
+        J=order.shape[1] if order is not None else s, src_sb=src.stride(0), src_ss=src.stride(1),
+        start_sb=start.stride(0), start_sr=start.stride(1),
+        count_sb=count.stride(0) if count is not None else 0, count_sr=count.stride(1) if count is not None else 0,
+        order_sb=order.stride(0) if order is not None else 0, order_sj=order.stride(1) if order is not None else 0,
+        pos_ss=pos.stride(0) if pos is not None else 0, dtype=MASKING_DTYPES[src.dtype], out_fp32=out_fp32)
+    _check(library().host_segment_gather(ctypes.byref(a)), "segment_gather")
+    return out
+
+
+def route_to_host(monkeypatch) -> None:
+    """Make ``backend="cuda"`` on CPU tensors run these kernels: the strip epilogues of the
+    similarity ops and the segment gather of masking (everything else is the library's code)."""
+    import fastcl.ops.masking
+    from fastcl.ops import strips
+    from fastcl.ops.dispatch import resolve_backend as real
+    resolve = lambda backend, device, problem=None: "cuda" if backend == "cuda" else real(backend, device, problem)  # noqa: E731
+    for module in ("fastcl.masking", "fastcl.ops.similarity_lse", "fastcl.ops.sigmoid_pair"):
+        # By module object: fastcl.ops re-exports functions under the same names as these modules.
+        monkeypatch.setattr(importlib.import_module(module), "resolve_backend", resolve)
+    monkeypatch.setattr(strips, "EPILOGUES", HostEpilogues)
+    gather = fastcl.ops.masking._segment_gather
+
+    def host_or_library(src, start, count, order, fill, pos, out_fp32, backend):
+        if backend != "cuda":
+            return gather(src, start, count, order, fill, pos, out_fp32, backend)
+        return host_segment_gather(src, start, count, order, fill, pos, out_fp32)
+
+    monkeypatch.setattr(fastcl.ops.masking, "_segment_gather", host_or_library)
+
