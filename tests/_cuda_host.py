@@ -154,15 +154,16 @@ class HostEpilogues:
     def lse_fwd(cls, scores, scale, bias, diag, rows, cols):
         args = cls._args(scores, scale, bias)
         r, m = scores.shape
-        row = scores.new_empty(r if rows else 0)
-        col = scores.new_empty(m if cols else 0)
+        # NaN-poisoned, where the glue has at::empty: an element the kernels skip shows.
+        row = scores.new_full((r if rows else 0,), float("nan"))
+        col = scores.new_full((m if cols else 0,), float("nan"))
         if r == 0 or m == 0:
             return row.fill_(float("-inf")), col.fill_(float("-inf"))
         plan = torch.zeros(3, dtype=torch.int64)
         library().host_lse_fwd_plan(r, m, cls.sm_count, plan.data_ptr())
         groups, splits, _ = plan.tolist()
-        row_part = scores.new_empty((splits, r)) if rows and splits > 1 else None
-        col_part = scores.new_empty((groups, m)) if cols and groups > 1 else None
+        row_part = scores.new_full((splits, r), float("nan")) if rows and splits > 1 else None
+        col_part = scores.new_full((groups, m), float("nan")) if cols and groups > 1 else None
         _check(library().host_lse_fwd(*args, diag is not None, diag or 0, rows, cols, plan.data_ptr(),
                                       _ptr(row_part), _ptr(col_part), _ptr(row), _ptr(col)), "lse_fwd")
         return row, col
@@ -175,13 +176,13 @@ class HostEpilogues:
 
     @classmethod
     def sigmoid_fwd(cls, scores, scale, bias, diag):
-        row_sum = scores.new_empty(scores.shape[0])
+        row_sum = scores.new_full((scores.shape[0],), float("nan"))
         _check(library().host_sigmoid_fwd(*cls._args(scores, scale, bias), diag, _ptr(row_sum)), "sigmoid_fwd")
         return row_sum.zero_() if scores.shape[1] == 0 else row_sum
 
     @classmethod
     def sigmoid_bwd(cls, scores, scale, bias, diag, out_dtype):
-        row_sum = scores.new_empty(scores.shape[0])
+        row_sum = scores.new_full((scores.shape[0],), float("nan"))
         _check(library().host_sigmoid_bwd(*cls._args(scores, scale, bias), diag, OUT_TYPES[out_dtype],
                                           _ptr(row_sum)), "sigmoid_bwd")
         return row_sum.zero_() if scores.shape[1] == 0 else row_sum
@@ -203,7 +204,7 @@ def host_segment_gather(src, start, count, order, fill, pos, out_fp32):
     pos = pos if pos is None or pos.stride(1) == 1 else pos.contiguous()
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
     b, s, d = src.shape
-    out = torch.empty((b, start.shape[1], d), dtype=acc if out_fp32 else src.dtype)
+    out = torch.full((b, start.shape[1], d), float("nan"), dtype=acc if out_fp32 else src.dtype)  # poisoned
     if out.numel() == 0:
         return out
     a = SegmentGatherArgs(
