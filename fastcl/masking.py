@@ -17,7 +17,7 @@ import torch
 
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens
-from fastcl.validation import _eager, check_float_tensor, index_range
+from fastcl.validation import check_float_tensor, check_index
 
 Tensor = torch.Tensor
 
@@ -26,23 +26,6 @@ __all__ = ["random_masking", "gather_tokens", "restore_tokens"]
 
 def _check_tokens(name: str, x) -> None:
     check_float_tensor(name, x, "(B, L, D)", non_empty=False)
-
-
-def _check_ids(name: str, ids, batch: int, upper: int, device: torch.device) -> Tensor:
-    """``ids`` (batch, n) integer tensor with values in [0, upper); returned as int64."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(ids).__name__}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.dim() != 2 or ids.shape[0] != batch:
-        raise ValueError(f"{name} must be 2-D ({batch}, n), got shape {tuple(ids.shape)}")
-    if ids.device != device:
-        raise ValueError(f"{name} must be on {device}, got {ids.device}")
-    if _eager() and ids.numel() > 0:
-        lo, hi = index_range(ids)
-        if lo < 0 or hi >= upper:
-            raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
-    return ids if ids.dtype == torch.int64 else ids.long()
 
 
 def _check_same(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
@@ -136,7 +119,7 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, *, backend: Optional[str] = None)
         (B, K, D), dtype of ``x``.
     """
     _check_tokens("x", x)
-    ids = _check_ids("ids_keep", ids_keep, x.shape[0], x.shape[1], x.device)
+    ids = check_index("ids_keep", ids_keep, (x.shape[0], None), x.shape[1], x.device)
     name = resolve_backend(backend, x.device)
     if name == "reference":
         return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[2]))
@@ -167,7 +150,7 @@ def restore_tokens(x_kept: Tensor, mask_token: Tensor, ids_restore: Tensor, *,
     if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 and ids_restore.shape[1] < K:
         raise ValueError(f"ids_restore must have L >= K = {K} columns, got shape {tuple(ids_restore.shape)}")
     L = ids_restore.shape[1] if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 else K
-    ids = _check_ids("ids_restore", ids_restore, B, L, x_kept.device)
+    ids = check_index("ids_restore", ids_restore, (B, None), L, x_kept.device)
     name = resolve_backend(backend, x_kept.device)
     if name == "reference":
         filler = mask_token.reshape(1, 1, D).expand(B, L - K, D)

@@ -1,5 +1,5 @@
 """Argument checks shared by every public entry point.  Each error names the argument."""
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -65,20 +65,24 @@ def index_range(idx: torch.Tensor):
     return tuple(int(v) for v in torch.stack([lo, hi]).tolist())
 
 
-def check_index(name: str, idx, n: int, upper: int, device: torch.device) -> None:
-    """``idx`` is an integer tensor (n,) with values in [0, upper)."""
+def check_index(name: str, idx, shape: Tuple[Optional[int], ...], upper: int, device: torch.device) -> torch.Tensor:
+    """``idx`` is an integer tensor of ``shape`` (``None``: any length along that dim) with values
+    in [0, upper); returns it as int64."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
-    if idx.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(idx.shape)}")
+    if idx.dim() != len(shape) or any(want is not None and got != want for got, want in zip(idx.shape, shape)):
+        dims = ", ".join("n" if want is None else str(want) for want in shape)
+        raise ValueError(f"{name} must have shape ({dims}{',' if len(shape) == 1 else ''}), "
+                         f"got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} must be on {device}, got {idx.device}")
-    if _eager() and n > 0:
+    if _eager() and idx.numel() > 0:
         lo, hi = index_range(idx)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")
+    return idx if idx.dtype == torch.int64 else idx.long()
 
 
 def check_reduction(reduction: str) -> None:

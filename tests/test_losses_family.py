@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, TOL, assert_close, randn
+from conftest import DTYPES, assert_close, randn
 from fastcl._ext import extension_available
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import dcl_loss

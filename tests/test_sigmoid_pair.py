@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, TOL, assert_close, randn
+from conftest import DTYPES, assert_close, randn
 from fastcl._ext import extension_available
 from fastcl.ops.dispatch import triton_available
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss

@@ -46,8 +46,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
                              "pass labels for layouts with extra (hard-negative) texts")
         labels = torch.arange(n, device=image_features.device)
     else:
-        check_index("labels", labels, n, m, image_features.device)
-        labels = labels.long()
+        labels = check_index("labels", labels, (n,), m, image_features.device)
     # The positives' gradient folds into the op's backward: no extra (N, D) buffers.
     row_lse, col_lse, pos = similarity_lse(image_features, text_features, logit_scale, logit_bias, rows=True,
                                            cols=True, positives=True if diagonal else labels, backend=backend)

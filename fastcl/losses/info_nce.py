@@ -45,8 +45,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     if positives is None:
         positives = default_positives(n, m, query.device, "query", "keys")
     else:
-        check_index("positives", positives, n, m, query.device)
-        positives = positives.long()
+        positives = check_index("positives", positives, (n,), m, query.device)
     if exclude_self and _eager() and bool((positives == torch.arange(n, device=query.device)).any()):
         raise ValueError("positives must not point at the excluded diagonal when exclude_self=True")
     # The positive logits come from the op itself, which folds their gradient into its backward.

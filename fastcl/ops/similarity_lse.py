@@ -159,8 +159,8 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         raise ValueError("at least one of rows or cols must be True")
     pos_index = None
     if isinstance(positives, torch.Tensor):
-        check_index("positives", positives, q.shape[0], k.shape[0], q.device)
-        pos_index, positives = positives.long().contiguous(), True
+        pos_index = check_index("positives", positives, (q.shape[0],), k.shape[0], q.device).contiguous()
+        positives = True
     elif not isinstance(positives, bool):
         raise TypeError(f"positives must be a bool or an (N,) integer tensor, got {type(positives).__name__}")
     elif positives and k.shape[0] < q.shape[0]:
