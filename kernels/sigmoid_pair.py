@@ -24,7 +24,7 @@ from fastcl.kernels import similarity_lse as lse_kernels
 from fastcl.kernels.similarity_lse import (FUSED_MAX_D, _config as _strip_config, _score_tile, _strip_block,
                                            strip_grads_triton)
 from fastcl.ops.strip_grads import finish_full
-from fastcl.ops.dispatch import triton_interpreting
+from fastcl.ops.dispatch import triton_float64, triton_interpreting
 
 
 @triton.jit
@@ -205,6 +205,9 @@ def _config(q: torch.Tensor, k: torch.Tensor):
 
 
 def _prepare(q, k, scale, bias):
+    if q.dtype == torch.float64 and not triton_float64("sigmoid_pair"):
+        raise TypeError(f"this Triton ({triton.__version__}) has no float64 tl.dot (Triton 3.5 added it), so the "
+                        "triton backend cannot take float64 q and k; use backend='cpu' or 'reference' for float64")
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.contiguous(), k.contiguous()
     scale = scale.to(device=q.device, dtype=ct).reshape(1).contiguous()

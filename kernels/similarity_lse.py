@@ -144,7 +144,7 @@ def _load_stats(lse_ptr, g_ptr, offs, n, ACTIVE: tl.constexpr, BLOCK: tl.constex
 def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.constexpr,
                  SHARED_EXP: tl.constexpr):
     """dS = g_a * exp(s - lse_a) + g_b * exp(s - lse_b); lse = -inf (all excluded) counts as 0."""
-    if SHARED_EXP and A_STATS and B_STATS:
+    if (SHARED_EXP and A_STATS) and B_STATS:  # Triton 3.3 rejects a chained and
         # One exp per score: with P = 2^(s - la) and t the block's largest finite la,
         # dS = P * (g_a + 2^(la - t) * g_b * 2^(t - lb)).  2^(t - lb) may not overflow, so a
         # block with a column LSE more than 64 (base 2) below t takes the exact form.

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import DTYPES, assert_close, randn
 from fastcl._ext import extension_available
-from fastcl.ops.dispatch import triton_available
+from fastcl.ops.dispatch import triton_available, triton_float64
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 
 BACKENDS = ["reference"]
@@ -88,6 +88,10 @@ def test_fp64_matches_oracle(backend):
     g = torch.Generator().manual_seed(5)
     q = torch.randn(21, 12, generator=g, dtype=torch.float64)
     k = torch.randn(19, 12, generator=g, dtype=torch.float64)
+    if backend == "triton" and not triton_float64("sigmoid_pair"):
+        with pytest.raises(TypeError, match="no float64 tl.dot.*backend='cpu' or 'reference'"):
+            _run(q, k, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64), backend)
+        return
     outs, refs = _run(q, k, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64), backend)
     for what, o, r in zip(["loss", "dq", "dk", "dscale", "dbias"], outs, refs):
         assert o.dtype == torch.float64
