@@ -1,6 +1,8 @@
-"""Resource usage of the Triton LSE kernels on sm_90 (H100/H200), read without a GPU.
+"""Resource usage of the Triton loss kernels on sm_90 (H100/H200), read without a GPU.
 
-Compiles the forward kernel and the strip-gradient (dS) kernel with Triton's own compiler for
+Compiles the LSE forward kernel and the strip-gradient (dS) kernel (or, with ``--others``, the
+sigmoid-pair kernels at the launchers' automatic modes and the opt-in fused LSE gradient kernel)
+with Triton's own compiler for
 an sm_90 target and reads the cubin with the ``cuobjdump`` that ships with Triton: registers per
 thread, spill instructions (STL/LDL in the SASS), shared memory, warpgroup MMAs (``HGMMA``) and
 how many programs fit on one SM at once (by registers and by shared memory; 64K registers and
@@ -10,6 +12,7 @@ specialises them at the CLIP target shape (N = M = 32768, D = 768).
     python benchmarks/triton_sm90_resources.py                    # default shapes, every dtype
     python benchmarks/triton_sm90_resources.py --sweep            # bf16 at the autotuner's shapes
     python benchmarks/triton_sm90_resources.py --shared-exp       # the FASTCL_TRITON_EXP=shared kernels
+    python benchmarks/triton_sm90_resources.py --others           # sigmoid-pair and fused-gradient kernels
     python benchmarks/triton_sm90_resources.py --json OUT.json
 
 Runs with TRITON_INTERPRET unset (the kernels must be compiled, not interpreted).
@@ -65,7 +68,8 @@ def usage(compiled, warps: int) -> dict:
     by_regs = REGS_PER_SM // (per_warp * warps)
     by_smem = SMEM_PER_SM // smem if smem else 32
     return {"regs": reg, "stack": stack, "local": local, "spill_ops": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
-            "smem": smem, "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "programs_per_sm": min(by_regs, by_smem)}
+            "smem": smem, "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "hmma": len(re.findall(r"\bHMMA\b", sass)),
+            "programs_per_sm": min(by_regs, by_smem)}
 
 
 def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, shape=None,
@@ -116,20 +120,84 @@ def sweep_rows(shared_exp: bool = False) -> list:
             for shape in K.TUNE_SHAPES for kernel in ("fwd", "dscore_strip")]
 
 
+def _flat(shape_cfg: dict, warps: int, stages: int) -> str:
+    return ",".join(str(shape_cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")) + f",{warps},{stages}"
+
+
+def other_rows() -> list:
+    """The sigmoid-pair kernels of each dtype in the mode ``sigmoid_mode`` picks (D = 128 and 768),
+    and the opt-in fused LSE gradient kernel (FASTCL_TRITON_BWD=fused) at D = 128."""
+    from fastcl.kernels import sigmoid_pair as S
+    from fastcl.kernels import similarity_lse as K
+
+    out = []
+
+    def row(kernel, dtype, d, mode, compiled, shape, warps):
+        out.append({"kernel": kernel, "dtype": dtype, "D": d, "mode": mode, "shape": shape,
+                    **usage(compiled, warps)})
+
+    scalars = {"scale_ptr": "*fp32", "bias_ptr": "*fp32"}
+    for dtype, torch_dtype in TYPES.items():
+        ptr = "*" + dtype
+        for d in (128, 768):
+            q = torch.empty(8, d, dtype=torch_dtype, device="meta")
+            mode = S.sigmoid_mode(q)
+            if mode == "fused":
+                cfg = S._config(q, q)  # launched with Triton's default 4 warps and 3 stages
+                c = _compile(S._fwd_kernel, {"q_ptr": ptr, "k_ptr": ptr, "part_ptr": "*fp32", **scalars},
+                             ["N", "M", "D", "stride_q", "stride_k"], cfg, 4, 3)
+                row("sigmoid_fwd", dtype, d, mode, c, _flat(cfg, 4, 3), 4)
+                c = _compile(S._bwd_rows_kernel, {"q_ptr": ptr, "k_ptr": ptr, "gq_ptr": "*fp32", "gpart_ptr": "*fp32",
+                                                  **scalars},
+                             ["N", "M", "D", "stride_q", "stride_k", "stride_gq"], cfg, 4, 3)
+                row("sigmoid_bwd_rows", dtype, d, mode, c, _flat(cfg, 4, 3), 4)
+            else:
+                sc = K._config(q)
+                consts = {k: sc[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "IS_FP32", "PRECISION")}
+                warps, stages = sc["launch"]["num_warps"], sc["launch"]["num_stages"]
+                c = _compile(S._fwd_chunked_kernel, {"q_ptr": ptr, "k_ptr": ptr, "part_ptr": "*fp32", **scalars},
+                             ["N", "M", "D", "stride_q", "stride_k", "col_span"], consts, warps, stages)
+                row("sigmoid_fwd_chunked", dtype, d, mode, c, _flat(sc, warps, stages), warps)
+                c = _compile(S._grad_strip_kernel, {"q_ptr": ptr, "k_ptr": ptr, **scalars, "g_ptr": ptr,
+                                                    "gpart_ptr": "*fp32"},
+                             ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_g"], consts,
+                             warps, stages)
+                row("sigmoid_grad_strip", dtype, d, mode, c, _flat(sc, warps, stages), warps)
+        cfg = K.grad_fused_config(torch.empty(8, 128, dtype=torch_dtype, device="meta"))
+        launch = cfg.pop("launch")
+        consts = dict(A_STATS=True, B_STATS=True, HAS_DIAG=False, SHARED_EXP=False, **cfg)
+        stats = {n: "*fp32" for n in ("lse_a_ptr", "g_a_ptr", "lse_b_ptr", "g_b_ptr", "out_ptr")}
+        c = _compile(K._grad_fused_kernel, {"a_ptr": ptr, "b_ptr": ptr, **scalars, **stats},
+                     ["NA", "NB", "D", "stride_a", "stride_b", "stride_o", "diag_off"], consts,
+                     launch["num_warps"], launch["num_stages"])
+        shape = f"{cfg['BLOCK_A']},{cfg['BLOCK_B']},{cfg['BLOCK_D']},{launch['num_warps']},{launch['num_stages']}"
+        row("lse_grad_fused", dtype, 128, "fused (opt-in)", c, shape, launch["num_warps"])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", action="store_true", help="bf16 at the autotuner's shapes instead of the defaults")
     ap.add_argument("--shared-exp", action="store_true", help="the FASTCL_TRITON_EXP=shared variant")
+    ap.add_argument("--others", action="store_true", help="the sigmoid-pair and fused LSE gradient kernels")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the kernels must be compiled")
-    rows = sweep_rows(args.shared_exp) if args.sweep else default_rows(args.shared_exp)
-    print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<16} {'regs':>4} {'spills':>6} "
-          f"{'smem KB':>7} {'HGMMA':>5} {'per SM':>6}")
-    for r in rows:
-        print(f"{r['kernel']:<13} {r['dtype']:<5} {r['rows']!s:<5} {r['cols']!s:<5} {r['diag']!s:<5} {r['shape']:<16} "
-              f"{r['regs']:>4} {r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['programs_per_sm']:>6}")
+    if args.others:
+        rows = other_rows()
+        print(f"{'kernel':<20} {'dtype':<5} {'D':>4} {'mode':<15} {'shape':<16} {'regs':>4} {'spills':>6} "
+              f"{'smem KB':>7} {'HGMMA':>5} {'HMMA':>5} {'per SM':>6}")
+        for r in rows:
+            print(f"{r['kernel']:<20} {r['dtype']:<5} {r['D']:>4} {r['mode']:<15} {r['shape']:<16} {r['regs']:>4} "
+                  f"{r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['hmma']:>5} {r['programs_per_sm']:>6}")
+    else:
+        rows = sweep_rows(args.shared_exp) if args.sweep else default_rows(args.shared_exp)
+        print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<16} {'regs':>4} {'spills':>6} "
+              f"{'smem KB':>7} {'HGMMA':>5} {'per SM':>6}")
+        for r in rows:
+            print(f"{r['kernel']:<13} {r['dtype']:<5} {r['rows']!s:<5} {r['cols']!s:<5} {r['diag']!s:<5} {r['shape']:<16} "
+                  f"{r['regs']:>4} {r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['programs_per_sm']:>6}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -11,7 +11,9 @@ FASTCL_TRITON_BWD=strip) the forward loops over D in chunks and the backward wri
 rows x columns at a time for cuBLAS, as the LSE kernels' strip backward does (``sigmoid_mode``).
 
 Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores); fp32 inputs
-use IEEE fp32 products (no TF32) so they meet the fp32 tolerance; fp64 inputs run in fp64.
+use IEEE fp32 products (no TF32) so they meet the fp32 tolerance.  float64 is refused, as by the
+LSE kernels: Triton before 3.5 has no float64 tl.dot, and compiled for sm_90 the whole-D float64
+blocks spill at D = 128 and need 393 KB of shared memory (an SM has 227 KB) at D = 768.
 """
 import os
 from typing import Tuple
@@ -24,7 +26,7 @@ from fastcl.kernels import similarity_lse as lse_kernels
 from fastcl.kernels.similarity_lse import (FUSED_MAX_D, _config as _strip_config, _score_tile, _strip_block,
                                            strip_grads_triton)
 from fastcl.ops.strip_grads import finish_full
-from fastcl.ops.dispatch import triton_float64, triton_interpreting
+from fastcl.ops.dispatch import triton_interpreting
 
 
 @triton.jit
@@ -46,10 +48,9 @@ def _sigmoid(t):
 
 
 @triton.jit
-def _tile_t(q, k, scale, bias, rows, cols, N, M,
-            ACC: tl.constexpr, PRECISION: tl.constexpr):
+def _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr):
     # t = -z * s: s off the diagonal, -s on it; -inf outside the matrix (softplus = sigmoid = 0).
-    s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PRECISION)
+    s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PRECISION)
     s = scale * s + bias
     diag = rows[:, None] == cols[None, :]
     t = tl.where(diag, -s, s)
@@ -70,26 +71,26 @@ def _load_rows(ptr, idx, n, stride, dd, D, DOT_FP32: tl.constexpr):
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr, rows, N, stride_q, dd, D, DOT_FP32)
-    scale = tl.load(scale_ptr).to(ACC)
-    bias = tl.load(bias_ptr).to(ACC)
-    acc = tl.zeros([BLOCK_M], dtype=ACC)
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr, cols, M, stride_k, dd, D, DOT_FP32)
-        t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+        t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION)
         acc += tl.sum(_softplus(t), axis=1)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr):
     # G = dL/ds: sigmoid(s) off the diagonal, -sigmoid(-s) on it, 0 outside the matrix.
-    t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+    t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION)
     sg = _sigmoid(t)
     return tl.where(diag, -sg, sg)
 
@@ -98,22 +99,22 @@ def _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC: tl.constexpr, PRECISION
 def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M, D,
                      stride_q, stride_k, stride_gq,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_FP32: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     q = _load_rows(q_ptr, rows, N, stride_q, dd, D, DOT_FP32)
-    scale = tl.load(scale_ptr).to(ACC)
-    bias = tl.load(bias_ptr).to(ACC)
-    gq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    gsum = tl.zeros([BLOCK_M], dtype=ACC)
+    scale = tl.load(scale_ptr)
+    bias = tl.load(bias_ptr)
+    gq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    gsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr, cols, M, stride_k, dd, D, DOT_FP32)
-        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, ACC, PRECISION)
+        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION)
         gsum += tl.sum(g, axis=1)
         # G is rounded to the operand dtype so the product runs on tensor cores.
-        gq += tl.dot(g.to(k.dtype), k, out_dtype=ACC, input_precision=PRECISION)
+        gq += tl.dot(g.to(k.dtype), k, out_dtype=tl.float32, input_precision=PRECISION)
     tl.store(gq_ptr + rows[:, None] * stride_gq + dd[None, :], gq,
              mask=(rows[:, None] < N) & (dd[None, :] < D))
     tl.store(gpart_ptr + pid, tl.sum(gsum, axis=0))
@@ -175,17 +176,18 @@ def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0
 def sigmoid_mode(q: torch.Tensor) -> str:
     """"fused" (one kernel per pass, (BLOCK, D) blocks) or "strip" (D-chunked tiles, cuBLAS backward).
 
-    FASTCL_TRITON_BWD=auto picks "fused" for D <= 256 (timed on an H100 at D=128) and "strip"
-    above, where a whole-D block would not fit in registers (that choice is by design, not timed
-    yet); "fused" and "strip" force a mode.  float64 always runs "fused".
+    FASTCL_TRITON_BWD=auto picks "fused" for bf16/fp16 with D <= 256 (timed on an H100 at
+    D=128, bf16) and "strip" otherwise: above that a whole-D block would not fit in registers
+    (by design, not timed yet), and fp32's IEEE products leave the fused kernels spilling when
+    compiled for sm_90 (tens of thousands of spill instructions in the backward at D=128; the
+    strip kernels have none).  "fused" and "strip" force a mode.
     """
     mode = os.environ.get("FASTCL_TRITON_BWD", "auto")
     if mode not in ("auto", "fused", "strip"):
         raise ValueError(f"FASTCL_TRITON_BWD must be auto, fused or strip, got {mode!r}")
-    if q.dtype == torch.float64:
-        return "fused"
     if mode == "auto":
-        return "fused" if q.shape[1] <= FUSED_MAX_D else "strip"
+        half = q.dtype in (torch.bfloat16, torch.float16)
+        return "fused" if half and q.shape[1] <= FUSED_MAX_D else "strip"
     return mode
 
 
@@ -195,20 +197,16 @@ def _config(q: torch.Tensor, k: torch.Tensor):
     block_d = max(16, triton.next_power_of_2(d))
     block = 64 if block_d <= 128 else (32 if block_d <= 512 else 16)
     interp = triton_interpreting()
-    fp64 = q.dtype == torch.float64
     return dict(
         BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
         DOT_FP32=bool(interp and q.dtype in (torch.bfloat16, torch.float16)),
-        ACC=tl.float64 if fp64 else tl.float32,
-        PRECISION="ieee" if (fp64 or q.dtype == torch.float32 or interp) else "tf32",
+        PRECISION="ieee" if (q.dtype == torch.float32 or interp) else "tf32",
     )
 
 
 def _prepare(q, k, scale, bias):
-    if q.dtype == torch.float64 and not triton_float64("sigmoid_pair"):
-        raise TypeError(f"this Triton ({triton.__version__}) has no float64 tl.dot (Triton 3.5 added it), so the "
-                        "triton backend cannot take float64 q and k; use backend='cpu' or 'reference' for float64")
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_kernels._check(q, k)  # the same device and dtype rules (no float64)
+    ct = torch.float32
     q, k = q.contiguous(), k.contiguous()
     scale = scale.to(device=q.device, dtype=ct).reshape(1).contiguous()
     bias = bias.to(device=q.device, dtype=ct).reshape(1).contiguous()
@@ -217,9 +215,9 @@ def _prepare(q, k, scale, bias):
 
 def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                          bias: torch.Tensor) -> torch.Tensor:
-    """Loss sum, 0-d fp32 (fp64 for fp64 inputs).
+    """Loss sum, 0-d fp32.
 
-    q (N, D), k (M, D): float32/bfloat16/float16/float64 on CUDA, or on the CPU under
+    q (N, D), k (M, D): float32/bfloat16/float16 on CUDA, or on the CPU under
     ``TRITON_INTERPRET=1``.  scale, bias: 0-d tensors (kept on the device, no host sync).
     """
     q, k, scale, bias, ct = _prepare(q, k, scale, bias)
@@ -247,7 +245,7 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                           grad_scale: torch.Tensor, out_dtype: torch.dtype
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, qgq, gsum)`` with ``G = dL/ds``: dq = grad_scale * G @ k (N, D), dk = grad_scale *
-    G^T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).
+    G^T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32.
     grad_scale: 0-d tensor on q's device."""
     q, k, scale, bias, ct = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]

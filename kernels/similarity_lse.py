@@ -496,23 +496,30 @@ def lse_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_inde
     return _grad_strip(q, k, scale, bias, *stats, rows, cols, diag_offset, g_pos, pos_index, grad_scale, out_dtype)
 
 
+def grad_fused_config(a: torch.Tensor) -> dict:
+    """Constexprs and launch options of ``_grad_fused_kernel`` for rows ``a`` (N, D) (the flags
+    of ``_config`` plus BLOCK_A/BLOCK_B/BLOCK_D, whole D in one block, and ``launch``)."""
+    cfg = _config(a)
+    block_d = max(16, triton.next_power_of_2(a.shape[1]))
+    if a.device.type == "cpu":
+        block_a, block_b, launch = 64, cfg["BLOCK_N"], {}
+    else:
+        block_a, block_b = (64 if block_d <= 128 else 32), 64
+        launch = dict(num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"],
+                PRECISION=cfg["PRECISION"], launch=launch)
+
+
 def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, diag_offset):
     na, d = a.shape
-    cfg = _config(a)
-    block_d = max(16, triton.next_power_of_2(d))
-    if a.device.type == "cpu":
-        block_a, launch = 64, {}
-    else:
-        block_a = 64 if block_d <= 128 else 32
-        launch = dict(num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    cfg = grad_fused_config(a)
+    launch = cfg.pop("launch")
     out = torch.empty((na, d), device=a.device, dtype=torch.float32)
-    _grad_fused_kernel[(triton.cdiv(na, block_a),)](
+    _grad_fused_kernel[(triton.cdiv(na, cfg["BLOCK_A"]),)](
         a, b, scale.float(), bias.float(), lse_a, g_a, lse_b, g_b, out, na, b.shape[0], d,
         a.stride(0), b.stride(0), out.stride(0), 0 if diag_offset is None else int(diag_offset),
         A_STATS=a_stats, B_STATS=b_stats, HAS_DIAG=diag_offset is not None,
-        SHARED_EXP=exp_mode() == "shared", BLOCK_A=block_a,
-        BLOCK_B=cfg["BLOCK_N"] if a.device.type == "cpu" else 64, BLOCK_D=block_d,
-        UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], **launch)
+        SHARED_EXP=exp_mode() == "shared", **cfg, **launch)
     return out
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import DTYPES, assert_close, randn
 from fastcl._ext import extension_available
-from fastcl.ops.dispatch import triton_available, triton_float64
+from fastcl.ops.dispatch import triton_available
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 
 BACKENDS = ["reference"]
@@ -88,8 +88,8 @@ def test_fp64_matches_oracle(backend):
     g = torch.Generator().manual_seed(5)
     q = torch.randn(21, 12, generator=g, dtype=torch.float64)
     k = torch.randn(19, 12, generator=g, dtype=torch.float64)
-    if backend == "triton" and not triton_float64("sigmoid_pair"):
-        with pytest.raises(TypeError, match="no float64 tl.dot.*backend='cpu' or 'reference'"):
+    if backend == "triton":  # the Triton kernels take no float64 (kernels/sigmoid_pair.py)
+        with pytest.raises(TypeError, match="got float64; use backend='cpu' or 'reference'"):
             _run(q, k, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64), backend)
         return
     outs, refs = _run(q, k, torch.tensor(3.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64), backend)
@@ -182,18 +182,21 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not ins
     (test_nan_in_nan_out, ()),
     (test_single_pair, ()),
 ], ids=lambda v: getattr(v, "__name__", None))
-def test_triton_strip_mode(monkeypatch, check, args):
-    # FASTCL_TRITON_BWD=strip: D-chunked forward and the cuBLAS strip backward (auto above D=256).
-    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+@pytest.mark.parametrize("mode", ["strip", "fused"])
+def test_triton_forced_modes(monkeypatch, check, args, mode):
+    # FASTCL_TRITON_BWD=strip: D-chunked forward and the cuBLAS strip backward (auto above D=256
+    # and for fp32); =fused: the whole-D kernels (auto for bf16/fp16 up to D=256).
+    monkeypatch.setenv("FASTCL_TRITON_BWD", mode)
     check("triton", *args)
 
 
 @needs_triton
 def test_triton_sigmoid_mode(monkeypatch):
     from fastcl.kernels.sigmoid_pair import sigmoid_mode
-    q = torch.empty(4, 257)
+    q = torch.empty(4, 257, dtype=torch.bfloat16)
     assert sigmoid_mode(q) == "strip" and sigmoid_mode(q[:, :256]) == "fused"
-    assert sigmoid_mode(q.double()) == "fused"
+    assert sigmoid_mode(q[:, :256].half()) == "fused"
+    assert sigmoid_mode(q[:, :64].float()) == "strip"  # fp32 fused kernels spill on sm_90
     monkeypatch.setenv("FASTCL_TRITON_BWD", "fused")
     assert sigmoid_mode(q) == "fused"
     monkeypatch.setenv("FASTCL_TRITON_BWD", "nope")

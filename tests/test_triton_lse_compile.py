@@ -1,4 +1,5 @@
-"""The Triton LSE kernels compiled for sm_90 without a GPU (benchmarks/triton_sm90_resources.py).
+"""The Triton LSE and sigmoid-pair kernels compiled for sm_90 without a GPU
+(benchmarks/triton_sm90_resources.py).
 
 The interpreter runs the kernels' logic but not their typing, code generation or register
 allocation.  This compiles the forward and strip-gradient kernels at the default launch shape
@@ -33,3 +34,25 @@ def test_lse_kernels_compile_for_sm90_without_spills(tmp_path):
         assert k["programs_per_sm"] >= 1, k
         if k["dtype"] in ("bf16", "fp16"):
             assert k["hgmma"] > 0, f"half dots not on the warpgroup MMA: {k}"
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_sigmoid_and_fused_gradient_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The sigmoid-pair kernels in the modes ``sigmoid_mode`` picks (fp32 takes the strip kernels:
+    its fused ones spilled by the tens of thousands of instructions) and the opt-in fused LSE
+    gradient kernel: they compile, keep to registers, and half dots run on tensor cores."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCL_TRITON_TILE",
+                                                             "FASTCL_TRITON_BWD")}
+    out = tmp_path / "others.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sm90_resources.py"), "--others",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    kernels = json.loads(out.read_text())
+    assert {(k["kernel"], k["dtype"]) for k in kernels} >= {("sigmoid_fwd", "bf16"), ("sigmoid_bwd_rows", "fp16"),
+                                                             ("sigmoid_grad_strip", "fp32"), ("lse_grad_fused", "bf16")}
+    assert all(k["mode"] == "strip" for k in kernels if k["dtype"] == "fp32" and k["kernel"].startswith("sigmoid"))
+    for k in kernels:
+        assert k["local"] == 0 and k["spill_ops"] == 0, f"register spills: {k}"
+        assert k["programs_per_sm"] >= 1, k
+        if k["dtype"] in ("bf16", "fp16"):
+            assert k["hgmma"] + k["hmma"] > 0, f"half dots not on tensor cores: {k}"

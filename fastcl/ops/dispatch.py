@@ -2,7 +2,6 @@
 import importlib.util
 import math
 import os
-import re
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -15,31 +14,9 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _installed_triton_version() -> Optional[Tuple[int, int]]:
-    """(major, minor) of the installed Triton from its package metadata (importing triton is slow)."""
-    from importlib import metadata
-    for dist in ("triton", "pytorch-triton"):
-        try:
-            major, minor = re.match(r"(\d+)\.(\d+)", metadata.version(dist)).groups()
-            return int(major), int(minor)
-        except (metadata.PackageNotFoundError, AttributeError):
-            continue
-    return None
-
-
-_TRITON_VERSION = _installed_triton_version() if _HAS_TRITON else None
-
-
 def triton_available() -> bool:
     """True when Triton is installed (checked once, at import, so torch.compile can trace this)."""
     return _HAS_TRITON
-
-
-def triton_float64(op: str) -> bool:
-    """True when the triton backend of ``op`` takes float64 inputs: never for similarity_lse
-    (its tiles are fp32/half only); for sigmoid_pair when Triton's tl.dot takes float64 operands,
-    which Triton 3.5 added (3.3 and 3.4 reject them)."""
-    return op == "sigmoid_pair" and _TRITON_VERSION is not None and _TRITON_VERSION >= (3, 5)
 
 
 def triton_interpreting() -> bool:
@@ -82,17 +59,16 @@ def resolve_backend(backend: Optional[str], device: torch.device,
     ``auto`` picks ``cpu`` (the C++ extension) for CPU tensors and ``triton`` for CUDA tensors,
     falling back to ``reference`` when those are missing.  Ops with a ``cuda`` backend pass
     ``problem = (op, n, m, d, dtype)``: then ``auto`` on CUDA asks ``pick_gpu_backend`` when
-    both triton and the CUDA kernels are there, and uses whichever one is there otherwise; for
-    float64 on CUDA it picks ``triton`` where ``triton_float64(op)``, else ``reference``.
+    both triton and the CUDA kernels are there, and uses whichever one is there otherwise, and
+    ``reference`` for float64.
     """
     name = backend if backend is not None else os.environ.get("FASTCL_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     name = name.lower()
     if name == "auto":
-        # The CUDA kernels take float32/bfloat16/float16, the Triton ones float64 only for some ops.
-        if (device.type == "cuda" and problem is not None and problem[4] == torch.float64
-                and not triton_float64(problem[0])):
+        # Neither the Triton nor the CUDA kernels of these ops take float64.
+        if device.type == "cuda" and problem is not None and problem[4] == torch.float64:
             return "reference"
         if (device.type == "cuda" and problem is not None and problem[4] != torch.float64
                 and extension_has_cuda()):
