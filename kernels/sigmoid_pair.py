@@ -13,7 +13,7 @@ rows x columns at a time for cuBLAS, as the LSE kernels' strip backward does (``
 Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores); fp32 inputs
 use IEEE fp32 products (no TF32) so they meet the fp32 tolerance.  float64 is refused, as by the
 LSE kernels: Triton before 3.5 has no float64 tl.dot, and compiled for sm_90 the whole-D float64
-blocks spill at D = 128 and need 393 KB of shared memory (an SM has 227 KB) at D = 768.
+blocks spill at D = 128 and need 384 KB of shared memory (an SM has 227 KB) at D = 768.
 """
 import os
 from typing import Tuple
