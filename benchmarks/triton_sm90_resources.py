@@ -125,7 +125,7 @@ def _flat(shape_cfg: dict, warps: int, stages: int) -> str:
 
 
 def other_rows() -> list:
-    """The sigmoid-pair kernels of each dtype in the mode ``sigmoid_mode`` picks (D = 128 and 768),
+    """The sigmoid-pair kernels of each dtype in the mode ``sigmoid_mode`` picks (D = 128, 256, 768),
     and the opt-in fused LSE gradient kernel (FASTCL_TRITON_BWD=fused) at D = 128."""
     from fastcl.kernels import sigmoid_pair as S
     from fastcl.kernels import similarity_lse as K
@@ -139,7 +139,7 @@ def other_rows() -> list:
     scalars = {"scale_ptr": "*fp32", "bias_ptr": "*fp32"}
     for dtype, torch_dtype in TYPES.items():
         ptr = "*" + dtype
-        for d in (128, 768):
+        for d in (128, 256, 768):
             q = torch.empty(8, d, dtype=torch_dtype, device="meta")
             mode = S.sigmoid_mode(q)
             if mode == "fused":

@@ -65,13 +65,16 @@ def index_range(idx: torch.Tensor):
     return tuple(int(v) for v in torch.stack([lo, hi]).tolist())
 
 
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def check_index(name: str, idx, shape: Tuple[Optional[int], ...], upper: int, device: torch.device) -> torch.Tensor:
     """``idx`` is an integer tensor of ``shape`` (``None``: any length along that dim) with values
     in [0, upper); returns it as int64."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+    if idx.dtype not in INDEX_DTYPES:  # (aminmax has no kernels for uint16/32/64)
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got {idx.dtype}")
     if idx.dim() != len(shape) or any(want is not None and got != want for got, want in zip(idx.shape, shape)):
         dims = ", ".join("n" if want is None else str(want) for want in shape)
         raise ValueError(f"{name} must have shape ({dims}{',' if len(shape) == 1 else ''}), "

@@ -206,11 +206,10 @@ def _config(q: torch.Tensor, k: torch.Tensor):
 
 def _prepare(q, k, scale, bias):
     lse_kernels._check(q, k)  # the same device and dtype rules (no float64)
-    ct = torch.float32
     q, k = q.contiguous(), k.contiguous()
-    scale = scale.to(device=q.device, dtype=ct).reshape(1).contiguous()
-    bias = bias.to(device=q.device, dtype=ct).reshape(1).contiguous()
-    return q, k, scale, bias, ct
+    scale = scale.to(device=q.device, dtype=torch.float32).reshape(1).contiguous()
+    bias = bias.to(device=q.device, dtype=torch.float32).reshape(1).contiguous()
+    return q, k, scale, bias
 
 
 def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
@@ -220,7 +219,7 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     q (N, D), k (M, D): float32/bfloat16/float16 on CUDA, or on the CPU under
     ``TRITON_INTERPRET=1``.  scale, bias: 0-d tensors (kept on the device, no host sync).
     """
-    q, k, scale, bias, ct = _prepare(q, k, scale, bias)
+    q, k, scale, bias = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
         sc = _strip_config(q)
@@ -228,17 +227,17 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
         # Few row blocks: the columns in ranges, as in the LSE forward.
         col_span, ranges = lse_kernels.column_ranges(row_blocks, m, lse_kernels.sm_count(q.device))
         grid = (row_blocks, ranges)
-        partial = torch.empty(grid, device=q.device, dtype=ct)
+        partial = torch.empty(grid, device=q.device, dtype=torch.float32)
         _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), col_span,
                                   BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                   UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                   **sc["launch"])
-        return partial.to(torch.float64).sum().to(ct)
+        return partial.to(torch.float64).sum().float()
     cfg = _config(q, k)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    partial = torch.empty(grid[0], device=q.device, dtype=ct)
+    partial = torch.empty(grid[0], device=q.device, dtype=torch.float32)
     _fwd_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), **cfg)
-    return partial.to(torch.float64).sum().to(ct)
+    return partial.to(torch.float64).sum().float()
 
 
 def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
@@ -247,7 +246,7 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     """``(dq, dk, qgq, gsum)`` with ``G = dL/ds``: dq = grad_scale * G @ k (N, D), dk = grad_scale *
     G^T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32.
     grad_scale: 0-d tensor on q's device."""
-    q, k, scale, bias, ct = _prepare(q, k, scale, bias)
+    q, k, scale, bias = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
         parts = []
@@ -262,19 +261,19 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                                      **sc["launch"])
             parts.append(gpart.to(torch.float64).sum())
         dq, dk, qgq = strip_grads_triton(q, k, grad_scale, launch, out_dtype)
-        return dq, dk, qgq, torch.stack(parts).sum().to(ct)
+        return dq, dk, qgq, torch.stack(parts).sum().float()
     cfg = _config(q, k)
-    gq = torch.empty((n, d), device=q.device, dtype=ct)
-    gk = torch.empty((m, d), device=q.device, dtype=ct)
+    gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
+    gk = torch.empty((m, d), device=q.device, dtype=torch.float32)
     row_grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    gpart = torch.empty(row_grid[0], device=q.device, dtype=ct)
+    gpart = torch.empty(row_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
                                q.stride(0), k.stride(0), gq.stride(0), **cfg)
     # G^T has the same form with q and k swapped (the positive pairs stay on the diagonal), so
     # the row kernel on (k, q) gives G^T @ q; its partial sums of G are not needed again.
     col_grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-    scratch = torch.empty(col_grid[0], device=q.device, dtype=ct)
+    scratch = torch.empty(col_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
                                k.stride(0), q.stride(0), gk.stride(0), **cfg)
     dq, dk, qgq = finish_full(q, k, gq, gk, grad_scale, out_dtype)
-    return dq, dk, qgq, gpart.to(torch.float64).sum().to(ct)
+    return dq, dk, qgq, gpart.to(torch.float64).sum().float()

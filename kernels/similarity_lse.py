@@ -236,9 +236,9 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
 def _config(q: torch.Tensor) -> dict:
     """One fixed launch configuration per situation (interpreter: small tiles for speed)."""
     interp = q.device.type == "cpu"
-    is_fp32 = q.dtype in (torch.float32, torch.float64)
-    upcast = interp or q.dtype == torch.float64
-    precision = "ieee" if (interp or q.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
+    is_fp32 = q.dtype == torch.float32  # float64 never gets here (_check)
+    upcast = interp
+    precision = "ieee" if (interp or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
     d = q.shape[1]
     if interp:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
@@ -289,10 +289,6 @@ def _check(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dtype == torch.float64:
         raise TypeError("the triton backend supports float32, bfloat16 and float16 inputs, got float64; "
                         "use backend='cpu' or 'reference' for float64")
-
-
-def _stat_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def autotune_enabled() -> bool:
@@ -384,7 +380,6 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     n, d = q.shape
     m = k.shape[0]
     cfg = _config(q)
-    sd = _stat_dtype(q)
     tune = autotune_enabled()
     interp = q.device.type == "cpu"
     shapes = TUNE_SHAPES_INTERPRETER if interp else TUNE_SHAPES
@@ -421,7 +416,7 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
             torch.logsumexp(part, dim=0, out=row[r0:r0 + ng])
         if cols:
             _merge_column_partials(colpart[:grid_m], col, first=r0 == 0)
-    return row.to(sd), col.to(sd)
+    return row, col
 
 
 def _merge_column_partials(parts: torch.Tensor, col: torch.Tensor, first: bool) -> None:

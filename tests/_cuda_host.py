@@ -9,6 +9,7 @@ indexing, vector paths, partial merges and in-place writes without a GPU.
 """
 import contextlib
 import ctypes
+import functools
 import hashlib
 import importlib
 import os
@@ -26,16 +27,25 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = ("similarity_strips.cu", "masking.cu")
 # kernel<T, ...><<<grid, block, shmem, stream>>>(args);
 LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(([^;]*)\);", re.S)
-# What UBSan writes to stderr on a misaligned 16-byte vector access (a GPU would fault there).
-UBSAN_REPORT = "runtime error:"
+# -fsanitize=alignment checks every vector access; the handler in kernels_capi.cpp turns a
+# misaligned one (a GPU would fault) into a launch failure.  -fno-gnu-unique keeps the emulator's
+# state per library, so a test's mutant library does not share it with the main one.
+CXXFLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-fno-strict-aliasing", "-fno-gnu-unique", "-fsanitize=alignment",
+            "-Wno-unknown-pragmas"]
 
 OUT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MASKING_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
+@functools.lru_cache(maxsize=None)
 def compiler():
-    """The C++ compiler, or None."""
-    return shutil.which(os.environ.get("CXX", "g++"))
+    """The C++ compiler, or None when there is none or it lacks what the shims need (_Float16)."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None
+    probe = subprocess.run([cxx, "-x", "c++", "-fsyntax-only", "-"], input="_Float16 h = 1.0f;\n",
+                           capture_output=True, text=True)
+    return cxx if probe.returncode == 0 else None
 
 
 def host_source(text: str) -> str:
@@ -51,8 +61,8 @@ def build(overrides=None) -> pathlib.Path:
     ``overrides`` maps a name of SOURCES to replacement text (the tests' mutants)."""
     texts = {s: (overrides or {}).get(s) or (CUDA_DIR / s).read_text() for s in SOURCES}
     others = sorted(CUDA_DIR.glob("*.cuh")) + sorted(HOST_DIR.rglob("*.[ch]*"))
-    digest = hashlib.sha256("".join(texts.values()).encode()
-                            + b"".join(p.name.encode() + p.read_bytes() for p in others)).hexdigest()[:16]
+    key = "".join(texts.values()) + " ".join([compiler() or ""] + CXXFLAGS)
+    digest = hashlib.sha256(key.encode() + b"".join(p.name.encode() + p.read_bytes() for p in others)).hexdigest()[:16]
     out_dir = pathlib.Path(tempfile.gettempdir()) / f"fastcl_cuda_host_{digest}"
     lib = out_dir / "libcuda_host.so"
     if lib.exists():
@@ -63,13 +73,19 @@ def build(overrides=None) -> pathlib.Path:
         dst = work / (pathlib.Path(name).stem + ".cpp")
         dst.write_text(f'#line 1 "{CUDA_DIR / name}"\n' + host_source(text))
         cpp.append(str(dst))
-    cmd = [compiler(), "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-fno-strict-aliasing",
-           "-fsanitize=alignment", "-Wno-unknown-pragmas", f"-I{HOST_DIR / 'include'}", f"-I{CUDA_DIR}",
-           "-include", str(HOST_DIR / "cuda_host.h"), *cpp, str(HOST_DIR / "kernels_capi.cpp"),
-           "-o", str(work / lib.name)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # One process per file, in parallel; the link adds no sanitizer runtime (the handler is ours).
+    flags = [*CXXFLAGS, f"-I{HOST_DIR / 'include'}", f"-I{CUDA_DIR}", "-include", str(HOST_DIR / "cuda_host.h")]
+    units = [(src, str(work / (pathlib.Path(src).stem + ".o"))) for src in cpp + [str(HOST_DIR / "kernels_capi.cpp")]]
+    procs = [(src, subprocess.Popen([compiler(), *flags, "-c", src, "-o", obj], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)) for src, obj in units]
+    for src, proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {src} for the CPU failed:\n{err[-4000:]}")
+    done = subprocess.run([compiler(), "-shared", *[obj for _, obj in units], "-o", str(work / lib.name)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"compiling csrc/cuda for the CPU failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"linking the CPU build of csrc/cuda failed:\n{done.stderr[-4000:]}")
     out_dir.mkdir(exist_ok=True)
     os.replace(work / lib.name, lib)  # atomic: a concurrent build just replaces it
     shutil.rmtree(work, ignore_errors=True)
@@ -147,6 +163,7 @@ class HostEpilogues:
     def _args(scores, scale, bias):
         assert scores.dtype == torch.float32 and scores.dim() == 2 and scores.stride(1) == 1
         assert scores.stride(0) >= scores.shape[1] and scale.numel() == 1 and bias.numel() == 1
+        assert scale.dtype == torch.float32 and bias.dtype == torch.float32
         r, m = scores.shape
         return [scores.data_ptr(), r, m, scores.stride(0), scale.data_ptr(), bias.data_ptr()]
 
@@ -170,6 +187,9 @@ class HostEpilogues:
 
     @classmethod
     def lse_bwd(cls, scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype):
+        r, m = scores.shape
+        for t, n in ((row_lse, r), (g_row, r), (col_lse, m), (g_col, m)):  # the glue's check_vector
+            assert t is None or (t.dtype == torch.float32 and t.shape == (n,) and t.is_contiguous()), (t, n)
         stats = [None if t is None else t.contiguous() for t in (row_lse, g_row, col_lse, g_col)]
         _check(library().host_lse_bwd(*cls._args(scores, scale, bias), diag is not None, diag or 0,
                                       *[_ptr(t) for t in stats], OUT_TYPES[out_dtype]), "lse_bwd")
@@ -199,6 +219,7 @@ class SegmentGatherArgs(ctypes.Structure):
 def host_segment_gather(src, start, count, order, fill, pos, out_fp32):
     """``fastcl_C::masking_segment_gather`` on CPU tensors through the CUDA kernel (the steps of
     csrc/cuda/masking_ops.cpp; the arguments are assumed checked)."""
+    assert all(t is None or t.dtype == torch.int64 for t in (start, count, order))  # as check_args demands
     src = src if src.stride(2) == 1 else src.contiguous()
     fill = None if fill is None else fill.contiguous().view(-1)
     pos = pos if pos is None or pos.stride(1) == 1 else pos.contiguous()

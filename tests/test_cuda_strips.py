@@ -331,6 +331,12 @@ def test_auto_sends_float64_on_cuda_to_the_reference(monkeypatch):
     for op in ("similarity_lse", "sigmoid_pair"):
         assert resolve_backend("auto", cuda, (op, 8, 8, 4, torch.float64)) == "reference"
         assert resolve_backend("auto", cuda, (op, 8, 8, 4, torch.float32)) in ("triton", "cuda")
+    # The ring's blocks (fastcl/ring.py) follow the same rule.
+    from fastcl.ring import block_backend
+    monkeypatch.delenv("FASTCL_BACKEND", raising=False)
+    assert block_backend(None, cuda, torch.float64) == "reference"
+    assert block_backend("auto", cuda, torch.float32) == "triton"
+    assert block_backend("triton", cuda, torch.float64) == "triton"  # asked for: its kernels raise the TypeError
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

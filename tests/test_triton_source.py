@@ -31,8 +31,17 @@ def test_no_chained_boolean_operators(path):
     assert not chained, "Triton 3.3 rejects `A and B and C` in a kernel; parenthesise:\n" + "\n".join(chained)
 
 
-def test_the_check_catches_a_chain(tmp_path):
+@pytest.mark.parametrize("path", KERNEL_FILES, ids=lambda p: p.name)
+def test_no_chained_comparisons(path):
+    chained = [f"{path.name}:{op.lineno}: {ast.unparse(op)}" for fn in jit_functions(path) for op in ast.walk(fn)
+               if isinstance(op, ast.Compare) and len(op.ops) > 1]
+    assert not chained, "Triton's compiler rejects `a < b < c` in a kernel; split it:\n" + "\n".join(chained)
+
+
+@pytest.mark.parametrize("body,check,word", [("if A and B and C:", test_no_chained_boolean_operators, "3.3 rejects"),
+                                             ("if 0 < A < B:", test_no_chained_comparisons, "split it")])
+def test_the_checks_catch_a_chain(tmp_path, body, check, word):
     src = tmp_path / "k.py"
-    src.write_text("import triton\n@triton.jit\ndef k(A, B, C):\n    if A and B and C:\n        pass\n")
-    with pytest.raises(AssertionError, match="Triton 3.3 rejects"):
-        test_no_chained_boolean_operators(src)
+    src.write_text(f"import triton\n@triton.jit\ndef k(A, B, C):\n    {body}\n        pass\n")
+    with pytest.raises(AssertionError, match=word):
+        check(src)

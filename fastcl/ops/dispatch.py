@@ -52,6 +52,14 @@ def fused_kernel(op: str, backend: str, kernels: Dict[str, Union[str, Callable]]
     return entry
 
 
+def requested_backend(backend: Optional[str]) -> str:
+    """The backend asked for, lower case: ``backend``, else ``FASTCL_BACKEND``, else "auto"."""
+    name = backend if backend is not None else os.environ.get("FASTCL_BACKEND", "auto")
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
 def resolve_backend(backend: Optional[str], device: torch.device,
                     problem: Optional[Tuple[str, int, int, int, torch.dtype]] = None) -> str:
     """Concrete backend name for tensors on ``device``; raises a clear error if unusable.
@@ -62,16 +70,12 @@ def resolve_backend(backend: Optional[str], device: torch.device,
     both triton and the CUDA kernels are there, and uses whichever one is there otherwise, and
     ``reference`` for float64.
     """
-    name = backend if backend is not None else os.environ.get("FASTCL_BACKEND", "auto")
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    name = name.lower()
+    name = requested_backend(backend)
     if name == "auto":
         # Neither the Triton nor the CUDA kernels of these ops take float64.
         if device.type == "cuda" and problem is not None and problem[4] == torch.float64:
             return "reference"
-        if (device.type == "cuda" and problem is not None and problem[4] != torch.float64
-                and extension_has_cuda()):
+        if device.type == "cuda" and problem is not None and extension_has_cuda():
             if not triton_available():
                 return "cuda"
             return pick_gpu_backend(*problem)

@@ -191,7 +191,7 @@ EPILOGUES = CudaEpilogues
 def _scalars(q: Tensor, scale: Tensor, bias: Tensor):
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the cuda backend supports float32, bfloat16 and float16 inputs, got {q.dtype}; "
-                        "use backend='triton', 'cpu' or 'reference' for float64")
+                        "use backend='cpu' or 'reference' for float64")
     f32 = lambda t: t.to(device=q.device, dtype=torch.float32).reshape(()).contiguous()  # noqa: E731
     return f32(scale), f32(bias)
 

@@ -8,10 +8,19 @@
 // Each GPU thread of a block is a fiber (ucontext) on one OS thread; blocks run one after another.
 // A fiber runs until it reaches a barrier (__syncthreads, __syncwarp, a shuffle), so memory
 // written before a barrier is visible after it and nothing else is ordered: a kernel that
-// relies on lockstep execution without a barrier reads stale or clobbered data here.  The fiber
-// order of each pass is ascending or descending (set_reverse) to vary the interleaving.
-// Misuse that is undefined on a GPU is reported as a launch failure with a message: a barrier
-// some lanes of a full-mask warp op never reach, a deadlock, a bad launch configuration.
+// relies on lockstep execution without a barrier reads stale or clobbered data here.  Threads
+// and blocks run in ascending or descending order (``reverse``) to vary the interleaving.
+// Misuse that is undefined on a GPU is a launch failure with a
+// message: a barrier some lanes of a full-mask warp op never reach, a deadlock, a bad launch
+// configuration, and (with -fsanitize=alignment, handler in kernels_capi.cpp) a misaligned
+// vector access.
+// Not seen here: races between fibers that need no barrier (a non-atomic read-modify-write of one
+// address by many threads never loses an update; the kernels use no atomics), a dependence
+// between blocks (they run in order, ascending or descending), shared memory read before it is
+// written (__shared__ variables are statics: zero at first, then what the last block left; GCC
+// ignores a section attribute on statics of templates, so they cannot be poisoned as a group),
+// __launch_bounds__ (ignored), and writes past a buffer (the tests surround outputs with NaN
+// and check them where they can).
 #pragma once
 
 #include <ucontext.h>
@@ -210,16 +219,17 @@ inline void launch(dim3 grid, dim3 block, size_t shmem, cudaStream_t, const std:
   s.body = &body;
   s.grid_dim = grid;
   s.block_dim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        s.block_idx = dim3(x, y, z);
-        run_block();
-        if (s.failed) {
-          s.last = cudaErrorLaunchFailure;
-          return;
-        }
-      }
+  const uint64_t blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  for (uint64_t i = 0; i < blocks; ++i) {
+    const uint64_t b = s.reverse ? blocks - 1 - i : i;
+    s.block_idx = dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                       static_cast<unsigned>(b / (static_cast<uint64_t>(grid.x) * grid.y)));
+    run_block();
+    if (s.failed) {
+      s.last = cudaErrorLaunchFailure;
+      return;
+    }
+  }
 }
 
 }  // namespace cuda_host

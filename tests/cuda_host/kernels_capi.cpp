@@ -1,5 +1,7 @@
 // C entry points to the launchers of csrc/cuda, compiled for the CPU with ../cuda_host.h, for
 // ctypes (tests/_cuda_host.py).  Pointers are host memory; each call returns a cudaError_t.
+#include <cstdio>
+
 #include "masking.cuh"
 #include "similarity_strips.cuh"
 
@@ -24,6 +26,33 @@ StripArgs strip_args(float* scores, int64_t R, int64_t M, int64_t ld, const floa
 }  // namespace
 
 extern "C" {
+
+// -fsanitize=alignment calls these on a misaligned access (no sanitizer runtime is linked): a
+// GPU would fault there, so the launch fails with the place in the message.
+struct HostSourceLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct HostTypeMismatch {
+  HostSourceLocation loc;
+  const void* type;
+  unsigned char log_alignment, check_kind;
+};
+
+void __ubsan_handle_type_mismatch_v1(const HostTypeMismatch* d, uintptr_t ptr) {
+  char msg[512];
+  snprintf(msg, sizeof msg, "misaligned address %#lx for %d-byte alignment at %s:%u", static_cast<unsigned long>(ptr),
+           1 << d->log_alignment, d->loc.file, d->loc.line);
+  auto& s = cuda_host::state();
+  if (s.cur != nullptr) cuda_host::fail(msg);  // in a kernel: the launch fails
+  s.failed = true;                              // host code: the next error string says it
+  s.error = msg;
+  s.last = cudaErrorLaunchFailure;
+}
+
+void __ubsan_handle_type_mismatch_v1_abort(const HostTypeMismatch* d, uintptr_t ptr) {
+  __ubsan_handle_type_mismatch_v1(d, ptr);
+}
 
 void host_set_reverse(int reverse) { cuda_host::state().reverse = reverse != 0; }
 const char* host_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
