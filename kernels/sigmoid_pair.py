@@ -6,13 +6,15 @@ the partials in fp64 (two-stage, deterministic).  The backward is split by owner
 fused-attention backward: one kernel owns row blocks (Gq = G @ k, plus partial sums of G for
 the bias), one owns column blocks (Gk = G^T @ q); neither needs atomics.
 
-Those kernels hold a (BLOCK, D) block of each side, which suits D <= 256.  Above that (or with
-FASTCL_TRITON_BWD=strip) the forward loops over D in chunks and the backward writes G a block of
-rows x columns at a time for cuBLAS, as the LSE kernels' strip backward does (``sigmoid_mode``).
+Those kernels hold a (BLOCK, D) block of each side, which suits D <= 256.  Above that, for fp32
+at any D (the fused kernels spill on sm_90), or with FASTCL_TRITON_BWD=strip, the forward loops
+over D in chunks and the backward writes G a block of rows x columns at a time for cuBLAS, as
+the LSE kernels' strip backward does (``sigmoid_mode``).
 
-Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores); fp32 inputs
-use IEEE fp32 products (no TF32) so they meet the fp32 tolerance.  float64 is refused, as by the
-LSE kernels: Triton before 3.5 has no float64 tl.dot, and compiled for sm_90 the whole-D float64
+Products run on the input dtype with fp32 accumulation (bf16/fp16 tensor cores).  fp32 products
+are IEEE in the fused kernels; the strip kernels share the LSE kernels' ``_config``, which takes
+TF32 when torch.backends.cuda.matmul.allow_tf32 is set.  float64 is refused, as by the LSE
+kernels: Triton before 3.5 has no float64 tl.dot, and compiled for sm_90 the whole-D float64
 blocks spill at D = 128 and need 384 KB of shared memory (an SM has 227 KB) at D = 768.
 """
 import os

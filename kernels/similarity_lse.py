@@ -288,7 +288,7 @@ def _check(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError("Triton kernels got CPU tensors; set TRITON_INTERPRET=1 to run them in the interpreter")
     if q.dtype == torch.float64:
         raise TypeError("the triton backend supports float32, bfloat16 and float16 inputs, got float64; "
-                        "use backend='cpu' or 'reference' for float64")
+                        "use backend='reference' (or 'cpu' for CPU tensors) for float64")
 
 
 def autotune_enabled() -> bool:

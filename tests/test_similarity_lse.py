@@ -193,6 +193,20 @@ def test_fully_excluded_row_is_neg_inf(backend):
     assert r.item() == float("-inf")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_infinite_score(backend):
+    """README, non-finite inputs: a +inf term makes the LSE +inf in the reference and NaN in the
+    fused kernels; the other rows and columns stay finite either way."""
+    q, k = torch.rand(5, 4) + 0.1, torch.randn(7, 4)
+    k[3, 0] = float("inf")  # column 3 is +inf in every row
+    row, col = similarity_lse(q, k, 1.0, rows=True, cols=True, backend=backend)
+    if backend == "reference":
+        assert (row == float("inf")).all() and col[3] == float("inf")
+    else:
+        assert torch.isnan(row).all() and torch.isnan(col[3])
+    assert torch.isfinite(col[[0, 1, 2, 4, 5, 6]]).all()
+
+
 @needs_ext
 def test_cpu_is_deterministic():
     gen = torch.Generator().manual_seed(5)

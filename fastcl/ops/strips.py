@@ -13,7 +13,8 @@ strip once (csrc/cuda/similarity_strips.cu):
 The scores stay fp32 so the LSEs keep fp32 accuracy for half inputs (a bf16 score strip would
 carry an absolute error of |s| * 2^-9).  Scale and bias are device scalars read by the epilogues,
 so nothing syncs with the host.  The epilogues sit behind a small interface (``CudaEpilogues``);
-the tests run this driver on the CPU with a pure-PyTorch stand-in for it.
+the tests run this driver on the CPU with a pure-PyTorch stand-in (tests/_strip_emulation.py) and
+with the CUDA epilogues themselves compiled for the CPU (tests/_cuda_host.py).
 
 Epilogue interface (scores: (R, M) fp32 strip, row stride >= M; scale, bias: 0-d fp32; ``diag``:
 local column offset of the special entry ``j == i + diag`` of row i, or None):
@@ -191,7 +192,7 @@ EPILOGUES = CudaEpilogues
 def _scalars(q: Tensor, scale: Tensor, bias: Tensor):
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the cuda backend supports float32, bfloat16 and float16 inputs, got {q.dtype}; "
-                        "use backend='cpu' or 'reference' for float64")
+                        "use backend='reference' (or 'cpu' for CPU tensors) for float64")
     f32 = lambda t: t.to(device=q.device, dtype=torch.float32).reshape(()).contiguous()  # noqa: E731
     return f32(scale), f32(bias)
 
