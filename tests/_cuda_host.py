@@ -27,6 +27,8 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 SOURCES = ("similarity_strips.cu", "masking.cu")
 # kernel<T, ...><<<grid, block, shmem, stream>>>(args);
 LAUNCH = re.compile(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\(([^;]*)\);", re.S)
+# __launch_bounds__(max threads) kernel_name(
+BOUNDS = re.compile(r"__launch_bounds__\(([^)]*)\)\s+(\w+)\s*\(")
 # -fsanitize=alignment checks every vector access; the handler in kernels_capi.cpp turns a
 # misaligned one (a GPU would fault) into a launch failure.  -fno-gnu-unique keeps the emulator's
 # state per library, so a test's mutant library does not share it with the main one.
@@ -49,8 +51,15 @@ def compiler():
 
 
 def host_source(text: str) -> str:
-    """CUDA source with every ``kernel<<<cfg>>>(args);`` rewritten as a host launch."""
-    out, n = LAUNCH.subn(lambda m: f"::cuda_host::launch({m[2]}, [&] {{ {m[1]}({m[3]}); }});", text)
+    """CUDA source with every ``kernel<<<cfg>>>(args);`` rewritten as a host launch, which also
+    checks the block size against the kernel's ``__launch_bounds__``."""
+    bounds = {name: expr for expr, name in BOUNDS.findall(text)}
+
+    def launch(m):
+        bound = bounds.get(m[1].split("<")[0], "1024")
+        return f"::cuda_host::launch({m[2]}, [&] {{ {m[1]}({m[3]}); }}, {bound});"
+
+    out, n = LAUNCH.subn(launch, text)
     if n != text.count("<<<"):
         raise RuntimeError(f"rewrote {n} of {text.count('<<<')} kernel launches")
     return out

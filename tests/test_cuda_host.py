@@ -238,6 +238,18 @@ def test_emulation_catches_a_missing_barrier(tmp_path):
         assert_close(inplace_view(scores, torch.bfloat16), inplace_view(ref, torch.bfloat16), torch.bfloat16)
 
 
+def test_emulation_enforces_launch_bounds():
+    """A block bigger than the kernel's __launch_bounds__ does not launch on a GPU, nor here."""
+    src = (_cuda_host.CUDA_DIR / "similarity_strips.cu").read_text()
+    launch = "lse_fwd_kernel<VEC, ROWS, COLS><<<grid, kFwdThreads, 0, stream>>>"
+    assert launch in src
+    lib = _cuda_host.load(_cuda_host.build({"similarity_strips.cu": src.replace(
+        launch, "lse_fwd_kernel<VEC, ROWS, COLS><<<grid, 2 * kFwdThreads, 0, stream>>>")}))
+    scores, _ = strip(20, 37, "pad")
+    with _cuda_host.using(lib), pytest.raises(RuntimeError, match="lse_fwd launch failed: invalid configuration"):
+        _cuda_host.HostEpilogues.lse_fwd(scores, SCALE, BIAS, None, True, True)
+
+
 def test_emulation_catches_a_misaligned_vector_access():
     """A 16-byte load from an address that is not 16-byte aligned faults on a GPU; here the
     alignment check fails the launch."""
