@@ -1,6 +1,7 @@
 """The CUDA sources, checked without a GPU.
 
-* Every ``csrc/**/*.cu`` compiles with the machine's nvcc for sm_80 (A100) and sm_90 (H100).
+* Every ``csrc/**/*.cu`` compiles with the machine's nvcc for sm_80 (A100) and sm_90 (H100), and
+  ptxas reports no register spills or stack frame in any kernel.
 * Every ATen glue file ``csrc/cuda/*.cpp`` compiles against this torch's headers, loads, and
   registers its CUDA kernels with signatures that match their schemas (torch checks that at
   registration).  A CPU torch ships the ATen/c10 CUDA headers but not the CUDA libraries' ones,
@@ -8,6 +9,7 @@
   library is loaded with lazy binding and none of its CUDA code runs."""
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -29,11 +31,16 @@ CXX = shutil.which("g++")
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_nvcc_compiles(source, arch, tmp_path):
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what setup.py's build adds (no half operators)
-    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, str(source),
+    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, "--resource-usage", str(source),
            "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "out.o").stat().st_size > 0
+    # ptxas reports each kernel: no register spills, no stack frame (local memory).
+    report = proc.stdout + proc.stderr
+    usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(usage) >= 4, report[-2000:]
+    assert all(u == ("0", "0", "0") for u in usage), f"local memory or spills:\n{report[-4000:]}"
 
 
 def _cuda_include():
