@@ -64,7 +64,9 @@ def _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr):
 def _load_rows(ptr, idx, n, stride, dd, D, DOT_FP32: tl.constexpr):
     """(len(idx), BLOCK_D) block of rows ``idx`` (zeros past n and D); fp32 when DOT_FP32, as the
     interpreter's tl.dot is wrong on bf16 operands."""
-    x = tl.load(ptr + idx[:, None] * stride + dd[None, :], mask=(idx[:, None] < n) & (dd[None, :] < D), other=0.0)
+    # int64 offsets: N * D may pass 2^31.
+    x = tl.load(ptr + idx.to(tl.int64)[:, None] * stride + dd[None, :], mask=(idx[:, None] < n) & (dd[None, :] < D),
+                other=0.0)
     if DOT_FP32:
         x = x.to(tl.float32)
     return x
@@ -117,7 +119,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M,
         gsum += tl.sum(g, axis=1)
         # G is rounded to the operand dtype so the product runs on tensor cores.
         gq += tl.dot(g.to(k.dtype), k, out_dtype=tl.float32, input_precision=PRECISION)
-    tl.store(gq_ptr + rows[:, None] * stride_gq + dd[None, :], gq,
+    tl.store(gq_ptr + rows.to(tl.int64)[:, None] * stride_gq + dd[None, :], gq,
              mask=(rows[:, None] < N) & (dd[None, :] < D))
     tl.store(gpart_ptr + pid, tl.sum(gsum, axis=0))
 
