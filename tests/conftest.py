@@ -20,6 +20,16 @@ TOL = {
     torch.float16: 4e-3,
 }
 
+# Element-wise bounds, for outputs compared one element at a time (the CUDA kernels' gradient
+# tiles, tests/test_cuda_host.py): rounded to the dtype from fp32 here and from float64 in the
+# reference, one bf16/fp16 ulp apart at most, with an absolute floor for fp32 exp of logits near
+# 25 (argument error 25 * 2^-24 on terms up to about 1) where terms of opposite signs cancel.
+ELEMENT_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=1e-5),
+}
+
 # Logits in the thousands (scale 100 on unnormalised features) carry an absolute rounding error
 # of |s| * eps in any fp32 computation, so tests at such magnitudes widen TOL by this factor.
 LARGE_LOGITS_FACTOR = 50.0

@@ -12,7 +12,7 @@ import torch
 
 import _cuda_host
 from _strip_emulation import TorchEpilogues
-from conftest import assert_close
+from conftest import ELEMENT_TOL, assert_close
 from fastcl._ext import extension_available
 from fastcl.ops.masking import csr_segments
 from fastcl.ops.strips import inplace_view
@@ -45,17 +45,10 @@ def strip(r, m, layout, seed=0):
     return view, buf
 
 
-# Element-wise bounds for a tile rounded to its dtype from fp32 (here) or float64 (the stand-in):
-# one ulp of bf16/fp16 apart at most, and an absolute floor for fp32 exp of logits near 25
-# (argument error 25 * 2^-24, on terms up to about 1) where dS terms of opposite signs cancel.
-# A stale or skipped element fails.
-TILE_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-5),
-            torch.float16: dict(rtol=2e-3, atol=1e-5)}
-
-
 def assert_tile_close(got, ref, dtype, what):
+    """The norm check of every test, then element by element: a stale or skipped element fails."""
     assert_close(got, ref, dtype, what)
-    torch.testing.assert_close(got.float(), ref.float(), **TILE_TOL[dtype], msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(got.float(), ref.float(), **ELEMENT_TOL[dtype], msg=lambda m: f"{what}: {m}")
 
 
 def diag_of(r, m):
