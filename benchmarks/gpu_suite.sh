@@ -7,8 +7,9 @@
 # commit in the results when the copy has no .git; BENCH_ARGS replaces the benchmark's options (default: skip
 # Inf-CL at N=131072, about 6.4 s a call, measured at b463cd9); SUITE_QUICK=1 shrinks the benchmarks; SUITE_NO_TABLE=1 skips
 # the triton-vs-cuda dispatch-table measurement (TABLE_ARGS passes options to it); SUITE_STEPS picks steps
-# (comma list of build,tests,bench,table,masking,ring,losses,tuning, run in that order; default all but table and tuning, which
-# keeps one call under 10 minutes), e.g. SUITE_STEPS=table,tuning for a second call on the same warm machine.
+# (comma list of build,tests,bench,table,masking,ring,losses,tuning,sanitize, run in that order; default all but table,
+# tuning and sanitize, which keeps one call under 10 minutes), e.g. SUITE_STEPS=table,tuning for a second call on the
+# same warm machine.
 # SUITE_BUDGET_S (default 520) caps the whole call: each step runs under `timeout` with what is left, and a
 # step that finds under 15 s left is skipped, so the call ends with its results on disk instead of being
 # killed from outside (the benchmark scripts write their JSON as they go).
@@ -128,5 +129,26 @@ stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown row
 budgeted python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
   --config-sweep 32768:768 --sweep-shapes all --profile "" --json "$WORK/tuning_bench.json" 2>&1 | tee "$WORK/tuning.log" | tail -20
 budgeted python3 benchmarks/bench_masking.py --device cuda --sweep --json "$WORK/masking_sweep.json" 2>&1 | tail -12
+fi
+if want sanitize; then
+stamp "8. opt-in compute-sanitizer over the CUDA kernels' GPU tests (what the CPU emulation cannot see)"
+san=$(command -v compute-sanitizer || true)
+[ -z "$san" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ] && san="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
+if [ -n "$san" ]; then
+  # No caching allocator, so memcheck sees each tensor's own bounds.
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  for tool in memcheck racecheck synccheck; do
+    budgeted "$san" --tool "$tool" --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
+      -k "epilogue" >"$WORK/sanitize_$tool.log" 2>&1
+    echo "$tool exit code: $? (9: the tool found errors; see sanitize_$tool.log in the tarball)"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$WORK/sanitize_$tool.log" | tail -3
+  done
+  budgeted "$san" --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_masking.py \
+    -k "gpu_vector_and_fallback and cuda" >"$WORK/sanitize_masking.log" 2>&1
+  echo "masking memcheck exit code: $?"
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+else
+  echo "skipped: no compute-sanitizer on PATH or in CUDA_HOME"
+fi
 fi
 stamp "done"

@@ -10,11 +10,14 @@ import tarfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run_suite(tmp_path, **env_extra):
+def _run_suite(tmp_path, tools=None, **env_extra):
+    """Run the suite with stand-ins on PATH: nvidia-smi, python3, and ``tools`` (name: script)."""
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0, 0 MiB'\n")
     (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for name, script in (tools or {}).items():
+        (shim / name).write_text(script)
     for f in shim.iterdir():
         f.chmod(0o755)
     out = tmp_path / "out"
@@ -41,3 +44,18 @@ def test_suite_names_a_bad_budget(tmp_path):
     proc, out = _run_suite(tmp_path, SUITE_STEPS="masking", SUITE_BUDGET_S="9m")
     assert proc.returncode == 2
     assert "SUITE_BUDGET_S must be a whole number of seconds, got '9m'" in proc.stderr
+
+
+def test_sanitize_step_runs_each_tool(tmp_path):
+    # A stand-in compute-sanitizer records its arguments; the step runs memcheck, racecheck and
+    # synccheck over the epilogue tests, then memcheck over the CUDA masking test.
+    calls = tmp_path / "calls.txt"
+    stand_in = f'#!/bin/sh\necho "$@" >> "{calls}"\necho "ERROR SUMMARY: 0"\n'
+    proc, out = _run_suite(tmp_path, tools={"compute-sanitizer": stand_in}, SUITE_STEPS="sanitize")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = calls.read_text().splitlines()
+    assert [line.split()[1] for line in lines] == ["memcheck", "racecheck", "synccheck", "memcheck"]
+    assert all("--error-exitcode 9" in line for line in lines)
+    assert "tests/test_gpu.py -k epilogue" in lines[0] and "tests/test_masking.py" in lines[3]
+    with tarfile.open(out / "suite_results.tar.gz") as tar:
+        assert {"./sanitize_memcheck.log", "./sanitize_masking.log"} <= set(tar.getnames())
