@@ -3,11 +3,45 @@ CUDA PyTorch and nvcc are present.  The package stays importable without the ext
 import glob
 import os
 import platform
+import shutil
 
 from setuptools import find_packages, setup
 
+
+
+def _toolkit_home():
+    """A CUDA toolkit folder (bin/nvcc and include/cuda_runtime_api.h), for CUDA_HOME when it is
+    unset: torch would take the folder above ``which nvcc``, which is wrong for a wrapper script
+    such as /usr/local/bin/nvcc."""
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []) + sorted(
+        glob.glob("/usr/local/cuda*"))
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
+    return None
+
+
+def _library_headers(cuda_home):
+    """Header folders of NVIDIA's pip wheels (nvidia/cu13/include, ...) when the toolkit lacks the
+    cuBLAS/cuSPARSE/cuSOLVER headers that ATen's CUDA headers include (a minimal toolkit beside a
+    pip-installed CUDA PyTorch)."""
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    wanted = ("cusparse.h", "cublas_v2.h", "cusolverDn.h")
+    dirs = [d for root in nvidia.__path__ for d in sorted(glob.glob(os.path.join(root, "*", "include")))]
+    return [d for d in dirs if any(os.path.exists(os.path.join(d, h)) for h in wanted)]
+
+
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTCL_NO_EXT", "0") != "1":
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and _toolkit_home():
+        os.environ["CUDA_HOME"] = _toolkit_home()
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 
@@ -22,7 +56,10 @@ if os.environ.get("FASTCL_NO_EXT", "0") != "1":
     if use_cuda:
         ext = CUDAExtension(
             "fastcl._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx + ["-DFASTCL_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17"]},
+            # -idirafter: the toolkit's own headers win; only the ATen glue (.cpp) needs these.
+            extra_compile_args={"cxx": cxx + ["-DFASTCL_WITH_CUDA"]
+                                + [f for d in _library_headers(CUDA_HOME) for f in ("-idirafter", d)],
+                                "nvcc": ["-O3", "-std=c++17"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("fastcl._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])

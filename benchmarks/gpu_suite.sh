@@ -48,6 +48,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$WORK/gpu.txt"
+# Where the extension build will look for the CUDA toolkit (setup.py's _toolkit_home when CUDA_HOME is unset).
+echo "nvcc: $(command -v nvcc || echo none) CUDA_HOME=${CUDA_HOME:-unset}" | tee -a "$WORK/gpu.txt"
 # Whether cuBLAS can add a bf16 product into an fp32 out= (the strip backwards' Gk); if not,
 # fastcl.ops.strips.mm_f32_into warns and goes through an fp32 temporary.
 python3 - <<'PY' 2>&1 | tee -a "$WORK/gpu.txt"
