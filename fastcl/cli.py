@@ -230,7 +230,9 @@ def cmd_info(args, parser) -> int:
     if not ext:
         rows.append(("cuda", False, "fastcl._C not built"))
     elif not ext_cuda:
-        rows.append(("cuda", False, "fastcl._C was built without CUDA"))
+        why = ("torch has no CUDA" if torch.version.cuda is None else
+               "rebuild it where nvcc is: pip install --no-build-isolation -e . (CUDA_HOME names the toolkit)")
+        rows.append(("cuda", False, f"fastcl._C was built without CUDA ({why})"))
     else:
         rows.append(("cuda", cuda, "CUDA kernels in fastcl._C" if cuda else "built with CUDA, but no CUDA device"))
     print("backends:")

@@ -232,6 +232,21 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
         assert "FASTCL_TRITON_AUTOTUNE must be 0 or 1" in out
 
 
+def test_info_says_why_the_cuda_kernels_are_missing(monkeypatch, capsys):
+    """A CUDA torch with a CPU-only fastcl._C (the build fell back) gets the way to rebuild."""
+    from fastcl import _ext
+    from fastcl.cli import main
+    if not _ext.extension_available():
+        pytest.skip("needs the C++ extension")
+    monkeypatch.setattr(_ext, "extension_has_cuda", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert main(["info"]) == 0
+    assert "fastcl._C was built without CUDA (rebuild it where nvcc is" in capsys.readouterr().out
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert main(["info"]) == 0
+    assert "fastcl._C was built without CUDA (torch has no CUDA)" in capsys.readouterr().out
+
+
 def _gpu_bench():
     return load_module("gpu_bench", ROOT / "benchmarks/gpu_bench.py")
 
