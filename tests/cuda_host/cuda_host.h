@@ -10,17 +10,18 @@
 // written before a barrier is visible after it and nothing else is ordered: a kernel that
 // relies on lockstep execution without a barrier reads stale or clobbered data here.  Threads
 // and blocks run in ascending or descending order (``reverse``) to vary the interleaving.
-// Misuse that is undefined on a GPU is a launch failure with a
-// message: a barrier some lanes of a full-mask warp op never reach, a deadlock, a bad launch
-// configuration, and (with -fsanitize=alignment, handler in kernels_capi.cpp) a misaligned
-// vector access.
+//
+// Misuse that is undefined on a GPU is a launch failure with a message: a barrier some lanes of
+// a full-mask warp op never reach, a deadlock, a bad launch configuration or a block bigger than
+// the kernel's __launch_bounds__, and (with -fsanitize=alignment, handler in kernels_capi.cpp)
+// a misaligned vector access.
+//
 // Not seen here: races between fibers that need no barrier (a non-atomic read-modify-write of one
 // address by many threads never loses an update; the kernels use no atomics), a dependence
-// between blocks (they run in order, ascending or descending), shared memory read before it is
-// written (__shared__ variables are statics: zero at first, then what the last block left; GCC
-// ignores a section attribute on statics of templates, so they cannot be poisoned as a group),
-// and writes past a buffer (the tests surround outputs with NaN
-// and check them where they can).
+// between blocks (they run in order), shared memory read before it is written (__shared__
+// variables are statics: zero at first, then what the last block left; GCC ignores a section
+// attribute on statics of templates, so they cannot be poisoned as a group), and writes past a
+// buffer (the tests surround outputs with NaN and check them where they can).
 #pragma once
 
 #include <ucontext.h>
