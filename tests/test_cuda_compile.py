@@ -2,6 +2,8 @@
 
 * Every ``csrc/**/*.cu`` compiles with the machine's nvcc for sm_80 (A100) and sm_90 (H100), and
   ptxas reports no register spills or stack frame in any kernel.
+* The 16-byte paths are 128-bit loads and stores in the sm_90 machine code (read with the
+  cuobjdump that Triton ships).
 * Every ATen glue file ``csrc/cuda/*.cpp`` compiles against this torch's headers, loads, and
   registers its CUDA kernels with signatures that match their schemas (torch checks that at
   registration).  A CPU torch ships the ATen/c10 CUDA headers but not the CUDA libraries' ones,
@@ -119,3 +121,36 @@ def test_glue_compiles_and_registers_its_cuda_kernels(tmp_path):
         assert f"fastcl_C::{name}" in ops, sorted(ops)
         assert "\nCUDA: registered at" in ops[f"fastcl_C::{name}"], ops[f"fastcl_C::{name}"]
     assert "Tensor(a!) scores" in ops["fastcl_C::cuda_strip_lse_bwd"]
+
+
+def _cuobjdump():
+    """The cuobjdump that Triton's NVIDIA backend ships, or None."""
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return None
+    path = pathlib.Path(nv.__file__).parent / "bin" / "cuobjdump"
+    return str(path) if path.exists() else None
+
+
+@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and Triton's cuobjdump")
+@pytest.mark.parametrize("source,kernel,ops", [
+    ("csrc/cuda/similarity_strips.cu", r"lse_fwd_kernelILi4E", ["LDG.E.128"]),
+    ("csrc/cuda/similarity_strips.cu", r"rowwise_kernel.*Li4E", ["LDG.E.128"]),
+    ("csrc/cuda/masking.cu", r"row_copy_kernel.*Li(8|4|2)E", ["LDG.E.128", "STG.E.128"]),
+    ("csrc/cuda/masking.cu", r"segment_gather_kernel.*Li(8|4|2)E", ["LDG.E.128", "STG.E.128"]),
+])
+def test_vector_kernels_move_16_byte_words(source, kernel, ops, tmp_path):
+    """The 16-byte paths compile to 128-bit loads (and stores, for masking) on sm_90, read from
+    the machine code: every instantiation whose name matches ``kernel`` has each of ``ops``."""
+    obj = tmp_path / "k.o"
+    subprocess.run([NVCC, "-c", "-arch=sm_90", "-std=c++17", "-O3", str(ROOT / source), "-o", str(obj)], check=True,
+                   capture_output=True, timeout=600)
+    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    matched = [f for f in functions if re.search(kernel, f.split("\n", 1)[0])]
+    assert matched, f"no instantiation matches {kernel}"
+    for body in matched:
+        name = body.split("\n", 1)[0].strip()
+        for op in ops:
+            assert re.search(rf"\b{re.escape(op)}\b", body), f"{name}: no {op}"
