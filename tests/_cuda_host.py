@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import importlib
 import os
 import pathlib
 import re
@@ -253,13 +252,8 @@ def route_to_host(monkeypatch) -> None:
     """Make ``backend="cuda"`` on CPU tensors run these kernels: the strip epilogues of the
     similarity ops and the segment gather of masking (everything else is the library's code)."""
     import fastcl.ops.masking
-    from fastcl.ops import strips
-    from fastcl.ops.dispatch import resolve_backend as real
-    resolve = lambda backend, device, problem=None: "cuda" if backend == "cuda" else real(backend, device, problem)  # noqa: E731
-    for module in ("fastcl.masking", "fastcl.ops.similarity_lse", "fastcl.ops.sigmoid_pair"):
-        # By module object: fastcl.ops re-exports functions under the same names as these modules.
-        monkeypatch.setattr(importlib.import_module(module), "resolve_backend", resolve)
-    monkeypatch.setattr(strips, "EPILOGUES", HostEpilogues)
+    from _strip_emulation import CUDA_OP_MODULES, route_cuda_backend
+    route_cuda_backend(monkeypatch, HostEpilogues, CUDA_OP_MODULES + ("fastcl.masking",))
     gather = fastcl.ops.masking._segment_gather
 
     def host_or_library(src, start, count, order, fill, pos, out_fp32, backend):

@@ -1,10 +1,29 @@
 """A pure-PyTorch stand-in for the CUDA strip epilogues (interface in fastcl/ops/strips.py).
 
 It computes what each epilogue must produce, from the definitions, in float64, so the strip
-driver can run on the CPU, and the GPU tests can check each CUDA epilogue against it."""
+driver can run on the CPU, and the GPU tests can check each CUDA epilogue against it.
+``route_cuda_backend`` points ``backend="cuda"`` on CPU tensors at the driver with given epilogues."""
+import importlib
+
 import torch
 
+from fastcl.ops import strips
+from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.strips import inplace_view
+
+# The modules whose ops resolve a backend name (fastcl.ops re-exports functions under the names
+# of the similarity_lse and sigmoid_pair modules, so they are patched by module object).
+CUDA_OP_MODULES = ("fastcl.ops.similarity_lse", "fastcl.ops.sigmoid_pair")
+
+
+def route_cuda_backend(monkeypatch, epilogues, modules=CUDA_OP_MODULES) -> None:
+    """``backend="cuda"`` on CPU tensors resolves as on a GPU in ``modules``, and the strip driver
+    (fastcl/ops/strips.py) calls ``epilogues`` (TorchEpilogues, or the compiled kernels)."""
+    resolve = lambda backend, device, problem=None: (  # noqa: E731
+        "cuda" if backend == "cuda" else resolve_backend(backend, device, problem))
+    for module in modules:
+        monkeypatch.setattr(importlib.import_module(module), "resolve_backend", resolve)
+    monkeypatch.setattr(strips, "EPILOGUES", epilogues)
 
 
 def _logits(scores, scale, bias, diag, fill):

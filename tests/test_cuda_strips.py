@@ -5,7 +5,6 @@ offset per strip, the column merge across strips, the in-place gradient tile and
 formulas, against the float64 reference at odd sizes with a tiny workspace.  Also the workspace
 bound, the dispatch table and the errors.  The kernels one by one: tests/test_cuda_host.py (on
 the CPU) and tests/test_gpu.py."""
-import importlib
 import os
 import pathlib
 import re
@@ -14,15 +13,12 @@ import pytest
 import torch
 
 import _cuda_host
-from _strip_emulation import TorchEpilogues
+from _strip_emulation import TorchEpilogues, route_cuda_backend
 from conftest import DTYPES, assert_close, load_module, randn
 from fastcl.ops import dispatch, dispatch_table, strips
 from fastcl.ops.dispatch import resolve_backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The modules, not the functions that fastcl.ops re-exports under the same names.
-similarity_lse_mod = importlib.import_module("fastcl.ops.similarity_lse")
-sigmoid_pair_mod = importlib.import_module("fastcl.ops.sigmoid_pair")
 
 
 def counting(base):
@@ -47,12 +43,8 @@ def emulated(request, monkeypatch):
     with the CUDA epilogue kernels compiled for the CPU (tests/_cuda_host.py); the workspace holds
     16 (or 3) rows of 131 columns, so N=67 takes 5 (or 23) strips.  Returns the epilogues class."""
     kind, mb = request.param
-    real = resolve_backend
-    fake = lambda backend, device, problem=None: "cuda" if backend == "cuda" else real(backend, device, problem)  # noqa: E731
-    monkeypatch.setattr(similarity_lse_mod, "resolve_backend", fake)
-    monkeypatch.setattr(sigmoid_pair_mod, "resolve_backend", fake)
     epilogues = counting(TorchEpilogues if kind == "stand-in" else _cuda_host.HostEpilogues)
-    monkeypatch.setattr(strips, "EPILOGUES", epilogues)
+    route_cuda_backend(monkeypatch, epilogues)
     monkeypatch.setattr(strips, "WORKSPACE_MB", mb)
     epilogues.workspace_mb = mb
     return epilogues

@@ -1,7 +1,6 @@
 """The bounded-memory gradient driver (fastcl/ops/strip_grads.py): its plan, its sums against whole
 float64 products, and the triton and cuda backends run through it with budgets small enough to
 need several column chunks and row strips."""
-import importlib
 
 import pytest
 import torch
@@ -9,9 +8,6 @@ import torch
 from conftest import DTYPES, assert_close, randn
 from fastcl.ops import strips
 from fastcl.ops.strip_grads import finish_full, plan, scratch_bytes, strip_grads
-
-similarity_lse_mod = importlib.import_module("fastcl.ops.similarity_lse")
-sigmoid_pair_mod = importlib.import_module("fastcl.ops.sigmoid_pair")
 
 
 @pytest.mark.parametrize("n,m,d", [(67, 131, 40), (32768, 32768, 768), (1, 1, 3), (4096, 100000, 1024)])
@@ -182,13 +178,8 @@ def test_triton_sigmoid_in_chunks(tiny_budget, monkeypatch):
 def emulated_cuda(tiny_budget, monkeypatch):
     """backend="cuda" on CPU tensors: the real driver with the float64 stand-in epilogues, and
     small strips so that the 24 KB budget is met."""
-    from _strip_emulation import TorchEpilogues
-    from fastcl.ops.dispatch import resolve_backend
-    fake = lambda backend, device, problem=None: "cuda" if backend == "cuda" else resolve_backend(  # noqa: E731
-        backend, device, problem)
-    monkeypatch.setattr(similarity_lse_mod, "resolve_backend", fake)
-    monkeypatch.setattr(sigmoid_pair_mod, "resolve_backend", fake)
-    monkeypatch.setattr(strips, "EPILOGUES", TorchEpilogues)
+    from _strip_emulation import TorchEpilogues, route_cuda_backend
+    route_cuda_backend(monkeypatch, TorchEpilogues)
     monkeypatch.setattr(strips, "GRAD_MIN_ROWS", 16)
     monkeypatch.setattr(strips, "GRAD_COL_ALIGN", 16)
 
