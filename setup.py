@@ -8,7 +8,6 @@ import shutil
 from setuptools import find_packages, setup
 
 
-
 def _toolkit_home():
     """A CUDA toolkit folder (bin/nvcc and include/cuda_runtime_api.h), for CUDA_HOME when it is
     unset: torch would take the folder above ``which nvcc``, which is wrong for a wrapper script
@@ -40,8 +39,9 @@ def _library_headers(cuda_home):
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTCL_NO_EXT", "0") != "1":
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and _toolkit_home():
-        os.environ["CUDA_HOME"] = _toolkit_home()
+    home = None if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else _toolkit_home()
+    if home:
+        os.environ["CUDA_HOME"] = home
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
 

@@ -120,8 +120,9 @@ def sweep_rows(shared_exp: bool = False) -> list:
             for shape in K.TUNE_SHAPES for kernel in ("fwd", "dscore_strip")]
 
 
-def _flat(shape_cfg: dict, warps: int, stages: int) -> str:
-    return ",".join(str(shape_cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")) + f",{warps},{stages}"
+def _flat(cfg: dict, warps: int, stages: int, blocks=("BLOCK_M", "BLOCK_N", "BLOCK_D")) -> str:
+    """The "BLOCK_M,BLOCK_N,BLOCK_D,warps,stages" string of a launch configuration dict."""
+    return ",".join(map(str, [cfg[k] for k in blocks] + [warps, stages]))
 
 
 def other_rows() -> list:
@@ -170,7 +171,7 @@ def other_rows() -> list:
         c = _compile(K._grad_fused_kernel, {"a_ptr": ptr, "b_ptr": ptr, **scalars, **stats},
                      ["NA", "NB", "D", "stride_a", "stride_b", "stride_o", "diag_off"], consts,
                      launch["num_warps"], launch["num_stages"])
-        shape = f"{cfg['BLOCK_A']},{cfg['BLOCK_B']},{cfg['BLOCK_D']},{launch['num_warps']},{launch['num_stages']}"
+        shape = _flat(cfg, launch["num_warps"], launch["num_stages"], ("BLOCK_A", "BLOCK_B", "BLOCK_D"))
         row("lse_grad_fused", dtype, 128, "fused (opt-in)", c, shape, launch["num_warps"])
     return out
 

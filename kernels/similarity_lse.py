@@ -239,22 +239,19 @@ def _config(q: torch.Tensor) -> dict:
     is_fp32 = q.dtype == torch.float32  # float64 never gets here (_check)
     upcast = interp
     precision = "ieee" if (interp or not torch.backends.cuda.matmul.allow_tf32) else "tf32"
-    d = q.shape[1]
+    tile = None if interp else tile_override()
     if interp:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=max(16, min(64, triton.next_power_of_2(d))),
-                    UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, launch={})
-    tile = tile_override()
-    if tile is not None:
+        bm, bn, bd, launch = 64, 64, 64, {}
+    elif tile is not None:
         bm, bn, bd, warps, stages = tile
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, triton.next_power_of_2(d))),
-                    UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision,
-                    launch=dict(num_warps=warps, num_stages=stages))
-    # fp32 takes 64-column tiles: at 128 x 128 x 32 its forward spills registers on sm_90 (the
-    # ptxas counts checked by tests/test_triton_lse_compile.py).
-    block_d, block_n = (32, 64) if q.dtype == torch.float32 else (64, 128)
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=max(16, min(block_d, triton.next_power_of_2(d))),
-                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision,
-                launch=dict(num_warps=8, num_stages=3))
+        launch = dict(num_warps=warps, num_stages=stages)
+    else:
+        # fp32 takes 64-column tiles: at 128 x 128 x 32 its forward spills registers on sm_90 (the
+        # ptxas counts checked by tests/test_triton_lse_compile.py).
+        bm, (bd, bn) = 128, ((32, 64) if q.dtype == torch.float32 else (64, 128))
+        launch = dict(num_warps=8, num_stages=3)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, triton.next_power_of_2(q.shape[1]))),
+                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, launch=launch)
 
 
 def gpu_launch_shape(dtype: torch.dtype, d: int = 768) -> Tuple[int, int, int, int, int]:
