@@ -190,7 +190,7 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
 # programs per SM on sm_90 (benchmarks/triton_sm90_resources.py --sweep; the dS kernel at
 # 128,128,32 still fits one), so one can overlap the other's epilogue.  The tuning step times
 # every shape of the autotuner's list.
-QUICK_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3))
+QUICK_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3, 128), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3))
 
 
 def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):

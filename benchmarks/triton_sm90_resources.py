@@ -34,7 +34,7 @@ TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLAG_SETS = [(True, True, False), (True, False, False), (False, True, False), (True, True, True)]
 
 
-def _compile(fn, ptrs, ints, consts, warps, stages):
+def _compile(fn, ptrs, ints, consts, warps, stages, maxnreg=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,11 +46,13 @@ def _compile(fn, ptrs, ints, consts, warps, stages):
     hinted = [n for n in names if n.endswith("_ptr") or n in ints]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in hinted}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def usage(compiled, warps: int) -> dict:
-    """Registers, stack, spill instructions, shared memory, HGMMA count and programs per SM."""
+    """Registers, stack, spill instructions, shared memory, HGMMA/HMMA and MUFU.LG2 (hardware log2)
+    counts, and programs per SM."""
     import triton.backends.nvidia as nv
     cuobjdump = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -69,6 +71,9 @@ def usage(compiled, warps: int) -> dict:
     by_smem = SMEM_PER_SM // smem if smem else 32
     return {"regs": reg, "stack": stack, "local": local, "spill_ops": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
             "smem": smem, "hgmma": len(re.findall(r"\bHGMMA\b", sass)), "hmma": len(re.findall(r"\bHMMA\b", sass)),
+            "mufu_lg2": len(re.findall(r"\bMUFU\.LG2\b", sass)),
+            # Static SASS instructions (each loop body counted once; a rough proxy for per-tile work).
+            "instrs": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M)),
             "programs_per_sm": min(by_regs, by_smem)}
 
 
@@ -82,21 +87,22 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
     cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))  # flags of a GPU launch
     if shape is None:
         shape = K.gpu_launch_shape(TYPES[dtype])
-    bm, bn, bd, warps, stages = shape
+    bm, bn, bd, warps, stages, *cap = shape
     consts = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag, SHARED_EXP=shared_exp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
     ptr = "*" + dtype
     if kernel == "fwd":
+        consts["FAST_LOG"] = cfg["FAST_LOG"]
         c = _compile(K._lse_fwd_kernel,
                      {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
                       "colpart_ptr": "*fp32"},
-                     ["N", "M", "D", "stride_q", "stride_k", "diag_off", "col_span"], consts, warps, stages)
+                     ["N", "M", "D", "stride_q", "stride_k", "diag_off", "col_span"], consts, warps, stages, *cap)
     elif kernel == "dscore_strip":
         c = _compile(K._dscore_strip_kernel,
                      {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
                       "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr},
                      ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_ds", "diag_off"],
-                     consts, warps, stages)
+                     consts, warps, stages, *cap)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")
     return {"kernel": kernel, "dtype": dtype, "rows": rows, "cols": cols, "diag": diag, "shared_exp": shared_exp,
@@ -194,11 +200,12 @@ def main(argv=None):
                   f"{r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['hmma']:>5} {r['programs_per_sm']:>6}")
     else:
         rows = sweep_rows(args.shared_exp) if args.sweep else default_rows(args.shared_exp)
-        print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<16} {'regs':>4} {'spills':>6} "
-              f"{'smem KB':>7} {'HGMMA':>5} {'per SM':>6}")
+        print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<18} {'regs':>4} {'spills':>6} "
+              f"{'smem KB':>7} {'HGMMA':>5} {'per SM':>6} {'instrs':>6}")
         for r in rows:
-            print(f"{r['kernel']:<13} {r['dtype']:<5} {r['rows']!s:<5} {r['cols']!s:<5} {r['diag']!s:<5} {r['shape']:<16} "
-                  f"{r['regs']:>4} {r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['programs_per_sm']:>6}")
+            print(f"{r['kernel']:<13} {r['dtype']:<5} {r['rows']!s:<5} {r['cols']!s:<5} {r['diag']!s:<5} {r['shape']:<18} "
+                  f"{r['regs']:>4} {r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['programs_per_sm']:>6} "
+                  f"{r['instrs']:>6}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -25,6 +25,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fastcl.ops.strip_grads import finish_full, strip_grads
 from fastcl.ops.strips import workspace_bytes
@@ -35,6 +36,18 @@ FUSED_MAX_D = 256
 # 23.2 to 18.7 ms when strips grew from 1024 to 2048 rows, together with the fp32 accumulation
 # moving into cuBLAS (both changes in one run; not separated).
 STRIP_MIN_ROWS = 2048
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 of fp32 ``x``.  FAST: the hardware approximation (MUFU.LG2, absolute error about
+    2^-22), one instruction where libdevice's exact log2 takes about 30 on sm_90; the interpreter
+    has no libdevice."""
+    if FAST:
+        y = libdevice.fast_log2f(x)
+    else:
+        y = tl.log2(x)
+    return y
 
 
 @triton.jit
@@ -70,7 +83,7 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
                     diag_off, col_span, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
                     SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, FAST_LOG: tl.constexpr):
     # Program (pid, split) covers rows [pid * BLOCK_M, +BLOCK_M) x columns [split * col_span, +col_span)
     # (its last tile masked at the range's end): its row LSE over them goes to row_ptr[split, :].
     pid = tl.program_id(0)
@@ -102,13 +115,17 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
             r_ref = tl.where(big_r == float("-inf"), 0.0, big_r)
             a = tl.where(t_i == float("-inf"), 0.0, tl.exp2(t_ref - r_ref))
             lc = tl.sum(p * a[:, None], 0)
-            part = (r_ref + tl.log2(lc)) * 0.6931471805599453
+            part = (r_ref + _log2(lc, FAST_LOG)) * 0.6931471805599453
             # A column far below R (its sum near fp32's smallest normals, or empty) is redone
-            # exactly; in practice that is the matrix's edge tiles.
+            # exactly; in practice that is the matrix's edge tiles.  The tile is recomputed rather
+            # than kept: holding s2 through the loop spilled registers on sm_90.
             if tl.min(lc, 0) < 1.0e-24:
-                mc = tl.max(s2, 0)
+                sx = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale, bias,
+                                 diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                sx = sx * 1.4426950408889634
+                mc = tl.max(sx, 0)
                 refc = tl.where(mc == float("-inf"), 0.0, mc)
-                part = (refc + tl.log2(tl.sum(tl.exp2(s2 - refc[None, :]), 0))) * 0.6931471805599453
+                part = (refc + _log2(tl.sum(tl.exp2(sx - refc[None, :]), 0), FAST_LOG)) * 0.6931471805599453
             tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < c_hi)
         else:
             if ROWS:
@@ -120,11 +137,11 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
                 mc = tl.max(s2, 0)
                 refc = tl.where(mc == float("-inf"), 0.0, mc)
                 lc = tl.sum(tl.exp2(s2 - refc[None, :]), 0)
-                part = (refc + tl.log2(lc)) * 0.6931471805599453
+                part = (refc + _log2(lc, FAST_LOG)) * 0.6931471805599453
                 tl.store(colpart_ptr + pid.to(tl.int64) * M + offs_n, part, mask=offs_n < c_hi)
     if ROWS:
         ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-        tl.store(row_ptr + split.to(tl.int64) * N + offs_m, (ref + tl.log2(l_i)) * 0.6931471805599453,
+        tl.store(row_ptr + split.to(tl.int64) * N + offs_m, (ref + _log2(l_i, FAST_LOG)) * 0.6931471805599453,
                  mask=offs_m < N)
 
 
@@ -157,9 +174,12 @@ def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.c
         alpha = tl.where(finite_a, tl.exp2(la - t), 0.0)
         gap = t - lb
         beta_g = g_b * tl.exp2(gap)
-        ds = tl.exp2(s2 - la[:, None]) * (g_a[:, None] + alpha[:, None] * beta_g[None, :])
+        # The test needs only the statistics, so it comes first: one branch runs, and the tile is
+        # not held through both (that spilled registers on sm_90).
         if tl.max(gap, 0) > 64.0:
             ds = g_a[:, None] * tl.exp2(s2 - la[:, None]) + g_b[None, :] * tl.exp2(s2 - lb[None, :])
+        else:
+            ds = tl.exp2(s2 - la[:, None]) * (g_a[:, None] + alpha[:, None] * beta_g[None, :])
     else:
         ds = tl.zeros(s.shape, dtype=tl.float32)
         if A_STATS:
@@ -243,28 +263,30 @@ def _config(q: torch.Tensor) -> dict:
     if interp:
         bm, bn, bd, launch = 64, 64, 64, {}
     elif tile is not None:
-        bm, bn, bd, warps, stages = tile
-        launch = dict(num_warps=warps, num_stages=stages)
+        bm, bn, bd, warps, stages, *cap = tile
+        launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
     else:
         # fp32 takes 64-column tiles: at 128 x 128 x 32 its forward spills registers on sm_90 (the
         # ptxas counts checked by tests/test_triton_lse_compile.py).
         bm, (bd, bn) = 128, ((32, 64) if q.dtype == torch.float32 else (64, 128))
         launch = dict(num_warps=8, num_stages=3)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, triton.next_power_of_2(q.shape[1]))),
-                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, launch=launch)
+                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, FAST_LOG=not interp, launch=launch)
 
 
-def gpu_launch_shape(dtype: torch.dtype, d: int = 768) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the LSE kernels on a GPU for inputs of
-    ``dtype`` and feature size ``d`` (``_config``'s choice, ``FASTCL_TRITON_TILE`` included)."""
+def gpu_launch_shape(dtype: torch.dtype, d: int = 768) -> Tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) of the LSE kernels on a GPU for
+    inputs of ``dtype`` and feature size ``d`` (``_config``'s choice, ``FASTCL_TRITON_TILE`` included)."""
     c = _config(torch.empty(1, d, dtype=dtype, device="meta"))  # a meta tensor stands in for CUDA
-    return c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["launch"]["num_warps"], c["launch"]["num_stages"]
+    cap = (c["launch"]["maxnreg"],) if "maxnreg" in c["launch"] else ()
+    return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["launch"]["num_warps"], c["launch"]["num_stages"]) + cap
 
 
 def tile_override():
-    """FASTCL_TRITON_TILE="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages" replaces the fixed launch
-    shape of the LSE kernels on a GPU (for benchmark sweeps; the interpreter keeps its small
-    tiles); None when unset.  Blocks must be powers of two of at least 16, warps 1 to 16."""
+    """FASTCL_TRITON_TILE="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,maxnreg]" replaces the fixed
+    launch shape of the LSE kernels on a GPU (for benchmark sweeps; the interpreter keeps its small
+    tiles); None when unset.  Blocks must be powers of two of at least 16, warps 1 to 16; the
+    optional maxnreg (32 to 255) caps the registers per thread, so more programs share an SM."""
     raw = os.environ.get("FASTCL_TRITON_TILE", "").strip()
     if not raw:
         return None
@@ -273,10 +295,11 @@ def tile_override():
     except ValueError:
         vals = ()
     pow2 = lambda v: v >= 16 and v & (v - 1) == 0  # noqa: E731
-    if (len(vals) != 5 or not all(pow2(v) for v in vals[:3]) or not 1 <= vals[3] <= 16
-            or vals[3] & (vals[3] - 1) or not 1 <= vals[4] <= 8):
-        raise ValueError("FASTCL_TRITON_TILE must be BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages with "
-                         f"power-of-two blocks >= 16, num_warps a power of two <= 16 and 1-8 stages, got {raw!r}")
+    if (len(vals) not in (5, 6) or not all(pow2(v) for v in vals[:3]) or not 1 <= vals[3] <= 16
+            or vals[3] & (vals[3] - 1) or not 1 <= vals[4] <= 8 or not all(32 <= v <= 255 for v in vals[5:])):
+        raise ValueError("FASTCL_TRITON_TILE must be BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,maxnreg] with "
+                         "power-of-two blocks >= 16, num_warps a power of two <= 16, 1-8 stages and maxnreg "
+                         f"32-255, got {raw!r}")
     return vals
 
 
@@ -297,9 +320,12 @@ def autotune_enabled() -> bool:
     return flag == "1"
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) tried by the opt-in autotuner on a GPU.
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) tried by the opt-in autotuner on a
+# GPU.  128,128,32 capped at 128 registers fits two programs per SM without spilling (sm_90,
+# benchmarks/triton_sm90_resources.py --sweep), where uncapped ptxas takes 155 and fits one.
 TUNE_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 64, 4, 4),
-               (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 3))
+               (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 3, 128), (128, 256, 64, 8, 3),
+               (64, 64, 64, 4, 3))
 # In the interpreter (tests), two small shapes, timed with a wall clock.
 TUNE_SHAPES_INTERPRETER = ((64, 64, 32, 4, 1), (32, 64, 16, 4, 1))
 _TUNED = {}
@@ -318,8 +344,9 @@ def _tuned(kernel, key, interpreter: bool):
     name = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), interpreter)
     if name not in _TUNED:
         shapes = TUNE_SHAPES_INTERPRETER if interpreter else TUNE_SHAPES
-        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st)
-                   for bm, bn, bd, w, st in shapes]
+        configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st,
+                                 maxnreg=cap[0] if cap else None)
+                   for bm, bn, bd, w, st, *cap in shapes]
         extra = dict(do_bench=_wall_clock_bench) if interpreter else {}
         _TUNED[name] = triton.autotune(configs, key=key, **extra)(kernel)
     return _TUNED[name]
@@ -392,7 +419,7 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     colpart = torch.empty((triton.cdiv(group, bm_min), m) if cols else (0,), device=q.device, dtype=torch.float32)
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
-                 UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
+                 UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], FAST_LOG=cfg["FAST_LOG"])
     for r0 in range(0, n, group):  # groups in order: the column merge is deterministic
         q_g = q[r0:r0 + group]
         ng = q_g.shape[0]

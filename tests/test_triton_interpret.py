@@ -122,7 +122,13 @@ def test_tile_override_sets_the_gpu_launch_shape(monkeypatch):
     assert cfg["launch"] == {"num_warps": 4, "num_stages": 2}
     assert K._config(torch.empty(4, 3, dtype=torch.bfloat16, device="meta"))["BLOCK_D"] == 16  # D=3
     assert K._config(torch.empty(4, 768))["BLOCK_M"] == 64  # the interpreter's shape
-    for bad in ("64,128,32,4", "64,100,32,4,2", "64,128,32,3,2", "64,128,32,4,0", "a,b,c,d,e", "8,128,32,4,2"):
+    assert K._config(gpu_like)["FAST_LOG"] and not K._config(torch.empty(4, 768))["FAST_LOG"]
+    # A sixth value caps the registers per thread (ptxas .maxnreg).
+    monkeypatch.setenv("FASTCL_TRITON_TILE", "128,128,32,8,3,128")
+    assert K._config(gpu_like)["launch"] == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    assert K.gpu_launch_shape(torch.bfloat16) == (128, 128, 32, 8, 3, 128)
+    for bad in ("64,128,32,4", "64,100,32,4,2", "64,128,32,3,2", "64,128,32,4,0", "a,b,c,d,e", "8,128,32,4,2",
+                "128,128,32,8,3,16", "128,128,32,8,3,256", "128,128,32,8,3,128,1"):
         monkeypatch.setenv("FASTCL_TRITON_TILE", bad)
         with pytest.raises(ValueError, match="FASTCL_TRITON_TILE"):
             K._config(gpu_like)
