@@ -89,17 +89,17 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
     pid = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
+    # Base-2 scores straight from the product (exp2 is the native instruction): one FMA each.
+    scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     c_lo = split * col_span
     c_hi = tl.minimum(c_lo + col_span, M)  # the range's end masks its last tile: ranges never overlap
     for n0 in range(c_lo, c_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale, bias, diag_off,
-                        HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
-        s2 = s * 1.4426950408889634  # work in base 2: exp2 is the native instruction
+        s2 = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale2, bias2, diag_off,
+                         HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         if SHARED_EXP and COLS:
             # One exp per score for both sides: p = 2^(s - t_i) with t_i the tile's row max; the
             # columns reuse it through the tile max R: 2^(s - R) = p * 2^(t_i - R).
@@ -120,9 +120,8 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
             # exactly; in practice that is the matrix's edge tiles.  The tile is recomputed rather
             # than kept: holding s2 through the loop spilled registers on sm_90.
             if tl.min(lc, 0) < 1.0e-24:
-                sx = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale, bias,
+                sx = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale2, bias2,
                                  diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
-                sx = sx * 1.4426950408889634
                 mc = tl.max(sx, 0)
                 refc = tl.where(mc == float("-inf"), 0.0, mc)
                 part = (refc + _log2(tl.sum(tl.exp2(sx - refc[None, :]), 0), FAST_LOG)) * 0.6931471805599453
@@ -158,14 +157,14 @@ def _load_stats(lse_ptr, g_ptr, offs, n, ACTIVE: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.constexpr,
+def _dscore_tile(s2, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.constexpr,
                  SHARED_EXP: tl.constexpr):
-    """dS = g_a * exp(s - lse_a) + g_b * exp(s - lse_b); lse = -inf (all excluded) counts as 0."""
+    """dS = g_a * exp(s - lse_a) + g_b * exp(s - lse_b) from base-2 scores s2 = s * log2(e) and
+    natural LSEs; lse = -inf (all excluded) counts as 0."""
     if (SHARED_EXP and A_STATS) and B_STATS:  # Triton 3.3 rejects a chained and
         # One exp per score: with P = 2^(s - la) and t the block's largest finite la,
         # dS = P * (g_a + 2^(la - t) * g_b * 2^(t - lb)).  2^(t - lb) may not overflow, so a
         # block with a column LSE more than 64 (base 2) below t takes the exact form.
-        s2 = s * 1.4426950408889634
         la = tl.where(lse_a == float("-inf"), float("inf"), lse_a) * 1.4426950408889634
         lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b) * 1.4426950408889634
         finite_a = la < float("inf")
@@ -181,13 +180,13 @@ def _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS: tl.constexpr, B_STATS: tl.c
         else:
             ds = tl.exp2(s2 - la[:, None]) * (g_a[:, None] + alpha[:, None] * beta_g[None, :])
     else:
-        ds = tl.zeros(s.shape, dtype=tl.float32)
+        ds = tl.zeros(s2.shape, dtype=tl.float32)
         if A_STATS:
-            la = tl.where(lse_a == float("-inf"), float("inf"), lse_a)
-            ds += g_a[:, None] * tl.exp2((s - la[:, None]) * 1.4426950408889634)
+            la = tl.where(lse_a == float("-inf"), float("inf"), lse_a) * 1.4426950408889634
+            ds += g_a[:, None] * tl.exp2(s2 - la[:, None])
         if B_STATS:
-            lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b)
-            ds += g_b[None, :] * tl.exp2((s - lb[None, :]) * 1.4426950408889634)
+            lb = tl.where(lse_b == float("-inf"), float("inf"), lse_b) * 1.4426950408889634
+            ds += g_b[None, :] * tl.exp2(s2 - lb[None, :])
     return ds
 
 
@@ -201,16 +200,16 @@ def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, ls
     pid = tl.program_id(0)
     offs_a = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_d = tl.arange(0, BLOCK_D)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    bias = tl.load(bias_ptr).to(tl.float32)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634  # base-2 scores
+    bias2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
     lse_a, g_a = _load_stats(lse_a_ptr, g_a_ptr, offs_a, NA, A_STATS, BLOCK_A)
     acc = tl.zeros((BLOCK_A, BLOCK_D), dtype=tl.float32)
     for b0 in range(0, NB, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        s = _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale, bias, diag_off,
-                        HAS_DIAG, BLOCK_A, BLOCK_B, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+        s2 = _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale2, bias2, diag_off,
+                         HAS_DIAG, BLOCK_A, BLOCK_B, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         lse_b, g_b = _load_stats(lse_b_ptr, g_b_ptr, offs_b, NB, B_STATS, BLOCK_B)
-        ds = _dscore_tile(s, lse_a, g_a, lse_b, g_b, A_STATS, B_STATS, SHARED_EXP)
+        ds = _dscore_tile(s2, lse_a, g_a, lse_b, g_b, A_STATS, B_STATS, SHARED_EXP)
         b = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
                     mask=(offs_b[:, None] < NB) & (offs_d[None, :] < D), other=0.0)
         if UPCAST:
@@ -243,12 +242,13 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
     local, local_n, scale, bias = _strip_block(scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
     offs_m = row0 + local
     offs_n = col0 + local_n
-    # Rows and columns past the block are masked by passing its ends as the counts.
-    s = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k, scale,
-                    bias, diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+    # Rows and columns past the block are masked by passing its ends as the counts; base-2 scores.
+    s2 = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k,
+                     scale * 1.4426950408889634, bias * 1.4426950408889634, diag_off, HAS_DIAG, BLOCK_M, BLOCK_N,
+                     BLOCK_D, UPCAST, IS_FP32, PRECISION)
     lse_r, g_r = _load_stats(row_ptr, grow_ptr, offs_m, row0 + N_STRIP, ROWS, BLOCK_M)
     lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, col0 + N_COLS, COLS, BLOCK_N)
-    ds = _dscore_tile(s, lse_r, g_r, lse_c, g_c, ROWS, COLS, SHARED_EXP)
+    ds = _dscore_tile(s2, lse_r, g_r, lse_c, g_c, ROWS, COLS, SHARED_EXP)
     tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + local_n[None, :],
              ds.to(ds_ptr.dtype.element_ty), mask=(local[:, None] < N_STRIP) & (local_n[None, :] < N_COLS))
 
