@@ -194,10 +194,11 @@ def main(argv=None):
     if args.others:
         rows = other_rows()
         print(f"{'kernel':<20} {'dtype':<5} {'D':>4} {'mode':<15} {'shape':<16} {'regs':>4} {'spills':>6} "
-              f"{'smem KB':>7} {'HGMMA':>5} {'HMMA':>5} {'per SM':>6}")
+              f"{'smem KB':>7} {'HGMMA':>5} {'HMMA':>5} {'per SM':>6} {'instrs':>6}")
         for r in rows:
             print(f"{r['kernel']:<20} {r['dtype']:<5} {r['D']:>4} {r['mode']:<15} {r['shape']:<16} {r['regs']:>4} "
-                  f"{r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['hmma']:>5} {r['programs_per_sm']:>6}")
+                  f"{r['spill_ops']:>6} {r['smem'] / 1024:>7.0f} {r['hgmma']:>5} {r['hmma']:>5} {r['programs_per_sm']:>6} "
+                  f"{r['instrs']:>6}")
     else:
         rows = sweep_rows(args.shared_exp) if args.sweep else default_rows(args.shared_exp)
         print(f"{'kernel':<13} {'dtype':<5} {'rows':<5} {'cols':<5} {'diag':<5} {'shape':<18} {'regs':>4} {'spills':>6} "

@@ -33,12 +33,21 @@ from fastcl.ops.dispatch import triton_interpreting
 
 @triton.jit
 def _softplus(t):
-    # max(t, 0) + log1p(exp(-|t|)); log1p through Kahan's trick (u = 1 + e rounds for tiny e).
+    # max(t, 0) + log1p(e) with e = exp(-|t|) in [0, 1].  log1p(e) = 2 atanh(z), z = e / (2 + e) in
+    # [0, 1/3], by its series through z^15 (the rest is below 2^-28 of it): within ~5 ulp relative
+    # for every normal e, tiny ones included, in a dozen FMAs, where libdevice's log (~30
+    # instructions a score) made the epilogue as long as the tile's matrix product on sm_90.
     e = tl.exp(-tl.abs(t))
-    u = 1.0 + e
-    d = u - 1.0
-    ratio = e / tl.where(d == 0.0, 1.0, d)
-    return tl.maximum(t, 0.0) + tl.where(d == 0.0, e, tl.log(u) * ratio)
+    z = e / (2.0 + e)
+    w = z * z
+    p = w * 0.06666666666666667 + 0.07692307692307693
+    p = p * w + 0.09090909090909091
+    p = p * w + 0.1111111111111111
+    p = p * w + 0.14285714285714285
+    p = p * w + 0.2
+    p = p * w + 0.3333333333333333
+    p = p * w + 1.0
+    return tl.maximum(t, 0.0) + 2.0 * z * p
 
 
 @triton.jit

@@ -3,10 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, assert_close, randn
+from conftest import DTYPES, ELEMENT_TOL, assert_close, randn
 from fastcl._ext import extension_available
 from fastcl.ops.dispatch import triton_available
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
+
+if triton_available():  # called by the elementwise test kernel, which looks them up in this module
+    from fastcl.kernels.sigmoid_pair import _sigmoid, _softplus
 
 BACKENDS = ["reference"]
 if extension_available():
@@ -226,3 +229,49 @@ def test_triton_strip_forward_in_column_ranges(monkeypatch):
         monkeypatch.setattr(K, "SPLIT_ALIGN", align)
         test_value_and_grads("triton", torch.float32, 67, 131, 40)
         test_value_and_grads("triton", torch.bfloat16, 67, 131, 40)
+
+
+def _elementwise_kernel():
+    """A Triton kernel applying the sigmoid kernels' ``_softplus`` and ``_sigmoid`` to a vector (a
+    jit function finds its callees in its module's globals: imported at the top)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def apply(t_ptr, sp_ptr, sg_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        t = tl.load(t_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(sp_ptr + offs, _softplus(t), mask=offs < n)
+        tl.store(sg_ptr + offs, _sigmoid(t), mask=offs < n)
+    return apply
+
+
+@needs_triton
+def test_triton_softplus_and_sigmoid_elementwise():
+    """The Triton kernels' softplus (a series for log1p, no libdevice log) and sigmoid, one score at
+    a time against float64, over every magnitude: relative precision for the tiny terms too (an
+    absolute floor would hide a lost exp(-60)), exact zero for the masked -inf, NaN kept."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs Triton's interpreter or a GPU")
+    import triton
+    apply = _elementwise_kernel()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    mag = torch.cat([torch.logspace(-6, 2, 3001, dtype=torch.float64), torch.linspace(0, 100, 3001, dtype=torch.float64)])
+    t = torch.cat([mag, -mag, torch.tensor([0.0, -0.0], dtype=torch.float64)]).float().to(dev)
+    sp, sg = torch.empty_like(t), torch.empty_like(t)
+    apply[(triton.cdiv(t.numel(), 1024),)](t, sp, sg, t.numel(), BLOCK=1024)
+    ref_sp, ref_sg = F.softplus(t.double().cpu()), torch.sigmoid(t.double().cpu())
+    tol = ELEMENT_TOL[torch.float32]["rtol"]
+    normal = torch.finfo(torch.float32).tiny  # below it (t < -87) fp32 has only subnormals, flushed on GPUs
+    for what, out, ref in (("softplus", sp, ref_sp), ("sigmoid", sg, ref_sg)):
+        err = (out.double().cpu() - ref).abs()
+        rel = (err / ref)[ref >= normal].max().item()
+        assert rel <= tol, f"{what}: max relative error {rel:.2e} > {tol:.0e}"
+        assert (err[ref < normal] <= normal).all(), f"{what}: more than fp32's smallest normal off below it"
+    special = torch.tensor([float("-inf"), float("inf"), float("nan")], device=dev)
+    sp, sg = torch.empty_like(special), torch.empty_like(special)
+    apply[(1,)](special, sp, sg, 3, BLOCK=16)
+    assert sp[0].item() == 0.0 and sg[0].item() == 0.0
+    assert sp[1].item() == float("inf") and sg[1].item() == 1.0
+    assert torch.isnan(sp[2]) and torch.isnan(sg[2])
