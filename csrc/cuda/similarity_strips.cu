@@ -258,12 +258,29 @@ struct LseGradOp {
 // t = -z s: -s on the positive pair, s elsewhere.
 __device__ __forceinline__ float signed_logit(float s, bool positive) { return positive ? -s : s; }
 
+// log1p(e) for e in [0, 1] as 2 atanh(z), z = e / (2 + e) in [0, 1/3], by the series through z^15
+// (the rest is below 2^-28 of it): ~5 ulp relative for every normal e, tiny ones included, in a
+// dozen FMAs and one fast reciprocal, where log1pf's ~40 instructions made the epilogue
+// instruction-bound rather than bandwidth-bound.
+__device__ __forceinline__ float log1p_unit(float e) {
+  const float z = __fdividef(e, 2.f + e);
+  const float w = z * z;
+  float p = fmaf(w, 1.f / 15.f, 1.f / 13.f);
+  p = fmaf(p, w, 1.f / 11.f);
+  p = fmaf(p, w, 1.f / 9.f);
+  p = fmaf(p, w, 1.f / 7.f);
+  p = fmaf(p, w, 1.f / 5.f);
+  p = fmaf(p, w, 1.f / 3.f);
+  p = fmaf(p, w, 1.f);
+  return 2.f * z * p;
+}
+
 struct SoftplusOp {
   __device__ __forceinline__ void begin_row(int64_t) {}
   // softplus(t) = max(t, 0) + log1p(exp(-|t|)): no overflow, relative precision for tiny terms.
   __device__ __forceinline__ float operator()(float s, int64_t, int64_t, bool positive) const {
     const float t = signed_logit(s, positive);
-    return fmaxf(t, 0.f) + log1pf(expf(-fabsf(t)));
+    return fmaxf(t, 0.f) + log1p_unit(expf(-fabsf(t)));
   }
 };
 
@@ -273,7 +290,7 @@ struct SigmoidGradOp {
   __device__ __forceinline__ float operator()(float s, int64_t, int64_t, bool positive) const {
     const float t = signed_logit(s, positive);
     const float e = expf(-fabsf(t));
-    const float inv = 1.f / (1.f + e);
+    const float inv = __fdividef(1.f, 1.f + e);  // 1 + e in [1, 2]: the fast reciprocal is within 2 ulp
     const float sg = t >= 0.f ? inv : e * inv;
     return positive ? -sg : sg;
   }

@@ -58,6 +58,8 @@ using uint3 = dim3;
 
 template <class T>
 inline T min(T a, T b) { return b < a ? b : a; }
+// The fast division intrinsic (2 ulp on a GPU), exact here.
+inline float __fdividef(float a, float b) { return a / b; }
 template <class T>
 inline T max(T a, T b) { return a < b ? b : a; }
 
