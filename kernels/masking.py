@@ -16,6 +16,7 @@ copies bits unchanged when nothing is added.  With ``count`` (CSR segments: back
 repeated indices) ``_segment_gather_kernel`` runs one program per output row and loops over its
 segment.
 """
+import functools
 import os
 from typing import Dict, Optional
 
@@ -151,8 +152,14 @@ def row_copy_config(D: int, elem_bytes: int) -> Dict[str, int]:
     BLOCK_D is the largest power of two (at most 512) whose padding of D wastes at most 1/8 of
     the lanes, else the least wasteful one: D=768 gives 256 (three full blocks, where a single
     1024-wide block would idle a quarter of its lanes).  ROWS fills ``ROW_COPY_TILE_BYTES``.
-    Returns {"ROWS", "BLOCK_D", "num_warps"}.
+    Returns {"ROWS", "BLOCK_D", "num_warps"} (a fresh dict; the shape is computed once per size,
+    as it took ~30 us on the host, about as long as a launch).
     """
+    return dict(_row_copy_config(D, elem_bytes))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_copy_config(D: int, elem_bytes: int) -> Dict[str, int]:
     top = min(512, triton.next_power_of_2(D))
     cands = [bd for bd in (1 << i for i in range(10)) if min(16, top) <= bd <= top]
     waste = {bd: triton.cdiv(D, bd) * bd - D for bd in cands}
