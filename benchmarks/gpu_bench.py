@@ -372,17 +372,26 @@ def print_table(rows):
               f"{'-' if mem is None else f'{mem:.1f}':>14}")
 
 
-OPS = ("similarity_lse", "sigmoid_pair")
+OPS = ("similarity_lse", "sigmoid_pair", "masking")
+MASK_L = 196  # tokens per sample in the masking rows (ViT-B/16 at 224 px), mask ratio 0.75
 
 
 def time_op(op, backend, n, d, dtype, rep_ms):
-    """Median ms of forward + backward of ``op`` on ``backend`` at q, k (n, d); None if it fails."""
+    """Median ms of forward + backward of ``op`` on ``backend``; None if it fails.  The losses take
+    q, k (n, d); "masking" is ``random_masking`` of (n // MASK_L, MASK_L, d) tokens."""
     from triton.testing import do_bench
 
     import fastcl
-    q, k = _unit_pair(n, d, dtype, requires_grad=True)
+    if op == "masking":
+        x = torch.randn(max(1, n // MASK_L), MASK_L, d, device="cuda", dtype=dtype, requires_grad=True)
+        noise = torch.rand(x.shape[:2], device="cuda")
+    else:
+        q, k = _unit_pair(n, d, dtype, requires_grad=True)
 
     def step():
+        if op == "masking":
+            kept = fastcl.random_masking(x, 0.75, noise=noise, backend=backend)[0]
+            return torch.autograd.grad(kept, [x], torch.ones_like(kept))
         if op == "similarity_lse":
             r, c = fastcl.ops.similarity_lse(q, k, 14.3, rows=True, cols=True, backend=backend)
             loss = r.sum() + c.sum()
@@ -407,8 +416,9 @@ def render_dispatch_table(measured_on, grid_n, grid_d, table, timings):
         '"""Which fused GPU backend ``auto`` picks for CUDA tensors, per op, dtype and shape.',
         "",
         f"Measured on {measured_on}:",
-        "forward + backward of similarity_lse (rows and columns) and sigmoid_pair_loss, N = M, median",
-        "ms (triton / cuda) in the comment after each entry.  Regenerate on the GPU that should decide:",
+        "forward + backward of similarity_lse (rows and columns) and sigmoid_pair_loss at N = M, and of",
+        f"random_masking on N // {MASK_L} samples of {MASK_L} tokens (key N: the tokens), median ms",
+        "(triton / cuda) in the comment after each entry.  Regenerate on the GPU that should decide:",
         "",
         "    python benchmarks/gpu_bench.py --dispatch-table fastcl/ops/dispatch_table.py",
         "",

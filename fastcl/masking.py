@@ -6,9 +6,10 @@ zero-then-scatter backward: every pass is one fused gather (``fastcl.ops.masking
 
 Backends (``backend=`` or ``FASTCL_BACKEND``, see ``fastcl.ops.dispatch.resolve_backend``):
 "reference" is plain PyTorch in MAE's form; "cpu" the C++/OpenMP kernel; "triton" the Triton
-kernel; "cuda" the CUDA C++ kernel (needs ``fastcl._C`` built with CUDA).  "auto" picks Triton
-for CUDA tensors (both GPU kernels are plain bandwidth-bound gathers) and the C++ kernel for
-CPU tensors.  All dtypes: float32, bfloat16, float16 (and float64); any D; any strides.
+kernel; "cuda" the CUDA C++ kernel (needs ``fastcl._C`` built with CUDA).  "auto" picks the C++
+kernel for CPU tensors and, for CUDA tensors, the GPU kernel the committed dispatch table
+(``fastcl/ops/dispatch_table.py``, by B * L tokens and D) says is faster: Triton until a GPU
+has timed both.  All dtypes: float32, bfloat16, float16 (and float64); any D; any strides.
 """
 import numbers
 from typing import Optional, Tuple
@@ -35,6 +36,12 @@ def _check_same(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
         raise TypeError(f"{name} must have the dtype of {x_name} ({x.dtype}), got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
+
+
+def _problem(x: Tensor):
+    # What the dispatch table keys masking by: B * L tokens of D features (fastcl.ops.dispatch).
+    B, L, D = x.shape
+    return ("masking", B * L, B * L, D, x.dtype)
 
 
 def check_mask_ratio(mask_ratio) -> float:
@@ -86,7 +93,7 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
         if tuple(pos_embed.shape) not in ((L, D), (1, L, D)):
             raise ValueError(f"pos_embed must have shape (L, D) or (1, L, D) = (1, {L}, {D}), "
                              f"got {tuple(pos_embed.shape)}")
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, _problem(x))
     keep = int(L * (1 - ratio))
 
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -120,7 +127,7 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, *, backend: Optional[str] = None)
     """
     _check_tokens("x", x)
     ids = check_index("ids_keep", ids_keep, (x.shape[0], None), x.shape[1], x.device)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, _problem(x))
     if name == "reference":
         return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[2]))
     return GatherTokens.apply(x, ids, name)
@@ -151,7 +158,7 @@ def restore_tokens(x_kept: Tensor, mask_token: Tensor, ids_restore: Tensor, *,
         raise ValueError(f"ids_restore must have L >= K = {K} columns, got shape {tuple(ids_restore.shape)}")
     L = ids_restore.shape[1] if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 else K
     ids = check_index("ids_restore", ids_restore, (B, None), L, x_kept.device)
-    name = resolve_backend(backend, x_kept.device)
+    name = resolve_backend(backend, x_kept.device, ("masking", B * L, B * L, D, x_kept.dtype))
     if name == "reference":
         filler = mask_token.reshape(1, 1, D).expand(B, L - K, D)
         full = torch.cat([x_kept, filler], dim=1)

@@ -310,7 +310,8 @@ def test_config_sweep_rows_on_cpu(monkeypatch):
 def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
     """The file gpu_bench.py --dispatch-table writes is a valid dispatch_table.py."""
     bench = _gpu_bench()
-    table = {("similarity_lse", "bfloat16", 4096, 64): "triton", ("similarity_lse", "bfloat16", 32768, 2048): "cuda"}
+    table = {("similarity_lse", "bfloat16", 4096, 64): "triton", ("similarity_lse", "bfloat16", 32768, 2048): "cuda",
+             ("masking", "bfloat16", 32768, 64): "cuda"}
     timings = {k: (1.0, None if v == "cuda" else 2.0) for k, v in table.items()}
     text = bench.render_dispatch_table("Test GPU, torch x", (4096, 32768), (64, 2048), table, timings)
     path = tmp_path / "dispatch_table.py"
@@ -322,6 +323,8 @@ def test_rendered_dispatch_table_is_what_auto_reads(monkeypatch, tmp_path):
         monkeypatch.setattr(dispatch_table, name, getattr(rendered, name))
     assert dispatch.pick_gpu_backend("similarity_lse", 32768, 32768, 1536, torch.bfloat16) == "cuda"
     assert dispatch.pick_gpu_backend("similarity_lse", 8192, 8192, 128, torch.bfloat16) == "triton"
+    assert dispatch.pick_gpu_backend("masking", 50176, 50176, 768, torch.bfloat16) == "cuda"
+    assert "random_masking" in rendered.__doc__
 
 
 def test_auto_never_sends_float64_to_the_cuda_kernels(monkeypatch):

@@ -345,3 +345,29 @@ def test_gpu_vector_and_fallback(backend, dtype, D, offset):
     kept.backward(up)
     r_kept.backward(up)
     assert torch.equal(x1.grad, x2.grad)
+
+
+def test_auto_asks_the_dispatch_table_by_tokens_and_d(monkeypatch):
+    """The masking ops hand ``resolve_backend`` their problem (B * L tokens, D, dtype), so ``auto``
+    on CUDA follows the measured table like the losses; float64 stays on the GPU kernels (they take
+    it), unlike the losses'."""
+    import fastcl.masking as masking
+    from fastcl.ops import dispatch
+    seen = []
+
+    def record(backend, device, problem=None):
+        seen.append(problem)
+        return "reference"
+    monkeypatch.setattr(masking, "resolve_backend", record)
+    x = randn(3, 10, 5)
+    random_masking(x, 0.5, backend="auto")
+    gather_tokens(x, torch.tensor([[0, 1], [2, 2], [9, 0]]), backend="auto")
+    restore_tokens(randn(3, 4, 5), randn(5), torch.stack([torch.randperm(10) for _ in range(3)]), backend="auto")
+    assert seen == [("masking", 30, 30, 5, torch.float32)] * 3
+
+    monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch, "pick_gpu_backend", lambda *problem: "cuda" if problem[0] == "masking" else "triton")
+    for dtype in (torch.bfloat16, torch.float64):
+        assert dispatch.resolve_backend("auto", torch.device("cuda"), ("masking", 30, 30, 5, dtype)) == "cuda"
+    assert dispatch.resolve_backend("auto", torch.device("cuda"), ("similarity_lse", 8, 8, 4, torch.float64)) == "reference"

@@ -26,7 +26,8 @@ def triton_interpreting() -> bool:
 def pick_gpu_backend(op: str, n: int, m: int, d: int, dtype: torch.dtype) -> str:
     """"triton" or "cuda" for one problem, from the committed table in ``dispatch_table.py``.
 
-    op: "similarity_lse" or "sigmoid_pair"; q is (n, d), k is (m, d) of ``dtype``.  The nearest
+    op: "similarity_lse" or "sigmoid_pair" (q is (n, d), k is (m, d) of ``dtype``), or "masking"
+    (n = m = B * L tokens of d features, the masking ops' input (B, L, d)).  The nearest
     measured grid point (log2 of sqrt(n * m) and of d) for the op and dtype decides; the table's
     DEFAULT answers where it has no entry (everywhere, until it is measured).
     """
@@ -60,6 +61,10 @@ def requested_backend(backend: Optional[str]) -> str:
     return name.lower()
 
 
+# Ops whose fused GPU kernels (Triton and CUDA) take no float64: ``auto`` sends it to reference.
+NO_GPU_FLOAT64 = ("similarity_lse", "sigmoid_pair")
+
+
 def resolve_backend(backend: Optional[str], device: torch.device,
                     problem: Optional[Tuple[str, int, int, int, torch.dtype]] = None) -> str:
     """Concrete backend name for tensors on ``device``; raises a clear error if unusable.
@@ -68,12 +73,12 @@ def resolve_backend(backend: Optional[str], device: torch.device,
     falling back to ``reference`` when those are missing.  Ops with a ``cuda`` backend pass
     ``problem = (op, n, m, d, dtype)``: then ``auto`` on CUDA asks ``pick_gpu_backend`` when
     both triton and the CUDA kernels are there, and uses whichever one is there otherwise, and
-    ``reference`` for float64.
+    ``reference`` for float64 for the ops in ``NO_GPU_FLOAT64``.
     """
     name = requested_backend(backend)
     if name == "auto":
-        # Neither the Triton nor the CUDA kernels of these ops take float64.
-        if device.type == "cuda" and problem is not None and problem[4] == torch.float64:
+        if (device.type == "cuda" and problem is not None and problem[0] in NO_GPU_FLOAT64
+                and problem[4] == torch.float64):
             return "reference"
         if device.type == "cuda" and problem is not None and extension_has_cuda():
             if not triton_available():

@@ -1,4 +1,5 @@
-"""Which fused GPU backend ``auto`` picks for CUDA tensors, per op, dtype and shape.
+"""Which fused GPU backend ``auto`` picks for CUDA tensors, per op, dtype and shape (the losses'
+similarity_lse and sigmoid_pair by N and D, the masking ops by B * L tokens and D).
 
 NOT MEASURED YET.  No GPU has timed the cuda backend against triton, so every problem goes to
 ``DEFAULT`` ("triton", the backend with GPU measurements behind it).  To fill the table, run on
