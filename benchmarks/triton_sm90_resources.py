@@ -102,7 +102,7 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
                      {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
                       "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr},
                      ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_ds", "diag_off"],
-                     consts, warps, stages, *cap)
+                     consts, warps, stages)  # a register cap reaches the forward only (_config)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")
     return {"kernel": kernel, "dtype": dtype, "rows": rows, "cols": cols, "diag": diag, "shared_exp": shared_exp,

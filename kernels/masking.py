@@ -155,17 +155,17 @@ def row_copy_config(D: int, elem_bytes: int) -> Dict[str, int]:
     Returns {"ROWS", "BLOCK_D", "num_warps"} (a fresh dict; the shape is computed once per size,
     as it took ~30 us on the host, about as long as a launch).
     """
-    return dict(_row_copy_config(D, elem_bytes))
+    return dict(_row_copy_config(D, elem_bytes, ROW_COPY_TILE_BYTES))
 
 
 @functools.lru_cache(maxsize=256)
-def _row_copy_config(D: int, elem_bytes: int) -> Dict[str, int]:
+def _row_copy_config(D: int, elem_bytes: int, tile_bytes: int) -> Dict[str, int]:
     top = min(512, triton.next_power_of_2(D))
     cands = [bd for bd in (1 << i for i in range(10)) if min(16, top) <= bd <= top]
     waste = {bd: triton.cdiv(D, bd) * bd - D for bd in cands}
     good = [bd for bd in cands if 8 * waste[bd] <= triton.cdiv(D, bd) * bd]
     block_d = max(good) if good else min(cands, key=lambda bd: (waste[bd], -bd))
-    rows = max(1, min(64, ROW_COPY_TILE_BYTES // (block_d * elem_bytes)))
+    rows = max(1, min(64, tile_bytes // (block_d * elem_bytes)))
     rows = 1 << (rows.bit_length() - 1)  # tl.arange needs a power of two
     # About 16 bytes (one vector) per thread and repetition: 4 warps for a full tile, fewer for tiny ones.
     num_warps = max(1, min(4, rows * block_d * elem_bytes // (32 * 16 * 4)))

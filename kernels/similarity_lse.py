@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from fastcl.ops.dispatch import triton_interpreting
 from fastcl.ops.strip_grads import finish_full, strip_grads
 from fastcl.ops.strips import workspace_bytes
 
@@ -254,7 +255,11 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
 
 
 def _config(q: torch.Tensor) -> dict:
-    """One fixed launch configuration per situation (interpreter: small tiles for speed)."""
+    """One fixed launch configuration per situation (interpreter: small tiles for speed).
+
+    ``launch`` holds num_warps and num_stages for every kernel that shares the shape;
+    ``fwd_launch`` adds the register cap (``FASTCL_TRITON_TILE``'s sixth value) for the forward
+    only: capped at 128, the other kernels spill (dS, the sigmoid strips, fp32)."""
     interp = q.device.type == "cpu"
     is_fp32 = q.dtype == torch.float32  # float64 never gets here (_check)
     upcast = interp
@@ -264,21 +269,26 @@ def _config(q: torch.Tensor) -> dict:
         bm, bn, bd, launch = 64, 64, 64, {}
     elif tile is not None:
         bm, bn, bd, warps, stages, *cap = tile
-        launch = dict(num_warps=warps, num_stages=stages, **({"maxnreg": cap[0]} if cap else {}))
+        launch = dict(num_warps=warps, num_stages=stages)
     else:
         # fp32 takes 64-column tiles: at 128 x 128 x 32 its forward spills registers on sm_90 (the
         # ptxas counts checked by tests/test_triton_lse_compile.py).
         bm, (bd, bn) = 128, ((32, 64) if q.dtype == torch.float32 else (64, 128))
         launch = dict(num_warps=8, num_stages=3)
+    fwd_launch = dict(launch, maxnreg=cap[0]) if tile is not None and cap else launch
+    # The hardware log2 is libdevice's, which the interpreter lacks (also with CUDA tensors).
+    fast_log = not (interp or triton_interpreting())
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, triton.next_power_of_2(q.shape[1]))),
-                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, FAST_LOG=not interp, launch=launch)
+                UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, FAST_LOG=fast_log, launch=launch,
+                fwd_launch=fwd_launch)
 
 
 def gpu_launch_shape(dtype: torch.dtype, d: int = 768) -> Tuple[int, ...]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) of the LSE kernels on a GPU for
-    inputs of ``dtype`` and feature size ``d`` (``_config``'s choice, ``FASTCL_TRITON_TILE`` included)."""
+    inputs of ``dtype`` and feature size ``d`` (``_config``'s choice, ``FASTCL_TRITON_TILE`` included;
+    maxnreg caps the forward only)."""
     c = _config(torch.empty(1, d, dtype=dtype, device="meta"))  # a meta tensor stands in for CUDA
-    cap = (c["launch"]["maxnreg"],) if "maxnreg" in c["launch"] else ()
+    cap = (c["fwd_launch"]["maxnreg"],) if "maxnreg" in c["fwd_launch"] else ()
     return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["launch"]["num_warps"], c["launch"]["num_stages"]) + cap
 
 
@@ -286,7 +296,8 @@ def tile_override():
     """FASTCL_TRITON_TILE="BLOCK_M,BLOCK_N,BLOCK_D,num_warps,num_stages[,maxnreg]" replaces the fixed
     launch shape of the LSE kernels on a GPU (for benchmark sweeps; the interpreter keeps its small
     tiles); None when unset.  Blocks must be powers of two of at least 16, warps 1 to 16; the
-    optional maxnreg (32 to 255) caps the registers per thread, so more programs share an SM."""
+    optional maxnreg (32 to 255) caps the forward's registers per thread, so more programs share
+    an SM (the other kernels keep the shape uncapped)."""
     raw = os.environ.get("FASTCL_TRITON_TILE", "").strip()
     if not raw:
         return None
@@ -321,8 +332,9 @@ def autotune_enabled() -> bool:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) tried by the opt-in autotuner on a
-# GPU.  128,128,32 capped at 128 registers fits two programs per SM without spilling (sm_90,
-# benchmarks/triton_sm90_resources.py --sweep), where uncapped ptxas takes 155 and fits one.
+# GPU; maxnreg applies to the forward only.  Its bf16/fp16 128,128,32 forward capped at 128
+# registers fits two programs per SM without spilling (sm_90, benchmarks/triton_sm90_resources.py
+# --sweep), where uncapped ptxas takes 155 and fits one; fp32 and the dS kernel spill when capped.
 TUNE_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 3), (128, 64, 64, 4, 4),
                (64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 3, 128), (128, 256, 64, 8, 3),
                (64, 64, 64, 4, 3))
@@ -340,12 +352,14 @@ def _wall_clock_bench(kernel_call, quantiles):
 
 
 def _tuned(kernel, key, interpreter: bool):
-    """``kernel`` wrapped in triton.autotune over TUNE_SHAPES (one wrapper per kernel and mode)."""
+    """``kernel`` wrapped in triton.autotune over TUNE_SHAPES (one wrapper per kernel and mode);
+    register caps reach the forward only, as in ``_config``."""
     name = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), interpreter)
     if name not in _TUNED:
         shapes = TUNE_SHAPES_INTERPRETER if interpreter else TUNE_SHAPES
+        capped = kernel is _lse_fwd_kernel
         configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st,
-                                 maxnreg=cap[0] if cap else None)
+                                 maxnreg=cap[0] if cap and capped else None)
                    for bm, bn, bd, w, st, *cap in shapes]
         extra = dict(do_bench=_wall_clock_bench) if interpreter else {}
         _TUNED[name] = triton.autotune(configs, key=key, **extra)(kernel)
@@ -435,7 +449,7 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
         else:
             grid_m = triton.cdiv(ng, cfg["BLOCK_M"])
             _lse_fwd_kernel[(grid_m, splits)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                              BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
+                                              BLOCK_D=cfg["BLOCK_D"], **cfg["fwd_launch"])
         if part is not None:
             torch.logsumexp(part, dim=0, out=row[r0:r0 + ng])
         if cols:

@@ -122,16 +122,42 @@ def test_tile_override_sets_the_gpu_launch_shape(monkeypatch):
     assert cfg["launch"] == {"num_warps": 4, "num_stages": 2}
     assert K._config(torch.empty(4, 3, dtype=torch.bfloat16, device="meta"))["BLOCK_D"] == 16  # D=3
     assert K._config(torch.empty(4, 768))["BLOCK_M"] == 64  # the interpreter's shape
-    assert K._config(gpu_like)["FAST_LOG"] and not K._config(torch.empty(4, 768))["FAST_LOG"]
-    # A sixth value caps the registers per thread (ptxas .maxnreg).
+    assert not K._config(torch.empty(4, 768))["FAST_LOG"]
+    # A sixth value caps the forward's registers per thread (ptxas .maxnreg).
     monkeypatch.setenv("FASTCL_TRITON_TILE", "128,128,32,8,3,128")
-    assert K._config(gpu_like)["launch"] == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    assert K._config(gpu_like)["fwd_launch"] == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
     assert K.gpu_launch_shape(torch.bfloat16) == (128, 128, 32, 8, 3, 128)
     for bad in ("64,128,32,4", "64,100,32,4,2", "64,128,32,3,2", "64,128,32,4,0", "a,b,c,d,e", "8,128,32,4,2",
                 "128,128,32,8,3,16", "128,128,32,8,3,256", "128,128,32,8,3,128,1"):
         monkeypatch.setenv("FASTCL_TRITON_TILE", bad)
         with pytest.raises(ValueError, match="FASTCL_TRITON_TILE"):
             K._config(gpu_like)
+
+
+def test_register_cap_reaches_the_forward_only(monkeypatch):
+    """FASTCL_TRITON_TILE's sixth value and the autotuner's capped shape cap the forward's registers;
+    the dS kernel (and the sigmoid strips, which share ``launch``) would spill under the cap."""
+    from fastcl.kernels import similarity_lse as K
+    gpu_like = torch.empty(4, 768, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setenv("FASTCL_TRITON_TILE", "128,128,32,8,3,128")
+    cfg = K._config(gpu_like)
+    assert cfg["fwd_launch"] == {"num_warps": 8, "num_stages": 3, "maxnreg": 128}
+    assert cfg["launch"] == {"num_warps": 8, "num_stages": 3}
+    monkeypatch.setattr(K, "_TUNED", {})
+    capped = [c.maxnreg for c in K._tuned(K._lse_fwd_kernel, ["N"], False).configs]
+    uncapped = [c.maxnreg for c in K._tuned(K._dscore_strip_kernel, ["N_STRIP"], False).configs]
+    assert capped == [sh[5] if len(sh) > 5 else None for sh in K.TUNE_SHAPES] and 128 in capped
+    assert uncapped == [None] * len(K.TUNE_SHAPES)
+
+
+def test_hardware_log_is_off_whenever_interpreting(monkeypatch):
+    # libdevice.fast_log2f does not exist in the interpreter, also when it runs CUDA tensors.
+    from fastcl.kernels import similarity_lse as K
+    gpu_like = torch.empty(4, 768, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not K._config(gpu_like)["FAST_LOG"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert K._config(gpu_like)["FAST_LOG"]
 
 
 def test_exp_mode_env_is_checked(monkeypatch):
