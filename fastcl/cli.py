@@ -279,7 +279,7 @@ def _print_cuda_settings() -> None:
                 what += "; FASTCL_TRITON_AUTOTUNE=1 picks among the autotuner's shapes"
         except ValueError as exc:
             what += f"; {exc}"
-        print(f"Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages at D=768): {what}")
+        print(f"Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages[,forward maxnreg] at D=768): {what}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

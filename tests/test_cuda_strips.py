@@ -215,7 +215,7 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
     assert "GPU workspace (triton and cuda strips): 64 MB (FASTCL_WORKSPACE_MB" in out
     assert "auto on CUDA, triton vs cuda: table" in out
     if dispatch.triton_available():
-        assert "Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages at D=768): half 128,128,64,8,3" in out
+        assert "Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages[,forward maxnreg] at D=768): half 128,128,64,8,3" in out
         monkeypatch.setenv("FASTCL_TRITON_TILE", "64,64,32,4,2")
         monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "maybe")  # a bad value is reported, not raised
         assert main(["info"]) == 0
