@@ -154,3 +154,23 @@ def test_vector_kernels_move_16_byte_words(source, kernel, ops, tmp_path):
         name = body.split("\n", 1)[0].strip()
         for op in ops:
             assert re.search(rf"\b{re.escape(op)}\b", body), f"{name}: no {op}"
+
+
+@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and Triton's cuobjdump")
+def test_sigmoid_epilogues_stay_cheap(tmp_path):
+    """The sigmoid epilogues read a 4-byte score each, so their arithmetic must stay small: log1p
+    by a series and a fast reciprocal (e0522c8) took the 16-byte softplus kernel from 1528 to 1072
+    SASS instructions and the sigmoid-gradient ones from 1256 to 840 (nvcc 13.0, sm_90); the
+    ceilings sit between, so log1pf or an IEEE division coming back fails them."""
+    obj = tmp_path / "k.o"
+    subprocess.run([NVCC, "-c", "-arch=sm_90", "-std=c++17", "-O3", str(ROOT / "csrc/cuda/similarity_strips.cu"),
+                    "-o", str(obj)], check=True, capture_output=True, timeout=600)
+    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    ceilings = {r"rowwise_kernel.*SoftplusOp.*Li4E": 1300, r"rowwise_kernel.*SigmoidGradOp.*Li4E": 1050}
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    for pattern, top in ceilings.items():
+        matched = [f for f in functions if re.search(pattern, f.split("\n", 1)[0])]
+        assert matched, f"no instantiation matches {pattern}"
+        for body in matched:
+            count = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", body))
+            assert count <= top, f"{body.split(chr(10), 1)[0].strip()}: {count} instructions > {top}"
