@@ -3,8 +3,9 @@
 //
 // Every kernel reads the fp32 score strip once, with 16-byte loads when the row stride, M and
 // the base pointer allow it (else 4-byte loads, still coalesced).  Math is fp32; log-sum-exps
-// run in base 2 (exp2f is one SFU instruction).  Reductions run in a fixed order (shuffle trees,
-// then partial buffers merged by one thread per output): no atomics, deterministic.
+// run in base 2 on the SFU's approximate exp2/log2 (exp2_approx, log2_approx).  Reductions run in
+// a fixed order (shuffle trees, then partial buffers merged by one thread per output): no
+// atomics, deterministic.
 #include "similarity_strips.cuh"
 
 #include <cuda_bf16.h>
@@ -20,6 +21,30 @@ constexpr int kWarp = 32;
 constexpr int kRowThreads = 256;  // row-wise kernels: one warp per row, 8 rows per block
 constexpr int kUnroll = 4;        // 16-byte loads in flight per lane and round
 
+// 2^x and log2(x) as one SFU instruction each (ex2/lg2.approx.ftz: about 2 ulp; subnormals flush
+// to 0, which no sum here needs: every sum has a term of 1 at its maximum).  exp2f/log2f
+// compiled to the SFU instruction plus a subnormal fix-up of 3-4 instructions.  The host build
+// of the tests (tests/cuda_host) takes the libm functions.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
+__device__ __forceinline__ float log2_approx(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return log2f(x);
+#endif
+}
+
 // ---- online log-sum-exp in base 2: value = m + log2(l) ----
 struct Lse2 {
   float m, l;
@@ -31,10 +56,10 @@ __device__ __forceinline__ Lse2 lse_empty() { return {-CUDART_INF_F, 0.f}; }
 // tests below m's update), so a NaN term turns l into NaN for good: NaN in gives NaN out.
 __device__ __forceinline__ void lse_push(Lse2& a, float x) {
   if (x > a.m) {
-    a.l = a.l * exp2f(a.m - x) + 1.f;  // m = -inf: exp2f(-inf) = 0
+    a.l = a.l * exp2_approx(a.m - x) + 1.f;  // m = -inf: 2^-inf = 0
     a.m = x;
   } else if (x != -CUDART_INF_F) {
-    a.l += exp2f(x - a.m);
+    a.l += exp2_approx(x - a.m);
   }
 }
 
@@ -44,12 +69,28 @@ __device__ __forceinline__ void lse_merge(Lse2& a, const Lse2& b) {
     a.l += b.l;
     return;
   }
-  a.l = a.l * exp2f(a.m - m) + b.l * exp2f(b.m - m);
+  a.l = a.l * exp2_approx(a.m - m) + b.l * exp2_approx(b.m - m);
   a.m = m;
 }
 
 // Natural-log value; an empty set (m = -inf, l = 0) gives -inf.
-__device__ __forceinline__ float lse_value(const Lse2& a) { return (a.m + log2f(a.l)) * kLn2; }
+__device__ __forceinline__ float lse_value(const Lse2& a) { return (a.m + log2_approx(a.l)) * kLn2; }
+
+// Folds terms x[0], x[S], ..., x[(K - 1) S] (base 2) into a, branch-free: m' = max(m, x...),
+// l' = l 2^(m - m') + sum 2^(x - m'), one exp per term and one per fold.  fmaxf skips a NaN
+// term, which the sum keeps: NaN in gives NaN out.  All -inf (excluded) leaves (-inf, l).
+template <int K, int S>
+__device__ __forceinline__ void lse_fold(Lse2& a, const float* x) {
+  float m = a.m;
+#pragma unroll
+  for (int i = 0; i < K; ++i) m = fmaxf(m, x[i * S]);
+  const float ref = m == -CUDART_INF_F ? 0.f : m;  // never -inf - -inf
+  float l = a.l * exp2_approx(a.m - ref);
+#pragma unroll
+  for (int i = 0; i < K; ++i) l += exp2_approx(x[i * S] - ref);
+  a.m = m;
+  a.l = l;
+}
 
 __device__ __forceinline__ Lse2 lse_warp_reduce(Lse2 a) {
 #pragma unroll
@@ -117,24 +158,27 @@ __global__ void __launch_bounds__(kFwdThreads) lse_fwd_kernel(StripArgs a, int64
     for (int g = 0; g < G; ++g) {  // all G loads first, so they are in flight together
       if (r0 + g < a.R) load_vec<VEC>(a.scores + (r0 + g) * a.ld + c0, x[g]);
     }
-    Lse2 col[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) col[e] = lse_empty();
+    // Scores in place (base 2, -inf where excluded), then each row folds its VEC new terms and
+    // each column its G terms: branch-free (one compare-and-branch per term had made this
+    // epilogue instruction-bound on its 4-byte-per-score strip).
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       const int64_t r = r0 + g;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const bool valid = r < a.R && !(a.has_diag && c0 + e == r + a.diag);
-        const float s = valid ? fmaf(x[g][e], sc, bi) : -CUDART_INF_F;
-        if (ROWS) lse_push(row[g], s);
-        if (COLS) lse_push(col[e], s);
+        x[g][e] = valid ? fmaf(x[g][e], sc, bi) : -CUDART_INF_F;
       }
+      if (ROWS) lse_fold<VEC, 1>(row[g], x[g]);
     }
     if (COLS) {
       float out[VEC];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) out[e] = lse_value(col[e]);
+      for (int e = 0; e < VEC; ++e) {
+        Lse2 col = lse_empty();
+        lse_fold<G, VEC>(col, &x[0][e]);
+        out[e] = lse_value(col);
+      }
       store_vec<float, VEC>(col_part + static_cast<int64_t>(blockIdx.x) * a.M + c0, out);
     }
   }
@@ -249,8 +293,8 @@ struct LseGradOp {
     if (special) return 0.f;  // excluded entry: P = 0 (even where the score is NaN)
     const float s2 = s * kLog2e;
     float d = 0.f;
-    if (row_lse) d = gr * exp2f(s2 - lr);
-    if (col_lse) d = fmaf(g_col[c], exp2f(s2 - log2_lse(col_lse[c])), d);
+    if (row_lse) d = gr * exp2_approx(s2 - lr);
+    if (col_lse) d = fmaf(g_col[c], exp2_approx(s2 - log2_lse(col_lse[c])), d);
     return d;
   }
 };
