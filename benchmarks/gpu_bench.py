@@ -376,17 +376,18 @@ OPS = ("similarity_lse", "sigmoid_pair", "masking")
 MASK_L = 196  # tokens per sample in the masking rows (ViT-B/16 at 224 px), mask ratio 0.75
 
 
-def time_op(op, backend, n, d, dtype, rep_ms):
+def time_op(op, backend, n, d, dtype, rep_ms, device="cuda"):
     """Median ms of forward + backward of ``op`` on ``backend``; None if it fails.  The losses take
-    q, k (n, d); "masking" is ``random_masking`` of (n // MASK_L, MASK_L, d) tokens."""
+    q, k (n, d); "masking" is ``random_masking`` of (n // MASK_L, MASK_L, d) tokens.  ``device``
+    is "cuda" except in the CPU smoke test."""
     from triton.testing import do_bench
 
     import fastcl
     if op == "masking":
-        x = torch.randn(max(1, n // MASK_L), MASK_L, d, device="cuda", dtype=dtype, requires_grad=True)
-        noise = torch.rand(x.shape[:2], device="cuda")
+        x = torch.randn(max(1, n // MASK_L), MASK_L, d, device=device, dtype=dtype, requires_grad=True)
+        noise = torch.rand(x.shape[:2], device=device)
     else:
-        q, k = _unit_pair(n, d, dtype, requires_grad=True)
+        q, k = _unit_pair(n, d, dtype, device=device, requires_grad=True)
 
     def step():
         if op == "masking":
@@ -406,7 +407,8 @@ def time_op(op, backend, n, d, dtype, rep_ms):
         print(f"  {op} {backend} n={n} d={d} {dtype}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         return None
     finally:
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def render_dispatch_table(measured_on, grid_n, grid_d, table, timings):
