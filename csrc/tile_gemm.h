@@ -35,7 +35,9 @@ inline OnednnMatmul find_onednn_matmul() {
 inline void tile_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
                       double alpha) {
   static const OnednnMatmul onednn = find_onednn_matmul();
-  if (onednn != nullptr && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+  // alpha = 0 (a zero scale) goes to addmm: that oneDNN entry point then left `out` as it was
+  // (stale tile contents) instead of beta * out.
+  if (onednn != nullptr && alpha != 0.0 && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
       b.scalar_type() == at::kFloat) {
     onednn(a, b, out, static_cast<float>(beta), static_cast<float>(alpha));
     return;

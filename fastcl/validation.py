@@ -44,13 +44,18 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 
 def check_scalar(name: str, value, *, positive: bool = False) -> None:
-    """A Python number or a one-element floating tensor; optionally strictly positive."""
+    """A Python number or a one-element floating tensor; optionally strictly positive.
+
+    The sign of a tensor is checked only on the CPU: reading a GPU tensor's value would wait for
+    the device on every call (a learnable logit_scale is a CUDA tensor in every training step,
+    and open_clip's losses never wait).  The ops are defined for any finite scale, so a GPU
+    tensor at or below 0 gets the formula's value rather than an error."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if positive and _eager() and not bool((value > 0).all()):
+        if positive and _eager() and value.device.type == "cpu" and not bool((value > 0).all()):
             raise ValueError(f"{name} must be > 0, got {value.detach().reshape(()).item()}")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if positive and not value > 0:

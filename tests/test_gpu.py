@@ -101,6 +101,27 @@ def workspace(request, monkeypatch, cuda_ext):
     return request.param
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_unchecked_gpu_scale_gives_the_formula(backend, request):
+    """A CUDA tensor scale is not read on the host (no device sync), so 0 or a negative one reaches
+    the kernels: value and gradients must still be the formula's, as in reference."""
+    if backend == "cuda":
+        request.getfixturevalue("cuda_ext")
+    import fastcl
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k = (torch.randn(333, 64, device="cuda", generator=g) for _ in range(2))
+    for value in (0.0, -3.0):
+        outs = {}
+        for be in (backend, "reference"):
+            qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+            scale = torch.tensor(value, device="cuda", requires_grad=True)
+            loss = fastcl.clip_loss(qq, kk, scale, backend=be)
+            loss.backward()
+            outs[be] = (loss, qq.grad, kk.grad, scale.grad)
+        for what, o, r in zip(("loss", "dq", "dk", "dscale"), outs[backend], outs["reference"]):
+            assert_close(o, r, torch.float32, f"{backend} {what} at scale {value}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,m,d", [(1000, 3001, 40), (2053, 1031, 256), (777, 1500, 3), (67, 131, 40), (1, 2, 3)])
 def test_cuda_matches_reference(workspace, dtype, n, m, d):

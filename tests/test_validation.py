@@ -76,3 +76,35 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         similarity_lse(q, k, 1.0, backend="triton")
+
+
+def test_scale_sign_is_checked_on_the_cpu_only():
+    """A GPU tensor's value is never read (it would wait for the device every call): a meta tensor
+    stands in for one; a CPU tensor still gets the error."""
+    from fastcl.validation import check_scalar
+    check_scalar("scale", torch.tensor(-1.0, device="meta"), positive=True)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        check_scalar("scale", torch.tensor(-1.0), positive=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_kernels_follow_the_formula_at_any_scale(backend):
+    """What an unchecked GPU scale at or below 0 gets: the formula's value, as the reference.  (At
+    exactly 0 the CPU kernels' oneDNN GEMM left its output tile stale: they now take addmm there.)"""
+    from conftest import assert_close
+    from fastcl._ext import extension_available
+    from fastcl.ops.dispatch import triton_available
+    if (backend == "cpu" and not extension_available()) or (backend == "triton" and not triton_available()):
+        pytest.skip(f"no {backend} backend")
+    qq, kk = torch.randn(67, 40), torch.randn(131, 40)
+    for scale in (-2.5, 0.0):
+        s = torch.tensor(scale)
+        row, col, _ = torch.ops.fastcl.similarity_lse_fwd(qq, kk, s, torch.tensor(0.5), True, True, None, False, None,
+                                                          backend)
+        ref = scale * qq.double() @ kk.double().T + 0.5
+        assert_close(row, torch.logsumexp(ref, 1), torch.float32, f"{backend} rows at scale {scale}")
+        assert_close(col, torch.logsumexp(ref, 0), torch.float32, f"{backend} cols at scale {scale}")
+        z = torch.full_like(ref, -1.0)
+        z[range(67), range(67)] = 1.0
+        loss = torch.ops.fastcl.sigmoid_pair_fwd(qq, kk, s, torch.tensor(0.5), backend)
+        assert_close(loss, -torch.nn.functional.logsigmoid(z * ref).sum(), torch.float32, f"{backend} sigmoid at {scale}")

@@ -113,7 +113,8 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
     Args:
         q: (N, D) float32, bfloat16, float16 or float64.
         k: (M, D), same dtype and device; M may differ from N (columns past N are all negatives).
-        scale: positive Python float or 0-d floating tensor (may require grad).
+        scale: positive Python float or 0-d floating tensor (may require grad); the sign of a GPU
+            tensor is not checked, as reading it would synchronise the device (``check_scalar``).
         bias: Python float or 0-d floating tensor (may require grad).
         backend: "auto", "reference", "cpu", "triton" or "cuda" (float32/bfloat16/float16 on
             CUDA; fastcl.ops.strips); default ``FASTCL_BACKEND`` or "auto".

@@ -133,7 +133,8 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
     Args:
         q: (N, D) float32, bfloat16, float16 or float64.
         k: (M, D), same dtype and device as ``q``.
-        scale: positive Python float or 0-d floating tensor (may require grad).
+        scale: positive Python float or 0-d floating tensor (may require grad); the sign of a GPU
+            tensor is not checked, as reading it would synchronise the device (``check_scalar``).
         bias: optional Python float or 0-d floating tensor (may require grad).
         rows: return the row LSE, shape (N,).
         cols: return the column LSE, shape (M,).
