@@ -23,7 +23,7 @@ import fastcl.ops.sigmoid_pair  # noqa: F401  (registers torch.ops.fastcl.sigmoi
 import fastcl.ops.similarity_lse  # noqa: F401  (registers torch.ops.fastcl.similarity_lse_*)
 from fastcl.distributed import Ring
 from fastcl.ops.dispatch import requested_backend, resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_logits
+from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor
 
 Tensor = torch.Tensor
 
@@ -181,10 +181,7 @@ class _RingLSE(torch.autograd.Function):
 
 
 def _scalar(value, like: Tensor) -> Tensor:
-    ct = compute_dtype(like.dtype)
-    if isinstance(value, Tensor):
-        return value.reshape(()).to(device=like.device, dtype=ct)
-    return torch.tensor(float(value), device=like.device, dtype=ct)
+    return scalar_tensor(value, like.device, compute_dtype(like.dtype))
 
 
 def ring_similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, cols: bool = False,

@@ -9,6 +9,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def scalar_tensor(value, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d tensor of ``dtype`` on ``device`` from a Python number or a one-element tensor.  A
+    number is written by a fill on the device: ``torch.tensor(value, device="cuda")`` copies from
+    the host and waits for the device's queue, on every call."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()).to(device=device, dtype=dtype)
+    return torch.full((), float(value), device=device, dtype=dtype)
+
+
 def reference_logits(q: torch.Tensor, k: torch.Tensor, scale, bias=None,
                      exclude_diagonal: Optional[int] = None) -> torch.Tensor:
     """(N, M) logits ``scale * q @ k.T + bias`` in the compute dtype, -inf where j == i + offset."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_logits
+from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor
 from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_pair, check_scalar
 
@@ -89,12 +89,6 @@ def _backward(ctx, g):
 _sp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _as_scalar_tensor(value, device: torch.device, dtype: torch.dtype) -> Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.reshape(()).to(device=device, dtype=dtype)
-    return torch.tensor(float(value), device=device, dtype=dtype)
-
-
 def reference_sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias) -> Tensor:
     """Materialised (N, M) version of ``sigmoid_pair_loss``: the oracle and fallback backend."""
     s = reference_logits(q, k, scale, bias)
@@ -129,4 +123,4 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
     if name == "reference":
         return reference_sigmoid_pair_loss(q, k, scale, bias)
     ct = compute_dtype(q.dtype)
-    return _sp_fwd(q, k, _as_scalar_tensor(scale, q.device, ct), _as_scalar_tensor(bias, q.device, ct), name)
+    return _sp_fwd(q, k, scalar_tensor(scale, q.device, ct), scalar_tensor(bias, q.device, ct), name)

@@ -15,7 +15,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import compute_dtype, positive_logits, reference_similarity_lse, row_dots
+from fastcl.ops.reference import (compute_dtype, positive_logits, reference_similarity_lse, row_dots,
+                                  scalar_tensor)
 from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_index, check_offset, check_pair, check_scalar
 
@@ -119,12 +120,6 @@ def _backward(ctx, g_row, g_col, g_pos):
 _lse_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _as_scalar_tensor(value, device: torch.device, dtype: torch.dtype) -> Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.reshape(()).to(device=device, dtype=dtype)
-    return torch.tensor(float(value), device=device, dtype=dtype)
-
-
 def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True, cols: bool = False,
                    exclude_diagonal: Optional[int] = None, positives: Union[bool, Tensor] = False,
                    backend: Optional[str] = None):
@@ -174,8 +169,8 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         pos = positive_logits(q, k, pos_index, scale, bias) if positives else None
     else:
         ct = compute_dtype(q.dtype)
-        scale_t = _as_scalar_tensor(scale, q.device, ct)
-        bias_t = _as_scalar_tensor(0.0 if bias is None else bias, q.device, ct)
+        scale_t = scalar_tensor(scale, q.device, ct)
+        bias_t = scalar_tensor(0.0 if bias is None else bias, q.device, ct)
         row, col, pos = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, pos_index, name)
     out = [t for t, asked in ((row, rows), (col, cols), (pos, positives)) if asked]
     return out[0] if len(out) == 1 else tuple(out)
