@@ -78,10 +78,11 @@ def usage(compiled, warps: int) -> dict:
 
 
 def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, shape=None,
-                 shared_exp: bool = False) -> dict:
+                 shared_exp: bool = False, ragged: bool = False) -> dict:
     """Compile ``kernel`` ("fwd" or "dscore_strip") for ``dtype`` at ``shape`` (BLOCK_M, BLOCK_N,
     BLOCK_D, num_warps, num_stages; default: the launcher's ``_config``) and return its usage;
-    ``shared_exp`` compiles the FASTCL_TRITON_EXP=shared variant."""
+    ``shared_exp`` compiles the FASTCL_TRITON_EXP=shared variant, ``ragged`` the forward's variant
+    with the bounds select (sizes that are not whole tiles)."""
     from fastcl.kernels import similarity_lse as K
 
     cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))  # flags of a GPU launch
@@ -92,7 +93,8 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
                   UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
     ptr = "*" + dtype
     if kernel == "fwd":
-        consts["FAST_LOG"] = cfg["FAST_LOG"]
+        # Whole tiles as at N = M = 32768 unless ``ragged`` (then every score gets a bounds select).
+        consts.update(FAST_LOG=cfg["FAST_LOG"], MASK_BOUNDS=ragged)
         c = _compile(K._lse_fwd_kernel,
                      {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
                       "colpart_ptr": "*fp32"},
@@ -105,17 +107,20 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
                      consts, warps, stages)  # a register cap reaches the forward only (_config)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")
-    return {"kernel": kernel, "dtype": dtype, "rows": rows, "cols": cols, "diag": diag, "shared_exp": shared_exp,
-            "shape": ",".join(map(str, shape)), **usage(c, warps)}
+    return {"kernel": kernel + ("/ragged" if ragged and kernel == "fwd" else ""), "dtype": dtype, "rows": rows,
+            "cols": cols, "diag": diag, "shared_exp": shared_exp, "shape": ",".join(map(str, shape)),
+            **usage(c, warps)}
 
 
 def default_rows(shared_exp: bool = False) -> list:
-    """Both kernels at the default shapes: every flag set for bf16, CLIP's for fp16 and fp32."""
+    """Both kernels at the default shapes: every flag set for bf16, CLIP's for fp16 and fp32; and
+    the forward's ragged-size variant for every bf16 flag set."""
     out = []
     for dtype in TYPES:
         for rows, cols, diag in FLAG_SETS if dtype == "bf16" else FLAG_SETS[:1]:
             for kernel in ("fwd", "dscore_strip"):
                 out.append(kernel_usage(kernel, dtype, rows, cols, diag, shared_exp=shared_exp))
+    out += [kernel_usage("fwd", "bf16", *flags, shared_exp=shared_exp, ragged=True) for flags in FLAG_SETS]
     return out
 
 

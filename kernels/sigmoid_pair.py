@@ -138,7 +138,7 @@ def _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, b
                  UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # t = -z * s as in _tile_t, with s from the D-chunked score tile of the LSE kernels.
     s = _score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias, 0,
-                    False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                    False, False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)  # masked below
     diag = rows[:, None] == cols[None, :]
     valid = (rows[:, None] < N) & (cols[None, :] < M)
     return tl.where(valid, tl.where(diag, -s, s), float("-inf")), diag

@@ -53,11 +53,14 @@ def _log2(x, FAST: tl.constexpr):
 
 @triton.jit
 def _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale, bias, diag_off,
-                HAS_DIAG: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                HAS_DIAG: tl.constexpr, MASK_BOUNDS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                 BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
                 PRECISION: tl.constexpr):
-    """(BLOCK_A, BLOCK_B) fp32 tile of scale * a @ b.T + bias, -inf outside the matrix and on
-    the excluded diagonal (b index == a index + diag_off)."""
+    """(BLOCK_A, BLOCK_B) fp32 tile of scale * a @ b.T + bias, -inf on the excluded diagonal (b
+    index == a index + diag_off) and, with MASK_BOUNDS, outside the matrix.  Without it entries
+    past NA or NB hold bias (their rows read as zeros): for callers whose tiles never cross the
+    edge, or that mask those entries themselves (a masked store, their own select); a select per
+    score is ~7% of the forward's instructions."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     a_rows = offs_a.to(tl.int64)[:, None] * stride_a
     b_rows = offs_b.to(tl.int64)[:, None] * stride_b
@@ -73,15 +76,20 @@ def _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, sca
         else:
             acc = tl.dot(a, tl.trans(b), acc)
     s = acc * scale + bias
-    valid = (offs_a[:, None] < NA) & (offs_b[None, :] < NB)
-    if HAS_DIAG:
-        valid = valid & (offs_b[None, :] != offs_a[:, None] + diag_off)
-    return tl.where(valid, s, float("-inf"))
+    if MASK_BOUNDS:
+        valid = (offs_a[:, None] < NA) & (offs_b[None, :] < NB)
+        if HAS_DIAG:
+            valid = valid & (offs_b[None, :] != offs_a[:, None] + diag_off)
+        s = tl.where(valid, s, float("-inf"))
+    elif HAS_DIAG:
+        s = tl.where(offs_b[None, :] != offs_a[:, None] + diag_off, s, float("-inf"))
+    return s
 
 
 @triton.jit
 def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, M, D, stride_q, stride_k,
                     diag_off, col_span, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
+                    MASK_BOUNDS: tl.constexpr,
                     SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
                     PRECISION: tl.constexpr, FAST_LOG: tl.constexpr):
@@ -100,7 +108,7 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
     for n0 in range(c_lo, c_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s2 = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale2, bias2, diag_off,
-                         HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                         HAS_DIAG, MASK_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         if SHARED_EXP and COLS:
             # One exp per score for both sides: p = 2^(s - t_i) with t_i the tile's row max; the
             # columns reuse it through the tile max R: 2^(s - R) = p * 2^(t_i - R).
@@ -122,7 +130,8 @@ def _lse_fwd_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, colpart_ptr, N, 
             # than kept: holding s2 through the loop spilled registers on sm_90.
             if tl.min(lc, 0) < 1.0e-24:
                 sx = _score_tile(q_ptr, k_ptr, offs_m, offs_n, N, c_hi, D, stride_q, stride_k, scale2, bias2,
-                                 diag_off, HAS_DIAG, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                                 diag_off, HAS_DIAG, MASK_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32,
+                                 PRECISION)
                 mc = tl.max(sx, 0)
                 refc = tl.where(mc == float("-inf"), 0.0, mc)
                 part = (refc + _log2(tl.sum(tl.exp2(sx - refc[None, :]), 0), FAST_LOG)) * 0.6931471805599453
@@ -208,7 +217,7 @@ def _grad_fused_kernel(a_ptr, b_ptr, scale_ptr, bias_ptr, lse_a_ptr, g_a_ptr, ls
     for b0 in range(0, NB, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         s2 = _score_tile(a_ptr, b_ptr, offs_a, offs_b, NA, NB, D, stride_a, stride_b, scale2, bias2, diag_off,
-                         HAS_DIAG, BLOCK_A, BLOCK_B, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                         HAS_DIAG, True, BLOCK_A, BLOCK_B, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         lse_b, g_b = _load_stats(lse_b_ptr, g_b_ptr, offs_b, NB, B_STATS, BLOCK_B)
         ds = _dscore_tile(s2, lse_a, g_a, lse_b, g_b, A_STATS, B_STATS, SHARED_EXP)
         b = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
@@ -243,10 +252,11 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
     local, local_n, scale, bias = _strip_block(scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
     offs_m = row0 + local
     offs_n = col0 + local_n
-    # Rows and columns past the block are masked by passing its ends as the counts; base-2 scores.
+    # Base-2 scores.  Rows and columns past the block read as zeros (its ends are the counts) and
+    # are never stored, and nothing here sums over the tile: no bounds select.
     s2 = _score_tile(q_ptr, k_ptr, offs_m, offs_n, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k,
-                     scale * 1.4426950408889634, bias * 1.4426950408889634, diag_off, HAS_DIAG, BLOCK_M, BLOCK_N,
-                     BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                     scale * 1.4426950408889634, bias * 1.4426950408889634, diag_off, HAS_DIAG, False, BLOCK_M,
+                     BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
     lse_r, g_r = _load_stats(row_ptr, grow_ptr, offs_m, row0 + N_STRIP, ROWS, BLOCK_M)
     lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, col0 + N_COLS, COLS, BLOCK_N)
     ds = _dscore_tile(s2, lse_r, g_r, lse_c, g_c, ROWS, COLS, SHARED_EXP)
@@ -442,14 +452,16 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
         row_out = (row[r0:r0 + ng] if part is None else part) if rows else dummy
         args = (q_g, k, scale.float(), bias.float(), row_out, colpart if cols else dummy,
                 ng, m, d, q.stride(0), k.stride(0), 0 if diag_offset is None else r0 + int(diag_offset), col_span)
-        if tune:
+        if tune:  # the tile is the autotuner's choice: keep the bounds select
             kernel = _tuned(_lse_fwd_kernel, ["N", "M", "D"], interp)
-            kernel[lambda meta: (triton.cdiv(ng, meta["BLOCK_M"]), splits)](*args, **flags)
+            kernel[lambda meta: (triton.cdiv(ng, meta["BLOCK_M"]), splits)](*args, **flags, MASK_BOUNDS=True)
             grid_m = triton.cdiv(ng, kernel.best_config.kwargs["BLOCK_M"])
         else:
             grid_m = triton.cdiv(ng, cfg["BLOCK_M"])
-            _lse_fwd_kernel[(grid_m, splits)](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                              BLOCK_D=cfg["BLOCK_D"], **cfg["fwd_launch"])
+            # Whole tiles everywhere (N = M = 32768, say): no score needs the bounds select.
+            ragged = ng % cfg["BLOCK_M"] or m % cfg["BLOCK_N"] or (splits > 1 and col_span % cfg["BLOCK_N"])
+            _lse_fwd_kernel[(grid_m, splits)](*args, **flags, MASK_BOUNDS=bool(ragged), BLOCK_M=cfg["BLOCK_M"],
+                                              BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], **cfg["fwd_launch"])
         if part is not None:
             torch.logsumexp(part, dim=0, out=row[r0:r0 + ng])
         if cols:

@@ -350,7 +350,7 @@ def test_forward_range_writes_only_its_columns(shared_exp):
     row = torch.full((n,), float("nan"))
     colpart = torch.full((2, m), float("nan"))
     K._lse_fwd_kernel[(2, 1)](q, k, torch.tensor(1.5), torch.tensor(0.0), row, colpart, n, m, d, d, d, 0, 48,
-                              ROWS=True, COLS=True, HAS_DIAG=False, SHARED_EXP=shared_exp, BLOCK_M=64, BLOCK_N=64,
+                              ROWS=True, COLS=True, HAS_DIAG=False, MASK_BOUNDS=True, SHARED_EXP=shared_exp, BLOCK_M=64, BLOCK_N=64,
                               BLOCK_D=64, UPCAST=True, IS_FP32=True, PRECISION="ieee", FAST_LOG=False)
     s = 1.5 * q.double() @ k.double().T
     assert torch.isnan(colpart[:, 48:]).all()

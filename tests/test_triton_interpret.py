@@ -39,6 +39,29 @@ def test_options(bwd_mode, dtype, offset, rows, cols):
                             bias=None if offset is None else -0.5, seed=7)
 
 
+@pytest.mark.parametrize("offset", [None, 0, 7])
+@pytest.mark.parametrize("rows,cols", [(True, True), (False, True)])
+def test_whole_tiles_skip_the_bounds_select(bwd_mode, offset, rows, cols, monkeypatch):
+    """Sizes that are whole tiles (the interpreter's are 64 x 64) compile the forward without the
+    bounds select, and the dS strips never have one; both must still match the reference."""
+    from fastcl.kernels import similarity_lse as K
+    seen = []
+    kernel = K._lse_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def call(*args, **kwargs):
+                seen.append(kwargs["MASK_BOUNDS"])
+                return kernel[grid](*args, **kwargs)
+            return call
+    monkeypatch.setattr(K, "_lse_fwd_kernel", Spy())
+    check_against_reference("triton", 128, 192, 40, torch.float32, offset=offset, rows=rows, cols=cols, bias=0.25,
+                            seed=4)
+    check_against_reference("triton", 128, 150, 40, torch.float32, offset=offset, rows=rows, cols=cols, bias=0.25,
+                            seed=5)
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("which", ["diagonal", "index"])
 def test_positive_logits(bwd_mode, dtype, which):
