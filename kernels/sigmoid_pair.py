@@ -133,20 +133,23 @@ def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M,
 
 
 @triton.jit
-def _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias,
+def _signed_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias, MASK_BOUNDS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    # t = -z * s as in _tile_t, with s from the D-chunked score tile of the LSE kernels.
+    # t = -z * s as in _tile_t, with s from the D-chunked score tile of the LSE kernels; -inf
+    # outside the matrix (softplus and sigmoid give 0 there) only where a tile crosses its edge.
     s = _score_tile(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, scale, bias, 0,
-                    False, False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)  # masked below
+                    False, False, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
     diag = rows[:, None] == cols[None, :]
-    valid = (rows[:, None] < N) & (cols[None, :] < M)
-    return tl.where(valid, tl.where(diag, -s, s), float("-inf")), diag
+    t = tl.where(diag, -s, s)
+    if MASK_BOUNDS:
+        t = tl.where((rows[:, None] < N) & (cols[None, :] < M), t, float("-inf"))
+    return t, diag
 
 
 @triton.jit
 def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k, col_span,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        MASK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # Program (pid, split): rows [pid * BLOCK_M, +BLOCK_M) x columns [split * col_span, +col_span).
     pid = tl.program_id(0)
@@ -159,7 +162,7 @@ def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, st
     c_hi = tl.minimum(c_lo + col_span, M)  # the range's end masks its last tile: ranges never overlap
     for j0 in range(c_lo, c_hi, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, N, c_hi, D, stride_q, stride_k, scale, bias,
+        t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, N, c_hi, D, stride_q, stride_k, scale, bias, MASK_BOUNDS,
                                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
         acc += tl.sum(_softplus(t), axis=1)
     tl.store(part_ptr + pid * tl.num_programs(1) + split, tl.sum(acc, axis=0))
@@ -167,7 +170,7 @@ def _fwd_chunked_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, st
 
 @triton.jit
 def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0, N_STRIP, col0, N_COLS, D,
-                       stride_q, stride_k, stride_g,
+                       stride_q, stride_k, stride_g, MASK_BOUNDS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """G for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS) into the workspace (local
@@ -177,7 +180,7 @@ def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0
     cols = col0 + local_n
     # Rows and columns past the block are masked by passing its ends as the counts.
     t, diag = _signed_tile(q_ptr, k_ptr, rows, cols, row0 + N_STRIP, col0 + N_COLS, D, stride_q, stride_k,
-                           scale, bias, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
+                           scale, bias, MASK_BOUNDS, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, IS_FP32, PRECISION)
     sg = _sigmoid(t)
     g = tl.where(diag, -sg, sg)
     tl.store(g_ptr + local.to(tl.int64)[:, None] * stride_g + local_n[None, :], g.to(g_ptr.dtype.element_ty),
@@ -240,8 +243,10 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
         col_span, ranges = lse_kernels.column_ranges(row_blocks, m, lse_kernels.sm_count(q.device))
         grid = (row_blocks, ranges)
         partial = torch.empty(grid, device=q.device, dtype=torch.float32)
+        # The bounds select only if a tile crosses the matrix's or a range's edge (the sums need it).
+        ragged = n % sc["BLOCK_M"] or m % sc["BLOCK_N"] or (ranges > 1 and col_span % sc["BLOCK_N"])
         _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), col_span,
-                                  BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
+                                  MASK_BOUNDS=bool(ragged), BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                   UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                   **sc["launch"])
         return partial.to(torch.float64).sum().float()
@@ -266,8 +271,9 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
         def launch(tile, r0, nr, c0, nc, sc):
             grid = (triton.cdiv(nr, sc["BLOCK_M"]), triton.cdiv(nc, sc["BLOCK_N"]))
             gpart = torch.empty(grid, device=q.device, dtype=torch.float32)
+            ragged = nr % sc["BLOCK_M"] or nc % sc["BLOCK_N"]  # the tile sums need the bounds select there
             _grad_strip_kernel[grid](q, k, scale, bias, tile, gpart, r0, nr, c0, nc, d,
-                                     q.stride(0), k.stride(0), tile.stride(0),
+                                     q.stride(0), k.stride(0), tile.stride(0), MASK_BOUNDS=bool(ragged),
                                      BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                      UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                      **sc["launch"])

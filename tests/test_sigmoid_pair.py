@@ -275,3 +275,31 @@ def test_triton_softplus_and_sigmoid_elementwise():
     assert sp[0].item() == 0.0 and sg[0].item() == 0.0
     assert sp[1].item() == float("inf") and sg[1].item() == 1.0
     assert torch.isnan(sp[2]) and torch.isnan(sg[2])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_strip_whole_tiles_skip_the_bounds_select(monkeypatch, dtype):
+    """At sizes in whole tiles (the interpreter's 64 x 64) the strip kernels run without the
+    bounds select, at ragged ones with it; both match the oracle."""
+    from fastcl.kernels import sigmoid_pair as S
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    seen = []
+
+    def spy(name):
+        kernel = getattr(S, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def call(*args, **kwargs):
+                    seen.append((name, kwargs["MASK_BOUNDS"]))
+                    return kernel[grid](*args, **kwargs)
+                return call
+        monkeypatch.setattr(S, name, Spy())
+    spy("_fwd_chunked_kernel")
+    spy("_grad_strip_kernel")
+    test_value_and_grads("triton", dtype, 128, 192, 40)
+    assert seen == [("_fwd_chunked_kernel", False), ("_grad_strip_kernel", False)]
+    seen.clear()
+    test_value_and_grads("triton", dtype, 128, 150, 40)
+    assert seen == [("_fwd_chunked_kernel", True), ("_grad_strip_kernel", True)]
