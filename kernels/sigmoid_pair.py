@@ -58,14 +58,16 @@ def _sigmoid(t):
 
 
 @triton.jit
-def _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr):
-    # t = -z * s: s off the diagonal, -s on it; -inf outside the matrix (softplus = sigmoid = 0).
+def _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr, MASK_BOUNDS: tl.constexpr):
+    # t = -z * s: s off the diagonal, -s on it; -inf outside the matrix (softplus = sigmoid = 0),
+    # selected only when the launch has tiles that cross the edge (MASK_BOUNDS).
     s = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision=PRECISION)
     s = scale * s + bias
     diag = rows[:, None] == cols[None, :]
     t = tl.where(diag, -s, s)
-    valid = (rows[:, None] < N) & (cols[None, :] < M)
-    return tl.where(valid, t, float("-inf")), diag
+    if MASK_BOUNDS:
+        t = tl.where((rows[:, None] < N) & (cols[None, :] < M), t, float("-inf"))
+    return t, diag
 
 
 @triton.jit
@@ -83,7 +85,7 @@ def _load_rows(ptr, idx, n, stride, dd, D, DOT_FP32: tl.constexpr):
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, stride_k,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASK_BOUNDS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
@@ -94,15 +96,15 @@ def _fwd_kernel(q_ptr, k_ptr, part_ptr, scale_ptr, bias_ptr, N, M, D, stride_q, 
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr, cols, M, stride_k, dd, D, DOT_FP32)
-        t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION)
+        t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION, MASK_BOUNDS)
         acc += tl.sum(_softplus(t), axis=1)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr):
+def _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr, MASK_BOUNDS: tl.constexpr):
     # G = dL/ds: sigmoid(s) off the diagonal, -sigmoid(-s) on it, 0 outside the matrix.
-    t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION)
+    t, diag = _tile_t(q, k, scale, bias, rows, cols, N, M, PRECISION, MASK_BOUNDS)
     sg = _sigmoid(t)
     return tl.where(diag, -sg, sg)
 
@@ -111,7 +113,7 @@ def _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION: tl.constexpr):
 def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M, D,
                      stride_q, stride_k, stride_gq,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, MASK_BOUNDS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
@@ -123,7 +125,7 @@ def _bwd_rows_kernel(q_ptr, k_ptr, gq_ptr, gpart_ptr, scale_ptr, bias_ptr, N, M,
     for j0 in range(0, M, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         k = _load_rows(k_ptr, cols, M, stride_k, dd, D, DOT_FP32)
-        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION)
+        g = _grad_tile(q, k, scale, bias, rows, cols, N, M, PRECISION, MASK_BOUNDS)
         gsum += tl.sum(g, axis=1)
         # G is rounded to the operand dtype so the product runs on tensor cores.
         gq += tl.dot(g.to(k.dtype), k, out_dtype=tl.float32, input_precision=PRECISION)
@@ -219,6 +221,12 @@ def _config(q: torch.Tensor, k: torch.Tensor):
     )
 
 
+def _ragged(rows: int, cols: int, cfg: dict) -> bool:
+    """Whether a fused launch over rows x cols has tiles that cross the matrix's edge: only those
+    need the select that zeroes the scores outside it (their tile sums include them)."""
+    return bool(rows % cfg["BLOCK_M"] or cols % cfg["BLOCK_N"])
+
+
 def _prepare(q, k, scale, bias):
     lse_kernels._check(q, k)  # the same device and dtype rules (no float64)
     q, k = q.contiguous(), k.contiguous()
@@ -253,7 +261,8 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     cfg = _config(q, k)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), **cfg)
+    _fwd_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), **cfg,
+                      MASK_BOUNDS=_ragged(n, m, cfg))
     return partial.to(torch.float64).sum().float()
 
 
@@ -286,12 +295,14 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     row_grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     gpart = torch.empty(row_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
-                               q.stride(0), k.stride(0), gq.stride(0), **cfg)
+                               q.stride(0), k.stride(0), gq.stride(0), **cfg, MASK_BOUNDS=_ragged(n, m, cfg))
     # G^T has the same form with q and k swapped (the positive pairs stay on the diagonal), so
-    # the row kernel on (k, q) gives G^T @ q; its partial sums of G are not needed again.
+    # the row kernel on (k, q) gives G^T @ q; its partial sums of G are not needed again, so it
+    # never needs the bounds select: entries past the edge meet zero rows of q in the product, or
+    # belong to rows it does not store.
     col_grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
     scratch = torch.empty(col_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
-                               k.stride(0), q.stride(0), gk.stride(0), **cfg)
+                               k.stride(0), q.stride(0), gk.stride(0), **cfg, MASK_BOUNDS=False)
     dq, dk, qgq = finish_full(q, k, gq, gk, grad_scale, out_dtype)
     return dq, dk, qgq, gpart.to(torch.float64).sum().float()

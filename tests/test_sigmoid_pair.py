@@ -279,11 +279,12 @@ def test_triton_softplus_and_sigmoid_elementwise():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_strip_whole_tiles_skip_the_bounds_select(monkeypatch, dtype):
-    """At sizes in whole tiles (the interpreter's 64 x 64) the strip kernels run without the
-    bounds select, at ragged ones with it; both match the oracle."""
+@pytest.mark.parametrize("mode", ["strip", "fused"])
+def test_triton_whole_tiles_skip_the_bounds_select(monkeypatch, dtype, mode):
+    """At sizes in whole tiles (the interpreter's 64 x 64) the kernels run without the bounds
+    select, at ragged ones with it; both match the oracle."""
     from fastcl.kernels import sigmoid_pair as S
-    monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    monkeypatch.setenv("FASTCL_TRITON_BWD", mode)
     seen = []
 
     def spy(name):
@@ -296,10 +297,12 @@ def test_triton_strip_whole_tiles_skip_the_bounds_select(monkeypatch, dtype):
                     return kernel[grid](*args, **kwargs)
                 return call
         monkeypatch.setattr(S, name, Spy())
-    spy("_fwd_chunked_kernel")
-    spy("_grad_strip_kernel")
+    names = ["_fwd_chunked_kernel", "_grad_strip_kernel"] if mode == "strip" else ["_fwd_kernel", "_bwd_rows_kernel"]
+    for name in names:
+        spy(name)
     test_value_and_grads("triton", dtype, 128, 192, 40)
-    assert seen == [("_fwd_chunked_kernel", False), ("_grad_strip_kernel", False)]
+    assert seen == [(name, False) for name in names] + ([] if mode == "strip" else [(names[1], False)])
     seen.clear()
     test_value_and_grads("triton", dtype, 128, 150, 40)
-    assert seen == [("_fwd_chunked_kernel", True), ("_grad_strip_kernel", True)]
+    # Fused: the row kernel also runs on (k, q) for G^T @ q, whose tile sums are discarded.
+    assert seen == [(name, True) for name in names] + ([] if mode == "strip" else [(names[1], False)])
