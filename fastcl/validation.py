@@ -73,9 +73,11 @@ def index_range(idx: torch.Tensor):
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_index(name: str, idx, shape: Tuple[Optional[int], ...], upper: int, device: torch.device) -> torch.Tensor:
+def check_index(name: str, idx, shape: Tuple[Optional[int], ...], upper: int, device: torch.device, *,
+                read_range: bool = True) -> torch.Tensor:
     """``idx`` is an integer tensor of ``shape`` (``None``: any length along that dim) with values
-    in [0, upper); returns it as int64."""
+    in [0, upper); returns it as int64.  The range check reads the values back (one device sync);
+    ``read_range=False`` skips it, for indices a caller built itself or has checked already."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}")
     if idx.dtype not in INDEX_DTYPES:  # (aminmax has no kernels for uint16/32/64)
@@ -86,7 +88,7 @@ def check_index(name: str, idx, shape: Tuple[Optional[int], ...], upper: int, de
                          f"got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} must be on {device}, got {idx.device}")
-    if _eager() and idx.numel() > 0:
+    if read_range and _eager() and idx.numel() > 0:
         lo, hi = index_range(idx)
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must lie in [0, {upper}), got values in [{lo}, {hi}]")

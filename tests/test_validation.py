@@ -108,3 +108,23 @@ def test_fused_kernels_follow_the_formula_at_any_scale(backend):
         z[range(67), range(67)] = 1.0
         loss = torch.ops.fastcl.sigmoid_pair_fwd(qq, kk, s, torch.tensor(0.5), backend)
         assert_close(loss, -torch.nn.functional.logsigmoid(z * ref).sum(), torch.float32, f"{backend} sigmoid at {scale}")
+
+
+def test_losses_read_no_values_back():
+    """The losses' hot paths never read a tensor value on the host (each read waits for a GPU):
+    on meta tensors, which hold no values, any read would raise.  Scales given as device tensors,
+    and the pairs NT-Xent and the default CLIP/InfoNCE build themselves, stay on the device."""
+    dev = "meta"
+    a, b = torch.randn(16, 8, device=dev), torch.randn(16, 8, device=dev)
+    scale, bias = torch.tensor(10.0, device=dev), torch.tensor(-10.0, device=dev)
+    for call in (lambda: fastcl.clip_loss(a, b, scale, backend="reference"),
+                 lambda: fastcl.clip_loss(a, b, 10.0, backend="reference"),
+                 lambda: fastcl.siglip_loss(a, b, scale, bias, backend="reference"),
+                 lambda: fastcl.info_nce(a, b, temperature=torch.tensor(0.07, device=dev), backend="reference"),
+                 lambda: fastcl.ntxent_loss(a, b, temperature=0.5, backend="reference"),
+                 lambda: fastcl.dcl_loss(a, b, temperature=0.1, backend="reference"),
+                 lambda: similarity_lse(a, b, scale, rows=True, cols=True, positives=True, backend="reference")):
+        call()
+    # A user's index is range-checked, which reads it: on meta that read raises.
+    with pytest.raises(NotImplementedError):
+        fastcl.clip_loss(a, b, scale, labels=torch.arange(16, device=dev), backend="reference")

@@ -5,7 +5,7 @@ import torch
 
 from fastcl.losses._common import check_label_smoothing, mean_logits, reduce_loss, smoothed_ce
 from fastcl.ops.reference import take_rows
-from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.validation import check_index, check_pair, check_reduction, check_scalar
 
 
@@ -48,8 +48,12 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     else:
         labels = check_index("labels", labels, (n,), m, image_features.device)
     # The positives' gradient folds into the op's backward: no extra (N, D) buffers.
-    row_lse, col_lse, pos = similarity_lse(image_features, text_features, logit_scale, logit_bias, rows=True,
-                                           cols=True, positives=True if diagonal else labels, backend=backend)
+    if diagonal:
+        row_lse, col_lse, pos = similarity_lse(image_features, text_features, logit_scale, logit_bias, rows=True,
+                                               cols=True, positives=True, backend=backend)
+    else:  # labels were range-checked above: not again (each check waits for the device)
+        row_lse, col_lse, pos = similarity_lse_with_index(image_features, text_features, logit_scale, logit_bias,
+                                                          rows=True, cols=True, index=labels, backend=backend)
     row_mean = col_mean = None
     if label_smoothing > 0.0:
         row_mean = mean_logits(image_features, text_features, logit_scale, logit_bias)

@@ -26,7 +26,7 @@ from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import CONTRAST_MODES, _check_labels
 from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
-from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
 from fastcl.validation import check_float_tensor, check_pair, check_scalar
 
@@ -122,8 +122,11 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
         if not local_loss:
             return clip_loss(all_i, all_t, s, b, label_smoothing=eps, backend=backend)
         labels = torch.arange(n, device=image_features.device) + off
-        lse_i, pos_i = similarity_lse(image_features, all_t, s, b, rows=True, positives=labels, backend=backend)
-        lse_t, pos_t = similarity_lse(text_features, all_i, s, b, rows=True, positives=labels, backend=backend)
+        # labels are built here (this rank's rows), in range by construction: not read back.
+        lse_i, pos_i = similarity_lse_with_index(image_features, all_t, s, b, rows=True, index=labels,
+                                                 backend=backend)
+        lse_t, pos_t = similarity_lse_with_index(text_features, all_i, s, b, rows=True, index=labels,
+                                                 backend=backend)
         mean_i = mean_t = None
         if eps > 0.0:
             mean_i = mean_logits(image_features, all_t, s, b)
@@ -231,8 +234,8 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
     if impl == "gather":
         off = _offset(z_sizes, rank)
         all_z = gather_with_sizes(z, z_sizes, group)
-        lse, pos = similarity_lse(z, all_z, scale, rows=True, exclude_diagonal=off, positives=partner + off,
-                                  backend=backend)
+        lse, pos = similarity_lse_with_index(z, all_z, scale, rows=True, exclude_diagonal=off, index=partner + off,
+                                             backend=backend)
     else:
         lse, _ = ring_similarity_lse(z, z, scale, exclude_self=True, ring=Ring(group), sizes=z_sizes,
                                      backend=backend)

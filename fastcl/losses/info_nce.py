@@ -5,7 +5,7 @@ import torch
 
 from fastcl.losses._common import check_label_smoothing, default_positives, mean_logits, reduce_loss, smoothed_ce
 from fastcl.ops.reference import take_rows
-from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.validation import _eager, check_index, check_pair, check_reduction, resolve_scale
 
 
@@ -49,8 +49,13 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     if exclude_self and _eager() and bool((positives == torch.arange(n, device=query.device)).any()):
         raise ValueError("positives must not point at the excluded diagonal when exclude_self=True")
     # The positive logits come from the op itself, which folds their gradient into its backward.
-    out = similarity_lse(query, keys, scale, rows=True, cols=symmetric, exclude_diagonal=0 if exclude_self else None,
-                         positives=True if diagonal else positives, backend=backend)
+    excl = 0 if exclude_self else None
+    if diagonal:
+        out = similarity_lse(query, keys, scale, rows=True, cols=symmetric, exclude_diagonal=excl, positives=True,
+                             backend=backend)
+    else:  # positives were range-checked above: not again (each check waits for the device)
+        out = similarity_lse_with_index(query, keys, scale, rows=True, cols=symmetric, exclude_diagonal=excl,
+                                        index=positives, backend=backend)
     row_lse, col_lse, pos = out if symmetric else (out[0], None, out[1])
     row_mean = col_mean = None
     if label_smoothing > 0.0:

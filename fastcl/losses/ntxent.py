@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fastcl.losses._common import reduce_loss
 from fastcl.ops.reference import compute_dtype
-from fastcl.ops.similarity_lse import similarity_lse
+from fastcl.ops.similarity_lse import similarity_lse_with_index
 from fastcl.validation import check_pair, check_reduction, check_scalar
 
 
@@ -47,5 +47,6 @@ def ntxent_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.5, *, redu
     z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)
     scale = 1.0 / temperature
     partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-    lse, pos = similarity_lse(z, z, scale, rows=True, exclude_diagonal=0, positives=partner, backend=backend)
+    # partner is built here, in range by construction: its values are not read back.
+    lse, pos = similarity_lse_with_index(z, z, scale, rows=True, exclude_diagonal=0, index=partner, backend=backend)
     return reduce_loss(lse - pos, reduction)

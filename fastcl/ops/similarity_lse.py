@@ -146,6 +146,19 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         tensor when one is asked for, else a tuple; float32 (float64 for float64 inputs).  A row
         with every entry excluded gives -inf.
     """
+    return _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, backend, read_range=True)
+
+
+def similarity_lse_with_index(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True, cols: bool = False,
+                              exclude_diagonal: Optional[int] = None, index: Tensor, backend: Optional[str] = None):
+    """``similarity_lse(q, k, ..., positives=index)`` for an ``index`` the caller built or has
+    range-checked already: (N,) integer tensor with values in [0, M).  Its shape, dtype and device
+    are checked, its values are not read back (that read waits for the device on every call: the
+    losses' own arange-built pairs would pay it every step).  Returns what ``similarity_lse`` does."""
+    return _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, index, backend, read_range=False)
+
+
+def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, backend, read_range: bool):
     check_pair("q", q, "k", k)
     check_scalar("scale", scale, positive=True)
     if bias is not None:
@@ -155,7 +168,8 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         raise ValueError("at least one of rows or cols must be True")
     pos_index = None
     if isinstance(positives, torch.Tensor):
-        pos_index = check_index("positives", positives, (q.shape[0],), k.shape[0], q.device).contiguous()
+        pos_index = check_index("positives", positives, (q.shape[0],), k.shape[0], q.device,
+                                read_range=read_range).contiguous()
         positives = True
     elif not isinstance(positives, bool):
         raise TypeError(f"positives must be a bool or an (N,) integer tensor, got {type(positives).__name__}")
