@@ -221,12 +221,6 @@ def _config(q: torch.Tensor, k: torch.Tensor):
     )
 
 
-def _ragged(rows: int, cols: int, cfg: dict) -> bool:
-    """Whether a fused launch over rows x cols has tiles that cross the matrix's edge: only those
-    need the select that zeroes the scores outside it (their tile sums include them)."""
-    return bool(rows % cfg["BLOCK_M"] or cols % cfg["BLOCK_N"])
-
-
 def _prepare(q, k, scale, bias):
     lse_kernels._check(q, k)  # the same device and dtype rules (no float64)
     q, k = q.contiguous(), k.contiguous()
@@ -251,10 +245,9 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
         col_span, ranges = lse_kernels.column_ranges(row_blocks, m, lse_kernels.sm_count(q.device))
         grid = (row_blocks, ranges)
         partial = torch.empty(grid, device=q.device, dtype=torch.float32)
-        # The bounds select only if a tile crosses the matrix's or a range's edge (the sums need it).
-        ragged = n % sc["BLOCK_M"] or m % sc["BLOCK_N"] or (ranges > 1 and col_span % sc["BLOCK_N"])
+        edge = lse_kernels.crosses_edge(n, m, sc, col_span if ranges > 1 else 0)
         _fwd_chunked_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), col_span,
-                                  MASK_BOUNDS=bool(ragged), BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
+                                  MASK_BOUNDS=edge, BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                   UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                   **sc["launch"])
         return partial.to(torch.float64).sum().float()
@@ -262,7 +255,7 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=q.device, dtype=torch.float32)
     _fwd_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), **cfg,
-                      MASK_BOUNDS=_ragged(n, m, cfg))
+                      MASK_BOUNDS=lse_kernels.crosses_edge(n, m, cfg))
     return partial.to(torch.float64).sum().float()
 
 
@@ -280,9 +273,9 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
         def launch(tile, r0, nr, c0, nc, sc):
             grid = (triton.cdiv(nr, sc["BLOCK_M"]), triton.cdiv(nc, sc["BLOCK_N"]))
             gpart = torch.empty(grid, device=q.device, dtype=torch.float32)
-            ragged = nr % sc["BLOCK_M"] or nc % sc["BLOCK_N"]  # the tile sums need the bounds select there
             _grad_strip_kernel[grid](q, k, scale, bias, tile, gpart, r0, nr, c0, nc, d,
-                                     q.stride(0), k.stride(0), tile.stride(0), MASK_BOUNDS=bool(ragged),
+                                     q.stride(0), k.stride(0), tile.stride(0),
+                                     MASK_BOUNDS=lse_kernels.crosses_edge(nr, nc, sc),
                                      BLOCK_M=sc["BLOCK_M"], BLOCK_N=sc["BLOCK_N"], BLOCK_D=sc["BLOCK_D"],
                                      UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                      **sc["launch"])
@@ -295,7 +288,8 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     row_grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     gpart = torch.empty(row_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
-                               q.stride(0), k.stride(0), gq.stride(0), **cfg, MASK_BOUNDS=_ragged(n, m, cfg))
+                               q.stride(0), k.stride(0), gq.stride(0), **cfg,
+                               MASK_BOUNDS=lse_kernels.crosses_edge(n, m, cfg))
     # G^T has the same form with q and k swapped (the positive pairs stay on the diagonal), so
     # the row kernel on (k, q) gives G^T @ q; its partial sums of G are not needed again, so it
     # never needs the bounds select: entries past the edge meet zero rows of q in the product, or

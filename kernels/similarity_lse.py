@@ -406,6 +406,13 @@ def forward_column_splits(row_blocks: int, sms: int, max_splits: int = 8) -> int
 SPLIT_ALIGN = 256
 
 
+def crosses_edge(rows: int, cols: int, cfg: dict, col_span: int = 0) -> bool:
+    """Whether a launch over ``rows`` x ``cols`` in ``cfg``'s BLOCK_M x BLOCK_N tiles (its columns
+    in ranges of ``col_span`` when that is given) has tiles that cross the matrix's or a range's
+    edge: only those need the kernels' bounds select (MASK_BOUNDS), as their sums include them."""
+    return bool(rows % cfg["BLOCK_M"] or cols % cfg["BLOCK_N"] or (col_span and col_span % cfg["BLOCK_N"]))
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; 0 for CPU tensors (the interpreter)."""
     return 0 if device.type == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
@@ -459,8 +466,8 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
         else:
             grid_m = triton.cdiv(ng, cfg["BLOCK_M"])
             # Whole tiles everywhere (N = M = 32768, say): no score needs the bounds select.
-            ragged = ng % cfg["BLOCK_M"] or m % cfg["BLOCK_N"] or (splits > 1 and col_span % cfg["BLOCK_N"])
-            _lse_fwd_kernel[(grid_m, splits)](*args, **flags, MASK_BOUNDS=bool(ragged), BLOCK_M=cfg["BLOCK_M"],
+            edge = crosses_edge(ng, m, cfg, col_span if splits > 1 else 0)
+            _lse_fwd_kernel[(grid_m, splits)](*args, **flags, MASK_BOUNDS=edge, BLOCK_M=cfg["BLOCK_M"],
                                               BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], **cfg["fwd_launch"])
         if part is not None:
             torch.logsumexp(part, dim=0, out=row[r0:r0 + ng])
