@@ -128,3 +128,17 @@ def test_losses_read_no_values_back():
     # A user's index is range-checked, which reads it: on meta that read raises.
     with pytest.raises(NotImplementedError):
         fastcl.clip_loss(a, b, scale, labels=torch.arange(16, device=dev), backend="reference")
+
+
+@pytest.mark.parametrize("index,exc,match", [
+    (True, TypeError, "index must be an"),
+    (torch.zeros(5), TypeError, "index must be an integer tensor"),
+    (torch.zeros(4, dtype=torch.long), ValueError, r"index must have shape \(5,\)"),
+    (torch.zeros(5, dtype=torch.long, device="meta"), ValueError, "index must be on cpu"),
+])
+def test_similarity_lse_with_index_names_its_argument(index, exc, match):
+    """The trusted-index entry point still checks the index's type, dtype, shape and device, and
+    its errors name ``index``."""
+    from fastcl.ops import similarity_lse_with_index
+    with pytest.raises(exc, match=match):
+        similarity_lse_with_index(q, k, 1.0, index=index)

@@ -146,7 +146,8 @@ def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True,
         tensor when one is asked for, else a tuple; float32 (float64 for float64 inputs).  A row
         with every entry excluded gives -inf.
     """
-    return _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, backend, read_range=True)
+    return _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, backend, "positives",
+                           read_range=True)
 
 
 def similarity_lse_with_index(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True, cols: bool = False,
@@ -155,10 +156,15 @@ def similarity_lse_with_index(q: Tensor, k: Tensor, scale, bias=None, *, rows: b
     range-checked already: (N,) integer tensor with values in [0, M).  Its shape, dtype and device
     are checked, its values are not read back (that read waits for the device on every call: the
     losses' own arange-built pairs would pay it every step).  Returns what ``similarity_lse`` does."""
-    return _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, index, backend, read_range=False)
+    if not isinstance(index, torch.Tensor):  # a bool would mean the (i, i) pairs to _similarity_lse
+        raise TypeError(f"index must be an (N,) integer tensor, got {type(index).__name__}")
+    return _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, index, backend, "index",
+                           read_range=False)
 
 
-def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, backend, read_range: bool):
+def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, backend, index_name: str,
+                    read_range: bool):
+    # positives: bool, or an index tensor checked under the caller's argument name ``index_name``.
     check_pair("q", q, "k", k)
     check_scalar("scale", scale, positive=True)
     if bias is not None:
@@ -168,7 +174,7 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
         raise ValueError("at least one of rows or cols must be True")
     pos_index = None
     if isinstance(positives, torch.Tensor):
-        pos_index = check_index("positives", positives, (q.shape[0],), k.shape[0], q.device,
+        pos_index = check_index(index_name, positives, (q.shape[0],), k.shape[0], q.device,
                                 read_range=read_range).contiguous()
         positives = True
     elif not isinstance(positives, bool):
