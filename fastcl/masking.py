@@ -38,10 +38,9 @@ def _check_same(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
         raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
 
 
-def _problem(x: Tensor):
+def _problem(B: int, L: int, D: int, dtype: torch.dtype):
     # What the dispatch table keys masking by: B * L tokens of D features (fastcl.ops.dispatch).
-    B, L, D = x.shape
-    return ("masking", B * L, B * L, D, x.dtype)
+    return ("masking", B * L, B * L, D, dtype)
 
 
 def check_mask_ratio(mask_ratio) -> float:
@@ -93,7 +92,7 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
         if tuple(pos_embed.shape) not in ((L, D), (1, L, D)):
             raise ValueError(f"pos_embed must have shape (L, D) or (1, L, D) = (1, {L}, {D}), "
                              f"got {tuple(pos_embed.shape)}")
-    name = resolve_backend(backend, x.device, _problem(x))
+    name = resolve_backend(backend, x.device, _problem(B, L, D, x.dtype))
     keep = int(L * (1 - ratio))
 
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -127,7 +126,7 @@ def gather_tokens(x: Tensor, ids_keep: Tensor, *, backend: Optional[str] = None)
     """
     _check_tokens("x", x)
     ids = check_index("ids_keep", ids_keep, (x.shape[0], None), x.shape[1], x.device)
-    name = resolve_backend(backend, x.device, _problem(x))
+    name = resolve_backend(backend, x.device, _problem(*x.shape, x.dtype))
     if name == "reference":
         return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[2]))
     return GatherTokens.apply(x, ids, name)
@@ -158,7 +157,7 @@ def restore_tokens(x_kept: Tensor, mask_token: Tensor, ids_restore: Tensor, *,
         raise ValueError(f"ids_restore must have L >= K = {K} columns, got shape {tuple(ids_restore.shape)}")
     L = ids_restore.shape[1] if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 else K
     ids = check_index("ids_restore", ids_restore, (B, None), L, x_kept.device)
-    name = resolve_backend(backend, x_kept.device, ("masking", B * L, B * L, D, x_kept.dtype))
+    name = resolve_backend(backend, x_kept.device, _problem(B, L, D, x_kept.dtype))  # the output's tokens
     if name == "reference":
         filler = mask_token.reshape(1, 1, D).expand(B, L - K, D)
         full = torch.cat([x_kept, filler], dim=1)
