@@ -22,19 +22,19 @@ import torch.nn.functional as F
 import fastcl.ops.sigmoid_pair  # noqa: F401  (registers torch.ops.fastcl.sigmoid_pair_*)
 import fastcl.ops.similarity_lse  # noqa: F401  (registers torch.ops.fastcl.similarity_lse_*)
 from fastcl.distributed import Ring
-from fastcl.ops.dispatch import requested_backend, resolve_backend
+from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor
 
 Tensor = torch.Tensor
 
 
-def block_backend(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """Concrete backend for one block: "reference" (materialised block), "cpu", "triton" or "cuda".
-    ``auto`` gives float64 on CUDA "reference", as for the single-device losses: the fused GPU
-    kernels take no float64."""
-    if requested_backend(backend) == "auto" and device.type == "cuda" and dtype == torch.float64:
-        return "reference"
-    return resolve_backend(backend, device)
+def block_backend(op: str, backend: Optional[str], q: Tensor, sizes) -> str:
+    """Concrete backend for the ring's blocks of ``op`` ("similarity_lse" or "sigmoid_pair"):
+    "reference" (materialised block), "cpu", "triton" or "cuda".  ``auto`` resolves as for one
+    block of the single-device op, ``q`` (n_r, D) against the largest key shard in ``sizes``:
+    the measured GPU table decides, and float64 on CUDA goes to the reference."""
+    problem = (op, q.shape[0], max(sizes), q.shape[1], q.dtype)
+    return resolve_backend(backend, q.device, problem)
 
 
 # ---- one block (q, k): fused custom ops, or a materialised fallback without the extension ----
@@ -207,7 +207,7 @@ def ring_similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, cols: bool = 
         (row (n_r,), col (m_r,) or (0,)) float32 (float64 for float64 inputs), differentiable in
         q, k, scale and bias; the backward sends each key gradient home to its owner.
     """
-    be = block_backend(backend, q.device, q.dtype)
+    be = block_backend("similarity_lse", backend, q, sizes)
     bias_t = _scalar(0.0 if bias is None else bias, q)
     return _RingLSE.apply(q, k, _scalar(scale, q), bias_t, cols, exclude_self, be, ring, list(sizes))
 
@@ -317,5 +317,5 @@ def ring_sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, ring: Ring, siz
     Returns:
         0-d float32 tensor (float64 for float64 inputs), differentiable in q, k, scale and bias.
     """
-    be = block_backend(backend, q.device, q.dtype)
+    be = block_backend("sigmoid_pair", backend, q, sizes)
     return _RingSigmoid.apply(q, k, _scalar(scale, q), _scalar(bias, q), be, ring, list(sizes))

@@ -8,6 +8,7 @@ the CPU) and tests/test_gpu.py."""
 import os
 import pathlib
 import re
+import types
 
 import pytest
 import torch
@@ -360,12 +361,20 @@ def test_auto_sends_float64_on_cuda_to_the_reference(monkeypatch):
     for op in ("similarity_lse", "sigmoid_pair"):
         assert resolve_backend("auto", cuda, (op, 8, 8, 4, torch.float64)) == "reference"
         assert resolve_backend("auto", cuda, (op, 8, 8, 4, torch.float32)) in ("triton", "cuda")
-    # The ring's blocks (fastcl/ring.py) follow the same rule.
+    # The ring's blocks (fastcl/ring.py) resolve through the same function, with their block's problem.
     from fastcl.ring import block_backend
     monkeypatch.delenv("FASTCL_BACKEND", raising=False)
-    assert block_backend(None, cuda, torch.float64) == "reference"
-    assert block_backend("auto", cuda, torch.float32) == "triton"
-    assert block_backend("triton", cuda, torch.float64) == "triton"  # asked for: its kernels raise the TypeError
+    seen = []
+    monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(dispatch, "pick_gpu_backend", lambda *problem: seen.append(problem) or "cuda")
+    def cuda_q(dtype):  # block_backend reads only shape, device and dtype
+        return types.SimpleNamespace(shape=(8, 4), device=cuda, dtype=dtype)
+    for op in ("similarity_lse", "sigmoid_pair"):
+        assert block_backend(op, None, cuda_q(torch.float64), [8, 8]) == "reference"
+        q = cuda_q(torch.bfloat16)
+        assert block_backend(op, "auto", q, [8, 16, 5]) == "cuda"  # the measured table's answer
+        assert seen[-1] == (op, 8, 16, 4, torch.bfloat16)  # q against the largest shard
+        assert block_backend(op, "triton", q, [8]) == "triton"  # asked for: used as is
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
