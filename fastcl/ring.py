@@ -23,7 +23,7 @@ import fastcl.ops.sigmoid_pair  # noqa: F401  (registers torch.ops.fastcl.sigmoi
 import fastcl.ops.similarity_lse  # noqa: F401  (registers torch.ops.fastcl.similarity_lse_*)
 from fastcl.distributed import Ring
 from fastcl.ops.dispatch import resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor
+from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor, softmax_mass
 
 Tensor = torch.Tensor
 
@@ -173,9 +173,9 @@ class _RingLSE(torch.autograd.Function):
         dbias = None
         if ctx.needs_input_grad[3]:
             # Every finite row (column) of the global softmax sums to 1 over all blocks.
-            total = torch.where(row > float("-inf"), g_row, torch.zeros_like(g_row)).sum()
+            total = softmax_mass(g_row, row)
             if cols:
-                total = total + torch.where(col > float("-inf"), g_col, torch.zeros_like(g_col)).sum()
+                total = total + softmax_mass(g_col, col)
             dbias = total.to(bias_t.dtype)
         return dq, dk, dscale, dbias, None, None, None, None, None
 

@@ -184,6 +184,21 @@ def test_nan_in_gives_nan_out(backend):
     k2[7, 0] = float("nan")
     r = similarity_lse(randn(67, 40, generator=gen), k2, 2.0, backend=backend)
     assert torch.isnan(r).all()
+    # the gradients too, the bias's included: it sums each row's softmax, NaN for a NaN row
+    bias = torch.tensor(0.5, requires_grad=True)
+    q.requires_grad_(True)
+    r = similarity_lse(q, k, 2.0, bias, backend=backend)
+    dq, db = torch.autograd.grad(r.sum(), [q, bias])
+    assert torch.isnan(db) and torch.isnan(dq[5]).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bias_gradient_counts_the_rows_that_have_entries(backend):
+    # d(sum of LSEs)/d(bias) = number of rows with an entry: a fully excluded row (-inf) adds 0
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
+    bias = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    r = similarity_lse(q, k, 1.0, bias, exclude_diagonal=0, backend=backend)
+    assert r[0] == float("-inf") and torch.autograd.grad(r.sum(), bias)[0] == 2
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

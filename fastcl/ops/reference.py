@@ -104,3 +104,26 @@ def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tens
     if bias is None:
         return out
     return out + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
+
+
+def graph_grads(total: torch.Tensor, inputs, needs_input_grad, n_grads: int) -> tuple:
+    """An autograd backward's return value computed as ``d total / d inputs`` with
+    ``create_graph=True``: ``n_grads`` entries, None for the inputs not needing a gradient.
+    ``total`` (0-d) must be built from ``inputs`` by differentiable ops; fused ops use this for
+    higher-order gradients, which their kernels do not provide."""
+    grads = [None] * n_grads
+    wanted = [i for i, t in enumerate(inputs) if needs_input_grad[i]]
+    if wanted and total.requires_grad:
+        found = torch.autograd.grad(total, [inputs[i] for i in wanted], create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    return tuple(grads)
+
+
+def softmax_mass(g: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """0-d ``sum_i g_i * sum_j P_ij`` for log-sum-exps ``lse`` (n,) of softmax rows P: the bias
+    gradient of an LSE.  A row's P sums to 1 when its LSE is finite and to 0 when it is -inf (every
+    entry excluded); NaN (or +inf) in the LSE gives NaN, as the materialised softmax does."""
+    mass = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse - lse + 1)  # NaN where lse is NaN/+inf
+    return (g * mass).sum()
+

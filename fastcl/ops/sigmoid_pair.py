@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor
+from fastcl.ops.reference import compute_dtype, graph_grads, reference_logits, scalar_tensor
 from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_pair, check_scalar
 
@@ -77,7 +77,15 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+def _graph_backward(ctx, g):
+    # create_graph=True: differentiable ops on the materialised logits (the fused op has no derivative)
+    inputs = ctx.saved_tensors
+    return graph_grads(reference_sigmoid_pair_loss(*inputs) * g, inputs, ctx.needs_input_grad, 5)
+
+
 def _backward(ctx, g):
+    if torch.is_grad_enabled():  # create_graph=True
+        return _graph_backward(ctx, g)
     q, k, scale, bias = ctx.saved_tensors
     g = g.to(scale.dtype)
     dq, dk, qgq, gsum = _sp_bwd(q, k, scale, bias, g * scale, q.dtype, ctx.backend)

@@ -15,8 +15,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import (compute_dtype, positive_logits, reference_similarity_lse, row_dots,
-                                  scalar_tensor)
+from fastcl.ops.reference import (compute_dtype, graph_grads, positive_logits, reference_similarity_lse, row_dots,
+                                  scalar_tensor, softmax_mass)
 from fastcl.ops.strip_grads import finish_full
 from fastcl.validation import check_index, check_offset, check_pair, check_scalar
 
@@ -91,14 +91,26 @@ def _setup_context(ctx, inputs, output):
     row, col, _ = output
     ctx.save_for_backward(q, k, scale, bias, row, col, pos_index)
     ctx.diag_offset, ctx.backend, ctx.positives = diag_offset, backend, positives
+    ctx.rows, ctx.cols = rows, cols
 
 
-def _masked_sum(g: Tensor, lse: Tensor) -> Tensor:
-    # sum_j P_ij = 1 for every row that has at least one entry (lse > -inf).
-    return torch.where(lse > float("-inf"), g, torch.zeros_like(g)).sum()
+def _graph_backward(ctx, g_row, g_col, g_pos):
+    # create_graph=True: differentiable ops on the materialised logits (the fused op has no derivative)
+    q, k, scale, bias, _, _, pos_index = ctx.saved_tensors
+    row, col = reference_similarity_lse(q, k, scale, bias, rows=ctx.rows, cols=ctx.cols,
+                                        exclude_diagonal=ctx.diag_offset)
+    total = q.new_zeros((), dtype=compute_dtype(q.dtype))
+    for out, g in ((row, g_row), (col, g_col)):
+        if out is not None and g is not None:
+            total = total + (out * g).sum()
+    if ctx.positives and g_pos is not None:
+        total = total + (positive_logits(q, k, pos_index, scale, bias) * g_pos).sum()
+    return graph_grads(total, (q, k, scale, bias), ctx.needs_input_grad, 10)
 
 
 def _backward(ctx, g_row, g_col, g_pos):
+    if torch.is_grad_enabled():  # create_graph=True
+        return _graph_backward(ctx, g_row, g_col, g_pos)
     q, k, scale, bias, row, col, pos_index = ctx.saved_tensors
     g_row = torch.zeros_like(row) if g_row is None else g_row.to(row.dtype).contiguous()
     g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype).contiguous()
@@ -111,7 +123,7 @@ def _backward(ctx, g_row, g_col, g_pos):
     dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = None
     if ctx.needs_input_grad[3]:
-        dbias = _masked_sum(g_row, row) + _masked_sum(g_col, col) + g_pos.sum()
+        dbias = softmax_mass(g_row, row) + softmax_mass(g_col, col) + g_pos.sum()
         dbias = dbias.to(bias.dtype)
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
             dscale, dbias, None, None, None, None, None, None)
