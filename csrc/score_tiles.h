@@ -39,6 +39,7 @@ template <typename Visit>
 void for_each_score_tile(const at::Tensor& q, const at::Tensor& k, double scale, int64_t tile_rows,
                          int64_t tile_cols, int64_t slots, Visit&& visit) {
   const int64_t N = q.size(0), M = k.size(0);
+  if (N == 0 || M == 0) return;  // no tiles (and BR or BC would be 0 below)
   const int64_t BR = std::min(tile_rows, N), BC = std::min(tile_cols, M);
   const int64_t strips = (N + BR - 1) / BR;
   auto run_slot = [&](int64_t slot) {

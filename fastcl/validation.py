@@ -51,8 +51,8 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
     and open_clip's losses never wait).  The ops are defined for any finite scale, so a GPU
     tensor at or below 0 gets the formula's value rather than an error."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (0-d or one-element tensor), got shape {tuple(value.shape)}")
+        if value.numel() != 1 or value.dim() > 1:  # (1, 1) would broadcast a (N,) result to (1, N)
+            raise ValueError(f"{name} must be a scalar (0-d or shape (1,) tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if positive and _eager() and value.device.type == "cpu" and not bool((value > 0).all()):
@@ -101,8 +101,18 @@ def check_reduction(reduction: str) -> None:
 
 
 def check_offset(name: str, offset: Optional[int]) -> None:
+    """``offset`` is None or an int that fits in int64 (what the kernels take)."""
     if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
         raise TypeError(f"{name} must be None or an int, got {type(offset).__name__}")
+    if offset is not None and not -2**63 <= offset < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {offset}")
+
+
+def check_flags(**flags) -> None:
+    """Each keyword's value is a bool (a string such as "no" would read as True); TypeError naming it."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def resolve_scale(temperature: Union[float, torch.Tensor, None],

@@ -48,6 +48,17 @@ q, k = torch.randn(5, 8), torch.randn(6, 8)
      "gather_with_grad"),
     (lambda: fastcl.nn.ClipLoss(dist_impl="allgather"), ValueError, "dist_impl must be one of"),
     (lambda: fastcl.nn.InfoNCELoss(temperature=-1.0), ValueError, "temperature must be > 0"),
+    (lambda: fastcl.nn.ClipLoss(world_size=True), ValueError, "world_size must be an int"),
+    (lambda: fastcl.nn.SigLipLoss(rank=False, world_size=2), ValueError, "rank must be an int"),
+    (lambda: fastcl.siglip_loss(q[0], k, 1.0), ValueError, "image_features must be 2-D"),
+    (lambda: fastcl.siglip_loss(q, k.double(), 1.0), TypeError, "image_features and text_features"),
+    (lambda: fastcl.siglip_loss(q, k, -1.0), ValueError, "logit_scale must be > 0"),
+    (lambda: fastcl.siglip_loss(q, k, 1.0, "x"), TypeError, "logit_bias must be a float"),
+    (lambda: similarity_lse(q, k, torch.ones(1, 1)), ValueError, r"scale must be a scalar .*\(1, 1\)"),
+    (lambda: fastcl.clip_loss(q, k[:5], torch.ones(1, 1, 1)), ValueError, "logit_scale must be a scalar"),
+    (lambda: similarity_lse(q, k, 1.0, exclude_diagonal=2**70), ValueError, "exclude_diagonal must fit in int64"),
+    (lambda: similarity_lse(q, k, 1.0, cols="no"), TypeError, "cols must be a bool"),
+    (lambda: fastcl.info_nce(q, k, symmetric="no"), TypeError, "symmetric must be a bool"),
 ])
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -142,3 +153,20 @@ def test_similarity_lse_with_index_names_its_argument(index, exc, match):
     from fastcl.ops import similarity_lse_with_index
     with pytest.raises(exc, match=match):
         similarity_lse_with_index(q, k, 1.0, index=index)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_registered_ops_refuse_empty_inputs(backend):
+    """torch.ops.fastcl.* are callable directly: an empty q or k is a clear error, not a kernel
+    dividing by a zero tile count."""
+    pytest.importorskip("fastcl._C")
+    s, b = torch.tensor(1.0), torch.tensor(0.0)
+    for qq, kk, name in ((q[:0], k, "q"), (q, k[:0], "k")):
+        with pytest.raises(ValueError, match=f"{name} must be non-empty"):
+            torch.ops.fastcl.similarity_lse_fwd(qq, kk, s, b, True, True, None, False, None, backend)
+        with pytest.raises(ValueError, match=f"{name} must be non-empty"):
+            torch.ops.fastcl.sigmoid_pair_bwd(qq, kk, s, b, s, qq.dtype, backend)
+    # the C++ kernels themselves see no tiles: LSE over nothing is -inf, a sum over nothing 0
+    row, col = torch.ops.fastcl_C.sim_lse_fwd(q[:0], k, 1.0, 0.0, True, True, None)
+    assert row.shape == (0,) and (col == float("-inf")).all()
+    assert torch.ops.fastcl_C.sigmoid_pair_fwd(q, k[:0], 1.0, 0.0).item() == 0.0

@@ -6,7 +6,7 @@ import torch
 from fastcl.losses._common import check_label_smoothing, default_positives, mean_logits, reduce_loss, smoothed_ce
 from fastcl.ops.reference import take_rows
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
-from fastcl.validation import _eager, check_index, check_pair, check_reduction, resolve_scale
+from fastcl.validation import _eager, check_flags, check_index, check_pair, check_reduction, resolve_scale
 
 
 def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit_scale=None,
@@ -39,6 +39,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     check_pair("query", query, "keys", keys)
     scale = resolve_scale(temperature, logit_scale, default_temperature=0.07)
     check_reduction(reduction)
+    check_flags(symmetric=symmetric, exclude_self=exclude_self)
     label_smoothing = check_label_smoothing(label_smoothing)
     n, m = query.shape[0], keys.shape[0]
     diagonal = positives is None

@@ -46,6 +46,7 @@ _BACKWARD = {
 
 @torch.library.custom_op("fastcl::sigmoid_pair_fwd", mutates_args=())
 def _sp_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
+    check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
     return fused_kernel("sigmoid_pair_loss", backend, _FORWARD)(q, k, scale, bias)
 
 
@@ -59,6 +60,7 @@ def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tenso
             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq, gsum)``: dq = grad_scale * G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64)."""
+    check_pair("q", q, "k", k)
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
                                                                             out_dtype)
     return dq, dk, qgq, gsum

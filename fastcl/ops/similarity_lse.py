@@ -18,7 +18,7 @@ from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import (compute_dtype, graph_grads, positive_logits, reference_similarity_lse, row_dots,
                                   scalar_tensor, softmax_mass)
 from fastcl.ops.strip_grads import finish_full
-from fastcl.validation import check_index, check_offset, check_pair, check_scalar
+from fastcl.validation import check_flags, check_index, check_offset, check_pair, check_scalar
 
 Tensor = torch.Tensor
 
@@ -47,6 +47,7 @@ _BACKWARD = {
 def _lse_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
              diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
     row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
     ct = compute_dtype(q.dtype)
     if positives:
@@ -73,6 +74,7 @@ def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor,
     added to row pos_i, dS = g_row * P_row + g_col * P_col, pos = pos_index or (0, ..., N-1).  An empty
     row_lse / col_lse (0,) marks a side the forward did not compute; an empty g_pos (0,) means no
     positive logits."""
+    check_pair("q", q, "k", k)
     pos = g_pos if g_pos.numel() else None
     dq, dk, qgq = fused_kernel("similarity_lse", backend, _BACKWARD)(
         q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype)
@@ -182,6 +184,7 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
     if bias is not None:
         check_scalar("bias", bias)
     check_offset("exclude_diagonal", exclude_diagonal)
+    check_flags(rows=rows, cols=cols)
     if not (rows or cols):
         raise ValueError("at least one of rows or cols must be True")
     pos_index = None
