@@ -105,17 +105,17 @@ def naive_siglip(image_features: torch.Tensor, text_features: torch.Tensor, logi
 
 
 def naive_dcl(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Decoupled contrastive loss (lightly semantics), both directions averaged.
+    """Decoupled contrastive loss as lightly (>= 1.5.21) writes it, both directions averaged.
 
     out0, out1: (N, D) float, normalised here.  For anchor a_i the loss is
-    -s(a_i, b_i) + LSE_{j != i} s(a_i, a_j) + LSE_{j != i} s(a_i, b_j): two separate
-    log-sum-exps that are added, not one over the union.
+    -s(a_i, b_i) + LSE over the union {s(a_i, a_j), s(a_i, b_j) : j != i}: the negatives of both
+    views, concatenated, with the positive left out.
     """
     a, b = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
     eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
 
     def one_way(x, y):
-        lse_xx = torch.logsumexp((x @ x.T / temperature).masked_fill(eye, float("-inf")), dim=1)
-        lse_xy = torch.logsumexp((x @ y.T / temperature).masked_fill(eye, float("-inf")), dim=1)
-        return (lse_xx + lse_xy - (x * y).sum(1) / temperature).mean()
+        negatives = torch.cat([(x @ x.T / temperature).masked_fill(eye, float("-inf")),
+                               (x @ y.T / temperature).masked_fill(eye, float("-inf"))], dim=1)
+        return (torch.logsumexp(negatives, dim=1) - (x * y).sum(1) / temperature).mean()
     return 0.5 * (one_way(a, b) + one_way(b, a))

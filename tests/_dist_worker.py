@@ -84,9 +84,9 @@ def ddp_compare(ck, name, dist_fn, ref_fn, inputs, sizes, params, group, weighte
 def checks(ck, rank, world, tmp):
     import fastcl
     from fastcl.distributed import all_gather_with_grad
-    from fastcl.losses.distributed import (clip_loss_distributed, ntxent_loss_distributed, siglip_loss_distributed,
-                                           supcon_loss_distributed)
-    from fastcl.nn import ClipLoss, NTXentLoss, SigLipLoss, SupConLoss
+    from fastcl.losses.distributed import (clip_loss_distributed, dcl_loss_distributed, ntxent_loss_distributed,
+                                           siglip_loss_distributed, supcon_loss_distributed)
+    from fastcl.nn import ClipLoss, DCLLoss, NTXentLoss, SigLipLoss, SupConLoss
 
     gen = torch.Generator().manual_seed(1234)  # identical global data on every rank
     b = 6
@@ -167,6 +167,18 @@ def checks(ck, rank, world, tmp):
             lambda x, p: fastcl.ntxent_loss(enc(x[0], p), enc(x[1], p), temp),
             [img, txt], sizes, {"proj": params["proj"]}, None))
 
+    # ---- DCL: lightly gather_distributed, both negative aggregations, DCLW weights ----
+    def row_weight(x, y):  # per-row, so a shard's weights equal the global batch's
+        return 1.0 + ((x - y) ** 2).sum(1)
+    for impl in ("gather", "ring"):
+        for neg in ("union", "separate"):
+            name = f"dcl {impl} {neg}"
+            ck.run(name, lambda impl=impl, neg=neg, name=name: ddp_compare(
+                ck, name,
+                lambda x, p: DCLLoss(0.3, row_weight, True, negatives=neg, dist_impl=impl)(enc(x[0], p), enc(x[1], p)),
+                lambda x, p: fastcl.dcl_loss(enc(x[0], p), enc(x[1], p), temp, row_weight, negatives=neg),
+                [img, txt], sizes, {"proj": params["proj"]}, None))
+
     # ---- SupCon across ranks: labels shared between ranks, SimCLR form, mode "one" ----
     views = torch.randn(B, 2, D_IN, generator=gen)
     labels = torch.randint(0, 4, (B,), generator=gen)
@@ -194,6 +206,13 @@ def checks(ck, rank, world, tmp):
             lambda x, p: ntxent_loss_distributed(enc(x[0], p), enc(x[1], p), temp, dist_impl=impl),
             lambda x, p: fastcl.ntxent_loss(enc(x[0], p), enc(x[1], p), temp),
             [img_u, txt_u], un, {"proj": params["proj"]}, None, weighted=True))
+        for neg in ("union", "separate"):
+            name = f"uneven dcl {impl} {neg}"
+            ck.run(name, lambda impl=impl, neg=neg, name=name: ddp_compare(
+                ck, name,
+                lambda x, p: dcl_loss_distributed(enc(x[0], p), enc(x[1], p), temp, negatives=neg, dist_impl=impl),
+                lambda x, p: fastcl.dcl_loss(enc(x[0], p), enc(x[1], p), temp, negatives=neg),
+                [img_u, txt_u], un, {"proj": params["proj"]}, None, weighted=True))
     ck.run("uneven supcon gather", lambda: ddp_compare(
         ck, "uneven supcon gather",
         lambda x, p: supcon_loss_distributed(enc(x[0], p), x[1], 0.2, 0.1, dist_impl="gather"),
@@ -250,6 +269,8 @@ def checks(ck, rank, world, tmp):
     for impl in ("gather", "ring"):
         ck.run(f"D mismatch clip {impl}", mismatch(lambda impl=impl: clip_loss_distributed(a, a, 2.0, dist_impl=impl),
                                                    "same trailing shape"))
+        ck.run(f"D mismatch dcl {impl}", mismatch(lambda impl=impl: dcl_loss_distributed(a, a, dist_impl=impl),
+                                                  "same trailing shape"))
     a_dt = torch.randn(4, D, dtype=torch.float64 if rank == 0 else torch.float32)
     ck.run("dtype mismatch ntxent", mismatch(lambda: ntxent_loss_distributed(a_dt, a_dt, dist_impl="ring"),
                                              "dtype"))
@@ -265,6 +286,24 @@ def checks(ck, rank, world, tmp):
         else:
             raise AssertionError("no error raised")
     ck.run("local error published", local_error)
+    # DCL's own arguments (negatives, weight_fn's output) checked on one rank, raised on all
+    def dcl_local_error(impl, bad_kw, match):
+        def run():
+            kw = bad_kw if rank == 0 else {}
+            try:
+                dcl_loss_distributed(a_dt.float(), a_dt.float(), dist_impl=impl, **kw)
+            except ValueError as e:
+                assert rank == 0 and match in str(e), str(e)
+            except RuntimeError as e:
+                assert rank != 0 and "rank(s) [0]" in str(e), str(e)
+            else:
+                raise AssertionError("no error raised")
+        return run
+    for impl in ("gather", "ring"):
+        ck.run(f"dcl negatives error published {impl}",
+               dcl_local_error(impl, {"negatives": "sum"}, "negatives"))
+    ck.run("dcl weight_fn error published",
+           dcl_local_error("gather", {"weight_fn": lambda x, y: torch.ones(x.shape[0] + 1)}, "weight_fn"))
     dist.barrier()
 
 

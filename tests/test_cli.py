@@ -106,3 +106,18 @@ def test_bench_plot_marks_out_of_memory(tmp_path):
             for n in (8, 16)] + [dict(case="clip", method="naive", n=32, time_ms=None, peak_mem_mb=None, status="oom")]
     assert plot(rows, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["clip", "info_nce", "ntxent", "siglip", "dcl", "supcon", "masking"])
+def test_bench_baselines_compute_the_fused_loss(case):
+    """A speed ratio means something only when both sides compute the same thing: each case's
+    naive PyTorch baseline equals the fused op, in value and gradient (float64, odd size)."""
+    from fastcl.profiling import CASES
+    make, methods = CASES[case]()
+    outs = {}
+    for name in ("naive", "fused"):
+        x = make(37, 12, "cpu", torch.float64, torch.Generator().manual_seed(5))
+        out = methods[name](x, "reference")
+        outs[name] = (out.detach(), torch.autograd.grad(out.sum(), x[0])[0])
+    for a, b in zip(outs["naive"], outs["fused"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

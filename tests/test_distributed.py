@@ -23,7 +23,12 @@ EXPECTED = ["clip gather local_loss=True", "clip ring local_loss=False", "clip m
             "ntxent ring", "supcon ring labels=True mode=all", "supcon gather labels=False mode=all",
             "supcon ring labels=True mode=one", "uneven clip gather", "uneven clip ring", "uneven ntxent gather",
             "uneven supcon gather", "all_gather_with_grad", "D mismatch all_gather", "D mismatch clip gather",
-            "D mismatch clip ring", "dtype mismatch ntxent", "local error published"]
+            "D mismatch clip ring", "dtype mismatch ntxent", "local error published",
+            "dcl gather union", "dcl gather separate", "dcl ring union", "dcl ring separate",
+            "uneven dcl gather union", "uneven dcl gather separate", "uneven dcl ring union",
+            "uneven dcl ring separate", "D mismatch dcl gather", "D mismatch dcl ring",
+            "dcl negatives error published gather", "dcl negatives error published ring",
+            "dcl weight_fn error published"]
 
 
 def _run(world, tmp_path):
@@ -64,13 +69,17 @@ def test_distributed_losses_match_global_batch(world, tmp_path):
         assert "subgroup clip ring" in results[r]["passed"] and "subgroup siglip gather" in results[r]["passed"]
 
 
+def _row_weight(x, y):
+    return 1.0 + ((x - y) ** 2).sum(1)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_one_process_ring_and_gather_equal_plain_losses(backend):
     # World size 1 without torch.distributed: the same ring code (no messages) and the gather
     # path reduce to the single-process losses, in value and gradient.
     import fastcl
-    from fastcl.losses.distributed import (clip_loss_distributed, ntxent_loss_distributed, siglip_loss_distributed,
-                                           supcon_loss_distributed)
+    from fastcl.losses.distributed import (clip_loss_distributed, dcl_loss_distributed, ntxent_loss_distributed,
+                                           siglip_loss_distributed, supcon_loss_distributed)
     if backend == "cpu" and not fastcl._ext.extension_available():
         pytest.skip("fastcl._C not built")
     g = torch.Generator().manual_seed(3)
@@ -86,6 +95,10 @@ def test_one_process_ring_and_gather_equal_plain_losses(backend):
         (lambda x, y, impl: supcon_loss_distributed(torch.stack([x, y], 1), labels, 0.2, dist_impl=impl,
                                                     backend=backend),
          lambda x, y: fastcl.supcon_loss(torch.stack([x, y], 1), labels, None, 0.2)),
+        (lambda x, y, impl: dcl_loss_distributed(x, y, 0.3, _row_weight, dist_impl=impl, backend=backend),
+         lambda x, y: fastcl.dcl_loss(x, y, 0.3, _row_weight)),
+        (lambda x, y, impl: dcl_loss_distributed(x, y, 0.3, negatives="separate", dist_impl=impl, backend=backend),
+         lambda x, y: fastcl.dcl_loss(x, y, 0.3, negatives="separate")),
     ]
     for fn, ref_fn in cases:
         x0, y0 = a.clone().requires_grad_(), b.clone().requires_grad_()

@@ -35,6 +35,8 @@ def o_ntxent(a, b, t):
 
 
 def o_supcon(features, labels=None, mask=None, t=0.07, bt=0.07, mode="all"):
+    """SupContrast's SupConLoss (Dec 2023: a positive weight below 1e-6 divides by 1)."""
+    features = features.reshape(features.shape[0], features.shape[1], -1)
     bsz, v = features.shape[:2]
     if mask is None:
         lab = torch.arange(bsz) if labels is None else labels
@@ -48,7 +50,7 @@ def o_supcon(features, labels=None, mask=None, t=0.07, bt=0.07, mode="all"):
     pos = mask.double().repeat(a_cnt, v) * not_self
     log_prob = logits - torch.logsumexp(logits.masked_fill(not_self == 0, float("-inf")), 1, keepdim=True)
     n_pos = pos.sum(1)
-    mean_lp = torch.where(pos > 0, pos * log_prob, torch.zeros_like(log_prob)).sum(1) / torch.where(n_pos > 0, n_pos, torch.ones_like(n_pos))
+    mean_lp = torch.where(pos != 0, pos * log_prob, torch.zeros_like(log_prob)).sum(1) / torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
     return (-(t / bt) * mean_lp).mean()
 
 
@@ -61,10 +63,13 @@ def o_supcon_pml(emb, labels, t):
     log_prob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), 1, keepdim=True)
     per = -(log_prob * pos).sum(1) / pos.sum(1).clamp_min(1)
     keep = per > 0
+    if not (labels[:, None] != labels[None, :]).any():  # no negative pair: PML returns 0
+        return per.sum() * 0
     return per[keep].sum() / keep.sum().clamp_min(1)
 
 
-def o_dcl(a, b, t, weight_fn=None):
+def o_dcl(a, b, t, weight_fn=None, negatives="union"):
+    """lightly >= 1.5.21 ("union": one LSE over both views' negatives) or <= 1.5.20 ("separate")."""
     a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
 
     def one(x, y):
@@ -74,7 +79,11 @@ def o_dcl(a, b, t, weight_fn=None):
         pos = -sxy.diagonal()
         if weight_fn is not None:
             pos = pos * weight_fn(x, y)
-        neg = torch.logsumexp(sxx[off].view(n, n - 1), 1) + torch.logsumexp(sxy[off].view(n, n - 1), 1)
+        neg_xx, neg_xy = sxx[off].view(n, n - 1), sxy[off].view(n, n - 1)
+        if negatives == "union":
+            neg = torch.logsumexp(torch.cat([neg_xx, neg_xy], 1), 1)
+        else:
+            neg = torch.logsumexp(neg_xx, 1) + torch.logsumexp(neg_xy, 1)
         return (pos + neg).mean()
     return 0.5 * (one(a, b) + one(b, a))
 
@@ -219,7 +228,9 @@ def test_supcon_module_and_errors():
     with pytest.raises(ValueError, match="labels"):
         supcon_loss(feats, labels[:4])
     with pytest.raises(TypeError, match="labels"):
-        supcon_loss(feats, labels.float())
+        supcon_loss(feats, labels.bool())
+    with pytest.raises(ValueError, match="NaN"):
+        supcon_loss(feats, labels.float().index_fill(0, torch.tensor([2]), float("nan")))
     with pytest.raises(ValueError, match="contrast_mode"):
         supcon_loss(feats, labels, contrast_mode="some")
     with pytest.raises(ValueError, match="mask"):
@@ -230,30 +241,85 @@ def test_supcon_module_and_errors():
         SupConLoss(gather_distributed=True, dist_impl="bidir")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_as_supcontrast_at_the_edges(backend):
+    """Float labels compare by value; (bsz, n_views, ...) features are flattened; a mask's
+    positive weight below 1e-6 (tiny, zero or negative) divides by 1; NaN in the mask gives NaN."""
+    g = torch.Generator().manual_seed(8)
+    feats = randn(9, 2, 2, 3, generator=g)
+    labels = torch.randint(0, 3, (9,), generator=g).double() / 4
+    compare(lambda f: supcon_loss(f, labels, backend=backend), lambda f: o_supcon(f, labels), [feats],
+            torch.float32, "supcon float labels, 4-D features")
+    mask = torch.rand(9, 9, generator=g)
+    mask[0] = 0.0
+    mask[0, 3] = 1e-7   # below 1e-6: divided by 1
+    mask[1] = -0.25     # negative total weight: divided by 1 too
+    mask[2, 2] = 5.0    # self weight never counts
+    compare(lambda f: supcon_loss(f, mask=mask, backend=backend), lambda f: o_supcon(f, mask=mask),
+            [feats[:, :, 0]], torch.float32, "supcon weighted mask")
+    mask[4, 1] = float("nan")
+    assert torch.isnan(supcon_loss(feats, mask=mask, backend=backend))
+    # a single label: PML's form has no negatives and returns 0
+    assert supcon_loss_pml(feats[:, 0, 0], torch.zeros(9), backend=backend).item() == 0.0
+
+
 # ----------------------------------------------------------------------------- DCL
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dcl(backend, dtype):
+@pytest.mark.parametrize("negatives", ["union", "separate"])
+def test_dcl(backend, dtype, negatives):
     g = torch.Generator().manual_seed(8)
     a, b = randn(53, 36, generator=g), randn(53, 36, generator=g)
     t = torch.tensor(0.1)
-    compare(lambda x, y, tt: dcl_loss(x, y, tt, backend=backend), lambda x, y, tt: o_dcl(x, y, tt),
-            [a, b, t], dtype, "dcl")
+    compare(lambda x, y, tt: dcl_loss(x, y, tt, negatives=negatives, backend=backend),
+            lambda x, y, tt: o_dcl(x, y, tt, negatives=negatives), [a, b, t], dtype, f"dcl {negatives}")
+
+
+def test_dcl_default_is_union():
+    g = torch.Generator().manual_seed(10)
+    a, b = randn(13, 7, generator=g), randn(13, 7, generator=g)
+    compare(lambda x, y: dcl_loss(x, y, 0.3), lambda x, y: o_dcl(x, y, 0.3, negatives="union"),
+            [a, b], torch.float32, "dcl default")
+    compare(lambda x, y: DCLLoss(0.3)(x, y), lambda x, y: o_dcl(x, y, 0.3, negatives="union"),
+            [a, b], torch.float32, "DCLLoss default")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dclw(backend):
+@pytest.mark.parametrize("negatives", ["union", "separate"])
+def test_dclw(backend, negatives):
     g = torch.Generator().manual_seed(9)
     a, b = randn(31, 16, generator=g), randn(31, 16, generator=g)
 
     def vmf(x, y, sigma=0.5):  # von Mises-Fisher weighting of the DCLW paper
         return 2 - x.shape[0] * torch.softmax((x * y).sum(1) / sigma, dim=0)
-    compare(lambda x, y: DCLLoss(0.2, weight_fn=vmf, backend=backend)(x, y),
-            lambda x, y: o_dcl(x, y, 0.2, vmf), [a, b], torch.float32, "dclw")
-    with pytest.raises(NotImplementedError):
-        DCLLoss(gather_distributed=True)
+    compare(lambda x, y: DCLLoss(0.2, weight_fn=vmf, negatives=negatives, backend=backend)(x, y),
+            lambda x, y: o_dcl(x, y, 0.2, vmf, negatives), [a, b], torch.float32, f"dclw {negatives}")
+    # gather_distributed on one process is the plain loss (lightly's behaviour)
+    for impl in ("gather", "ring"):
+        compare(lambda x, y: DCLLoss(0.2, vmf, True, negatives=negatives, dist_impl=impl, backend=backend)(x, y),
+                lambda x, y: o_dcl(x, y, 0.2, vmf, negatives), [a, b], torch.float32,
+                f"dclw {negatives} gather_distributed {impl}, one process")
+    plain = DCLLoss(0.2, vmf, negatives=negatives, backend=backend)(a, b)
+    assert torch.equal(DCLLoss(0.2, vmf, True, negatives=negatives, backend=backend)(a, b), plain)
+
+
+def test_dcl_bad_arguments():
+    a, b = randn(5, 4), randn(5, 4)
     with pytest.raises(TypeError, match="weight_fn"):
         dcl_loss(a, b, 0.1, weight_fn=3)
+    with pytest.raises(ValueError, match="weight_fn"):
+        dcl_loss(a, b, 0.1, weight_fn=lambda x, y: torch.ones(4))
+    for bad in ("sum", "Union", None):
+        with pytest.raises(ValueError, match="negatives"):
+            dcl_loss(a, b, negatives=bad)
+        with pytest.raises(ValueError, match="negatives"):
+            DCLLoss(negatives=bad)
+    with pytest.raises(ValueError, match="dist_impl"):
+        DCLLoss(gather_distributed=True, dist_impl="allreduce")
+    with pytest.raises(ValueError, match="temperature"):
+        DCLLoss(0.0)
+    with pytest.raises(ValueError, match="batch size"):
+        dcl_loss(a, randn(4, 4))
 
 
 # ----------------------------------------------------------------------------- SigLIP
@@ -345,8 +411,9 @@ def test_fp16_large_logits(backend):
     a, b = randn(16, 32, generator=g), randn(16, 32, generator=g)
     compare(lambda x, y: ntxent_loss(x, y, 0.01, backend=backend), lambda x, y: o_ntxent(x, y, 0.01),
             [a, b], torch.float16, "ntxent fp16")
-    compare(lambda x, y: dcl_loss(x, y, 0.01, backend=backend), lambda x, y: o_dcl(x, y, 0.01),
-            [a, b], torch.float16, "dcl fp16")
+    for negatives in ("union", "separate"):
+        compare(lambda x, y: dcl_loss(x, y, 0.01, negatives=negatives, backend=backend),
+                lambda x, y: o_dcl(x, y, 0.01, negatives=negatives), [a, b], torch.float16, f"dcl {negatives} fp16")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -61,6 +61,9 @@ def test_open_clip_siglip_loss(backend):
     ours = fastcl.nn.SigLipLoss(backend=backend)(*a)
     theirs = oc.SigLipLoss()(*b)
     _compare(ours, theirs, a, b)
+    # open_clip adds no bias when logit_bias is None
+    a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
+    _compare(fastcl.nn.SigLipLoss(backend=backend)(*a, None), oc.SigLipLoss()(*b, None), a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,3 +77,24 @@ def test_pytorch_metric_learning_supcon(backend):
     ours = fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels)
     theirs = pml.SupConLoss(temperature=0.1)(b, labels)
     _compare(ours, theirs, [a], [b])
+
+    # Float labels compare by value, as in PML.
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    _compare(fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels.double() / 2),
+             pml.SupConLoss(temperature=0.1)(b, labels.double() / 2), [a], [b])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pytorch_metric_learning_supcon_without_negatives(backend):
+    """A batch of one label has no negative pair: PML's loss is 0, with zero gradients."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    emb = randn(11, 6, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    labels = torch.full((11,), 4)
+    assert pml.SupConLoss(temperature=0.1)(emb, labels).item() == 0.0
+    ours = fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(emb, labels)
+    assert ours.item() == 0.0
+    assert torch.autograd.grad(ours, emb)[0].abs().max() == 0.0
+    # one differing label makes negatives: a real loss again
+    labels[3] = 5
+    assert fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(emb, labels).item() > 0.1
+

@@ -22,8 +22,9 @@ from fastcl.distributed import (Ring, all_gather_no_grad, all_reduce_with_grad, 
                                 gather_with_sizes, group_info)
 from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_ce
 from fastcl.losses.clip import clip_loss
+from fastcl.losses.dcl import check_dcl_args, dcl_from_lse, dcl_weights
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import CONTRAST_MODES, _check_labels
+from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses
 from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
@@ -156,7 +157,7 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
     return all_reduce_with_grad(per_row.sum(), group) / total
 
 
-def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias, *,
+def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
                             dist_impl: Optional[str] = "ring", group=None, backend: Optional[str] = None) -> Tensor:
     """SigLIP loss of this rank's images against every rank's texts, as open_clip's ``SigLipLoss``.
 
@@ -166,7 +167,8 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
 
     Args:
         image_features: (n_r, D) float tensor; text_features: (n_r, D), same dtype and device.
-        logit_scale: positive float or 0-d tensor (exponentiated); logit_bias: float or 0-d tensor.
+        logit_scale: positive float or 0-d tensor (exponentiated); logit_bias: float, 0-d tensor
+            or None (no bias).
         dist_impl: "ring" (also "bidir", "shift", None) or "gather" (also "reduce").
         group: process group, default the world.
         backend: see ``fastcl.ops.sigmoid_pair_loss``.
@@ -179,7 +181,8 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
     def checks():
         check_pair("image_features", image_features, "text_features", text_features)
         check_scalar("logit_scale", logit_scale, positive=True)
-        check_scalar("logit_bias", logit_bias)
+        if logit_bias is not None:
+            check_scalar("logit_bias", logit_bias)
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(f"image_features and text_features must have the same number of rows, "
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
@@ -188,6 +191,8 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
                            group, checks)[0]
     rank, _ = group_info(group)
     n = image_features.shape[0]
+    if logit_bias is None:
+        logit_bias = 0.0
     if impl == "gather":
         all_t = gather_with_sizes(text_features, sizes, group)
         off = _offset(sizes, rank)
@@ -243,6 +248,60 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
     return (lse - pos).mean()
 
 
+def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=None, *, negatives: str = "union",
+                         dist_impl: str = "gather", group=None, backend: Optional[str] = None) -> Tensor:
+    """DCL with negatives from every rank, as lightly's ``DCLLoss(gather_distributed=True)``.
+
+    The local anchors a_i, b_i (L2-normalised here) are contrasted with both views of every
+    rank's samples except sample i itself (its own-view self pair and its positive); the positive
+    term and ``weight_fn`` use the local views only, so a weighting that depends on the whole
+    batch (e.g. DCLW's von Mises-Fisher) sees this rank's shard, as in lightly.  The loss is
+    ``0.5 * (mean_i l(a_i) + mean_i l(b_i))`` over the local anchors; ``negatives`` as in
+    ``fastcl.losses.dcl.dcl_loss`` ("union": lightly >= 1.5.21, "separate": lightly <= 1.5.20).
+
+    Args:
+        out0, out1: (n_r, D) float tensors, same dtype and device; n_r may differ between ranks.
+        temperature: positive float or 0-d tensor, the same on every rank.
+        weight_fn: optional callable ``(a (n_r, D), b (n_r, D)) -> (n_r,)`` weights of the positive term.
+        negatives: "union" (default) or "separate".
+        dist_impl: "gather" or "ring".
+        group: process group, default the world.
+        backend: see ``fastcl.ops.similarity_lse``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs), this rank's loss.
+    """
+    impl = resolve_dist_impl(dist_impl)
+    local = {}
+
+    def checks():
+        check_dcl_args(out0, out1, temperature, weight_fn, negatives)
+        # weight_fn sees only local data: run it here so a bad return shape raises on every rank.
+        a, b = l2_normalize(out0), l2_normalize(out1)
+        local.update(a=a, b=b, w=dcl_weights(weight_fn, a, b))
+
+    sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks)[0]
+    rank, _ = group_info(group)
+    a, b = local["a"], local["b"]
+    scale = 1.0 / temperature
+    if impl == "gather":
+        off = _offset(sizes, rank)
+        all_a = gather_with_sizes(a, sizes, group)
+        all_b = gather_with_sizes(b, sizes, group)
+        lse_aa = similarity_lse(a, all_a, scale, rows=True, exclude_diagonal=off, backend=backend)
+        lse_ab = similarity_lse(a, all_b, scale, rows=True, exclude_diagonal=off, backend=backend)
+        lse_bb = similarity_lse(b, all_b, scale, rows=True, exclude_diagonal=off, backend=backend)
+        lse_ba = similarity_lse(b, all_a, scale, rows=True, exclude_diagonal=off, backend=backend)
+    else:
+        ring = Ring(group)
+        lse_aa, _ = ring_similarity_lse(a, a, scale, exclude_self=True, ring=ring, sizes=sizes, backend=backend)
+        lse_bb, _ = ring_similarity_lse(b, b, scale, exclude_self=True, ring=ring, sizes=sizes, backend=backend)
+        # rows: local a against every b; columns: local b against every a.
+        lse_ab, lse_ba = ring_similarity_lse(a, b, scale, cols=True, exclude_self=True, ring=ring, sizes=sizes,
+                                             backend=backend)
+    return dcl_from_lse(lse_aa, lse_ab, lse_bb, lse_ba, a, b, scale, local["w"], negatives)
+
+
 def _global_classes(labels: Optional[Tensor], bsz: int, sizes: Sequence[int], rank: int, group, device):
     """(local class ids (bsz,), number of classes) in one id space shared by every rank."""
     if labels is None:  # SimCLR: each sample its own class, ids unique across ranks
@@ -267,7 +326,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     (O(C * D), C = classes in the global batch) instead of gathering features.
 
     Args:
-        features: (bsz_r, n_views, D) float tensor; bsz_r may differ between ranks.
+        features: (bsz_r, n_views, D) float tensor ((bsz_r, n_views, ...) is flattened to it);
+            bsz_r may differ between ranks.
         labels: optional (bsz_r,) integer classes; give them on every rank or on none.
         temperature: positive float or 0-d tensor; base_temperature: positive float.
         contrast_mode: "all" (every view anchors) or "one" (view 0 anchors).
@@ -279,6 +339,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
     impl = resolve_dist_impl(dist_impl)
+    if isinstance(features, Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
+        features = features.reshape(features.shape[0], features.shape[1], -1)
 
     def checks():
         check_float_tensor("features", features, "(bsz, n_views, D)", non_empty=False)
@@ -329,7 +391,5 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     a = anchors.to(ct)
     pos_dot = (a * (sums.index_select(0, own) - a)).sum(-1)  # class sum minus self = the positives
     count = counts.index_select(0, own) - 1
-    has_pos = count > 0
-    mean_pos = pos_dot * scale / torch.where(has_pos, count, torch.ones_like(count))
-    per_anchor = torch.where(has_pos, lse - mean_pos, torch.zeros_like(lse))
+    per_anchor = anchor_losses(lse, pos_dot, count, scale)
     return (per_anchor * (temperature / base_temperature)).mean()

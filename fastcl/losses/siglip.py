@@ -4,9 +4,10 @@ from typing import Optional
 import torch
 
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
+from fastcl.validation import check_pair, check_scalar
 
 
-def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias, *,
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale, logit_bias=None, *,
                 backend: Optional[str] = None) -> torch.Tensor:
     """``-logsigmoid(z * (s * I @ T.T + b)).sum() / N``, z = +1 on matching pairs (diagonal), -1 elsewhere.
 
@@ -18,11 +19,16 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         image_features: (N, D) float32, bfloat16, float16 or float64.
         text_features: (M, D), same dtype and device; texts past N are negatives for every image.
         logit_scale: positive float or 0-d tensor, already exponentiated (open_clip convention).
-        logit_bias: float or 0-d tensor.
+        logit_bias: float, 0-d tensor, or None for no bias (as open_clip).
         backend: see ``fastcl.ops.sigmoid_pair_loss``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    total = sigmoid_pair_loss(image_features, text_features, logit_scale, logit_bias, backend=backend)
+    check_pair("image_features", image_features, "text_features", text_features)
+    check_scalar("logit_scale", logit_scale, positive=True)
+    if logit_bias is not None:
+        check_scalar("logit_bias", logit_bias)
+    total = sigmoid_pair_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
+                              backend=backend)
     return total / image_features.shape[0]

@@ -18,15 +18,24 @@ from fastcl.validation import check_embeddings, check_float_tensor, check_scalar
 CONTRAST_MODES = ("all", "one")
 
 
-def _check_labels(name: str, labels, n: int, device: torch.device) -> None:
+def _check_labels(name: str, labels, n: int, device: torch.device, *, allow_float: bool = False) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if (labels.is_floating_point() and not allow_float) or labels.is_complex() or labels.dtype == torch.bool:
+        kinds = "an integer or floating" if allow_float else "an integer"
+        raise TypeError(f"{name} must be {kinds} tensor, got {labels.dtype}")
     if labels.reshape(-1).shape[0] != n:
         raise ValueError(f"{name} must have {n} entries (one per sample), got shape {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{name} must be on {device}, got {labels.device}")
+
+
+def _class_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Compact class ids in [0, C) of integer or floating ``labels`` (equal labels, equal ids)."""
+    labels = labels.reshape(-1)
+    if labels.is_floating_point() and bool(torch.isnan(labels).any()):
+        raise ValueError("labels must not contain NaN (a NaN label equals no other label)")
+    return torch.unique(labels, return_inverse=True)[1]
 
 
 def _positive_stats(anchors: torch.Tensor, contrasts: torch.Tensor, classes: torch.Tensor,
@@ -63,12 +72,18 @@ def _mask_stats(anchors: torch.Tensor, features: torch.Tensor, mask: torch.Tenso
     return pos_dot, count
 
 
+def anchor_losses(lse: torch.Tensor, pos_dot: torch.Tensor, count: torch.Tensor, scale) -> torch.Tensor:
+    """Per-anchor ``-sum_p w_p log_softmax(p) / W`` from the anchor's LSE (self excluded), its
+    positive sum ``pos_dot = sum_p w_p a . c_p`` and weight ``count = sum_p w_p``: SupContrast's
+    formula, which divides by W, or by 1 where W < 1e-6 (so an anchor without positives gives 0)."""
+    denom = torch.where(count < 1e-6, torch.ones_like(count), count)
+    # A row with every entry excluded (-inf) has no positives either: 0, not -inf * 0.
+    return (lse.masked_fill(torch.isneginf(lse), 0.0) * count - pos_dot * scale) / denom
+
+
 def _supcon_core(anchors, contrasts, scale, pos_dot, count, backend):
-    """Per-anchor ``-mean_{p in P(i)} log_softmax_i(p)``; 0 for anchors without positives."""
     lse = similarity_lse(anchors, contrasts, scale, rows=True, exclude_diagonal=0, backend=backend)
-    has_pos = count > 0
-    mean_pos = pos_dot * scale / torch.where(has_pos, count, torch.ones_like(count))
-    return torch.where(has_pos, lse - mean_pos, torch.zeros_like(lse))
+    return anchor_losses(lse, pos_dot, count, scale)
 
 
 def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
@@ -84,10 +99,12 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     empty; the result is the mean over anchors.  With neither labels nor mask it is SimCLR.
 
     Args:
-        features: (bsz, n_views, D) float32, bfloat16, float16 or float64.
-        labels: optional (bsz,) integer class of each sample.
+        features: (bsz, n_views, D) float32, bfloat16, float16 or float64; (bsz, n_views, ...)
+            is flattened to that, as SupContrast does.
+        labels: optional (bsz,) integer (or floating, not NaN) class of each sample.
         mask: optional (bsz, bsz) float/bool contrast mask (mask[b, b'] weights the pair as a
-            positive); exclusive with ``labels``.  It costs O(bsz^2 * D), still no N x N matrix.
+            positive); exclusive with ``labels``.  As in SupContrast, an anchor's sum over its
+            weighted positives is divided by their total weight, or by 1 where that is below 1e-6.  It costs O(bsz^2 * D), still no N x N matrix.
         temperature: positive float or 0-d tensor.
         base_temperature: positive float.
         contrast_mode: "all" or "one".
@@ -97,6 +114,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     Returns:
         0-d float32 tensor (float64 for float64 inputs), or (n_anchor,) for ``reduction="none"``.
     """
+    if isinstance(features, torch.Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
+        features = features.reshape(features.shape[0], features.shape[1], -1)
     check_float_tensor("features", features, "(bsz, n_views, D)")
     check_scalar("temperature", temperature, positive=True)
     check_scalar("base_temperature", base_temperature, positive=True)
@@ -122,8 +141,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
         if labels is None:
             classes = torch.arange(bsz, device=features.device)  # SimCLR: each sample its own class
         else:
-            _check_labels("labels", labels, bsz, features.device)
-            classes = torch.unique(labels.reshape(-1), return_inverse=True)[1]
+            _check_labels("labels", labels, bsz, features.device, allow_float=True)
+            classes = _class_ids(labels)
         pos_dot, count = _positive_stats(anchors, contrasts, classes.repeat(n_views), n_anchor)
     scale = 1.0 / temperature
     per_anchor = _supcon_core(anchors, contrasts, scale, pos_dot, count, backend)
@@ -139,11 +158,12 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
 
     Embeddings are L2-normalised (cosine similarity); anchors and contrasts are the N rows, self
     excluded; no base-temperature factor; the mean runs over anchors whose loss is non-zero
-    (anchors without positives give 0 and are left out); 0 when there are none.
+    (anchors without positives give 0 and are left out); 0 when there are none, and 0 for a batch
+    without negative pairs (a single label), as PML returns.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
-        labels: (N,) integer class of each row.
+        labels: (N,) integer (or floating, not NaN) class of each row.
         temperature: positive float or 0-d tensor.
         backend: see ``fastcl.ops.similarity_lse``.
 
@@ -152,9 +172,9 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
     """
     check_embeddings("embeddings", embeddings)
     check_scalar("temperature", temperature, positive=True)
-    _check_labels("labels", labels, embeddings.shape[0], embeddings.device)
+    _check_labels("labels", labels, embeddings.shape[0], embeddings.device, allow_float=True)
     z = l2_normalize(embeddings)
-    classes = torch.unique(labels.reshape(-1), return_inverse=True)[1]
+    classes = _class_ids(labels)
     pos_dot, count = _positive_stats(z, z, classes, z.shape[0])
     per_anchor = _supcon_core(z, z, 1.0 / temperature, pos_dot, count, backend)
     nonzero = per_anchor > 0
@@ -162,4 +182,7 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
     total = torch.where(nonzero, per_anchor, torch.zeros_like(per_anchor)).sum()
     # NaN anywhere must survive: a NaN loss is not > 0, so add it back explicitly.
     total = total + torch.where(torch.isnan(per_anchor), per_anchor, torch.zeros_like(per_anchor)).sum()
-    return total / n_nonzero.clamp_min(1).to(total.dtype)
+    loss = total / n_nonzero.clamp_min(1).to(total.dtype)
+    # PML's loss is 0 for a batch without negative pairs (one label throughout), not the positives' term.
+    has_negatives = (count < z.shape[0] - 1).any()
+    return torch.where(has_negatives, loss, torch.zeros_like(loss))

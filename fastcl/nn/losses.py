@@ -6,14 +6,23 @@ from torch import nn
 
 from fastcl.losses.clip import clip_loss
 from fastcl.distributed import group_info, is_distributed
-from fastcl.losses.dcl import dcl_loss
-from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, ntxent_loss_distributed,
-                                       resolve_dist_impl, siglip_loss_distributed, supcon_loss_distributed)
+from fastcl.losses.dcl import check_negatives, dcl_loss
+from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, dcl_loss_distributed,
+                                       ntxent_loss_distributed, resolve_dist_impl, siglip_loss_distributed,
+                                       supcon_loss_distributed)
 from fastcl.losses.info_nce import info_nce
 from fastcl.losses.ntxent import ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import CONTRAST_MODES, supcon_loss, supcon_loss_pml
 from fastcl.validation import check_reduction, check_scalar
+
+
+def _check_rank(rank, world_size) -> None:
+    """open_clip's ``rank`` / ``world_size`` constructor arguments: ints, 0 <= rank < world_size."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size), got {rank!r}")
 
 
 def _check_world(cls: str, rank: int, world_size: int, group) -> None:
@@ -27,12 +36,6 @@ def _check_world(cls: str, rank: int, world_size: int, group) -> None:
     if (g_rank, g_world) != (rank, world_size):
         raise ValueError(f"{cls}: rank={rank}, world_size={world_size} do not match the process group "
                          f"(rank {g_rank} of {g_world})")
-
-
-def _no_distributed(cls: str, gather_distributed: bool) -> None:
-    if gather_distributed:
-        raise NotImplementedError(f"{cls}(gather_distributed=True) is not implemented yet; "
-                                  "use gather_distributed=False")
 
 
 class ClipLoss(nn.Module):
@@ -53,10 +56,7 @@ class ClipLoss(nn.Module):
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, dist_impl: str = "gather",
                  group=None, label_smoothing: float = 0.0, backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size), got {rank!r}")
+        _check_rank(rank, world_size)
         if use_horovod:
             raise NotImplementedError("ClipLoss(use_horovod=True) is not supported; use torch.distributed")
         self.dist_impl = resolve_dist_impl(dist_impl)
@@ -141,21 +141,33 @@ class NTXentLoss(nn.Module):
 class DCLLoss(nn.Module):
     """Drop-in for lightly's ``DCLLoss``: ``forward(out0 (N, D), out1 (N, D)) -> 0-d loss``.
 
-    ``weight_fn(a (N, D), b (N, D)) -> (N,)`` weights the positive term (DCLW);
-    ``gather_distributed=True`` raises NotImplementedError.
+    ``weight_fn(a (N, D), b (N, D)) -> (N,)`` weights the positive term (DCLW).  The default
+    ``negatives="union"`` (one log-sum-exp over both views' negatives) matches lightly >= 1.5.21;
+    ``negatives="separate"`` (one per view, added) matches lightly <= 1.5.20.  With
+    ``gather_distributed=True`` and more than one rank in ``group`` the negatives come from every
+    rank (lightly's semantics; ``dist_impl`` "gather" or "ring"), see
+    ``fastcl.losses.distributed.dcl_loss_distributed``; on one process it is the plain loss.
+    See ``fastcl.losses.dcl.dcl_loss``.
     """
 
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False, *,
-                 backend: Optional[str] = None):
+                 negatives: str = "union", dist_impl: str = "gather", group=None, backend: Optional[str] = None):
         super().__init__()
         check_scalar("temperature", temperature, positive=True)
         if weight_fn is not None and not callable(weight_fn):
             raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
-        _no_distributed("DCLLoss", gather_distributed)
-        self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
+        check_negatives(negatives)
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this build lacks")
+        self.temperature, self.weight_fn, self.negatives, self.backend = temperature, weight_fn, negatives, backend
+        self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
 
     def forward(self, out0, out1):
-        return dcl_loss(out0, out1, self.temperature, self.weight_fn, backend=self.backend)
+        if self.gather_distributed and is_distributed(self.group):
+            return dcl_loss_distributed(out0, out1, self.temperature, self.weight_fn, negatives=self.negatives,
+                                        dist_impl=self.dist_impl, group=self.group, backend=self.backend)
+        return dcl_loss(out0, out1, self.temperature, self.weight_fn, negatives=self.negatives,
+                        backend=self.backend)
 
 
 class SupConLoss(nn.Module):
@@ -211,7 +223,8 @@ class SigLipLoss(nn.Module):
     """Drop-in for ``open_clip.loss.SigLipLoss``.
 
     ``forward(image_features (N, D), text_features (N, D), logit_scale (0-d, exponentiated),
-    logit_bias (0-d), output_dict=False)`` returns the 0-d loss or ``{"contrastive_loss": loss}``.
+    logit_bias (0-d, or None for no bias), output_dict=False)`` returns the 0-d loss or
+    ``{"contrastive_loss": loss}``.
     With ``world_size > 1`` each rank's images meet every rank's texts and the per-rank loss is not
     divided by the world size (open_clip's semantics; DDP averaging gives the global mean).
     ``dist_impl``: "ring" (also open_clip's "bidir", "shift", and None) or "gather" (also "reduce").
@@ -220,10 +233,7 @@ class SigLipLoss(nn.Module):
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: Optional[str] = None,
                  *, group=None, backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size), got {rank!r}")
+        _check_rank(rank, world_size)
         self.impl = resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
         self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
         self.group, self.backend = group, backend
