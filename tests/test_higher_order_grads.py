@@ -33,15 +33,31 @@ OPS = {
         *similarity_lse(q, k, s, b, exclude_diagonal=1, positives=INDEX, backend=be)),
     "clip": lambda q, k, s, b, be: fastcl.clip_loss(q, k[:N], s, b, backend=be),
     "sigmoid pair": lambda q, k, s, b, be: sigmoid_pair_loss(q, k, s, b, backend=be),
+    # q and k one tensor: each must still get its own gradient
+    "self pairs": lambda q, k, s, b, be: similarity_lse(q, q, s, b, rows=True, cols=True, exclude_diagonal=0,
+                                                        backend=be)[1].sum(),
+    "sigmoid self": lambda q, k, s, b, be: sigmoid_pair_loss(q, q, s, b, backend=be),
+    # the incoming gradient depends on the op's own output
+    "squared LSE": lambda q, k, s, b, be: similarity_lse(q, k, s, b, backend=be).pow(2).sum(),
+    "squared sigmoid": lambda q, k, s, b, be: sigmoid_pair_loss(q, k, s, b, backend=be) ** 2,
+    "ntxent": lambda q, k, s, b, be: fastcl.ntxent_loss(q, k[:N], s, backend=be),
+    "dcl": lambda q, k, s, b, be: fastcl.dcl_loss(q, k[:N], s, backend=be),
+    "supcon": lambda q, k, s, b, be: fastcl.supcon_loss(torch.stack([q, k[:N]], 1), temperature=s, backend=be),
 }
+
+
+def _grad(out, inputs, create_graph=False):
+    # zeros for the inputs an op does not use (k of the self-pair ops, the bias of some losses)
+    found = torch.autograd.grad(out, inputs, create_graph=create_graph, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(inputs, found))
 
 
 def _penalty_grads(op, backend, seed, dtype=torch.float64):
     """d/d(inputs) of the squared norm of the first-order gradients (a gradient penalty)."""
     inputs = _inputs(seed, dtype)
-    first = torch.autograd.grad(op(*inputs, backend), inputs, create_graph=True)
+    first = _grad(op(*inputs, backend), inputs, create_graph=True)
     penalty = sum((g * g).sum() for g in first)
-    return first, torch.autograd.grad(penalty, inputs)
+    return first, _grad(penalty, inputs)
 
 
 @pytest.mark.parametrize("backend,dtype", FUSED)
@@ -56,11 +72,12 @@ def test_gradient_penalty_matches_the_reference(name, backend, dtype):
     assert_close(flat(second), flat(ref_second), dtype, f"{name} second order")
     # the first-order gradients of a plain backward (fused kernels) agree with the graph's
     inputs = _inputs(3, dtype)
-    plain = torch.autograd.grad(OPS[name](*inputs, backend), inputs)
+    plain = _grad(OPS[name](*inputs, backend), inputs)
     assert_close(flat(plain), flat(ref_first), dtype, f"{name} plain backward")
 
 
-@pytest.mark.parametrize("name", ["rows+cols+bias", "diag offset + positive index", "sigmoid pair"])
+@pytest.mark.parametrize("name", ["rows+cols+bias", "diag offset + positive index", "sigmoid pair", "self pairs",
+                                  "squared sigmoid"])
 def test_second_derivatives_match_finite_differences(name):
     q, k, s, b = _inputs(5)
     assert torch.autograd.gradgradcheck(lambda *t: OPS[name](*t, "cpu"), (q, k, s, b))

@@ -106,15 +106,18 @@ def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tens
     return out + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
 
 
-def graph_grads(total: torch.Tensor, inputs, needs_input_grad, n_grads: int) -> tuple:
-    """An autograd backward's return value computed as ``d total / d inputs`` with
-    ``create_graph=True``: ``n_grads`` entries, None for the inputs not needing a gradient.
-    ``total`` (0-d) must be built from ``inputs`` by differentiable ops; fused ops use this for
-    higher-order gradients, which their kernels do not provide."""
+def graph_grads(outputs, grad_outputs, inputs, needs_input_grad, n_grads: int) -> tuple:
+    """An autograd backward's return value computed with ``create_graph=True``: the
+    vector-Jacobian products of ``outputs`` (built from ``inputs`` by differentiable ops) with
+    ``grad_outputs``; ``n_grads`` entries, None for the inputs not needing a gradient.  Fused ops
+    use this for higher-order gradients, which their kernels do not provide.  ``inputs`` must be
+    fresh aliases (``t.view_as(t)``) of the saved tensors, so that q and k passed as one tensor
+    get their own gradients."""
     grads = [None] * n_grads
-    wanted = [i for i, t in enumerate(inputs) if needs_input_grad[i]]
-    if wanted and total.requires_grad:
-        found = torch.autograd.grad(total, [inputs[i] for i in wanted], create_graph=True, allow_unused=True)
+    wanted = [i for i in range(len(inputs)) if needs_input_grad[i]]
+    if wanted and outputs:
+        found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs=grad_outputs,
+                                    create_graph=True, allow_unused=True)
         for i, g in zip(wanted, found):
             grads[i] = g
     return tuple(grads)

@@ -81,8 +81,8 @@ def _setup_context(ctx, inputs, output):
 
 def _graph_backward(ctx, g):
     # create_graph=True: differentiable ops on the materialised logits (the fused op has no derivative)
-    inputs = ctx.saved_tensors
-    return graph_grads(reference_sigmoid_pair_loss(*inputs) * g, inputs, ctx.needs_input_grad, 5)
+    inputs = tuple(t.view_as(t) for t in ctx.saved_tensors)  # q and k may be one tensor
+    return graph_grads([reference_sigmoid_pair_loss(*inputs)], [g], inputs, ctx.needs_input_grad, 5)
 
 
 def _backward(ctx, g):

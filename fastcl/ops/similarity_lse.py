@@ -98,16 +98,14 @@ def _setup_context(ctx, inputs, output):
 
 def _graph_backward(ctx, g_row, g_col, g_pos):
     # create_graph=True: differentiable ops on the materialised logits (the fused op has no derivative)
-    q, k, scale, bias, _, _, pos_index = ctx.saved_tensors
+    *saved, pos_index = ctx.saved_tensors
+    q, k, scale, bias = (t.view_as(t) for t in (saved[0], saved[1], saved[2], saved[3]))
     row, col = reference_similarity_lse(q, k, scale, bias, rows=ctx.rows, cols=ctx.cols,
                                         exclude_diagonal=ctx.diag_offset)
-    total = q.new_zeros((), dtype=compute_dtype(q.dtype))
-    for out, g in ((row, g_row), (col, g_col)):
-        if out is not None and g is not None:
-            total = total + (out * g).sum()
+    pairs = [(out, g) for out, g in ((row, g_row), (col, g_col)) if out is not None and g is not None]
     if ctx.positives and g_pos is not None:
-        total = total + (positive_logits(q, k, pos_index, scale, bias) * g_pos).sum()
-    return graph_grads(total, (q, k, scale, bias), ctx.needs_input_grad, 10)
+        pairs.append((positive_logits(q, k, pos_index, scale, bias), g_pos))
+    return graph_grads([o for o, _ in pairs], [g for _, g in pairs], (q, k, scale, bias), ctx.needs_input_grad, 10)
 
 
 def _backward(ctx, g_row, g_col, g_pos):
