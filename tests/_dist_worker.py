@@ -192,6 +192,15 @@ def checks(ck, rank, world, tmp):
                 lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1] if use_labels else None, None, 0.2, 0.1, mode),
                 [views, labels], sizes, {"proj": params["proj"]}, None))
 
+    # float labels compare by value on every rank, as in one process
+    for impl in ("gather", "ring"):
+        name = f"supcon {impl} float labels"
+        ck.run(name, lambda impl=impl, name=name: ddp_compare(
+            ck, name,
+            lambda x, p: supcon_loss_distributed(enc(x[0], p), x[1], 0.2, 0.1, dist_impl=impl),
+            lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1], None, 0.2, 0.1),
+            [views, labels.double() / 2], sizes, {"proj": params["proj"]}, None))
+
     # ---- uneven shard sizes (gather, and the ring too) ----
     un = [3, 5, 4, 6][:world]
     Bu = sum(un)
@@ -304,6 +313,18 @@ def checks(ck, rank, world, tmp):
                dcl_local_error(impl, {"negatives": "sum"}, "negatives"))
     ck.run("dcl weight_fn error published",
            dcl_local_error("gather", {"weight_fn": lambda x, y: torch.ones(x.shape[0] + 1)}, "weight_fn"))
+
+    def failing_weight_fn(x, y):  # a user's callable may raise anything, on one rank only
+        raise RuntimeError("weight_fn broke")
+
+    def dcl_weight_fn_raises():
+        try:
+            dcl_loss_distributed(a_dt.float(), a_dt.float(), weight_fn=failing_weight_fn if rank == 0 else None)
+        except RuntimeError as e:
+            assert ("weight_fn broke" if rank == 0 else "rank(s) [0]") in str(e), str(e)
+        else:
+            raise AssertionError("no error raised")
+    ck.run("dcl weight_fn exception published", dcl_weight_fn_raises)
     dist.barrier()
 
 

@@ -35,6 +35,25 @@ def test_clip_loss_compiles_without_graph_break_cpu(compiler):
         assert_close(a, b, torch.float32)
 
 
+@pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
+def test_loss_family_compiles_without_graph_break_cpu():
+    torch._dynamo.reset()
+    float_labels = torch.tensor([0.5, 1.0, 0.5, 2.0, 1.0] * 13 + [2.0, 0.5])  # compared by value
+
+    def f(img, txt, scale):
+        return (fastcl.siglip_loss(img, txt, scale, None, backend="cpu")
+                + fastcl.dcl_loss(img, txt, 1.0 / scale, backend="cpu")
+                + fastcl.dcl_loss(img, txt, 1.0 / scale, negatives="separate", backend="cpu")
+                + fastcl.supcon_loss(torch.stack([img, txt], 1), float_labels, temperature=1.0 / scale, backend="cpu"))
+
+    gen = torch.Generator().manual_seed(2)
+    args = (torch.randn(67, 40, generator=gen), torch.randn(67, 40, generator=gen), torch.tensor(3.0))
+    eager = _run(f, *args)
+    compiled = _run(torch.compile(f, fullgraph=True, backend="aot_eager"), *args)
+    for a, b in zip(compiled, eager):
+        assert_close(a, b, torch.float32)
+
+
 @pytest.mark.gpu
 def test_clip_loss_compiles_without_graph_break_gpu():
     torch._dynamo.reset()

@@ -24,7 +24,7 @@ from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_c
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import check_dcl_args, dcl_from_lse, dcl_weights
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses
+from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses, class_ids
 from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
@@ -54,7 +54,7 @@ def _checked_sizes(named, group, checks) -> list:
     err = None
     try:
         checks()
-    except (TypeError, ValueError) as e:  # published to the other ranks, then re-raised here
+    except Exception as e:  # published to the other ranks, then re-raised here (a user's weight_fn may raise anything)
         err = e
     return exchange_shapes(named, group, err)
 
@@ -302,14 +302,21 @@ def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=
     return dcl_from_lse(lse_aa, lse_ab, lse_bb, lse_ba, a, b, scale, local["w"], negatives)
 
 
+def _label_values(labels: Tensor) -> Tensor:
+    """(bsz,) labels as every rank gathers them: float64 for floating labels, int64 otherwise
+    (the shape exchange then refuses ranks that mix the two)."""
+    flat = labels.reshape(-1)
+    return flat.double() if flat.is_floating_point() else flat.long()
+
+
 def _global_classes(labels: Optional[Tensor], bsz: int, sizes: Sequence[int], rank: int, group, device):
     """(local class ids (bsz,), number of classes) in one id space shared by every rank."""
     if labels is None:  # SimCLR: each sample its own class, ids unique across ranks
         return torch.arange(bsz, device=device) + _offset(sizes, rank), sum(sizes)
-    all_labels = all_gather_no_grad(labels.reshape(-1).long(), sizes, group)
-    uniq, inverse = torch.unique(all_labels, return_inverse=True)
+    all_labels = all_gather_no_grad(_label_values(labels), sizes, group)
+    inverse, n_classes = class_ids(all_labels)
     off = _offset(sizes, rank)
-    return inverse[off:off + bsz], uniq.numel()
+    return inverse[off:off + bsz], n_classes
 
 
 def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, temperature=0.07,
@@ -328,7 +335,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     Args:
         features: (bsz_r, n_views, D) float tensor ((bsz_r, n_views, ...) is flattened to it);
             bsz_r may differ between ranks.
-        labels: optional (bsz_r,) integer classes; give them on every rank or on none.
+        labels: optional (bsz_r,) integer or floating (not NaN) classes, the same kind on every rank;
+            give them on every rank or on none.
         temperature: positive float or 0-d tensor; base_temperature: positive float.
         contrast_mode: "all" (every view anchors) or "one" (view 0 anchors).
         dist_impl: "gather" or "ring".
@@ -349,10 +357,10 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
         if contrast_mode not in CONTRAST_MODES:
             raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
         if labels is not None:
-            _check_labels("labels", labels, features.shape[0], features.device)
+            _check_labels("labels", labels, features.shape[0], features.device, allow_float=True)
 
     # labels=None is published as a bool placeholder so a rank that omits labels is caught.
-    lab_meta = labels.reshape(-1).long() if isinstance(labels, Tensor) else torch.zeros(
+    lab_meta = _label_values(labels) if isinstance(labels, Tensor) else torch.zeros(
         features.shape[0] if isinstance(features, Tensor) and features.dim() else 1, dtype=torch.bool)
     sizes, _ = _checked_sizes([("features", features), ("labels (give them on every rank or none)", lab_meta)],
                               group, checks)

@@ -13,7 +13,7 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import check_embeddings, check_float_tensor, check_scalar
+from fastcl.validation import _eager, check_embeddings, check_float_tensor, check_scalar
 
 CONTRAST_MODES = ("all", "one")
 
@@ -30,12 +30,14 @@ def _check_labels(name: str, labels, n: int, device: torch.device, *, allow_floa
         raise ValueError(f"{name} must be on {device}, got {labels.device}")
 
 
-def _class_ids(labels: torch.Tensor) -> torch.Tensor:
-    """Compact class ids in [0, C) of integer or floating ``labels`` (equal labels, equal ids)."""
+def class_ids(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(compact class ids (n,) int64 in [0, C), C) of integer or floating ``labels``: equal labels,
+    equal ids.  NaN labels (equal to no label, themselves included) are refused in eager mode."""
     labels = labels.reshape(-1)
-    if labels.is_floating_point() and bool(torch.isnan(labels).any()):
+    if labels.is_floating_point() and _eager() and bool(torch.isnan(labels).any()):
         raise ValueError("labels must not contain NaN (a NaN label equals no other label)")
-    return torch.unique(labels, return_inverse=True)[1]
+    uniq, inverse = torch.unique(labels, return_inverse=True)
+    return inverse, uniq.numel()
 
 
 def _positive_stats(anchors: torch.Tensor, contrasts: torch.Tensor, classes: torch.Tensor,
@@ -142,7 +144,7 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
             classes = torch.arange(bsz, device=features.device)  # SimCLR: each sample its own class
         else:
             _check_labels("labels", labels, bsz, features.device, allow_float=True)
-            classes = _class_ids(labels)
+            classes = class_ids(labels)[0]
         pos_dot, count = _positive_stats(anchors, contrasts, classes.repeat(n_views), n_anchor)
     scale = 1.0 / temperature
     per_anchor = _supcon_core(anchors, contrasts, scale, pos_dot, count, backend)
@@ -174,7 +176,7 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
     check_scalar("temperature", temperature, positive=True)
     _check_labels("labels", labels, embeddings.shape[0], embeddings.device, allow_float=True)
     z = l2_normalize(embeddings)
-    classes = _class_ids(labels)
+    classes = class_ids(labels)[0]
     pos_dot, count = _positive_stats(z, z, classes, z.shape[0])
     per_anchor = _supcon_core(z, z, 1.0 / temperature, pos_dot, count, backend)
     nonzero = per_anchor > 0
