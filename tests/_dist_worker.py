@@ -201,6 +201,19 @@ def checks(ck, rank, world, tmp):
             lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1], None, 0.2, 0.1),
             [views, labels.double() / 2], sizes, {"proj": params["proj"]}, None))
 
+    # ---- the memory bank with gather_distributed: every rank enqueues all ranks' out1, in rank order ----
+    def bank_gathers():
+        torch.manual_seed(0)  # the same initial bank on every rank
+        crit = NTXentLoss(0.5, memory_bank_size=(3 * B, D_IN), gather_distributed=True)
+        initial = crit.memory_bank.bank.clone()
+        off = sum(sizes[:rank])
+        out0 = img[off:off + b].clone().requires_grad_()
+        loss = crit(out0, txt[off:off + b])
+        ck.close(loss, fastcl.losses.ntxent.ntxent_bank_loss(out0, txt[off:off + b], initial, 0.5), "bank loss")
+        ck.close(crit.memory_bank.bank[:B], torch.nn.functional.normalize(txt, dim=1), "bank rows of every rank")
+        assert torch.equal(crit.memory_bank.bank[B:], initial[B:]) and crit.memory_bank.ptr == B
+    ck.run("memory bank gather_distributed", bank_gathers)
+
     # ---- uneven shard sizes (gather, and the ring too) ----
     un = [3, 5, 4, 6][:world]
     Bu = sum(un)

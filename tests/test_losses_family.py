@@ -156,8 +156,6 @@ def test_ntxent_module_and_degenerate():
             [a, b], torch.float32, "gather_distributed, one process")
     with pytest.raises(ValueError, match="dist_impl"):
         NTXentLoss(gather_distributed=True, dist_impl="allreduce")
-    with pytest.raises(NotImplementedError):
-        NTXentLoss(memory_bank_size=128)
     with pytest.raises(ValueError, match="temperature"):
         ntxent_loss(a, b, 0.0)
     with pytest.raises(ValueError, match="out1"):

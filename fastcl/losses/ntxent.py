@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fastcl.losses._common import reduce_loss
 from fastcl.ops.reference import compute_dtype
-from fastcl.ops.similarity_lse import similarity_lse_with_index
+from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.validation import check_pair, check_reduction, check_scalar
 
 
@@ -50,3 +50,41 @@ def ntxent_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.5, *, redu
     # partner is built here, in range by construction: its values are not read back.
     lse, pos = similarity_lse_with_index(z, z, scale, rows=True, exclude_diagonal=0, index=partner, backend=backend)
     return reduce_loss(lse - pos, reduction)
+
+
+def ntxent_bank_loss(out0: torch.Tensor, out1: torch.Tensor, negatives: torch.Tensor, temperature=0.5, *,
+                     reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+    """NT-Xent against a memory bank of negatives (MoCo), as lightly's ``NTXentLoss`` with a bank.
+
+    ``out0`` and ``out1`` are L2-normalised here; the bank's rows are used as given (lightly stores
+    normalised outputs).  Anchor i is ``out0_i`` only: its logits are its positive ``out0_i . out1_i``
+    and ``out0_i . negatives_j`` for every bank row j, over ``temperature``; the loss is the
+    cross-entropy with the positive as the target, ``logaddexp(pos_i, LSE_j neg_ij) - pos_i``.  The
+    bank gets no gradient.
+
+    Args:
+        out0: (N, D) float32, bfloat16, float16 or float64; first view (the anchors).
+        out1: (N, D), same dtype and device; second view (the positives).
+        negatives: (K, D) floating tensor on the same device, K >= 1 (cast to out0's dtype).
+        temperature: positive float or 0-d floating tensor (may require grad).
+        reduction: "mean" (default, lightly's), "sum", or "none" for the (N,) per-anchor losses.
+        backend: see ``fastcl.ops.similarity_lse``.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs), or (N,) for ``reduction="none"``.
+    """
+    check_pair("out0", out0, "out1", out1)
+    if out0.shape[0] != out1.shape[0]:
+        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+    if not isinstance(negatives, torch.Tensor) or not negatives.is_floating_point():
+        raise TypeError(f"negatives must be a floating tensor, got {getattr(negatives, 'dtype', type(negatives))}")
+    check_pair("out0", out0, "negatives", negatives.detach().to(out0.dtype))
+    check_scalar("temperature", temperature, positive=True)
+    check_reduction(reduction)
+    a, b = l2_normalize(out0), l2_normalize(out1)
+    scale = 1.0 / temperature
+    lse_neg = similarity_lse(a, negatives.detach().to(a.dtype), scale, rows=True, backend=backend)
+    ct = compute_dtype(a.dtype)
+    pos = (a.to(ct) * b.to(ct)).sum(-1) * scale
+    return reduce_loss(torch.logaddexp(pos, lse_neg) - pos, reduction)
+

@@ -1,6 +1,7 @@
 """Drop-in ``torch.nn`` modules."""
 from fastcl.nn.losses import ClipLoss, DCLLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
 from fastcl.nn.masking import RandomMasking, RestoreTokens
+from fastcl.nn.memory_bank import MemoryBank
 
-__all__ = ["ClipLoss", "DCLLoss", "InfoNCELoss", "NTXentLoss", "SigLipLoss", "SupConLoss", "RandomMasking",
-           "RestoreTokens"]
+__all__ = ["ClipLoss", "DCLLoss", "InfoNCELoss", "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss",
+           "RandomMasking", "RestoreTokens"]

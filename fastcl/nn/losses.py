@@ -1,5 +1,5 @@
 """Drop-in ``nn.Module`` losses: thin wrappers that check arguments and call the functional API."""
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -11,10 +11,11 @@ from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, dc
                                        ntxent_loss_distributed, resolve_dist_impl, siglip_loss_distributed,
                                        supcon_loss_distributed)
 from fastcl.losses.info_nce import info_nce
-from fastcl.losses.ntxent import ntxent_loss
+from fastcl.losses.ntxent import l2_normalize, ntxent_bank_loss, ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import CONTRAST_MODES, supcon_loss, supcon_loss_pml
-from fastcl.validation import check_reduction, check_scalar
+from fastcl.nn.memory_bank import MemoryBank
+from fastcl.validation import check_pair, check_reduction, check_scalar
 
 
 def _check_rank(rank, world_size) -> None:
@@ -111,27 +112,36 @@ class InfoNCELoss(nn.Module):
 
 
 class NTXentLoss(nn.Module):
-    """Drop-in for lightly's ``NTXentLoss`` (no memory bank).
+    """Drop-in for lightly's ``NTXentLoss``: ``forward(out0 (N, D), out1 (N, D)) -> 0-d loss``.
 
-    ``forward(out0 (N, D), out1 (N, D)) -> 0-d loss``; see ``fastcl.losses.ntxent.ntxent_loss``.
-    With ``gather_distributed=True`` and more than one rank in ``group`` the negatives come from
-    every rank (lightly's semantics; ``dist_impl`` "gather" or "ring"), see
-    ``fastcl.losses.distributed.ntxent_loss_distributed``.  ``memory_bank_size > 0`` raises
-    NotImplementedError.
+    Without a memory bank, see ``fastcl.losses.ntxent.ntxent_loss``.  With ``gather_distributed=True``
+    and more than one rank in ``group`` the negatives come from every rank (lightly's semantics;
+    ``dist_impl`` "gather" or "ring"), see ``fastcl.losses.distributed.ntxent_loss_distributed``.
+
+    ``memory_bank_size`` (``(num_features, dim)``, or an int with the dim taken from the first
+    batch) > 0 gives lightly's MoCo form: the anchors are ``out0`` only, their negatives the bank
+    (``fastcl.nn.memory_bank.MemoryBank``) as it was before the call, and then the normalised
+    ``out1`` is enqueued when ``out0`` requires grad (so evaluation leaves the bank alone); see
+    ``fastcl.losses.ntxent.ntxent_bank_loss``.  With ``gather_distributed`` every rank enqueues
+    all ranks' ``out1``.
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False, *,
-                 dist_impl: str = "gather", group=None, backend: Optional[str] = None):
+    def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False, *, dist_impl: str = "gather", group=None,
+                 backend: Optional[str] = None):
         super().__init__()
         check_scalar("temperature", temperature, positive=True)
-        if memory_bank_size:
-            raise NotImplementedError("NTXentLoss with a memory bank is not implemented; use memory_bank_size=0")
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError("gather_distributed=True needs torch.distributed, which this build lacks")
+        self.memory_bank = MemoryBank(memory_bank_size, gather_distributed, group=group)
         self.temperature, self.backend = temperature, backend
         self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
 
     def forward(self, out0, out1):
+        if self.memory_bank.enabled:
+            check_pair("out0", out0, "out1", out1)
+            negatives = self.memory_bank(l2_normalize(out1), update=out0.requires_grad)
+            return ntxent_bank_loss(out0, out1, negatives, self.temperature, backend=self.backend)
         if self.gather_distributed and is_distributed(self.group):
             return ntxent_loss_distributed(out0, out1, self.temperature, dist_impl=self.dist_impl,
                                            group=self.group, backend=self.backend)

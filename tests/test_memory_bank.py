@@ -1,0 +1,102 @@
+"""NT-Xent with a memory bank (lightly's MoCo form) against a float64 oracle, and the bank's
+first-in first-out rule step by step."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DTYPES, assert_close, randn
+from fastcl._ext import extension_available
+from fastcl.losses.ntxent import ntxent_bank_loss
+from fastcl.nn import NTXentLoss
+from fastcl.nn.memory_bank import MemoryBank
+from fastcl.ops.dispatch import triton_available
+
+BACKENDS = ["reference"] + (["cpu"] if extension_available() else []) + (["triton"] if triton_available() else [])
+N, D, K = 37, 40, 67
+
+
+def o_bank_ntxent(out0, out1, bank, t):
+    """lightly: logits [out0_i . out1_i, out0_i . bank_j] / t, cross-entropy with target 0."""
+    a, b = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    logits = torch.cat([(a * b).sum(1, keepdim=True), a @ bank.T], 1) / t
+    return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bank_loss_matches_the_oracle(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    out0, out1 = randn(N, D, dtype=dtype, generator=g), randn(N, D, dtype=dtype, generator=g)
+    bank = F.normalize(randn(K, D, generator=g), dim=1)
+    t = torch.tensor(0.2, requires_grad=True)
+    leaves = [out0.clone().requires_grad_(), out1.clone().requires_grad_(), t]
+    loss = ntxent_bank_loss(leaves[0], leaves[1], bank, leaves[2], backend=backend)
+    refs = [x.detach().double().requires_grad_() for x in leaves]
+    ref = o_bank_ntxent(refs[0], refs[1], bank.to(dtype).double(), refs[2])
+    assert_close(loss, ref, dtype, "loss")
+    for name, a, b in zip(("dout0", "dout1", "dtemperature"), torch.autograd.grad(loss, leaves),
+                          torch.autograd.grad(ref, refs)):
+        assert_close(a, b, dtype, name)
+
+
+def test_bank_loss_arguments():
+    out0, out1 = torch.randn(5, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="negatives"):
+        ntxent_bank_loss(out0, out1, torch.randn(4, 7))
+    with pytest.raises(ValueError, match="negatives must be non-empty"):
+        ntxent_bank_loss(out0, out1, torch.randn(0, 8))
+    with pytest.raises(TypeError, match="negatives"):
+        ntxent_bank_loss(out0, out1, torch.zeros(4, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        NTXentLoss(memory_bank_size=-1)
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        NTXentLoss(memory_bank_size=(4, 8, 2))
+    with pytest.raises(TypeError, match="memory_bank_size"):
+        NTXentLoss(memory_bank_size=2.5)
+    crit = NTXentLoss(memory_bank_size=(4, 8))
+    with pytest.raises(ValueError, match="dim 8"):
+        crit(torch.randn(5, 6, requires_grad=True), torch.randn(5, 6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_steps_through_the_bank_as_lightly(backend):
+    """Starts from normalised randn rows drawn from the global generator at construction, uses
+    the bank as it was before each call, then enqueues the normalised out1; a batch that reaches
+    the end fills it and restarts at row 0, dropping its remaining rows (lightly's rule)."""
+    num, batch = 11, 4
+    torch.manual_seed(123)
+    crit = NTXentLoss(0.3, memory_bank_size=(num, D), backend=backend)
+    torch.manual_seed(123)
+    bank = F.normalize(torch.randn(num, D), dim=-1).double()
+    assert torch.equal(crit.memory_bank.bank, bank.float())
+    ptr = 0
+    g = torch.Generator().manual_seed(2)
+    for step in range(5):
+        out0, out1 = randn(batch, D, generator=g, requires_grad=True), randn(batch, D, generator=g)
+        loss = crit(out0, out1)
+        assert_close(loss, o_bank_ntxent(out0.detach().double(), out1.double(), bank, 0.3), torch.float32,
+                     f"step {step}")
+        rows = F.normalize(out1.double(), dim=1)
+        if ptr + batch >= num:
+            bank[ptr:] = rows[:num - ptr]
+            ptr = 0
+        else:
+            bank[ptr:ptr + batch] = rows
+            ptr += batch
+        assert_close(crit.memory_bank.bank, bank, torch.float32, f"bank after step {step}")
+        assert crit.memory_bank.ptr == ptr
+    # evaluation (out0 without grad) reads the bank and leaves it as it is
+    before = crit.memory_bank.bank.clone()
+    with torch.no_grad():
+        crit(torch.randn(batch, D), torch.randn(batch, D))
+    assert torch.equal(crit.memory_bank.bank, before) and crit.memory_bank.ptr == ptr
+
+
+def test_int_size_takes_the_dim_from_the_first_batch():
+    with pytest.warns(UserWarning, match="feature dimension"):
+        crit = NTXentLoss(memory_bank_size=6)
+    torch.manual_seed(7)
+    loss = crit(torch.randn(3, 5, requires_grad=True), torch.randn(3, 5))
+    assert crit.memory_bank.bank.shape == (6, 5) and crit.memory_bank.ptr == 3 and torch.isfinite(loss)
+    bank = MemoryBank(0)
+    assert not bank.enabled and bank(torch.randn(2, 3), update=True) is None
