@@ -190,6 +190,9 @@ def _grad_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, g_ptr, gpart_ptr, row0
     tl.store(gpart_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, axis=1), axis=0))
 
 
+SIGMOID_FUSED_MAX_D = 1024  # (BLOCK, D) blocks of 16 x 1024 take ~98 KB of shared memory (sm_90 compile)
+
+
 def sigmoid_mode(q: torch.Tensor) -> str:
     """"fused" (one kernel per pass, (BLOCK, D) blocks) or "strip" (D-chunked tiles, cuBLAS backward).
 
@@ -197,7 +200,7 @@ def sigmoid_mode(q: torch.Tensor) -> str:
     D=128, bf16) and "strip" otherwise: above that a whole-D block would not fit in registers
     (by design, not timed yet), and fp32's IEEE products leave the fused kernels spilling when
     compiled for sm_90 (tens of thousands of spill instructions in the backward at D=128; the
-    strip kernels have none).  "fused" and "strip" force a mode.
+    strip kernels have none).  "fused" and "strip" force a mode; "fused" takes D <= 1024.
     """
     mode = os.environ.get("FASTCL_TRITON_BWD", "auto")
     if mode not in ("auto", "fused", "strip"):
@@ -205,6 +208,10 @@ def sigmoid_mode(q: torch.Tensor) -> str:
     if mode == "auto":
         half = q.dtype in (torch.bfloat16, torch.float16)
         return "fused" if half and q.shape[1] <= FUSED_MAX_D else "strip"
+    if mode == "fused" and q.shape[1] > SIGMOID_FUSED_MAX_D:
+        # whole-D blocks: at D = 2048 they take ~200 KB of shared memory, more than sm_80/86 have
+        raise ValueError(f"FASTCL_TRITON_BWD=fused supports D <= {SIGMOID_FUSED_MAX_D} for sigmoid_pair_loss, "
+                         f"got D={q.shape[1]}; use strip (or auto)")
     return mode
 
 

@@ -99,6 +99,28 @@ def test_gradient_penalty_on_gpu(backend, request):
     assert_close(flat(got[backend][4:]), flat(got["reference"][4:]), torch.float32, f"{backend} second order")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tensors_on_another_gpu_than_the_current_one(backend, request):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1 (Triton launches
+    on the current device unless the op switches to the tensors' one)."""
+    if backend == "cuda":
+        request.getfixturevalue("cuda_ext")
+    import fastcl
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(96, 8, 32, generator=g)
+    img, txt = torch.randn(333, 64, generator=g), torch.randn(333, 64, generator=g)
+    ref = fastcl.clip_loss(img.double(), txt.double(), 10.0, backend="reference")
+    out = fastcl.clip_loss(img.to("cuda:1"), txt.to("cuda:1"), 10.0, backend=backend)
+    assert out.device == torch.device("cuda", 1)
+    assert_close(out.cpu().double(), ref, torch.float32, "clip loss on cuda:1")
+    noise = torch.rand(96, 8, generator=g)
+    kept = fastcl.random_masking(x.to("cuda:1"), 0.5, noise=noise.to("cuda:1"), backend=backend)[0]
+    assert kept.device == torch.device("cuda", 1)
+    assert torch.equal(kept.cpu(), fastcl.random_masking(x, 0.5, noise=noise, backend="reference")[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # The cuda backend (cuBLAS score strips + the fused epilogues of csrc/cuda/similarity_strips.cu)
 # ---------------------------------------------------------------------------------------------

@@ -201,7 +201,9 @@ def test_triton_sigmoid_mode(monkeypatch):
     assert sigmoid_mode(q[:, :256].half()) == "fused"
     assert sigmoid_mode(q[:, :64].float()) == "strip"  # fp32 fused kernels spill on sm_90
     monkeypatch.setenv("FASTCL_TRITON_BWD", "fused")
-    assert sigmoid_mode(q) == "fused"
+    assert sigmoid_mode(q) == "fused" and sigmoid_mode(torch.empty(4, 1024)) == "fused"
+    with pytest.raises(ValueError, match="D <= 1024"):  # whole-D blocks would not fit shared memory
+        sigmoid_mode(torch.empty(4, 1025, dtype=torch.bfloat16))
     monkeypatch.setenv("FASTCL_TRITON_BWD", "nope")
     with pytest.raises(ValueError, match="FASTCL_TRITON_BWD"):
         sigmoid_mode(q)

@@ -32,6 +32,16 @@ def test_plan_fits_the_budget_with_the_fewest_chunks(n, m, d, itemsize, chunk_ac
         assert scratch_bytes(rows + align, cols, d, itemsize, chunk_acc) > budget
 
 
+@pytest.mark.parametrize("align", [16, 64])
+def test_plan_keeps_column_tiles_within_the_grid_limit(align):
+    """Few rows against millions of columns fit the budget in one chunk, but the Triton tile
+    kernels put a chunk's column tiles on the grid's y axis, at most 65535 of them."""
+    from fastcl.ops.strip_grads import MAX_GRID_Y
+    m = MAX_GRID_Y * align + 1
+    rows, cols = plan(3, m, 128, 4, False, 64 * 2**20, 64, 64, align)
+    assert rows == 3 and -(-cols // align) <= MAX_GRID_Y and -(-m // cols) == 2
+
+
 def test_default_budget_at_the_clip_target_shape():
     # N = M = 32768, D = 768, bf16 tiles (triton): the 64 MB default is 0.8% of the 8 GB that the
     # naive loss took there (benchmarks/results/h100_20261127_f6a3808_clip_bench.json).

@@ -170,3 +170,43 @@ def test_registered_ops_refuse_empty_inputs(backend):
     row, col = torch.ops.fastcl_C.sim_lse_fwd(q[:0], k, 1.0, 0.0, True, True, None)
     assert row.shape == (0,) and (col == float("-inf")).all()
     assert torch.ops.fastcl_C.sigmoid_pair_fwd(q, k[:0], 1.0, 0.0).item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_diagonal_offsets_beyond_the_matrix_exclude_nothing(backend):
+    """Any int64 offset is accepted; one whose diagonal misses the matrix leaves every entry in
+    (and never reaches the kernels' offset arithmetic, which could leave int64 at the extremes)."""
+    if backend == "cpu":
+        pytest.importorskip("fastcl._C")
+    plain = similarity_lse(q, k, 1.0, rows=True, cols=True, backend=backend)
+    for offset in (6, -5, 2**63 - 1, -2**63):
+        out = similarity_lse(q, k, 1.0, rows=True, cols=True, exclude_diagonal=offset, backend=backend)
+        for a, b in zip(out, plain):
+            assert torch.equal(a, b), offset
+    assert not torch.equal(similarity_lse(q, k, 1.0, exclude_diagonal=5, backend=backend)[0], plain[0][0])
+
+
+def test_fused_kernels_run_on_the_device_of_their_tensors(monkeypatch):
+    """Triton launches on the current GPU, not the tensors' one: every fused call enters the
+    device of its first tensor (cuda:1 here, while another device may be current)."""
+    import types
+
+    from fastcl.ops import dispatch
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            entered.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    kernel = dispatch.fused_kernel("op", "triton", {"triton": lambda t, x: ("ran", x)})
+    on_gpu1 = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert kernel(on_gpu1, 3) == ("ran", 3) and entered == [torch.device("cuda", 1)]
+    assert kernel(q, 4) == ("ran", 4) and len(entered) == 1  # CPU tensors: no device switch
+

@@ -1,4 +1,5 @@
 """Backend choice: ``backend=`` argument, else ``FASTCL_BACKEND``, else ``auto``."""
+import contextlib
 import importlib.util
 import math
 import os
@@ -41,16 +42,30 @@ def pick_gpu_backend(op: str, n: int, m: int, d: int, dtype: torch.dtype) -> str
     return t.TABLE[(op, name, gn, gd)]
 
 
+def on_device_of(t: torch.Tensor):
+    """Context making ``t``'s GPU the current one (a no-op for other tensors).  Triton launches on
+    the current device and its stream, not on the device of the tensors it is given: tensors on
+    cuda:1 while cuda:0 is current would otherwise meet a kernel on the wrong GPU."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def fused_kernel(op: str, backend: str, kernels: Dict[str, Union[str, Callable]]) -> Callable:
     """The fused kernel of ``op`` for ``backend``: ``kernels[backend]`` is a callable, or a
-    "module:function" path imported on first use (so Triton and the CUDA driver load lazily)."""
+    "module:function" path imported on first use (so Triton and the CUDA driver load lazily).
+    The returned function runs on the device of its first argument (``on_device_of``)."""
     entry = kernels.get(backend)
     if entry is None:
         raise ValueError(f"{op} has no fused {backend!r} backend")
     if isinstance(entry, str):
         module, name = entry.split(":")
-        return getattr(importlib.import_module(module), name)
-    return entry
+        entry = getattr(importlib.import_module(module), name)
+
+    def on_its_device(first, *args):
+        with on_device_of(first):
+            return entry(first, *args)
+    return on_its_device
 
 
 def requested_backend(backend: Optional[str]) -> str:

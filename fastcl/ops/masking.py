@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from fastcl.ops.dispatch import on_device_of
+
 Tensor = torch.Tensor
 
 
@@ -46,7 +48,8 @@ def _segment_gather(src, start, count, order, fill, pos, out_fp32, backend):
         return torch.ops.fastcl_C.masking_segment_gather(src, start, count, order, fill, pos, out_fp32)
     if backend == "triton":
         from fastcl.kernels.masking import segment_gather as triton_segment_gather
-        return triton_segment_gather(src, start, count, order, fill, pos, out_fp32)
+        with on_device_of(src):
+            return triton_segment_gather(src, start, count, order, fill, pos, out_fp32)
     raise ValueError(f"masking has no fused {backend!r} backend")
 
 

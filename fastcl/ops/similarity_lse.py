@@ -182,6 +182,8 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
     if bias is not None:
         check_scalar("bias", bias)
     check_offset("exclude_diagonal", exclude_diagonal)
+    if exclude_diagonal is not None and not -q.shape[0] < exclude_diagonal < k.shape[0]:
+        exclude_diagonal = None  # the diagonal misses the matrix: nothing to exclude (and no int64 edge cases)
     check_flags(rows=rows, cols=cols)
     if not (rows or cols):
         raise ValueError("at least one of rows or cols must be True")

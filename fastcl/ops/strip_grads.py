@@ -43,14 +43,19 @@ def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: b
     return tile_itemsize * rows * cols + 8 * rows * d + (4 * cols * d if chunk_acc else 0)
 
 
+MAX_GRID_Y = 65535
+
+
 def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: int,
          min_rows: int, row_align: int, col_align: int) -> Tuple[int, int]:
     """(rows per strip, columns per chunk): the fewest column chunks for which a strip of at least
     ``min(n, min_rows)`` rows fits ``budget`` bytes, then as many rows as fit (a multiple of
-    ``row_align`` unless all n).  If nothing fits, the smallest pieces (over the budget)."""
+    ``row_align`` unless all n).  If nothing fits, the smallest pieces (over the budget).  A chunk
+    spans at most 65535 tiles of ``col_align`` columns: the Triton tile kernels put the column
+    tiles on the grid's y axis, which CUDA caps there."""
     want = min(n, min_rows)
     last = None
-    for chunks in range(1, _cdiv(m, col_align) + 1):
+    for chunks in range(_cdiv(m, MAX_GRID_Y * col_align), _cdiv(m, col_align) + 1):
         cols = min(m, _cdiv(_cdiv(m, chunks), col_align) * col_align)
         if cols == last:
             continue
