@@ -98,3 +98,22 @@ def test_pytorch_metric_learning_supcon_without_negatives(backend):
     labels[3] = 5
     assert fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(emb, labels).item() > 0.1
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pytorch_metric_learning_supcon_with_references(backend):
+    """ref_emb / ref_labels (PML's cross-batch form): anchors against other rows, nothing excluded,
+    unless ref_labels is the labels object itself (then PML drops the pairs (i, i))."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    gen = torch.Generator().manual_seed(4)
+    emb, ref = randn(37, 12, generator=gen), randn(53, 12, generator=gen)
+    labels, ref_labels = torch.randint(0, 5, (37,), generator=gen), torch.randint(0, 6, (53,), generator=gen)
+    labels[0] = 9  # an anchor without positives among the references
+    for r, rl in ((ref, ref_labels), (emb * 2 + 1, labels), (emb * 2 + 1, labels.clone())):
+        (a, b), (c, d) = _leaves(emb, r), _leaves(emb, r)
+        _compare(fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels, ref_emb=b, ref_labels=rl),
+                 pml.SupConLoss(temperature=0.1)(c, labels, ref_emb=d, ref_labels=rl), [a, b], [c, d])
+    # no negative among the references: 0
+    (a, b), (c, d) = _leaves(emb, ref), _leaves(emb, ref)
+    same = torch.zeros(37, dtype=torch.long)
+    assert fastcl.nn.SupConLoss(backend=backend)(a, same, ref_emb=b, ref_labels=same[:1].expand(53)).item() == 0.0

@@ -59,6 +59,14 @@ q, k = torch.randn(5, 8), torch.randn(6, 8)
     (lambda: similarity_lse(q, k, 1.0, exclude_diagonal=2**70), ValueError, "exclude_diagonal must fit in int64"),
     (lambda: similarity_lse(q, k, 1.0, cols="no"), TypeError, "cols must be a bool"),
     (lambda: fastcl.info_nce(q, k, symmetric="no"), TypeError, "symmetric must be a bool"),
+    (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k), ValueError, "ref_emb needs ref_labels"),
+    (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_labels=torch.arange(6)), ValueError, "needs ref_emb"),
+    (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k, ref_labels=torch.arange(5)), ValueError,
+     "ref_labels must have 6 entries"),
+    (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k[:, :3], ref_labels=torch.arange(6)), ValueError,
+     "embeddings and ref_emb"),
+    (lambda: fastcl.nn.SupConLoss()(q[:, None], torch.arange(5), ref_emb=k, ref_labels=torch.arange(6)), ValueError,
+     "2-D embeddings"),
 ])
 def test_bad_input_names_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):

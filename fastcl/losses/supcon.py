@@ -13,7 +13,7 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import _eager, check_embeddings, check_float_tensor, check_scalar
+from fastcl.validation import _eager, check_embeddings, check_float_tensor, check_pair, check_scalar
 
 CONTRAST_MODES = ("all", "one")
 
@@ -40,23 +40,25 @@ def class_ids(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return inverse, uniq.numel()
 
 
-def _positive_stats(anchors: torch.Tensor, contrasts: torch.Tensor, classes: torch.Tensor,
-                    n_anchor: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sum over positives of a_i . c_p, |P(i)|) per anchor; anchor i is contrast i.
+def _positive_stats(anchors: torch.Tensor, anchor_classes: torch.Tensor, contrasts: torch.Tensor,
+                    contrast_classes: torch.Tensor, self_pairs: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum over positives of a_i . c_p, |P(i)|) per anchor: the contrasts of the anchor's class,
+    less contrast i itself when ``self_pairs`` (anchor i is contrast i).
 
-    ``classes`` (n_contrast,) are compact class ids in [0, C)."""
+    Class ids are compact, in [0, C), shared by anchors and contrasts."""
     ct = compute_dtype(contrasts.dtype)
     cf = contrasts.to(ct)
-    n_cls = int(classes.max()) + 1
+    n_cls = int(torch.maximum(anchor_classes.max(), contrast_classes.max())) + 1
     # index_add_, not the ordered index_sum_: a class is a long run of one index, which the ordered
     # CUDA sum takes serially (10 classes in a batch of 65536 would be runs of 6554 rows).
-    sums = torch.zeros(n_cls, cf.shape[1], dtype=ct, device=cf.device).index_add_(0, classes, cf)
-    counts = torch.bincount(classes, minlength=n_cls).to(ct)
-    own = classes[:n_anchor]
+    sums = torch.zeros(n_cls, cf.shape[1], dtype=ct, device=cf.device).index_add_(0, contrast_classes, cf)
+    counts = torch.bincount(contrast_classes, minlength=n_cls).to(ct)
     af = anchors.to(ct)
-    # Subtracting self from its class sum leaves exactly the positives.
-    pos_dot = (af * (sums.index_select(0, own) - cf[:n_anchor])).sum(-1)
-    return pos_dot, counts.index_select(0, own) - 1
+    own = sums.index_select(0, anchor_classes)
+    count = counts.index_select(0, anchor_classes)
+    if self_pairs:  # subtracting self from its class sum leaves exactly the positives
+        own, count = own - cf[:anchors.shape[0]], count - 1
+    return (af * own).sum(-1), count
 
 
 def _mask_stats(anchors: torch.Tensor, features: torch.Tensor, mask: torch.Tensor,
@@ -83,8 +85,9 @@ def anchor_losses(lse: torch.Tensor, pos_dot: torch.Tensor, count: torch.Tensor,
     return (lse.masked_fill(torch.isneginf(lse), 0.0) * count - pos_dot * scale) / denom
 
 
-def _supcon_core(anchors, contrasts, scale, pos_dot, count, backend):
-    lse = similarity_lse(anchors, contrasts, scale, rows=True, exclude_diagonal=0, backend=backend)
+def _supcon_core(anchors, contrasts, scale, pos_dot, count, backend, self_pairs: bool = True):
+    lse = similarity_lse(anchors, contrasts, scale, rows=True, exclude_diagonal=0 if self_pairs else None,
+                         backend=backend)
     return anchor_losses(lse, pos_dot, count, scale)
 
 
@@ -145,7 +148,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
         else:
             _check_labels("labels", labels, bsz, features.device, allow_float=True)
             classes = class_ids(labels)[0]
-        pos_dot, count = _positive_stats(anchors, contrasts, classes.repeat(n_views), n_anchor)
+        cls_rep = classes.repeat(n_views)
+        pos_dot, count = _positive_stats(anchors, cls_rep[:n_anchor], contrasts, cls_rep, self_pairs=True)
     scale = 1.0 / temperature
     per_anchor = _supcon_core(anchors, contrasts, scale, pos_dot, count, backend)
     per_anchor = per_anchor * (temperature / base_temperature)
@@ -155,18 +159,24 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
 
 
 def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
+                    ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
-    """SupCon in pytorch-metric-learning's form: ``SupConLoss(temperature)(embeddings, labels)``.
+    """SupCon in pytorch-metric-learning's form: ``SupConLoss(temperature)(embeddings, labels,
+    ref_emb=..., ref_labels=...)``.
 
-    Embeddings are L2-normalised (cosine similarity); anchors and contrasts are the N rows, self
-    excluded; no base-temperature factor; the mean runs over anchors whose loss is non-zero
-    (anchors without positives give 0 and are left out); 0 when there are none, and 0 for a batch
-    without negative pairs (a single label), as PML returns.
+    Embeddings are L2-normalised (cosine similarity).  Anchors are the N rows; contrasts are the
+    same rows with self excluded, or the rows of ``ref_emb`` (normalised too) with nothing
+    excluded, as PML does, unless ``ref_labels`` is the very ``labels`` object, which makes PML
+    leave out the pairs (i, i).  No base-temperature factor; the mean runs over anchors whose
+    loss is non-zero (anchors without positives give 0 and are left out); 0 when there are none,
+    and 0 when no anchor has a negative (a single label), as PML returns.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
         labels: (N,) integer (or floating, not NaN) class of each row.
         temperature: positive float or 0-d tensor.
+        ref_emb: optional (M, D) reference embeddings, same dtype and device (PML's cross-batch form).
+        ref_labels: (M,) classes of ``ref_emb``; required with it.
         backend: see ``fastcl.ops.similarity_lse``.
 
     Returns:
@@ -176,15 +186,30 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
     check_scalar("temperature", temperature, positive=True)
     _check_labels("labels", labels, embeddings.shape[0], embeddings.device, allow_float=True)
     z = l2_normalize(embeddings)
-    classes = class_ids(labels)[0]
-    pos_dot, count = _positive_stats(z, z, classes, z.shape[0])
-    per_anchor = _supcon_core(z, z, 1.0 / temperature, pos_dot, count, backend)
+    n = z.shape[0]
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels needs ref_emb")
+        r, self_pairs = z, True
+        classes = class_ids(labels)[0]
+        ref_classes = classes
+    else:
+        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+        if ref_labels is None:
+            raise ValueError("ref_emb needs ref_labels, the (M,) classes of its rows")
+        _check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device, allow_float=True)
+        self_pairs = ref_labels is labels and ref_emb.shape[0] == n
+        r = l2_normalize(ref_emb)
+        both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
+        classes, ref_classes = both[:n], both[n:]
+    pos_dot, count = _positive_stats(z, classes, r, ref_classes, self_pairs)
+    per_anchor = _supcon_core(z, r, 1.0 / temperature, pos_dot, count, backend, self_pairs)
     nonzero = per_anchor > 0
     n_nonzero = nonzero.sum()
     total = torch.where(nonzero, per_anchor, torch.zeros_like(per_anchor)).sum()
     # NaN anywhere must survive: a NaN loss is not > 0, so add it back explicitly.
     total = total + torch.where(torch.isnan(per_anchor), per_anchor, torch.zeros_like(per_anchor)).sum()
     loss = total / n_nonzero.clamp_min(1).to(total.dtype)
-    # PML's loss is 0 for a batch without negative pairs (one label throughout), not the positives' term.
-    has_negatives = (count < z.shape[0] - 1).any()
+    # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term.
+    has_negatives = (count < r.shape[0] - int(self_pairs)).any()
     return torch.where(has_negatives, loss, torch.zeros_like(loss))
