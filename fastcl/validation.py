@@ -1,4 +1,6 @@
 """Argument checks shared by every public entry point.  Each error names the argument."""
+import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -44,7 +46,7 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 
 def check_scalar(name: str, value, *, positive: bool = False) -> None:
-    """A Python number or a one-element floating tensor; optionally strictly positive.
+    """A finite real number (numpy scalars included) or a one-element floating tensor; optionally > 0.
 
     The sign of a tensor is checked only on the CPU: reading a GPU tensor's value would wait for
     the device on every call (a learnable logit_scale is a CUDA tensor in every training step,
@@ -56,10 +58,14 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if positive and _eager() and value.device.type == "cpu" and not bool((value > 0).all()):
-            raise ValueError(f"{name} must be > 0, got {value.detach().reshape(()).item()}")
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
+            raise ValueError(f"{name} must be > 0{hint}, got {value.detach().reshape(()).item()}")
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
+        if math.isinf(value):
+            raise ValueError(f"{name} must be finite, got {value}")
         if positive and not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+            hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
+            raise ValueError(f"{name} must be > 0{hint}, got {value}")
     else:
         raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
 

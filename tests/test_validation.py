@@ -59,6 +59,9 @@ q, k = torch.randn(5, 8), torch.randn(6, 8)
     (lambda: similarity_lse(q, k, 1.0, exclude_diagonal=2**70), ValueError, "exclude_diagonal must fit in int64"),
     (lambda: similarity_lse(q, k, 1.0, cols="no"), TypeError, "cols must be a bool"),
     (lambda: fastcl.info_nce(q, k, symmetric="no"), TypeError, "symmetric must be a bool"),
+    (lambda: fastcl.clip_loss(q, k[:5], float("inf")), ValueError, "logit_scale must be finite"),
+    (lambda: fastcl.clip_loss(q, k[:5], -2.6), ValueError, r"logit_scale must be > 0 \(already exponentiated"),
+    (lambda: fastcl.ntxent_loss(q, k[:5], float("-inf")), ValueError, "temperature must be finite"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k), ValueError, "ref_emb needs ref_labels"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_labels=torch.arange(6)), ValueError, "needs ref_emb"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k, ref_labels=torch.arange(5)), ValueError,
@@ -75,8 +78,13 @@ def test_bad_input_names_the_argument(call, exc, match):
 
 def test_backend_env_var(monkeypatch):
     monkeypatch.setenv("FASTCL_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="the FASTCL_BACKEND environment variable must be one of"):
         similarity_lse(q, k, 1.0)
+    monkeypatch.setenv("FASTCL_BACKEND", "cuda")  # valid, but not for CPU tensors: the error says who asked
+    with pytest.raises(ValueError, match=r"needs CUDA tensors.*set by FASTCL_BACKEND='cuda'"):
+        similarity_lse(q, k, 1.0)
+    with pytest.raises(ValueError, match="needs CUDA tensors, got tensors on cpu$"):  # an explicit backend=
+        similarity_lse(q, k, 1.0, backend="cuda")
     monkeypatch.setenv("FASTCL_BACKEND", "reference")
     assert similarity_lse(q, k, 1.0).shape == (5,)
 
@@ -218,3 +226,14 @@ def test_fused_kernels_run_on_the_device_of_their_tensors(monkeypatch):
     assert kernel(on_gpu1, 3) == ("ran", 3) and entered == [torch.device("cuda", 1)]
     assert kernel(q, 4) == ("ran", 4) and len(entered) == 1  # CPU tensors: no device switch
 
+
+
+def test_numpy_scalars_are_numbers():
+    """A numpy float (from a config or a schedule) is a scale like any Python number."""
+    np = pytest.importorskip("numpy")
+    a, b = q, k[:5]
+    assert torch.equal(fastcl.clip_loss(a, b, np.float32(14.0)), fastcl.clip_loss(a, b, 14.0))
+    assert torch.equal(fastcl.ntxent_loss(a, b, np.float64(0.5)), fastcl.ntxent_loss(a, b, 0.5))
+    assert torch.equal(fastcl.siglip_loss(a, b, np.float32(10.0), np.float32(-10.0)), fastcl.siglip_loss(a, b, 10.0, -10.0))
+    with pytest.raises(ValueError, match="logit_scale must be finite"):
+        fastcl.clip_loss(a, b, np.float32("inf"))

@@ -72,7 +72,8 @@ def requested_backend(backend: Optional[str]) -> str:
     """The backend asked for, lower case: ``backend``, else ``FASTCL_BACKEND``, else "auto"."""
     name = backend if backend is not None else os.environ.get("FASTCL_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        source = "backend" if backend is not None else "the FASTCL_BACKEND environment variable"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     return name.lower()
 
 
@@ -91,6 +92,15 @@ def resolve_backend(backend: Optional[str], device: torch.device,
     ``reference`` for float64 for the ops in ``NO_GPU_FLOAT64``.
     """
     name = requested_backend(backend)
+    try:
+        return _usable(name, device, problem)
+    except (ValueError, RuntimeError) as e:
+        if backend is None and name != "auto":  # the user passed none: say where it came from
+            raise type(e)(f"{e} (the backend was set by FASTCL_BACKEND={name!r})") from None
+        raise
+
+
+def _usable(name: str, device: torch.device, problem) -> str:
     if name == "auto":
         if (device.type == "cuda" and problem is not None and problem[0] in NO_GPU_FLOAT64
                 and problem[4] == torch.float64):
