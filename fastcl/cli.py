@@ -7,6 +7,7 @@ import time
 from typing import List, Optional
 
 DEVICES_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu)"
+QUICK_SIZES, CPU_SIZES, GPU_SIZES = [64, 256, 1024], [256, 1024, 4096, 8192], [1024, 4096, 16384, 65536, 131072]
 
 
 def _positive_int(text: str) -> int:
@@ -41,56 +42,99 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> str:
     return device
 
 
+def _sizes(sizes: List[int]) -> str:
+    return ",".join(map(str, sizes))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastcl`` parser.  Each subcommand's parser is its ``cmd_parser`` default, so checks made
+    after parsing report through it (its usage line, ``fastcl train: error: ...``)."""
+    from fastcl import __version__
     from fastcl.demo import ENCODERS, LOSSES
     from fastcl.ops.dispatch import BACKENDS
     from fastcl.profiling import CASES
 
     p = argparse.ArgumentParser(prog="fastcl", description="Fused contrastive-learning losses: demo, profiling, info.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{train,bench,info}")
     sub.required = True
 
     t = sub.add_parser("train", help="SimCLR on scikit-learn's 8x8 digits, then a 5-shot linear probe")
-    t.add_argument("--loss", choices=LOSSES, default="ntxent", help="two-view loss (default ntxent)")
-    t.add_argument("--epochs", type=_positive_int, default=320)
-    t.add_argument("--batch-size", type=_positive_int, default=256)
+    t.set_defaults(cmd_parser=t)
+    t.add_argument("--loss", choices=LOSSES, default="ntxent", help="two-view loss (default: %(default)s)")
+    t.add_argument("--epochs", type=_positive_int, default=320, help="(default: %(default)s)")
+    t.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="samples per step and per process (default: %(default)s)")
     t.add_argument("--chunk-size", type=_positive_int, default=None,
-                   help="gradient caching: run the encoder this many samples at a time")
+                   help="gradient caching: run the encoder this many samples at a time, for less activation "
+                        "memory. Not only a memory knob: BatchNorm (in both demo encoders and the head) then "
+                        "normalises each chunk with its own statistics, which changes the objective "
+                        "(default: the whole batch at once)")
     t.add_argument("--device", default=None, help=DEVICES_HELP)
-    t.add_argument("--backend", choices=BACKENDS, default=None, help="fastcl backend (default auto)")
-    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    t.add_argument("--encoder", choices=tuple(ENCODERS), default="cnn")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--temperature", type=float, default=0.5)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="directory for metrics.jsonl and checkpoint.pt")
-    t.add_argument("--limit", type=_positive_int, default=None, help="use only this many training images")
-    t.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
-    t.add_argument("--probe-repeats", type=_positive_int, default=10, help="random 5-shot draws averaged")
+    t.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="fastcl backend (default: FASTCL_BACKEND when set, else auto)")
+    t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="(default: %(default)s)")
+    t.add_argument("--encoder", choices=tuple(ENCODERS), default="cnn", help="(default: %(default)s)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--temperature", type=float, default=0.5, help="(default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    t.add_argument("--out", default=None,
+                   help="directory for metrics.jsonl and checkpoint.pt (default: write no files)")
+    t.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint.pt written by --out, up to --epochs (default: start afresh)")
+    t.add_argument("--limit", type=_positive_int, default=None,
+                   help="use only this many training images (default: all)")
+    t.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after this many steps (default: run every epoch)")
+    t.add_argument("--probe-repeats", type=_positive_int, default=10,
+                   help="random 5-shot draws averaged (default: %(default)s)")
     t.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch CPU threads (default 1: these tiny ops gain little from more, and extra "
+                   help="torch CPU threads (default: %(default)s; these tiny ops gain little from more, and extra "
                         "threads slow down badly when other work shares the cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     b = sub.add_parser("bench", help="time and peak memory of fused ops vs naive PyTorch; CSV + PNG")
-    b.add_argument("--cases", default=",".join(CASES), help=f"comma-separated among {','.join(CASES)}")
+    b.set_defaults(cmd_parser=b)
+    b.add_argument("--cases", default=",".join(CASES), help="comma-separated (default: %(default)s)")
     b.add_argument("--backends", default=None, help="comma-separated fastcl backends (default: the usable ones)")
-    b.add_argument("--sizes", type=_int_list, default=None, help="comma-separated batch sizes")
-    b.add_argument("--dim", type=_positive_int, default=128, help="embedding size D")
+    b.add_argument("--sizes", type=_int_list, default=None,
+                   help=f"comma-separated batch sizes (default: {_sizes(CPU_SIZES)} on the CPU, "
+                        f"{_sizes(GPU_SIZES)} on a GPU, {_sizes(QUICK_SIZES)} with --quick)")
+    b.add_argument("--dim", type=_positive_int, default=128, help="embedding size D (default: %(default)s)")
     b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="default fp32 on the CPU, bf16 on a GPU")
-    b.add_argument("--reps", type=_positive_int, default=None, help="timed calls per point (median)")
+                   help="(default: fp32 on the CPU, bf16 on a GPU)")
+    b.add_argument("--reps", type=_positive_int, default=None,
+                   help="timed calls per point, median reported (default: 5, or 2 with --quick)")
     b.add_argument("--device", default=None, help=DEVICES_HELP)
+    b.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads for naive and fused alike, recorded with the results (default: "
+                        "%(default)s; extra threads slow down badly when other work shares the cores, which "
+                        "distorts the ratios)")
     b.add_argument("--quick", action="store_true", help="small sizes, few repetitions (CPU smoke run)")
-    b.add_argument("--out", default=".", help="directory for bench.csv, bench.json and bench.png")
-    b.add_argument("--no-plot", action="store_true")
+    b.add_argument("--out", default=".",
+                   help="directory for bench.csv, bench.json and bench.png (default: %(default)s)")
+    b.add_argument("--no-plot", action="store_true", help="no bench.png")
 
-    sub.add_parser("info", help="versions, devices, and which backends are available (and why not)")
+    i = sub.add_parser("info", help="versions, devices, and which backends are available (and why not)")
+    i.set_defaults(cmd_parser=i)
     return p
 
 
+def _check_backend(parser: argparse.ArgumentParser, flag: str, name: Optional[str], device: str) -> None:
+    """Exit with a ``parser`` error naming ``flag`` when backend ``name`` (None: FASTCL_BACKEND, else
+    auto) cannot run on ``device``, before any slow work."""
+    import torch
+
+    from fastcl.ops.dispatch import resolve_backend
+    try:
+        resolve_backend(name, torch.device(device))
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"{flag} {name}: {exc}" if name is not None else str(exc))
+
+
 def cmd_train(args, parser) -> int:
-    from fastcl.demo import run
+    """``fastcl train``: check the arguments, run the digits demo; under torchrun only rank 0 prints."""
+    from fastcl.demo import load_digits_split, run
     if args.batch_size < 2:
         parser.error(f"--batch-size must be >= 2 (contrastive losses need negatives), got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size > args.batch_size:
@@ -101,16 +145,39 @@ def cmd_train(args, parser) -> int:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such checkpoint file")
     device = _check_device(parser, args.device or _default_device())
+    _check_backend(parser, "--backend", args.backend, device)
+    try:
+        n_train = len(load_digits_split(seed=args.seed)[1])
+    except RuntimeError as exc:  # scikit-learn is missing
+        parser.error(str(exc))
+    n_train = min(n_train, args.limit or n_train)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # The last rank's share is the smallest; every rank checks it, so all of them stop or none.
+    per_process = n_train // world
+    if args.batch_size > per_process:
+        why = ([f"--limit {args.limit}"] if args.limit else []) + \
+            ([f"{n_train} split over {world} processes"] if world > 1 else [])
+        parser.error(f"--batch-size {args.batch_size} is larger than the {per_process} training images per process"
+                     + (f" ({', '.join(why)})" if why else "") + "; lower --batch-size")
     import torch
     torch.set_num_threads(args.threads)
     device = _init_distributed_from_env(device)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     start = time.perf_counter()
+    # The other ranks train like rank 0 but neither probe nor print: one table, not one per rank.
     run(loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, chunk_size=args.chunk_size, device=device,
         backend=args.backend, seed=args.seed, out=args.out, lr=args.lr, temperature=args.temperature,
         encoder=args.encoder, limit=args.limit, probe_repeats=args.probe_repeats, progress=not args.no_progress,
-        max_steps=args.max_steps, precision=args.precision)
-    print(f"total wall time {time.perf_counter() - start:.1f}s")
+        max_steps=args.max_steps, precision=args.precision, log=print if rank == 0 else (lambda *a, **k: None),
+        probe=rank == 0, resume=args.resume)
+    if rank == 0:
+        if world > 1:
+            print(f"torchrun: {world} processes, each training on its 1/{world} share of the {n_train} training "
+                  f"images with batches of {args.batch_size} ({world * args.batch_size} per step in all)")
+        print(f"total wall time {time.perf_counter() - start:.1f}s")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
@@ -133,6 +200,7 @@ def _init_distributed_from_env(device: str) -> str:
 
 
 def cmd_bench(args, parser) -> int:
+    """``fastcl bench``: time the fused ops against naive PyTorch; writes bench.csv, bench.json, bench.png."""
     import json
 
     import torch
@@ -150,6 +218,7 @@ def cmd_bench(args, parser) -> int:
     for name in backends:
         if name not in BACKENDS or name == "auto":
             parser.error(f"--backends: unknown backend {name!r}; choose among {','.join(BACKENDS[1:])}")
+        _check_backend(parser, "--backends", name, device)
     missing = profiling.available_cases()
     for c in [c for c in cases if missing[c]]:
         print(f"skipping {c}: {missing[c]}")
@@ -159,19 +228,23 @@ def cmd_bench(args, parser) -> int:
     if args.sizes:
         sizes = args.sizes
     elif args.quick:
-        sizes = [64, 256, 1024]
+        sizes = QUICK_SIZES
     else:
-        sizes = [1024, 4096, 16384, 65536, 131072] if cuda else [256, 1024, 4096, 8192]
+        sizes = GPU_SIZES if cuda else CPU_SIZES
     reps = args.reps or (2 if args.quick else 5)
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     os.makedirs(args.out, exist_ok=True)
-    print(f"fastcl bench on {device} ({dtype}, D={args.dim}, median of {reps}), backends {backends}:")
-    rows = profiling.run_benchmarks(cases, backends, sizes, d=args.dim, device=device, dtype=dtype, reps=reps)
+    torch.set_num_threads(args.threads)
+    print(f"fastcl bench on {device} ({dtype}, D={args.dim}, median of {reps}, {args.threads} torch threads), "
+          f"backends {backends}:")
+    rows = profiling.run_benchmarks(cases, backends, sizes, d=args.dim, device=device, dtype=dtype, reps=reps,
+                                    threads=args.threads)
     print(profiling.format_table(rows))
     csv_path = os.path.join(args.out, "bench.csv")
     profiling.write_csv(rows, csv_path)
     meta = {"device": _device_name(device), "torch": torch.__version__, "dtype": dtype, "dim": args.dim,
-            "reps": reps, "backends": backends, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "reps": reps, "threads": args.threads, "backends": backends,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(f"wrote {csv_path} and bench.json")
@@ -200,6 +273,7 @@ def _version(module: str) -> str:
 
 
 def cmd_info(args, parser) -> int:
+    """``fastcl info``: versions, devices, backends and the settings that steer them (invalid ones marked)."""
     import torch
 
     import fastcl
@@ -217,8 +291,13 @@ def cmd_info(args, parser) -> int:
         print(f"  no CUDA device (torch built with CUDA {torch.version.cuda})")
     ext, ext_cuda = _ext.extension_available(), _ext.extension_has_cuda()
     rows = [("reference", True, "pure PyTorch, always available")]
-    rows.append(("cpu", ext, f"C++ extension fastcl._C, {_ext._C.cpu_gemm()} GEMM for fp32 tiles" if ext else
-                 f"fastcl._C not built ({_ext._error}); run pip install --no-build-isolation -e ."))
+    if ext:
+        try:
+            rows.append(("cpu", True, f"C++ extension fastcl._C, {_ext._C.cpu_gemm()} GEMM for fp32 tiles"))
+        except RuntimeError as exc:  # a bad FASTCL_CPU_GEMM, which fails the fp32 CPU kernels the same way
+            rows.append(("cpu", False, f"C++ extension fastcl._C, fp32 tile GEMM invalid ({exc})"))
+    else:
+        rows.append(("cpu", False, f"fastcl._C not built ({_ext._error}); run pip install --no-build-isolation -e ."))
     if not triton_available():
         rows.append(("triton", False, "Triton is not installed (pip install triton)"))
     elif cuda:
@@ -239,9 +318,21 @@ def cmd_info(args, parser) -> int:
     for name, ok, why in rows:
         print(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
     _print_cuda_settings()
-    from fastcl.ops.dispatch import resolve_backend
-    print(f"auto picks: cpu tensors -> {resolve_backend('auto', torch.device('cpu'))}"
-          + (f", cuda tensors -> {resolve_backend('auto', torch.device('cuda'))}" if cuda else ""))
+    from fastcl.ops.dispatch import requested_backend, resolve_backend
+    env = os.environ.get("FASTCL_BACKEND")
+    source = "auto picks" if env is None else f"FASTCL_BACKEND={env}"
+    try:
+        name = requested_backend(None)
+    except ValueError as exc:
+        print(f"{source}: invalid ({exc})")
+    else:
+        picks = []
+        for dev in ("cpu", "cuda") if cuda else ("cpu",):
+            try:
+                picks.append(f"{dev} tensors -> {resolve_backend(name, torch.device(dev))}")
+            except (ValueError, RuntimeError) as exc:
+                picks.append(f"{dev} tensors -> unusable ({exc})")
+        print(f"{source}: " + ", ".join(picks))
     from fastcl.profiling import available_cases
     for case, why in available_cases().items():
         print(f"  op {case:<9} {'available' if not why else 'missing: ' + why}")
@@ -280,6 +371,15 @@ def _print_cuda_settings() -> None:
         except ValueError as exc:
             what += f"; {exc}"
         print(f"Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages[,forward maxnreg] at D=768): {what}")
+        modes = []
+        for knob, default, check in (("FASTCL_TRITON_BWD", "auto", lambda: K.backward_mode(0)),
+                                     ("FASTCL_TRITON_EXP", "exact", K.exp_mode)):
+            try:
+                check()  # the kernels' own validation; BWD's "auto" resolves per op, so show the setting
+                modes.append(f"{knob}={os.environ.get(knob, default)}")
+            except ValueError as exc:
+                modes.append(f"{knob} invalid ({exc})")
+        print(f"Triton modes: {', '.join(modes)}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -287,7 +387,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"train": cmd_train, "bench": cmd_bench, "info": cmd_info}[args.command]
-    return handler(args, parser)
+    try:
+        status = handler(args, args.cmd_parser)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as for a command the closed pipe killed
 
 
 if __name__ == "__main__":

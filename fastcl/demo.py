@@ -167,10 +167,12 @@ def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk
         lr: float = 3e-3, temperature: float = 0.5, encoder: str = "cnn", width: Optional[int] = None,
         limit: Optional[int] = None,
         probe_repeats: int = 10, progress: bool = True, max_steps: Optional[int] = None,
-        precision: str = "fp32", log=print) -> Dict[str, float]:
+        precision: str = "fp32", log=print, probe: bool = True, resume: Optional[str] = None) -> Dict[str, float]:
     """Train SimCLR on the digits and print the probe table; returns the accuracies.
 
-    ``limit`` keeps only the first ``limit`` training images (for quick tests).
+    ``limit`` keeps only the first ``limit`` training images (for quick tests).  ``probe=False``
+    skips the linear probes (their accuracies are NaN): the other ranks of a torchrun job.
+    ``resume`` continues from a checkpoint written under ``out`` (``checkpoint.pt``).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -192,9 +194,14 @@ def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk
         model.eval()
         return model.embed(x.to(dev))
 
-    untrained = linear_probe(features(embed, x_tr), y_tr, features(embed, x_te), y_te,
-                             repeats=probe_repeats, seed=seed)
-    raw = linear_probe(x_tr.flatten(1), y_tr, x_te.flatten(1), y_te, repeats=probe_repeats, seed=seed)
+    def probe_of(train_and_test):  # () -> (train features, held-out features)
+        if not probe:
+            return {"mean": float("nan"), "std": float("nan")}
+        xa, xb = train_and_test()
+        return linear_probe(xa, y_tr, xb, y_te, repeats=probe_repeats, seed=seed)
+
+    untrained = probe_of(lambda: (features(embed, x_tr), features(embed, x_te)))
+    raw = probe_of(lambda: (x_tr.flatten(1), x_te.flatten(1)))
 
     def two_views(batch, g):
         (x,) = batch
@@ -209,15 +216,15 @@ def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk
                       chunk_size=chunk_size, device=dev, transform=two_views, scheduler=sched, seed=seed,
                       metrics_path=metrics, checkpoint_path=ckpt, progress=progress, precision=precision)
     t0 = time.perf_counter()
-    history = trainer.fit(x_tr, epochs, max_steps=max_steps)
+    history = trainer.fit(x_tr, epochs, max_steps=max_steps, resume=resume)
     train_s = time.perf_counter() - t0
-    trained = linear_probe(features(embed, x_tr), y_tr, features(embed, x_te), y_te,
-                           repeats=probe_repeats, seed=seed)
+    trained = probe_of(lambda: (features(embed, x_tr), features(embed, x_te)))
     n_test = len(y_te)
+    final_loss = history[-1]["loss"] if history else float("nan")  # a resumed, finished run takes no step
     log(f"\nSimCLR ({loss}) on sklearn digits: {len(x_tr)} train / {n_test} held-out images, "
-        f"{len(history)} steps in {train_s:.1f}s, final loss {history[-1]['loss']:.4f}")
+        f"{len(history)} steps in {train_s:.1f}s, final loss {final_loss:.4f}")
     log(f"5-labels-per-class linear probe on held-out images (mean +- std over {probe_repeats} draws):")
     for name, acc in (("raw pixels", raw), ("untrained encoder", untrained), ("trained encoder", trained)):
         log(f"  {name:<18} {100 * acc['mean']:6.2f}% +- {100 * acc['std']:.2f}")
     return {"raw": raw["mean"], "untrained": untrained["mean"], "trained": trained["mean"],
-            "train_s": train_s, "steps": len(history), "final_loss": history[-1]["loss"]}
+            "train_s": train_s, "steps": len(history), "final_loss": final_loss}

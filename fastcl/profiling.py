@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from fastcl import baselines
 
-CSV_FIELDS = ("case", "method", "device", "dtype", "n", "d", "time_ms", "peak_mem_mb", "speedup", "status")
+CSV_FIELDS = ("case", "method", "device", "dtype", "n", "d", "threads", "time_ms", "peak_mem_mb", "speedup", "status")
 
 
 def source_commit() -> str:
@@ -197,18 +197,22 @@ def _max_rss_mb() -> float:
 
 
 def sweep(case: str, method: str, backend: Optional[str], sizes: Sequence[int], d: int, device: str,
-          dtype: str, reps: int) -> List[Dict]:
+          dtype: str, reps: int, threads: Optional[int] = None) -> List[Dict]:
     """Time (median ms) and peak memory (MiB) of one method over ascending ``sizes``, in this process.
 
-    After the first out-of-memory size the larger sizes are recorded as "oom" without running.
+    ``threads`` sets torch's CPU thread count for this process first (None keeps it).  After the
+    first out-of-memory size the larger sizes are recorded as "oom" without running.
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     make, methods = CASES[case]()
     fn = methods[method]
     dev, dt = torch.device(device), _dtype(dtype)
     rows, oom = [], False
     for n in sorted(sizes):
         row = {"case": case, "method": method if method != "fused" else f"fastcl:{backend}", "device": device,
-               "dtype": dtype, "n": n, "d": d, "time_ms": None, "peak_mem_mb": None, "status": "ok"}
+               "dtype": dtype, "n": n, "d": d, "threads": torch.get_num_threads(), "time_ms": None,
+               "peak_mem_mb": None, "status": "ok"}
         rows.append(row)
         if oom:
             row["status"] = "oom"
@@ -257,15 +261,20 @@ def _sweep_subprocess(args: Dict) -> List[Dict]:
     if out.returncode != 0:
         if _is_oom(RuntimeError(out.stderr)) or out.returncode in (-9, 137):
             return [{"case": args["case"], "method": args["method"], "device": args["device"], "dtype": args["dtype"],
-                     "n": n, "d": args["d"], "time_ms": None, "peak_mem_mb": None, "status": "oom"}
+                     "n": n, "d": args["d"], "threads": args.get("threads"), "time_ms": None, "peak_mem_mb": None,
+                     "status": "oom"}
                     for n in sorted(args["sizes"])]
         raise RuntimeError(f"benchmark {args['case']}/{args['method']} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_benchmarks(cases: Sequence[str], backends: Sequence[str], sizes: Sequence[int], *, d: int = 128,
-                   device: str = "cpu", dtype: str = "fp32", reps: int = 3, log=print) -> List[Dict]:
-    """Every (case, method) sweep; rows carry ``speedup`` = naive time / method time at the same n."""
+                   device: str = "cpu", dtype: str = "fp32", reps: int = 3, threads: Optional[int] = None,
+                   log=print) -> List[Dict]:
+    """Every (case, method) sweep; rows carry ``speedup`` = naive time / method time at the same n.
+
+    ``threads``: torch CPU threads for every sweep, naive and fused alike (None: torch's default).
+    """
     rows = []
     for case in cases:
         if case not in CASES:
@@ -274,7 +283,7 @@ def run_benchmarks(cases: Sequence[str], backends: Sequence[str], sizes: Sequenc
         plan = [(m, None) for m in methods if m != "fused"] + [("fused", b) for b in backends]
         for method, backend in plan:
             args = dict(case=case, method=method, backend=backend, sizes=list(sizes), d=d, device=device,
-                        dtype=dtype, reps=reps)
+                        dtype=dtype, reps=reps, threads=threads)
             log(f"  {case:<9} {method if backend is None else 'fastcl:' + backend:<16} n={list(sizes)}")
             rows += _sweep_subprocess(args) if torch.device(device).type == "cpu" else sweep(**args)
     naive = {(r["case"], r["n"]): r["time_ms"] for r in rows if r["method"] == "naive"}
@@ -298,6 +307,7 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
+    """Write the rows to ``path`` as CSV with the columns ``CSV_FIELDS``."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()

@@ -111,7 +111,8 @@ class Trainer:
             ``checkpoint_every`` steps, and when ``max_steps`` stops the run.
         checkpoint_every: optional step interval for checkpoints.
         progress: show a progress bar (tqdm when installed, else a printed line every
-            ``log_every`` steps).
+            ``log_every`` steps) up to the step the run stops at (``max_steps`` included); its
+            epoch counts from 0, like the ``epoch`` of the metric records.
         log_every: step interval of the plain printed progress lines.
 
     Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
@@ -360,7 +361,7 @@ class Trainer:
         metrics = _MetricsWriter(self.metrics_path if self.rank == 0 else None, append=resume is not None)
         total = epochs * steps_per_epoch
         stop = total if max_steps is None else min(total, max_steps)
-        bar = self._make_bar(total) if self.progress and self.rank == 0 else None
+        bar = self._make_bar(stop) if self.progress and self.rank == 0 else None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start, done_samples = time.perf_counter(), 0
@@ -383,7 +384,7 @@ class Trainer:
                           "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
                 self.history.append(record)
                 metrics.write(record)
-                self._report(bar, record, total)
+                self._report(bar, record, stop)
                 end_of_epoch = self.step_in_epoch == steps_per_epoch
                 periodic = self.checkpoint_every is not None and self.global_step % self.checkpoint_every == 0
                 if self.checkpoint_path and (end_of_epoch or periodic or self.global_step == stop):
@@ -401,16 +402,16 @@ class Trainer:
             return False  # plain printed lines instead
         return tqdm(total=total, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _report(self, bar, r: Dict, total: int) -> None:
+    def _report(self, bar, r: Dict, stop: int) -> None:
         if bar is None:
             return
         if bar is False:
-            if r["step"] % self.log_every == 0 or r["step"] == total:
-                print(f"step {r['step']}/{total} epoch {r['epoch'] + 1} loss {r['loss']:.4f} "
+            if r["step"] % self.log_every == 0 or r["step"] == stop:
+                print(f"step {r['step']}/{stop} epoch {r['epoch']} loss {r['loss']:.4f} "
                       f"{r['samples_per_s']:.0f} samples/s peak {r['peak_mem_mb']:.0f} MiB", file=sys.stderr)
             return
         bar.update(1)
-        bar.set_postfix(epoch=r["epoch"] + 1, loss=f"{r['loss']:.4f}", sps=f"{r['samples_per_s']:.0f}",
+        bar.set_postfix(epoch=r["epoch"], loss=f"{r['loss']:.4f}", sps=f"{r['samples_per_s']:.0f}",
                         mem=f"{r['peak_mem_mb']:.0f}MiB", refresh=False)
 
 

@@ -1,5 +1,6 @@
 """The fastcl command line: a tiny demo run, argument errors, info, and bench --quick."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,18 @@ def test_tiny_train_run_prints_probe_table(tmp_path, capsys):
     assert ckpt["global_step"] == 4
 
 
+def test_train_resumes_from_a_checkpoint(tmp_path, capsys):
+    """--max-steps stops a run with a checkpoint; --resume continues it to --epochs, and the
+    metrics file then holds every step once."""
+    assert main(TINY + ["--out", str(tmp_path), "--max-steps", "1"]) == 0
+    assert "1 steps" in capsys.readouterr().out
+    assert main(TINY + ["--out", str(tmp_path), "--resume", str(tmp_path / "checkpoint.pt")]) == 0
+    assert "3 steps" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and len(steps) == 4
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["global_step"] == 4
+
+
 def test_train_under_torchrun_uses_distributed_loss(tmp_path):
     """Two CPU ranks under torchrun: the process group comes up, the all-gather NT-Xent runs,
     and both ranks finish the tiny run."""
@@ -40,7 +53,10 @@ def test_train_under_torchrun_uses_distributed_loss(tmp_path):
            "-m", "fastcl"] + TINY + ["--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("  trained encoder") == 2  # one probe table per rank
+    # Rank 0 alone prints: one table, and a line saying how the training images were shared.
+    assert proc.stdout.count("  trained encoder") == 1
+    assert proc.stdout.count("total wall time") == 1
+    assert "2 processes, each training on its 1/2 share of the 64 training images" in proc.stdout
 
 
 def test_make_loss_switches_to_distributed(monkeypatch):
@@ -56,6 +72,8 @@ def test_make_loss_switches_to_distributed(monkeypatch):
 
 @pytest.mark.parametrize("argv, flag", [
     (["train", "--batch-size", "1"], "--batch-size"),
+    (["train", "--limit", "100"], "--batch-size"),  # the default batch of 256 > 100 images
+    (["train", "--backend", "triton", "--device", "cpu"], "--backend"),
     (["train", "--batch-size", "8", "--chunk-size", "16"], "--chunk-size"),
     (["train", "--loss", "triplet"], "--loss"),
     (["train", "--epochs", "0"], "--epochs"),
@@ -64,17 +82,84 @@ def test_make_loss_switches_to_distributed(monkeypatch):
     (["bench", "--cases", "nope"], "--cases"),
     (["bench", "--backends", "magic"], "--backends"),
     (["bench", "--sizes", "8,x"], "--sizes"),
+    (["bench", "--backends", "triton", "--device", "cpu", "--cases", "clip", "--sizes", "8"], "--backends"),
 ])
-def test_argument_errors_name_the_flag(argv, flag, capsys):
+def test_argument_errors_name_the_flag(argv, flag, capsys, monkeypatch):
+    """Mistakes end before any slow work, with the subcommand's usage and an error naming the flag."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton on the CPU must stay unusable
+    monkeypatch.delenv("FASTCL_BACKEND", raising=False)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"usage: fastcl {argv[0]} " in err and f"fastcl {argv[0]}: error: " in err
+    assert flag in err.splitlines()[-1]
+
+
+def test_train_checks_fastcl_backend_up_front(capsys, monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "gpu")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert "FASTCL_BACKEND" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_version(capsys):
+    import fastcl
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "(default: 256)" in out and "(default: ntxent)" in out and "(default: 320)" in out
+    assert "BatchNorm" in out and "changes the objective" in out  # --chunk-size is not only about memory
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert "--threads" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastcl {fastcl.__version__}"
 
 
 def test_no_subcommand_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_info_marks_invalid_settings(capsys, monkeypatch):
+    """Bad environment settings are reported as invalid, each on its line, never as a traceback."""
+    from fastcl import _ext
+    from fastcl.ops.dispatch import triton_available
+    monkeypatch.setenv("FASTCL_CPU_GEMM", "bogus")
+    monkeypatch.setenv("FASTCL_BACKEND", "gpu")
+    monkeypatch.setenv("FASTCL_TRITON_BWD", "sideways")
+    monkeypatch.setenv("FASTCL_TRITON_EXP", "approx")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "FASTCL_BACKEND=gpu: invalid (" in out
+    if _ext.extension_available():
+        assert "invalid (FASTCL_CPU_GEMM must be" in out
+    if triton_available():
+        assert "FASTCL_TRITON_BWD invalid (" in out and "FASTCL_TRITON_EXP invalid (" in out
+
+
+def test_info_follows_fastcl_backend(capsys, monkeypatch):
+    monkeypatch.setenv("FASTCL_BACKEND", "reference")
+    assert main(["info"]) == 0
+    assert "FASTCL_BACKEND=reference: cpu tensors -> reference" in capsys.readouterr().out
+    monkeypatch.setenv("FASTCL_BACKEND", "cuda")
+    assert main(["info"]) == 0
+    assert "cpu tensors -> unusable (" in capsys.readouterr().out
+
+
+def test_info_into_a_closed_pipe_exits_quietly():
+    """`fastcl info | head -1`: the reader goes away; no BrokenPipeError traceback, status 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastcl", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc.stdout.close()  # before the child's first write: that write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_python_m_fastcl_info():
@@ -88,11 +173,14 @@ def test_bench_quick_writes_csv_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     # The reference backend keeps this test independent of whether fastcl._C is built.
     assert main(["bench", "--quick", "--cases", "clip", "--sizes", "16,64", "--reps", "1", "--device", "cpu",
-                 "--backends", "reference", "--out", str(tmp_path)]) == 0
+                 "--backends", "reference", "--threads", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     methods = {r["method"] for r in rows}
     assert "naive" in methods and any(m.startswith("fastcl:") for m in methods)
     assert {int(r["n"]) for r in rows} == {16, 64}
+    # Every sweep (each its own process) ran with the threads asked for, and says so.
+    assert {r["threads"] for r in rows} == {"2"}
+    assert json.load(open(tmp_path / "bench.json"))["meta"]["threads"] == 2
     assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 for r in rows)
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

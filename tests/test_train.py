@@ -2,6 +2,7 @@
 import csv
 import gc
 import json
+import sys
 import time
 
 import pytest
@@ -170,6 +171,26 @@ def test_fit_trains_and_writes_csv_metrics(tmp_path):
     assert hist[-1]["loss"] < hist[0]["loss"]
     rows = list(csv.DictReader(open(tmp_path / "m.csv")))
     assert len(rows) == 16 and float(rows[-1]["samples_per_s"]) > 0 and float(rows[-1]["peak_mem_mb"]) > 0
+
+
+@pytest.mark.parametrize("tqdm", [True, False])
+def test_progress_counts_to_max_steps_with_the_metrics_epoch(tqdm, tmp_path, capsys, monkeypatch):
+    """The progress display ends at max_steps (not at the epochs' total) and numbers epochs from 0,
+    as the metrics records do."""
+    if tqdm:
+        pytest.importorskip("tqdm")
+    else:
+        monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # the printed-lines fallback
+    model = _simclr()
+    fit(model, _ntxent, torch.randn(64, 10), torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, batch_size=16,
+        transform=_noise_views, max_steps=3, metrics_path=str(tmp_path / "m.jsonl"), progress=True, log_every=1)
+    epochs = {json.loads(line)["epoch"] for line in open(tmp_path / "m.jsonl")}
+    assert epochs == {0}
+    err = capsys.readouterr().err
+    if tqdm:
+        assert "3/3" in err and "/8" not in err and "epoch=0" in err and "epoch=1" not in err
+    else:
+        assert "step 3/3 epoch 0 " in err and "/8" not in err and "epoch 1" not in err
 
 
 def test_bf16_autocast_step_runs():
