@@ -46,7 +46,8 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 
 def check_scalar(name: str, value, *, positive: bool = False) -> None:
-    """A finite real number (numpy scalars included) or a one-element floating tensor; optionally > 0.
+    """A real number (numpy scalars included), not infinite, or a one-element floating tensor;
+    optionally > 0 (NaN fails that; a NaN bias passes, and gives NaN out).
 
     The sign of a tensor is checked only on the CPU: reading a GPU tensor's value would wait for
     the device on every call (a learnable logit_scale is a CUDA tensor in every training step,
@@ -57,11 +58,15 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
             raise ValueError(f"{name} must be a scalar (0-d or shape (1,) tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if positive and _eager() and value.device.type == "cpu" and not bool((value > 0).all()):
-            hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
-            raise ValueError(f"{name} must be > 0{hint}, got {value.detach().reshape(()).item()}")
+        if positive and _eager() and value.device.type == "cpu":  # the one read: CPU values cost no sync
+            v = float(value.detach().reshape(()))
+            if math.isinf(v):
+                raise ValueError(f"{name} must be finite, got {v}")
+            if not v > 0:
+                hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
+                raise ValueError(f"{name} must be > 0{hint}, got {v}")
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
-        if math.isinf(value):
+        if _eager() and math.isinf(value):  # (a float torch.compile made symbolic has no isinf)
             raise ValueError(f"{name} must be finite, got {value}")
         if positive and not value > 0:
             hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""

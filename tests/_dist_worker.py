@@ -214,6 +214,19 @@ def checks(ck, rank, world, tmp):
         assert torch.equal(crit.memory_bank.bank[B:], initial[B:]) and crit.memory_bank.ptr == B
     ck.run("memory bank gather_distributed", bank_gathers)
 
+    def bank_error_published():  # a bad input on one rank raises on all, not a hang in the enqueue
+        crit = NTXentLoss(0.5, memory_bank_size=(3 * B, D_IN), gather_distributed=True)
+        out1 = txt[:b].double() if rank == 1 else txt[:b]
+        try:
+            crit(img[:b].clone().requires_grad_(), out1)
+        except TypeError as e:
+            assert rank == 1 and "dtype" in str(e), str(e)
+        except RuntimeError as e:
+            assert rank != 1 and "rank(s) [1]" in str(e), str(e)
+        else:
+            raise AssertionError("no error raised")
+    ck.run("memory bank error published", bank_error_published)
+
     # ---- uneven shard sizes (gather, and the ring too) ----
     un = [3, 5, 4, 6][:world]
     Bu = sum(un)

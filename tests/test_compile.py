@@ -54,6 +54,20 @@ def test_loss_family_compiles_without_graph_break_cpu():
         assert_close(a, b, torch.float32)
 
 
+@pytest.mark.skipif(not extension_available(), reason="fastcl._C not built")
+def test_python_float_temperatures_compile_as_symbols():
+    """A temperature schedule passes a new float each step: dynamo makes it symbolic, which the
+    argument checks must accept without a graph break."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, b, t: fastcl.ntxent_loss(a, b, t, backend="cpu") + fastcl.clip_loss(a, b, 1 / t),
+                      fullgraph=True, dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(67, 40, generator=gen), torch.randn(67, 40, generator=gen)
+    for t in (0.5, 0.7, 0.3):
+        want = fastcl.ntxent_loss(a, b, t, backend="cpu") + fastcl.clip_loss(a, b, 1 / t)
+        assert_close(f(a, b, t), want, torch.float32)
+
+
 @pytest.mark.gpu
 def test_clip_loss_compiles_without_graph_break_gpu():
     torch._dynamo.reset()

@@ -100,3 +100,17 @@ def test_int_size_takes_the_dim_from_the_first_batch():
     assert crit.memory_bank.bank.shape == (6, 5) and crit.memory_bank.ptr == 3 and torch.isfinite(loss)
     bank = MemoryBank(0)
     assert not bank.enabled and bank(torch.randn(2, 3), update=True) is None
+
+
+def test_bank_follows_the_outputs_device():
+    """lightly moves its negatives to the outputs' device, so a criterion left on the CPU works
+    with GPU outputs: the bank moves there on first use (meta stands in for the GPU here)."""
+    crit = NTXentLoss(memory_bank_size=(16, 8), backend="reference")
+    out0 = torch.randn(4, 8, device="meta", requires_grad=True)
+    loss = crit(out0, torch.randn(4, 8, device="meta"))
+    assert loss.device.type == "meta" and crit.memory_bank.bank.device.type == "meta"
+    assert crit.memory_bank.ptr == 4
+    with pytest.raises(ValueError, match="same batch size"):  # checked before anything is enqueued
+        crit(out0, torch.randn(3, 8, device="meta"))
+    assert crit.memory_bank.ptr == 4
+

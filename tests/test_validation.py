@@ -62,6 +62,8 @@ q, k = torch.randn(5, 8), torch.randn(6, 8)
     (lambda: fastcl.clip_loss(q, k[:5], float("inf")), ValueError, "logit_scale must be finite"),
     (lambda: fastcl.clip_loss(q, k[:5], -2.6), ValueError, r"logit_scale must be > 0 \(already exponentiated"),
     (lambda: fastcl.ntxent_loss(q, k[:5], float("-inf")), ValueError, "temperature must be finite"),
+    (lambda: fastcl.ntxent_loss(q, k[:5], torch.tensor(float("inf"))), ValueError, "temperature must be finite"),
+    (lambda: fastcl.clip_loss(q, k[:5], torch.tensor(2.0).exp() ** 100), ValueError, "logit_scale must be finite"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k), ValueError, "ref_emb needs ref_labels"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_labels=torch.arange(6)), ValueError, "needs ref_emb"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k, ref_labels=torch.arange(5)), ValueError,
@@ -194,6 +196,8 @@ def test_diagonal_offsets_beyond_the_matrix_exclude_nothing(backend):
     (and never reaches the kernels' offset arithmetic, which could leave int64 at the extremes)."""
     if backend == "cpu":
         pytest.importorskip("fastcl._C")
+    if backend == "triton":
+        pytest.importorskip("triton")
     plain = similarity_lse(q, k, 1.0, rows=True, cols=True, backend=backend)
     for offset in (6, -5, 2**63 - 1, -2**63):
         out = similarity_lse(q, k, 1.0, rows=True, cols=True, exclude_diagonal=offset, backend=backend)

@@ -139,8 +139,16 @@ class NTXentLoss(nn.Module):
 
     def forward(self, out0, out1):
         if self.memory_bank.enabled:
-            check_pair("out0", out0, "out1", out1)
-            negatives = self.memory_bank(l2_normalize(out1), update=out0.requires_grad)
+            err = None
+            try:
+                check_pair("out0", out0, "out1", out1)
+                if out0.shape[0] != out1.shape[0]:
+                    raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and "
+                                     f"{out1.shape[0]}")
+            except (TypeError, ValueError) as e:  # published to the other ranks by the bank's enqueue
+                err = e
+            update = isinstance(out0, torch.Tensor) and out0.requires_grad
+            negatives = self.memory_bank(l2_normalize(out1) if err is None else out1, update=update, local_error=err)
             return ntxent_bank_loss(out0, out1, negatives, self.temperature, backend=self.backend)
         if self.gather_distributed and is_distributed(self.group):
             return ntxent_loss_distributed(out0, out1, self.temperature, dist_impl=self.dist_impl,

@@ -53,26 +53,47 @@ class MemoryBank(nn.Module):
         self.bank = nn.functional.normalize(torch.randn(size), dim=-1).to(self.bank)
         self.ptr = 0
 
-    def forward(self, output: torch.Tensor, update: bool = False) -> Optional[torch.Tensor]:
-        """The bank's rows before this call, (num_features, dim) float32 detached (None when
-        disabled); with ``update``, ``output`` (N, dim) is then enqueued."""
+    def forward(self, output: torch.Tensor, update: bool = False, *,
+                local_error: Optional[BaseException] = None) -> Optional[torch.Tensor]:
+        """The bank's rows before this call, (num_features, dim) float32 detached, on
+        ``output``'s device (None when disabled); with ``update``, ``output`` (N, dim) is then
+        enqueued.  The bank moves to ``output``'s device on first use, as lightly moves its
+        negatives there (a criterion is often left on the CPU).  ``local_error``: a failed
+        argument check of the caller; under ``gather_distributed`` it is published to the other
+        ranks in the enqueue's collective, so that every rank raises instead of waiting."""
         if not self.enabled:
+            if local_error is not None:
+                raise local_error
             return None
-        if self.bank.dim() == 1:
-            self._init_bank((self.size[0], output.shape[1]))
-        if output.shape[1:] != self.bank.shape[1:]:
-            raise ValueError(f"memory bank rows have dim {self.bank.shape[1]}, got outputs of shape "
-                             f"{tuple(output.shape)}")
+        err = local_error
+        if err is None:
+            try:
+                self._prepare(output)
+            except ValueError as e:
+                err = e
+        sizes = None
+        if update and self.gather_distributed and is_distributed(self.group):
+            sizes = exchange_shapes([("out1", output)], self.group, err)[0]  # raises on every rank on error
+        elif err is not None:
+            raise err
         bank = self.bank.clone()
         if update:
-            self._enqueue(output)
+            self._enqueue(output, sizes)
         return bank
 
+    def _prepare(self, output: torch.Tensor) -> None:
+        if self.bank.dim() == 1:
+            self._init_bank((self.size[0], output.shape[1]))
+        if output.dim() != 2 or output.shape[1:] != self.bank.shape[1:]:
+            raise ValueError(f"memory bank rows have dim {self.bank.shape[1]}, got outputs of shape "
+                             f"{tuple(output.shape)}")
+        if self.bank.device != output.device:
+            self.bank = self.bank.to(output.device)
+
     @torch.no_grad()
-    def _enqueue(self, batch: torch.Tensor) -> None:
+    def _enqueue(self, batch: torch.Tensor, sizes=None) -> None:
         batch = batch.detach()
-        if self.gather_distributed and is_distributed(self.group):
-            sizes = exchange_shapes([("out1", batch)], self.group)[0]
+        if sizes is not None:  # every rank's batch, in rank order
             batch = all_gather_no_grad(batch, sizes, self.group)
         num, ptr, n = self.size[0], self.ptr, batch.shape[0]
         if ptr + n >= num:

@@ -44,6 +44,7 @@ def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: b
 
 
 MAX_GRID_Y = 65535
+MIN_TILE_COLS = 16  # the narrowest BLOCK_N of a Triton dot
 
 
 def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: int,
@@ -51,11 +52,13 @@ def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: in
     """(rows per strip, columns per chunk): the fewest column chunks for which a strip of at least
     ``min(n, min_rows)`` rows fits ``budget`` bytes, then as many rows as fit (a multiple of
     ``row_align`` unless all n).  If nothing fits, the smallest pieces (over the budget).  A chunk
-    spans at most 65535 tiles of ``col_align`` columns: the Triton tile kernels put the column
-    tiles on the grid's y axis, which CUDA caps there."""
+    spans at most 65535 column tiles of the narrowest tile a kernel may run (16 columns, whatever
+    shape the autotuner picks): the Triton tile kernels put the column tiles on the grid's y axis,
+    which CUDA caps there."""
     want = min(n, min_rows)
     last = None
-    for chunks in range(_cdiv(m, MAX_GRID_Y * col_align), _cdiv(m, col_align) + 1):
+    max_cols = max(col_align, MAX_GRID_Y * MIN_TILE_COLS // col_align * col_align)
+    for chunks in range(max(1, _cdiv(m, max_cols)), _cdiv(m, col_align) + 1):
         cols = min(m, _cdiv(_cdiv(m, chunks), col_align) * col_align)
         if cols == last:
             continue
