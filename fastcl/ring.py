@@ -60,7 +60,7 @@ def _lse_block_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col, diag, 
     ct = compute_dtype(q.dtype)
     gq, gk, _ = torch.ops.fastcl.similarity_lse_bwd(q, k, scale_t, bias_t, row_lse, col_lse, g_row, g_col,
                                                     row_lse.new_empty((0,)), None, diag, torch.ones_like(scale_t), ct,
-                                                    backend)
+                                                    True, True, backend)
     return gq, gk
 
 
@@ -243,7 +243,8 @@ def _sp_block_bwd(q, k, scale_t, bias_t, positives: bool, backend: str):
         if positives:
             g.diagonal()[:] = -torch.sigmoid(-s.diagonal())
         return g @ k.to(ct), g.T @ q.to(ct), g.sum()
-    gq, gk, _, gsum = torch.ops.fastcl.sigmoid_pair_bwd(q, k, scale_t, bias_t, torch.ones_like(scale_t), ct, backend)
+    gq, gk, _, gsum = torch.ops.fastcl.sigmoid_pair_bwd(q, k, scale_t, bias_t, torch.ones_like(scale_t), ct, True, True,
+                                                        backend)
     if not positives:
         # sigmoid(s) - (-sigmoid(-s)) = 1 on the diagonal
         d = min(q.shape[0], k.shape[0])

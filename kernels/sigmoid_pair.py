@@ -267,11 +267,13 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
 
 
 def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                          grad_scale: torch.Tensor, out_dtype: torch.dtype
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          grad_scale: torch.Tensor, out_dtype: torch.dtype, need_dq: bool = True,
+                          need_dk: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, qgq, gsum)`` with ``G = dL/ds``: dq = grad_scale * G @ k (N, D), dk = grad_scale *
     G^T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32.
-    grad_scale: 0-d tensor on q's device."""
+    grad_scale: 0-d tensor on q's device.  ``need_dq`` / ``need_dk`` False skip that side's
+    products where the mode allows (it comes back (0, D)); the fused mode forms the q side always,
+    for sum(G)."""
     q, k, scale, bias = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
@@ -287,11 +289,11 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                                      UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                      **sc["launch"])
             parts.append(gpart.to(torch.float64).sum())
-        dq, dk, qgq = strip_grads_triton(q, k, grad_scale, launch, out_dtype)
+        dq, dk, qgq = strip_grads_triton(q, k, grad_scale, launch, out_dtype, need_dq=need_dq, need_dk=need_dk)
         return dq, dk, qgq, torch.stack(parts).sum().float()
     cfg = _config(q, k)
     gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
-    gk = torch.empty((m, d), device=q.device, dtype=torch.float32)
+    gk = torch.empty((m, d), device=q.device, dtype=torch.float32) if need_dk else None
     row_grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
     gpart = torch.empty(row_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
@@ -301,9 +303,11 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     # the row kernel on (k, q) gives G^T @ q; its partial sums of G are not needed again, so it
     # never needs the bounds select: entries past the edge meet zero rows of q in the product, or
     # belong to rows it does not store.
-    col_grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
-    scratch = torch.empty(col_grid[0], device=q.device, dtype=torch.float32)
-    _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
-                               k.stride(0), q.stride(0), gk.stride(0), **cfg, MASK_BOUNDS=False)
-    dq, dk, qgq = finish_full(q, k, gq, gk, grad_scale, out_dtype)
+    if need_dk:
+        col_grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        scratch = torch.empty(col_grid[0], device=q.device, dtype=torch.float32)
+        _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
+                                   k.stride(0), q.stride(0), gk.stride(0), **cfg, MASK_BOUNDS=False)
+    dq, dk, qgq = finish_full(q, k, gq, gk if need_dk else None, grad_scale, out_dtype, need_dq=need_dq,
+                              need_dk=need_dk)
     return dq, dk, qgq, gpart.to(torch.float64).sum().float()

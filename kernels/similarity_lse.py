@@ -522,13 +522,13 @@ def exp_mode() -> str:
 
 
 def lse_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag_offset, grad_scale,
-              out_dtype, mode=None):
+              out_dtype, need_dq=True, need_dk=True, mode=None):
     """``(dq, dk, qgq)`` of ``fastcl::similarity_lse_bwd`` (see there): dq (N, D), dk (M, D) in
     out_dtype, qgq 0-d fp32, for dS = g_row * P_row + g_col * P_col.
 
     row_lse/col_lse (N,)/(M,) are the forward's outputs (empty when that side was not computed);
     g_pos (N,) or None, pos_index (N,) int64 or None; scale, bias, grad_scale: 0-d fp32 tensors
-    on q's device.
+    on q's device.  ``need_dq`` / ``need_dk`` False skip that side (it comes back (0, D)).
     """
     _check(q, k)
     q, k = q.contiguous(), k.contiguous()
@@ -540,12 +540,14 @@ def lse_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_inde
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     stats = (row_lse if rows else dummy, g_row if rows else dummy, col_lse if cols else dummy,
              g_col if cols else dummy)
+    need_dk = need_dk or not need_dq  # qgq needs one side
     if mode == "fused":
-        gq = _grad_fused(q, k, scale, bias, *stats, rows, cols, diag_offset)
+        gq = _grad_fused(q, k, scale, bias, *stats, rows, cols, diag_offset) if need_dq else None
         gk = _grad_fused(k, q, scale, bias, stats[2], stats[3], stats[0], stats[1], cols, rows,
-                         None if diag_offset is None else -int(diag_offset))
-        return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos, pos_index)
-    return _grad_strip(q, k, scale, bias, *stats, rows, cols, diag_offset, g_pos, pos_index, grad_scale, out_dtype)
+                         None if diag_offset is None else -int(diag_offset)) if need_dk else None
+        return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos, pos_index, need_dq=need_dq, need_dk=need_dk)
+    return _grad_strip(q, k, scale, bias, *stats, rows, cols, diag_offset, g_pos, pos_index, grad_scale, out_dtype,
+                       need_dq, need_dk)
 
 
 def grad_fused_config(a: torch.Tensor) -> dict:
@@ -575,7 +577,7 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
-def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None, pos_index=None):
+def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None, pos_index=None, need_dq=True, need_dk=True):
     """``strip_grads`` with a Triton tile kernel: ``launch(tile, r0, nr, c0, nc, cfg)`` writes the
     gradient tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) into ``tile`` ((nr, nc), q's dtype).
     Strips hold at least STRIP_MIN_ROWS rows on a GPU (one row block in the interpreter)."""
@@ -590,11 +592,11 @@ def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None, pos_inde
     return strip_grads(q, k, grad_scale, form_tile, tile_dtype=q.dtype, out_dtype=out_dtype, g_pos=g_pos,
                        pos_index=pos_index,
                        min_rows=cfg["BLOCK_M"] if interp else STRIP_MIN_ROWS, row_align=cfg["BLOCK_M"],
-                       col_align=cfg["BLOCK_N"])
+                       col_align=cfg["BLOCK_N"], need_dq=need_dq, need_dk=need_dk)
 
 
 def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset, g_pos, pos_index,
-                grad_scale, out_dtype):
+                grad_scale, out_dtype, need_dq=True, need_dk=True):
     d = k.shape[1]
 
     def launch(tile, r0, nr, c0, nc, cfg):
@@ -609,4 +611,4 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
             grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
             _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                        BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
-    return strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos, pos_index)
+    return strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos, pos_index, need_dq, need_dk)

@@ -99,6 +99,27 @@ def test_gradient_penalty_on_gpu(backend, request):
     assert_close(flat(got[backend][4:]), flat(got["reference"][4:]), torch.float32, f"{backend} second order")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("frozen", ["image", "text"])
+def test_frozen_tower_on_gpu(backend, frozen, request):
+    """A locked tower (LiT) takes no gradient: the other side's and the scale's equal the reference's."""
+    if backend == "cuda":
+        request.getfixturevalue("cuda_ext")
+    import fastcl
+    g = torch.Generator(device="cuda").manual_seed(4)
+    base = [torch.randn(1031, 256, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2)]
+    got = {}
+    for be in (backend, "reference"):
+        img, txt = (t.clone().requires_grad_(side != frozen) for t, side in zip(base, ("image", "text")))
+        scale = torch.tensor(10.0, device="cuda", requires_grad=True)
+        (fastcl.clip_loss(img, txt, scale, backend=be) + fastcl.siglip_loss(img, txt, scale, -5.0, backend=be)).backward()
+        got[be] = [t.grad for t in (img, txt, scale)]
+    for name, a, b in zip(("dimage", "dtext", "dscale"), got[backend], got["reference"]):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert_close(a.float(), b.float(), torch.bfloat16, f"{backend} {name}, {frozen} frozen")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_tensors_on_another_gpu_than_the_current_one(backend, request):

@@ -369,3 +369,62 @@ def test_forward_range_writes_only_its_columns(shared_exp):
     want = torch.stack([torch.logsumexp(s[:64, :48], 0), torch.logsumexp(s[64:, :48], 0)])
     assert_close(colpart[:, :48], want, torch.float32, "column partials")
     assert_close(row, torch.logsumexp(s[:, :48], 1), torch.float32, "row LSE of the range")
+
+
+FROZEN = {"q frozen": (False, True), "k frozen": (True, False), "only the scale": (False, False)}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton strip", "triton fused", "cuda"])
+@pytest.mark.parametrize("frozen", list(FROZEN))
+def test_a_frozen_side_gets_no_gradient_and_the_rest_is_exact(backend, frozen, monkeypatch, request):
+    """A locked tower or a memory bank needs no gradient: the backward skips that side's products
+    (strip mode: no GEMM for it at all) and every gradient it does return is the reference's."""
+    from fastcl.ops import similarity_lse, sigmoid_pair_loss
+    if backend == "cuda":
+        request.getfixturevalue("emulated_cuda")
+    elif backend.startswith("triton"):
+        monkeypatch.setenv("FASTCL_TRITON_BWD", backend.split()[1])
+    name = backend.split()[0]
+    req_q, req_k = FROZEN[frozen]
+    g = torch.Generator().manual_seed(6)
+    base = (randn(67, 40, generator=g), randn(131, 40, generator=g))
+    for op in ("lse", "sigmoid"):
+        got, want = {}, {}
+        for be, out in ((name, got), ("reference", want)):
+            q, k = (t.clone().requires_grad_(r) for t, r in zip(base, (req_q, req_k)))
+            s = torch.tensor(2.5, requires_grad=True)
+            if op == "lse":
+                row, col, pos = similarity_lse(q, k, s, 0.5, rows=True, cols=True, positives=True, backend=be)
+                loss = row.sum() + 0.3 * col.sum() - pos.sum()
+            else:
+                loss = sigmoid_pair_loss(q, k, s, -1.0, backend=be)
+            loss.backward()
+            out.update(q=q.grad, k=k.grad, s=s.grad)
+        for key in ("q", "k"):
+            assert (got[key] is None) == (want[key] is None), f"{op} d{key}"
+            if want[key] is not None:
+                assert_close(got[key], want[key], torch.float32, f"{op} d{key}")
+        assert_close(got["s"], want["s"], torch.float32, f"{op} dscale")
+
+
+def test_strips_skip_the_frozen_sides_product(monkeypatch):
+    """One GEMM per tile instead of two when a side needs no gradient."""
+    calls = []
+    real = strip_grads.__globals__["mm_f32_into"]
+    monkeypatch.setitem(strip_grads.__globals__, "mm_f32_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k = randn(64, 16), randn(96, 16)
+    tile = torch.randn(64, 96)
+
+    def form(ws, r0, nr, c0, nc):
+        return tile[r0:r0 + nr, c0:c0 + nc]
+    one = torch.ones(())
+    kw = dict(tile_dtype=torch.float32, out_dtype=torch.float32, min_rows=16, row_align=16, col_align=16)
+    full = strip_grads(q, k, one, form, **kw)
+    n_full = len(calls)
+    for need_dq, need_dk in ((True, False), (False, True)):
+        calls.clear()
+        dq, dk, qgq = strip_grads(q, k, one, form, need_dq=need_dq, need_dk=need_dk, **kw)
+        assert len(calls) * 2 == n_full
+        assert (dq.shape[0] == 64) == need_dq and (dk.shape[0] == 96) == need_dk
+        torch.testing.assert_close(qgq, full[2])
+        torch.testing.assert_close(dq if need_dq else dk, full[0] if need_dq else full[1])

@@ -183,7 +183,7 @@ def test_registered_ops_refuse_empty_inputs(backend):
         with pytest.raises(ValueError, match=f"{name} must be non-empty"):
             torch.ops.fastcl.similarity_lse_fwd(qq, kk, s, b, True, True, None, False, None, backend)
         with pytest.raises(ValueError, match=f"{name} must be non-empty"):
-            torch.ops.fastcl.sigmoid_pair_bwd(qq, kk, s, b, s, qq.dtype, backend)
+            torch.ops.fastcl.sigmoid_pair_bwd(qq, kk, s, b, s, qq.dtype, True, True, backend)
     # the C++ kernels themselves see no tiles: LSE over nothing is -inf, a sum over nothing 0
     row, col = torch.ops.fastcl_C.sim_lse_fwd(q[:0], k, 1.0, 0.0, True, True, None)
     assert row.shape == (0,) and (col == float("-inf")).all()

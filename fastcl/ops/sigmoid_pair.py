@@ -31,9 +31,9 @@ _FORWARD = {
 }
 
 
-def _cpu_grads(q, k, scale, bias, grad_scale, out_dtype):
+def _cpu_grads(q, k, scale, bias, grad_scale, out_dtype, need_dq=True, need_dk=True):
     gq, gk, gsum = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(scale), float(bias))
-    return (*finish_full(q, k, gq, gk, grad_scale, out_dtype), gsum)
+    return (*finish_full(q, k, gq, gk, grad_scale, out_dtype, need_dq=need_dq, need_dk=need_dk), gsum)
 
 
 # Each returns (dq, dk, qgq, gsum): see _sp_bwd.
@@ -57,19 +57,22 @@ def _(q, k, scale, bias, backend):
 
 @torch.library.custom_op("fastcl::sigmoid_pair_bwd", mutates_args=())
 def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
-            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            need_dq: bool, need_dk: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq, gsum)``: dq = grad_scale * G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in
-    out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64)."""
+    out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
+    False: that gradient comes back (0, D), not formed where the backend can skip it."""
     check_pair("q", q, "k", k)
+    need_dk = need_dk or not need_dq  # qgq (the scale's gradient) needs one side
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
-                                                                            out_dtype)
+                                                                            out_dtype, need_dq, need_dk)
     return dq, dk, qgq, gsum
 
 
 @_sp_bwd.register_fake
-def _(q, k, scale, bias, grad_scale, out_dtype, backend):
+def _(q, k, scale, bias, grad_scale, out_dtype, need_dq, need_dk, backend):
     ct = compute_dtype(q.dtype)
-    return (q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype),
+    return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
+            k.new_empty((k.shape[0] if need_dk or not need_dq else 0, k.shape[1]), dtype=out_dtype),
             q.new_empty((), dtype=ct), q.new_empty((), dtype=ct))
 
 
@@ -90,7 +93,8 @@ def _backward(ctx, g):
         return _graph_backward(ctx, g)
     q, k, scale, bias = ctx.saved_tensors
     g = g.to(scale.dtype)
-    dq, dk, qgq, gsum = _sp_bwd(q, k, scale, bias, g * scale, q.dtype, ctx.backend)
+    dq, dk, qgq, gsum = _sp_bwd(q, k, scale, bias, g * scale, q.dtype, ctx.needs_input_grad[0],
+                                ctx.needs_input_grad[1], ctx.backend)
     dscale = (g * qgq).to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = (g * gsum).to(bias.dtype) if ctx.needs_input_grad[3] else None
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, dscale, dbias, None)

@@ -30,9 +30,10 @@ _FORWARD = {
 }
 
 
-def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag, grad_scale, out_dtype):
+def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag, grad_scale, out_dtype,
+               need_dq=True, need_dk=True):
     gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, float(scale), float(bias), row_lse, col_lse, g_row, g_col, diag)
-    return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos, pos_index)
+    return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos, pos_index, need_dq=need_dq, need_dk=need_dk)
 
 
 # Each returns (dq, dk, qgq): see _lse_bwd.
@@ -68,23 +69,28 @@ def _(q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend)
 @torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=())
 def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
              g_row: Tensor, g_col: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], diag_offset: Optional[int],
-             grad_scale: Tensor, out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+             grad_scale: Tensor, out_dtype: torch.dtype, need_dq: bool, need_dk: bool,
+             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq)``: dq = grad_scale * Gq (N, D) and dk = grad_scale * Gk (M, D) in out_dtype,
     qgq = sum(q * Gq) 0-d fp32 (fp64), with Gq = dS @ k + g_pos * k[pos], Gk = dS.T @ q plus g_pos_i * q_i
     added to row pos_i, dS = g_row * P_row + g_col * P_col, pos = pos_index or (0, ..., N-1).  An empty
     row_lse / col_lse (0,) marks a side the forward did not compute; an empty g_pos (0,) means no
-    positive logits."""
+    positive logits.  ``need_dq`` / ``need_dk`` False: that gradient is not formed and comes back
+    (0, D), so a frozen side (a memory bank, a locked tower) costs no products."""
     check_pair("q", q, "k", k)
+    need_dk = need_dk or not need_dq  # qgq (the scale's gradient) needs one side
     pos = g_pos if g_pos.numel() else None
     dq, dk, qgq = fused_kernel("similarity_lse", backend, _BACKWARD)(
-        q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype)
+        q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype,
+        need_dq, need_dk)
     return dq, dk, qgq
 
 
 @_lse_bwd.register_fake
 def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag_offset, grad_scale, out_dtype,
-      backend):
-    return (q.new_empty(q.shape, dtype=out_dtype), k.new_empty(k.shape, dtype=out_dtype),
+      need_dq, need_dk, backend):
+    return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
+            k.new_empty((k.shape[0] if need_dk or not need_dq else 0, k.shape[1]), dtype=out_dtype),
             q.new_empty((), dtype=compute_dtype(q.dtype)))
 
 
@@ -118,8 +124,9 @@ def _backward(ctx, g_row, g_col, g_pos):
         g_pos = g_pos.to(row.dtype).contiguous()  # row and col share the compute dtype, even when empty
     else:
         g_pos = row.new_empty((0,))
+    need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
-                           q.dtype, ctx.backend)
+                           q.dtype, need_dq, need_dk, ctx.backend)
     dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = None
     if ctx.needs_input_grad[3]:

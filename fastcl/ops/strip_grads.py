@@ -78,8 +78,8 @@ FormTile = Callable[[Tensor, int, int, int, int], Tensor]
 
 def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *, tile_dtype: torch.dtype,
                 out_dtype: torch.dtype, g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None,
-                min_rows: int, row_align: int, col_align: int,
-                budget: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                min_rows: int, row_align: int, col_align: int, budget: Optional[int] = None,
+                need_dq: bool = True, need_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq)`` as in the module docstring.
 
     q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
@@ -89,11 +89,14 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     [c0, c0 + nc) as an (nr, nc) tensor of q's dtype, written into the flat workspace ``ws``
     (``tile_dtype``; it may return a reinterpreting view of it).
     dq, dk: out_dtype; qgq: 0-d fp32 (fp64 for fp64 inputs).
+    ``need_dq`` / ``need_dk`` False skip that side's products (a frozen tower, a memory bank): its
+    gradient comes back empty, (0, D); qgq is formed from the side that is computed.
     """
     n, d = q.shape
     m = k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    chunk_acc = out_dtype != acc
+    need_dk = need_dk or not need_dq  # qgq needs one side
+    chunk_acc = need_dk and out_dtype != acc
     budget = workspace_bytes() if budget is None else budget
     rows, cols = plan(n, m, d, torch.empty((), dtype=tile_dtype).element_size(), chunk_acc, budget,
                       min_rows, row_align, col_align)
@@ -101,25 +104,32 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     ws = torch.empty(rows * cols, device=dev, dtype=tile_dtype)
     p = torch.empty((rows, d), device=dev, dtype=acc)
     gk_buf = torch.empty((cols, d), device=dev, dtype=acc) if chunk_acc else None
-    dq = torch.empty((n, d), device=dev, dtype=out_dtype)
-    dk = torch.empty((m, d), device=dev, dtype=out_dtype)
+    dq = torch.empty((n if need_dq else 0, d), device=dev, dtype=out_dtype)
+    dk = torch.empty((m if need_dk else 0, d), device=dev, dtype=out_dtype)
     qgq = torch.zeros((), device=dev, dtype=torch.float64)
     s = grad_scale.to(acc)
     for c0, nc in column_chunks(m, cols, col_align):
         k_c = k[c0:c0 + nc]
-        gk = gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]
+        gk = (gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]) if need_dk else None
         for r0 in range(0, n, rows):
             nr = min(rows, n - r0)
             tile = form_tile(ws, r0, nr, c0, nc)
             q_r, p_r = q[r0:r0 + nr], p[:nr]
+            if need_dk:
+                mm_f32_into(gk, tile.T, q_r, accumulate=r0 > 0)
+            if not need_dq:
+                continue
             mm_f32_into(p_r, tile, k_c, accumulate=False)
-            mm_f32_into(gk, tile.T, q_r, accumulate=r0 > 0)
             if g_pos is not None:
                 _add_positive_rows(p_r, k, g_pos, pos_index, r0, c0, nc)
+            if not need_dk:  # qgq from this side: sum(q * Gq) over the block
+                qgq += torch.mul(p_r, q_r).sum(dtype=torch.float64)
             if c0 == 0:  # one pass over P: scaled, rounded to dq's dtype
                 torch.mul(p_r, s, out=dq[r0:r0 + nr])
             else:
                 dq[r0:r0 + nr].addcmul_(p_r, s)
+        if not need_dk:
+            continue
         if g_pos is not None:
             _add_positive_columns(gk, q, g_pos, pos_index, c0, p)
         # sum(q * Gq) == sum(k * Gk): once per chunk over its Gk instead of once per block over P.
@@ -194,16 +204,23 @@ def _add_positive_columns(gk: Tensor, q: Tensor, g_pos: Tensor, pos_index: Optio
         index_sum_(gk, local[i:j], prod)
 
 
-def finish_full(q: Tensor, k: Tensor, gq: Tensor, gk: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
-                g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None,
-                rows: int = 4096) -> Tuple[Tensor, Tensor, Tensor]:
+def finish_full(q: Tensor, k: Tensor, gq: Optional[Tensor], gk: Optional[Tensor], grad_scale: Tensor,
+                out_dtype: torch.dtype, g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None,
+                rows: int = 4096, need_dq: bool = True, need_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """The same ``(dq, dk, qgq)`` from whole fp32 (fp64) ``Gq = T @ k`` (N, D) and ``Gk = T.T @ q``
-    (M, D), for the backends that form those (cpu, fused triton); gq and gk are overwritten."""
-    n = q.shape[0]
-    if g_pos is not None:
+    (M, D), for the backends that form those (cpu, fused triton); gq and gk are overwritten.  A side
+    not needed (``need_dq`` / ``need_dk`` False) may be given as None and comes back empty (0, D);
+    qgq is formed from a side that is there."""
+    n, d = q.shape
+    ref = gq if gq is not None else gk
+    buf = torch.empty((min(max(n, k.shape[0]), rows), d), device=q.device, dtype=ref.dtype)
+    if g_pos is not None and gq is not None:
         gq.addcmul_(g_pos[:, None], k[:n] if pos_index is None else k.index_select(0, pos_index))
-        _add_positive_columns(gk, q, g_pos, pos_index, 0, torch.empty((min(n, rows), q.shape[1]),
-                                                                       device=q.device, dtype=gk.dtype))
-    qgq = _sum_of_products(gq, q, torch.empty((min(n, rows), q.shape[1]), device=q.device, dtype=gq.dtype))
-    s = grad_scale.to(gq.dtype)
-    return gq.mul_(s).to(out_dtype), gk.mul_(s).to(out_dtype), qgq.to(gq.dtype)
+    if g_pos is not None and gk is not None:
+        _add_positive_columns(gk, q, g_pos, pos_index, 0, buf[:min(n, rows)])
+    qgq = _sum_of_products(gq, q, buf) if gq is not None else _sum_of_products(gk, k, buf)
+    s = grad_scale.to(ref.dtype)
+    empty = q.new_empty((0, d), dtype=out_dtype)
+    dq = gq.mul_(s).to(out_dtype) if need_dq and gq is not None else empty
+    dk = gk.mul_(s).to(out_dtype) if need_dk and gk is not None else empty
+    return dq, dk, qgq.to(ref.dtype)

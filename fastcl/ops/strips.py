@@ -235,7 +235,8 @@ def lse_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, c
 
 
 def _grads(q: Tensor, k: Tensor, grad_scale: Tensor, epilogue, out_dtype: torch.dtype,
-           g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None):
+           g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None, need_dq: bool = True,
+           need_dk: bool = True):
     """``strip_grads`` with cuBLAS fp32 score tiles and an in-place epilogue
     ``epilogue(scores, r0, c0)`` that overwrites the (nr, nc) fp32 scores with the gradient tile."""
     from fastcl.ops.strip_grads import strip_grads
@@ -248,18 +249,20 @@ def _grads(q: Tensor, k: Tensor, grad_scale: Tensor, epilogue, out_dtype: torch.
 
     return strip_grads(q, k, grad_scale.to(torch.float32), form_tile, tile_dtype=torch.float32,
                        out_dtype=out_dtype, g_pos=g_pos, pos_index=pos_index, min_rows=GRAD_MIN_ROWS, row_align=PARTIAL_ROWS,
-                       col_align=GRAD_COL_ALIGN)
+                       col_align=GRAD_COL_ALIGN, need_dq=need_dq, need_dk=need_dk)
 
 
 def lse_grads(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
               g_row: Tensor, g_col: Tensor, g_pos: Optional[Tensor], pos_index: Optional[Tensor],
-              diag_offset: Optional[int], grad_scale: Tensor, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+              diag_offset: Optional[int], grad_scale: Tensor, out_dtype: torch.dtype, need_dq: bool = True,
+              need_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq)`` of ``fastcl::similarity_lse_bwd`` (see there) for
     ``dS = g_row * P_row + g_col * P_col``: dq (N, D), dk (M, D) in out_dtype, qgq 0-d fp32.
 
     q (N, D), k (M, D) as in ``lse_forward``; row_lse, g_row (N,) and col_lse, g_col (M,) fp32,
     where an empty row_lse / col_lse (0,) marks a side the forward did not compute; g_pos (N,)
-    fp32 or None, pos_index (N,) int64 or None; grad_scale 0-d.
+    fp32 or None, pos_index (N,) int64 or None; grad_scale 0-d.  ``need_dq`` / ``need_dk`` False
+    skip that side (it comes back (0, D)).
     """
     epi = EPILOGUES
     scale, bias = _scalars(q, scale, bias)
@@ -274,7 +277,8 @@ def lse_grads(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor
                     row_lse[r0:r0 + nr] if rows else None, g_row[r0:r0 + nr] if rows else None,
                     col_lse[c0:c0 + nc] if cols else None, g_col[c0:c0 + nc] if cols else None, q.dtype)
 
-    return _grads(q, k, grad_scale, epilogue, out_dtype, None if g_pos is None else f32(g_pos), pos_index)
+    return _grads(q, k, grad_scale, epilogue, out_dtype, None if g_pos is None else f32(g_pos), pos_index,
+                  need_dq, need_dk)
 
 
 def sigmoid_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
@@ -295,7 +299,8 @@ def sigmoid_forward(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor) -> Tensor
 
 
 def sigmoid_grads(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor,
-                  out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  out_dtype: torch.dtype, need_dq: bool = True,
+                  need_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq, gsum)`` with ``G = dL/ds`` of ``sigmoid_forward``'s loss: dq = grad_scale *
     G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in out_dtype, qgq = sum(q * (G @ k)) and
     gsum = sum(G), 0-d fp32 (row sums added in fp64).  Inputs as in ``sigmoid_forward``."""
@@ -307,5 +312,5 @@ def sigmoid_grads(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale:
         nonlocal gsum
         gsum += epi.sigmoid_bwd(scores, scale, bias, r0 - c0, q.dtype).sum(dtype=torch.float64)
 
-    dq, dk, qgq = _grads(q, k, grad_scale, epilogue, out_dtype)
+    dq, dk, qgq = _grads(q, k, grad_scale, epilogue, out_dtype, need_dq=need_dq, need_dk=need_dk)
     return dq, dk, qgq, gsum.to(torch.float32)
