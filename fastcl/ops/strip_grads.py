@@ -212,6 +212,7 @@ def finish_full(q: Tensor, k: Tensor, gq: Optional[Tensor], gk: Optional[Tensor]
     not needed (``need_dq`` / ``need_dk`` False) may be given as None and comes back empty (0, D);
     qgq is formed from a side that is there."""
     n, d = q.shape
+    need_dk = need_dk or not need_dq  # as strip_grads: one side always comes back
     ref = gq if gq is not None else gk
     buf = torch.empty((min(max(n, k.shape[0]), rows), d), device=q.device, dtype=ref.dtype)
     if g_pos is not None and gq is not None:
@@ -220,7 +221,6 @@ def finish_full(q: Tensor, k: Tensor, gq: Optional[Tensor], gk: Optional[Tensor]
         _add_positive_columns(gk, q, g_pos, pos_index, 0, buf[:min(n, rows)])
     qgq = _sum_of_products(gq, q, buf) if gq is not None else _sum_of_products(gk, k, buf)
     s = grad_scale.to(ref.dtype)
-    empty = q.new_empty((0, d), dtype=out_dtype)
-    dq = gq.mul_(s).to(out_dtype) if need_dq and gq is not None else empty
-    dk = gk.mul_(s).to(out_dtype) if need_dk and gk is not None else empty
+    dq = gq.mul_(s).to(out_dtype) if need_dq and gq is not None else q.new_empty((0, d), dtype=out_dtype)
+    dk = gk.mul_(s).to(out_dtype) if need_dk and gk is not None else q.new_empty((0, d), dtype=out_dtype)
     return dq, dk, qgq.to(ref.dtype)
