@@ -245,7 +245,6 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     """
     q, k, scale, bias = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
-    need_dk = need_dk or not need_dq  # one side always comes back, as in every backend
     if sigmoid_mode(q) == "strip":
         sc = _strip_config(q)
         row_blocks = triton.cdiv(n, sc["BLOCK_M"])
