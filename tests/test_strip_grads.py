@@ -371,7 +371,8 @@ def test_forward_range_writes_only_its_columns(shared_exp):
     assert_close(row, torch.logsumexp(s[:, :48], 1), torch.float32, "row LSE of the range")
 
 
-FROZEN = {"q frozen": (False, True), "k frozen": (True, False), "only the scale": (False, False)}
+FROZEN = {"q frozen": (False, True, True, False), "k frozen": (True, False, True, True),
+          "only the scale": (False, False, True, False), "only the bias": (False, False, False, True)}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton strip", "triton fused", "cuda"])
@@ -385,26 +386,40 @@ def test_a_frozen_side_gets_no_gradient_and_the_rest_is_exact(backend, frozen, m
     elif backend.startswith("triton"):
         monkeypatch.setenv("FASTCL_TRITON_BWD", backend.split()[1])
     name = backend.split()[0]
-    req_q, req_k = FROZEN[frozen]
+    req_q, req_k, req_s, req_b = FROZEN[frozen]
     g = torch.Generator().manual_seed(6)
     base = (randn(67, 40, generator=g), randn(131, 40, generator=g))
     for op in ("lse", "sigmoid"):
         got, want = {}, {}
         for be, out in ((name, got), ("reference", want)):
             q, k = (t.clone().requires_grad_(r) for t, r in zip(base, (req_q, req_k)))
-            s = torch.tensor(2.5, requires_grad=True)
+            s, b = torch.tensor(2.5, requires_grad=req_s), torch.tensor(-0.5, requires_grad=req_b)
             if op == "lse":
-                row, col, pos = similarity_lse(q, k, s, 0.5, rows=True, cols=True, positives=True, backend=be)
+                row, col, pos = similarity_lse(q, k, s, b, rows=True, cols=True, positives=True, backend=be)
                 loss = row.sum() + 0.3 * col.sum() - pos.sum()
             else:
-                loss = sigmoid_pair_loss(q, k, s, -1.0, backend=be)
+                loss = sigmoid_pair_loss(q, k, s, b, backend=be)
             loss.backward()
-            out.update(q=q.grad, k=k.grad, s=s.grad)
-        for key in ("q", "k"):
+            out.update(q=q.grad, k=k.grad, s=s.grad, b=b.grad)
+        for key in ("q", "k", "s", "b"):
             assert (got[key] is None) == (want[key] is None), f"{op} d{key}"
             if want[key] is not None:
                 assert_close(got[key], want[key], torch.float32, f"{op} d{key}")
-        assert_close(got["s"], want["s"], torch.float32, f"{op} dscale")
+
+
+def test_bias_alone_runs_no_backward_product(monkeypatch):
+    """dbias of an LSE is the sum of its softmax rows' weights: no tile, no product."""
+    import sys
+    from fastcl.ops import similarity_lse
+    pytest.importorskip("fastcl._C")
+
+    def refuse(*args):
+        raise AssertionError("the backward op ran")
+    monkeypatch.setattr(sys.modules["fastcl.ops.similarity_lse"], "_lse_bwd", refuse)
+    b = torch.tensor(0.5, requires_grad=True)
+    row, col = similarity_lse(randn(7, 4), randn(9, 4), 2.0, b, rows=True, cols=True, backend="cpu")
+    (row.sum() + col.sum()).backward()
+    assert b.grad.item() == 16.0  # 7 rows + 9 columns, each softmax summing to 1
 
 
 def test_strips_skip_the_frozen_sides_product(monkeypatch):

@@ -62,7 +62,8 @@ def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tenso
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
     False: that gradient comes back (0, D), not formed where the backend can skip it."""
     check_pair("q", q, "k", k)
-    need_dk = need_dk or not need_dq  # qgq (the scale's gradient) needs one side
+    # qgq and sum(G) need one side: q's, which the fused Triton kernels form anyway (for sum(G))
+    need_dq = need_dq or not need_dk
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
                                                                             out_dtype, need_dq, need_dk)
     return dq, dk, qgq, gsum
@@ -71,8 +72,8 @@ def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tenso
 @_sp_bwd.register_fake
 def _(q, k, scale, bias, grad_scale, out_dtype, need_dq, need_dk, backend):
     ct = compute_dtype(q.dtype)
-    return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
-            k.new_empty((k.shape[0] if need_dk or not need_dq else 0, k.shape[1]), dtype=out_dtype),
+    return (q.new_empty((q.shape[0] if need_dq or not need_dk else 0, q.shape[1]), dtype=out_dtype),
+            k.new_empty((k.shape[0] if need_dk else 0, k.shape[1]), dtype=out_dtype),
             q.new_empty((), dtype=ct), q.new_empty((), dtype=ct))
 
 

@@ -125,9 +125,11 @@ def _backward(ctx, g_row, g_col, g_pos):
     else:
         g_pos = row.new_empty((0,))
     need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
-                           q.dtype, need_dq, need_dk, ctx.backend)
-    dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
+    dq = dk = dscale = None
+    if need_dq or need_dk or ctx.needs_input_grad[2]:  # the bias alone needs no product
+        dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
+                               q.dtype, need_dq, need_dk, ctx.backend)
+        dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = None
     if ctx.needs_input_grad[3]:
         dbias = softmax_mass(g_row, row) + softmax_mass(g_col, col) + g_pos.sum()
