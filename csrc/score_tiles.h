@@ -72,18 +72,20 @@ void for_each_score_tile(const at::Tensor& q, const at::Tensor& k, double scale,
 // Gradient accumulators for one traversal: Gq (N, D) is shared (slots own disjoint rows);
 // Gk (M, D) gets one buffer per slot, slot 0's being the result, summed in slot order.
 struct TileGrads {
+  bool need_q, need_k;  // a side nobody needs (a frozen tower, a memory bank) gets no products
   at::Tensor Gq;
   std::vector<at::Tensor> Gk;
 
-  TileGrads(const at::Tensor& q, const at::Tensor& k, int64_t slots) : Gq(at::zeros_like(q)) {
-    for (int64_t s = 0; s < slots; ++s) Gk.push_back(at::zeros_like(k));
+  TileGrads(const at::Tensor& q, const at::Tensor& k, int64_t slots, bool need_q = true, bool need_k = true)
+      : need_q(need_q), need_k(need_k), Gq(need_q ? at::zeros_like(q) : q.new_empty({0, q.size(1)})) {
+    for (int64_t s = 0; s < slots; ++s) Gk.push_back(need_k ? at::zeros_like(k) : k.new_empty({0, k.size(1)}));
   }
 
   // Gq[i0 : i0 + nr] += G @ k_chunk and Gk[j0 : j0 + nc] += G^T @ q_strip for a gradient tile G.
   void accumulate(int64_t slot, const at::Tensor& G, const at::Tensor& q_strip, const at::Tensor& k_chunk,
                   int64_t i0, int64_t j0) {
-    tile_gemm(Gq.narrow(0, i0, G.size(0)), G, k_chunk, 1, 1);
-    tile_gemm(Gk[slot].narrow(0, j0, G.size(1)), G.t(), q_strip, 1, 1);
+    if (need_q) tile_gemm(Gq.narrow(0, i0, G.size(0)), G, k_chunk, 1, 1);
+    if (need_k) tile_gemm(Gk[slot].narrow(0, j0, G.size(1)), G.t(), q_strip, 1, 1);
   }
 
   // (Gq, Gk) once the traversal is done.
@@ -93,7 +95,9 @@ struct TileGrads {
   }
 };
 
-// Bytes of one slot's gradient state: one Gk buffer the size of k (M, D).
-inline int64_t grad_slot_bytes(const at::Tensor& k) { return k.numel() * k.element_size(); }
+// Bytes of one slot's gradient state: one Gk buffer the size of k (M, D), when Gk is formed.
+inline int64_t grad_slot_bytes(const at::Tensor& k, bool need_k = true) {
+  return need_k ? k.numel() * k.element_size() : 0;
+}
 
 }  // namespace fastcl

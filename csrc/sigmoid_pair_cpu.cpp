@@ -93,10 +93,10 @@ at::Tensor forward_impl(const at::Tensor& qf, const at::Tensor& kf, T scale, T b
 // Returns Gq = G @ k (N, D), Gk = G^T @ q (M, D) and sum(G) (0-d), all in the compute type.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at::Tensor& kf,
-                                                             T scale, T bias) {
+                                                             T scale, T bias, bool need_q, bool need_k) {
   const int64_t N = qf.size(0);
-  const int64_t slots = fastcl::score_tile_slots(N, kTileRows, fastcl::grad_slot_bytes(kf));
-  fastcl::TileGrads grads(qf, kf, slots);
+  const int64_t slots = fastcl::score_tile_slots(N, kTileRows, fastcl::grad_slot_bytes(kf, need_k));
+  fastcl::TileGrads grads(qf, kf, slots, need_q, need_k);
   at::Tensor row_g = at::zeros({N}, qf.options());
   T* rg = row_g.data_ptr<T>();
   fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols, slots,
@@ -141,18 +141,20 @@ at::Tensor sigmoid_pair_fwd(const at::Tensor& q, const at::Tensor& k, double sca
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_pair_bwd(const at::Tensor& q, const at::Tensor& k,
-                                                                double scale, double bias) {
+                                                                double scale, double bias, bool need_q,
+                                                                bool need_k) {
   check_inputs(q, k);
   const auto ct = compute_type(q);
   at::Tensor qf = q.to(ct).contiguous(), kf = k.to(ct).contiguous();
-  if (ct == at::kDouble) return backward_impl<double>(qf, kf, scale, bias);
-  return backward_impl<float>(qf, kf, static_cast<float>(scale), static_cast<float>(bias));
+  if (ct == at::kDouble) return backward_impl<double>(qf, kf, scale, bias, need_q, need_k);
+  return backward_impl<float>(qf, kf, static_cast<float>(scale), static_cast<float>(bias), need_q, need_k);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastcl_C, m) {
   m.def("sigmoid_pair_fwd(Tensor q, Tensor k, float scale, float bias) -> Tensor", &sigmoid_pair_fwd);
-  m.def("sigmoid_pair_bwd(Tensor q, Tensor k, float scale, float bias) -> (Tensor, Tensor, Tensor)",
+  m.def("sigmoid_pair_bwd(Tensor q, Tensor k, float scale, float bias, bool need_q=True, bool need_k=True) -> "
+        "(Tensor, Tensor, Tensor)",
         &sigmoid_pair_bwd);
 }

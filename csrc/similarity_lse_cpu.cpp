@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
                                                  T bias, const at::Tensor& row_lse,
                                                  const at::Tensor& col_lse, const at::Tensor& g_row,
                                                  const at::Tensor& g_col, bool has_diag,
-                                                 int64_t offset) {
+                                                 int64_t offset, bool need_q, bool need_k) {
   const bool rows = row_lse.numel() > 0, cols = col_lse.numel() > 0;
   auto safe = [bias](const at::Tensor& lse) {
     return at::where(at::isneginf(lse), at::full({}, std::numeric_limits<T>::infinity(), lse.options()), lse - bias).contiguous();
@@ -265,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const at::Tensor& qf, const at:
   at::Tensor rl = rows ? safe(row_lse) : row_lse, cl = cols ? safe(col_lse) : col_lse;
   at::Tensor gr = rows ? g_row.to(qf.scalar_type()).contiguous() : g_row;
   at::Tensor gc = cols ? g_col.to(qf.scalar_type()).contiguous() : g_col;
-  const int64_t slots = fastcl::score_tile_slots(qf.size(0), kTileRows, fastcl::grad_slot_bytes(kf));
-  fastcl::TileGrads grads(qf, kf, slots);
+  const int64_t slots = fastcl::score_tile_slots(qf.size(0), kTileRows, fastcl::grad_slot_bytes(kf, need_k));
+  fastcl::TileGrads grads(qf, kf, slots, need_q, need_k);
   std::vector<GradientScratch<T>> scratch(slots);
   fastcl::for_each_score_tile(qf, kf, scale, kTileRows, kTileCols, slots,
                               [&](int64_t slot, at::Tensor& tile, const at::Tensor& q_strip,
@@ -323,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> sim_lse_bwd(const at::Tensor& q, const at::Te
                                                double bias, const at::Tensor& row_lse,
                                                const at::Tensor& col_lse, const at::Tensor& g_row,
                                                const at::Tensor& g_col,
-                                               c10::optional<int64_t> diag_offset) {
+                                               c10::optional<int64_t> diag_offset, bool need_q, bool need_k) {
   check_inputs(q, k);
   TORCH_CHECK(row_lse.numel() == 0 || (row_lse.numel() == q.size(0) && g_row.numel() == q.size(0)),
               "fastcl: row statistics do not match q");
@@ -335,9 +335,9 @@ std::tuple<at::Tensor, at::Tensor> sim_lse_bwd(const at::Tensor& q, const at::Te
   const bool has_diag = diag_offset.has_value();
   const int64_t off = diag_offset.value_or(0);
   if (ct == at::kDouble)
-    return backward_impl<double>(qf, kf, scale, bias, rl, cl, g_row, g_col, has_diag, off);
+    return backward_impl<double>(qf, kf, scale, bias, rl, cl, g_row, g_col, has_diag, off, need_q, need_k);
   return backward_impl<float>(qf, kf, static_cast<float>(scale), static_cast<float>(bias), rl, cl,
-                              g_row, g_col, has_diag, off);
+                              g_row, g_col, has_diag, off, need_q, need_k);
 }
 
 }  // namespace
@@ -345,6 +345,7 @@ std::tuple<at::Tensor, at::Tensor> sim_lse_bwd(const at::Tensor& q, const at::Te
 TORCH_LIBRARY_FRAGMENT(fastcl_C, m) {
   m.def("sim_lse_fwd(Tensor q, Tensor k, float scale, float bias, bool rows, bool cols, int? diag_offset) -> (Tensor, Tensor)",
         &sim_lse_fwd);
-  m.def("sim_lse_bwd(Tensor q, Tensor k, float scale, float bias, Tensor row_lse, Tensor col_lse, Tensor g_row, Tensor g_col, int? diag_offset) -> (Tensor, Tensor)",
+  m.def("sim_lse_bwd(Tensor q, Tensor k, float scale, float bias, Tensor row_lse, Tensor col_lse, Tensor g_row, "
+        "Tensor g_col, int? diag_offset, bool need_q=True, bool need_k=True) -> (Tensor, Tensor)",
         &sim_lse_bwd);
 }

@@ -443,3 +443,19 @@ def test_strips_skip_the_frozen_sides_product(monkeypatch):
         assert (dq.shape[0] == 64) == need_dq and (dk.shape[0] == 96) == need_dk
         torch.testing.assert_close(qgq, full[2])
         torch.testing.assert_close(dq if need_dq else dk, full[0] if need_dq else full[1])
+
+
+def test_cpu_kernels_skip_the_frozen_side():
+    """The C++ tile loop forms only the gradients asked for (one GEMM per tile, no Gk per slot)."""
+    pytest.importorskip("fastcl._C")
+    q, k = randn(37, 8), randn(53, 8)
+    row, col = torch.ops.fastcl_C.sim_lse_fwd(q, k, 1.5, 0.0, True, True, None)
+    g_row, g_col = torch.rand(37), torch.rand(53)
+    gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, 1.5, 0.0, row, col, g_row, g_col, None)
+    for need_q, need_k in ((True, False), (False, True)):
+        a, b = torch.ops.fastcl_C.sim_lse_bwd(q, k, 1.5, 0.0, row, col, g_row, g_col, None, need_q, need_k)
+        assert a.shape == ((37, 8) if need_q else (0, 8)) and b.shape == ((53, 8) if need_k else (0, 8))
+        torch.testing.assert_close(a if need_q else b, gq if need_q else gk)
+        sa, sb, _ = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, 1.5, 0.0, need_q, need_k)
+        assert sa.shape[0] == (37 if need_q else 0) and sb.shape[0] == (53 if need_k else 0)
+

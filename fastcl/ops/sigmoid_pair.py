@@ -32,8 +32,10 @@ _FORWARD = {
 
 
 def _cpu_grads(q, k, scale, bias, grad_scale, out_dtype, need_dq=True, need_dk=True):
-    gq, gk, gsum = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(scale), float(bias))
-    return (*finish_full(q, k, gq, gk, grad_scale, out_dtype, need_dq=need_dq, need_dk=need_dk), gsum)
+    need_dk = need_dk or not need_dq  # one side always comes back, as in every backend
+    gq, gk, gsum = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(scale), float(bias), need_dq, need_dk)
+    return (*finish_full(q, k, gq if need_dq else None, gk if need_dk else None, grad_scale, out_dtype,
+                         need_dq=need_dq, need_dk=need_dk), gsum)
 
 
 # Each returns (dq, dk, qgq, gsum): see _sp_bwd.

@@ -32,8 +32,11 @@ _FORWARD = {
 
 def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag, grad_scale, out_dtype,
                need_dq=True, need_dk=True):
-    gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, float(scale), float(bias), row_lse, col_lse, g_row, g_col, diag)
-    return finish_full(q, k, gq, gk, grad_scale, out_dtype, g_pos, pos_index, need_dq=need_dq, need_dk=need_dk)
+    need_dk = need_dk or not need_dq  # one side always comes back, as in every backend
+    gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, float(scale), float(bias), row_lse, col_lse, g_row, g_col, diag,
+                                            need_dq, need_dk)
+    return finish_full(q, k, gq if need_dq else None, gk if need_dk else None, grad_scale, out_dtype, g_pos,
+                       pos_index, need_dq=need_dq, need_dk=need_dk)
 
 
 # Each returns (dq, dk, qgq): see _lse_bwd.
