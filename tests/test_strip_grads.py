@@ -427,8 +427,9 @@ def test_strips_skip_the_frozen_sides_product(monkeypatch):
     calls = []
     real = strip_grads.__globals__["mm_f32_into"]
     monkeypatch.setitem(strip_grads.__globals__, "mm_f32_into", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q, k = randn(64, 16), randn(96, 16)
-    tile = torch.randn(64, 96)
+    g = torch.Generator().manual_seed(12)
+    q, k = randn(64, 16, generator=g), randn(96, 16, generator=g)
+    tile = randn(64, 96, generator=g)
 
     def form(ws, r0, nr, c0, nc):
         return tile[r0:r0 + nr, c0:c0 + nc]
@@ -441,7 +442,8 @@ def test_strips_skip_the_frozen_sides_product(monkeypatch):
         dq, dk, qgq = strip_grads(q, k, one, form, need_dq=need_dq, need_dk=need_dk, **kw)
         assert len(calls) * 2 == n_full
         assert (dq.shape[0] == 64) == need_dq and (dk.shape[0] == 96) == need_dk
-        torch.testing.assert_close(qgq, full[2])
+        # sum(q * Gq) and sum(k * Gk) are one number summed in two orders: fp32 rounding apart
+        assert_close(qgq, full[2], torch.float32, "qgq")
         torch.testing.assert_close(dq if need_dq else dk, full[0] if need_dq else full[1])
 
 
