@@ -32,6 +32,14 @@ def check_embeddings(name: str, x) -> None:
     check_float_tensor(name, x, "(N, D)")
 
 
+def check_views(out0, out1) -> None:
+    """The two views of a two-view loss: ``check_pair`` on ``out0`` and ``out1`` (N, D), and the
+    same N (row i of each is the other's positive)."""
+    check_pair("out0", out0, "out1", out1)
+    if out0.shape[0] != out1.shape[0]:
+        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+
+
 def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     """Both embeddings valid, with the same D, dtype and device."""
     check_embeddings(name_a, a)
@@ -43,6 +51,14 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(f"{name_a} and {name_b} must be on the same device, got {a.device} and {b.device}")
     if a.dtype != b.dtype:
         raise TypeError(f"{name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}")
+
+
+def _check_real(name: str, value, positive: bool, finite: bool) -> None:
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
+        raise ValueError(f"{name} must be > 0{hint}, got {value}")
 
 
 def check_scalar(name: str, value, *, positive: bool = False) -> None:
@@ -59,18 +75,10 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if positive and _eager() and value.device.type == "cpu":  # the one read: CPU values cost no sync
-            v = float(value.detach().reshape(()))
-            if math.isinf(v):
-                raise ValueError(f"{name} must be finite, got {v}")
-            if not v > 0:
-                hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
-                raise ValueError(f"{name} must be > 0{hint}, got {v}")
+            _check_real(name, float(value.detach().reshape(())), positive, finite=True)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
-        if _eager() and math.isinf(value):  # (a float torch.compile made symbolic has no isinf)
-            raise ValueError(f"{name} must be finite, got {value}")
-        if positive and not value > 0:
-            hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
-            raise ValueError(f"{name} must be > 0{hint}, got {value}")
+        # (a float torch.compile made symbolic has no isinf; its sign is still compared)
+        _check_real(name, value, positive, finite=_eager())
     else:
         raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
 

@@ -16,7 +16,7 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import check_pair, check_scalar
+from fastcl.validation import check_scalar, check_views
 
 NEGATIVES = ("union", "separate")
 
@@ -33,9 +33,7 @@ def check_dcl_args(out0, out1, temperature, weight_fn, negatives) -> None:
     out0, out1: (N, D) float tensors, same dtype and device; temperature: positive float or 0-d
     tensor; weight_fn: callable or None; negatives: "union" or "separate".  Raises
     TypeError/ValueError naming the argument."""
-    check_pair("out0", out0, "out1", out1)
-    if out0.shape[0] != out1.shape[0]:
-        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+    check_views(out0, out1)
     check_scalar("temperature", temperature, positive=True)
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")

@@ -29,7 +29,7 @@ from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
-from fastcl.validation import check_float_tensor, check_pair, check_scalar
+from fastcl.validation import check_float_tensor, check_pair, check_scalar, check_views
 
 Tensor = torch.Tensor
 
@@ -224,10 +224,8 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
     impl = resolve_dist_impl(dist_impl)
 
     def checks():
-        check_pair("out0", out0, "out1", out1)
+        check_views(out0, out1)
         check_scalar("temperature", temperature, positive=True)
-        if out0.shape[0] != out1.shape[0]:
-            raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
 
     sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks)[0]
     rank, _ = group_info(group)

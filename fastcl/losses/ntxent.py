@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from fastcl.losses._common import reduce_loss
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
-from fastcl.validation import check_pair, check_reduction, check_scalar
+from fastcl.validation import check_pair, check_reduction, check_scalar, check_views
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +38,7 @@ def ntxent_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.5, *, redu
     Returns:
         0-d float32 tensor (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
     """
-    check_pair("out0", out0, "out1", out1)
-    if out0.shape[0] != out1.shape[0]:
-        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+    check_views(out0, out1)
     check_scalar("temperature", temperature, positive=True)
     check_reduction(reduction)
     n = out0.shape[0]
@@ -73,17 +71,16 @@ def ntxent_bank_loss(out0: torch.Tensor, out1: torch.Tensor, negatives: torch.Te
     Returns:
         0-d float32 tensor (float64 for float64 inputs), or (N,) for ``reduction="none"``.
     """
-    check_pair("out0", out0, "out1", out1)
-    if out0.shape[0] != out1.shape[0]:
-        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+    check_views(out0, out1)
     if not isinstance(negatives, torch.Tensor) or not negatives.is_floating_point():
         raise TypeError(f"negatives must be a floating tensor, got {getattr(negatives, 'dtype', type(negatives))}")
-    check_pair("out0", out0, "negatives", negatives.detach().to(out0.dtype))
+    negatives = negatives.detach().to(out0.dtype)  # once: a (K, D) bank may be large
+    check_pair("out0", out0, "negatives", negatives)
     check_scalar("temperature", temperature, positive=True)
     check_reduction(reduction)
     a, b = l2_normalize(out0), l2_normalize(out1)
     scale = 1.0 / temperature
-    lse_neg = similarity_lse(a, negatives.detach().to(a.dtype), scale, rows=True, backend=backend)
+    lse_neg = similarity_lse(a, negatives, scale, rows=True, backend=backend)
     ct = compute_dtype(a.dtype)
     pos = (a.to(ct) * b.to(ct)).sum(-1) * scale
     return reduce_loss(torch.logaddexp(pos, lse_neg) - pos, reduction)

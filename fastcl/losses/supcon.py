@@ -109,7 +109,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
         labels: optional (bsz,) integer (or floating, not NaN) class of each sample.
         mask: optional (bsz, bsz) float/bool contrast mask (mask[b, b'] weights the pair as a
             positive); exclusive with ``labels``.  As in SupContrast, an anchor's sum over its
-            weighted positives is divided by their total weight, or by 1 where that is below 1e-6.  It costs O(bsz^2 * D), still no N x N matrix.
+            weighted positives is divided by their total weight, or by 1 where that is below
+            1e-6.  It costs O(bsz^2 * D), still no N x N matrix.
         temperature: positive float or 0-d tensor.
         base_temperature: positive float.
         contrast_mode: "all" or "one".

@@ -15,7 +15,7 @@ from fastcl.losses.ntxent import l2_normalize, ntxent_bank_loss, ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import CONTRAST_MODES, supcon_loss, supcon_loss_pml
 from fastcl.nn.memory_bank import MemoryBank
-from fastcl.validation import check_pair, check_reduction, check_scalar
+from fastcl.validation import check_reduction, check_scalar, check_views
 
 
 def _check_rank(rank, world_size) -> None:
@@ -141,10 +141,7 @@ class NTXentLoss(nn.Module):
         if self.memory_bank.enabled:
             err = None
             try:
-                check_pair("out0", out0, "out1", out1)
-                if out0.shape[0] != out1.shape[0]:
-                    raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and "
-                                     f"{out1.shape[0]}")
+                check_views(out0, out1)
             except (TypeError, ValueError) as e:  # published to the other ranks by the bank's enqueue
                 err = e
             update = isinstance(out0, torch.Tensor) and out0.requires_grad
