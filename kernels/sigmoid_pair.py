@@ -27,7 +27,7 @@ import triton.language as tl
 from fastcl.kernels import similarity_lse as lse_kernels
 from fastcl.kernels.similarity_lse import (FUSED_MAX_D, _config as _strip_config, _score_tile, _strip_block,
                                            strip_grads_triton)
-from fastcl.ops.strip_grads import finish_full
+from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.ops.dispatch import triton_interpreting
 
 
@@ -276,7 +276,7 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     for sum(G)."""
     q, k, scale, bias = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
-    need_dk = need_dk or not need_dq  # one side always comes back, as in every backend
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     if sigmoid_mode(q) == "strip":
         parts = []
 

@@ -28,7 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastcl.ops.dispatch import triton_interpreting
-from fastcl.ops.strip_grads import finish_full, strip_grads
+from fastcl.ops.strip_grads import finish_full, formed_sides, strip_grads
 from fastcl.ops.strips import workspace_bytes
 
 FUSED_MAX_D = 256
@@ -540,7 +540,7 @@ def lse_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_inde
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     stats = (row_lse if rows else dummy, g_row if rows else dummy, col_lse if cols else dummy,
              g_col if cols else dummy)
-    need_dk = need_dk or not need_dq  # qgq needs one side
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     if mode == "fused":
         gq = _grad_fused(q, k, scale, bias, *stats, rows, cols, diag_offset) if need_dq else None
         gk = _grad_fused(k, q, scale, bias, stats[2], stats[3], stats[0], stats[1], cols, rows,

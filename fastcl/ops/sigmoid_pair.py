@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import compute_dtype, graph_grads, reference_logits, scalar_tensor
-from fastcl.ops.strip_grads import finish_full
+from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.validation import check_pair, check_scalar
 
 Tensor = torch.Tensor
@@ -32,7 +32,7 @@ _FORWARD = {
 
 
 def _cpu_grads(q, k, scale, bias, grad_scale, out_dtype, need_dq=True, need_dk=True):
-    need_dk = need_dk or not need_dq  # one side always comes back, as in every backend
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     gq, gk, gsum = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, float(scale), float(bias), need_dq, need_dk)
     return (*finish_full(q, k, gq if need_dq else None, gk if need_dk else None, grad_scale, out_dtype,
                          need_dq=need_dq, need_dk=need_dk), gsum)
@@ -64,8 +64,8 @@ def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tenso
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
     False: that gradient comes back (0, D), not formed where the backend can skip it."""
     check_pair("q", q, "k", k)
-    # qgq and sum(G) need one side: q's, which the fused Triton kernels form anyway (for sum(G))
-    need_dq = need_dq or not need_dk
+    # with neither side asked for, q's: the fused Triton kernels form it anyway (for sum(G))
+    need_dq, need_dk = formed_sides(need_dq, need_dk, prefer_q=True)
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
                                                                             out_dtype, need_dq, need_dk)
     return dq, dk, qgq, gsum
@@ -74,7 +74,8 @@ def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tenso
 @_sp_bwd.register_fake
 def _(q, k, scale, bias, grad_scale, out_dtype, need_dq, need_dk, backend):
     ct = compute_dtype(q.dtype)
-    return (q.new_empty((q.shape[0] if need_dq or not need_dk else 0, q.shape[1]), dtype=out_dtype),
+    need_dq, need_dk = formed_sides(need_dq, need_dk, prefer_q=True)
+    return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
             k.new_empty((k.shape[0] if need_dk else 0, k.shape[1]), dtype=out_dtype),
             q.new_empty((), dtype=ct), q.new_empty((), dtype=ct))
 

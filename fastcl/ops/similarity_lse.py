@@ -17,7 +17,7 @@ import torch
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.reference import (compute_dtype, graph_grads, positive_logits, reference_similarity_lse, row_dots,
                                   scalar_tensor, softmax_mass)
-from fastcl.ops.strip_grads import finish_full
+from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.validation import check_flags, check_index, check_offset, check_pair, check_scalar
 
 Tensor = torch.Tensor
@@ -32,7 +32,7 @@ _FORWARD = {
 
 def _cpu_grads(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag, grad_scale, out_dtype,
                need_dq=True, need_dk=True):
-    need_dk = need_dk or not need_dq  # one side always comes back, as in every backend
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     gq, gk = torch.ops.fastcl_C.sim_lse_bwd(q, k, float(scale), float(bias), row_lse, col_lse, g_row, g_col, diag,
                                             need_dq, need_dk)
     return finish_full(q, k, gq if need_dq else None, gk if need_dk else None, grad_scale, out_dtype, g_pos,
@@ -81,7 +81,7 @@ def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor,
     positive logits.  ``need_dq`` / ``need_dk`` False: that gradient is not formed and comes back
     (0, D), so a frozen side (a memory bank, a locked tower) costs no products."""
     check_pair("q", q, "k", k)
-    need_dk = need_dk or not need_dq  # qgq (the scale's gradient) needs one side
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     pos = g_pos if g_pos.numel() else None
     dq, dk, qgq = fused_kernel("similarity_lse", backend, _BACKWARD)(
         q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype,
@@ -92,8 +92,9 @@ def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor,
 @_lse_bwd.register_fake
 def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag_offset, grad_scale, out_dtype,
       need_dq, need_dk, backend):
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
-            k.new_empty((k.shape[0] if need_dk or not need_dq else 0, k.shape[1]), dtype=out_dtype),
+            k.new_empty((k.shape[0] if need_dk else 0, k.shape[1]), dtype=out_dtype),
             q.new_empty((), dtype=compute_dtype(q.dtype)))
 
 
@@ -108,7 +109,7 @@ def _setup_context(ctx, inputs, output):
 def _graph_backward(ctx, g_row, g_col, g_pos):
     # create_graph=True: differentiable ops on the materialised logits (the fused op has no derivative)
     *saved, pos_index = ctx.saved_tensors
-    q, k, scale, bias = (t.view_as(t) for t in (saved[0], saved[1], saved[2], saved[3]))
+    q, k, scale, bias = (t.view_as(t) for t in saved[:4])  # fresh aliases: q and k may be one tensor
     row, col = reference_similarity_lse(q, k, scale, bias, rows=ctx.rows, cols=ctx.cols,
                                         exclude_diagonal=ctx.diag_offset)
     pairs = [(out, g) for out, g in ((row, g_row), (col, g_col)) if out is not None and g is not None]

@@ -36,6 +36,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def formed_sides(need_dq: bool, need_dk: bool, prefer_q: bool = False) -> Tuple[bool, bool]:
+    """(form Gq, form Gk): the sides asked for, and one when neither is, since qgq (the scale's
+    gradient) needs one: k's, or q's with ``prefer_q``.  Every backend and fake shape uses it, so
+    all agree on which gradient comes back (0, D)."""
+    if need_dq or need_dk:
+        return need_dq, need_dk
+    return prefer_q, not prefer_q
+
+
 def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool) -> int:
     """Scratch held at once: the tile workspace, P (fp32) and one transient of P's size (the
     gathered positive keys), and the column chunk's fp32 Gk when the outputs are not fp32
@@ -95,7 +104,7 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     n, d = q.shape
     m = k.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    need_dk = need_dk or not need_dq  # qgq needs one side
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     chunk_acc = need_dk and out_dtype != acc
     budget = workspace_bytes() if budget is None else budget
     rows, cols = plan(n, m, d, torch.empty((), dtype=tile_dtype).element_size(), chunk_acc, budget,
@@ -212,7 +221,7 @@ def finish_full(q: Tensor, k: Tensor, gq: Optional[Tensor], gk: Optional[Tensor]
     not needed (``need_dq`` / ``need_dk`` False) may be given as None and comes back empty (0, D);
     qgq is formed from a side that is there."""
     n, d = q.shape
-    need_dk = need_dk or not need_dq  # as strip_grads: one side always comes back
+    need_dq, need_dk = formed_sides(need_dq, need_dk)
     ref = gq if gq is not None else gk
     buf = torch.empty((min(max(n, k.shape[0]), rows), d), device=q.device, dtype=ref.dtype)
     if g_pos is not None and gq is not None:
