@@ -201,6 +201,21 @@ def checks(ck, rank, world, tmp):
             lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1], None, 0.2, 0.1),
             [views, labels.double() / 2], sizes, {"proj": params["proj"]}, None))
 
+    def published(call, bad_rank, exc, match):
+        """Runner: ``call()`` raises ``exc`` with ``match`` on ``bad_rank`` and, on every other
+        rank, the RuntimeError that names that rank (never a hang)."""
+        def run():
+            try:
+                call()
+            except Exception as e:
+                if rank == bad_rank:
+                    assert isinstance(e, exc) and match in str(e), repr(e)
+                else:
+                    assert isinstance(e, RuntimeError) and f"rank(s) [{bad_rank}]" in str(e), repr(e)
+            else:
+                raise AssertionError("no error raised")
+        return run
+
     # ---- the memory bank with gather_distributed: every rank enqueues all ranks' out1, in rank order ----
     def bank_gathers():
         torch.manual_seed(0)  # the same initial bank on every rank
@@ -214,18 +229,11 @@ def checks(ck, rank, world, tmp):
         assert torch.equal(crit.memory_bank.bank[B:], initial[B:]) and crit.memory_bank.ptr == B
     ck.run("memory bank gather_distributed", bank_gathers)
 
-    def bank_error_published():  # a bad input on one rank raises on all, not a hang in the enqueue
-        crit = NTXentLoss(0.5, memory_bank_size=(3 * B, D_IN), gather_distributed=True)
-        out1 = txt[:b].double() if rank == 1 else txt[:b]
-        try:
-            crit(img[:b].clone().requires_grad_(), out1)
-        except TypeError as e:
-            assert rank == 1 and "dtype" in str(e), str(e)
-        except RuntimeError as e:
-            assert rank != 1 and "rank(s) [1]" in str(e), str(e)
-        else:
-            raise AssertionError("no error raised")
-    ck.run("memory bank error published", bank_error_published)
+    # a bad input on one rank raises on all, not a hang in the enqueue
+    bank_crit = NTXentLoss(0.5, memory_bank_size=(3 * B, D_IN), gather_distributed=True)
+    ck.run("memory bank error published", published(
+        lambda: bank_crit(img[:b].clone().requires_grad_(), txt[:b].double() if rank == 1 else txt[:b]),
+        1, TypeError, "dtype"))
 
     # ---- uneven shard sizes (gather, and the ring too) ----
     un = [3, 5, 4, 6][:world]
@@ -311,46 +319,23 @@ def checks(ck, rank, world, tmp):
                                              "dtype"))
     # a local argument error on one rank makes the others raise too
     bad_scale = -1.0 if rank == 0 else 2.0
-    def local_error():
-        try:
-            siglip_loss_distributed(a_dt.float(), a_dt.float(), bad_scale, 0.0)
-        except ValueError as e:
-            assert rank == 0 and "logit_scale" in str(e), str(e)
-        except RuntimeError as e:
-            assert rank != 0 and "rank(s) [0]" in str(e), str(e)
-        else:
-            raise AssertionError("no error raised")
-    ck.run("local error published", local_error)
+    ck.run("local error published", published(
+        lambda: siglip_loss_distributed(a_dt.float(), a_dt.float(), bad_scale, 0.0), 0, ValueError, "logit_scale"))
+
     # DCL's own arguments (negatives, weight_fn's output) checked on one rank, raised on all
-    def dcl_local_error(impl, bad_kw, match):
-        def run():
-            kw = bad_kw if rank == 0 else {}
-            try:
-                dcl_loss_distributed(a_dt.float(), a_dt.float(), dist_impl=impl, **kw)
-            except ValueError as e:
-                assert rank == 0 and match in str(e), str(e)
-            except RuntimeError as e:
-                assert rank != 0 and "rank(s) [0]" in str(e), str(e)
-            else:
-                raise AssertionError("no error raised")
-        return run
+    def dcl_on_rank0(impl, **bad_kw):
+        return lambda: dcl_loss_distributed(a_dt.float(), a_dt.float(), dist_impl=impl, **(bad_kw if rank == 0 else {}))
     for impl in ("gather", "ring"):
         ck.run(f"dcl negatives error published {impl}",
-               dcl_local_error(impl, {"negatives": "sum"}, "negatives"))
+               published(dcl_on_rank0(impl, negatives="sum"), 0, ValueError, "negatives"))
     ck.run("dcl weight_fn error published",
-           dcl_local_error("gather", {"weight_fn": lambda x, y: torch.ones(x.shape[0] + 1)}, "weight_fn"))
+           published(dcl_on_rank0("gather", weight_fn=lambda x, y: torch.ones(x.shape[0] + 1)), 0, ValueError,
+                     "weight_fn"))
 
     def failing_weight_fn(x, y):  # a user's callable may raise anything, on one rank only
         raise RuntimeError("weight_fn broke")
-
-    def dcl_weight_fn_raises():
-        try:
-            dcl_loss_distributed(a_dt.float(), a_dt.float(), weight_fn=failing_weight_fn if rank == 0 else None)
-        except RuntimeError as e:
-            assert ("weight_fn broke" if rank == 0 else "rank(s) [0]") in str(e), str(e)
-        else:
-            raise AssertionError("no error raised")
-    ck.run("dcl weight_fn exception published", dcl_weight_fn_raises)
+    ck.run("dcl weight_fn exception published",
+           published(dcl_on_rank0("gather", weight_fn=failing_weight_fn), 0, RuntimeError, "weight_fn broke"))
     dist.barrier()
 
 
