@@ -83,6 +83,8 @@ def test_make_loss_switches_to_distributed(monkeypatch):
     (["bench", "--backends", "magic"], "--backends"),
     (["bench", "--sizes", "8,x"], "--sizes"),
     (["bench", "--backends", "triton", "--device", "cpu", "--cases", "clip", "--sizes", "8"], "--backends"),
+    (["train", "--resume", "/nonexistent/checkpoint.pt"], "--resume"),
+    (["bench", "--threads", "0"], "--threads"),
 ])
 def test_argument_errors_name_the_flag(argv, flag, capsys, monkeypatch):
     """Mistakes end before any slow work, with the subcommand's usage and an error naming the flag."""
