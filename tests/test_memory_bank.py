@@ -114,3 +114,22 @@ def test_bank_follows_the_outputs_device():
         crit(out0, torch.randn(3, 8, device="meta"))
     assert crit.memory_bank.ptr == 4
 
+
+
+def test_compiled_steps_do_not_recompile_per_pointer():
+    """The write pointer is a host int; a compiled step must not guard on it (a graph per pointer
+    position, then the recompile limit), and must step the bank as eager mode does."""
+    num, batch = 50, 3  # 17 pointer positions, beyond dynamo's recompile limit of 8
+    torch.manual_seed(5)
+    eager = NTXentLoss(0.2, memory_bank_size=(num, D), backend="reference")
+    torch.manual_seed(5)
+    compiled_crit = NTXentLoss(0.2, memory_bank_size=(num, D), backend="reference")
+    step = torch.compile(lambda a, b: compiled_crit(a, b), backend="eager")
+    g = torch.Generator().manual_seed(3)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(20):
+            out0, out1 = randn(batch, D, generator=g, requires_grad=True), randn(batch, D, generator=g)
+            assert_close(step(out0, out1), eager(out0, out1), torch.float32, f"step {i}")
+    assert compiled_crit.memory_bank.ptr == eager.memory_bank.ptr
+    assert torch.equal(compiled_crit.memory_bank.bank, eager.memory_bank.bank)

@@ -90,6 +90,9 @@ class MemoryBank(nn.Module):
         if self.bank.device != output.device:
             self.bank = self.bank.to(output.device)
 
+    # Outside torch.compile: the write pointer is a host int, which a compiled graph would guard
+    # on, recompiling the caller's graph for every position of the pointer.
+    @torch.compiler.disable
     @torch.no_grad()
     def _enqueue(self, batch: torch.Tensor, sizes=None) -> None:
         batch = batch.detach()
