@@ -117,3 +117,89 @@ def test_pytorch_metric_learning_supcon_with_references(backend):
     (a, b), (c, d) = _leaves(emb, ref), _leaves(emb, ref)
     same = torch.zeros(37, dtype=torch.long)
     assert fastcl.nn.SupConLoss(backend=backend)(a, same, ref_emb=b, ref_labels=same[:1].expand(53)).item() == 0.0
+
+
+def _pml_mined_cases(gen, n=67, m=None, d=40):
+    """(embeddings, labels, ref, ref_labels, indices tuples) with a pairs miner, a triplets miner
+    and hand-made pairs that repeat some (PML sets each mask entry once)."""
+    miners = pytest.importorskip("pytorch_metric_learning.miners")
+    emb = randn(n, d, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (n,), generator=gen)
+    ref, ref_labels = (emb, labels) if m is None else (randn(m, d, generator=gen, dtype=torch.float64),
+                                                      torch.randint(0, 6, (m,), generator=gen))
+    kw = {} if m is None else dict(ref_emb=ref, ref_labels=ref_labels)
+    pairs = miners.MultiSimilarityMiner(epsilon=0.3)(emb, labels, **kw)
+    triplets = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all")(emb, labels, **kw)
+    a1, p, a2, neg = pairs
+    repeated = (torch.cat([a1, a1[:5]]), torch.cat([p, p[:5]]), a2[::2], neg[::2])
+    return emb, labels, ref, ref_labels, [pairs, triplets, repeated]
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "ref_emb"])
+def test_pytorch_metric_learning_supcon_with_a_miner(cross):
+    """indices_tuple (a miner's pairs or triplets): each anchor's denominator runs over its mined
+    pairs only, as PML's mask form; by keyword, as PML's third positional argument, without labels."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    emb, labels, ref, ref_labels, cases = _pml_mined_cases(torch.Generator().manual_seed(8), m=53 if cross else None)
+    for i, tup in enumerate(cases):
+        assert min(t.numel() for t in tup) > 1, "the miner found too few pairs for a meaningful check"
+        if cross:
+            (a, b), (c, e) = _leaves(emb, ref), _leaves(emb, ref)
+            ours = fastcl.nn.SupConLoss(temperature=0.1)(a, labels, indices_tuple=tup, ref_emb=b, ref_labels=ref_labels)
+            theirs = pml.SupConLoss(temperature=0.1)(c, labels, tup, ref_emb=e, ref_labels=ref_labels)
+            _compare(ours, theirs, [a, b], [c, e], torch.float64)
+        else:
+            (a,), (c,) = _leaves(emb), _leaves(emb)
+            ours = fastcl.nn.SupConLoss(temperature=0.1)(a, labels, tup)  # PML's positional order
+            theirs = pml.SupConLoss(temperature=0.1)(c, labels, tup)
+            _compare(ours, theirs, [a], [c], torch.float64)
+            (a,), (c,) = _leaves(emb), _leaves(emb)
+            _compare(fastcl.supcon_loss_pml(a, None, 0.1, indices_tuple=tup),
+                     pml.SupConLoss(temperature=0.1)(c, None, tup), [a], [c], torch.float64)
+        assert ours.item() > 0.1, f"case {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_supcon_with_a_miner_in_low_precision(dtype):
+    """Lower-precision embeddings against PML in float64 on the same (rounded) values."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    emb, labels, _, _, cases = _pml_mined_cases(torch.Generator().manual_seed(9))
+    low = emb.to(dtype)
+    for tup in cases:
+        (a,), (c,) = _leaves(low), _leaves(low.double())
+        ours = fastcl.nn.SupConLoss(temperature=0.1)(a, labels, indices_tuple=tup)
+        assert ours.dtype == torch.float32
+        _compare(ours, pml.SupConLoss(temperature=0.1)(c, labels, tup), [a], [c], dtype)
+
+
+def test_supcon_miner_edge_cases():
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    emb = randn(9, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    crit, theirs = fastcl.nn.SupConLoss(temperature=0.1), pml.SupConLoss(temperature=0.1)
+    # every index tensor of at most one entry, or no negatives: PML's zero loss, zero gradient
+    for tup in ((ix(0), ix(1), ix(0), ix(2)), (ix(0, 1), ix(1, 0), ix(), ix())):
+        ours = crit(emb, None, tup)
+        assert ours.item() == 0.0 == theirs(emb, None, tup).item()
+        assert torch.autograd.grad(ours, emb)[0].abs().max() == 0.0
+    # one anchor's pairs only; the others have none and are left out of the mean
+    tup = (ix(3, 3), ix(4, 5), ix(3, 3), ix(6, 7))
+    assert_close(crit(emb, None, tup), theirs(emb, None, tup), torch.float64, "one anchor")
+    # NaN in a mined pair gives NaN (PML's filter would drop that anchor silently)
+    bad = emb.detach().clone()
+    bad[5] = float("nan")
+    assert torch.isnan(crit(bad, None, tup))
+    errors = [((ix(0), ix(1), ix(0), ix(1)), ValueError, "both as a positive and as a negative"),
+              ((ix(0), ix(9), ix(0), ix(2)), ValueError, r"indices_tuple\[1\] \(p\) must lie in \[0, 9\)"),
+              ((ix(0, 1), ix(1), ix(0), ix(2)), ValueError, "as many anchors as partners"),
+              ((ix(0), ix(1)), TypeError, "of length 2"),
+              ((ix(0), ix(1), torch.tensor([2.0])), TypeError, r"indices_tuple\[2\] \(n\) must be an integer tensor")]
+    for tup, exc, match in errors:
+        with pytest.raises(exc, match=match):
+            crit(emb, None, tup)
+    with pytest.raises(ValueError, match="indices_tuple given twice"):
+        crit(emb, None, (ix(0), ix(1), ix(2)), indices_tuple=(ix(0), ix(1), ix(2)))
+    with pytest.raises(ValueError, match="go with 2-D embeddings"):
+        crit(emb[:, None], None, indices_tuple=(ix(0), ix(1), ix(2)))
+    with pytest.raises(ValueError, match="unless indices_tuple is given"):
+        crit(emb)

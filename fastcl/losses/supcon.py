@@ -6,14 +6,14 @@ The LSE comes from ``similarity_lse`` with the diagonal excluded; the positive s
 ``scale * a_i . (class_sum[y_i] - c_i)`` with class sums from one scatter-add, so the cost is
 O(N * D) beyond the fused op and no N x N matrix or mask exists.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import _eager, check_embeddings, check_float_tensor, check_pair, check_scalar
+from fastcl.validation import _eager, check_embeddings, check_float_tensor, check_index, check_pair, check_scalar
 
 CONTRAST_MODES = ("all", "one")
 
@@ -159,7 +159,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     return per_anchor.sum() if reduction == "sum" else per_anchor
 
 
-def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=0.1, *,
+def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.1, *,
+                    indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                     ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """SupCon in pytorch-metric-learning's form: ``SupConLoss(temperature)(embeddings, labels,
@@ -172,12 +173,19 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
     loss is non-zero (anchors without positives give 0 and are left out); 0 when there are none,
     and 0 when no anchor has a negative (a single label), as PML returns.
 
+    With ``indices_tuple`` (a miner's output) the pairs are those it names, as in PML: per anchor
+    the denominator runs over its mined pairs only, so the (N, M) similarity matrix is formed, as
+    PML forms it (``backend`` is then unused).
+
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
-        labels: (N,) integer (or floating, not NaN) class of each row.
+        labels: (N,) integer (or floating, not NaN) class of each row; optional with ``indices_tuple``.
         temperature: positive float or 0-d tensor.
+        indices_tuple: optional mined pairs, 1-D integer tensors: ``(a1, p, a2, n)`` (positive
+            pairs (a1[i], p[i]), negative pairs (a2[j], n[j])) or triplets ``(a, p, n)``; anchors
+            index the N embeddings, p and n the contrasts (``ref_emb`` when given).
         ref_emb: optional (M, D) reference embeddings, same dtype and device (PML's cross-batch form).
-        ref_labels: (M,) classes of ``ref_emb``; required with it.
+        ref_labels: (M,) classes of ``ref_emb``; required with it unless ``indices_tuple`` is given.
         backend: see ``fastcl.ops.similarity_lse``.
 
     Returns:
@@ -185,6 +193,10 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
     """
     check_embeddings("embeddings", embeddings)
     check_scalar("temperature", temperature, positive=True)
+    if indices_tuple is not None:
+        return _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
+    if labels is None:
+        raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
     _check_labels("labels", labels, embeddings.shape[0], embeddings.device, allow_float=True)
     z = l2_normalize(embeddings)
     n = z.shape[0]
@@ -205,12 +217,74 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: torch.Tensor, temperature=
         classes, ref_classes = both[:n], both[n:]
     pos_dot, count = _positive_stats(z, classes, r, ref_classes, self_pairs)
     per_anchor = _supcon_core(z, r, 1.0 / temperature, pos_dot, count, backend, self_pairs)
+    # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term.
+    return _mean_nonzero(per_anchor, (count < r.shape[0] - int(self_pairs)).any())
+
+
+def _mean_nonzero(per_anchor: torch.Tensor, has_pairs) -> torch.Tensor:
+    """PML's AvgNonZeroReducer over per-anchor losses (N,): the mean of those > 0 (0 when none),
+    except that NaN is kept; 0 with zero gradient where ``has_pairs`` (0-d bool) is False."""
     nonzero = per_anchor > 0
     n_nonzero = nonzero.sum()
     total = torch.where(nonzero, per_anchor, torch.zeros_like(per_anchor)).sum()
     # NaN anywhere must survive: a NaN loss is not > 0, so add it back explicitly.
     total = total + torch.where(torch.isnan(per_anchor), per_anchor, torch.zeros_like(per_anchor)).sum()
     loss = total / n_nonzero.clamp_min(1).to(total.dtype)
-    # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term.
-    has_negatives = (count < r.shape[0] - int(self_pairs)).any()
-    return torch.where(has_negatives, loss, torch.zeros_like(loss))
+    return torch.where(has_pairs, loss, torch.zeros_like(loss))
+
+
+def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """(pos (n, m) bool, neg (n, m) bool, any_pairs) from PML's ``indices_tuple``: pairs
+    ``(a1, p, a2, n)`` or triplets ``(a, p, n)`` (read as ``(a, p, a, n)``).  ``any_pairs`` is
+    False when every index tensor has at most one entry, where PML returns a zero loss."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise TypeError("indices_tuple must be a tuple (a1, p, a2, n) of pairs or (a, p, n) of triplets, got "
+                        f"{type(indices_tuple).__name__}"
+                        + (f" of length {len(indices_tuple)}" if isinstance(indices_tuple, (tuple, list)) else ""))
+    names = ("a1", "p", "a2", "n") if len(indices_tuple) == 4 else ("a", "p", "n")
+    idx = [check_index(f"indices_tuple[{i}] ({nm})", t, (None,), n if nm[0] == "a" else m, device)
+           for i, (nm, t) in enumerate(zip(names, indices_tuple))]
+    any_pairs = not all(t.numel() <= 1 for t in idx)
+    a1, p, a2, neg = idx if len(idx) == 4 else (idx[0], idx[1], idx[0], idx[2])
+    for (x, y), what in (((a1, p), "positive"), ((a2, neg), "negative")):
+        if x.shape != y.shape:
+            raise ValueError(f"indices_tuple's {what} pairs need as many anchors as partners, got "
+                             f"{x.numel()} and {y.numel()}")
+    pos = torch.zeros(n, m, dtype=torch.bool, device=device)
+    negm = torch.zeros(n, m, dtype=torch.bool, device=device)
+    pos[a1, p] = True
+    negm[a2, neg] = True
+    if _eager() and bool((pos & negm).any()):
+        raise ValueError("indices_tuple names a pair both as a positive and as a negative")
+    return pos, negm, any_pairs
+
+
+def _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels) -> torch.Tensor:
+    """``supcon_loss_pml`` over a miner's pairs: the (N, M) cosine matrix with an LSE per anchor
+    over its mined pairs (PML's GenericPairLoss mask form), in the compute dtype."""
+    n = embeddings.shape[0]
+    if labels is not None:  # unused for the pairs, as in PML, but still checked
+        _check_labels("labels", labels, n, embeddings.device, allow_float=True)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels needs ref_emb")
+        ref_emb = embeddings
+    else:
+        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+        if ref_labels is not None:
+            _check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device, allow_float=True)
+    pos, neg, any_pairs = mined_pair_masks(indices_tuple, n, ref_emb.shape[0], embeddings.device)
+    ct = compute_dtype(embeddings.dtype)
+    z = l2_normalize(embeddings).to(ct)
+    r = z if ref_emb is embeddings else l2_normalize(ref_emb).to(ct)
+    scores = (z @ r.T) / temperature
+    kept = pos | neg
+    lse = scores.masked_fill(~kept, float("-inf")).logsumexp(dim=1)
+    lse = lse.masked_fill(~kept.any(dim=1), 0.0)  # an anchor with no pairs: PML's 0
+    pos_f = pos.to(ct)
+    count = pos_f.sum(dim=1)
+    # sum over positives of log_softmax; unpaired entries are excluded, not multiplied (0 * -inf)
+    pos_sum = torch.where(pos, scores, torch.zeros_like(scores)).sum(dim=1) - count * lse
+    per_anchor = -pos_sum / (count + torch.finfo(ct).tiny)
+    has_pairs = pos.any() & neg.any() & any_pairs
+    return _mean_nonzero(per_anchor, has_pairs)

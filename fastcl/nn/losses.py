@@ -191,10 +191,11 @@ class SupConLoss(nn.Module):
     * SupContrast form: ``forward(features (bsz, n_views, D), labels=None (bsz,), mask=None
       (bsz, bsz))`` with ``temperature``, ``base_temperature`` and ``contrast_mode`` as in the
       reference implementation; features are not normalised.
-    * pytorch-metric-learning form: ``forward(embeddings (N, D), labels (N,), ref_emb=None (M, D),
-      ref_labels=None (M,))`` (a 2-D first argument; the references by keyword).  Embeddings are
-      normalised, ``base_temperature`` and ``contrast_mode`` are not used, and the mean runs over
-      anchors with a non-zero loss.  For a drop-in of PML's
+    * pytorch-metric-learning form: ``forward(embeddings (N, D), labels (N,), indices_tuple=None,
+      ref_emb=None (M, D), ref_labels=None (M,))`` (a 2-D first argument; the references by
+      keyword).  Embeddings are normalised, ``base_temperature`` and ``contrast_mode`` are not
+      used, and the mean runs over anchors with a non-zero loss.  ``indices_tuple`` is a miner's
+      pairs (a1, p, a2, n) or triplets (a, p, n); with it the (N, M) matrix is formed, as in PML.  For a drop-in of PML's
       ``SupConLoss(temperature=0.1)`` construct ``SupConLoss(temperature=0.1)``.
 
     Returns a 0-d loss.  With ``gather_distributed=True`` and more than one rank in ``group``, the
@@ -214,10 +215,15 @@ class SupConLoss(nn.Module):
         self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
         self.backend = backend
 
-    def forward(self, features, labels=None, mask=None, *, ref_emb=None, ref_labels=None):
-        if (ref_emb is not None or ref_labels is not None) and not (
-                isinstance(features, torch.Tensor) and features.dim() == 2):
-            raise ValueError("ref_emb and ref_labels go with 2-D embeddings (the pytorch-metric-learning form)")
+    def forward(self, features, labels=None, mask=None, *, indices_tuple=None, ref_emb=None, ref_labels=None):
+        pml_form = isinstance(features, torch.Tensor) and features.dim() == 2
+        if pml_form and isinstance(mask, (tuple, list)):  # PML's third positional is indices_tuple
+            if indices_tuple is not None:
+                raise ValueError("indices_tuple given twice (third positional argument and keyword)")
+            mask, indices_tuple = None, mask
+        if (ref_emb is not None or ref_labels is not None or indices_tuple is not None) and not pml_form:
+            raise ValueError("indices_tuple, ref_emb and ref_labels go with 2-D embeddings (the "
+                             "pytorch-metric-learning form)")
         if self.gather_distributed and is_distributed(self.group):
             if mask is not None:
                 raise ValueError("SupConLoss(gather_distributed=True) takes labels, not mask: a (bsz, bsz) mask "
@@ -228,13 +234,14 @@ class SupConLoss(nn.Module):
             return supcon_loss_distributed(features, labels, self.temperature, self.base_temperature,
                                            self.contrast_mode, dist_impl=self.dist_impl, group=self.group,
                                            backend=self.backend)
-        if isinstance(features, torch.Tensor) and features.dim() == 2:
+        if pml_form:
             if mask is not None:
                 raise ValueError("mask is only accepted with 3-D features (bsz, n_views, D)")
-            if labels is None:
-                raise ValueError("labels is required with 2-D embeddings (pytorch-metric-learning form)")
-            return supcon_loss_pml(features, labels, self.temperature, ref_emb=ref_emb, ref_labels=ref_labels,
-                                   backend=self.backend)
+            if labels is None and indices_tuple is None:
+                raise ValueError("labels is required with 2-D embeddings (pytorch-metric-learning form), "
+                                 "unless indices_tuple is given")
+            return supcon_loss_pml(features, labels, self.temperature, indices_tuple=indices_tuple,
+                                   ref_emb=ref_emb, ref_labels=ref_labels, backend=self.backend)
         return supcon_loss(features, labels, mask, self.temperature, self.base_temperature, self.contrast_mode,
                            backend=self.backend)
 
