@@ -52,7 +52,11 @@ def test_value_and_grads(backend, dtype, n, m, d):
     for what, o, r in zip(["loss", "dq", "dk", "dscale", "dbias"], outs, refs):
         if what in ("dq", "dk"):
             assert o.dtype == dtype
-        assert_close(o, r, dtype, f"{backend} {what}")
+        # fp32 results from inputs already rounded (the oracle has the same values): fp32's TOL.
+        # dq and dk come back in the input dtype and take its TOL, and so does the GPU backends'
+        # dscale, formed from gradient tiles multiplied in the input dtype.
+        half = what in ("dq", "dk") or (what == "dscale" and backend in ("triton", "cuda"))
+        assert_close(o, r, dtype if half else torch.float32, f"{backend} {what}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -108,7 +112,7 @@ def test_fp16_large_logits(backend):
     outs, refs = _run(q, k, torch.tensor(30.0), torch.tensor(-5.0), backend)
     for what, o, r in zip(["loss", "dq", "dk", "dscale", "dbias"], outs, refs):
         assert torch.isfinite(o).all(), f"{backend} {what}"
-        assert_close(o, r, torch.float16, f"{backend} {what}")
+        assert_close(o, r, torch.float32 if what in ("loss", "dbias") else torch.float16, f"{backend} {what}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

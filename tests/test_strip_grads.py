@@ -5,7 +5,7 @@ need several column chunks and row strips."""
 import pytest
 import torch
 
-from conftest import DTYPES, assert_close, randn
+from conftest import DTYPES, TOL, assert_close, randn
 from fastcl.ops import strips
 from fastcl.ops.strip_grads import finish_full, plan, scratch_bytes, strip_grads
 
@@ -91,9 +91,10 @@ def test_strip_grads_equals_whole_products(dtype, out, budget, pos):
         gq64 += g_pos.double()[:, None] * k.double()[idx]
         gk64.index_add_(0, idx, g_pos.double()[:, None] * q.double())
     assert dq.dtype == out_dtype and dk.dtype == out_dtype and qgq.dtype == torch.float32
-    # Output rounding: with several column chunks a half dq is rounded once per chunk.
+    # A half dq is rounded once per column chunk; the errors are independent, so they add up as
+    # sqrt(chunks) (measured: at most 3.8e-3 in bf16 over up to 9 chunks, TOL 2e-2).
     chunks = len({c0 for _, _, c0, _ in seen})
-    assert_close(dq, 1.7 * gq64, out_dtype, "dq", factor=chunks)
+    assert_close(dq, 1.7 * gq64, out_dtype, "dq", factor=chunks ** 0.5)
     assert_close(dk, 1.7 * gk64, out_dtype, "dk")
     assert_close(qgq, (q.double() * gq64).sum(), torch.float32, "qgq")
     # Every (row, column) was covered exactly once.
@@ -131,6 +132,7 @@ def test_positive_term_cancels_before_rounding(pos):
         errs.append(((dq.double() - ref).norm() / ref.norm()).item())
         chunks = len({c0 for _, _, c0, _ in seen})
     assert chunks >= 3
+    assert errs[0] <= TOL[torch.bfloat16], errs  # right on its own, not only no worse than one chunk
     assert errs[1] <= 1.5 * errs[0] + 1e-6, errs
 
 
@@ -147,7 +149,7 @@ def test_finish_full_matches_strip_grads(with_index):
                     g_pos=g_pos, pos_index=index, min_rows=8, row_align=8, col_align=8, budget=3000)
     b = finish_full(q, k, t @ k, t.T @ q, torch.tensor(0.5), torch.bfloat16, g_pos, index)
     for x, y, name in zip(a, b, ["dq", "dk", "qgq"]):
-        assert_close(x.float(), y.float(), torch.bfloat16 if name != "qgq" else torch.float32, name, factor=4)
+        assert_close(x.float(), y.float(), torch.bfloat16 if name != "qgq" else torch.float32, name)
 
 
 # ---- the backends through the driver, with several chunks and strips ----
@@ -174,7 +176,7 @@ def test_triton_lse_in_chunks(tiny_budget, monkeypatch, dtype, offset):
     monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
     # The interpreter's 64-row, 64-column minimum pieces exceed 24 KB: 2 strips x 3 chunks.
     assert plan(67, 131, 40, dtype.itemsize, dtype != torch.float32, tiny_budget, 64, 64, 64) == (64, 64)
-    check_against_reference("triton", 67, 131, 40, dtype, bias=-0.5, offset=offset, seed=11, factor=3,
+    check_against_reference("triton", 67, 131, 40, dtype, bias=-0.5, offset=offset, seed=11,
                             positives=True if offset is None else positive_index(67, 131, offset))
 
 
@@ -200,7 +202,7 @@ def emulated_cuda(tiny_budget, monkeypatch):
 @pytest.mark.parametrize("offset", [None, 0, 70, -3])
 def test_cuda_driver_lse_in_chunks(emulated_cuda, dtype, offset):
     from test_similarity_lse import check_against_reference, positive_index
-    check_against_reference("cuda", 67, 131, 40, dtype, bias=-0.5, offset=offset, seed=12, factor=3,
+    check_against_reference("cuda", 67, 131, 40, dtype, bias=-0.5, offset=offset, seed=12,
                             positives=True if offset is None else positive_index(67, 131, offset))
 
 
