@@ -124,8 +124,10 @@ def test_help_shows_defaults_and_version(capsys):
 
 
 def test_no_subcommand_is_an_error(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main([])
+    assert exc.value.code == 2  # argparse's usage error, not --help's 0
+    assert "usage:" in capsys.readouterr().err
 
 
 def test_info_marks_invalid_settings(capsys, monkeypatch):

@@ -1,4 +1,6 @@
 """clip_loss / info_nce / their modules against open_clip-style float64 oracles."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,8 +131,13 @@ def test_modules():
     out = crit(img, txt, torch.tensor(10.0), output_dict=True)
     assert set(out) == {"contrastive_loss"}
     mod = fastcl.nn.InfoNCELoss(temperature=0.2, learnable_temperature=True)
+    assert_close(mod.log_scale.detach(), torch.tensor(math.log(5.0), dtype=torch.float64), torch.float32,
+                 "log(1/T)")
     loss = mod(img, txt)
     loss.backward()
-    assert mod.log_scale.grad is not None and torch.isfinite(mod.log_scale.grad)
-    ref = F.cross_entropy(img.double() @ txt.double().T / 0.2, torch.arange(67))
+    # float64 oracle in the same parameterisation, scale = exp(log_scale), from the definition
+    log_scale = torch.tensor(math.log(5.0), dtype=torch.float64, requires_grad=True)
+    ref = F.cross_entropy(img.double() @ txt.double().T * log_scale.exp(), torch.arange(67))
+    ref.backward()
     assert_close(loss, ref, torch.float32)
+    assert_close(mod.log_scale.grad, log_scale.grad, torch.float32, "d log_scale")

@@ -12,7 +12,7 @@ from fastcl._ext import extension_available
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import dcl_loss
 from fastcl.losses.info_nce import info_nce
-from fastcl.losses.ntxent import ntxent_loss
+from fastcl.losses.ntxent import ntxent_bank_loss, ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import supcon_loss, supcon_loss_pml
 from fastcl.nn.losses import ClipLoss, DCLLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
@@ -26,15 +26,15 @@ if triton_available():
 
 
 # ----------------------------------------------------------------------------- oracles (float64)
-def o_ntxent(a, b, t):
+def o_ntxent(a, b, t, reduction="mean"):
     z = torch.cat([F.normalize(a, dim=1), F.normalize(b, dim=1)])
     n2 = z.shape[0]
     logits = (z @ z.T / t).masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
     target = (torch.arange(n2) + n2 // 2) % n2
-    return F.cross_entropy(logits, target)
+    return F.cross_entropy(logits, target, reduction=reduction)
 
 
-def o_supcon(features, labels=None, mask=None, t=0.07, bt=0.07, mode="all"):
+def o_supcon(features, labels=None, mask=None, t=0.07, bt=0.07, mode="all", reduction="mean"):
     """SupContrast's SupConLoss (Dec 2023: a positive weight below 1e-6 divides by 1)."""
     features = features.reshape(features.shape[0], features.shape[1], -1)
     bsz, v = features.shape[:2]
@@ -51,7 +51,7 @@ def o_supcon(features, labels=None, mask=None, t=0.07, bt=0.07, mode="all"):
     log_prob = logits - torch.logsumexp(logits.masked_fill(not_self == 0, float("-inf")), 1, keepdim=True)
     n_pos = pos.sum(1)
     mean_lp = torch.where(pos != 0, pos * log_prob, torch.zeros_like(log_prob)).sum(1) / torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
-    return (-(t / bt) * mean_lp).mean()
+    return REDUCE[reduction](-(t / bt) * mean_lp)
 
 
 def o_supcon_pml(emb, labels, t):
@@ -95,13 +95,26 @@ def o_siglip(img, txt, s, b):
     return -F.logsigmoid(z * logits).sum() / img.shape[0]
 
 
-def o_info_nce(q, k, scale, positives, eps, symmetric=False):
+def o_info_nce(q, k, scale, positives, eps, symmetric=False, exclude_self=False, reduction="mean"):
     logits = scale * q @ k.T
-    loss = F.cross_entropy(logits, positives, label_smoothing=eps, reduction="none")
+    if exclude_self:  # the (i, i) entries leave every denominator, and the smoothing's candidates
+        logits = logits.masked_fill(torch.eye(*logits.shape, dtype=torch.bool), float("-inf"))
+    loss = _smoothed_ce(logits, positives, eps)
     if symmetric:
-        col = F.cross_entropy(logits.T[positives], torch.arange(q.shape[0]), label_smoothing=eps, reduction="none")
-        loss = 0.5 * (loss + col)
-    return loss.mean()
+        loss = 0.5 * (loss + _smoothed_ce(logits.T[positives], torch.arange(q.shape[0]), eps))
+    return REDUCE[reduction](loss)
+
+
+def _smoothed_ce(logits, target, eps):
+    """F.cross_entropy(label_smoothing=eps, reduction="none") with the uniform part over the finite
+    entries of each row only (F.cross_entropy would spread it over -inf entries too)."""
+    logp = logits.log_softmax(1)
+    finite = torch.isfinite(logits)
+    uniform = -torch.where(finite, logp, torch.zeros_like(logp)).sum(1) / finite.sum(1)
+    return (1 - eps) * -logp.gather(1, target[:, None]).squeeze(1) + eps * uniform
+
+
+REDUCE = {"mean": torch.mean, "sum": torch.sum, "none": lambda x: x}
 
 
 def o_clip(img, txt, s, b, labels, eps):
@@ -371,6 +384,62 @@ def test_info_nce_exclude_self_label_smoothing(backend):
     compare(lambda a, s: info_nce(a, a, logit_scale=s, positives=positives, exclude_self=True,
                                   label_smoothing=0.15, backend=backend),
             oracle, [x, torch.tensor(3.0)], torch.float32, "exclude_self")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_symmetric_exclude_self_label_smoothing(backend, symmetric):
+    """All three options together: the excluded (i, i) entries leave the column term's
+    denominator and its smoothing candidates as well as the row term's."""
+    g = torch.Generator().manual_seed(14)
+    x = randn(30, 12, generator=g)
+    positives = (torch.arange(30) * 7 + 3) % 30  # a permutation that avoids the diagonal
+    assert (positives != torch.arange(30)).all()
+    compare(lambda a, s: info_nce(a, a, logit_scale=s, positives=positives, exclude_self=True, symmetric=symmetric,
+                                  label_smoothing=0.15, backend=backend),
+            lambda a, s: o_info_nce(a, a, s, positives, 0.15, symmetric, exclude_self=True),
+            [x, torch.tensor(3.0)], torch.float32, "symmetric exclude_self smoothing")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(backend, reduction):
+    """reduction= of every loss that takes it: "none" gives the per-anchor losses in the documented
+    order (NT-Xent: view 0's anchors, then view 1's; SupCon: view-major), "sum" and "mean" reduce
+    them.  A "none" result is compared through a fixed weighting, so its gradients are checked."""
+    g = torch.Generator().manual_seed(15)
+    a, b, feats = randn(23, 10, generator=g), randn(23, 10, generator=g), randn(17, 2, 10, generator=g)
+    bank = F.normalize(randn(31, 10, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 4, (17,), generator=g)
+    positives = torch.randperm(29, generator=g)[:23]
+
+    def weighted(f, n):
+        w = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+
+        def run(*t):
+            out = f(*t)
+            if reduction != "none":
+                return out
+            assert out.shape == (n,)
+            return (out * w.to(out.dtype)).sum()
+        return run
+
+    def o_bank(x, y):
+        x, y = F.normalize(x, dim=1), F.normalize(y, dim=1)
+        logits = torch.cat([(x * y).sum(1, keepdim=True), x @ bank.T], 1) / 0.3
+        return REDUCE[reduction](F.cross_entropy(logits, torch.zeros(23, dtype=torch.long), reduction="none"))
+
+    compare(weighted(lambda x, y: ntxent_loss(x, y, 0.3, reduction=reduction, backend=backend), 46),
+            weighted(lambda x, y: o_ntxent(x, y, 0.3, reduction), 46), [a, b], torch.float32, "ntxent")
+    compare(weighted(lambda x, y: ntxent_bank_loss(x, y, bank.float(), 0.3, reduction=reduction, backend=backend), 23),
+            weighted(o_bank, 23), [a, b], torch.float32, "ntxent bank")
+    compare(weighted(lambda f: supcon_loss(f, labels, reduction=reduction, backend=backend), 34),
+            weighted(lambda f: o_supcon(f, labels, reduction=reduction), 34), [feats], torch.float32, "supcon")
+    k = randn(29, 10, generator=g)
+    compare(weighted(lambda x, y: info_nce(x, y, temperature=0.5, positives=positives, reduction=reduction,
+                                           backend=backend), 23),
+            weighted(lambda x, y: o_info_nce(x, y, 2.0, positives, 0.0, reduction=reduction), 23),
+            [a, k], torch.float32, "info_nce")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

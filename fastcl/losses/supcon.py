@@ -13,7 +13,8 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import _eager, check_embeddings, check_float_tensor, check_index, check_pair, check_scalar
+from fastcl.validation import (_eager, check_embeddings, check_float_tensor, check_index, check_pair,
+                               check_reduction, check_scalar)
 
 CONTRAST_MODES = ("all", "one")
 
@@ -127,8 +128,7 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     check_scalar("base_temperature", base_temperature, positive=True)
     if contrast_mode not in CONTRAST_MODES:
         raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    check_reduction(reduction)
     if labels is not None and mask is not None:
         raise ValueError("give labels or mask, not both")
     bsz, n_views = features.shape[0], features.shape[1]
