@@ -5,6 +5,9 @@ gloo (CPU) and NCCL (CUDA).  Shapes and dtypes are checked *collectively* first:
 publishes a small metadata vector, so a rank with a different D or dtype makes every rank raise
 the same error instead of leaving the others blocked in a collective.
 """
+import numbers
+import struct
+import zlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -19,8 +22,16 @@ _META_LEN = 4 + _MAX_TRAILING  # [error, ndim, dtype code, dim 0, trailing dims 
 
 
 def is_distributed(group=None) -> bool:
-    """True when torch.distributed is initialised and ``group`` spans more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    """True when torch.distributed is initialised and ``group`` spans more than one rank.
+
+    Raises RuntimeError on a process outside ``group``: a loss built for a group this rank is not
+    in would otherwise quietly compute a local loss."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    world = dist.get_world_size(group)
+    if world < 0:
+        raise RuntimeError("this process is not a member of the given process group")
+    return world > 1
 
 
 def group_info(group=None) -> Tuple[int, int]:
@@ -61,9 +72,54 @@ def _describe(row: Sequence[int]) -> str:
     return f"shape {tuple(dims)} {dtype}"
 
 
+# Settings (see ``exchange_shapes``) travel as (kind, payload) int64 pairs.
+_NONE, _BOOL, _INT, _FLOAT, _STR, _LONG_STR, _OTHER = range(7)
+
+
+def _encode_setting(value) -> Tuple[int, int]:
+    """Host part of one setting; a tensor's value is filled in on its device (``_setting_values``)."""
+    if value is None:
+        return _NONE, 0
+    if isinstance(value, bool):
+        return _BOOL, int(value)
+    if isinstance(value, Tensor):
+        return (_FLOAT, 0) if value.numel() == 1 and value.is_floating_point() else (_OTHER, 0)
+    if isinstance(value, numbers.Integral):
+        return _INT, int(value)
+    if isinstance(value, numbers.Real):
+        return _FLOAT, struct.unpack("<q", struct.pack("<d", float(value)))[0]
+    if isinstance(value, str):
+        raw = value.encode()
+        if len(raw) <= 8:  # the text itself, so the error can show it
+            return _STR, int.from_bytes(raw.ljust(8, b"\0"), "little", signed=True)
+        return _LONG_STR, zlib.crc32(raw)
+    return _OTHER, 0
+
+
+def _setting_values(settings, device: torch.device) -> Tensor:
+    """(2 * len(settings),) int64 on ``device``: each setting's kind and payload, a float tensor's
+    value as the bits of its float64 (written on the device: no wait for it here)."""
+    host = torch.tensor([x for _, v in settings for x in _encode_setting(v)], dtype=torch.int64)
+    out = host.to(device)
+    for i, (_, v) in enumerate(settings):
+        if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
+            out[2 * i + 1] = v.detach().reshape(()).to(device=device, dtype=torch.float64).view(torch.int64)
+    return out
+
+
+def _decode_setting(kind: int, payload: int) -> str:
+    if kind == _FLOAT:
+        return repr(struct.unpack("<d", struct.pack("<q", payload))[0])
+    if kind == _STR:
+        return repr(payload.to_bytes(8, "little", signed=True).rstrip(b"\0").decode(errors="replace"))
+    return {_NONE: "None", _BOOL: repr(bool(payload)), _INT: str(payload)}.get(kind, "<a different value>")
+
+
 def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
-                    local_error: Optional[BaseException] = None) -> List[List[int]]:
-    """Check that every rank holds tensors of the same trailing shape and dtype; return dim-0 sizes.
+                    local_error: Optional[BaseException] = None, settings: Sequence[Tuple[str, object]] = ()
+                    ) -> List[List[int]]:
+    """Check that every rank holds tensors of the same trailing shape and dtype, and the same
+    settings; return dim-0 sizes.
 
     Args:
         tensors: (name, tensor) pairs, the same names in the same order on every rank; each tensor
@@ -71,18 +127,23 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         group: process group (default: the world).
         local_error: an exception from this rank's own argument checks, or None.  It is published
             to the other ranks (so they raise too) and then re-raised here.
+        settings: (name, value) pairs that must be equal on every rank, the same names in the same
+            order everywhere: None, bools, ints, floats, strings, or one-element float tensors
+            (compared by value as float64, with a float; read where the exchange already waits).
 
     Returns:
         ``sizes[i][r]``: dim-0 size of tensor ``i`` on rank ``r`` of ``group``.
 
     Raises:
         RuntimeError on every rank if any rank reported an error, or the ranks disagree on the
-        number of dims, any trailing dim, or the dtype, or any rank has an empty tensor.
+        number of dims, any trailing dim, the dtype or a setting, or any rank has an empty tensor.
     """
     rank, world = group_info(group)
     rows = [_encode(t, local_error is not None) for _, t in tensors]
+    n_meta = len(rows) * _META_LEN
     if world == 1:
         gathered = [rows]
+        set_rows = [[]]
     else:
         device = torch.device("cpu")
         for _, t in tensors:
@@ -90,15 +151,24 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
                 device = _comm_device(t, group)
                 break
         mine = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1)
+        if settings:
+            mine = torch.cat([mine, _setting_values(settings, device)])
         out = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(out, mine, group=group)
-        gathered = [o.reshape(len(rows), _META_LEN).tolist() for o in out]
+        flat = [o.tolist() for o in out]
+        gathered = [[f[i * _META_LEN:(i + 1) * _META_LEN] for i in range(len(rows))] for f in flat]
+        set_rows = [f[n_meta:] for f in flat]
     if local_error is not None:
         raise local_error
     failed = [r for r in range(world) if any(row[0] == 1 for row in gathered[r])]
     if failed:
         raise RuntimeError(f"distributed loss: the argument checks failed on rank(s) {failed} of the group; "
                            "see the error raised on those ranks")
+    for i, (name, _) in enumerate(settings if world > 1 else ()):
+        per_rank = [tuple(r[2 * i:2 * i + 2]) for r in set_rows]
+        if any(v != per_rank[0] for v in per_rank):
+            raise RuntimeError(f"{name} must be the same on every rank of the group; got "
+                               + ", ".join(f"rank {r}: {_decode_setting(*v)}" for r, v in enumerate(per_rank)))
     sizes = []
     for i, (name, _) in enumerate(tensors):
         per_rank = [gathered[r][i] for r in range(world)]
@@ -114,6 +184,17 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
                                + ", ".join(f"rank {r}: {_describe(row)}" for r, row in enumerate(per_rank)))
         sizes.append([row[3] for row in per_rank])
     return sizes
+
+
+def _tensor_error(x) -> Optional[TypeError]:
+    """The error for a non-tensor ``x`` (published by the caller's exchange), or None."""
+    return None if isinstance(x, Tensor) else TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_tensor(x) -> None:
+    err = _tensor_error(x)
+    if err is not None:
+        raise err
 
 
 def _gather_padded(x: Tensor, sizes: Sequence[int], group) -> Tensor:
@@ -200,12 +281,11 @@ def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
     Raises:
         RuntimeError on every rank when the ranks disagree on ``rest`` or dtype, or a shard is empty.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not is_distributed(group):
         group_info(group)
+        _check_tensor(x)
         return x
-    sizes = exchange_shapes([("x", x)], group)[0]
+    sizes = exchange_shapes([("x", x)], group, _tensor_error(x))[0]
     return gather_with_sizes(x, sizes, group)
 
 
@@ -235,11 +315,26 @@ def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
     """Sum of ``x`` over the ranks of ``group``, differentiable: the backward is the sum of gradients.
 
     Args:
-        x: tensor of the same shape and dtype on every rank (floating, to carry a gradient).
+        x: tensor of at most 5 dims, the same shape and dtype on every rank (checked on every rank
+            first; floating, to carry a gradient).
 
     Returns:
         Tensor of ``x``'s shape, dtype and device; ``x`` itself on one rank.
+
+    Raises:
+        RuntimeError on every rank when the ranks disagree on the shape or dtype.
     """
+    if not is_distributed(group):
+        _check_tensor(x)
+        return x
+    err = _tensor_error(x)
+    exchange_shapes([("x (shown with a leading dim of 1)", None if err else x.unsqueeze(0))], group, err)
+    return all_reduce_checked(x, group)
+
+
+def all_reduce_checked(x: Tensor, group=None) -> Tensor:
+    """``all_reduce_with_grad`` for a caller whose ranks hold ``x`` of one shape and dtype by
+    construction (no exchange first)."""
     if not is_distributed(group):
         return x
     return _AllReduceWithGrad.apply(x, group)

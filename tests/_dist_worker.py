@@ -83,7 +83,7 @@ def ddp_compare(ck, name, dist_fn, ref_fn, inputs, sizes, params, group, weighte
 
 def checks(ck, rank, world, tmp):
     import fastcl
-    from fastcl.distributed import all_gather_with_grad
+    from fastcl.distributed import all_gather_with_grad, all_reduce_with_grad
     from fastcl.losses.distributed import (clip_loss_distributed, dcl_loss_distributed, ntxent_loss_distributed,
                                            siglip_loss_distributed, supcon_loss_distributed)
     from fastcl.nn import ClipLoss, DCLLoss, NTXentLoss, SigLipLoss, SupConLoss
@@ -336,6 +336,92 @@ def checks(ck, rank, world, tmp):
         raise RuntimeError("weight_fn broke")
     ck.run("dcl weight_fn exception published",
            published(dcl_on_rank0("gather", weight_fn=failing_weight_fn), 0, RuntimeError, "weight_fn broke"))
+
+    # ---- settings every rank must share: a difference raises on every rank (the ring used to give
+    # wrong gradients with another rank's scale, and differing flags left ranks in different
+    # collectives) ----
+    def own(v0, v1):  # rank 0's value, and every other rank's
+        return v0 if rank == 0 else v1
+    x4, lab4 = torch.randn(4, D), torch.arange(4) % 2
+    f4 = torch.stack([x4, x4.flip(0)], 1)  # (4, 2, D)
+    for impl in ("gather", "ring"):
+        ck.run(f"scale differs clip {impl}", mismatch(
+            lambda impl=impl: clip_loss_distributed(x4, x4, own(2.0, 5.0), dist_impl=impl),
+            "logit_scale must be the same on every rank"))
+        ck.run(f"scale tensor differs siglip {impl}", mismatch(
+            lambda impl=impl: siglip_loss_distributed(x4, x4, torch.tensor(own(2.0, 5.0)), -1.0, dist_impl=impl),
+            "rank 0: 2.0, rank 1: 5.0"))
+        ck.run(f"bias differs clip {impl}", mismatch(
+            lambda impl=impl: clip_loss_distributed(x4, x4, 2.0, own(None, 0.5), dist_impl=impl),
+            "logit_bias must be the same"))
+        ck.run(f"temperature differs ntxent {impl}", mismatch(
+            lambda impl=impl: ntxent_loss_distributed(x4, x4, torch.tensor(own(0.1, 0.2)), dist_impl=impl),
+            "temperature must be the same"))
+        ck.run(f"negatives differ dcl {impl}", mismatch(
+            lambda impl=impl: dcl_loss_distributed(x4, x4, negatives=own("union", "separate"), dist_impl=impl),
+            "negatives must be the same"))
+        ck.run(f"contrast_mode differs supcon {impl}", mismatch(
+            lambda impl=impl: supcon_loss_distributed(f4, lab4, contrast_mode=own("all", "one"), dist_impl=impl),
+            "contrast_mode must be the same"))
+    ck.run("dist_impl differs clip", mismatch(
+        lambda: clip_loss_distributed(x4, x4, 2.0, dist_impl=own("gather", "ring")),
+        "dist_impl must be the same on every rank of the group; got rank 0: 'gather', rank 1: 'ring'"))
+    ck.run("local_loss differs clip ring", mismatch(
+        lambda: clip_loss_distributed(x4, x4, 2.0, local_loss=own(True, False), dist_impl="ring"),
+        "local_loss must be the same"))
+    ck.run("gather_with_grad differs clip", mismatch(
+        lambda: clip_loss_distributed(x4, x4, 2.0, gather_with_grad=own(True, False)),
+        "gather_with_grad must be the same"))
+    ck.run("label_smoothing differs clip ring", mismatch(
+        lambda: clip_loss_distributed(x4, x4, 2.0, label_smoothing=own(0.1, 0.0), dist_impl="ring"),
+        "label_smoothing must be the same"))
+
+    def aliases_agree():  # open_clip's "bidir" and "shift" are both the ring
+        got = siglip_loss_distributed(x4, x4, 2.0, -1.0, dist_impl=own("bidir", "shift"))
+        ck.close(got, siglip_loss_distributed(x4, x4, 2.0, -1.0, dist_impl="ring"), "siglip aliases")
+    ck.run("siglip aliases agree", aliases_agree)
+
+    # ---- argument errors found on one rank before the exchange are published too ----
+    ck.run("label_smoothing error published", published(
+        lambda: clip_loss_distributed(x4, x4, 2.0, label_smoothing=own(1.5, 0.0)), 0, ValueError, "label_smoothing"))
+    ck.run("ring without gather_with_grad published", published(
+        lambda: clip_loss_distributed(x4, x4, 2.0, dist_impl="ring", gather_with_grad=own(False, True)), 0,
+        ValueError, "gather_with_grad"))
+    ck.run("bad dist_impl published", published(
+        lambda: ntxent_loss_distributed(x4, x4, dist_impl=own("rign", "ring")), 0, ValueError, "dist_impl"))
+    for impl in ("gather", "ring"):
+        ck.run(f"unusable backend published {impl}", published(
+            lambda impl=impl: clip_loss_distributed(x4, x4, 2.0, dist_impl=impl, backend=own("cuda", None)), 0,
+            ValueError, "backend='cuda' needs CUDA tensors"))
+    ck.run("SupConLoss mask published", published(
+        lambda: SupConLoss(gather_distributed=True)(f4, lab4, own(torch.ones(4, 4), None)), 0, ValueError,
+        "takes labels, not mask"))
+    ck.run("all_gather non-tensor published", published(
+        lambda: all_gather_with_grad(own([1.0], x4)), 0, TypeError, "torch.Tensor"))
+    ck.run("all_reduce shape differs", mismatch(lambda: all_reduce_with_grad(torch.ones(own(3, 4))),
+                                                "same trailing shape"))
+
+    def forgotten_rank():  # rank=0 on every process: wrong on all ranks but 0, raised on all
+        try:
+            ClipLoss(rank=0, world_size=world)(x4, x4, 2.0)
+        except Exception as e:
+            if rank == 0:
+                assert isinstance(e, RuntimeError) and "rank(s) [1" in str(e), repr(e)
+            else:
+                assert isinstance(e, ValueError) and "do not match the process group" in str(e), repr(e)
+        else:
+            raise AssertionError("no error raised")
+    ck.run("ClipLoss rank argument published", forgotten_rank)
+
+    def outside_group():  # a module built for a group this rank is not in raises, not a local loss
+        try:
+            NTXentLoss(gather_distributed=True, group=sub)(x4, x4)
+        except RuntimeError as e:
+            assert "not a member" in str(e), repr(e)
+        else:
+            raise AssertionError("no error raised")
+    if rank in others:
+        ck.run("module outside its group raises", outside_group)
     dist.barrier()
 
 

@@ -28,7 +28,16 @@ EXPECTED = ["clip gather local_loss=True", "clip ring local_loss=False", "clip m
             "uneven dcl gather union", "uneven dcl gather separate", "uneven dcl ring union",
             "uneven dcl ring separate", "D mismatch dcl gather", "D mismatch dcl ring",
             "dcl negatives error published gather", "dcl negatives error published ring",
-            "dcl weight_fn error published"]
+            "dcl weight_fn error published",
+            "scale differs clip gather", "scale differs clip ring", "scale tensor differs siglip gather",
+            "scale tensor differs siglip ring", "bias differs clip gather", "bias differs clip ring",
+            "temperature differs ntxent gather", "temperature differs ntxent ring", "negatives differ dcl gather",
+            "negatives differ dcl ring", "contrast_mode differs supcon gather", "contrast_mode differs supcon ring",
+            "dist_impl differs clip", "local_loss differs clip ring", "gather_with_grad differs clip",
+            "label_smoothing differs clip ring", "siglip aliases agree", "label_smoothing error published",
+            "ring without gather_with_grad published", "bad dist_impl published",
+            "unusable backend published gather", "unusable backend published ring", "SupConLoss mask published",
+            "all_gather non-tensor published", "all_reduce shape differs", "ClipLoss rank argument published"]
 
 
 def _run(world, tmp_path):
@@ -67,6 +76,8 @@ def test_distributed_losses_match_global_batch(world, tmp_path):
     members = [r for r in range(world) if r % 2 == 1] if world >= 4 else list(range(world))
     for r in members:
         assert "subgroup clip ring" in results[r]["passed"] and "subgroup siglip gather" in results[r]["passed"]
+    for r in set(range(world)) - set(members):
+        assert "module outside its group raises" in results[r]["passed"]
 
 
 def _row_weight(x, y):

@@ -11,15 +11,17 @@ loss.  Two implementations, chosen by ``dist_impl``:
   the sends overlap the block computations.
 
 Both are collective: every rank of ``group`` must call the loss and run its backward.  Argument
-errors that could differ between ranks (D, dtype, empty shards) are exchanged first and raised on
-every rank.
+errors that could differ between ranks (D, dtype, empty shards, an unusable backend) are exchanged
+first and raised on every rank, and so is any difference in the settings every rank must share
+(scale, bias, temperature, ``dist_impl`` and the loss's flags): those would otherwise give wrong
+gradients or leave ranks waiting in different collectives.
 """
 from typing import Optional, Sequence
 
 import torch
 
-from fastcl.distributed import (Ring, all_gather_no_grad, all_reduce_with_grad, exchange_shapes,
-                                gather_with_sizes, group_info)
+from fastcl.distributed import (Ring, all_gather_no_grad, all_reduce_checked, exchange_shapes, gather_with_sizes,
+                                group_info)
 from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_ce
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import check_dcl_args, dcl_from_lse, dcl_weights
@@ -27,6 +29,7 @@ from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses, class_ids
 from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
+from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
 from fastcl.validation import check_float_tensor, check_pair, check_scalar, check_views
@@ -49,14 +52,31 @@ def resolve_dist_impl(dist_impl, aliases=None) -> str:
     return dist_impl
 
 
-def _checked_sizes(named, group, checks) -> list:
-    """Run this rank's argument checks, then the collective shape/dtype exchange (raises everywhere)."""
-    err = None
+def _checked_sizes(named, group, checks, settings=(), local_error: Optional[BaseException] = None) -> list:
+    """Run this rank's argument checks (unless the caller's own failed: ``local_error``), then the
+    collective exchange of shapes, dtypes and ``settings`` (raises on every rank)."""
+    err = local_error
+    if err is None:
+        try:
+            checks()
+        except Exception as e:  # published to the other ranks, then re-raised here (a user's weight_fn may raise anything)
+            err = e
+    return exchange_shapes(named, group, err, settings)
+
+
+def _check_backend(backend, x) -> None:
+    """The backend is usable for ``x``'s device on this rank (else it would fail after the exchange,
+    leaving the other ranks waiting)."""
+    resolve_backend(backend, x.device)
+
+
+def _impl_setting(dist_impl, aliases=None):
+    """``dist_impl`` as every rank compares it: resolved (open_clip's aliases of one implementation
+    agree), or as given when invalid (the checks raise for that)."""
     try:
-        checks()
-    except Exception as e:  # published to the other ranks, then re-raised here (a user's weight_fn may raise anything)
-        err = e
-    return exchange_shapes(named, group, err)
+        return resolve_dist_impl(dist_impl, aliases)
+    except (ValueError, TypeError):
+        return repr(dist_impl)
 
 
 def _offset(sizes: Sequence[int], rank: int) -> int:
@@ -65,7 +85,8 @@ def _offset(sizes: Sequence[int], rank: int) -> int:
 
 def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
                           local_loss: bool = True, gather_with_grad: bool = True, dist_impl: str = "gather",
-                          group=None, label_smoothing: float = 0.0, backend: Optional[str] = None) -> Tensor:
+                          group=None, label_smoothing: float = 0.0, backend: Optional[str] = None,
+                          local_error: Optional[BaseException] = None) -> Tensor:
     """CLIP loss with negatives from every rank, as open_clip's ``ClipLoss`` under torch.distributed.
 
     * ``local_loss=True``: this rank's images against all texts and its texts against all images,
@@ -85,17 +106,22 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
         group: process group, default the world; without torch.distributed it is one process.
         label_smoothing: in [0, 1], as ``F.cross_entropy``.
         backend: see ``fastcl.ops.similarity_lse``.
+        local_error: an exception from the caller's own argument checks (a module's), or None;
+            it is published so that every rank raises, and re-raised here.
+
+    Every setting above but ``backend`` must be the same on every rank (checked).
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    impl = resolve_dist_impl(dist_impl)
-    if impl == "ring" and not gather_with_grad:
-        raise ValueError("dist_impl='ring' always propagates gradients to the remote shards; "
-                         "use gather_with_grad=True, or dist_impl='gather' for open_clip's gradient-free gather")
-    eps = check_label_smoothing(label_smoothing)
+    opts = {}
 
     def checks():
+        opts["impl"] = resolve_dist_impl(dist_impl)
+        if opts["impl"] == "ring" and not gather_with_grad:
+            raise ValueError("dist_impl='ring' always propagates gradients to the remote shards; use "
+                             "gather_with_grad=True, or dist_impl='gather' for open_clip's gradient-free gather")
+        opts["eps"] = check_label_smoothing(label_smoothing)
         check_pair("image_features", image_features, "text_features", text_features)
         check_scalar("logit_scale", logit_scale, positive=True)
         if logit_bias is not None:
@@ -103,9 +129,14 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(f"image_features and text_features must have the same number of rows, "
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
+        _check_backend(backend, image_features)
 
+    settings = [("dist_impl", _impl_setting(dist_impl)), ("local_loss", local_loss),
+                ("gather_with_grad", gather_with_grad), ("label_smoothing", label_smoothing),
+                ("logit_scale", logit_scale), ("logit_bias", 0.0 if logit_bias is None else logit_bias)]
     sizes = _checked_sizes([("image_features", image_features), ("text_features", text_features)],
-                           group, checks)[0]
+                           group, checks, settings, local_error)[0]
+    impl, eps = opts["impl"], opts["eps"]
     rank, _ = group_info(group)
     n, total = image_features.shape[0], sum(sizes)
     s, b = logit_scale, logit_bias
@@ -143,8 +174,8 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
     if eps > 0.0:
         ct = compute_dtype(image_features.dtype)
         # Mean logit over all columns = scale * q . (sum of every rank's rows) / total + bias.
-        sum_t = all_reduce_with_grad(text_features.to(ct).sum(0), group)
-        sum_i = all_reduce_with_grad(image_features.to(ct).sum(0), group)
+        sum_t = all_reduce_checked(text_features.to(ct).sum(0), group)
+        sum_i = all_reduce_checked(image_features.to(ct).sum(0), group)
         mean_i = image_features.to(ct) @ sum_t / total * s
         mean_t = text_features.to(ct) @ sum_i / total * s
         if b is not None:
@@ -154,11 +185,12 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
         return per_row.mean()
     # Global loss on every rank; its backward hands each rank the W-fold gradient of its rows,
     # exactly what open_clip's full-matrix loss with a gradient all-gather produces.
-    return all_reduce_with_grad(per_row.sum(), group) / total
+    return all_reduce_checked(per_row.sum(), group) / total
 
 
 def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
-                            dist_impl: Optional[str] = "ring", group=None, backend: Optional[str] = None) -> Tensor:
+                            dist_impl: Optional[str] = "ring", group=None, backend: Optional[str] = None,
+                            local_error: Optional[BaseException] = None) -> Tensor:
     """SigLIP loss of this rank's images against every rank's texts, as open_clip's ``SigLipLoss``.
 
     ``sum over local images i and all texts j of -logsigmoid(z_ij * (s * I_i . T_j + b)) / n_r``
@@ -172,13 +204,18 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
         dist_impl: "ring" (also "bidir", "shift", None) or "gather" (also "reduce").
         group: process group, default the world.
         backend: see ``fastcl.ops.sigmoid_pair_loss``.
+        local_error: an exception from the caller's own argument checks (a module's), or None;
+            it is published so that every rank raises, and re-raised here.
+
+    ``logit_scale``, ``logit_bias`` and ``dist_impl`` must be the same on every rank (checked).
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    impl = resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
+    opts = {}
 
     def checks():
+        opts["impl"] = resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
         check_pair("image_features", image_features, "text_features", text_features)
         check_scalar("logit_scale", logit_scale, positive=True)
         if logit_bias is not None:
@@ -186,9 +223,13 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(f"image_features and text_features must have the same number of rows, "
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
+        _check_backend(backend, image_features)
 
+    settings = [("dist_impl", _impl_setting(dist_impl, SIGLIP_ALIASES)), ("logit_scale", logit_scale),
+                ("logit_bias", 0.0 if logit_bias is None else logit_bias)]  # no bias is a bias of 0
     sizes = _checked_sizes([("image_features", image_features), ("text_features", text_features)],
-                           group, checks)[0]
+                           group, checks, settings, local_error)[0]
+    impl = opts["impl"]
     rank, _ = group_info(group)
     n = image_features.shape[0]
     if logit_bias is None:
@@ -204,7 +245,8 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
 
 
 def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist_impl: str = "gather",
-                            group=None, backend: Optional[str] = None) -> Tensor:
+                            group=None, backend: Optional[str] = None,
+                            local_error: Optional[BaseException] = None) -> Tensor:
     """NT-Xent with negatives from every rank, as lightly's ``NTXentLoss(gather_distributed=True)``.
 
     Each of the 2 n_r local anchors (both views, L2-normalised here) is contrasted with both views
@@ -217,17 +259,23 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
         dist_impl: "gather" or "ring".
         group: process group, default the world.
         backend: see ``fastcl.ops.similarity_lse``.
+        local_error: an exception from the caller's own argument checks (a module's), or None;
+            it is published so that every rank raises, and re-raised here.
+
+    ``temperature`` and ``dist_impl`` must be the same on every rank (checked).
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    impl = resolve_dist_impl(dist_impl)
-
     def checks():
+        resolve_dist_impl(dist_impl)
         check_views(out0, out1)
         check_scalar("temperature", temperature, positive=True)
+        _check_backend(backend, out0)
 
-    sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks)[0]
+    sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks,
+                           [("dist_impl", _impl_setting(dist_impl)), ("temperature", temperature)], local_error)[0]
+    impl = resolve_dist_impl(dist_impl)
     rank, _ = group_info(group)
     n = out0.shape[0]
     z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)  # rank-local block [view 0; view 1]
@@ -247,7 +295,8 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
 
 
 def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=None, *, negatives: str = "union",
-                         dist_impl: str = "gather", group=None, backend: Optional[str] = None) -> Tensor:
+                         dist_impl: str = "gather", group=None, backend: Optional[str] = None,
+                         local_error: Optional[BaseException] = None) -> Tensor:
     """DCL with negatives from every rank, as lightly's ``DCLLoss(gather_distributed=True)``.
 
     The local anchors a_i, b_i (L2-normalised here) are contrasted with both views of every
@@ -265,20 +314,27 @@ def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=
         dist_impl: "gather" or "ring".
         group: process group, default the world.
         backend: see ``fastcl.ops.similarity_lse``.
+        local_error: an exception from the caller's own argument checks (a module's), or None;
+            it is published so that every rank raises, and re-raised here.
+
+    ``temperature``, ``negatives`` and ``dist_impl`` must be the same on every rank (checked).
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    impl = resolve_dist_impl(dist_impl)
     local = {}
 
     def checks():
+        resolve_dist_impl(dist_impl)
         check_dcl_args(out0, out1, temperature, weight_fn, negatives)
+        _check_backend(backend, out0)
         # weight_fn sees only local data: run it here so a bad return shape raises on every rank.
         a, b = l2_normalize(out0), l2_normalize(out1)
         local.update(a=a, b=b, w=dcl_weights(weight_fn, a, b))
 
-    sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks)[0]
+    settings = [("dist_impl", _impl_setting(dist_impl)), ("temperature", temperature), ("negatives", negatives)]
+    sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks, settings, local_error)[0]
+    impl = resolve_dist_impl(dist_impl)
     rank, _ = group_info(group)
     a, b = local["a"], local["b"]
     scale = 1.0 / temperature
@@ -319,7 +375,8 @@ def _global_classes(labels: Optional[Tensor], bsz: int, sizes: Sequence[int], ra
 
 def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, temperature=0.07,
                             base_temperature: float = 0.07, contrast_mode: str = "all", *, dist_impl: str = "gather",
-                            group=None, backend: Optional[str] = None) -> Tensor:
+                            group=None, backend: Optional[str] = None,
+                            local_error: Optional[BaseException] = None) -> Tensor:
     """SupCon (SupContrast form) with contrasts from every rank; anchors are this rank's.
 
     The contrast set is every view of every rank's samples; positives share the label (or, with
@@ -340,15 +397,20 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
         dist_impl: "gather" or "ring".
         group: process group, default the world.
         backend: see ``fastcl.ops.similarity_lse``.
+        local_error: an exception from the caller's own argument checks (a module's), or None;
+            it is published so that every rank raises, and re-raised here.
+
+    ``temperature``, ``base_temperature``, ``contrast_mode`` and ``dist_impl`` must be the same on
+    every rank (checked).
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    impl = resolve_dist_impl(dist_impl)
     if isinstance(features, Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
         features = features.reshape(features.shape[0], features.shape[1], -1)
 
     def checks():
+        resolve_dist_impl(dist_impl)
         check_float_tensor("features", features, "(bsz, n_views, D)", non_empty=False)
         check_scalar("temperature", temperature, positive=True)
         check_scalar("base_temperature", base_temperature, positive=True)
@@ -356,12 +418,16 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
             raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
         if labels is not None:
             _check_labels("labels", labels, features.shape[0], features.device, allow_float=True)
+        _check_backend(backend, features)
 
     # labels=None is published as a bool placeholder so a rank that omits labels is caught.
     lab_meta = _label_values(labels) if isinstance(labels, Tensor) else torch.zeros(
         features.shape[0] if isinstance(features, Tensor) and features.dim() else 1, dtype=torch.bool)
+    settings = [("dist_impl", _impl_setting(dist_impl)), ("temperature", temperature),
+                ("base_temperature", base_temperature), ("contrast_mode", contrast_mode)]
     sizes, _ = _checked_sizes([("features", features), ("labels (give them on every rank or none)", lab_meta)],
-                              group, checks)
+                              group, checks, settings, local_error)
+    impl = resolve_dist_impl(dist_impl)
     rank, _ = group_info(group)
     bsz, n_views, d = features.shape
     ct = compute_dtype(features.dtype)
@@ -389,8 +455,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
         if labels is None:
             sums = local_sums
         else:
-            sums = all_reduce_with_grad(local_sums, group)
-            counts = all_reduce_with_grad(counts, group)
+            sums = all_reduce_checked(local_sums, group)
+            counts = all_reduce_checked(counts, group)
         lse, _ = ring_similarity_lse(anchors, contrasts, scale, exclude_self=True, ring=Ring(group),
                                      sizes=c_sizes, backend=backend)
     own = cls_rep[:n_anchor]

@@ -26,17 +26,19 @@ def _check_rank(rank, world_size) -> None:
         raise ValueError(f"rank must be an int in [0, world_size), got {rank!r}")
 
 
-def _check_world(cls: str, rank: int, world_size: int, group) -> None:
-    """The module's rank/world_size must describe ``group`` of an initialised torch.distributed."""
-    if world_size == 1:
-        return
+def _check_world(cls: str, rank: int, world_size: int, group) -> Optional[ValueError]:
+    """The module's rank/world_size must describe ``group`` of an initialised torch.distributed.
+
+    A mismatch (a rank argument left at 0 on every process, say) is returned, not raised: the
+    distributed loss publishes it, so the ranks where it holds raise too instead of waiting."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError(f"{cls}(world_size={world_size}) needs torch.distributed initialised "
                            "(torch.distributed.init_process_group) before the forward")
     g_rank, g_world = group_info(group)
     if (g_rank, g_world) != (rank, world_size):
-        raise ValueError(f"{cls}: rank={rank}, world_size={world_size} do not match the process group "
-                         f"(rank {g_rank} of {g_world})")
+        return ValueError(f"{cls}: rank={rank}, world_size={world_size} do not match the process group "
+                          f"(rank {g_rank} of {g_world})")
+    return None
 
 
 class ClipLoss(nn.Module):
@@ -70,11 +72,11 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         if self.world_size > 1:
-            _check_world("ClipLoss", self.rank, self.world_size, self.group)
+            err = _check_world("ClipLoss", self.rank, self.world_size, self.group)
             loss = clip_loss_distributed(image_features, text_features, logit_scale, logit_bias,
                                          local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                                          dist_impl=self.dist_impl, group=self.group,
-                                         label_smoothing=self.label_smoothing, backend=self.backend)
+                                         label_smoothing=self.label_smoothing, backend=self.backend, local_error=err)
         else:
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
                              label_smoothing=self.label_smoothing, backend=self.backend)
@@ -225,15 +227,16 @@ class SupConLoss(nn.Module):
             raise ValueError("indices_tuple, ref_emb and ref_labels go with 2-D embeddings (the "
                              "pytorch-metric-learning form)")
         if self.gather_distributed and is_distributed(self.group):
+            err = None  # published by the distributed loss, so that every rank raises
             if mask is not None:
-                raise ValueError("SupConLoss(gather_distributed=True) takes labels, not mask: a (bsz, bsz) mask "
+                err = ValueError("SupConLoss(gather_distributed=True) takes labels, not mask: a (bsz, bsz) mask "
                                  "cannot describe pairs across ranks")
-            if isinstance(features, torch.Tensor) and features.dim() == 2:
-                raise NotImplementedError("SupConLoss(gather_distributed=True) supports the SupContrast form "
+            elif pml_form:
+                err = NotImplementedError("SupConLoss(gather_distributed=True) supports the SupContrast form "
                                           "(bsz, n_views, D), not 2-D embeddings")
             return supcon_loss_distributed(features, labels, self.temperature, self.base_temperature,
                                            self.contrast_mode, dist_impl=self.dist_impl, group=self.group,
-                                           backend=self.backend)
+                                           backend=self.backend, local_error=err)
         if pml_form:
             if mask is not None:
                 raise ValueError("mask is only accepted with 3-D features (bsz, n_views, D)")
@@ -267,9 +270,10 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         if self.world_size > 1:
-            _check_world("SigLipLoss", self.rank, self.world_size, self.group)
+            err = _check_world("SigLipLoss", self.rank, self.world_size, self.group)
             loss = siglip_loss_distributed(image_features, text_features, logit_scale, logit_bias,
-                                           dist_impl=self.impl, group=self.group, backend=self.backend)
+                                           dist_impl=self.impl, group=self.group, backend=self.backend,
+                                           local_error=err)
         else:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
