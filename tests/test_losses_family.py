@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastcl
 from conftest import NORMALISED_VALUE_FACTOR, DTYPES, assert_close, randn
 from fastcl._ext import extension_available
 from fastcl.losses.clip import clip_loss
@@ -15,7 +16,8 @@ from fastcl.losses.info_nce import info_nce
 from fastcl.losses.ntxent import ntxent_bank_loss, ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import supcon_loss, supcon_loss_pml
-from fastcl.nn.losses import ClipLoss, DCLLoss, InfoNCELoss, NTXentLoss, SigLipLoss, SupConLoss
+from fastcl.nn.losses import (ClipLoss, DCLLoss, DCLWLoss, DirectCLRLoss, InfoNCELoss, MACLLoss, NTXentLoss,
+                              SigLipLoss, SupConLoss)
 from fastcl.ops.dispatch import triton_available
 
 BACKENDS = ["reference"]
@@ -499,3 +501,66 @@ def test_nan_in_nan_out(backend):
     assert torch.isnan(siglip_loss(a, b, 10.0, -10.0, backend=backend))
     assert torch.isnan(info_nce(a, b, label_smoothing=0.1, backend=backend))
     assert torch.isnan(clip_loss(a, b, 10.0, label_smoothing=0.1, backend=backend))
+
+
+# ----------------------------------------------------------------------------- MACL, DCLW, DirectCLR (lightly)
+def o_macl(z0, z1, temperature=0.1, alpha=0.5, a_0=0.0):
+    """lightly's MACLLoss from its definition: NT-Xent logits over [positive, negatives] with the
+    temperature following the mean positive similarity, each term weighted by 1 / (1 - p + 1e-8)."""
+    z = torch.cat([F.normalize(z0, dim=-1), F.normalize(z1, dim=-1)])
+    n2, n = z.shape[0], z0.shape[0]
+    cov = z @ z.T
+    partner = (torch.arange(n2) + n) % n2
+    pos = cov[torch.arange(n2), partner]
+    t = temperature * (1 + alpha * (pos.detach().mean() - a_0))
+    keep = ~torch.eye(n2, dtype=torch.bool)
+    keep[torch.arange(n2), partner] = False
+    logits = torch.cat([pos[:, None], cov[keep].view(n2, n2 - 2)], 1) / t
+    log_p = logits.log_softmax(1)[:, 0]
+    return (-(1.0 / (1.0 - log_p.exp() + 1e-8)).detach() * log_p).mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha,a_0", [(0.5, 0.0), (1.0, 0.3), (0.0, 0.0)])
+def test_macl(backend, dtype, alpha, a_0):
+    g = torch.Generator().manual_seed(16)
+    a, b = randn(67, 40, generator=g), randn(67, 40, generator=g)
+    b = b + 2 * a  # aligned views, so the temperature moves with A
+    compare(lambda x, y: MACLLoss(0.2, alpha, a_0, backend=backend)(x, y),
+            lambda x, y: o_macl(x, y, 0.2, alpha, a_0), [a, b], dtype, "macl", normalised=True)
+
+
+def test_macl_arguments():
+    for kw, match in ((dict(temperature=0.0), "temperature must be at least"), (dict(alpha=1.5), "alpha"),
+                      (dict(A_0=-0.1), "A_0"), (dict(alpha=True), "alpha must be a float")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            MACLLoss(**kw)
+    with pytest.raises(ValueError, match="same batch size"):
+        fastcl.macl_loss(torch.randn(4, 3), torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("negatives", ["union", "separate"])
+def test_dclw_module(backend, negatives):
+    """lightly's DCLWLoss: DCL with negative von Mises-Fisher weights of the normalised views, detached."""
+    g = torch.Generator().manual_seed(17)
+    a, b = randn(45, 24, generator=g), randn(45, 24, generator=g)
+
+    def vmf_detached(x, y, sigma=0.3):
+        return (2 - x.shape[0] * torch.softmax((x * y).sum(1) / sigma, dim=0)).detach()
+    compare(lambda x, y: DCLWLoss(0.2, 0.3, negatives=negatives, backend=backend)(x, y),
+            lambda x, y: o_dcl(x, y, 0.2, vmf_detached, negatives), [a, b], torch.float32, f"dclw {negatives}")
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        DCLWLoss(sigma=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_directclr(backend):
+    """lightly's DirectCLRLoss: NT-Xent on the first loss_dim features of the flattened outputs."""
+    g = torch.Generator().manual_seed(18)
+    a, b = randn(21, 4, 5, generator=g), randn(21, 4, 5, generator=g)
+    compare(lambda x, y: DirectCLRLoss(loss_dim=7, temperature=0.3, backend=backend)(x, y),
+            lambda x, y: o_ntxent(x.flatten(1)[:, :7], y.flatten(1)[:, :7], 0.3), [a, b], torch.float32, "directclr")
+    with pytest.raises(ValueError, match="loss_dim must be a positive int"):
+        DirectCLRLoss(loss_dim=0)

@@ -40,6 +40,15 @@ def check_dcl_args(out0, out1, temperature, weight_fn, negatives) -> None:
     check_negatives(negatives)
 
 
+def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """DCLW's weights, as lightly's ``negative_mises_fisher_weights``: ``2 - N * softmax(out0_i .
+    out1_i / sigma)`` over the batch, without gradient.
+
+    out0, out1: (N, D) (the normalised views, as ``DCLLoss`` passes them); returns (N,) in their dtype."""
+    similarity = (out0.detach() * out1.detach()).sum(1) / sigma
+    return 2 - out0.shape[0] * torch.softmax(similarity, dim=0)
+
+
 def _weights(weight_fn, a: torch.Tensor, b: torch.Tensor, n: int) -> Optional[torch.Tensor]:
     if weight_fn is None:
         return None

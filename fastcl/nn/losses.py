@@ -1,4 +1,5 @@
 """Drop-in ``nn.Module`` losses: thin wrappers that check arguments and call the functional API."""
+from functools import partial
 from typing import Optional, Sequence, Union
 
 import torch
@@ -6,11 +7,12 @@ from torch import nn
 
 from fastcl.losses.clip import clip_loss
 from fastcl.distributed import group_info, is_distributed
-from fastcl.losses.dcl import check_negatives, dcl_loss
+from fastcl.losses.dcl import check_negatives, dcl_loss, negative_mises_fisher_weights
 from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, dcl_loss_distributed,
                                        ntxent_loss_distributed, resolve_dist_impl, siglip_loss_distributed,
                                        supcon_loss_distributed)
 from fastcl.losses.info_nce import info_nce
+from fastcl.losses.macl import check_macl_args, macl_loss
 from fastcl.losses.ntxent import l2_normalize, ntxent_bank_loss, ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import CONTRAST_MODES, supcon_loss, supcon_loss_pml
@@ -155,6 +157,27 @@ class NTXentLoss(nn.Module):
         return ntxent_loss(out0, out1, self.temperature, backend=self.backend)
 
 
+class DirectCLRLoss(NTXentLoss):
+    """Drop-in for lightly's ``DirectCLRLoss``: ``NTXentLoss`` on the first ``loss_dim`` features
+    of each (flattened) output, for use on the encoding without a projection head."""
+
+    def __init__(self, loss_dim: int = 64, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
+                 gather_distributed: bool = False, *, dist_impl: str = "gather", group=None,
+                 backend: Optional[str] = None):
+        if isinstance(loss_dim, bool) or not isinstance(loss_dim, int) or loss_dim < 1:
+            raise ValueError(f"loss_dim must be a positive int, got {loss_dim!r}")
+        super().__init__(temperature, memory_bank_size, gather_distributed, dist_impl=dist_impl, group=group,
+                         backend=backend)
+        self.loss_dim = loss_dim
+
+    def forward(self, out0, out1):
+        """out0, out1: (N, ...) outputs, flattened to (N, F) and cut to their first loss_dim features."""
+        if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dim() >= 1 and out1.dim() >= 1:
+            out0 = out0.flatten(start_dim=1)[:, :self.loss_dim]
+            out1 = out1.flatten(start_dim=1)[:, :self.loss_dim]
+        return super().forward(out0, out1)
+
+
 class DCLLoss(nn.Module):
     """Drop-in for lightly's ``DCLLoss``: ``forward(out0 (N, D), out1 (N, D)) -> 0-d loss``.
 
@@ -185,6 +208,33 @@ class DCLLoss(nn.Module):
                                         dist_impl=self.dist_impl, group=self.group, backend=self.backend)
         return dcl_loss(out0, out1, self.temperature, self.weight_fn, negatives=self.negatives,
                         backend=self.backend)
+
+
+class DCLWLoss(DCLLoss):
+    """Drop-in for lightly's ``DCLWLoss``: ``DCLLoss`` whose positive term is weighted by
+    ``fastcl.losses.dcl.negative_mises_fisher_weights`` with ``sigma`` (no gradient through the
+    weights).  ``forward(out0 (N, D), out1 (N, D)) -> 0-d loss``."""
+
+    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False, *,
+                 negatives: str = "union", dist_impl: str = "gather", group=None, backend: Optional[str] = None):
+        check_scalar("sigma", sigma, positive=True)
+        super().__init__(temperature, partial(negative_mises_fisher_weights, sigma=sigma), gather_distributed,
+                         negatives=negatives, dist_impl=dist_impl, group=group, backend=backend)
+        self.sigma = sigma
+
+
+class MACLLoss(nn.Module):
+    """Drop-in for lightly's ``MACLLoss(temperature=0.1, alpha=0.5, A_0=0.0)``:
+    ``forward(z0 (N, D), z1 (N, D)) -> 0-d loss``; see ``fastcl.losses.macl.macl_loss``."""
+
+    def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *,  # noqa: N803 (lightly's name)
+                 backend: Optional[str] = None):
+        super().__init__()
+        check_macl_args(temperature, alpha, A_0)
+        self.temperature, self.alpha, self.A_0, self.backend = temperature, alpha, A_0, backend
+
+    def forward(self, z0, z1):
+        return macl_loss(z0, z1, self.temperature, self.alpha, self.A_0, backend=self.backend)
 
 
 class SupConLoss(nn.Module):
