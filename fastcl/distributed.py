@@ -145,9 +145,12 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         gathered = [rows]
         set_rows = [[]]
     else:
-        device = torch.device("cpu")
+        # NCCL moves CUDA tensors only: a rank whose inputs are not tensors (its checks failed)
+        # must still publish on the device the other ranks use.
+        nccl = "nccl" in str(dist.get_backend(group)).lower()
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         for _, t in tensors:
-            if isinstance(t, Tensor):
+            if isinstance(t, Tensor) and (t.is_cuda or not nccl):
                 device = _comm_device(t, group)
                 break
         mine = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1)
@@ -364,6 +367,10 @@ class Ring:
         or overwriting a sent tensor."""
         ops, received = [], []
         device = sends[0].device
+        if device.type != "cpu" and "gloo" in str(dist.get_backend(self.group)).lower():
+            # Every rank holds the same kind of tensors, so every rank raises here: no hang.
+            raise RuntimeError(f"the ring exchanges {device.type} tensors with point-to-point sends, which the gloo "
+                               "backend supports for CPU tensors only; use the NCCL backend, or dist_impl='gather'")
         for t in sends:
             ops.append(dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=self.next))
         for shape, dtype in recv_like:

@@ -422,6 +422,16 @@ def checks(ck, rank, world, tmp):
             raise AssertionError("no error raised")
     if rank in others:
         ck.run("module outside its group raises", outside_group)
+
+    def ring_refuses_device_tensors_on_gloo():  # gloo's point-to-point sends take CPU tensors only
+        from fastcl.distributed import Ring
+        try:
+            Ring().exchange([torch.empty(2, device="meta")], [((2,), torch.float32)])
+        except RuntimeError as e:
+            assert "gloo backend supports for CPU tensors only" in str(e), repr(e)
+        else:
+            raise AssertionError("no error raised")
+    ck.run("ring refuses device tensors on gloo", ring_refuses_device_tensors_on_gloo)
     dist.barrier()
 
 

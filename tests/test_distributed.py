@@ -37,7 +37,8 @@ EXPECTED = ["clip gather local_loss=True", "clip ring local_loss=False", "clip m
             "label_smoothing differs clip ring", "siglip aliases agree", "label_smoothing error published",
             "ring without gather_with_grad published", "bad dist_impl published",
             "unusable backend published gather", "unusable backend published ring", "SupConLoss mask published",
-            "all_gather non-tensor published", "all_reduce shape differs", "ClipLoss rank argument published"]
+            "all_gather non-tensor published", "all_reduce shape differs", "ClipLoss rank argument published",
+            "ring refuses device tensors on gloo"]
 
 
 def _run(world, tmp_path):
