@@ -5,6 +5,7 @@ gloo (CPU) and NCCL (CUDA).  Shapes and dtypes are checked *collectively* first:
 publishes a small metadata vector, so a rank with a different D or dtype makes every rank raise
 the same error instead of leaving the others blocked in a collective.
 """
+import math
 import numbers
 import struct
 import zlib
@@ -72,47 +73,62 @@ def _describe(row: Sequence[int]) -> str:
     return f"shape {tuple(dims)} {dtype}"
 
 
-# Settings (see ``exchange_shapes``) travel as (kind, payload) int64 pairs.
-_NONE, _BOOL, _INT, _FLOAT, _STR, _LONG_STR, _OTHER = range(7)
+# Settings (see ``exchange_shapes``) travel as (kind, payload) int64 pairs.  Numbers of any type
+# (bools, ints, floats, numpy scalars, one-element tensors) compare by value as float64, so that
+# 1 and 1.0, True and 1, or a float and a tensor holding it agree.
+_NONE, _NUMBER, _STR, _LONG_STR, _OTHER = range(5)
+_NAN_BITS = struct.unpack("<q", struct.pack("<d", float("nan")))[0]
+
+
+def _float_bits(v: float) -> int:
+    if math.isnan(v):
+        return _NAN_BITS  # one NaN, whatever its sign or payload
+    return struct.unpack("<q", struct.pack("<d", v + 0.0))[0]  # + 0.0: -0.0 is 0.0
+
+
+def _is_float_scalar(v) -> bool:
+    return isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point()
 
 
 def _encode_setting(value) -> Tuple[int, int]:
-    """Host part of one setting; a tensor's value is filled in on its device (``_setting_values``)."""
+    """Host part of one setting; a float tensor's value is filled in on its device (``_setting_values``)."""
     if value is None:
         return _NONE, 0
-    if isinstance(value, bool):
-        return _BOOL, int(value)
-    if isinstance(value, Tensor):
-        return (_FLOAT, 0) if value.numel() == 1 and value.is_floating_point() else (_OTHER, 0)
-    if isinstance(value, numbers.Integral):
-        return _INT, int(value)
+    if _is_float_scalar(value):
+        return _NUMBER, 0
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()  # a bool or int flag given as a tensor (a sync, for an odd input)
+    if hasattr(value, "item") and not isinstance(value, Tensor):  # numpy scalars
+        value = value.item()
     if isinstance(value, numbers.Real):
-        return _FLOAT, struct.unpack("<q", struct.pack("<d", float(value)))[0]
+        return _NUMBER, _float_bits(float(value))
     if isinstance(value, str):
-        raw = value.encode()
+        raw = value.encode(errors="replace")
         if len(raw) <= 8:  # the text itself, so the error can show it
             return _STR, int.from_bytes(raw.ljust(8, b"\0"), "little", signed=True)
         return _LONG_STR, zlib.crc32(raw)
-    return _OTHER, 0
+    return _OTHER, zlib.crc32(repr(value).encode(errors="replace"))
 
 
 def _setting_values(settings, device: torch.device) -> Tensor:
     """(2 * len(settings),) int64 on ``device``: each setting's kind and payload, a float tensor's
     value as the bits of its float64 (written on the device: no wait for it here)."""
     host = torch.tensor([x for _, v in settings for x in _encode_setting(v)], dtype=torch.int64)
-    out = host.to(device)
+    out = host.to(device, non_blocking=True)
     for i, (_, v) in enumerate(settings):
-        if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point():
-            out[2 * i + 1] = v.detach().reshape(()).to(device=device, dtype=torch.float64).view(torch.int64)
+        if _is_float_scalar(v):
+            x = v.detach().reshape(()).to(device=device, dtype=torch.float64) + 0.0
+            x = torch.where(torch.isnan(x), torch.full_like(x, float("nan")), x)
+            out[2 * i + 1] = x.view(torch.int64)
     return out
 
 
 def _decode_setting(kind: int, payload: int) -> str:
-    if kind == _FLOAT:
+    if kind == _NUMBER:
         return repr(struct.unpack("<d", struct.pack("<q", payload))[0])
     if kind == _STR:
         return repr(payload.to_bytes(8, "little", signed=True).rstrip(b"\0").decode(errors="replace"))
-    return {_NONE: "None", _BOOL: repr(bool(payload)), _INT: str(payload)}.get(kind, "<a different value>")
+    return "None" if kind == _NONE else "<a different value>"
 
 
 def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
@@ -139,10 +155,8 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         number of dims, any trailing dim, the dtype or a setting, or any rank has an empty tensor.
     """
     rank, world = group_info(group)
-    rows = [_encode(t, local_error is not None) for _, t in tensors]
-    n_meta = len(rows) * _META_LEN
     if world == 1:
-        gathered = [rows]
+        gathered = [[_encode(t, local_error is not None) for _, t in tensors]]
         set_rows = [[]]
     else:
         # NCCL moves CUDA tensors only: a rank whose inputs are not tensors (its checks failed)
@@ -153,13 +167,19 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
             if isinstance(t, Tensor) and (t.is_cuda or not nccl):
                 device = _comm_device(t, group)
                 break
-        mine = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1)
+        set_vals = torch.zeros(2 * len(settings), dtype=torch.int64, device=device)
         if settings:
-            mine = torch.cat([mine, _setting_values(settings, device)])
+            try:  # a setting that cannot be encoded is this rank's error, published like the others
+                set_vals = _setting_values(settings, device)
+            except Exception as e:
+                local_error = local_error or e
+        rows = [_encode(t, local_error is not None) for _, t in tensors] or [[1 if local_error else 0]]
+        mine = torch.cat([torch.tensor(rows, dtype=torch.int64).reshape(-1).to(device, non_blocking=True), set_vals])
+        n_meta = sum(len(r) for r in rows)
         out = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(out, mine, group=group)
         flat = [o.tolist() for o in out]
-        gathered = [[f[i * _META_LEN:(i + 1) * _META_LEN] for i in range(len(rows))] for f in flat]
+        gathered = [[f[i * _META_LEN:(i + 1) * _META_LEN] for i in range(len(tensors))] or [f[:1]] for f in flat]
         set_rows = [f[n_meta:] for f in flat]
     if local_error is not None:
         raise local_error
@@ -318,8 +338,8 @@ def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
     """Sum of ``x`` over the ranks of ``group``, differentiable: the backward is the sum of gradients.
 
     Args:
-        x: tensor of at most 5 dims, the same shape and dtype on every rank (checked on every rank
-            first; floating, to carry a gradient).
+        x: tensor of the same shape and dtype on every rank (checked on every rank first, an
+            exchange of a few integers; floating, to carry a gradient).
 
     Returns:
         Tensor of ``x``'s shape, dtype and device; ``x`` itself on one rank.
@@ -331,7 +351,8 @@ def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
         _check_tensor(x)
         return x
     err = _tensor_error(x)
-    exchange_shapes([("x (shown with a leading dim of 1)", None if err else x.unsqueeze(0))], group, err)
+    shape = "?" if err else str(tuple(x.shape)).replace(" ", "")
+    exchange_shapes([], group, err, [("x's shape", shape), ("x's dtype", "?" if err else str(x.dtype)[6:])])
     return all_reduce_checked(x, group)
 
 

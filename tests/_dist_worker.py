@@ -399,7 +399,26 @@ def checks(ck, rank, world, tmp):
     ck.run("all_gather non-tensor published", published(
         lambda: all_gather_with_grad(own([1.0], x4)), 0, TypeError, "torch.Tensor"))
     ck.run("all_reduce shape differs", mismatch(lambda: all_reduce_with_grad(torch.ones(own(3, 4))),
-                                                "same trailing shape"))
+                                                "x's shape must be the same on every rank of the group; got rank 0: "
+                                                "'(3,)', rank 1: '(4,)'"))
+
+    def all_reduce_6d():
+        out = all_reduce_with_grad(torch.ones(1, 2, 1, 1, 1, 2))
+        assert torch.equal(out, torch.full((1, 2, 1, 1, 1, 2), float(world))), out
+    ck.run("all_reduce 6-D", all_reduce_6d)
+    ck.run("flag given as a tensor differs", mismatch(
+        lambda: clip_loss_distributed(x4, x4, 2.0, local_loss=torch.tensor(rank == 0), dist_impl="ring"),
+        "local_loss must be the same"))
+
+    def same_values_agree():  # numbers compare by value: 1 and 1.0, True and 1, -0.0 and no bias, NaN and NaN
+        for kw in (dict(temperature=own(1, 1.0)), dict(temperature=own(torch.tensor(0.5), 0.5))):
+            ntxent_loss_distributed(x4, x4, **kw)
+        clip_loss_distributed(x4, x4, 2.0, own(-0.0, None), local_loss=own(True, 1))
+        assert torch.isnan(clip_loss_distributed(x4, x4, 2.0, own(float("nan"), -float("nan"))))
+    ck.run("equal settings of different types agree", same_values_agree)
+    ck.run("unencodable setting published", published(
+        lambda: clip_loss_distributed(x4, x4, own(torch.tensor(2.0, device="meta"), 2.0)), 0, NotImplementedError,
+        "meta"))
 
     def forgotten_rank():  # rank=0 on every process: wrong on all ranks but 0, raised on all
         try:

@@ -185,15 +185,24 @@ def test_supcon_miner_edge_cases():
     # one anchor's pairs only; the others have none and are left out of the mean
     tup = (ix(3, 3), ix(4, 5), ix(3, 3), ix(6, 7))
     assert_close(crit(emb, None, tup), theirs(emb, None, tup), torch.float64, "one anchor")
-    # NaN in a mined pair gives NaN (PML's filter would drop that anchor silently)
-    bad = emb.detach().clone()
-    bad[5] = float("nan")
-    assert torch.isnan(crit(bad, None, tup))
-    errors = [((ix(0), ix(1), ix(0), ix(1)), ValueError, "both as a positive and as a negative"),
-              ((ix(0), ix(9), ix(0), ix(2)), ValueError, r"indices_tuple\[1\] \(p\) must lie in \[0, 9\)"),
+    # NaN in a mined pair gives NaN (PML's filter would drop that anchor silently), and so does NaN
+    # in a row no pair names, as in PML (its row max sees every entry)
+    for row in (5, 8):
+        bad = emb.detach().clone()
+        bad[row] = float("nan")
+        assert torch.isnan(crit(bad, None, tup)), row
+    assert torch.isnan(theirs(bad, None, tup))
+    # PML's zero loss comes before it reads the indices: any dtype, even empty float tensors
+    empty = torch.tensor([])
+    assert crit(emb, None, (empty, empty, empty, empty)).item() == 0.0 == theirs(emb, None, (empty,) * 4).item()
+    # (each case has a tensor of two entries: with at most one everywhere PML returns 0 first)
+    errors = [((ix(0, 3), ix(1, 4), ix(0, 5), ix(1, 6)), ValueError, "both as a positive and as a negative"),
+              ((ix(0, 3), ix(9, 4), ix(0, 5), ix(2, 6)), ValueError, r"indices_tuple\[1\] \(p\) must lie in \[0, 9\)"),
               ((ix(0, 1), ix(1), ix(0), ix(2)), ValueError, "as many anchors as partners"),
               ((ix(0), ix(1)), TypeError, "of length 2"),
-              ((ix(0), ix(1), torch.tensor([2.0])), TypeError, r"indices_tuple\[2\] \(n\) must be an integer tensor")]
+              ((ix(0, 1), ix(1, 2), torch.tensor([2.0, 3.0])), TypeError,
+               r"indices_tuple\[2\] \(n\) must be an integer tensor"),
+              ((ix(0, 1), [1, 2], ix(2, 3)), TypeError, r"indices_tuple\[1\] \(p\) must be a torch.Tensor")]
     for tup, exc, match in errors:
         with pytest.raises(exc, match=match):
             crit(emb, None, tup)

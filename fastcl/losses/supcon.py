@@ -242,9 +242,18 @@ def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tup
                         f"{type(indices_tuple).__name__}"
                         + (f" of length {len(indices_tuple)}" if isinstance(indices_tuple, (tuple, list)) else ""))
     names = ("a1", "p", "a2", "n") if len(indices_tuple) == 4 else ("a", "p", "n")
-    idx = [check_index(f"indices_tuple[{i}] ({nm})", t, (None,), n if nm[0] == "a" else m, device)
+    for i, (nm, t) in enumerate(zip(names, indices_tuple)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"indices_tuple[{i}] ({nm}) must be a torch.Tensor of integer indices, got "
+                            f"{type(t).__name__}")
+    if all(t.numel() <= 1 for t in indices_tuple):  # PML's zero loss, before it looks at the indices
+        empty = torch.zeros(n, m, dtype=torch.bool, device=device)
+        return empty, empty, False
+    # A miner's CPU indices into GPU embeddings index them as PML's masks do.
+    idx = [check_index(f"indices_tuple[{i}] ({nm})", t.to(device) if t.device.type == "cpu" else t, (None,),
+                       n if nm[0] == "a" else m, device)
            for i, (nm, t) in enumerate(zip(names, indices_tuple))]
-    any_pairs = not all(t.numel() <= 1 for t in idx)
+    any_pairs = True
     a1, p, a2, neg = idx if len(idx) == 4 else (idx[0], idx[1], idx[0], idx[2])
     for (x, y), what in (((a1, p), "positive"), ((a2, neg), "negative")):
         if x.shape != y.shape:
@@ -287,4 +296,7 @@ def _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, r
     pos_sum = torch.where(pos, scores, torch.zeros_like(scores)).sum(dim=1) - count * lse
     per_anchor = -pos_sum / (count + torch.finfo(ct).tiny)
     has_pairs = pos.any() & neg.any() & any_pairs
-    return _mean_nonzero(per_anchor, has_pairs)
+    loss = _mean_nonzero(per_anchor, has_pairs)
+    # NaN anywhere in the matrix makes PML's loss NaN (its row max sees every entry); here the
+    # masks would hide it from the value while the backward still spreads it to every row.
+    return torch.where(torch.isnan(scores).any(), torch.full_like(loss, float("nan")), loss)
