@@ -255,6 +255,15 @@ def _reduce_scatter_sum(g: Tensor, sizes: Sequence[int], rank: int, group) -> Te
     return g[start:start + sizes[rank]].clone()
 
 
+def refuse_graph_backward(what: str) -> None:
+    """Raise when a backward runs with create_graph=True: the collectives that form these
+    gradients are not differentiable ops, so a second derivative would miss the other ranks'
+    terms (or fail later naming an internal op)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} have no second derivative across ranks, so they do not support backward "
+                           "with create_graph=True (on one process the losses do)")
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, sizes):
@@ -265,6 +274,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_graph_backward("the gradient-carrying all-gather (dist_impl='gather')")
         # Each rank's copy of the owner's rows received its own gradient: sum them (no 1/W).
         return _reduce_scatter_sum(g, ctx.sizes, ctx.rank, ctx.group).to(ctx.device), None, None
 
@@ -279,6 +289,7 @@ class _AllReduceWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_graph_backward("the gradient-carrying all-reduce")
         # y = sum_r x_r is read by every rank, so d(sum_r L_r)/dx_r = sum_r dL_r/dy.
         gy = g.to(_comm_device(g, ctx.group)).contiguous().clone()
         dist.all_reduce(gy, group=ctx.group)

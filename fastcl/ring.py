@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fastcl.ops.sigmoid_pair  # noqa: F401  (registers torch.ops.fastcl.sigmoid_pair_*)
 import fastcl.ops.similarity_lse  # noqa: F401  (registers torch.ops.fastcl.similarity_lse_*)
-from fastcl.distributed import Ring
+from fastcl.distributed import Ring, refuse_graph_backward
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor, softmax_mass
 
@@ -137,6 +137,7 @@ class _RingLSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, g_col):
+        refuse_graph_backward("the ring ops (dist_impl='ring')")
         q, k, scale_t, bias_t, row, col = ctx.saved_tensors
         ring, sizes, backend = ctx.ring, ctx.sizes, ctx.backend
         ct, d, w = row.dtype, k.shape[1], ring.world
@@ -276,6 +277,7 @@ class _RingSigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_graph_backward("the ring ops (dist_impl='ring')")
         q, k, scale_t, bias_t = ctx.saved_tensors
         ring, sizes, backend = ctx.ring, ctx.sizes, ctx.backend
         ct, d, w = compute_dtype(q.dtype), k.shape[1], ring.world

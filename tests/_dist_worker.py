@@ -451,6 +451,17 @@ def checks(ck, rank, world, tmp):
         else:
             raise AssertionError("no error raised")
     ck.run("ring refuses device tensors on gloo", ring_refuses_device_tensors_on_gloo)
+
+    def no_graph_backward_across_ranks():  # the collectives in the backward are not differentiable
+        for impl in ("gather", "ring"):
+            x = x4.clone().requires_grad_()
+            try:
+                torch.autograd.grad(clip_loss_distributed(x, x * 2, 2.0, dist_impl=impl), x, create_graph=True)
+            except RuntimeError as e:
+                assert "no second derivative across ranks" in str(e), repr(e)
+            else:
+                raise AssertionError(f"{impl}: no error raised")
+    ck.run("create_graph refused across ranks", no_graph_backward_across_ranks)
     dist.barrier()
 
 

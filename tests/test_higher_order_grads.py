@@ -99,3 +99,17 @@ def test_plain_backward_keeps_the_fused_kernels(monkeypatch):
     inputs = _inputs(7)
     with pytest.raises(AssertionError, match="materialised"):
         torch.autograd.grad(OPS["clip"](*inputs, "cpu"), inputs, create_graph=True)
+
+
+def test_ring_ops_refuse_create_graph_by_name():
+    """The ring's backward is not built from differentiable ops: create_graph=True raises a clear
+    error (it failed later, naming fastcl's internal backward op); a plain backward still works."""
+    from fastcl.distributed import Ring
+    from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
+    q, k = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    calls = {"lse": lambda: sum(t.sum() for t in ring_similarity_lse(q, k, 2.0, cols=True, ring=Ring(), sizes=[5])),
+             "sigmoid": lambda: ring_sigmoid_pair_loss(q, k, 2.0, -1.0, ring=Ring(), sizes=[5])}
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"ring ops \(dist_impl='ring'\) have no second derivative across"):
+            torch.autograd.grad(call(), [q, k], create_graph=True)
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(call(), [q, k])), name
