@@ -393,6 +393,9 @@ def checks(ck, rank, world, tmp):
         ck.run(f"unusable backend published {impl}", published(
             lambda impl=impl: clip_loss_distributed(x4, x4, 2.0, dist_impl=impl, backend=own("cuda", None)), 0,
             ValueError, "backend='cuda' needs CUDA tensors"))
+    ck.run("SupConLoss misplaced ref_emb published", published(
+        lambda: SupConLoss(gather_distributed=True)(f4, lab4, ref_emb=own(x4, None)), 0, ValueError,
+        "go with 2-D embeddings"))
     ck.run("SupConLoss mask published", published(
         lambda: SupConLoss(gather_distributed=True)(f4, lab4, own(torch.ones(4, 4), None)), 0, ValueError,
         "takes labels, not mask"))

@@ -40,7 +40,7 @@ EXPECTED = ["clip gather local_loss=True", "clip ring local_loss=False", "clip m
             "all_gather non-tensor published", "all_reduce shape differs", "ClipLoss rank argument published",
             "ring refuses device tensors on gloo", "all_reduce 6-D", "flag given as a tensor differs",
             "equal settings of different types agree", "unencodable setting published",
-            "create_graph refused across ranks"]
+            "create_graph refused across ranks", "SupConLoss misplaced ref_emb published"]
 
 
 def _run(world, tmp_path):

@@ -269,16 +269,19 @@ class SupConLoss(nn.Module):
 
     def forward(self, features, labels=None, mask=None, *, indices_tuple=None, ref_emb=None, ref_labels=None):
         pml_form = isinstance(features, torch.Tensor) and features.dim() == 2
+        err = None
         if pml_form and isinstance(mask, (tuple, list)):  # PML's third positional is indices_tuple
             if indices_tuple is not None:
-                raise ValueError("indices_tuple given twice (third positional argument and keyword)")
+                err = ValueError("indices_tuple given twice (third positional argument and keyword)")
             mask, indices_tuple = None, mask
         if (ref_emb is not None or ref_labels is not None or indices_tuple is not None) and not pml_form:
-            raise ValueError("indices_tuple, ref_emb and ref_labels go with 2-D embeddings (the "
-                             "pytorch-metric-learning form)")
+            err = err or ValueError("indices_tuple, ref_emb and ref_labels go with 2-D embeddings (the "
+                                    "pytorch-metric-learning form)")
         if self.gather_distributed and is_distributed(self.group):
-            err = None  # published by the distributed loss, so that every rank raises
-            if mask is not None:
+            # every error is published by the distributed loss, so that every rank raises
+            if err is not None:
+                pass
+            elif mask is not None:
                 err = ValueError("SupConLoss(gather_distributed=True) takes labels, not mask: a (bsz, bsz) mask "
                                  "cannot describe pairs across ranks")
             elif pml_form:
@@ -287,6 +290,8 @@ class SupConLoss(nn.Module):
             return supcon_loss_distributed(features, labels, self.temperature, self.base_temperature,
                                            self.contrast_mode, dist_impl=self.dist_impl, group=self.group,
                                            backend=self.backend, local_error=err)
+        if err is not None:
+            raise err
         if pml_form:
             if mask is not None:
                 raise ValueError("mask is only accepted with 3-D features (bsz, n_views, D)")
