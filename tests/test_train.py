@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from conftest import assert_close, rel_err
 from fastcl import clip_loss
 from fastcl.losses.ntxent import ntxent_loss
 from fastcl.models import ProjectionHead, SimCLR, TwoTower
@@ -46,9 +46,9 @@ def test_grad_cache_equals_unchunked_simclr(chunk_size):
     model = _simclr()
     loss_ref, ref = _step_grads(model, _ntxent, inputs, None)
     loss_c, got = _step_grads(model, _ntxent, inputs, chunk_size)
-    assert rel_err(loss_c, loss_ref) <= 1e-6
+    assert_close(loss_c, loss_ref, torch.float32, "loss")
     for name in ref:
-        assert rel_err(got[name], ref[name]) <= 2e-5, name
+        assert_close(got[name], ref[name], torch.float32, name)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])
@@ -81,7 +81,7 @@ def test_grad_cache_equals_unchunked_two_tower_with_batch_level_outputs():
     _, got = _step_grads(model, loss, inputs, 5)  # chunks 5, 5, 2
     assert set(got) == {n for n, _ in model.named_parameters()}
     for name in ref:
-        assert rel_err(got[name], ref[name]) <= 2e-5, name
+        assert_close(got[name], ref[name], torch.float32, name)
 
 
 def test_grad_cache_replays_dropout_under_saved_rng():
@@ -100,7 +100,7 @@ def test_grad_cache_replays_dropout_under_saved_rng():
     torch.manual_seed(123)
     _, got = _step_grads(model, _ntxent, inputs, 4)
     for name in ref:
-        assert rel_err(got[name], ref[name]) <= 2e-5, name
+        assert_close(got[name], ref[name], torch.float32, name)
     torch.manual_seed(124)  # negative control: other masks give other gradients
     _, other = _step_grads(model, _ntxent, inputs, 4)
     assert rel_err(other["encoder.0.weight"], ref["encoder.0.weight"]) > 1e-3
@@ -248,7 +248,7 @@ def test_ddp_wrapping_with_grad_cache_single_process(tmp_path):
         model.zero_grad(set_to_none=True)
         trainer.compute_gradients(inputs)
         for name, p in model.named_parameters():
-            assert rel_err(p.grad, ref[name]) <= 2e-5, name
+            assert_close(p.grad, ref[name], torch.float32, name)
     finally:
         # Gloo's worker thread frees its last all-reduce work after the work completes, and that
         # needs the GIL.  If the DDP reducer (which holds the process group) were freed first, the
@@ -275,6 +275,8 @@ def test_grad_cache_on_gpu(precision):
         m.zero_grad(set_to_none=True)
         value = trainer.compute_gradients(inputs)
         assert torch.isfinite(value)
-    tol = 2e-4 if precision == "fp32" else 5e-2
+    # Both runs on the GPU, chunked against whole: TF32 model matmuls round differently per chunk
+    # (fp32), and a bf16 autocast model rounds its activations (bf16): a few times the table's.
+    dtype, factor = (torch.float32, 10.0) if precision == "fp32" else (torch.bfloat16, 2.5)
     for (name, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
-        assert rel_err(a.grad, b.grad) <= tol, name
+        assert_close(a.grad, b.grad, dtype, name, factor)
