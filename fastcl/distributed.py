@@ -132,8 +132,8 @@ def _decode_setting(kind: int, payload: int) -> str:
 
 
 def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
-                    local_error: Optional[BaseException] = None, settings: Sequence[Tuple[str, object]] = ()
-                    ) -> List[List[int]]:
+                    local_error: Optional[BaseException] = None, settings: Sequence[Tuple[str, object]] = (),
+                    like: Optional[Tensor] = None) -> List[List[int]]:
     """Check that every rank holds tensors of the same trailing shape and dtype, and the same
     settings; return dim-0 sizes.
 
@@ -146,6 +146,7 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         settings: (name, value) pairs that must be equal on every rank, the same names in the same
             order everywhere: None, bools, ints, floats, strings, or one-element float tensors
             (compared by value as float64, with a float; read where the exchange already waits).
+        like: a tensor whose device the exchange uses when ``tensors`` holds none.
 
     Returns:
         ``sizes[i][r]``: dim-0 size of tensor ``i`` on rank ``r`` of ``group``.
@@ -163,7 +164,7 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         # must still publish on the device the other ranks use.
         nccl = "nccl" in str(dist.get_backend(group)).lower()
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        for _, t in tensors:
+        for _, t in list(tensors) + [("like", like)]:
             if isinstance(t, Tensor) and (t.is_cuda or not nccl):
                 device = _comm_device(t, group)
                 break
@@ -255,13 +256,17 @@ def _reduce_scatter_sum(g: Tensor, sizes: Sequence[int], rank: int, group) -> Te
     return g[start:start + sizes[rank]].clone()
 
 
-def refuse_graph_backward(what: str) -> None:
+def refuse_graph_backward(what: str, world: int = 2) -> None:
     """Raise when a backward runs with create_graph=True: the collectives that form these
     gradients are not differentiable ops, so a second derivative would miss the other ranks'
-    terms (or fail later naming an internal op)."""
+    terms (or fail later naming an internal op).  ``world``: the group's size (the ring's blocks
+    are not differentiable on one process either)."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{what} have no second derivative across ranks, so they do not support backward "
-                           "with create_graph=True (on one process the losses do)")
+        if world > 1:
+            raise RuntimeError(f"{what} have no second derivative across ranks, so they do not support backward "
+                               "with create_graph=True (on one process the losses do)")
+        raise RuntimeError(f"{what} have no second derivative, so they do not support backward with "
+                           "create_graph=True; on one process dist_impl='gather' (or the plain loss) does")
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -363,7 +368,8 @@ def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
         return x
     err = _tensor_error(x)
     shape = "?" if err else str(tuple(x.shape)).replace(" ", "")
-    exchange_shapes([], group, err, [("x's shape", shape), ("x's dtype", "?" if err else str(x.dtype)[6:])])
+    exchange_shapes([], group, err, [("x's shape", shape), ("x's dtype", "?" if err else str(x.dtype)[6:])],
+                    like=None if err else x)
     return all_reduce_checked(x, group)
 
 

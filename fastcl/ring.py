@@ -137,7 +137,7 @@ class _RingLSE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, g_col):
-        refuse_graph_backward("the ring ops (dist_impl='ring')")
+        refuse_graph_backward("the ring ops (dist_impl='ring')", ctx.ring.world)
         q, k, scale_t, bias_t, row, col = ctx.saved_tensors
         ring, sizes, backend = ctx.ring, ctx.sizes, ctx.backend
         ct, d, w = row.dtype, k.shape[1], ring.world
@@ -277,7 +277,7 @@ class _RingSigmoid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        refuse_graph_backward("the ring ops (dist_impl='ring')")
+        refuse_graph_backward("the ring ops (dist_impl='ring')", ctx.ring.world)
         q, k, scale_t, bias_t = ctx.saved_tensors
         ring, sizes, backend = ctx.ring, ctx.sizes, ctx.backend
         ct, d, w = compute_dtype(q.dtype), k.shape[1], ring.world

@@ -115,8 +115,9 @@ def test_clip_large_scale_unnormalised(backend):
     loss = fastcl.clip_loss(a, b, 100.0, backend=backend)
     ref = open_clip_loss(a64, b64, 100.0)
     assert torch.isfinite(loss)
-    # logits in the thousands: fp32 rounding of |s| * eps each (LARGE_LOGITS_FACTOR)
-    assert_close(loss, ref, torch.float32, "loss", LARGE_LOGITS_FACTOR)
+    # logits in the thousands: fp32 rounding of |s| * eps each moves the gradients (measured 1.1x
+    # TOL: LARGE_LOGITS_FACTOR); the loss stays within TOL (measured 0.003x)
+    assert_close(loss, ref, torch.float32, "loss")
     for name, g, g64 in zip(("d img", "d txt"), torch.autograd.grad(loss, [a, b]), torch.autograd.grad(ref, [a64, b64])):
         assert_close(g, g64, torch.float32, name, LARGE_LOGITS_FACTOR)
 

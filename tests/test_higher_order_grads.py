@@ -110,6 +110,7 @@ def test_ring_ops_refuse_create_graph_by_name():
     calls = {"lse": lambda: sum(t.sum() for t in ring_similarity_lse(q, k, 2.0, cols=True, ring=Ring(), sizes=[5])),
              "sigmoid": lambda: ring_sigmoid_pair_loss(q, k, 2.0, -1.0, ring=Ring(), sizes=[5])}
     for name, call in calls.items():
-        with pytest.raises(RuntimeError, match=r"ring ops \(dist_impl='ring'\) have no second derivative across"):
+        with pytest.raises(RuntimeError, match=r"ring ops \(dist_impl='ring'\) have no second derivative, .* on one "
+                                               r"process dist_impl='gather'"):
             torch.autograd.grad(call(), [q, k], create_graph=True)
         assert all(torch.isfinite(g).all() for g in torch.autograd.grad(call(), [q, k])), name

@@ -533,11 +533,34 @@ def test_macl(backend, dtype, alpha, a_0):
 
 def test_macl_arguments():
     for kw, match in ((dict(temperature=0.0), "temperature must be at least"), (dict(alpha=1.5), "alpha"),
-                      (dict(A_0=-0.1), "A_0"), (dict(alpha=True), "alpha must be a float")):
+                      (dict(A_0=-0.1), "A_0"), (dict(alpha=True), "alpha must be a real number")):
         with pytest.raises((ValueError, TypeError), match=match):
             MACLLoss(**kw)
     with pytest.raises(ValueError, match="same batch size"):
         fastcl.macl_loss(torch.randn(4, 3), torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_macl_close_to_one_and_non_positive_temperature(backend):
+    """Well-aligned positives at a low temperature (p close to 1, weights up to 1e8): the fp32 loss
+    and gradients stay at fp32's tolerance of float64 (1 - exp(log p) in fp32 did not).  Settings
+    with alpha * (1 + A_0) >= 1 and anti-aligned views make t negative, as lightly allows.  One
+    sample has no negatives: 0, with a zero gradient."""
+    g = torch.Generator().manual_seed(19)
+    a = randn(96, 32, generator=g)
+    b = a + 0.01 * randn(96, 32, generator=g)
+    compare(lambda x, y: MACLLoss(0.03, backend=backend)(x, y), lambda x, y: o_macl(x, y, 0.03),
+            [a, b], torch.float32, "macl p ~ 1")
+    c = -a + 0.5 * randn(96, 32, generator=g)
+    assert (F.cosine_similarity(a, c).mean() < 0).item()
+    compare(lambda x, y: MACLLoss(0.1, 1.0, 1.0, backend=backend)(x, y), lambda x, y: o_macl(x, y, 0.1, 1.0, 1.0),
+            [a, c], torch.float32, "macl t < 0")
+    one = a[:1].clone().requires_grad_()
+    loss = MACLLoss(backend=backend)(one, b[:1])
+    assert loss.item() == 0.0 and torch.autograd.grad(loss, one)[0].abs().max() == 0.0
+    # lightly accepts any real number: numpy scalars and one-element tensors too
+    import numpy as np
+    assert torch.isfinite(MACLLoss(np.float32(0.2), torch.tensor(0.5), np.float64(0.1), backend=backend)(a, b))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -186,7 +186,7 @@ def test_supcon_miner_edge_cases():
     tup = (ix(3, 3), ix(4, 5), ix(3, 3), ix(6, 7))
     assert_close(crit(emb, None, tup), theirs(emb, None, tup), torch.float64, "one anchor")
     # NaN in a mined pair gives NaN (PML's filter would drop that anchor silently), and so does NaN
-    # in a row no pair names, as in PML (its row max sees every entry)
+    # in a row no pair names (NaN in, NaN out; PML's loss is NaN here too, as the NaN is in embeddings)
     for row in (5, 8):
         bad = emb.detach().clone()
         bad[row] = float("nan")

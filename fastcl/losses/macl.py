@@ -3,12 +3,14 @@
 NT-Xent's 2N anchors with a temperature that follows the batch's alignment,
 ``t = temperature * (1 + alpha * (A - A_0))`` where ``A`` is the mean positive similarity
 (no gradient), and each anchor's term ``-log p_i`` weighted by ``1 / (1 - p_i + 1e-8)`` (no
-gradient), ``p_i`` the softmax probability of its positive.  ``log p_i`` is the positive logit
-minus the row LSE (self excluded), which ``similarity_lse`` gives without the 2N x 2N matrix.
+gradient), ``p_i`` the softmax probability of its positive.  Both come from the positive logit
+and the LSE over the negatives, which ``similarity_lse`` gives without the 2N x 2N matrix.
 """
+import numbers
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import positive_logits
@@ -19,10 +21,14 @@ EPS = 1e-8  # lightly's: the smallest temperature, and the weight's guard agains
 
 
 def check_macl_args(temperature, alpha, a_0) -> None:
-    """lightly's checks: temperature >= 1e-8, alpha and A_0 in [0, 1] (ValueError naming them)."""
+    """lightly's checks: temperature >= 1e-8, alpha and A_0 in [0, 1] (ValueError naming them).
+    Real numbers of any kind (numpy scalars too) or one-element tensors (read once here)."""
     for name, v in (("temperature", temperature), ("alpha", alpha), ("A_0", a_0)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+        ok = isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                             and v.is_floating_point())
+        if isinstance(v, bool) or not ok:
+            raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    temperature, alpha, a_0 = (float(v) for v in (temperature, alpha, a_0))
     if not temperature >= EPS:
         raise ValueError(f"temperature must be at least {EPS}, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
@@ -39,8 +45,13 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
     ``z_i . z_j / t`` for every ``j != i``, its positive the same sample in the other view;
     ``t = temperature * (1 + alpha * (A - a_0))`` with ``A`` the mean positive cosine
     similarity, detached.  The loss is ``mean_i -w_i log p_i`` with ``w_i = 1 / (1 - p_i + 1e-8)``
-    detached.  ``t`` stays positive when ``alpha * (a_0 - A) < 1``, which holds whenever
-    ``alpha < 0.5`` or ``a_0 <= A`` (the defaults keep ``t >= temperature / 2``).
+    detached, ``p_i`` the softmax probability of the positive.  ``log p_i = -softplus(d_i)`` and
+    ``1 - p_i = sigmoid(d_i)`` come from ``d_i`` = (LSE over the negatives) - (positive logit),
+    with the negatives' LSE fused as in DCL: no cancellation when p is close to 1, where
+    ``1 - exp(log p)`` in fp32 loses every digit that the weight then multiplies.  ``t`` may reach 0
+    or below only when ``alpha * (1 + a_0) >= 1``; then the logits change sign as lightly's do
+    (the fused op takes a positive scale, so the keys are negated instead).  One sample (no
+    negatives) gives 0, as in lightly.
 
     Args:
         z0: (N, D) float32, bfloat16, float16 or float64; first view.
@@ -56,11 +67,25 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
     check_views(z0, z1)
     check_macl_args(temperature, alpha, a_0)
     n = z0.shape[0]
-    z = torch.cat([l2_normalize(z0), l2_normalize(z1)], dim=0)
+    a, b = l2_normalize(z0), l2_normalize(z1)
+    z = torch.cat([a, b], dim=0)
     partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
     cos = positive_logits(z, z, partner, 1.0)  # (2N,) in the compute dtype, with gradient
+    alpha, a_0 = float(alpha), float(a_0)
     t = temperature * (1 + alpha * (cos.detach().mean() - a_0))
-    lse = similarity_lse(z, z, 1.0 / t, rows=True, exclude_diagonal=0, backend=backend)
-    log_p = cos / t - lse
-    weight = 1.0 / (1.0 - log_p.detach().exp() + EPS)
+    if n == 1:  # no negatives: p = 1 and lightly's loss is exactly 0, with a zero gradient
+        return (cos * 0.0).mean()
+    ka, kb = a, b
+    if alpha * (1 + a_0) >= 1:  # t may be <= 0 (decided from the settings: no read of t)
+        sign = torch.where(t < 0, -1.0, 1.0).to(a.dtype)
+        ka, kb = a * sign, b * sign
+    scale = 1.0 / t.abs()
+    # Negatives of anchor a_i: a_j and b_j for j != i (DCL's union), likewise for b_i.
+    lse_aa = similarity_lse(a, ka, scale, rows=True, exclude_diagonal=0, backend=backend)
+    lse_bb = similarity_lse(b, kb, scale, rows=True, exclude_diagonal=0, backend=backend)
+    lse_ab, lse_ba = similarity_lse(a, kb, scale, rows=True, cols=True, exclude_diagonal=0, backend=backend)
+    neg = torch.cat([torch.logaddexp(lse_aa, lse_ab), torch.logaddexp(lse_bb, lse_ba)])
+    d = neg - cos / t
+    log_p = -F.softplus(d)
+    weight = 1.0 / (torch.sigmoid(d.detach()) + EPS)
     return (-weight * log_p).mean()

@@ -297,6 +297,7 @@ def _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, r
     per_anchor = -pos_sum / (count + torch.finfo(ct).tiny)
     has_pairs = pos.any() & neg.any() & any_pairs
     loss = _mean_nonzero(per_anchor, has_pairs)
-    # NaN anywhere in the matrix makes PML's loss NaN (its row max sees every entry); here the
-    # masks would hide it from the value while the backward still spreads it to every row.
+    # NaN anywhere gives NaN (PML instead drops NaN anchors from its mean, and returns NaN only
+    # when the embeddings hold one); without this, the masks would hide a NaN outside the mined
+    # pairs from the value while the backward still spread it to every row.
     return torch.where(torch.isnan(scores).any(), torch.full_like(loss, float("nan")), loss)

@@ -172,7 +172,9 @@ class DirectCLRLoss(NTXentLoss):
 
     def forward(self, out0, out1):
         """out0, out1: (N, ...) outputs, flattened to (N, F) and cut to their first loss_dim features."""
-        if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dim() >= 1 and out1.dim() >= 1:
+        # (1-D outputs go on as they are, to the argument checks, which publish their error
+        # to the other ranks under gather_distributed)
+        if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dim() >= 2 and out1.dim() >= 2:
             out0 = out0.flatten(start_dim=1)[:, :self.loss_dim]
             out1 = out1.flatten(start_dim=1)[:, :self.loss_dim]
         return super().forward(out0, out1)
