@@ -50,6 +50,69 @@ def test_open_clip_clip_loss(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_open_clip_distill_clip_loss(backend, dtype, blocks, monkeypatch):
+    """open_clip's DistillClipLoss: both losses and the student's gradients (features and scale),
+    a teacher of another width; "many" walks the teacher's softmax in row blocks of 5."""
+    oc = _open_clip_loss_module()
+    if blocks == "many":
+        from fastcl.ops import strips
+        monkeypatch.setattr(strips, "WORKSPACE_MB", 5 * 131 * 4 / 2**20)  # 5 rows of 131 fp32
+    gen = torch.Generator().manual_seed(5)
+    img, txt = randn(131, 40, generator=gen, dtype=dtype), randn(131, 40, generator=gen, dtype=dtype)
+    t_img, t_txt = randn(131, 24, generator=gen, dtype=dtype), randn(131, 24, generator=gen, dtype=dtype)
+    scale, t_scale = torch.tensor(3.5, dtype=dtype), torch.tensor(2.0, dtype=dtype)
+    a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
+    ours = fastcl.nn.DistillClipLoss(backend=backend)(*a, t_img, t_txt, t_scale, output_dict=True)
+    theirs = oc.DistillClipLoss()(*b, t_img, t_txt, t_scale, output_dict=True)
+    assert set(ours) == set(theirs) == {"contrastive_loss", "distill_loss"}
+    for key in ours:
+        assert ours[key].item() > 0.1
+        assert_close(ours[key], theirs[key], dtype, key)
+    # gradients of a weighting of the two (they share one graph)
+    _compare(ours["contrastive_loss"] + 0.7 * ours["distill_loss"],
+             theirs["contrastive_loss"] + 0.7 * theirs["distill_loss"], a, b, dtype)
+    # and of the distillation term alone
+    a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
+    _compare(fastcl.distill_clip_loss(*a, t_img, t_txt, t_scale, backend=backend)[1],
+             oc.DistillClipLoss()(*b, t_img, t_txt, t_scale)[1], a, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_distill_clip_loss_half_inputs(dtype):
+    """Half student and teacher features against open_clip in float64 on the same rounded values."""
+    oc = _open_clip_loss_module()
+    gen = torch.Generator().manual_seed(6)
+    img, txt = (randn(67, 40, generator=gen).to(dtype) for _ in range(2))
+    t_img, t_txt = (randn(67, 24, generator=gen).to(dtype) for _ in range(2))
+    a = _leaves(img, txt)
+    b = _leaves(img.double(), txt.double())
+    c, d = fastcl.distill_clip_loss(*a, 3.0, t_img, t_txt, 2.0)
+    rc, rd = oc.DistillClipLoss()(*b, 3.0, t_img.double(), t_txt.double(), 2.0)
+    assert c.dtype == d.dtype == torch.float32
+    assert_close(c, rc, torch.float32, "contrastive")
+    assert_close(d, rd, torch.float32, "distill")
+    for i, (g, r) in enumerate(zip(torch.autograd.grad(c + d, a), torch.autograd.grad(rc + rd, b))):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, f"grad {i}")
+
+
+def test_distill_clip_loss_arguments():
+    x, t = torch.randn(6, 8), torch.randn(6, 5)
+    with pytest.raises(ValueError, match="dist_image_features must not require grad"):
+        fastcl.distill_clip_loss(x, x, 2.0, t.requires_grad_(), t, 1.0)
+    with pytest.raises(ValueError, match="same number of rows"):
+        fastcl.distill_clip_loss(x, x, 2.0, t[:5], t[:5], 1.0)
+    with pytest.raises(ValueError, match="same feature size D"):
+        fastcl.distill_clip_loss(x, x, 2.0, t.detach(), x, 1.0)
+    with pytest.raises(ValueError, match="dist_logit_scale must be > 0"):
+        fastcl.distill_clip_loss(x, x, 2.0, t.detach(), t.detach(), 0.0)
+    with pytest.raises(NotImplementedError, match="world_size > 1"):
+        fastcl.nn.DistillClipLoss(rank=0, world_size=2)(x, x, 2.0, t.detach(), t.detach(), 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_open_clip_siglip_loss(backend):
     oc = _open_clip_loss_module()
     gen = torch.Generator().manual_seed(1)

@@ -1,10 +1,12 @@
 """Functional contrastive losses built on the fused ops."""
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import dcl_loss
+from fastcl.losses.distill import distill_clip_loss
 from fastcl.losses.info_nce import info_nce
 from fastcl.losses.macl import macl_loss
 from fastcl.losses.ntxent import ntxent_loss
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import supcon_loss, supcon_loss_pml
 
-__all__ = ["clip_loss", "dcl_loss", "info_nce", "macl_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "supcon_loss_pml"]
+__all__ = ["clip_loss", "dcl_loss", "distill_clip_loss", "info_nce", "macl_loss", "ntxent_loss", "siglip_loss",
+           "supcon_loss", "supcon_loss_pml"]

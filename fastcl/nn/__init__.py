@@ -1,8 +1,8 @@
 """Drop-in ``torch.nn`` modules."""
-from fastcl.nn.losses import (ClipLoss, DCLLoss, DCLWLoss, DirectCLRLoss, InfoNCELoss, MACLLoss, NTXentLoss,
-                              SigLipLoss, SupConLoss)
+from fastcl.nn.losses import (ClipLoss, DCLLoss, DCLWLoss, DirectCLRLoss, DistillClipLoss, InfoNCELoss, MACLLoss,
+                              NTXentLoss, SigLipLoss, SupConLoss)
 from fastcl.nn.masking import RandomMasking, RestoreTokens
 from fastcl.nn.memory_bank import MemoryBank
 
-__all__ = ["ClipLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "InfoNCELoss", "MACLLoss", "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss",
-           "RandomMasking", "RestoreTokens"]
+__all__ = ["ClipLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "DistillClipLoss", "InfoNCELoss", "MACLLoss",
+           "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss", "RandomMasking", "RestoreTokens"]

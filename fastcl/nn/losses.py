@@ -8,6 +8,7 @@ from torch import nn
 from fastcl.losses.clip import clip_loss
 from fastcl.distributed import group_info, is_distributed
 from fastcl.losses.dcl import check_negatives, dcl_loss, negative_mises_fisher_weights
+from fastcl.losses.distill import distill_clip_loss
 from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, dcl_loss_distributed,
                                        ntxent_loss_distributed, resolve_dist_impl, siglip_loss_distributed,
                                        supcon_loss_distributed)
@@ -83,6 +84,26 @@ class ClipLoss(nn.Module):
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
                              label_smoothing=self.label_smoothing, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class DistillClipLoss(ClipLoss):
+    """Drop-in for ``open_clip.loss.DistillClipLoss`` on one process: ``forward(image_features,
+    text_features, logit_scale, dist_image_features, dist_text_features, dist_logit_scale,
+    output_dict=False)`` returns ``(contrastive_loss, distill_loss)``, or a dict with those keys.
+    The teacher (``dist_*``) is fixed and must not require grad; see
+    ``fastcl.losses.distill.distill_clip_loss``.  ``world_size > 1`` is not supported yet."""
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict: bool = False):
+        if self.world_size > 1:
+            raise NotImplementedError("DistillClipLoss(world_size > 1) is not supported; it runs on one process")
+        if self.label_smoothing:
+            raise ValueError("DistillClipLoss takes no label_smoothing (open_clip's has none)")
+        contrastive, distill = distill_clip_loss(image_features, text_features, logit_scale, dist_image_features,
+                                                 dist_text_features, dist_logit_scale, backend=self.backend)
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
 
 
 class InfoNCELoss(nn.Module):
