@@ -558,6 +558,12 @@ def test_macl_close_to_one_and_non_positive_temperature(backend):
     one = a[:1].clone().requires_grad_()
     loss = MACLLoss(backend=backend)(one, b[:1])
     assert loss.item() == 0.0 and torch.autograd.grad(loss, one)[0].abs().max() == 0.0
+    # NaN in gives NaN out, also where it makes the temperature NaN (and t = 0: an infinite scale)
+    bad = a.clone()
+    bad[3, 1] = float("nan")
+    assert torch.isnan(MACLLoss(backend=backend)(bad, b))
+    ortho = torch.eye(2, 4)
+    assert torch.isnan(MACLLoss(0.1, 1.0, 1.0, backend=backend)(ortho, ortho.flip(0)))  # A = 0, t = 0
     # lightly accepts any real number: numpy scalars and one-element tensors too
     import numpy as np
     assert torch.isfinite(MACLLoss(np.float32(0.2), torch.tensor(0.5), np.float64(0.1), backend=backend)(a, b))

@@ -98,6 +98,24 @@ def test_distill_clip_loss_half_inputs(dtype):
         assert_close(g, r, dtype, f"grad {i}")
 
 
+def test_distill_clip_loss_cancels_exactly_and_ignores_autocast():
+    """A student equal to its teacher at scale 100: the distill term is the (tiny) contrastive one,
+    with no rounding step of the largest logit left over; and under autocast (open_clip's training
+    loop) the value and its gradient stay at fp32 accuracy together."""
+    oc = _open_clip_loss_module()
+    gen = torch.Generator().manual_seed(7)
+    img, txt = randn(33, 16, generator=gen) * 3, randn(33, 16, generator=gen) * 3
+    c, d = fastcl.distill_clip_loss(img, txt, 100.0, img, txt, 100.0)
+    rc, rd = oc.DistillClipLoss()(img.double(), txt.double(), 100.0, img.double(), txt.double(), 100.0)
+    assert abs(d.item() - rd.item()) <= 1e-6 * max(1.0, abs(c.item()))
+    a, b = _leaves(img, txt), _leaves(img.double(), txt.double())
+    t_img, t_txt = randn(33, 8, generator=gen), randn(33, 8, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = fastcl.distill_clip_loss(*a, 14.0, t_img, t_txt, 10.0)[1]
+    rd = oc.DistillClipLoss()(*b, 14.0, t_img.double(), t_txt.double(), 10.0)[1]
+    _compare(d, rd, a, b)
+
+
 def test_distill_clip_loss_arguments():
     x, t = torch.randn(6, 8), torch.randn(6, 5)
     with pytest.raises(ValueError, match="dist_image_features must not require grad"):
@@ -109,7 +127,7 @@ def test_distill_clip_loss_arguments():
     with pytest.raises(ValueError, match="dist_logit_scale must be > 0"):
         fastcl.distill_clip_loss(x, x, 2.0, t.detach(), t.detach(), 0.0)
     with pytest.raises(NotImplementedError, match="world_size > 1"):
-        fastcl.nn.DistillClipLoss(rank=0, world_size=2)(x, x, 2.0, t.detach(), t.detach(), 1.0)
+        fastcl.nn.DistillClipLoss(rank=0, world_size=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -2,9 +2,12 @@
 
 open_clip adds to the CLIP loss ``-(softmax(teacher logits) * log_softmax(student logits)).sum(1).mean()``
 for both directions.  As each teacher row sums to 1, a row's term is the student's LSE minus
-``s * q_i . (sum_j P_ij k_j)``, P the teacher's softmax.  The LSEs come from the fused op (the
-same call as the contrastive part); the teacher-weighted sums come from ``_TeacherWeighted``, which
-walks row blocks of the teacher's softmax and keeps none of them: memory O(block x N), not N x N.
+``s * q_i . (sum_j P_ij k_j)``, P the teacher's softmax, written as the contrastive row term
+``LSE_i - s q_i . k_i`` minus ``s * q_i . (sum_j (P - I)_ij k_j)`` so that the two large parts
+cancel before rounding (a student equal to its teacher gives 0, not a rounding step of the largest
+logit).  The LSEs come from the fused op (the same call as the contrastive part); the weighted sums
+come from ``_TeacherWeighted``, which walks row blocks of (P - I) and keeps none of them: memory
+O(block x N), not N x N.
 """
 from typing import Optional, Tuple
 
@@ -22,22 +25,28 @@ def _row_blocks(n: int, m: int):
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
-def _teacher_softmax(qt: torch.Tensor, kt: torch.Tensor, scale_t: torch.Tensor, r0: int, r1: int, ct):
-    return torch.softmax((qt[r0:r1].to(ct) @ kt.to(ct).T) * scale_t, dim=1)
+def _teacher_weights(qt: torch.Tensor, ktc: torch.Tensor, scale_t: torch.Tensor, r0: int, r1: int, ct):
+    """Rows [r0, r1) of P - I, P = softmax_j(scale_t * qt_i . kt_j); ``ktc`` is kt in ``ct``."""
+    w = torch.softmax((qt[r0:r1].to(ct) @ ktc.T) * scale_t, dim=1)
+    w.diagonal(offset=r0).sub_(1.0)
+    return w
 
 
 class _TeacherWeighted(torch.autograd.Function):
-    """r_i = q_i . sum_j P_ij k_j with P = softmax_j(scale_t * qt_i . kt_j), (N,) in the compute
-    dtype; differentiable in q and k (the teacher qt, kt, scale_t is fixed)."""
+    """r_i = q_i . sum_j (P - I)_ij k_j with P = softmax_j(scale_t * qt_i . kt_j), (N,) in the
+    compute dtype; differentiable in q and k (the teacher qt, kt, scale_t is fixed).  It runs
+    outside autocast: the blocks stay in the compute dtype in both passes, so under autocast the
+    gradient is still that of the value."""
 
     @staticmethod
     def forward(ctx, q, k, qt, kt, scale_t):
         ct = compute_dtype(q.dtype)
-        kc = k.to(ct)
-        out = torch.empty(q.shape[0], dtype=ct, device=q.device)
-        for r0, r1 in _row_blocks(q.shape[0], k.shape[0]):
-            p = _teacher_softmax(qt, kt, scale_t, r0, r1, ct)
-            out[r0:r1] = (q[r0:r1].to(ct) * (p @ kc)).sum(1)
+        with torch.autocast(q.device.type, enabled=False):
+            kc, ktc = k.to(ct), kt.to(ct)
+            out = torch.empty(q.shape[0], dtype=ct, device=q.device)
+            for r0, r1 in _row_blocks(q.shape[0], k.shape[0]):
+                w = _teacher_weights(qt, ktc, scale_t, r0, r1, ct)
+                out[r0:r1] = (q[r0:r1].to(ct) * (w @ kc)).sum(1)
         ctx.save_for_backward(q, k, qt, kt, scale_t)
         return out
 
@@ -45,15 +54,16 @@ class _TeacherWeighted(torch.autograd.Function):
     def backward(ctx, g):
         q, k, qt, kt, scale_t = ctx.saved_tensors
         ct = g.dtype
-        kc = k.to(ct)
-        gq = torch.empty(q.shape, dtype=ct, device=q.device) if ctx.needs_input_grad[0] else None
-        gk = torch.zeros(k.shape, dtype=ct, device=k.device) if ctx.needs_input_grad[1] else None
-        for r0, r1 in _row_blocks(q.shape[0], k.shape[0]):
-            p = _teacher_softmax(qt, kt, scale_t, r0, r1, ct)
-            if gq is not None:
-                gq[r0:r1] = g[r0:r1, None] * (p @ kc)
-            if gk is not None:
-                gk += p.T @ (g[r0:r1, None] * q[r0:r1].to(ct))
+        with torch.autocast(q.device.type, enabled=False):
+            kc, ktc = k.to(ct), kt.to(ct)
+            gq = torch.empty(q.shape, dtype=ct, device=q.device) if ctx.needs_input_grad[0] else None
+            gk = torch.zeros(k.shape, dtype=ct, device=k.device) if ctx.needs_input_grad[1] else None
+            for r0, r1 in _row_blocks(q.shape[0], k.shape[0]):
+                w = _teacher_weights(qt, ktc, scale_t, r0, r1, ct)
+                if gq is not None:
+                    gq[r0:r1] = g[r0:r1, None] * (w @ kc)
+                if gk is not None:
+                    gk += w.T @ (g[r0:r1, None] * q[r0:r1].to(ct))
         return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype), None, None, None)
 
 
@@ -104,5 +114,5 @@ def distill_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     scale_t = scalar_tensor(dist_logit_scale, image_features.device, ct)
     weighted_i = _TeacherWeighted.apply(image_features, text_features, dist_image_features, dist_text_features, scale_t)
     weighted_t = _TeacherWeighted.apply(text_features, image_features, dist_text_features, dist_image_features, scale_t)
-    distill = 0.5 * ((row - logit_scale * weighted_i).mean() + (col - logit_scale * weighted_t).mean())
+    distill = 0.5 * ((row - pos - logit_scale * weighted_i).mean() + (col - pos - logit_scale * weighted_t).mean())
     return contrastive, distill

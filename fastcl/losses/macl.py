@@ -79,7 +79,11 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
     if alpha * (1 + a_0) >= 1:  # t may be <= 0 (decided from the settings: no read of t)
         sign = torch.where(t < 0, -1.0, 1.0).to(a.dtype)
         ka, kb = a * sign, b * sign
+    # NaN inputs make t NaN, and t = 0 makes the scale infinite: lightly's loss is NaN then.  The
+    # op refuses such scales, so it gets 1 and the NaN is added back (no read of t).
     scale = 1.0 / t.abs()
+    bad = ~torch.isfinite(scale)
+    scale = torch.where(bad, torch.ones_like(scale), scale)
     # Negatives of anchor a_i: a_j and b_j for j != i (DCL's union), likewise for b_i.
     lse_aa = similarity_lse(a, ka, scale, rows=True, exclude_diagonal=0, backend=backend)
     lse_bb = similarity_lse(b, kb, scale, rows=True, exclude_diagonal=0, backend=backend)
@@ -88,4 +92,5 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
     d = neg - cos / t
     log_p = -F.softplus(d)
     weight = 1.0 / (torch.sigmoid(d.detach()) + EPS)
-    return (-weight * log_p).mean()
+    loss = (-weight * log_p).mean()
+    return torch.where(bad, torch.full_like(loss, float("nan")), loss)

@@ -93,12 +93,15 @@ class DistillClipLoss(ClipLoss):
     The teacher (``dist_*``) is fixed and must not require grad; see
     ``fastcl.losses.distill.distill_clip_loss``.  ``world_size > 1`` is not supported yet."""
 
-    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
-                dist_logit_scale, output_dict: bool = False):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if self.world_size > 1:
             raise NotImplementedError("DistillClipLoss(world_size > 1) is not supported; it runs on one process")
         if self.label_smoothing:
             raise ValueError("DistillClipLoss takes no label_smoothing (open_clip's has none)")
+
+    def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
+                dist_logit_scale, output_dict: bool = False):
         contrastive, distill = distill_clip_loss(image_features, text_features, logit_scale, dist_image_features,
                                                  dist_text_features, dist_logit_scale, backend=self.backend)
         if output_dict:
