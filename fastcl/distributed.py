@@ -47,10 +47,14 @@ def group_info(group=None) -> Tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
+def _uses(backend: str, group) -> bool:
+    """Whether ``group`` runs on the torch.distributed backend named ``backend`` ("nccl", "gloo")."""
+    return backend in str(dist.get_backend(group)).lower()
+
+
 def _comm_device(x: Tensor, group) -> torch.device:
     # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones through host copies).
-    backend = dist.get_backend(group)
-    return x.device if "nccl" in str(backend).lower() else torch.device("cpu")
+    return x.device if _uses("nccl", group) else torch.device("cpu")
 
 
 def _encode(x: Optional[Tensor], error: bool) -> List[int]:
@@ -162,7 +166,7 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
     else:
         # NCCL moves CUDA tensors only: a rank whose inputs are not tensors (its checks failed)
         # must still publish on the device the other ranks use.
-        nccl = "nccl" in str(dist.get_backend(group)).lower()
+        nccl = _uses("nccl", group)
         device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         for _, t in list(tensors) + [("like", like)]:
             if isinstance(t, Tensor) and (t.is_cuda or not nccl):
@@ -240,7 +244,7 @@ def _reduce_scatter_sum(g: Tensor, sizes: Sequence[int], rank: int, group) -> Te
     dev = _comm_device(g, group)
     g = g.to(dev).contiguous()
     start = sum(sizes[:rank])
-    if "nccl" in str(dist.get_backend(group)).lower():
+    if _uses("nccl", group):
         cap = max(sizes)
         chunks = []
         for r, n in enumerate(sizes):
@@ -405,7 +409,7 @@ class Ring:
         or overwriting a sent tensor."""
         ops, received = [], []
         device = sends[0].device
-        if device.type != "cpu" and "gloo" in str(dist.get_backend(self.group)).lower():
+        if device.type != "cpu" and _uses("gloo", self.group):
             # Every rank holds the same kind of tensors, so every rank raises here: no hang.
             raise RuntimeError(f"the ring exchanges {device.type} tensors with point-to-point sends, which the gloo "
                                "backend supports for CPU tensors only; use the NCCL backend, or dist_impl='gather'")

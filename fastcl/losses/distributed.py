@@ -71,8 +71,9 @@ def _check_backend(backend, x) -> None:
 
 
 def _impl_setting(dist_impl, aliases=None):
-    """``dist_impl`` as every rank compares it: resolved (open_clip's aliases of one implementation
-    agree), or as given when invalid (the checks raise for that)."""
+    """``dist_impl`` resolved (open_clip's aliases of one implementation agree), as every rank
+    compares it and as the loss then uses it; ``repr`` of it when invalid, for which the checks
+    raise, so past the exchange it is always resolved."""
     try:
         return resolve_dist_impl(dist_impl, aliases)
     except (ValueError, TypeError):
@@ -114,11 +115,11 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    opts = {}
+    impl, opts = _impl_setting(dist_impl), {}
 
     def checks():
-        opts["impl"] = resolve_dist_impl(dist_impl)
-        if opts["impl"] == "ring" and not gather_with_grad:
+        resolve_dist_impl(dist_impl)
+        if impl == "ring" and not gather_with_grad:
             raise ValueError("dist_impl='ring' always propagates gradients to the remote shards; use "
                              "gather_with_grad=True, or dist_impl='gather' for open_clip's gradient-free gather")
         opts["eps"] = check_label_smoothing(label_smoothing)
@@ -131,12 +132,12 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
         _check_backend(backend, image_features)
 
-    settings = [("dist_impl", _impl_setting(dist_impl)), ("local_loss", local_loss),
+    settings = [("dist_impl", impl), ("local_loss", local_loss),
                 ("gather_with_grad", gather_with_grad), ("label_smoothing", label_smoothing),
                 ("logit_scale", logit_scale), ("logit_bias", 0.0 if logit_bias is None else logit_bias)]
     sizes = _checked_sizes([("image_features", image_features), ("text_features", text_features)],
                            group, checks, settings, local_error)[0]
-    impl, eps = opts["impl"], opts["eps"]
+    eps = opts["eps"]
     rank, _ = group_info(group)
     n, total = image_features.shape[0], sum(sizes)
     s, b = logit_scale, logit_bias
@@ -212,10 +213,10 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    opts = {}
+    impl = _impl_setting(dist_impl, SIGLIP_ALIASES)
 
     def checks():
-        opts["impl"] = resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
+        resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
         check_pair("image_features", image_features, "text_features", text_features)
         check_scalar("logit_scale", logit_scale, positive=True)
         if logit_bias is not None:
@@ -225,11 +226,10 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
         _check_backend(backend, image_features)
 
-    settings = [("dist_impl", _impl_setting(dist_impl, SIGLIP_ALIASES)), ("logit_scale", logit_scale),
+    settings = [("dist_impl", impl), ("logit_scale", logit_scale),
                 ("logit_bias", 0.0 if logit_bias is None else logit_bias)]  # no bias is a bias of 0
     sizes = _checked_sizes([("image_features", image_features), ("text_features", text_features)],
                            group, checks, settings, local_error)[0]
-    impl = opts["impl"]
     rank, _ = group_info(group)
     n = image_features.shape[0]
     if logit_bias is None:
@@ -267,6 +267,8 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
+    impl = _impl_setting(dist_impl)
+
     def checks():
         resolve_dist_impl(dist_impl)
         check_views(out0, out1)
@@ -274,8 +276,7 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
         _check_backend(backend, out0)
 
     sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks,
-                           [("dist_impl", _impl_setting(dist_impl)), ("temperature", temperature)], local_error)[0]
-    impl = resolve_dist_impl(dist_impl)
+                           [("dist_impl", impl), ("temperature", temperature)], local_error)[0]
     rank, _ = group_info(group)
     n = out0.shape[0]
     z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)  # rank-local block [view 0; view 1]
@@ -322,7 +323,7 @@ def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=
     Returns:
         0-d float32 tensor (float64 for float64 inputs), this rank's loss.
     """
-    local = {}
+    impl, local = _impl_setting(dist_impl), {}
 
     def checks():
         resolve_dist_impl(dist_impl)
@@ -332,9 +333,8 @@ def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=
         a, b = l2_normalize(out0), l2_normalize(out1)
         local.update(a=a, b=b, w=dcl_weights(weight_fn, a, b))
 
-    settings = [("dist_impl", _impl_setting(dist_impl)), ("temperature", temperature), ("negatives", negatives)]
+    settings = [("dist_impl", impl), ("temperature", temperature), ("negatives", negatives)]
     sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks, settings, local_error)[0]
-    impl = resolve_dist_impl(dist_impl)
     rank, _ = group_info(group)
     a, b = local["a"], local["b"]
     scale = 1.0 / temperature
@@ -408,6 +408,7 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     """
     if isinstance(features, Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
         features = features.reshape(features.shape[0], features.shape[1], -1)
+    impl = _impl_setting(dist_impl)
 
     def checks():
         resolve_dist_impl(dist_impl)
@@ -423,11 +424,10 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     # labels=None is published as a bool placeholder so a rank that omits labels is caught.
     lab_meta = _label_values(labels) if isinstance(labels, Tensor) else torch.zeros(
         features.shape[0] if isinstance(features, Tensor) and features.dim() else 1, dtype=torch.bool)
-    settings = [("dist_impl", _impl_setting(dist_impl)), ("temperature", temperature),
+    settings = [("dist_impl", impl), ("temperature", temperature),
                 ("base_temperature", base_temperature), ("contrast_mode", contrast_mode)]
     sizes, _ = _checked_sizes([("features", features), ("labels (give them on every rank or none)", lab_meta)],
                               group, checks, settings, local_error)
-    impl = resolve_dist_impl(dist_impl)
     rank, _ = group_info(group)
     bsz, n_views, d = features.shape
     ct = compute_dtype(features.dtype)

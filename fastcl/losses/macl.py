@@ -7,7 +7,7 @@ gradient), ``p_i`` the softmax probability of its positive.  Both come from the 
 and the LSE over the negatives, which ``similarity_lse`` gives without the 2N x 2N matrix.
 """
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,10 @@ from fastcl.validation import check_views
 EPS = 1e-8  # lightly's: the smallest temperature, and the weight's guard against p = 1
 
 
-def check_macl_args(temperature, alpha, a_0) -> None:
+def check_macl_args(temperature, alpha, a_0) -> Tuple[float, float, float]:
     """lightly's checks: temperature >= 1e-8, alpha and A_0 in [0, 1] (ValueError naming them).
-    Real numbers of any kind (numpy scalars too) or one-element tensors (read once here)."""
+    Real numbers of any kind (numpy scalars too) or one-element tensors (read once here);
+    returns the three as Python floats."""
     for name, v in (("temperature", temperature), ("alpha", alpha), ("A_0", a_0)):
         ok = isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
                                              and v.is_floating_point())
@@ -35,6 +36,7 @@ def check_macl_args(temperature, alpha, a_0) -> None:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= a_0 <= 1.0:
         raise ValueError(f"A_0 must be in [0, 1], got {a_0}")
+    return temperature, alpha, a_0
 
 
 def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alpha: float = 0.5, a_0: float = 0.0,
@@ -65,13 +67,12 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
         0-d float32 tensor (float64 for float64 inputs).
     """
     check_views(z0, z1)
-    check_macl_args(temperature, alpha, a_0)
+    temperature, alpha, a_0 = check_macl_args(temperature, alpha, a_0)
     n = z0.shape[0]
     a, b = l2_normalize(z0), l2_normalize(z1)
     z = torch.cat([a, b], dim=0)
     partner = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
     cos = positive_logits(z, z, partner, 1.0)  # (2N,) in the compute dtype, with gradient
-    alpha, a_0 = float(alpha), float(a_0)
     t = temperature * (1 + alpha * (cos.detach().mean() - a_0))
     if n == 1:  # no negatives: p = 1 and lightly's loss is exactly 0, with a zero gradient
         return (cos * 0.0).mean()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.losses._common import reduce_loss
-from fastcl.ops.reference import compute_dtype
+from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.validation import check_pair, check_reduction, check_scalar, check_views
 
@@ -81,7 +81,6 @@ def ntxent_bank_loss(out0: torch.Tensor, out1: torch.Tensor, negatives: torch.Te
     a, b = l2_normalize(out0), l2_normalize(out1)
     scale = 1.0 / temperature
     lse_neg = similarity_lse(a, negatives, scale, rows=True, backend=backend)
-    ct = compute_dtype(a.dtype)
-    pos = (a.to(ct) * b.to(ct)).sum(-1) * scale
+    pos = positive_logits(a, b, None, scale)
     return reduce_loss(torch.logaddexp(pos, lse_neg) - pos, reduction)
 

@@ -193,24 +193,28 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     """
     check_embeddings("embeddings", embeddings)
     check_scalar("temperature", temperature, positive=True)
-    if indices_tuple is not None:
-        return _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
-    if labels is None:
-        raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
-    _check_labels("labels", labels, embeddings.shape[0], embeddings.device, allow_float=True)
-    z = l2_normalize(embeddings)
-    n = z.shape[0]
+    n = embeddings.shape[0]
+    if labels is not None:  # with indices_tuple unused for the pairs, as in PML, but still checked
+        _check_labels("labels", labels, n, embeddings.device, allow_float=True)
     if ref_emb is None:
         if ref_labels is not None:
             raise ValueError("ref_labels needs ref_emb")
+    else:
+        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+        if ref_labels is not None:
+            _check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device, allow_float=True)
+    if indices_tuple is not None:
+        return _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb)
+    if labels is None:
+        raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
+    z = l2_normalize(embeddings)
+    if ref_emb is None:
         r, self_pairs = z, True
         classes = class_ids(labels)[0]
         ref_classes = classes
     else:
-        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
         if ref_labels is None:
             raise ValueError("ref_emb needs ref_labels, the (M,) classes of its rows")
-        _check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device, allow_float=True)
         self_pairs = ref_labels is labels and ref_emb.shape[0] == n
         r = l2_normalize(ref_emb)
         both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
@@ -233,10 +237,10 @@ def _mean_nonzero(per_anchor: torch.Tensor, has_pairs) -> torch.Tensor:
     return torch.where(has_pairs, loss, torch.zeros_like(loss))
 
 
-def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """(pos (n, m) bool, neg (n, m) bool, any_pairs) from PML's ``indices_tuple``: pairs
-    ``(a1, p, a2, n)`` or triplets ``(a, p, n)`` (read as ``(a, p, a, n)``).  ``any_pairs`` is
-    False when every index tensor has at most one entry, where PML returns a zero loss."""
+def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pos (n, m) bool, neg (n, m) bool) from PML's ``indices_tuple``: pairs ``(a1, p, a2, n)``
+    or triplets ``(a, p, n)`` (read as ``(a, p, a, n)``).  Both are empty when every index tensor
+    has at most one entry, where PML returns a zero loss before it reads the indices."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise TypeError("indices_tuple must be a tuple (a1, p, a2, n) of pairs or (a, p, n) of triplets, got "
                         f"{type(indices_tuple).__name__}"
@@ -248,12 +252,11 @@ def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tup
                             f"{type(t).__name__}")
     if all(t.numel() <= 1 for t in indices_tuple):  # PML's zero loss, before it looks at the indices
         empty = torch.zeros(n, m, dtype=torch.bool, device=device)
-        return empty, empty, False
+        return empty, empty
     # A miner's CPU indices into GPU embeddings index them as PML's masks do.
     idx = [check_index(f"indices_tuple[{i}] ({nm})", t.to(device) if t.device.type == "cpu" else t, (None,),
                        n if nm[0] == "a" else m, device)
            for i, (nm, t) in enumerate(zip(names, indices_tuple))]
-    any_pairs = True
     a1, p, a2, neg = idx if len(idx) == 4 else (idx[0], idx[1], idx[0], idx[2])
     for (x, y), what in (((a1, p), "positive"), ((a2, neg), "negative")):
         if x.shape != y.shape:
@@ -265,24 +268,15 @@ def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tup
     negm[a2, neg] = True
     if _eager() and bool((pos & negm).any()):
         raise ValueError("indices_tuple names a pair both as a positive and as a negative")
-    return pos, negm, any_pairs
+    return pos, negm
 
 
-def _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels) -> torch.Tensor:
-    """``supcon_loss_pml`` over a miner's pairs: the (N, M) cosine matrix with an LSE per anchor
-    over its mined pairs (PML's GenericPairLoss mask form), in the compute dtype."""
-    n = embeddings.shape[0]
-    if labels is not None:  # unused for the pairs, as in PML, but still checked
-        _check_labels("labels", labels, n, embeddings.device, allow_float=True)
-    if ref_emb is None:
-        if ref_labels is not None:
-            raise ValueError("ref_labels needs ref_emb")
-        ref_emb = embeddings
-    else:
-        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
-        if ref_labels is not None:
-            _check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device, allow_float=True)
-    pos, neg, any_pairs = mined_pair_masks(indices_tuple, n, ref_emb.shape[0], embeddings.device)
+def _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb) -> torch.Tensor:
+    """``supcon_loss_pml`` over a miner's pairs (arguments checked by it): the (N, M) cosine
+    matrix with an LSE per anchor over its mined pairs (PML's GenericPairLoss mask form), in the
+    compute dtype."""
+    ref_emb = embeddings if ref_emb is None else ref_emb
+    pos, neg = mined_pair_masks(indices_tuple, embeddings.shape[0], ref_emb.shape[0], embeddings.device)
     ct = compute_dtype(embeddings.dtype)
     z = l2_normalize(embeddings).to(ct)
     r = z if ref_emb is embeddings else l2_normalize(ref_emb).to(ct)
@@ -295,7 +289,7 @@ def _supcon_pml_mined(embeddings, labels, temperature, indices_tuple, ref_emb, r
     # sum over positives of log_softmax; unpaired entries are excluded, not multiplied (0 * -inf)
     pos_sum = torch.where(pos, scores, torch.zeros_like(scores)).sum(dim=1) - count * lse
     per_anchor = -pos_sum / (count + torch.finfo(ct).tiny)
-    has_pairs = pos.any() & neg.any() & any_pairs
+    has_pairs = pos.any() & neg.any()
     loss = _mean_nonzero(per_anchor, has_pairs)
     # NaN anywhere gives NaN (PML instead drops NaN anchors from its mean, and returns NaN only
     # when the embeddings hold one); without this, the masks would hide a NaN outside the mined

@@ -273,8 +273,8 @@ class SupConLoss(nn.Module):
       ref_emb=None (M, D), ref_labels=None (M,))`` (a 2-D first argument; the references by
       keyword).  Embeddings are normalised, ``base_temperature`` and ``contrast_mode`` are not
       used, and the mean runs over anchors with a non-zero loss.  ``indices_tuple`` is a miner's
-      pairs (a1, p, a2, n) or triplets (a, p, n); with it the (N, M) matrix is formed, as in PML.  For a drop-in of PML's
-      ``SupConLoss(temperature=0.1)`` construct ``SupConLoss(temperature=0.1)``.
+      pairs (a1, p, a2, n) or triplets (a, p, n); with it the (N, M) matrix is formed, as in PML.
+      For a drop-in of PML's ``SupConLoss(temperature=0.1)`` construct ``SupConLoss(temperature=0.1)``.
 
     Returns a 0-d loss.  With ``gather_distributed=True`` and more than one rank in ``group``, the
     SupContrast form takes its contrasts from every rank (``dist_impl`` "gather" or "ring"; see
@@ -305,12 +305,10 @@ class SupConLoss(nn.Module):
                                     "pytorch-metric-learning form)")
         if self.gather_distributed and is_distributed(self.group):
             # every error is published by the distributed loss, so that every rank raises
-            if err is not None:
-                pass
-            elif mask is not None:
+            if err is None and mask is not None:
                 err = ValueError("SupConLoss(gather_distributed=True) takes labels, not mask: a (bsz, bsz) mask "
                                  "cannot describe pairs across ranks")
-            elif pml_form:
+            elif err is None and pml_form:
                 err = NotImplementedError("SupConLoss(gather_distributed=True) supports the SupContrast form "
                                           "(bsz, n_views, D), not 2-D embeddings")
             return supcon_loss_distributed(features, labels, self.temperature, self.base_temperature,
