@@ -5,8 +5,9 @@ from fastcl.losses.distill import distill_clip_loss
 from fastcl.losses.info_nce import info_nce
 from fastcl.losses.macl import macl_loss
 from fastcl.losses.ntxent import ntxent_loss
+from fastcl.losses.ntxent_pml import ntxent_loss_pml
 from fastcl.losses.siglip import siglip_loss
 from fastcl.losses.supcon import supcon_loss, supcon_loss_pml
 
-__all__ = ["clip_loss", "dcl_loss", "distill_clip_loss", "info_nce", "macl_loss", "ntxent_loss", "siglip_loss",
-           "supcon_loss", "supcon_loss_pml"]
+__all__ = ["clip_loss", "dcl_loss", "distill_clip_loss", "info_nce", "macl_loss", "ntxent_loss", "ntxent_loss_pml",
+           "siglip_loss", "supcon_loss", "supcon_loss_pml"]

@@ -15,14 +15,8 @@ import torch
 
 from fastcl.ops.reference import compute_dtype, scalar_tensor
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.ops.strips import workspace_bytes
+from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_pair, check_scalar
-
-
-def _row_blocks(n: int, m: int):
-    """Row ranges whose (rows, m) fp32 softmax block fits the workspace bound."""
-    rows = max(1, workspace_bytes() // (4 * max(m, 1)))
-    return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
 def _teacher_weights(qt: torch.Tensor, ktc: torch.Tensor, scale_t: torch.Tensor, r0: int, r1: int, ct):
@@ -44,7 +38,7 @@ class _TeacherWeighted(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             kc, ktc = k.to(ct), kt.to(ct)
             out = torch.empty(q.shape[0], dtype=ct, device=q.device)
-            for r0, r1 in _row_blocks(q.shape[0], k.shape[0]):
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0]):
                 w = _teacher_weights(qt, ktc, scale_t, r0, r1, ct)
                 out[r0:r1] = (q[r0:r1].to(ct) * (w @ kc)).sum(1)
         ctx.save_for_backward(q, k, qt, kt, scale_t)
@@ -58,7 +52,7 @@ class _TeacherWeighted(torch.autograd.Function):
             kc, ktc = k.to(ct), kt.to(ct)
             gq = torch.empty(q.shape, dtype=ct, device=q.device) if ctx.needs_input_grad[0] else None
             gk = torch.zeros(k.shape, dtype=ct, device=k.device) if ctx.needs_input_grad[1] else None
-            for r0, r1 in _row_blocks(q.shape[0], k.shape[0]):
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0]):
                 w = _teacher_weights(qt, ktc, scale_t, r0, r1, ct)
                 if gq is not None:
                     gq[r0:r1] = g[r0:r1, None] * (w @ kc)

@@ -159,6 +159,38 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     return per_anchor.sum() if reduction == "sum" else per_anchor
 
 
+def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels):
+    """The arguments of a pytorch-metric-learning-form loss, checked; returns ``(labels,
+    ref_labels)`` moved to the embeddings' device when they are CPU tensors, as PML moves them
+    (the very ``labels`` object passed as ``ref_labels`` stays one object: PML reads that as
+    "leave out the pairs (i, i)")."""
+    check_embeddings("embeddings", embeddings)
+    check_scalar("temperature", temperature, positive=True)
+    device = embeddings.device
+    same = ref_labels is labels
+    if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+        labels = labels.to(device)
+    if same:
+        ref_labels = labels
+    elif isinstance(ref_labels, torch.Tensor) and ref_labels.device.type == "cpu":
+        ref_labels = ref_labels.to(device)
+    if labels is not None:  # with indices_tuple unused for the pairs, as in PML, but still checked
+        _check_labels("labels", labels, embeddings.shape[0], device, allow_float=True)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels needs ref_emb")
+    else:
+        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+        if ref_labels is not None:
+            _check_labels("ref_labels", ref_labels, ref_emb.shape[0], device, allow_float=True)
+    if indices_tuple is None:
+        if labels is None:
+            raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
+        if ref_emb is not None and ref_labels is None:
+            raise ValueError("ref_emb needs ref_labels, the (M,) classes of its rows")
+    return labels, ref_labels
+
+
 def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.1, *,
                     indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                     ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
@@ -180,6 +212,7 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
         labels: (N,) integer (or floating, not NaN) class of each row; optional with ``indices_tuple``.
+            CPU labels are moved to the embeddings' device, as PML moves them (so are ref_labels).
         temperature: positive float or 0-d tensor.
         indices_tuple: optional mined pairs, 1-D integer tensors: ``(a1, p, a2, n)`` (positive
             pairs (a1[i], p[i]), negative pairs (a2[j], n[j])) or triplets ``(a, p, n)``; anchors
@@ -191,31 +224,17 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    check_embeddings("embeddings", embeddings)
-    check_scalar("temperature", temperature, positive=True)
-    n = embeddings.shape[0]
-    if labels is not None:  # with indices_tuple unused for the pairs, as in PML, but still checked
-        _check_labels("labels", labels, n, embeddings.device, allow_float=True)
-    if ref_emb is None:
-        if ref_labels is not None:
-            raise ValueError("ref_labels needs ref_emb")
-    else:
-        check_pair("embeddings", embeddings, "ref_emb", ref_emb)
-        if ref_labels is not None:
-            _check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings.device, allow_float=True)
+    labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
     if indices_tuple is not None:
         return _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb)
-    if labels is None:
-        raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
+    n = embeddings.shape[0]
     z = l2_normalize(embeddings)
     if ref_emb is None:
         r, self_pairs = z, True
         classes = class_ids(labels)[0]
         ref_classes = classes
     else:
-        if ref_labels is None:
-            raise ValueError("ref_emb needs ref_labels, the (M,) classes of its rows")
-        self_pairs = ref_labels is labels and ref_emb.shape[0] == n
+        self_pairs = ref_labels is labels
         r = l2_normalize(ref_emb)
         both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
         classes, ref_classes = both[:n], both[n:]
@@ -237,10 +256,11 @@ def _mean_nonzero(per_anchor: torch.Tensor, has_pairs) -> torch.Tensor:
     return torch.where(has_pairs, loss, torch.zeros_like(loss))
 
 
-def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(pos (n, m) bool, neg (n, m) bool) from PML's ``indices_tuple``: pairs ``(a1, p, a2, n)``
-    or triplets ``(a, p, n)`` (read as ``(a, p, a, n)``).  Both are empty when every index tensor
-    has at most one entry, where PML returns a zero loss before it reads the indices."""
+def mined_pairs(indices_tuple, n: int, m: int, device: torch.device):
+    """PML's ``indices_tuple`` as checked index tensors ``(a1, p, a2, neg)`` on ``device`` (int64):
+    pairs ``(a1, p, a2, n)``, or triplets ``(a, p, n)`` read as ``(a, p, a, n)``; anchors index
+    the n embeddings, partners the m contrasts.  None when every index tensor has at most one
+    entry, where PML returns a zero loss before it reads the indices."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise TypeError("indices_tuple must be a tuple (a1, p, a2, n) of pairs or (a, p, n) of triplets, got "
                         f"{type(indices_tuple).__name__}"
@@ -250,9 +270,8 @@ def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tup
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"indices_tuple[{i}] ({nm}) must be a torch.Tensor of integer indices, got "
                             f"{type(t).__name__}")
-    if all(t.numel() <= 1 for t in indices_tuple):  # PML's zero loss, before it looks at the indices
-        empty = torch.zeros(n, m, dtype=torch.bool, device=device)
-        return empty, empty
+    if all(t.numel() <= 1 for t in indices_tuple):
+        return None
     # A miner's CPU indices into GPU embeddings index them as PML's masks do.
     idx = [check_index(f"indices_tuple[{i}] ({nm})", t.to(device) if t.device.type == "cpu" else t, (None,),
                        n if nm[0] == "a" else m, device)
@@ -262,8 +281,18 @@ def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tup
         if x.shape != y.shape:
             raise ValueError(f"indices_tuple's {what} pairs need as many anchors as partners, got "
                              f"{x.numel()} and {y.numel()}")
+    return a1, p, a2, neg
+
+
+def mined_pair_masks(indices_tuple, n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pos (n, m) bool, neg (n, m) bool) of the pairs ``mined_pairs`` reads; both empty where it
+    returns None (PML's zero loss)."""
+    pairs = mined_pairs(indices_tuple, n, m, device)
     pos = torch.zeros(n, m, dtype=torch.bool, device=device)
     negm = torch.zeros(n, m, dtype=torch.bool, device=device)
+    if pairs is None:
+        return pos, negm
+    a1, p, a2, neg = pairs
     pos[a1, p] = True
     negm[a2, neg] = True
     if _eager() and bool((pos & negm).any()):

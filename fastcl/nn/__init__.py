@@ -3,6 +3,7 @@ from fastcl.nn.losses import (ClipLoss, DCLLoss, DCLWLoss, DirectCLRLoss, Distil
                               NTXentLoss, SigLipLoss, SupConLoss)
 from fastcl.nn.masking import RandomMasking, RestoreTokens
 from fastcl.nn.memory_bank import MemoryBank
+from fastcl.nn import pml
 
 __all__ = ["ClipLoss", "DCLLoss", "DCLWLoss", "DirectCLRLoss", "DistillClipLoss", "InfoNCELoss", "MACLLoss",
-           "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss", "RandomMasking", "RestoreTokens"]
+           "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss", "RandomMasking", "RestoreTokens", "pml"]

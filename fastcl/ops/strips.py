@@ -79,6 +79,13 @@ def workspace_bytes() -> int:
     return int(workspace_mb() * 2**20)
 
 
+def row_blocks(n: int, m: int, bytes_per_entry: int = 4):
+    """Row ranges [r0, r1) of an (n, m) matrix whose (rows, m) blocks, at ``bytes_per_entry``
+    bytes of scratch per entry, fit the workspace bound (at least one row each)."""
+    rows = max(1, workspace_bytes() // (bytes_per_entry * max(m, 1)))
+    return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

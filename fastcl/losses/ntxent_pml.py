@@ -1,0 +1,180 @@
+"""pytorch-metric-learning's ``NTXentLoss``, in bounded memory.
+
+PML gives each positive pair (i, j) the loss ``-log(e^s_ij / (e^s_ij + sum_{n in N(i)} e^s_in) + tiny)``,
+N(i) the negatives of anchor i and ``tiny`` the smallest normal number of the embeddings' dtype,
+and averages over the positive pairs.  It holds a (positive pairs x negative pairs) matrix.
+With ``L_i = LSE_{n in N(i)} s_in`` the pair's loss is ``-log(sigmoid(s_ij - L_i) + tiny)``, so
+one LSE per anchor and one term per positive pair suffice.  With labels, ``_LabelPairs`` walks
+row blocks of the cosine matrix within the workspace bound (memory O(block x M)); a miner's pairs
+take the dense (N, M) matrix, as PML's own ``mat`` is.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastcl.losses.ntxent import l2_normalize
+from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
+from fastcl.ops.reference import compute_dtype, scalar_tensor
+from fastcl.ops.strips import row_blocks
+
+# Scratch per entry of a row block: the scores and about five fp32 temporaries, plus three masks.
+_BLOCK_BYTES = 6 * 4 + 3
+
+
+def pair_losses(d: torch.Tensor, tiny: float) -> torch.Tensor:
+    """``-log(sigmoid(-d) + tiny)`` for ``d = L_i - s_ij``, without forming the sigmoid's ratio."""
+    return -torch.logaddexp(-F.softplus(d), torch.full((), math.log(tiny), dtype=d.dtype, device=d.device))
+
+
+def _pair_grads(d: torch.Tensor, tiny: float) -> torch.Tensor:
+    """d/dd of ``pair_losses``: sigmoid(d) * r / (r + tiny) with r = sigmoid(-d), the ratio taken
+    as sigmoid(log r - log tiny) so that r may lie far below fp32's normal range."""
+    return torch.sigmoid(d) * torch.sigmoid(-F.softplus(d) - math.log(tiny))
+
+
+def _block(q, kc, scale, classes, ref_classes, self_pairs: bool, r0: int, r1: int, ct):
+    """Scores (rows, M) of anchors [r0, r1), their positive and negative masks."""
+    s = (q[r0:r1].to(ct) @ kc.T) * scale
+    same = classes[r0:r1, None] == ref_classes[None, :]
+    neg = ~same
+    if self_pairs:  # anchor i is contrast i: same class, neither positive nor negative
+        same.diagonal(offset=r0).fill_(False)
+    return s, same, neg
+
+
+def _negative_lse(s: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """(rows,) LSE of each row's negatives; -inf for a row without any."""
+    return s.masked_fill(~neg, float("-inf")).logsumexp(dim=1)
+
+
+class _LabelPairs(torch.autograd.Function):
+    """Sum over positive pairs of ``pair_losses(L_i - s_ij)``, s = scale * q k^T, pairs and
+    negatives from class ids; 0-d in the compute dtype, differentiable in q, k and scale.
+    It runs outside autocast so both passes keep the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, classes, ref_classes, self_pairs, tiny):
+        ct = scale.dtype
+        total = torch.zeros((), dtype=ct, device=q.device)
+        lse = torch.empty(q.shape[0], dtype=ct, device=q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            kc = k.to(ct)
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _BLOCK_BYTES):
+                s, pos, neg = _block(q, kc, scale, classes, ref_classes, self_pairs, r0, r1, ct)
+                lse[r0:r1] = _negative_lse(s, neg)
+                d = lse[r0:r1, None] - s
+                total += torch.where(pos, pair_losses(d, tiny), torch.zeros_like(d)).sum()
+        ctx.save_for_backward(q, k, scale, classes, ref_classes, lse)
+        ctx.self_pairs, ctx.tiny = self_pairs, tiny
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, scale, classes, ref_classes, lse = ctx.saved_tensors
+        ct = scale.dtype
+        need_q, need_k, need_scale = ctx.needs_input_grad[:3]
+        gq = torch.empty(q.shape, dtype=ct, device=q.device) if need_q else None
+        gk = torch.zeros(k.shape, dtype=ct, device=k.device) if need_k else None
+        gs = torch.zeros((), dtype=ct, device=q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            kc = k.to(ct)
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _BLOCK_BYTES):
+                s, pos, neg = _block(q, kc, scale, classes, ref_classes, ctx.self_pairs, r0, r1, ct)
+                row_lse = lse[r0:r1, None]
+                g = torch.where(pos, _pair_grads(row_lse - s, ctx.tiny), torch.zeros_like(s)) * grad
+                # d/ds of L_i spreads each anchor's summed pair weight over its negatives' softmax;
+                # where, not a product, so a row without negatives (L = -inf) gives 0, not NaN.
+                ds = torch.where(neg, torch.exp(s - row_lse), torch.zeros_like(s)) * g.sum(1, keepdim=True) - g
+                qb = q[r0:r1].to(ct)
+                gq_b = ds @ kc
+                if need_q:
+                    gq[r0:r1] = gq_b * scale
+                if need_k:
+                    gk += (ds.T @ qb) * scale
+                if need_scale:
+                    gs += (qb * gq_b).sum()
+        return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype),
+                gs if need_scale else None, None, None, None, None)
+
+
+def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.07, *,
+                    indices_tuple: Optional[Sequence[torch.Tensor]] = None,
+                    ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """NT-Xent in pytorch-metric-learning's form: ``NTXentLoss(temperature)(embeddings, labels,
+    indices_tuple, ref_emb, ref_labels)`` with its default cosine similarity and mean reducer.
+
+    Each positive pair (i, j) (same label; j != i unless ``ref_emb`` is given with other
+    ``ref_labels``) has the loss ``-log(e^s_ij / (e^s_ij + sum_n e^s_in) + tiny)`` over the
+    anchor's negatives n (other labels), ``s = cos / temperature`` and ``tiny`` the smallest
+    normal number of the embeddings' dtype (PML's ``small_val``: it caps a pair's loss, at 9.70
+    for float16).  The result is the mean over positive pairs; 0 when there is no positive or no
+    negative pair, or at most one of each, as PML returns.  With ``indices_tuple`` (a miner's
+    output) the pairs are those it names, a negative pair counted as often as it is named; the
+    (N, M) matrix is then formed, as in PML.  Without it memory is O(block x M) within the
+    workspace bound (``FASTCL_WORKSPACE_MB``), not PML's (pairs x pairs).  NaN in any embedding
+    gives NaN.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 or float64.
+        labels: (N,) integer (or floating, not NaN) class of each row; optional with ``indices_tuple``.
+            CPU labels are moved to the embeddings' device, as PML moves them (so are ref_labels).
+        temperature: positive float or 0-d tensor (may require grad).
+        indices_tuple: optional mined pairs, 1-D integer tensors ``(a1, p, a2, n)`` or triplets
+            ``(a, p, n)``; anchors index the N embeddings, p and n the contrasts (``ref_emb`` when given).
+        ref_emb: optional (M, D) reference embeddings, same dtype and device.
+        ref_labels: (M,) classes of ``ref_emb``; required with it unless ``indices_tuple`` is given.
+            Passing the very ``labels`` object (M == N) leaves out the pairs (i, i), as PML does.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
+    n = embeddings.shape[0]
+    ct = compute_dtype(embeddings.dtype)
+    tiny = torch.finfo(embeddings.dtype).tiny
+    scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct)
+    q = l2_normalize(embeddings)
+    k = q if ref_emb is None else l2_normalize(ref_emb)
+    # NaN (or inf) in any input, temperature included, gives NaN, also where the loss is PML's 0.
+    poison = (q.sum(dtype=ct) + k.sum(dtype=ct)) * 0 + scale * 0
+    if indices_tuple is not None:
+        return _mined(q, k, scale, indices_tuple, tiny) + poison
+    if ref_emb is None:
+        self_pairs = True
+        classes, n_cls = class_ids(labels)
+        ref_classes = classes
+    else:
+        self_pairs = ref_labels is labels
+        both, n_cls = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))
+        classes, ref_classes = both[:n], both[n:]
+    per_class = torch.bincount(ref_classes, minlength=n_cls).index_select(0, classes)
+    n_pos = per_class.sum() - (n if self_pairs else 0)
+    n_neg = k.shape[0] * n - per_class.sum()
+    valid = (n_pos > 0) & (n_neg > 0) & ((n_pos > 1) | (n_neg > 1))
+    total = _LabelPairs.apply(q, k, scale, classes, ref_classes, self_pairs, tiny)
+    loss = total / n_pos.clamp_min(1).to(ct)
+    return torch.where(valid, loss, torch.zeros_like(loss)) + poison
+
+
+def _mined(q, k, scale, indices_tuple, tiny) -> torch.Tensor:
+    """The mean of ``pair_losses`` over a miner's positive pairs, negatives counted with multiplicity."""
+    n, m = q.shape[0], k.shape[0]
+    ct = scale.dtype
+    pairs = mined_pairs(indices_tuple, n, m, q.device)
+    zero = torch.zeros((), dtype=ct, device=q.device)
+    if pairs is None:
+        return zero
+    a1, p, a2, neg = pairs
+    if a1.numel() == 0 or a2.numel() == 0:
+        return zero
+    s = (q.to(ct) @ k.to(ct).T) * scale
+    counts = torch.zeros(n, m, dtype=ct, device=q.device).index_put_((a2, neg), torch.ones_like(a2, dtype=ct),
+                                                                     accumulate=True)
+    has_neg = counts.any(dim=1)
+    # Rows without negatives take a finite stand-in, then L = -inf: logsumexp over a row of -inf
+    # would give NaN gradients.
+    lse = torch.where(has_neg[:, None], s + counts.log(), torch.zeros_like(s)).logsumexp(dim=1)
+    lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
+    return pair_losses(lse[a1] - s[a1, p], tiny).mean()

@@ -1,0 +1,251 @@
+"""pytorch-metric-learning's NTXentLoss (fastcl.ntxent_loss_pml, fastcl.nn.pml): against a float64
+oracle written from PML's definition, and against PML's own classes when it is installed."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from conftest import DTYPES, NORMALISED_VALUE_FACTOR, assert_close, randn
+from fastcl.ops import strips
+
+
+def oracle(emb, labels, temperature, ref=None, ref_labels=None, *, tiny):
+    """PML's NTXentLoss in float64 from its definition: per positive pair (i, j),
+    -log(e^s_ij / (e^s_ij + sum over i's negatives of e^s_in) + tiny), s = cos / temperature,
+    averaged over the positive pairs; 0 without positive or negative pairs, or with at most one of each."""
+    q = F.normalize(emb.double(), dim=1)
+    k = q if ref is None else F.normalize(ref.double(), dim=1)
+    rl = labels if ref_labels is None else ref_labels
+    s = q @ k.T / temperature
+    match = labels[:, None] == rl[None, :]
+    diff = ~match
+    if ref_labels is None or ref_labels is labels:
+        match.fill_diagonal_(False)
+    a1, p = torch.where(match)
+    a2, _ = torch.where(diff)
+    if (len(a1) <= 1 and len(a2) <= 1) or len(a1) == 0 or len(a2) == 0:
+        return (q.sum() + k.sum()) * 0
+    neg_lse = s.masked_fill(~diff, float("-inf")).logsumexp(dim=1)
+    pos = s[a1, p]
+    ratio = torch.exp(pos - torch.logaddexp(pos, neg_lse[a1]))
+    return -torch.log(ratio + tiny).mean()
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check(ours, ref, wrt_ours, wrt_ref, dtype, what):
+    value_factor = NORMALISED_VALUE_FACTOR.get(dtype, 1.0)
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(ours, ref, torch.float32 if dtype != torch.float64 else dtype, f"{what} value", value_factor)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(ref, wrt_ref))):
+        assert_close(a, b, dtype, f"{what} grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_against_float64_oracle(dtype, blocks, monkeypatch):
+    """Labels, references (other labels; the labels object itself), learnable temperature; "many"
+    walks the cosine matrix in row blocks of 2."""
+    if blocks == "many":
+        monkeypatch.setattr(strips, "WORKSPACE_MB", 2 * 131 * 27 / 2**20)
+    gen = torch.Generator().manual_seed(11)
+    emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(131, 40, generator=gen, dtype=dtype)
+    labels, ref_labels = torch.randint(0, 7, (67,), generator=gen), torch.randint(0, 9, (131,), generator=gen)
+    labels[0] = 50  # an anchor without positives
+    temp = torch.tensor(0.13, dtype=torch.float64)
+    tiny = torch.finfo(dtype).tiny
+    cases = {"self": lambda e, r, t: (e, labels, t, None, None),
+             "ref": lambda e, r, t: (e, labels, t, r, ref_labels),
+             "ref is labels": lambda e, r, t: (e, labels, t, e * 2 + 1, labels)}
+    for name, make in cases.items():
+        a, b = _leaves(emb, ref, temp), _leaves(emb.double(), ref.double(), temp)
+        ea, ra, ta, rea, rla = make(*a)
+        ours = fastcl.ntxent_loss_pml(ea, labels, ta, ref_emb=rea, ref_labels=rla)
+        eb, rb, tb, reb, rlb = make(*b)
+        theirs = oracle(eb, labels, tb, reb, rlb, tiny=tiny)
+        assert theirs.item() > 1.0
+        wrt = [0, 1, 2] if name == "ref" else [0, 2]
+        _check(ours, theirs, [a[i] for i in wrt], [b[i] for i in wrt], dtype, name)
+
+
+def test_fp16_cap_of_tiny():
+    """PML adds the dtype's smallest normal number inside the log: in float16 a pair's loss stops at
+    -log(2^-14) = 9.70, with no gradient beyond it; in float32 it goes on to 87.3."""
+    emb = torch.tensor([[1.0, 0.0], [-1.0, 0.05], [1.0, 0.02], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])  # each row's positive points away, its negative along it
+    for dtype, t in ((torch.float16, 0.05), (torch.float32, 0.05), (torch.float32, 0.02)):
+        (a,), (b,) = _leaves(emb.to(dtype)), _leaves(emb.double())
+        ours = fastcl.ntxent_loss_pml(a, labels, t)
+        theirs = oracle(b, labels, t, tiny=torch.finfo(dtype).tiny)
+        assert_close(ours, theirs, torch.float32, f"{dtype} t={t}")
+        ga, gb = torch.autograd.grad(ours, a)[0], torch.autograd.grad(theirs, b)[0]
+        if dtype == torch.float16:  # past the cap: no gradient
+            assert ga.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+        else:
+            assert_close(ga, gb, dtype, f"{dtype} t={t} grad")
+    capped = fastcl.ntxent_loss_pml(emb.half(), labels, 0.05)
+    assert abs(capped.item() + torch.log(torch.tensor(torch.finfo(torch.float16).tiny)).item()) < 1e-3
+    assert fastcl.ntxent_loss_pml(emb, labels, 0.05).item() > 39.0
+
+
+def test_degenerate_cases():
+    """PML's zero loss (no positive pair, no negative pair, at most one of each) with zero
+    gradient; anchors without negatives give 0 terms that still count in the mean."""
+    gen = torch.Generator().manual_seed(3)
+    emb = randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    for labels in (torch.zeros(9, dtype=torch.long), torch.arange(9)):
+        loss = fastcl.ntxent_loss_pml(emb, labels, 0.1)
+        assert loss.item() == 0.0
+        assert torch.autograd.grad(loss, emb)[0].abs().max() == 0.0
+    # one anchor against two references: one positive pair and one negative pair -> PML's 0
+    ref = randn(2, 5, generator=gen, dtype=torch.float64)
+    assert fastcl.ntxent_loss_pml(emb[:1], torch.tensor([0]), 0.1, ref_emb=ref, ref_labels=torch.tensor([0, 1])) == 0
+    # ... and with a second negative it is a real loss
+    ref3 = randn(3, 5, generator=gen, dtype=torch.float64)
+    one = fastcl.ntxent_loss_pml(emb[:1], torch.tensor([0]), 0.1, ref_emb=ref3, ref_labels=torch.tensor([0, 1, 2]))
+    assert_close(one, oracle(emb[:1], torch.tensor([0]), 0.1, ref3, torch.tensor([0, 1, 2]), tiny=2.2e-308),
+                 torch.float64, "one anchor")
+    # anchors of a class that covers every reference have no negatives: their pairs give 0
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    ref_labels = torch.tensor([0, 0, 1, 2])
+    ref = randn(4, 5, generator=gen, dtype=torch.float64)
+    (a, b), (c, d) = _leaves(emb, ref), _leaves(emb, ref)
+    _check(fastcl.ntxent_loss_pml(a, labels, 0.1, ref_emb=b, ref_labels=ref_labels),
+           oracle(c, labels, 0.1, d, ref_labels, tiny=torch.finfo(torch.float64).tiny), [a, b], [c, d],
+           torch.float64, "partial negatives")
+
+
+def test_nan_in_nan_out():
+    gen = torch.Generator().manual_seed(4)
+    emb = randn(9, 5, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4])
+    for row in (0, 8):  # in a positive pair; in a row that only serves as a negative
+        bad = emb.clone()
+        bad[row, 1] = float("nan")
+        assert torch.isnan(fastcl.ntxent_loss_pml(bad, labels, 0.1)), row
+        assert torch.isnan(fastcl.ntxent_loss_pml(bad, torch.arange(9), 0.1)), "PML's zero loss keeps NaN"
+        tup = (torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0, 1]), torch.tensor([2, 3]))
+        assert torch.isnan(fastcl.ntxent_loss_pml(bad, None, 0.1, indices_tuple=tup)), row
+
+
+def test_errors():
+    emb = randn(9, 5, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(9) % 3
+    crit = fastcl.nn.pml.NTXentLoss()
+    with pytest.raises(ValueError, match="labels must have 9 entries"):
+        crit(emb, labels[:8])
+    with pytest.raises(ValueError, match="labels is required"):
+        crit(emb)
+    with pytest.raises(ValueError, match="ref_emb needs ref_labels"):
+        crit(emb, labels, ref_emb=emb)
+    with pytest.raises(ValueError, match="ref_labels needs ref_emb"):
+        crit(emb, labels, ref_labels=labels)
+    with pytest.raises(ValueError, match="embeddings"):
+        crit(emb[0], labels)
+    with pytest.raises(TypeError, match="labels must be an integer or floating tensor"):
+        crit(emb, labels.bool())
+    with pytest.raises(ValueError, match="temperature"):
+        fastcl.nn.pml.NTXentLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        fastcl.ntxent_loss_pml(emb, labels, -1.0)
+    with pytest.raises(TypeError, match="distance"):
+        fastcl.nn.pml.NTXentLoss(distance=None)
+    with pytest.raises(ValueError, match="must lie in"):
+        crit(emb, None, (torch.tensor([0, 1]), torch.tensor([1, 9]), torch.tensor([0, 1]), torch.tensor([2, 3])))
+    with pytest.raises(ValueError, match="ref_emb must have one row per embedding"):
+        fastcl.nn.pml.SelfSupervisedLoss(crit)(emb, emb[:8])
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        fastcl.nn.pml.SelfSupervisedLoss(crit, symmetric=1)
+
+
+# ---- against pytorch-metric-learning itself --------------------------------------------------
+
+
+def _pml():
+    return pytest.importorskip("pytorch_metric_learning.losses")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pytorch_metric_learning_ntxent(dtype):
+    """Labels (float labels compare by value), references, the labels object as ref_labels."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(6)
+    emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(131, 40, generator=gen, dtype=dtype)
+    labels, ref_labels = torch.randint(0, 9, (67,), generator=gen), torch.randint(0, 9, (131,), generator=gen)
+    for t in (0.07, 0.5):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        _check(fastcl.nn.pml.NTXentLoss(t)(a, labels), pml.NTXentLoss(t)(b, labels), [a], [b], dtype, f"t={t}")
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    _check(fastcl.nn.pml.NTXentLoss()(a, labels.double() / 2), pml.NTXentLoss()(b, labels.double() / 2), [a], [b],
+           dtype, "float labels")
+    for r, rl in ((ref, ref_labels), (emb * 3, labels), (emb * 3, labels.clone())):
+        (a, c), (b, d) = _leaves(emb, r), _leaves(emb, r)
+        _check(fastcl.nn.pml.NTXentLoss()(a, labels, ref_emb=c, ref_labels=rl),
+               pml.NTXentLoss()(b, labels, ref_emb=d, ref_labels=rl), [a, c], [b, d], dtype, "references")
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "ref_emb"])
+def test_pytorch_metric_learning_ntxent_with_a_miner(cross):
+    """A miner's pairs or triplets, and hand-made pairs with repeats: a repeated positive pair is
+    two losses, a repeated negative pair counts twice in its anchor's denominator, as in PML.
+    (31 rows: PML holds a (positive pairs x negative pairs) matrix, 11 GB for all triplets of 67.)"""
+    pml = _pml()
+    miners = pytest.importorskip("pytorch_metric_learning.miners")
+    gen = torch.Generator().manual_seed(8)
+    emb = randn(31, 40, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (31,), generator=gen)
+    kw = {}
+    if cross:
+        kw = dict(ref_emb=randn(37, 40, generator=gen, dtype=torch.float64),
+                  ref_labels=torch.randint(0, 6, (37,), generator=gen))
+    pairs = miners.MultiSimilarityMiner(epsilon=0.3)(emb, labels, **kw)
+    triplets = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all")(emb, labels, **kw)
+    a1, p, a2, neg = pairs
+    repeated = (torch.cat([a1, a1[:5]]), torch.cat([p, p[:5]]), torch.cat([a2, a2[:40]]), torch.cat([neg, neg[:40]]))
+    for i, tup in enumerate((pairs, triplets, repeated)):
+        assert min(t.numel() for t in tup) > 1, "the miner found too few pairs for a meaningful check"
+        if cross:
+            (a, c), (b, d) = _leaves(emb, kw["ref_emb"]), _leaves(emb, kw["ref_emb"])
+            ours = fastcl.nn.pml.NTXentLoss(0.1)(a, labels, tup, ref_emb=c, ref_labels=kw["ref_labels"])
+            theirs = pml.NTXentLoss(0.1)(b, labels, tup, ref_emb=d, ref_labels=kw["ref_labels"])
+            _check(ours, theirs, [a, c], [b, d], torch.float64, f"case {i}")
+        else:
+            (a,), (b,) = _leaves(emb), _leaves(emb)
+            ours = fastcl.nn.pml.NTXentLoss(0.1)(a, None, tup)
+            _check(ours, pml.NTXentLoss(0.1)(b, None, tup), [a], [b], torch.float64, f"case {i}")
+        assert ours.item() > 0.1
+    # PML's zero losses: at most one entry per tensor; no negative pairs
+    ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    for tup in ((ix(0), ix(1), ix(0), ix(2)), (ix(0, 1), ix(1, 0), ix(), ix()), (ix(), ix(), ix(0, 1), ix(2, 3))):
+        ours = fastcl.nn.pml.NTXentLoss()(a, None, tup)
+        assert ours.item() == 0.0 == pml.NTXentLoss()(b, None, tup).item()
+        assert torch.autograd.grad(ours, a)[0].abs().max() == 0.0
+    # an anchor whose positive has no mined negative: a 0 term that counts in the mean
+    tup = (ix(0, 3), ix(1, 4), ix(0, 0), ix(5, 6))
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    _check(fastcl.nn.pml.NTXentLoss()(a, None, tup), pml.NTXentLoss()(b, None, tup), [a], [b], torch.float64,
+           "anchor without negatives")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pytorch_metric_learning_self_supervised(symmetric):
+    """SelfSupervisedLoss around NTXentLoss and SupConLoss (PML's defaults: 0.07 and 0.1)."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(9)
+    emb, ref = randn(67, 40, generator=gen), randn(67, 40, generator=gen)
+    for ours_cls, theirs_cls in ((fastcl.nn.pml.NTXentLoss, pml.NTXentLoss),
+                                 (fastcl.nn.pml.SupConLoss, pml.SupConLoss)):
+        (a, c), (b, d) = _leaves(emb, ref), _leaves(emb, ref)
+        ours = fastcl.nn.pml.SelfSupervisedLoss(ours_cls(), symmetric=symmetric)(a, c)
+        theirs = pml.SelfSupervisedLoss(theirs_cls(), symmetric=symmetric)(b, d)
+        _check(ours, theirs, [a, c], [b, d], torch.float32, ours_cls.__name__)
+
+
+def test_defaults_match_pml():
+    pml = _pml()
+    assert fastcl.nn.pml.NTXentLoss().temperature == pml.NTXentLoss().temperature == 0.07
+    assert fastcl.nn.pml.SupConLoss().temperature == pml.SupConLoss().temperature == 0.1
+
