@@ -8,6 +8,10 @@ matmuls of the same shape: what any method that recomputes the logits in the bac
     python benchmarks/cpu_losses.py --loss clip --n 16384 --d 256 --reps 5 --json OUT.json
     python benchmarks/cpu_losses.py --loss siglip --n 8192 --d 256
     python benchmarks/cpu_losses.py --loss supcon --n 8192 --d 256     # n_views=2, 100 classes
+    python benchmarks/cpu_losses.py --loss pml_ntxent --n 1024 --d 128  # PML's NTXentLoss is "naive"
+
+pml_ntxent takes SimCLR's labels (row i and row i + N/2 are one pair, as PML's SelfSupervisedLoss
+builds them) and needs pytorch-metric-learning (``pip install .[peers]``).
 """
 import argparse
 import json
@@ -33,6 +37,9 @@ def _inputs(loss: str, n: int, d: int):
     import torch.nn.functional as F
 
     torch.manual_seed(0)
+    if loss == "pml_ntxent":
+        emb = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
+        return [emb], {"labels": torch.arange(n) % (n // 2)}, n
     if loss == "supcon":
         feats = F.normalize(torch.randn(n, 2, d), dim=-1).requires_grad_()
         return [feats], {"labels": torch.randint(0, 100, (n,))}, 2 * n
@@ -52,6 +59,10 @@ def _loss_fns(loss: str):
     if loss == "clip":
         return (lambda t, e: B.naive_clip(t[0], t[1], e["scale"]),
                 lambda t, e: fastcl.clip_loss(t[0], t[1], e["scale"], backend="cpu"))
+    if loss == "pml_ntxent":
+        from pytorch_metric_learning.losses import NTXentLoss
+        return (lambda t, e: NTXentLoss(0.07)(t[0], e["labels"]),
+                lambda t, e: fastcl.ntxent_loss_pml(t[0], e["labels"], 0.07))
     if loss == "siglip":
         return (lambda t, e: B.naive_siglip(t[0], t[1], e["scale"], e["bias"]),
                 lambda t, e: fastcl.siglip_loss(t[0], t[1], e["scale"], e["bias"], backend="cpu"))
@@ -71,7 +82,7 @@ def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
     def floor(t, e):
         # Four matmuls of the logits' shape, into one preallocated buffer (no page faults).
         z = t[0].detach().reshape(-1, d)
-        k = z if loss == "supcon" else t[1].detach()
+        k = z if len(t) == 1 else t[1].detach()
         for _ in range(4):
             torch.mm(z, k.T, out=out) if z.shape[0] == rows else torch.mm(z, k.T)
 
@@ -103,7 +114,7 @@ def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loss", choices=("clip", "siglip", "supcon"), default="clip")
+    ap.add_argument("--loss", choices=("clip", "siglip", "supcon", "pml_ntxent"), default="clip")
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")

@@ -249,3 +249,27 @@ def test_defaults_match_pml():
     assert fastcl.nn.pml.NTXentLoss().temperature == pml.NTXentLoss().temperature == 0.07
     assert fastcl.nn.pml.SupConLoss().temperature == pml.SupConLoss().temperature == 0.1
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
+    """CUDA embeddings with CPU labels (PML moves them): the value and gradient against float64,
+    and the scratch within the workspace bound plus a few (N, D) copies, far below one N x N
+    matrix (67 MB of fp32 here; PML would hold N^2 (N - 2) numbers)."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 8.0)
+    n, d = 4099, 96
+    labels = torch.arange(n) % 2000  # pairs, and a few triples
+    emb = randn(n, d, dtype=dtype, generator=torch.Generator().manual_seed(12), device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fastcl.ntxent_loss_pml(emb, labels, 0.1)
+    grad = torch.autograd.grad(loss, emb)[0]
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 1.5 * 8 * 2**20 + 8 * n * d * 4, f"{peak / 2**20:.1f} MB"
+    (ref_emb,) = _leaves(emb.detach().cpu().double())
+    ref = oracle(ref_emb, labels, 0.1, tiny=torch.finfo(dtype).tiny)
+    assert_close(loss.cpu(), ref, torch.float32, "value", NORMALISED_VALUE_FACTOR.get(dtype, 1.0))
+    assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], dtype, "grad")
