@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastcl.losses.clip import clip_loss
+from fastcl.losses.coca import caption_loss
 from fastcl.distributed import group_info, is_distributed
 from fastcl.losses.dcl import check_negatives, dcl_loss, negative_mises_fisher_weights
 from fastcl.losses.distill import distill_clip_loss
@@ -84,6 +85,33 @@ class ClipLoss(nn.Module):
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
                              label_smoothing=self.label_smoothing, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+class CoCaLoss(ClipLoss):
+    """Drop-in for ``open_clip.loss.CoCaLoss(caption_loss_weight, clip_loss_weight, pad_id=0, ...)``:
+    ``forward(image_features (N, D), text_features (N, D), logits (B, T, V), labels (B, T),
+    logit_scale, output_dict=False)`` returns ``(clip_loss_weight * clip_loss, caption_loss_weight *
+    caption_loss)``, or a dict with keys ``contrastive_loss`` and ``caption_loss``.  The other
+    constructor arguments are ``ClipLoss``'s (so the CLIP term works across ranks); the caption
+    cross-entropy is local and runs in row blocks (``fastcl.losses.coca.caption_loss``)."""
+
+    def __init__(self, caption_loss_weight: float, clip_loss_weight: float, pad_id: int = 0, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_scalar("caption_loss_weight", caption_loss_weight)
+        check_scalar("clip_loss_weight", clip_loss_weight)
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+            raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+        self.caption_loss_weight, self.clip_loss_weight, self.pad_id = caption_loss_weight, clip_loss_weight, pad_id
+
+    def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict: bool = False):
+        if self.clip_loss_weight:
+            contrastive = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+        else:
+            contrastive = torch.tensor(0, device=logits.device)
+        caption = caption_loss(logits, labels, self.pad_id) * self.caption_loss_weight
+        if output_dict:
+            return {"contrastive_loss": contrastive, "caption_loss": caption}
+        return contrastive, caption
 
 
 class DistillClipLoss(ClipLoss):

@@ -1,0 +1,90 @@
+"""The captioning cross-entropy of open_clip's ``CoCaLoss`` (``fastcl.nn.CoCaLoss`` adds the CLIP
+loss), in row blocks.
+
+``nn.CrossEntropyLoss(ignore_index=pad_id)(logits.permute(0, 2, 1), labels)`` over (B, T, V)
+vocabulary logits keeps a log-softmax of the logits' size, and under autocast an fp32 copy of
+them and an fp32 gradient too: several times the logits themselves.  ``_TokenCrossEntropy``
+walks row blocks of the (B * T, V) logits within the workspace bound, keeps one fp32 LSE per
+token, and writes the gradient straight in the logits' dtype.
+"""
+import torch
+
+from fastcl.ops.reference import compute_dtype
+from fastcl.ops.strips import row_blocks
+from fastcl.validation import _eager, check_float_tensor
+
+# Scratch per logit of a block: the fp32 block and one fp32 temporary.
+_BLOCK_BYTES = 2 * 4
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Sum over tokens with ``valid`` of ``LSE(logits_t) - logits_t[label_t]``, 0-d in the compute
+    dtype; differentiable in the (R, V) logits.  It runs outside autocast, in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, valid):
+        ct = compute_dtype(logits.dtype)
+        lse = torch.empty(logits.shape[0], dtype=ct, device=logits.device)
+        total = torch.zeros((), dtype=ct, device=logits.device)
+        target = labels.masked_fill(~valid, 0)[:, None]
+        with torch.autocast(logits.device.type, enabled=False):
+            for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _BLOCK_BYTES):
+                x = logits[r0:r1].to(ct)
+                lse[r0:r1] = x.logsumexp(dim=1)
+                per = lse[r0:r1] - x.gather(1, target[r0:r1]).squeeze(1)
+                total += torch.where(valid[r0:r1], per, torch.zeros_like(per)).sum()
+        # NaN anywhere gives NaN, padding included (PyTorch would skip a NaN padded token).
+        total = total + torch.where(torch.isnan(lse).any(), float("nan"), 0.0)
+        ctx.save_for_backward(logits, target, valid, lse)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target, valid, lse = ctx.saved_tensors
+        ct = lse.dtype
+        out = torch.empty_like(logits)
+        with torch.autocast(logits.device.type, enabled=False):
+            for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _BLOCK_BYTES):
+                p = torch.exp(logits[r0:r1].to(ct) - lse[r0:r1, None])
+                p.scatter_add_(1, target[r0:r1], torch.full_like(lse[r0:r1, None], -1.0))
+                w = torch.where(valid[r0:r1], grad, torch.zeros_like(grad))[:, None]
+                out[r0:r1] = (p * w).to(logits.dtype)
+        return out, None, None
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """``nn.CrossEntropyLoss(ignore_index=pad_id)(logits.permute(0, 2, 1), labels)``: the mean over
+    tokens whose label is not ``pad_id`` of ``LSE(logits) - logit[label]``; NaN when every token is
+    padding (as PyTorch gives), with zero gradient.  NaN in any logit, a padded token's included,
+    gives NaN (PyTorch skips padded tokens entirely).
+
+    Args:
+        logits: (B, T, V) float32, bfloat16, float16 or float64 vocabulary logits.
+        labels: (B, T) integer token ids in [0, V) (``pad_id`` anywhere).
+        pad_id: the ignored token id (open_clip's tokenizer pads with 0).
+
+    Returns:
+        0-d float32 tensor (float64 for float64 logits).
+    """
+    check_float_tensor("logits", logits, "(B, T, V)")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])} (B, T) to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels must be on {logits.device}, got {labels.device}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    flat = labels.reshape(-1).long()
+    valid = flat != pad_id
+    vocab = logits.shape[2]
+    if _eager() and bool(((flat < 0) | (flat >= vocab)).logical_and(valid).any()):
+        bad = flat[valid & ((flat < 0) | (flat >= vocab))]
+        raise ValueError(f"labels must lie in [0, {vocab}) (the vocabulary, logits.shape[2]) or equal pad_id="
+                         f"{pad_id}, got {int(bad[0])}")
+    total = _TokenCrossEntropy.apply(logits.reshape(-1, vocab), flat, valid)
+    return total / valid.sum().to(total.dtype)
+

@@ -1,0 +1,119 @@
+"""open_clip's CoCaLoss (fastcl.nn.CoCaLoss) and its captioning cross-entropy in row blocks
+(fastcl.losses.coca.caption_loss): against float64 PyTorch and against open_clip's own class."""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from conftest import DTYPES, assert_close, load_module, randn
+from fastcl.losses.coca import caption_loss
+from fastcl.ops import strips
+
+
+def _oracle(logits, labels, pad_id):
+    return F.cross_entropy(logits.double().permute(0, 2, 1), labels, ignore_index=pad_id)
+
+
+def _case(dtype, gen, b=13, t=7, v=131, pad_id=0):
+    logits = randn(b, t, v, generator=gen, dtype=dtype) * 3
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[:, -2:] = pad_id  # padded tails
+    labels[3, :] = pad_id  # a fully padded caption
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
+@pytest.mark.parametrize("blocks", ["one", "many"])
+@pytest.mark.parametrize("pad_id", [0, 5, -100])
+def test_caption_loss_against_float64(dtype, blocks, pad_id, monkeypatch):
+    """Value and gradient against float64 PyTorch on the same rounded logits; "many" walks the
+    91 tokens in blocks of 3 rows of 131 logits."""
+    if blocks == "many":
+        monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 131 * 8 / 2**20)
+    logits, labels = _case(dtype, torch.Generator().manual_seed(1), pad_id=pad_id if pad_id >= 0 else 0)
+    if pad_id < 0:
+        labels[labels == 0] = pad_id
+    a, b = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    ours, ref = caption_loss(a, labels, pad_id), _oracle(b, labels, pad_id)
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert ref.item() > 1.0
+    assert_close(ours, ref, torch.float32 if dtype != torch.float64 else dtype, "value")
+    ga, gb = torch.autograd.grad(ours * 1.7, a)[0], torch.autograd.grad(ref * 1.7, b)[0]
+    assert ga.dtype == dtype
+    assert gb[3].abs().max() == 0 and ga[3].abs().max() == 0  # padding takes no gradient
+    assert_close(ga, gb, dtype, "grad")
+
+
+def test_caption_loss_edges():
+    gen = torch.Generator().manual_seed(2)
+    logits, labels = _case(torch.float32, gen)
+    # every token padded: NaN, as PyTorch, and no gradient
+    a = logits.clone().requires_grad_()
+    ours = caption_loss(a, torch.zeros_like(labels))
+    assert torch.isnan(ours) and torch.isnan(_oracle(logits, torch.zeros_like(labels), 0))
+    assert torch.autograd.grad(ours, a)[0].abs().max() == 0
+    # NaN in a padded token's logits gives NaN too (PyTorch skips it)
+    bad = logits.clone()
+    bad[3, 0, 7] = float("nan")
+    assert torch.isnan(caption_loss(bad, labels))
+    # non-contiguous logits (a transposed (B, V, T) tensor's view)
+    t_logits = logits.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    assert not t_logits.is_contiguous()
+    assert_close(caption_loss(t_logits, labels), _oracle(logits, labels, 0), torch.float32, "non-contiguous")
+    # errors name the argument
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 131\)"):
+        caption_loss(logits, labels.masked_fill(labels == 0, 131), pad_id=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 131\)"):
+        caption_loss(logits, labels - 200, pad_id=0)
+    with pytest.raises(ValueError, match=r"labels must have shape \(13, 7\)"):
+        caption_loss(logits, labels[:, 1:])
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        caption_loss(logits, labels.float())
+    with pytest.raises(ValueError, match="logits"):
+        caption_loss(logits[0], labels[0])
+    with pytest.raises(TypeError, match="pad_id must be an int"):
+        caption_loss(logits, labels, pad_id=0.0)
+    with pytest.raises(TypeError, match="caption_loss_weight"):
+        fastcl.nn.CoCaLoss("1", 1.0)
+
+
+def _open_clip_loss_module():
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch not installed (pip install --no-deps open-clip-torch==3.3.0)")
+    return load_module("_peer_open_clip_loss", os.path.join(list(spec.submodule_search_locations)[0], "loss.py"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weights", [(2.0, 1.0), (1.0, 0.0)])
+def test_open_clip_coca_loss(dtype, weights):
+    """Both terms, their dict form, and the gradients of features, logits and scale, against
+    open_clip's CoCaLoss; a zero clip weight gives open_clip's tensor(0)."""
+    oc = _open_clip_loss_module()
+    gen = torch.Generator().manual_seed(3)
+    img = F.normalize(randn(13, 40, generator=gen, dtype=dtype), dim=-1)
+    txt = F.normalize(randn(13, 40, generator=gen, dtype=dtype), dim=-1)
+    logits, labels = _case(dtype, gen)
+    scale = torch.tensor(10.0, dtype=dtype)
+    leaves = [[x.clone().requires_grad_() for x in (img, txt, logits, scale)] for _ in range(2)]
+    ours = fastcl.nn.CoCaLoss(*weights)(*leaves[0][:3], labels, leaves[0][3], output_dict=True)
+    theirs = oc.CoCaLoss(*weights)(*leaves[1][:3], labels, leaves[1][3], output_dict=True)
+    assert set(ours) == set(theirs) == {"contrastive_loss", "caption_loss"}
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert_close(ours[key], theirs[key], dtype, key)
+    if not weights[1]:
+        assert ours["contrastive_loss"].item() == 0
+    total_ours = ours["contrastive_loss"] + ours["caption_loss"]
+    total_theirs = theirs["contrastive_loss"] + theirs["caption_loss"]
+    wrt = [0, 1, 2, 3] if weights[1] else [2]
+    grads = zip(torch.autograd.grad(total_ours, [leaves[0][i] for i in wrt]),
+                torch.autograd.grad(total_theirs, [leaves[1][i] for i in wrt]))
+    for i, (a, b) in zip(wrt, grads):
+        assert_close(a, b, dtype, f"grad {i}")
+    # the tuple form
+    c, cap = fastcl.nn.CoCaLoss(*weights, pad_id=0)(img, txt, logits, labels, scale)
+    assert_close(cap, theirs["caption_loss"], dtype, "tuple form")
