@@ -92,7 +92,7 @@ def checks(ck, rank, world, tmp):
     from fastcl.distributed import all_gather_with_grad, all_reduce_with_grad
     from fastcl.losses.distributed import (clip_loss_distributed, dcl_loss_distributed, ntxent_loss_distributed,
                                            siglip_loss_distributed, supcon_loss_distributed)
-    from fastcl.nn import ClipLoss, DCLLoss, NTXentLoss, SigLipLoss, SupConLoss
+    from fastcl.nn import ClipLoss, CoCaLoss, DCLLoss, NTXentLoss, SigLipLoss, SupConLoss
 
     gen = torch.Generator().manual_seed(1234)  # identical global data on every rank
     b = 6
@@ -121,6 +121,20 @@ def checks(ck, rank, world, tmp):
             lambda x, p: ClipLoss(True, True, False, rank, world, dist_impl=impl, label_smoothing=0.1)(
                 enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
             lambda x, p: ref_clip(x, p, 0.1, True), [img, txt], sizes, params, None))
+
+    # CoCa: the CLIP term across ranks, the caption cross-entropy local (equal shards, no padding,
+    # so DDP's mean of the local means is the global mean)
+    cap, cap_labels = torch.randn(B, 3 * 11, generator=gen), torch.randint(1, 11, (B, 3), generator=gen).double()
+
+    def ref_coca(x, p):
+        ce = torch.nn.functional.cross_entropy((x[2] * p["scale"]).reshape(-1, 3, 11).permute(0, 2, 1), x[3].long())
+        return 2.0 * ref_clip(x, p) + 0.5 * ce
+
+    ck.run("coca module gather", lambda: ddp_compare(
+        ck, "coca module",
+        lambda x, p: sum(CoCaLoss(0.5, 2.0, 0, True, True, False, rank, world)(
+            enc(x[0], p), enc(x[1], p), (x[2] * p["scale"]).reshape(-1, 3, 11), x[3].long(), p["scale"])),
+        ref_coca, [img, txt, cap, cap_labels], sizes, {k: params[k] for k in ("proj", "scale")}, None))
 
     # the ring without the extension: each block materialised in plain PyTorch
     ck.run("clip ring reference backend", lambda: ddp_compare(

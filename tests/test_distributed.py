@@ -17,7 +17,7 @@ import _dist_worker  # noqa: E402
 
 JOIN_TIMEOUT_S = 120
 # Checks every rank must report (subgroup checks run only on the subgroup's members).
-EXPECTED = ["clip gather local_loss=True", "clip ring local_loss=False", "clip module ring bias+smoothing",
+EXPECTED = ["clip gather local_loss=True", "coca module gather", "clip ring local_loss=False", "clip module ring bias+smoothing",
             "clip gather_with_grad=False",
             "clip ring reference backend", "siglip ring reference backend", "siglip gather", "siglip ring", "siglip bidir", "ntxent gather",
             "ntxent ring", "supcon ring labels=True mode=all", "supcon gather labels=False mode=all",
