@@ -10,6 +10,9 @@ matmuls of the same shape: what any method that recomputes the logits in the bac
     python benchmarks/cpu_losses.py --loss supcon --n 8192 --d 256     # n_views=2, 100 classes
     python benchmarks/cpu_losses.py --loss pml_ntxent --n 1024 --d 128  # PML's NTXentLoss is "naive"
 
+    python benchmarks/cpu_losses.py --loss caption --n 32 --d 49408 --methods naive,fastcl_cpu
+
+caption is CoCa's caption cross-entropy over (N, 76, D) logits (D the vocabulary), 10% padding.
 pml_ntxent takes SimCLR's labels (row i and row i + N/2 are one pair, as PML's SelfSupervisedLoss
 builds them) and needs pytorch-metric-learning (``pip install .[peers]``).
 """
@@ -37,6 +40,11 @@ def _inputs(loss: str, n: int, d: int):
     import torch.nn.functional as F
 
     torch.manual_seed(0)
+    if loss == "caption":
+        logits = torch.randn(n, 76, d).requires_grad_()
+        labels = torch.randint(1, d, (n, 76))
+        labels[:, -8:] = 0
+        return [logits], {"labels": labels}, n
     if loss == "pml_ntxent":
         emb = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
         return [emb], {"labels": torch.arange(n) % (n // 2)}, n
@@ -53,12 +61,17 @@ def _inputs(loss: str, n: int, d: int):
 
 def _loss_fns(loss: str):
     """(naive, fused) callables taking (tensors, extra)."""
+    import torch.nn.functional as F
+
     import fastcl
     from fastcl import baselines as B
 
     if loss == "clip":
         return (lambda t, e: B.naive_clip(t[0], t[1], e["scale"]),
                 lambda t, e: fastcl.clip_loss(t[0], t[1], e["scale"], backend="cpu"))
+    if loss == "caption":  # open_clip CoCaLoss's caption term
+        return (lambda t, e: F.cross_entropy(t[0].permute(0, 2, 1), e["labels"], ignore_index=0),
+                lambda t, e: fastcl.caption_loss(t[0], e["labels"], pad_id=0))
     if loss == "pml_ntxent":
         from pytorch_metric_learning.losses import NTXentLoss
         return (lambda t, e: NTXentLoss(0.07)(t[0], e["labels"]),
@@ -114,7 +127,7 @@ def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loss", choices=("clip", "siglip", "supcon", "pml_ntxent"), default="clip")
+    ap.add_argument("--loss", choices=("clip", "siglip", "supcon", "pml_ntxent", "caption"), default="clip")
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")
