@@ -82,6 +82,49 @@ def randn(*shape, dtype=torch.float32, device="cpu", generator=None, requires_gr
     return x.requires_grad_(requires_grad)
 
 
+class LiveBytes:
+    """Peak bytes of tensor storages created while active and alive at the same time (CPU or GPU),
+    read through a dispatch mode: ``with LiveBytes() as mem: ...; mem.peak``.  A storage counts
+    until the last tensor viewing it dies."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker._add(t)
+                return out
+
+        self._mode, self.current, self.peak, self._seen = _Mode(), 0, 0, set()
+
+    def _add(self, t):
+        import weakref
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if key in self._seen or size == 0:
+            return
+        self._seen.add(key)
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
+        def release(key=key, size=size):
+            self.current -= size
+            self._seen.discard(key)
+        weakref.finalize(t if t._base is None else t._base, release)
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import DTYPES, NORMALISED_VALUE_FACTOR, assert_close, randn
+from conftest import DTYPES, NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, randn
 from fastcl.ops import strips
 
 
@@ -68,6 +68,86 @@ def test_against_float64_oracle(dtype, blocks, monkeypatch):
         assert theirs.item() > 1.0
         wrt = [0, 1, 2] if name == "ref" else [0, 2]
         _check(ours, theirs, [a[i] for i in wrt], [b[i] for i in wrt], dtype, name)
+
+
+def test_float64_keeps_the_far_tail_of_softplus():
+    """Pairs with L_i - s_ij in (20, 37), where PyTorch's default softplus drops log1p(e^-d)
+    (2e-9): float64 value and gradient to float64 precision."""
+    gen = torch.Generator().manual_seed(13)
+    centre = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
+    emb = (centre.repeat(6, 1) + 0.05 * torch.randn(12, 3, generator=gen, dtype=torch.float64))
+    labels = torch.arange(12) // 2 % 2  # each class in both clusters: positives across, negatives within
+    q = F.normalize(emb, dim=1)
+    s = q @ q.T / 0.1
+    same = labels[:, None] == labels[None, :]
+    d = (s.masked_fill(same, float("-inf")).logsumexp(1)[:, None] - s)[same & ~torch.eye(12, dtype=torch.bool)]
+    assert ((d > 20) & (d < 37)).sum() >= 4, "the data must reach the softplus tail"
+    tup = (torch.where(same & ~torch.eye(12, dtype=torch.bool)) + torch.where(~same))
+    for indices in (None, tup):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        _check(fastcl.ntxent_loss_pml(a, labels, 0.1, indices_tuple=indices),
+               oracle(b, labels, 0.1, tiny=torch.finfo(torch.float64).tiny), [a], [b], torch.float64,
+               "mined" if indices else "labels")
+
+
+def test_second_derivatives():
+    """create_graph=True (a gradient penalty): the gradient of |grad|^2 against the float64 oracle,
+    labels path (one block and many) and a miner's pairs; learnable temperature included."""
+    gen = torch.Generator().manual_seed(14)
+    emb = randn(23, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (23,), generator=gen)
+    match = labels[:, None] == labels[None, :]
+    tup = torch.where(match & ~torch.eye(23, dtype=torch.bool)) + torch.where(~match)
+    for indices, mb in ((None, None), (None, 3 * 23 * 51 / 2**20), (tup, None)):
+        temp = torch.tensor(0.2, dtype=torch.float64)
+        a, b = _leaves(emb, temp), _leaves(emb, temp)
+        old = strips.WORKSPACE_MB
+        strips.WORKSPACE_MB = mb
+        try:
+            ours = fastcl.ntxent_loss_pml(a[0], labels, a[1], indices_tuple=indices)
+            g_ours = torch.autograd.grad(ours, a, create_graph=True)
+        finally:
+            strips.WORKSPACE_MB = old
+        ref = oracle(b[0], labels, b[1], tiny=torch.finfo(torch.float64).tiny)
+        g_ref = torch.autograd.grad(ref, b, create_graph=True)
+        for x, y in zip(g_ours, g_ref):
+            assert_close(x, y, torch.float64, "first derivative")
+        h_ours = torch.autograd.grad(g_ours[0].pow(2).sum() + g_ours[1] ** 2, a)
+        h_ref = torch.autograd.grad(g_ref[0].pow(2).sum() + g_ref[1] ** 2, b)
+        for x, y in zip(h_ours, h_ref):
+            assert_close(x, y, torch.float64, f"second derivative ({'mined' if indices else mb})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scratch_stays_within_the_workspace(dtype, monkeypatch):
+    """Row blocks of 1500 x 1500 in a 2 MB workspace: the live scratch of the forward and of the
+    backward stays within it, beyond a few (N, D) arrays (the whole matrix is 9 or 18 MB)."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 2.0)
+    n, d = 1500, 8
+    emb = randn(n, d, generator=torch.Generator().manual_seed(15), dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(16))
+    small = 8 * n * d * torch.finfo(dtype).bits // 8
+    with LiveBytes() as fwd:
+        loss = fastcl.ntxent_loss_pml(emb, labels, 0.1)
+    with LiveBytes() as bwd:
+        loss.backward()
+    bound = strips.workspace_bytes()
+    assert fwd.peak <= bound + small and bwd.peak <= bound + small, (fwd.peak, bwd.peak, bound)
+    assert fwd.peak > bound / 4, "the tracker must see the blocks"
+
+
+def test_autocast_keeps_the_compute_dtype():
+    """Under CPU bfloat16 autocast both paths keep fp32 matrices: the same value as without it."""
+    gen = torch.Generator().manual_seed(17)
+    emb = randn(67, 40, generator=gen)
+    labels = torch.randint(0, 7, (67,), generator=gen)
+    match = labels[:, None] == labels[None, :]
+    tup = torch.where(match & ~torch.eye(67, dtype=torch.bool)) + torch.where(~match)
+    for indices in (None, tup):
+        plain = fastcl.ntxent_loss_pml(emb, labels, 0.1, indices_tuple=indices)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = fastcl.ntxent_loss_pml(emb, labels, 0.1, indices_tuple=indices)
+        assert_close(auto, plain, torch.float32, "autocast")
 
 
 def test_fp16_cap_of_tiny():
@@ -216,6 +296,11 @@ def test_pytorch_metric_learning_ntxent_with_a_miner(cross):
             ours = fastcl.nn.pml.NTXentLoss(0.1)(a, None, tup)
             _check(ours, pml.NTXentLoss(0.1)(b, None, tup), [a], [b], torch.float64, f"case {i}")
         assert ours.item() > 0.1
+    # a learnable temperature, as a tensor in PML too
+    temp = torch.tensor(0.2, dtype=torch.float64)
+    (a, t_a), (b, t_b) = _leaves(emb, temp), _leaves(emb, temp)
+    _check(fastcl.nn.pml.NTXentLoss(t_a)(a, None, pairs, **kw), pml.NTXentLoss(t_b)(b, None, pairs, **kw), [a, t_a],
+           [b, t_b], torch.float64, "temperature tensor")
     # PML's zero losses: at most one entry per tensor; no negative pairs
     ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     (a,), (b,) = _leaves(emb), _leaves(emb)

@@ -9,7 +9,7 @@ token, and writes the gradient straight in the logits' dtype.
 """
 import torch
 
-from fastcl.ops.reference import compute_dtype
+from fastcl.ops.reference import compute_dtype, graph_grads
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import _eager, check_float_tensor
 
@@ -17,30 +17,44 @@ from fastcl.validation import _eager, check_float_tensor
 _BLOCK_BYTES = 2 * 4
 
 
+def _token_ce_sum(logits, target, valid):
+    """(sum over valid rows of LSE(row) - row[target], LSE (R,)), walking row blocks;
+    differentiable PyTorch (the forward, and the backward under create_graph=True)."""
+    ct = compute_dtype(logits.dtype)
+    total, lses = torch.zeros((), dtype=ct, device=logits.device), []
+    for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _BLOCK_BYTES):
+        x = logits[r0:r1].to(ct)
+        lse = x.logsumexp(dim=1)
+        per = lse - x.gather(1, target[r0:r1]).squeeze(1)
+        total = total + torch.where(valid[r0:r1], per, 0.0).sum()
+        lses.append(lse)
+        del x
+    lse = torch.cat(lses)
+    # NaN anywhere gives NaN, padding included (PyTorch would skip a NaN padded token).
+    return total + torch.where(torch.isnan(lse).any(), float("nan"), 0.0), lse
+
+
 class _TokenCrossEntropy(torch.autograd.Function):
     """Sum over tokens with ``valid`` of ``LSE(logits_t) - logits_t[label_t]``, 0-d in the compute
-    dtype; differentiable in the (R, V) logits.  It runs outside autocast, in the compute dtype."""
+    dtype; differentiable in the (R, V) logits (twice too: under create_graph=True the backward
+    differentiates a recomputed graph).  It runs outside autocast, in the compute dtype."""
 
     @staticmethod
     def forward(ctx, logits, labels, valid):
-        ct = compute_dtype(logits.dtype)
-        lse = torch.empty(logits.shape[0], dtype=ct, device=logits.device)
-        total = torch.zeros((), dtype=ct, device=logits.device)
         target = labels.masked_fill(~valid, 0)[:, None]
         with torch.autocast(logits.device.type, enabled=False):
-            for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _BLOCK_BYTES):
-                x = logits[r0:r1].to(ct)
-                lse[r0:r1] = x.logsumexp(dim=1)
-                per = lse[r0:r1] - x.gather(1, target[r0:r1]).squeeze(1)
-                total += torch.where(valid[r0:r1], per, torch.zeros_like(per)).sum()
-        # NaN anywhere gives NaN, padding included (PyTorch would skip a NaN padded token).
-        total = total + torch.where(torch.isnan(lse).any(), float("nan"), 0.0)
+            total, lse = _token_ce_sum(logits, target, valid)
         ctx.save_for_backward(logits, target, valid, lse)
         return total
 
     @staticmethod
     def backward(ctx, grad):
         logits, target, valid, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (logits.view_as(logits),)
+            with torch.autocast(logits.device.type, enabled=False):
+                total = _token_ce_sum(inputs[0], target, valid)[0]
+            return graph_grads([total], [grad], inputs, ctx.needs_input_grad, 3)
         ct = lse.dtype
         out = torch.empty_like(logits)
         with torch.autocast(logits.device.type, enabled=False):
@@ -49,6 +63,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
                 p.scatter_add_(1, target[r0:r1], torch.full_like(lse[r0:r1, None], -1.0))
                 w = torch.where(valid[r0:r1], grad, torch.zeros_like(grad))[:, None]
                 out[r0:r1] = (p * w).to(logits.dtype)
+                del p
         return out, None, None
 
 

@@ -16,22 +16,32 @@ import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
-from fastcl.ops.reference import compute_dtype, scalar_tensor
+from fastcl.ops.reference import compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
-# Scratch per entry of a row block: the scores and about five fp32 temporaries, plus three masks.
-_BLOCK_BYTES = 6 * 4 + 3
+# Scratch per entry of a row block: the scores and at most five temporaries of the compute
+# dtype alive at once, plus three masks.
+def _block_bytes(ct: torch.dtype) -> int:
+    return 6 * torch.finfo(ct).bits // 8 + 3
+
+
+def _softplus(d: torch.Tensor) -> torch.Tensor:
+    # PyTorch's softplus returns d itself above d = 20, dropping log1p(e^-d) ~ 2e-9, which float64 keeps.
+    return F.softplus(d, threshold=40.0)
 
 
 def pair_losses(d: torch.Tensor, tiny: float) -> torch.Tensor:
-    """``-log(sigmoid(-d) + tiny)`` for ``d = L_i - s_ij``, without forming the sigmoid's ratio."""
-    return -torch.logaddexp(-F.softplus(d), torch.full((), math.log(tiny), dtype=d.dtype, device=d.device))
+    """``-log(sigmoid(-d) + tiny)`` for ``d = L_i - s_ij``, without forming the sigmoid's ratio;
+    clamped at 0, where PML's rounding puts the -tiny of an anchor without negatives."""
+    log_tiny = torch.full((), math.log(tiny), dtype=d.dtype, device=d.device)
+    return (-torch.logaddexp(-_softplus(d), log_tiny)).clamp_min(0.0)
 
 
 def _pair_grads(d: torch.Tensor, tiny: float) -> torch.Tensor:
     """d/dd of ``pair_losses``: sigmoid(d) * r / (r + tiny) with r = sigmoid(-d), the ratio taken
     as sigmoid(log r - log tiny) so that r may lie far below fp32's normal range."""
-    return torch.sigmoid(d) * torch.sigmoid(-F.softplus(d) - math.log(tiny))
+    w = _softplus(d).neg_().sub_(math.log(tiny)).sigmoid_()
+    return w.mul_(torch.sigmoid(d))
 
 
 def _block(q, kc, scale, classes, ref_classes, self_pairs: bool, r0: int, r1: int, ct):
@@ -44,28 +54,31 @@ def _block(q, kc, scale, classes, ref_classes, self_pairs: bool, r0: int, r1: in
     return s, same, neg
 
 
-def _negative_lse(s: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """(rows,) LSE of each row's negatives; -inf for a row without any."""
-    return s.masked_fill(~neg, float("-inf")).logsumexp(dim=1)
+def _label_pairs_sum(q, k, scale, classes, ref_classes, self_pairs: bool, tiny: float):
+    """(sum over positive pairs of ``pair_losses(L_i - s_ij)``, L (N,)), walking row blocks;
+    differentiable PyTorch (the forward, and the backward under create_graph=True)."""
+    ct = scale.dtype
+    kc = k.to(ct)
+    total, lses = torch.zeros((), dtype=ct, device=q.device), []
+    for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
+        s, pos, neg = _block(q, kc, scale, classes, ref_classes, self_pairs, r0, r1, ct)
+        lse = s.masked_fill(~neg, float("-inf")).logsumexp(dim=1)  # -inf for a row without negatives
+        total = total + torch.where(pos, pair_losses(lse[:, None] - s, tiny), 0.0).sum()
+        lses.append(lse)
+        del s, pos, neg
+    return total, torch.cat(lses)
 
 
 class _LabelPairs(torch.autograd.Function):
     """Sum over positive pairs of ``pair_losses(L_i - s_ij)``, s = scale * q k^T, pairs and
-    negatives from class ids; 0-d in the compute dtype, differentiable in q, k and scale.
+    negatives from class ids; 0-d in the compute dtype, differentiable in q, k and scale (twice
+    too: under create_graph=True the backward differentiates a recomputed graph, O(N x M)).
     It runs outside autocast so both passes keep the compute dtype."""
 
     @staticmethod
     def forward(ctx, q, k, scale, classes, ref_classes, self_pairs, tiny):
-        ct = scale.dtype
-        total = torch.zeros((), dtype=ct, device=q.device)
-        lse = torch.empty(q.shape[0], dtype=ct, device=q.device)
         with torch.autocast(q.device.type, enabled=False):
-            kc = k.to(ct)
-            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _BLOCK_BYTES):
-                s, pos, neg = _block(q, kc, scale, classes, ref_classes, self_pairs, r0, r1, ct)
-                lse[r0:r1] = _negative_lse(s, neg)
-                d = lse[r0:r1, None] - s
-                total += torch.where(pos, pair_losses(d, tiny), torch.zeros_like(d)).sum()
+            total, lse = _label_pairs_sum(q, k, scale, classes, ref_classes, self_pairs, tiny)
         ctx.save_for_backward(q, k, scale, classes, ref_classes, lse)
         ctx.self_pairs, ctx.tiny = self_pairs, tiny
         return total
@@ -73,6 +86,11 @@ class _LabelPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, scale, classes, ref_classes, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (q.view_as(q), k.view_as(k), scale.view_as(scale))
+            with torch.autocast(q.device.type, enabled=False):
+                total = _label_pairs_sum(*inputs, classes, ref_classes, ctx.self_pairs, ctx.tiny)[0]
+            return graph_grads([total], [grad], inputs, ctx.needs_input_grad, 7)
         ct = scale.dtype
         need_q, need_k, need_scale = ctx.needs_input_grad[:3]
         gq = torch.empty(q.shape, dtype=ct, device=q.device) if need_q else None
@@ -80,13 +98,15 @@ class _LabelPairs(torch.autograd.Function):
         gs = torch.zeros((), dtype=ct, device=q.device)
         with torch.autocast(q.device.type, enabled=False):
             kc = k.to(ct)
-            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _BLOCK_BYTES):
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
                 s, pos, neg = _block(q, kc, scale, classes, ref_classes, ctx.self_pairs, r0, r1, ct)
                 row_lse = lse[r0:r1, None]
-                g = torch.where(pos, _pair_grads(row_lse - s, ctx.tiny), torch.zeros_like(s)) * grad
+                g = torch.where(pos, _pair_grads(row_lse - s, ctx.tiny), 0.0).mul_(grad)
+                del pos
                 # d/ds of L_i spreads each anchor's summed pair weight over its negatives' softmax;
                 # where, not a product, so a row without negatives (L = -inf) gives 0, not NaN.
-                ds = torch.where(neg, torch.exp(s - row_lse), torch.zeros_like(s)) * g.sum(1, keepdim=True) - g
+                ds = torch.where(neg, (s - row_lse).exp_(), 0.0).mul_(g.sum(1, keepdim=True)).sub_(g)
+                del g, neg
                 qb = q[r0:r1].to(ct)
                 gq_b = ds @ kc
                 if need_q:
@@ -94,7 +114,10 @@ class _LabelPairs(torch.autograd.Function):
                 if need_k:
                     gk += (ds.T @ qb) * scale
                 if need_scale:
-                    gs += (qb * gq_b).sum()
+                    # sum(ds * s) / scale with each row centred (ds's rows sum to 0): the products
+                    # then carry no cancellation of logits near the row's largest.
+                    gs += (ds * s.sub_(s.amax(dim=1, keepdim=True))).sum() / scale
+                del s, ds, gq_b
         return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype),
                 gs if need_scale else None, None, None, None, None)
 
@@ -113,8 +136,9 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     negative pair, or at most one of each, as PML returns.  With ``indices_tuple`` (a miner's
     output) the pairs are those it names, a negative pair counted as often as it is named; the
     (N, M) matrix is then formed, as in PML.  Without it memory is O(block x M) within the
-    workspace bound (``FASTCL_WORKSPACE_MB``), not PML's (pairs x pairs).  NaN in any embedding
-    gives NaN.
+    workspace bound (``FASTCL_WORKSPACE_MB``), not PML's (pairs x pairs).  Both paths keep the
+    compute dtype under autocast.  Second derivatives (``create_graph=True``) differentiate a
+    recomputed graph of O(N x M) memory.  NaN in any embedding gives NaN.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
@@ -125,7 +149,8 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
             ``(a, p, n)``; anchors index the N embeddings, p and n the contrasts (``ref_emb`` when given).
         ref_emb: optional (M, D) reference embeddings, same dtype and device.
         ref_labels: (M,) classes of ``ref_emb``; required with it unless ``indices_tuple`` is given.
-            Passing the very ``labels`` object (M == N) leaves out the pairs (i, i), as PML does.
+            Passing the very ``labels`` object (M == N) leaves out the pairs (i, i), as PML does,
+            unless the labels are moved from the CPU, which makes them two objects (in PML too).
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
@@ -169,12 +194,13 @@ def _mined(q, k, scale, indices_tuple, tiny) -> torch.Tensor:
     a1, p, a2, neg = pairs
     if a1.numel() == 0 or a2.numel() == 0:
         return zero
-    s = (q.to(ct) @ k.to(ct).T) * scale
-    counts = torch.zeros(n, m, dtype=ct, device=q.device).index_put_((a2, neg), torch.ones_like(a2, dtype=ct),
-                                                                     accumulate=True)
-    has_neg = counts.any(dim=1)
-    # Rows without negatives take a finite stand-in, then L = -inf: logsumexp over a row of -inf
-    # would give NaN gradients.
-    lse = torch.where(has_neg[:, None], s + counts.log(), torch.zeros_like(s)).logsumexp(dim=1)
-    lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
-    return pair_losses(lse[a1] - s[a1, p], tiny).mean()
+    with torch.autocast(q.device.type, enabled=False):  # the matrix stays in the compute dtype
+        s = (q.to(ct) @ k.to(ct).T) * scale
+        counts = torch.zeros(n, m, dtype=ct, device=q.device).index_put_((a2, neg), torch.ones_like(a2, dtype=ct),
+                                                                         accumulate=True)
+        has_neg = counts.any(dim=1)
+        # Rows without negatives take a finite stand-in, then L = -inf: logsumexp over a row of -inf
+        # would give NaN gradients.
+        lse = torch.where(has_neg[:, None], s + counts.log(), torch.zeros_like(s)).logsumexp(dim=1)
+        lse = torch.where(has_neg, lse, torch.full_like(lse, float("-inf")))
+        return pair_losses(lse[a1] - s[a1, p], tiny).mean()

@@ -161,19 +161,19 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
 
 def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels):
     """The arguments of a pytorch-metric-learning-form loss, checked; returns ``(labels,
-    ref_labels)`` moved to the embeddings' device when they are CPU tensors, as PML moves them
-    (the very ``labels`` object passed as ``ref_labels`` stays one object: PML reads that as
-    "leave out the pairs (i, i)")."""
+    ref_labels)``, each moved to the embeddings' device when it is a CPU tensor, as PML moves them."""
     check_embeddings("embeddings", embeddings)
     check_scalar("temperature", temperature, positive=True)
     device = embeddings.device
-    same = ref_labels is labels
+    # Each is moved on its own, as PML moves them: a labels object given as ref_labels too is then
+    # two objects, and PML keeps the pairs (i, i) (it leaves them out only for one object).
     if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
         labels = labels.to(device)
-    if same:
-        ref_labels = labels
-    elif isinstance(ref_labels, torch.Tensor) and ref_labels.device.type == "cpu":
+    if isinstance(ref_labels, torch.Tensor) and ref_labels.device.type == "cpu":
         ref_labels = ref_labels.to(device)
+    for name, lab in (("labels", labels), ("ref_labels", ref_labels)):
+        if isinstance(lab, torch.Tensor) and lab.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one class per row), got shape {tuple(lab.shape)}")
     if labels is not None:  # with indices_tuple unused for the pairs, as in PML, but still checked
         _check_labels("labels", labels, embeddings.shape[0], device, allow_float=True)
     if ref_emb is None:
@@ -201,7 +201,8 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     Embeddings are L2-normalised (cosine similarity).  Anchors are the N rows; contrasts are the
     same rows with self excluded, or the rows of ``ref_emb`` (normalised too) with nothing
     excluded, as PML does, unless ``ref_labels`` is the very ``labels`` object, which makes PML
-    leave out the pairs (i, i).  No base-temperature factor; the mean runs over anchors whose
+    leave out the pairs (i, i) (not after moving CPU labels to the device: PML moves each on its
+    own, making two objects).  No base-temperature factor; the mean runs over anchors whose
     loss is non-zero (anchors without positives give 0 and are left out); 0 when there are none,
     and 0 when no anchor has a negative (a single label), as PML returns.
 
@@ -309,7 +310,8 @@ def _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb) -> torch.
     ct = compute_dtype(embeddings.dtype)
     z = l2_normalize(embeddings).to(ct)
     r = z if ref_emb is embeddings else l2_normalize(ref_emb).to(ct)
-    scores = (z @ r.T) / temperature
+    with torch.autocast(z.device.type, enabled=False):  # the matrix stays in the compute dtype
+        scores = (z @ r.T) / temperature
     kept = pos | neg
     lse = scores.masked_fill(~kept, float("-inf")).logsumexp(dim=1)
     lse = lse.masked_fill(~kept.any(dim=1), 0.0)  # an anchor with no pairs: PML's 0
