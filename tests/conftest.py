@@ -95,8 +95,11 @@ class LiveBytes:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                # views and in-place results share an input's storage: not new memory
+                given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                         if isinstance(t, torch.Tensor)}
                 for t in torch.utils._pytree.tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
                         tracker._add(t)
                 return out
 

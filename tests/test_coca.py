@@ -117,3 +117,30 @@ def test_open_clip_coca_loss(dtype, weights):
     # the tuple form
     c, cap = fastcl.nn.CoCaLoss(*weights, pad_id=0)(img, txt, logits, labels, scale)
     assert_close(cap, theirs["caption_loss"], dtype, "tuple form")
+
+
+def test_caption_loss_second_derivatives_and_scratch(monkeypatch):
+    """create_graph=True gives the float64 oracle's second derivative (blocks of 3 rows); the
+    backward's live scratch stays within the workspace beyond the gradient itself."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 131 * 8 / 2**20)
+    logits, labels = _case(torch.float64, torch.Generator().manual_seed(4))
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ga = torch.autograd.grad(caption_loss(a, labels), a, create_graph=True)[0]
+    gb = torch.autograd.grad(_oracle(b, labels, 0), b, create_graph=True)[0]
+    assert_close(ga, gb, torch.float64, "first derivative")
+    ha = torch.autograd.grad((ga * ga.detach().sign()).sum() + ga.pow(2).sum(), a)[0]
+    hb = torch.autograd.grad((gb * gb.detach().sign()).sum() + gb.pow(2).sum(), b)[0]
+    assert_close(ha, hb, torch.float64, "second derivative")
+
+    from conftest import LiveBytes
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 1.0)
+    big = randn(64, 76, 2000, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    big_labels = torch.randint(0, 2000, (64, 76), generator=torch.Generator().manual_seed(6))
+    with LiveBytes() as fwd:
+        loss = caption_loss(big, big_labels)
+    with LiveBytes() as bwd:
+        loss.backward()
+    grad_bytes = big.numel() * 4  # 39 MB: the gradient itself
+    assert fwd.peak <= strips.workspace_bytes() + 2**20, fwd.peak
+    assert bwd.peak >= grad_bytes, "the tracker must see the gradient"
+    assert bwd.peak <= grad_bytes + strips.workspace_bytes() + 2**20, (bwd.peak, grad_bytes)

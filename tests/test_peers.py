@@ -79,6 +79,26 @@ def test_open_clip_distill_clip_loss(backend, dtype, blocks, monkeypatch):
              oc.DistillClipLoss()(*b, t_img, t_txt, t_scale)[1], a, b, dtype)
 
 
+def test_distill_clip_loss_second_derivatives(monkeypatch):
+    """create_graph=True through the teacher-weighted blocks (5 rows each) against open_clip's loss."""
+    oc = _open_clip_loss_module()
+    from fastcl.ops import strips
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 5 * 23 * 4 / 2**20)
+    gen = torch.Generator().manual_seed(7)
+    img, txt = randn(23, 6, generator=gen, dtype=torch.float64), randn(23, 6, generator=gen, dtype=torch.float64)
+    t_img, t_txt = randn(23, 4, generator=gen, dtype=torch.float64), randn(23, 4, generator=gen, dtype=torch.float64)
+    a, b = _leaves(img, txt), _leaves(img, txt)
+    ours = fastcl.distill_clip_loss(*a, 3.0, t_img, t_txt, 2.0, backend="reference")[1]
+    theirs = oc.DistillClipLoss()(*b, torch.tensor(3.0, dtype=torch.float64), t_img, t_txt,
+                                  torch.tensor(2.0, dtype=torch.float64))[1]
+    g_ours = torch.autograd.grad(ours, a, create_graph=True)
+    g_theirs = torch.autograd.grad(theirs, b, create_graph=True)
+    h_ours = torch.autograd.grad(sum(g.pow(2).sum() for g in g_ours), a)
+    h_theirs = torch.autograd.grad(sum(g.pow(2).sum() for g in g_theirs), b)
+    for x, y in zip(g_ours + h_ours, g_theirs + h_theirs):
+        assert_close(x, y, torch.float64, "derivatives")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_distill_clip_loss_half_inputs(dtype):
     """Half student and teacher features against open_clip in float64 on the same rounded values."""
