@@ -593,3 +593,48 @@ def test_directclr(backend):
             lambda x, y: o_ntxent(x.flatten(1)[:, :7], y.flatten(1)[:, :7], 0.3), [a, b], torch.float32, "directclr")
     with pytest.raises(ValueError, match="loss_dim must be a positive int"):
         DirectCLRLoss(loss_dim=0)
+
+
+# ----------------------------------------------------------------------------- Hypersphere (lightly)
+def o_hypersphere(za, zb, t=1.0, lam=1.0, alpha=2.0):
+    """lightly's HypersphereLoss, literally: pdist for the uniformity."""
+    x, y = F.normalize(za), F.normalize(zb)
+    align = (x - y).norm(dim=1).pow(alpha).mean()
+
+    def unif(v):
+        return torch.pdist(v, p=2).pow(2).mul(-t).exp().mean().log()
+    return align + lam * (unif(x) + unif(y)) / 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
+@pytest.mark.parametrize("t,lam,alpha", [(1.0, 1.0, 2.0), (2.0, 0.5, 1.0), (0.3, 3.0, 3.0)])
+def test_hypersphere(backend, dtype, t, lam, alpha):
+    """Value and gradients of both views, and of a learnable t (a 0-d tensor), against the literal
+    pdist form in float64."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton kernels take no float64")
+    g = torch.Generator().manual_seed(31)
+    a, b = randn(67, 40, generator=g), randn(67, 40, generator=g)
+    b = a + 0.5 * b  # aligned views, as in training: the alignment term is not the whole loss
+    compare(lambda x, y, tt: fastcl.hypersphere_loss(x, y, tt, lam, alpha, backend=backend),
+            lambda x, y, tt: o_hypersphere(x, y, tt, lam, alpha),
+            [a, b, torch.tensor(t, dtype=torch.float64 if dtype == torch.float64 else torch.float32)], dtype, "hypersphere",
+            normalised=True)
+
+
+def test_hypersphere_module_and_edges():
+    from fastcl.nn.losses import HypersphereLoss
+    g = torch.Generator().manual_seed(32)
+    a, b = randn(9, 5, generator=g, dtype=torch.float64), randn(9, 5, generator=g, dtype=torch.float64)
+    assert_close(HypersphereLoss()(a, b), o_hypersphere(a, b), torch.float64, "module defaults (1, 1, 2)")
+    # one sample: lightly's empty mean is NaN, and so is ours
+    assert torch.isnan(o_hypersphere(a[:1], b[:1])) and torch.isnan(fastcl.hypersphere_loss(a[:1], b[:1]))
+    bad = a.clone()
+    bad[4, 2] = float("nan")
+    assert torch.isnan(fastcl.hypersphere_loss(bad, b))
+    for kw, match in ((dict(t=0.0), "t must be"), (dict(alpha=-1.0), "alpha must be"), (dict(lam=float("inf")), "lam")):
+        with pytest.raises(ValueError, match=match):
+            HypersphereLoss(**kw)
+    with pytest.raises(ValueError, match="same batch size"):
+        fastcl.hypersphere_loss(a, b[:8])

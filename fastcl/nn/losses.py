@@ -10,6 +10,7 @@ from fastcl.losses.coca import caption_loss
 from fastcl.distributed import group_info, is_distributed
 from fastcl.losses.dcl import check_negatives, dcl_loss, negative_mises_fisher_weights
 from fastcl.losses.distill import distill_clip_loss
+from fastcl.losses.hypersphere import hypersphere_loss
 from fastcl.losses.distributed import (SIGLIP_ALIASES, clip_loss_distributed, dcl_loss_distributed,
                                        ntxent_loss_distributed, resolve_dist_impl, siglip_loss_distributed,
                                        supcon_loss_distributed)
@@ -135,6 +136,23 @@ class DistillClipLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill
+
+
+class HypersphereLoss(nn.Module):
+    """Drop-in for lightly's ``HypersphereLoss(t=1.0, lam=1.0, alpha=2.0)``: ``forward(z_a (N, D),
+    z_b (N, D))`` returns the 0-d alignment plus ``lam`` times the mean uniformity of the two
+    views, without lightly's N (N - 1) / 2 pairwise distances (see
+    ``fastcl.losses.hypersphere.hypersphere_loss``)."""
+
+    def __init__(self, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0, *, backend: Optional[str] = None):
+        super().__init__()
+        check_scalar("t", t, positive=True)
+        check_scalar("lam", lam)
+        check_scalar("alpha", alpha, positive=True)
+        self.t, self.lam, self.alpha, self.backend = t, lam, alpha, backend
+
+    def forward(self, z_a, z_b):
+        return hypersphere_loss(z_a, z_b, self.t, self.lam, self.alpha, backend=self.backend)
 
 
 class InfoNCELoss(nn.Module):
