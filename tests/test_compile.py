@@ -135,3 +135,26 @@ def test_masking_runs_under_fake_tensors():
         kept.square().sum().backward()
         assert kept.shape == (3, 4, 5) and ids_restore.shape == (3, 9)
         assert x.grad.shape == x.shape and pos.grad.shape == pos.shape
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_row_block_losses_compile(compiler):
+    """The caption cross-entropy and the hypersphere loss compile without a graph break; PML's
+    NT-Xent compiles with breaks (its class ids come from torch.unique, and q is k); all three
+    give eager's values and gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(3)
+    emb, labels = torch.randn(33, 8, generator=gen), torch.randint(0, 5, (33,), generator=gen)
+    logits, tokens = torch.randn(3, 4, 11, generator=gen), torch.randint(0, 11, (3, 4), generator=gen)
+    za, zb = torch.randn(17, 8, generator=gen), torch.randn(17, 8, generator=gen)
+    cases = [(lambda x: fastcl.caption_loss(x[0], tokens), [logits], True),
+             (lambda x: fastcl.hypersphere_loss(x[0], x[1], 2.0, backend="reference"), [za, zb], True),
+             (lambda x: fastcl.ntxent_loss_pml(x[0], labels, 0.1), [emb], False)]
+    for fn, inputs, fullgraph in cases:
+        results = []
+        for f in (fn, torch.compile(fn, fullgraph=fullgraph, backend=compiler)):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            loss = f(leaves)
+            results.append([loss, *torch.autograd.grad(loss, leaves)])
+        for a, b in zip(*results):
+            assert_close(a, b, torch.float32)
