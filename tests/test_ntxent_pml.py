@@ -358,3 +358,67 @@ def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
     ref = oracle(ref_emb, labels, 0.1, tiny=torch.finfo(dtype).tiny)
     assert_close(loss.cpu(), ref, torch.float32, "value", NORMALISED_VALUE_FACTOR.get(dtype, 1.0))
     assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], dtype, "grad")
+
+
+@pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss"])
+@pytest.mark.parametrize("mode", ["plain", "enqueue_mask", "miner", "indices_tuple"])
+def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
+    """CrossBatchMemory around NTXentLoss / SupConLoss against PML's, step by step: the memory
+    fills, wraps around (batches of 13, then of 1, in a memory of 40), and every step's loss,
+    gradient and memory agree."""
+    pml = _pml()
+    miners = pytest.importorskip("pytorch_metric_learning.miners")
+    gen = torch.Generator().manual_seed(18)
+    d, size = 6, 40
+    miner_ours = miner_theirs = miners.MultiSimilarityMiner(epsilon=0.5) if mode == "miner" else None
+    ours = fastcl.nn.pml.CrossBatchMemory(getattr(fastcl.nn.pml, loss_name)(), d, size, miner=miner_ours)
+    theirs = pml.CrossBatchMemory(getattr(pml, loss_name)(), d, size, miner=miner_theirs)
+    compared = 0
+    for step, n in enumerate([13, 13, 13, 13, 1, 13, 1, 13]):
+        emb = randn(n, d, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, 4, (n,), generator=gen)
+        kw = {}
+        if mode == "enqueue_mask" and n > 1:
+            kw["enqueue_mask"] = torch.arange(n) % 3 == 0
+        if mode == "indices_tuple" and n > 1:
+            # anchors 0 and 1 against their own slots (positives the memory leaves out) and against
+            # a slot of another label: extra pairs consistent with the labels, some repeated
+            slot = [(theirs.queue_idx + j) % size for j in range(n)]
+            other = [next((j for j in range(n) if labels[j] != labels[i]), None) for i in (0, 1)]
+            if None not in other:
+                kw["indices_tuple"] = (torch.tensor([0, 1]), torch.tensor(slot[:2]), torch.tensor([0, 1]),
+                                       torch.tensor([slot[other[0]], slot[other[1]]]))
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        try:
+            ref = theirs(b, labels, **kw)
+        except AssertionError:  # PML's SupCon refuses a pair named positive and negative; so do we
+            with pytest.raises(ValueError, match="both as a positive and as a negative"):
+                ours(a, labels, **kw)
+            continue
+        mine = ours(a, labels, **kw)
+        compared += 1
+        assert_close(mine, ref, torch.float64, f"step {step} value")
+        if ref.requires_grad and ref.item() != 0:
+            assert_close(torch.autograd.grad(mine, a)[0], torch.autograd.grad(ref, b)[0], torch.float64,
+                         f"step {step} grad")
+        assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
+        assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
+        assert torch.equal(ours.label_memory, theirs.label_memory)
+    assert compared >= 6, compared
+
+
+def test_cross_batch_memory_errors():
+    crit = fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=8)
+    emb, labels = torch.randn(5, 6), torch.arange(5)
+    with pytest.raises(ValueError, match="embedding_size=6"):
+        crit(torch.randn(5, 7), labels)
+    with pytest.raises(ValueError, match="labels must be a 1-D tensor"):
+        crit(emb, labels[:4])
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        crit(emb, labels, indices_tuple=(labels, labels, labels), enqueue_mask=labels > 2)
+    with pytest.raises(ValueError, match="enqueue_mask must be a bool tensor"):
+        crit(emb, labels, enqueue_mask=labels)
+    with pytest.raises(ValueError, match="must not exceed memory_size=8"):
+        crit(torch.randn(9, 6), torch.arange(9))
+    with pytest.raises(ValueError, match="memory_size must be a positive int"):
+        fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=0)

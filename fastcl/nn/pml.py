@@ -1,7 +1,7 @@
 """Drop-ins for pytorch-metric-learning's losses, with its defaults and call signature.
 
-``from fastcl.nn.pml import NTXentLoss, SupConLoss, SelfSupervisedLoss`` replaces the PML
-imports of the same names.  Only PML's default distance (cosine) and reducer are offered; other
+``from fastcl.nn.pml import NTXentLoss, SupConLoss, SelfSupervisedLoss, CrossBatchMemory``
+replaces the PML imports of the same names.  Only PML's default distance (cosine) and reducer are offered; other
 ``distance=``/``reducer=`` keywords are refused by the constructors.
 """
 from typing import Optional
@@ -11,7 +11,7 @@ from torch import nn
 
 from fastcl.losses.ntxent_pml import ntxent_loss_pml
 from fastcl.losses.supcon import supcon_loss_pml
-from fastcl.validation import check_pair, check_scalar
+from fastcl.validation import check_embeddings, check_pair, check_scalar
 
 
 class NTXentLoss(nn.Module):
@@ -78,3 +78,113 @@ class SelfSupervisedLoss(nn.Module):
         if self.symmetric:
             return self.loss(torch.cat([embeddings, ref_emb]), torch.cat([labels, labels]))
         return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=labels.clone())
+
+
+def _all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor):
+    """(a1, p, a2, n): every (anchor, reference) pair of equal labels, then of different labels."""
+    same = labels[:, None] == ref_labels[None, :]
+    return torch.where(same) + torch.where(~same)
+
+
+def _drop_self_pairs(indices_tuple, slots: torch.Tensor, memory_size: int):
+    """PML's removal of the anchors' own memory slots from the positive pairs (or triplets):
+    anchor i was written to ``slots[i]``.  As in PML, a slot's offset is counted from the first
+    slot, plus ``memory_size`` for slots at or before the last one when the batch wrapped, so a
+    batch of one sample keeps its self pair (PML's rule, reproduced)."""
+    a, p = indices_tuple[0], indices_tuple[1]
+    first, last = int(slots[0]), int(slots[-1])
+    in_batch = torch.isin(p, slots)
+    offset = p - first
+    if last <= first:
+        offset = torch.where(offset <= last - first, offset + memory_size, offset)
+    keep = ~(in_batch & (offset == a))
+    if len(indices_tuple) == 3:
+        return a[keep], p[keep], indices_tuple[2][keep]
+    return a[keep], p[keep], indices_tuple[2], indices_tuple[3]
+
+
+class CrossBatchMemory(nn.Module):
+    """Drop-in for ``pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
+    memory_size=1024, miner=None)``: a first-in first-out memory of past (detached) embeddings
+    and labels that serve as the references of ``loss``.
+
+    ``forward(embeddings (N, D), labels (N,), indices_tuple=None, enqueue_mask=None (N,) bool)``
+    writes the batch (or the rows ``enqueue_mask`` selects, which then are not anchors) into the
+    memory, builds the pairs against it as PML does (every pair, or ``miner(embeddings, labels,
+    memory, memory_labels)``; without ``enqueue_mask`` each anchor's own slot is no positive;
+    ``indices_tuple`` is appended), and returns ``loss(embeddings, labels, pairs, memory,
+    memory_labels)``.  With this module's ``NTXentLoss`` the pairs run on the dense (N, memory)
+    matrix, not PML's (positive pairs x negative pairs).  ``loss`` is any module with PML's call
+    signature; ``miner`` any callable returning pairs or triplets.
+    """
+
+    def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024, miner=None):
+        super().__init__()
+        if not callable(loss):
+            raise TypeError(f"loss must be a loss module with pytorch-metric-learning's call signature, got "
+                            f"{type(loss).__name__}")
+        for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if miner is not None and not callable(miner):
+            raise TypeError(f"miner must be callable, got {type(miner).__name__}")
+        self.loss, self.miner = loss, miner
+        self.embedding_size, self.memory_size = embedding_size, memory_size
+        self.reset_queue()
+
+    def reset_queue(self) -> None:
+        """Empty the memory (zeros, as PML's)."""
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.long))
+        self.has_been_filled, self.queue_idx = False, 0
+
+    def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        slots = torch.arange(self.queue_idx, self.queue_idx + embeddings.shape[0], device=labels.device)
+        slots = slots % self.memory_size
+        self.embedding_memory[slots] = embeddings.detach()
+        self.label_memory[slots] = labels.detach()
+        previous = self.queue_idx
+        self.queue_idx = (self.queue_idx + embeddings.shape[0]) % self.memory_size
+        if not self.has_been_filled and self.queue_idx <= previous:
+            self.has_been_filled = True
+        return slots
+
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        check_embeddings("embeddings", embeddings)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have embedding_size={self.embedding_size} columns, got "
+                             f"{embeddings.shape[1]}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels must be a 1-D tensor with one label per embedding ({embeddings.shape[0]}), got "
+                             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if enqueue_mask is not None:
+            if (not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool
+                    or enqueue_mask.shape != (embeddings.shape[0],)):
+                raise ValueError(f"enqueue_mask must be a bool tensor of shape ({embeddings.shape[0]},)")
+        elif embeddings.shape[0] > self.memory_size:
+            raise ValueError(f"the batch ({embeddings.shape[0]}) must not exceed memory_size={self.memory_size}")
+        device = embeddings.device
+        labels = labels.to(device)
+        self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
+        self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
+        if enqueue_mask is not None:
+            enqueue_mask = enqueue_mask.to(device)
+            self._enqueue(embeddings[enqueue_mask], labels[enqueue_mask])
+            embeddings, labels, slots = embeddings[~enqueue_mask], labels[~enqueue_mask], None
+        else:
+            slots = self._enqueue(embeddings, labels)
+        filled = self.memory_size if self.has_been_filled else self.queue_idx
+        memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
+        pairs = (self.miner(embeddings, labels, memory, memory_labels) if self.miner is not None
+                 else _all_pairs(labels, memory_labels))
+        if slots is not None:
+            pairs = _drop_self_pairs(pairs, slots, self.memory_size)
+        if indices_tuple is not None:
+            if len(indices_tuple) == 3 and len(pairs) == 4:
+                indices_tuple = (indices_tuple[0], indices_tuple[1], indices_tuple[0], indices_tuple[2])
+            elif len(indices_tuple) != len(pairs):
+                raise NotImplementedError("indices_tuple of pairs with a miner of triplets is not supported")
+            pairs = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(pairs, indices_tuple))
+        return self.loss(embeddings, labels, pairs, memory, memory_labels)
