@@ -32,12 +32,13 @@ def check_embeddings(name: str, x) -> None:
     check_float_tensor(name, x, "(N, D)")
 
 
-def check_views(out0, out1) -> None:
+def check_views(out0, out1, names=("out0", "out1")) -> None:
     """The two views of a two-view loss: ``check_pair`` on ``out0`` and ``out1`` (N, D), and the
-    same N (row i of each is the other's positive)."""
-    check_pair("out0", out0, "out1", out1)
+    same N (row i of each is the other's positive); errors use the caller's argument ``names``."""
+    check_pair(names[0], out0, names[1], out1)
     if out0.shape[0] != out1.shape[0]:
-        raise ValueError(f"out0 and out1 must have the same batch size, got {out0.shape[0]} and {out1.shape[0]}")
+        raise ValueError(f"{names[0]} and {names[1]} must have the same batch size, got {out0.shape[0]} and "
+                         f"{out1.shape[0]}")
 
 
 def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

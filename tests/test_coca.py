@@ -76,6 +76,12 @@ def test_caption_loss_edges():
         caption_loss(logits[0], labels[0])
     with pytest.raises(TypeError, match="pad_id must be an int"):
         caption_loss(logits, labels, pad_id=0.0)
+    with pytest.raises(ValueError, match="vocabulary of at least one entry"):
+        caption_loss(logits[:, :, :0], labels)
+    # numpy integer pad ids, as open_clip takes them; empty captions (T = 0) give NaN, as PyTorch
+    import numpy as np
+    assert_close(caption_loss(logits, labels, pad_id=np.int64(0)), _oracle(logits, labels, 0), torch.float32, "np")
+    assert torch.isnan(caption_loss(logits[:, :0], labels[:, :0]))
     with pytest.raises(TypeError, match="caption_loss_weight"):
         fastcl.nn.CoCaLoss("1", 1.0)
 
@@ -119,9 +125,8 @@ def test_open_clip_coca_loss(dtype, weights):
     assert_close(cap, theirs["caption_loss"], dtype, "tuple form")
 
 
-def test_caption_loss_second_derivatives_and_scratch(monkeypatch):
-    """create_graph=True gives the float64 oracle's second derivative (blocks of 3 rows); the
-    backward's live scratch stays within the workspace beyond the gradient itself."""
+def test_caption_loss_second_derivatives(monkeypatch):
+    """create_graph=True gives the float64 oracle's second derivative (blocks of 3 rows)."""
     monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 131 * 8 / 2**20)
     logits, labels = _case(torch.float64, torch.Generator().manual_seed(4))
     a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
@@ -132,15 +137,21 @@ def test_caption_loss_second_derivatives_and_scratch(monkeypatch):
     hb = torch.autograd.grad((gb * gb.detach().sign()).sum() + gb.pow(2).sum(), b)[0]
     assert_close(ha, hb, torch.float64, "second derivative")
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_caption_loss_scratch(dtype, monkeypatch):
+    """The backward's live scratch beyond the gradient it returns stays within the workspace, in
+    every dtype (a float64 block holds twice the bytes of an fp32 one; a half block is upcast)."""
     from conftest import LiveBytes
     monkeypatch.setattr(strips, "WORKSPACE_MB", 1.0)
-    big = randn(64, 76, 2000, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    big = randn(64, 76, 2000, generator=torch.Generator().manual_seed(5), dtype=dtype, requires_grad=True)
     big_labels = torch.randint(0, 2000, (64, 76), generator=torch.Generator().manual_seed(6))
     with LiveBytes() as fwd:
         loss = caption_loss(big, big_labels)
     with LiveBytes() as bwd:
         loss.backward()
-    grad_bytes = big.numel() * 4  # 39 MB: the gradient itself
-    assert fwd.peak <= strips.workspace_bytes() + 2**20, fwd.peak
-    assert bwd.peak >= grad_bytes, "the tracker must see the gradient"
-    assert bwd.peak <= grad_bytes + strips.workspace_bytes() + 2**20, (bwd.peak, grad_bytes)
+    grad_bytes = big.numel() * big.element_size()  # the gradient itself
+    bound = strips.workspace_bytes()
+    assert fwd.peak <= bound, fwd.peak
+    assert grad_bytes <= bwd.peak <= grad_bytes + bound + 2**16, (bwd.peak - grad_bytes, bound)

@@ -623,13 +623,45 @@ def test_hypersphere(backend, dtype, t, lam, alpha):
             normalised=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hypersphere_zero_rows_and_collapsed_batches(backend):
+    """Rows F.normalize leaves at zero (a dead ReLU head) are no unit rows, and a nearly collapsed
+    batch has distances far below 1: both against the pdist form in float64 (float64 inputs on the
+    reference and cpu backends), and fp32 near lightly's own fp32 accuracy."""
+    g = torch.Generator().manual_seed(33)
+    a, b = randn(31, 8, generator=g, dtype=torch.float64), randn(31, 8, generator=g, dtype=torch.float64)
+    a[[3, 17]] = 0.0
+    b[5] = 1e-13 * b[5]
+    centre = randn(1, 8, generator=g, dtype=torch.float64)
+    tight = centre + 0.01 * randn(31, 8, generator=g, dtype=torch.float64)
+    cases = {"zero rows": (a, b), "collapsed": (tight, tight.flip(0))}
+    for name, (x, y) in cases.items():
+        dtypes = [torch.float32] if backend == "triton" else [torch.float64, torch.float32]
+        for dtype in dtypes:
+            (p, q), (r, s) = [[t.to(dtype).detach().clone().requires_grad_() for t in (x, y)] for _ in range(2)]
+            ours = fastcl.hypersphere_loss(p, q, 2.0, backend=backend)
+            ref = o_hypersphere(r.double(), s.double(), 2.0)
+            # fp32: the uniformity of a collapsed batch is ~1e-4, so its absolute error counts
+            factor = 1.0 if dtype == torch.float64 or name != "collapsed" else 10.0
+            assert_close(ours, ref, dtype, f"{name} {dtype} value", factor)
+            for i, (u, v) in enumerate(zip(torch.autograd.grad(ours, [p, q]), torch.autograd.grad(ref, [r, s]))):
+                assert_close(u, v, dtype, f"{name} {dtype} grad {i}")
+
+
 def test_hypersphere_module_and_edges():
     from fastcl.nn.losses import HypersphereLoss
     g = torch.Generator().manual_seed(32)
     a, b = randn(9, 5, generator=g, dtype=torch.float64), randn(9, 5, generator=g, dtype=torch.float64)
     assert_close(HypersphereLoss()(a, b), o_hypersphere(a, b), torch.float64, "module defaults (1, 1, 2)")
-    # one sample: lightly's empty mean is NaN, and so is ours
-    assert torch.isnan(o_hypersphere(a[:1], b[:1])) and torch.isnan(fastcl.hypersphere_loss(a[:1], b[:1]))
+    # one sample: lightly's empty mean is NaN, and so is ours; the alignment's gradient survives
+    (p, q), (r, s) = [[t[:1].detach().clone().requires_grad_() for t in (a, b)] for _ in range(2)]
+    ours, ref = fastcl.hypersphere_loss(p, q), o_hypersphere(r, s)
+    assert torch.isnan(ours) and torch.isnan(ref)
+    for u, v in zip(torch.autograd.grad(ours, [p, q]), torch.autograd.grad(ref, [r, s])):
+        assert torch.isfinite(u).all()
+        assert_close(u, v, torch.float64, "one sample's alignment gradient")
+    with pytest.raises(ValueError, match="z_a and z_b must have the same batch size"):
+        fastcl.hypersphere_loss(a, b[:8])
     bad = a.clone()
     bad[4, 2] = float("nan")
     assert torch.isnan(fastcl.hypersphere_loss(bad, b))
@@ -638,3 +670,33 @@ def test_hypersphere_module_and_edges():
             HypersphereLoss(**kw)
     with pytest.raises(ValueError, match="same batch size"):
         fastcl.hypersphere_loss(a, b[:8])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_losses_keep_fp32_under_autocast(backend):
+    """Under CPU bfloat16 autocast every loss computes its logits in fp32 on every backend (the
+    reference's matmuls and row dots included): the value and gradients equal those without it."""
+    g = torch.Generator().manual_seed(34)
+    a, b = randn(67, 40, generator=g), randn(67, 40, generator=g)
+    labels = torch.randint(0, 5, (67,), generator=g)
+    losses = {
+        "clip": lambda x, y: fastcl.clip_loss(x, y, 10.0, backend=backend),
+        "clip labels": lambda x, y: fastcl.clip_loss(x, y, 10.0, labels=torch.arange(67).flip(0), backend=backend),
+        "siglip": lambda x, y: fastcl.siglip_loss(x, y, 10.0, -10.0, backend=backend),
+        "info_nce": lambda x, y: fastcl.info_nce(x, y, backend=backend),
+        "ntxent": lambda x, y: fastcl.ntxent_loss(x, y, backend=backend),
+        "dcl": lambda x, y: fastcl.dcl_loss(x, y, backend=backend),
+        "macl": lambda x, y: fastcl.macl_loss(x, y, backend=backend),
+        "supcon": lambda x, y: fastcl.supcon_loss(torch.stack([x, y], 1), labels, backend=backend),
+        "supcon pml": lambda x, y: fastcl.supcon_loss_pml(x, labels, backend=backend),
+        "hypersphere": lambda x, y: fastcl.hypersphere_loss(x, y, backend=backend),
+    }
+    for name, fn in losses.items():
+        results = []
+        for autocast in (False, True):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = fn(x, y)
+            results.append([loss, *torch.autograd.grad(loss, [x, y], allow_unused=True, materialize_grads=True)])
+        for u, v in zip(*results):
+            assert_close(u, v, torch.float32, f"{name} under autocast")

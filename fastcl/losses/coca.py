@@ -7,14 +7,18 @@ them and an fp32 gradient too: several times the logits themselves.  ``_TokenCro
 walks row blocks of the (B * T, V) logits within the workspace bound, keeps one fp32 LSE per
 token, and writes the gradient straight in the logits' dtype.
 """
+import numbers
+
 import torch
 
 from fastcl.ops.reference import compute_dtype, graph_grads
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import _eager, check_float_tensor
 
-# Scratch per logit of a block: the fp32 block and one fp32 temporary.
-_BLOCK_BYTES = 2 * 4
+def _block_bytes(dtype: torch.dtype) -> int:
+    """Scratch per logit of a block: two temporaries of the compute dtype (a half block's upcast
+    and its shifted copy; LSE's own shifted copy in the forward)."""
+    return 2 * torch.finfo(compute_dtype(dtype)).bits // 8
 
 
 def _token_ce_sum(logits, target, valid):
@@ -22,14 +26,14 @@ def _token_ce_sum(logits, target, valid):
     differentiable PyTorch (the forward, and the backward under create_graph=True)."""
     ct = compute_dtype(logits.dtype)
     total, lses = torch.zeros((), dtype=ct, device=logits.device), []
-    for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _BLOCK_BYTES):
+    for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _block_bytes(logits.dtype)):
         x = logits[r0:r1].to(ct)
         lse = x.logsumexp(dim=1)
         per = lse - x.gather(1, target[r0:r1]).squeeze(1)
         total = total + torch.where(valid[r0:r1], per, 0.0).sum()
         lses.append(lse)
         del x
-    lse = torch.cat(lses)
+    lse = torch.cat(lses) if lses else logits.new_empty((0,), dtype=ct)
     # NaN anywhere gives NaN, padding included (PyTorch would skip a NaN padded token).
     return total + torch.where(torch.isnan(lse).any(), float("nan"), 0.0), lse
 
@@ -58,19 +62,26 @@ class _TokenCrossEntropy(torch.autograd.Function):
         ct = lse.dtype
         out = torch.empty_like(logits)
         with torch.autocast(logits.device.type, enabled=False):
-            for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _BLOCK_BYTES):
-                p = torch.exp(logits[r0:r1].to(ct) - lse[r0:r1, None])
+            for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _block_bytes(logits.dtype)):
+                p = (logits[r0:r1].to(ct) - lse[r0:r1, None]).exp_()
                 p.scatter_add_(1, target[r0:r1], torch.full_like(lse[r0:r1, None], -1.0))
-                w = torch.where(valid[r0:r1], grad, torch.zeros_like(grad))[:, None]
-                out[r0:r1] = (p * w).to(logits.dtype)
+                p.mul_(torch.where(valid[r0:r1], grad, torch.zeros_like(grad))[:, None])
+                out[r0:r1] = p  # the copy rounds to the logits' dtype
                 del p
         return out, None, None
+
+
+def check_pad_id(pad_id) -> int:
+    """An integer token id (numpy integers too), returned as an int."""
+    if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral):
+        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    return int(pad_id)
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """``nn.CrossEntropyLoss(ignore_index=pad_id)(logits.permute(0, 2, 1), labels)``: the mean over
     tokens whose label is not ``pad_id`` of ``LSE(logits) - logit[label]``; NaN when every token is
-    padding (as PyTorch gives), with zero gradient.  NaN in any logit, a padded token's included,
+    padding (as PyTorch gives; T = 0 too), with zero gradient.  NaN in any logit, a padded token's included,
     gives NaN (PyTorch skips padded tokens entirely).
 
     Args:
@@ -81,7 +92,9 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) ->
     Returns:
         0-d float32 tensor (float64 for float64 logits).
     """
-    check_float_tensor("logits", logits, "(B, T, V)")
+    check_float_tensor("logits", logits, "(B, T, V)", non_empty=False)
+    if logits.shape[2] == 0:
+        raise ValueError("logits must have a vocabulary of at least one entry, got shape (B, T, 0)")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -91,8 +104,7 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) ->
                          f"{tuple(logits.shape)}, got {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"labels must be on {logits.device}, got {labels.device}")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-        raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    pad_id = check_pad_id(pad_id)
     flat = labels.reshape(-1).long()
     valid = flat != pad_id
     vocab = logits.shape[2]

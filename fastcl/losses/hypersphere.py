@@ -1,9 +1,12 @@
 """Alignment and uniformity on the hypersphere (Wang and Isola), as lightly's ``HypersphereLoss``.
 
 lightly's uniformity term ``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` goes through ``torch.pdist``,
-N (N - 1) / 2 distances and their exps.  For unit rows ``||x_i - x_j||^2 = 2 - 2 x_i . x_j``, so it
-is ``LSE_{i != j}(2t x_i . x_j) - log 2 - 2t - log(N (N - 1) / 2)``: one row LSE with the diagonal
-excluded, from the fused op, and no N x N anything.
+N (N - 1) / 2 distances and their exps.  Here it is one row LSE of the fused op with the diagonal
+excluded: with rows centred on their mean, ``y = x - mean(x)`` (distances do not change, and
+centring keeps a nearly collapsed batch from cancelling ``2 - 2 cos`` to nothing), and ``n_j =
+||y_j||^2``, ``-t ||y_i - y_j||^2 = 2t [y_i, 1] . [y_j, -n_j / 2] - t n_i``: the column term rides
+in one extra coordinate and the row term is added after the LSE.  No N x N anything, and no
+assumption that the rows are unit (F.normalize leaves a zero row at zero).
 """
 import math
 from typing import Optional
@@ -16,24 +19,31 @@ from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import check_scalar, check_views
 
 
-def uniformity(x: torch.Tensor, t: float, backend: Optional[str] = None) -> torch.Tensor:
-    """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of unit rows x (N, D); 0-d in the compute dtype,
-    NaN for N < 2 (an empty mean, as lightly gives)."""
+def uniformity(x: torch.Tensor, t, backend: Optional[str] = None) -> torch.Tensor:
+    """``log mean_{i<j} exp(-t ||x_i - x_j||^2)`` of the rows of x (N, D); 0-d in the compute dtype.
+    NaN for N < 2 (lightly's empty mean), off the inputs' graph as lightly's is."""
     n = x.shape[0]
     ct = compute_dtype(x.dtype)
-    if isinstance(t, torch.Tensor):  # a learnable t: its constant term in the compute dtype too
+    if isinstance(t, torch.Tensor):
         t = t.reshape(()).to(ct)
     if n < 2:
-        return x.sum(dtype=ct) * float("nan")  # NaN, on the graph
-    lse = similarity_lse(x, x, 2.0 * t, rows=True, exclude_diagonal=0, backend=backend)
-    return torch.logsumexp(lse, dim=0) - (math.log(2.0) + 2.0 * t + math.log(n * (n - 1) / 2))
+        return torch.full((), float("nan"), dtype=ct, device=x.device) + t * 0
+    with torch.autocast(x.device.type, enabled=False):
+        y = x.to(ct) - x.to(ct).mean(dim=0)
+        sq = (y * y).sum(dim=1)
+        q = torch.cat([y, torch.ones_like(sq)[:, None]], dim=1).to(x.dtype)
+        k = torch.cat([y, -0.5 * sq[:, None]], dim=1).to(x.dtype)
+    lse = similarity_lse(q, k, 2.0 * t, rows=True, exclude_diagonal=0, backend=backend)
+    # Each term is near 0 for a collapsed batch and its LSE near log(N (N - 1)): the last step in
+    # float64 keeps fp32's rounding of that log out of the small result.
+    return (torch.logsumexp((lse - t * sq).double(), dim=0) - math.log(n * (n - 1))).to(ct)
 
 
 def hypersphere_loss(z_a: torch.Tensor, z_b: torch.Tensor, t: float = 1.0, lam: float = 1.0, alpha: float = 2.0, *,
                      backend: Optional[str] = None) -> torch.Tensor:
     """lightly's ``HypersphereLoss(t, lam, alpha)(z_a, z_b)``:
     ``mean_i ||x_i - y_i||^alpha + lam * (U(x) + U(y)) / 2`` with x, y the L2-normalised rows and
-    ``U(x) = log mean_{i<j} exp(-t ||x_i - x_j||^2)``, computed in O(N) memory beyond the inputs.
+    ``U(x) = log mean_{i<j} exp(-t ||x_i - x_j||^2)``, computed in O(N * D) memory.
 
     Args:
         z_a, z_b: (N, D) float32, bfloat16, float16 or float64; row i of each is a view of sample i.
@@ -45,7 +55,7 @@ def hypersphere_loss(z_a: torch.Tensor, z_b: torch.Tensor, t: float = 1.0, lam: 
     Returns:
         0-d float32 tensor (float64 for float64 inputs); NaN for N = 1, as lightly gives.
     """
-    check_views(z_a, z_b)
+    check_views(z_a, z_b, ("z_a", "z_b"))
     check_scalar("t", t, positive=True)
     check_scalar("lam", lam)
     check_scalar("alpha", alpha, positive=True)

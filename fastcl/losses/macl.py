@@ -66,7 +66,7 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    check_views(z0, z1)
+    check_views(z0, z1, ("z0", "z1"))
     temperature, alpha, a_0 = check_macl_args(temperature, alpha, a_0)
     n = z0.shape[0]
     a, b = l2_normalize(z0), l2_normalize(z1)

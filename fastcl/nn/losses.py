@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastcl.losses.clip import clip_loss
-from fastcl.losses.coca import caption_loss
+from fastcl.losses.coca import caption_loss, check_pad_id
 from fastcl.distributed import group_info, is_distributed
 from fastcl.losses.dcl import check_negatives, dcl_loss, negative_mises_fisher_weights
 from fastcl.losses.distill import distill_clip_loss
@@ -77,7 +77,7 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         if self.world_size > 1:
-            err = _check_world("ClipLoss", self.rank, self.world_size, self.group)
+            err = _check_world(type(self).__name__, self.rank, self.world_size, self.group)
             loss = clip_loss_distributed(image_features, text_features, logit_scale, logit_bias,
                                          local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                                          dist_impl=self.dist_impl, group=self.group,
@@ -100,9 +100,8 @@ class CoCaLoss(ClipLoss):
         super().__init__(*args, **kwargs)
         check_scalar("caption_loss_weight", caption_loss_weight)
         check_scalar("clip_loss_weight", clip_loss_weight)
-        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-            raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
-        self.caption_loss_weight, self.clip_loss_weight, self.pad_id = caption_loss_weight, clip_loss_weight, pad_id
+        self.caption_loss_weight, self.clip_loss_weight = caption_loss_weight, clip_loss_weight
+        self.pad_id = check_pad_id(pad_id)
 
     def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict: bool = False):
         if self.clip_loss_weight:

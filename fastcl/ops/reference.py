@@ -22,7 +22,8 @@ def reference_logits(q: torch.Tensor, k: torch.Tensor, scale, bias=None,
                      exclude_diagonal: Optional[int] = None) -> torch.Tensor:
     """(N, M) logits ``scale * q @ k.T + bias`` in the compute dtype, -inf where j == i + offset."""
     ct = compute_dtype(q.dtype)
-    s = (q.to(ct) @ k.to(ct).T) * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
+    with torch.autocast(q.device.type, enabled=False):  # the logits stay in the compute dtype
+        s = (q.to(ct) @ k.to(ct).T) * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
         s = s + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
     if exclude_diagonal is not None:
@@ -46,6 +47,11 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = N
     of b, M >= N), in the compute dtype.  Half inputs on a GPU take one batched product with fp32
     accumulation and output; otherwise a block of rows at a time (about ``block_bytes`` of fp32
     copies), so half inputs never get whole (N, D) upcast or gathered copies."""
+    with torch.autocast(a.device.type, enabled=False):  # in the compute dtype under autocast too
+        return _row_dots(a, b, index, block_bytes)
+
+
+def _row_dots(a, b, index, block_bytes):
     ct = compute_dtype(a.dtype)
     n = a.shape[0]
     if index is None and a.is_cuda and a.dtype != ct:
@@ -97,7 +103,8 @@ def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tens
     ct = compute_dtype(q.dtype)
     kk = k[: q.shape[0]] if index is None else take_rows(k, index)
     if q.dtype == ct:  # a batched row dot: no (N, D) product temporary
-        dots = torch.bmm(q.unsqueeze(1), kk.unsqueeze(2)).reshape(-1)
+        with torch.autocast(q.device.type, enabled=False):  # in the compute dtype under autocast too
+            dots = torch.bmm(q.unsqueeze(1), kk.unsqueeze(2)).reshape(-1)
     else:
         dots = (q.to(ct) * kk.to(ct)).sum(-1)
     out = dots * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
