@@ -11,6 +11,7 @@ matmuls of the same shape: what any method that recomputes the logits in the bac
     python benchmarks/cpu_losses.py --loss pml_ntxent --n 1024 --d 128  # PML's NTXentLoss is "naive"
 
     python benchmarks/cpu_losses.py --loss caption --n 32 --d 49408 --methods naive,fastcl_cpu
+    python benchmarks/cpu_losses.py --loss hypersphere --n 8192 --d 128  # lightly's pdist form is naive
 
 caption is CoCa's caption cross-entropy over (N, 76, D) logits (D the vocabulary), 10% padding.
 pml_ntxent takes SimCLR's labels (row i and row i + N/2 are one pair, as PML's SelfSupervisedLoss
@@ -69,6 +70,9 @@ def _loss_fns(loss: str):
     if loss == "clip":
         return (lambda t, e: B.naive_clip(t[0], t[1], e["scale"]),
                 lambda t, e: fastcl.clip_loss(t[0], t[1], e["scale"], backend="cpu"))
+    if loss == "hypersphere":
+        return (lambda t, e: B.naive_hypersphere(t[0], t[1]),
+                lambda t, e: fastcl.hypersphere_loss(t[0], t[1], backend="cpu"))
     if loss == "caption":  # open_clip CoCaLoss's caption term
         return (lambda t, e: F.cross_entropy(t[0].permute(0, 2, 1), e["labels"], ignore_index=0),
                 lambda t, e: fastcl.caption_loss(t[0], e["labels"], pad_id=0))
@@ -127,7 +131,8 @@ def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--loss", choices=("clip", "siglip", "supcon", "pml_ntxent", "caption"), default="clip")
+    ap.add_argument("--loss", choices=("clip", "siglip", "supcon", "pml_ntxent", "caption", "hypersphere"),
+                    default="clip")
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")

@@ -119,3 +119,15 @@ def naive_dcl(out0: torch.Tensor, out1: torch.Tensor, temperature: float = 0.1) 
                                (x @ y.T / temperature).masked_fill(eye, float("-inf"))], dim=1)
         return (torch.logsumexp(negatives, dim=1) - (x * y).sum(1) / temperature).mean()
     return 0.5 * (one_way(a, b) + one_way(b, a))
+
+
+def naive_hypersphere(z_a: torch.Tensor, z_b: torch.Tensor, t: float = 1.0, lam: float = 1.0,
+                      alpha: float = 2.0) -> torch.Tensor:
+    """lightly's HypersphereLoss as it computes it: the uniformity through ``torch.pdist``'s
+    N (N - 1) / 2 distances.  z_a, z_b: (N, D) float -> 0-d in their dtype."""
+    x, y = F.normalize(z_a), F.normalize(z_b)
+    align = (x - y).norm(dim=1).pow(alpha).mean()
+
+    def uniformity(v):
+        return torch.pdist(v, p=2).pow(2).mul(-t).exp().mean().log()
+    return align + lam * (uniformity(x) + uniformity(y)) / 2.0

@@ -700,3 +700,16 @@ def test_losses_keep_fp32_under_autocast(backend):
             results.append([loss, *torch.autograd.grad(loss, [x, y], allow_unused=True, materialize_grads=True)])
         for u, v in zip(*results):
             assert_close(u, v, torch.float32, f"{name} under autocast")
+
+
+def test_hypersphere_large_t_stays_finite():
+    """At t = 200 lightly's fp32 pdist form underflows to -inf (NaN gradients); fastcl's LSE form
+    stays finite and equals the float64 pdist form."""
+    from fastcl.baselines import naive_hypersphere
+    g = torch.Generator().manual_seed(35)
+    a, b = randn(64, 32, generator=g), randn(64, 32, generator=g)
+    assert torch.isneginf(naive_hypersphere(a, b, 200.0))
+    x = a.clone().requires_grad_()
+    ours = fastcl.hypersphere_loss(x, b, 200.0)
+    assert torch.isfinite(torch.autograd.grad(ours, x)[0]).all()
+    assert_close(ours, naive_hypersphere(a.double(), b.double(), 200.0), torch.float32, "t = 200")
