@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-from fastcl.ops.reference import compute_dtype, graph_grads
+from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import _eager, check_float_tensor
 
@@ -46,7 +46,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, valid):
         target = labels.masked_fill(~valid, 0)[:, None]
-        with torch.autocast(logits.device.type, enabled=False):
+        with autocast_off(logits.device):
             total, lse = _token_ce_sum(logits, target, valid)
         ctx.save_for_backward(logits, target, valid, lse)
         return total
@@ -56,12 +56,12 @@ class _TokenCrossEntropy(torch.autograd.Function):
         logits, target, valid, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (logits.view_as(logits),)
-            with torch.autocast(logits.device.type, enabled=False):
+            with autocast_off(logits.device):
                 total = _token_ce_sum(inputs[0], target, valid)[0]
             return graph_grads([total], [grad], inputs, ctx.needs_input_grad, 3)
         ct = lse.dtype
         out = torch.empty_like(logits)
-        with torch.autocast(logits.device.type, enabled=False):
+        with autocast_off(logits.device):
             for r0, r1 in row_blocks(logits.shape[0], logits.shape[1], _block_bytes(logits.dtype)):
                 p = (logits[r0:r1].to(ct) - lse[r0:r1, None]).exp_()
                 p.scatter_add_(1, target[r0:r1], torch.full_like(lse[r0:r1, None], -1.0))

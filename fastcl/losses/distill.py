@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastcl.ops.reference import compute_dtype, scalar_tensor
+from fastcl.ops.reference import autocast_off, compute_dtype, scalar_tensor
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_pair, check_scalar
@@ -36,7 +36,7 @@ class _TeacherWeighted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, qt, kt, scale_t):
         ct = compute_dtype(q.dtype)
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             kc, ktc = k.to(ct), kt.to(ct)
             out = torch.empty(q.shape[0], dtype=ct, device=q.device)
             for r0, r1 in row_blocks(q.shape[0], k.shape[0]):
@@ -49,7 +49,7 @@ class _TeacherWeighted(torch.autograd.Function):
     def backward(ctx, g):
         q, k, qt, kt, scale_t = ctx.saved_tensors
         ct = g.dtype
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             kc, ktc = k.to(ct), kt.to(ct)
             gq = torch.empty(q.shape, dtype=ct, device=q.device) if ctx.needs_input_grad[0] else None
             gk = torch.zeros(k.shape, dtype=ct, device=k.device) if ctx.needs_input_grad[1] else None

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.ops.reference import compute_dtype
+from fastcl.ops.reference import autocast_off, compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import check_scalar, check_views
 
@@ -28,7 +28,7 @@ def uniformity(x: torch.Tensor, t, backend: Optional[str] = None) -> torch.Tenso
         t = t.reshape(()).to(ct)
     if n < 2:
         return torch.full((), float("nan"), dtype=ct, device=x.device) + t * 0
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         y = x.to(ct) - x.to(ct).mean(dim=0)
         sq = (y * y).sum(dim=1)
         q = torch.cat([y, torch.ones_like(sq)[:, None]], dim=1).to(x.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
-from fastcl.ops.reference import compute_dtype, graph_grads, scalar_tensor
+from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
 # Scratch per entry of a row block: the scores and at most five temporaries of the compute
@@ -77,7 +77,7 @@ class _LabelPairs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, classes, ref_classes, self_pairs, tiny):
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             total, lse = _label_pairs_sum(q, k, scale, classes, ref_classes, self_pairs, tiny)
         ctx.save_for_backward(q, k, scale, classes, ref_classes, lse)
         ctx.self_pairs, ctx.tiny = self_pairs, tiny
@@ -88,7 +88,7 @@ class _LabelPairs(torch.autograd.Function):
         q, k, scale, classes, ref_classes, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (q.view_as(q), k.view_as(k), scale.view_as(scale))
-            with torch.autocast(q.device.type, enabled=False):
+            with autocast_off(q.device):
                 total = _label_pairs_sum(*inputs, classes, ref_classes, ctx.self_pairs, ctx.tiny)[0]
             return graph_grads([total], [grad], inputs, ctx.needs_input_grad, 7)
         ct = scale.dtype
@@ -96,7 +96,7 @@ class _LabelPairs(torch.autograd.Function):
         gq = torch.empty(q.shape, dtype=ct, device=q.device) if need_q else None
         gk = torch.zeros(k.shape, dtype=ct, device=k.device) if need_k else None
         gs = torch.zeros((), dtype=ct, device=q.device)
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device):
             kc = k.to(ct)
             for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
                 s, pos, neg = _block(q, kc, scale, classes, ref_classes, ctx.self_pairs, r0, r1, ct)
@@ -194,7 +194,7 @@ def _mined(q, k, scale, indices_tuple, tiny) -> torch.Tensor:
     a1, p, a2, neg = pairs
     if a1.numel() == 0 or a2.numel() == 0:
         return zero
-    with torch.autocast(q.device.type, enabled=False):  # the matrix stays in the compute dtype
+    with autocast_off(q.device):  # the matrix stays in the compute dtype
         s = (q.to(ct) @ k.to(ct).T) * scale
         counts = torch.zeros(n, m, dtype=ct, device=q.device).index_put_((a2, neg), torch.ones_like(a2, dtype=ct),
                                                                          accumulate=True)

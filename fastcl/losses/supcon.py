@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.ops.reference import compute_dtype
+from fastcl.ops.reference import autocast_off, compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.validation import (_eager, check_embeddings, check_float_tensor, check_index, check_pair,
                                check_reduction, check_scalar)
@@ -310,7 +310,7 @@ def _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb) -> torch.
     ct = compute_dtype(embeddings.dtype)
     z = l2_normalize(embeddings).to(ct)
     r = z if ref_emb is embeddings else l2_normalize(ref_emb).to(ct)
-    with torch.autocast(z.device.type, enabled=False):  # the matrix stays in the compute dtype
+    with autocast_off(z.device):  # the matrix stays in the compute dtype
         scores = (z @ r.T) / temperature
     kept = pos | neg
     lse = scores.masked_fill(~kept, float("-inf")).logsumexp(dim=1)

@@ -1,8 +1,17 @@
 """Pure-PyTorch reference ops: they materialise the N x M matrix.  Test oracle and fallback."""
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 
+
+
+def autocast_off(device: torch.device):
+    """A context that turns autocast off on ``device`` (nothing for device types without autocast,
+    such as meta): fastcl's own matmuls stay in the compute dtype, as the fused kernels do."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; every other float dtype is computed and reported in fp32."""
@@ -22,7 +31,7 @@ def reference_logits(q: torch.Tensor, k: torch.Tensor, scale, bias=None,
                      exclude_diagonal: Optional[int] = None) -> torch.Tensor:
     """(N, M) logits ``scale * q @ k.T + bias`` in the compute dtype, -inf where j == i + offset."""
     ct = compute_dtype(q.dtype)
-    with torch.autocast(q.device.type, enabled=False):  # the logits stay in the compute dtype
+    with autocast_off(q.device):  # the logits stay in the compute dtype
         s = (q.to(ct) @ k.to(ct).T) * (scale.to(ct) if isinstance(scale, torch.Tensor) else scale)
     if bias is not None:
         s = s + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
@@ -47,7 +56,7 @@ def row_dots(a: torch.Tensor, b: torch.Tensor, index: Optional[torch.Tensor] = N
     of b, M >= N), in the compute dtype.  Half inputs on a GPU take one batched product with fp32
     accumulation and output; otherwise a block of rows at a time (about ``block_bytes`` of fp32
     copies), so half inputs never get whole (N, D) upcast or gathered copies."""
-    with torch.autocast(a.device.type, enabled=False):  # in the compute dtype under autocast too
+    with autocast_off(a.device):  # in the compute dtype under autocast too
         return _row_dots(a, b, index, block_bytes)
 
 
@@ -103,7 +112,7 @@ def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tens
     ct = compute_dtype(q.dtype)
     kk = k[: q.shape[0]] if index is None else take_rows(k, index)
     if q.dtype == ct:  # a batched row dot: no (N, D) product temporary
-        with torch.autocast(q.device.type, enabled=False):  # in the compute dtype under autocast too
+        with autocast_off(q.device):  # in the compute dtype under autocast too
             dots = torch.bmm(q.unsqueeze(1), kk.unsqueeze(2)).reshape(-1)
     else:
         dots = (q.to(ct) * kk.to(ct)).sum(-1)
