@@ -361,7 +361,8 @@ def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss"])
-@pytest.mark.parametrize("mode", ["plain", "enqueue_mask", "miner", "indices_tuple"])
+@pytest.mark.parametrize("mode", ["plain", "enqueue_mask", "miner", "indices_tuple", "triplet miner",
+                                  "triplet miner, pairs given"])
 def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
     """CrossBatchMemory around NTXentLoss / SupConLoss against PML's, step by step: the memory
     fills, wraps around (batches of 13, then of 1, in a memory of 40), and every step's loss,
@@ -370,17 +371,18 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
     miners = pytest.importorskip("pytorch_metric_learning.miners")
     gen = torch.Generator().manual_seed(18)
     d, size = 6, 40
-    miner_ours = miner_theirs = miners.MultiSimilarityMiner(epsilon=0.5) if mode == "miner" else None
+    miner_ours = miner_theirs = (miners.MultiSimilarityMiner(epsilon=0.5) if mode == "miner"
+                                 else miners.TripletMarginMiner(margin=0.5) if mode.startswith("triplet") else None)
     ours = fastcl.nn.pml.CrossBatchMemory(getattr(fastcl.nn.pml, loss_name)(), d, size, miner=miner_ours)
     theirs = pml.CrossBatchMemory(getattr(pml, loss_name)(), d, size, miner=miner_theirs)
     compared = 0
-    for step, n in enumerate([13, 13, 13, 13, 1, 13, 1, 13]):
+    for step, n in enumerate([13, 13, 13, 13, 1, 13, 1, 13, 40, 13]):
         emb = randn(n, d, generator=gen, dtype=torch.float64)
         labels = torch.randint(0, 4, (n,), generator=gen)
         kw = {}
         if mode == "enqueue_mask" and n > 1:
-            kw["enqueue_mask"] = torch.arange(n) % 3 == 0
-        if mode == "indices_tuple" and n > 1:
+            kw["enqueue_mask"] = torch.arange(n) % 3 == 0 if step != 5 else torch.ones(n, dtype=torch.bool)
+        if mode in ("indices_tuple", "triplet miner, pairs given") and n > 1:
             # anchors 0 and 1 against their own slots (positives the memory leaves out) and against
             # a slot of another label: extra pairs consistent with the labels, some repeated
             slot = [(theirs.queue_idx + j) % size for j in range(n)]
@@ -410,6 +412,15 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
 def test_cross_batch_memory_errors():
     crit = fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=8)
     emb, labels = torch.randn(5, 6), torch.arange(5)
+    # arguments are checked before the batch is written
+    for args, kw, exc, match in (((labels.bool(),), {}, TypeError, "labels must be an integer or floating"),
+                                 ((labels.double().masked_fill(labels == 2, float("nan")),), {}, ValueError, "NaN"),
+                                 ((labels,), dict(indices_tuple=(labels, labels)), TypeError, "got 2 entries")):
+        with pytest.raises(exc, match=match):
+            crit(emb, *args, **kw)
+        assert crit.queue_idx == 0 and not crit.has_been_filled and crit.embedding_memory.abs().sum() == 0
+    with pytest.raises(ValueError, match=r"rows to enqueue \(9\) must not exceed memory_size=8"):
+        crit(torch.randn(12, 6), torch.arange(12), enqueue_mask=torch.arange(12) < 9)
     with pytest.raises(ValueError, match="embedding_size=6"):
         crit(torch.randn(5, 7), labels)
     with pytest.raises(ValueError, match="labels must be a 1-D tensor"):
@@ -420,5 +431,7 @@ def test_cross_batch_memory_errors():
         crit(emb, labels, enqueue_mask=labels)
     with pytest.raises(ValueError, match="must not exceed memory_size=8"):
         crit(torch.randn(9, 6), torch.arange(9))
+    import numpy as np
+    assert fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), np.int64(6), np.int64(8)).memory_size == 8
     with pytest.raises(ValueError, match="memory_size must be a positive int"):
         fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=0)

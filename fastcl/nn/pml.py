@@ -4,6 +4,7 @@
 replaces the PML imports of the same names.  Only PML's default distance (cosine) and reducer are offered; other
 ``distance=``/``reducer=`` keywords are refused by the constructors.
 """
+import numbers
 from typing import Optional
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from fastcl.losses.ntxent_pml import ntxent_loss_pml
 from fastcl.losses.supcon import supcon_loss_pml
+from fastcl.ops.reference import compute_dtype
 from fastcl.validation import check_embeddings, check_pair, check_scalar
 
 
@@ -103,19 +105,38 @@ def _drop_self_pairs(indices_tuple, slots: torch.Tensor, memory_size: int):
     return a[keep], p[keep], indices_tuple[2], indices_tuple[3]
 
 
+def _pairs_as_triplets(indices_tuple):
+    """PML's pairs-to-triplets conversion: every positive pair (a, p) with every negative pair of
+    the same anchor (a, n) gives (a, p, n)."""
+    a1, p, a2, n = indices_tuple
+    pi, ni = torch.where(a1[:, None] == a2[None, :])
+    return a1[pi], p[pi], n[ni]
+
+
+def _check_indices_tuple(indices_tuple) -> None:
+    if (not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4)
+            or not all(isinstance(t, torch.Tensor) for t in indices_tuple)):
+        raise TypeError("indices_tuple must be a tuple of 4 index tensors (a1, p, a2, n) or 3 (a, p, n), got "
+                        + (f"{len(indices_tuple)} entries" if isinstance(indices_tuple, (tuple, list))
+                           else type(indices_tuple).__name__))
+
+
 class CrossBatchMemory(nn.Module):
     """Drop-in for ``pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
     memory_size=1024, miner=None)``: a first-in first-out memory of past (detached) embeddings
     and labels that serve as the references of ``loss``.
 
     ``forward(embeddings (N, D), labels (N,), indices_tuple=None, enqueue_mask=None (N,) bool)``
-    writes the batch (or the rows ``enqueue_mask`` selects, which then are not anchors) into the
-    memory, builds the pairs against it as PML does (every pair, or ``miner(embeddings, labels,
-    memory, memory_labels)``; without ``enqueue_mask`` each anchor's own slot is no positive;
-    ``indices_tuple`` is appended), and returns ``loss(embeddings, labels, pairs, memory,
-    memory_labels)``.  With this module's ``NTXentLoss`` the pairs run on the dense (N, memory)
-    matrix, not PML's (positive pairs x negative pairs).  ``loss`` is any module with PML's call
-    signature; ``miner`` any callable returning pairs or triplets.
+    writes the batch (or the rows ``enqueue_mask`` selects, which then are not anchors; 0 when no
+    anchor is left, as PML) into the memory, builds the pairs against it as PML does (every pair,
+    or ``miner(embeddings, labels, memory, memory_labels)``; without ``enqueue_mask`` each
+    anchor's own slot is no positive, except in a batch of one, PML's rule; ``indices_tuple`` is
+    appended, converted to the miner's pairs or triplets as PML converts it), and returns
+    ``loss(embeddings, labels, pairs, memory, memory_labels)``.  With this module's
+    ``NTXentLoss`` the pairs run on the dense (N, memory) matrix, not PML's (positive pairs x
+    negative pairs).  ``loss`` is any module with PML's call signature; ``miner`` any callable
+    returning pairs or triplets.  Arguments are checked before the batch is written, and more rows
+    to write than ``memory_size`` are refused (PML would overwrite its own rows).
     """
 
     def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024, miner=None):
@@ -124,12 +145,12 @@ class CrossBatchMemory(nn.Module):
             raise TypeError(f"loss must be a loss module with pytorch-metric-learning's call signature, got "
                             f"{type(loss).__name__}")
         for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if miner is not None and not callable(miner):
             raise TypeError(f"miner must be callable, got {type(miner).__name__}")
         self.loss, self.miner = loss, miner
-        self.embedding_size, self.memory_size = embedding_size, memory_size
+        self.embedding_size, self.memory_size = int(embedding_size), int(memory_size)
         self.reset_queue()
 
     def reset_queue(self) -> None:
@@ -141,7 +162,7 @@ class CrossBatchMemory(nn.Module):
     def _enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         slots = torch.arange(self.queue_idx, self.queue_idx + embeddings.shape[0], device=labels.device)
         slots = slots % self.memory_size
-        self.embedding_memory[slots] = embeddings.detach()
+        self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
         self.label_memory[slots] = labels.detach()
         previous = self.queue_idx
         self.queue_idx = (self.queue_idx + embeddings.shape[0]) % self.memory_size
@@ -151,40 +172,56 @@ class CrossBatchMemory(nn.Module):
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         check_embeddings("embeddings", embeddings)
+        n = embeddings.shape[0]
         if embeddings.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must have embedding_size={self.embedding_size} columns, got "
                              f"{embeddings.shape[1]}")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"labels must be a 1-D tensor with one label per embedding ({embeddings.shape[0]}), got "
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
+            raise ValueError(f"labels must be a 1-D tensor with one label per embedding ({n}), got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"labels must be an integer or floating tensor, got {labels.dtype}")
+        if labels.is_floating_point() and bool(torch.isnan(labels).any()):
+            raise ValueError("labels must not contain NaN (a NaN label equals no other label)")
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if indices_tuple is not None:
+            _check_indices_tuple(indices_tuple)
         if enqueue_mask is not None:
             if (not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool
-                    or enqueue_mask.shape != (embeddings.shape[0],)):
-                raise ValueError(f"enqueue_mask must be a bool tensor of shape ({embeddings.shape[0]},)")
-        elif embeddings.shape[0] > self.memory_size:
-            raise ValueError(f"the batch ({embeddings.shape[0]}) must not exceed memory_size={self.memory_size}")
+                    or enqueue_mask.shape != (n,)):
+                raise ValueError(f"enqueue_mask must be a bool tensor of shape ({n},)")
+            written = int(enqueue_mask.sum())
+        else:
+            written = n
+        if written > self.memory_size:
+            raise ValueError(f"the rows to enqueue ({written}) must not exceed memory_size={self.memory_size}")
         device = embeddings.device
         labels = labels.to(device)
-        self.embedding_memory = self.embedding_memory.to(device=device, dtype=embeddings.dtype)
+        self.embedding_memory = self.embedding_memory.to(device=device)
+        if not torch.is_autocast_enabled("cuda"):  # PML leaves its memory's dtype alone under CUDA autocast
+            self.embedding_memory = self.embedding_memory.to(dtype=embeddings.dtype)
         self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
         if enqueue_mask is not None:
             enqueue_mask = enqueue_mask.to(device)
             self._enqueue(embeddings[enqueue_mask], labels[enqueue_mask])
-            embeddings, labels, slots = embeddings[~enqueue_mask], labels[~enqueue_mask], None
+            anchors, labels, slots = embeddings[~enqueue_mask], labels[~enqueue_mask], None
+            if anchors.shape[0] == 0:  # nothing left to compare: PML's zero loss
+                return embeddings.sum(dtype=compute_dtype(embeddings.dtype)) * 0
         else:
-            slots = self._enqueue(embeddings, labels)
+            anchors, slots = embeddings, self._enqueue(embeddings, labels)
         filled = self.memory_size if self.has_been_filled else self.queue_idx
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
-        pairs = (self.miner(embeddings, labels, memory, memory_labels) if self.miner is not None
+        pairs = (self.miner(anchors, labels, memory, memory_labels) if self.miner is not None
                  else _all_pairs(labels, memory_labels))
         if slots is not None:
             pairs = _drop_self_pairs(pairs, slots, self.memory_size)
         if indices_tuple is not None:
             if len(indices_tuple) == 3 and len(pairs) == 4:
                 indices_tuple = (indices_tuple[0], indices_tuple[1], indices_tuple[0], indices_tuple[2])
-            elif len(indices_tuple) != len(pairs):
-                raise NotImplementedError("indices_tuple of pairs with a miner of triplets is not supported")
+            elif len(indices_tuple) == 4 and len(pairs) == 3:
+                indices_tuple = _pairs_as_triplets(indices_tuple)
             pairs = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(pairs, indices_tuple))
-        return self.loss(embeddings, labels, pairs, memory, memory_labels)
+        if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
+            memory = memory.to(anchors.dtype)
+        return self.loss(anchors, labels, pairs, memory, memory_labels)
