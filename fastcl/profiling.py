@@ -143,6 +143,15 @@ def _dcl_case():
                   "fused": lambda x, b: dcl_loss(x[0], x[1], 0.1, backend=b)}
 
 
+def _hypersphere_case():
+    from fastcl.losses.hypersphere import hypersphere_loss
+
+    def make(n, d, dev, dt, g):
+        return _unit(n, d, dev, dt, g), _unit(n, d, dev, dt, g)
+    return make, {"naive": lambda x, b: baselines.naive_hypersphere(x[0], x[1]),
+                  "fused": lambda x, b: hypersphere_loss(x[0], x[1], backend=b)}
+
+
 def _supcon_case():
     from fastcl.losses.supcon import supcon_loss
 
@@ -167,7 +176,7 @@ def _masking_case():
 
 CASES: Dict[str, Callable] = {"clip": _clip_case, "info_nce": _info_nce_case, "ntxent": _ntxent_case,
                               "supcon": _supcon_case, "siglip": _siglip_case, "dcl": _dcl_case,
-                              "masking": _masking_case}
+                              "hypersphere": _hypersphere_case, "masking": _masking_case}
 
 
 def available_cases() -> Dict[str, str]:

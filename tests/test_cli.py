@@ -200,7 +200,7 @@ def test_bench_plot_marks_out_of_memory(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("case", ["clip", "info_nce", "ntxent", "siglip", "dcl", "supcon", "masking"])
+@pytest.mark.parametrize("case", ["clip", "info_nce", "ntxent", "siglip", "dcl", "hypersphere", "supcon", "masking"])
 def test_bench_baselines_compute_the_fused_loss(case):
     """A speed ratio means something only when both sides compute the same thing: each case's
     naive PyTorch baseline equals the fused op, in value and gradient (float64, odd size)."""
