@@ -31,8 +31,10 @@ def uniformity(x: torch.Tensor, t, backend: Optional[str] = None) -> torch.Tenso
     with autocast_off(x.device):
         y = x.to(ct) - x.to(ct).mean(dim=0)
         sq = (y * y).sum(dim=1)
-        q = torch.cat([y, torch.ones_like(sq)[:, None]], dim=1).to(x.dtype)
-        k = torch.cat([y, -0.5 * sq[:, None]], dim=1).to(x.dtype)
+        # zero columns up to a multiple of 8: rows stay 16-byte aligned for the GPU kernels
+        pad = y.new_zeros(n, -(y.shape[1] + 1) % 8)
+        q = torch.cat([y, torch.ones_like(sq)[:, None], pad], dim=1).to(x.dtype)
+        k = torch.cat([y, -0.5 * sq[:, None], pad], dim=1).to(x.dtype)
     lse = similarity_lse(q, k, 2.0 * t, rows=True, exclude_diagonal=0, backend=backend)
     # Each term is near 0 for a collapsed batch and its LSE near log(N (N - 1)): the last step in
     # float64 keeps fp32's rounding of that log out of the small result.
