@@ -155,3 +155,25 @@ def test_caption_loss_scratch(dtype, monkeypatch):
     bound = strips.workspace_bytes()
     assert fwd.peak <= bound, fwd.peak
     assert grad_bytes <= bwd.peak <= grad_bytes + bound + 2**16, (bwd.peak - grad_bytes, bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_caption_loss_on_gpu(dtype, monkeypatch):
+    """CUDA logits: value and gradient against float64 on the CPU, and the backward's scratch
+    beyond the gradient within the workspace (here 8 MB against 190 MB of fp32 logits)."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 8.0)
+    logits, labels = _case(dtype, torch.Generator().manual_seed(7), b=32, t=37, v=40003)
+    a = logits.cuda().requires_grad_()
+    loss = caption_loss(a, labels.cuda())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grad = torch.autograd.grad(loss, a)[0]
+    torch.cuda.synchronize()
+    scratch = torch.cuda.max_memory_allocated() - base - grad.numel() * grad.element_size()
+    assert scratch <= 1.25 * strips.workspace_bytes(), scratch
+    b = logits.double().requires_grad_()
+    ref = _oracle(b, labels, 0)
+    assert_close(loss.cpu(), ref, torch.float32, "value")
+    assert_close(grad.cpu(), torch.autograd.grad(ref, b)[0], dtype, "grad")

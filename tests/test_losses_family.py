@@ -713,3 +713,19 @@ def test_hypersphere_large_t_stays_finite():
     ours = fastcl.hypersphere_loss(x, b, 200.0)
     assert torch.isfinite(torch.autograd.grad(ours, x)[0]).all()
     assert_close(ours, naive_hypersphere(a.double(), b.double(), 200.0), torch.float32, "t = 200")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hypersphere_on_gpu(backend, dtype):
+    """CUDA inputs at an odd size: value and gradients against the pdist form in float64."""
+    g = torch.Generator().manual_seed(36)
+    a, b = randn(2053, 96, generator=g, dtype=dtype), randn(2053, 96, generator=g, dtype=dtype)
+    x, y = a.cuda().requires_grad_(), b.cuda().requires_grad_()
+    ours = fastcl.hypersphere_loss(x, y, 2.0, backend=backend)
+    r, s = a.double().requires_grad_(), b.double().requires_grad_()
+    ref = o_hypersphere(r, s, 2.0)
+    assert_close(ours.cpu(), ref, torch.float32, "value", NORMALISED_VALUE_FACTOR.get(dtype, 1.0))
+    for u, v in zip(torch.autograd.grad(ours, [x, y]), torch.autograd.grad(ref, [r, s])):
+        assert_close(u.cpu(), v, dtype, "grad")
