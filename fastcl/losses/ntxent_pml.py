@@ -19,9 +19,9 @@ from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
 from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
-# Scratch per entry of a row block: the scores and at most five temporaries of the compute
-# dtype alive at once, plus three masks.
 def _block_bytes(ct: torch.dtype) -> int:
+    """Scratch per entry of a row block: the scores and at most five temporaries of the compute
+    dtype alive at once, plus three masks."""
     return 6 * torch.finfo(ct).bits // 8 + 3
 
 
