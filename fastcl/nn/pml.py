@@ -88,13 +88,12 @@ def _all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor):
     return torch.where(same) + torch.where(~same)
 
 
-def _drop_self_pairs(indices_tuple, slots: torch.Tensor, memory_size: int):
+def _drop_self_pairs(indices_tuple, slots: torch.Tensor, first: int, last: int, memory_size: int):
     """PML's removal of the anchors' own memory slots from the positive pairs (or triplets):
     anchor i was written to ``slots[i]``.  As in PML, a slot's offset is counted from the first
     slot, plus ``memory_size`` for slots at or before the last one when the batch wrapped, so a
     batch of one sample keeps its self pair (PML's rule, reproduced)."""
     a, p = indices_tuple[0], indices_tuple[1]
-    first, last = int(slots[0]), int(slots[-1])
     in_batch = torch.isin(p, slots)
     offset = p - first
     if last <= first:
@@ -215,7 +214,10 @@ class CrossBatchMemory(nn.Module):
         pairs = (self.miner(anchors, labels, memory, memory_labels) if self.miner is not None
                  else _all_pairs(labels, memory_labels))
         if slots is not None:
-            pairs = _drop_self_pairs(pairs, slots, self.memory_size)
+            # the batch's first and last slots, known on the host (no wait for the device)
+            first = (self.queue_idx - anchors.shape[0]) % self.memory_size
+            pairs = _drop_self_pairs(pairs, slots, first, (first + anchors.shape[0] - 1) % self.memory_size,
+                                     self.memory_size)
         if indices_tuple is not None:
             if len(indices_tuple) == 3 and len(pairs) == 4:
                 indices_tuple = (indices_tuple[0], indices_tuple[1], indices_tuple[0], indices_tuple[2])
