@@ -362,7 +362,7 @@ def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
     assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], dtype, "grad")
 
 
-@pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss"])
+@pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss", "TripletMarginLoss"])
 @pytest.mark.parametrize("mode", ["plain", "enqueue_mask", "miner", "indices_tuple", "triplet miner",
                                   "triplet miner, pairs given"])
 def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):

@@ -257,11 +257,12 @@ def _mean_nonzero(per_anchor: torch.Tensor, has_pairs) -> torch.Tensor:
     return torch.where(has_pairs, loss, torch.zeros_like(loss))
 
 
-def mined_pairs(indices_tuple, n: int, m: int, device: torch.device):
+def mined_pairs(indices_tuple, n: int, m: int, device: torch.device, *, zero_if_tiny: bool = True):
     """PML's ``indices_tuple`` as checked index tensors ``(a1, p, a2, neg)`` on ``device`` (int64):
     pairs ``(a1, p, a2, n)``, or triplets ``(a, p, n)`` read as ``(a, p, a, n)``; anchors index
     the n embeddings, partners the m contrasts.  None when every index tensor has at most one
-    entry, where PML returns a zero loss before it reads the indices."""
+    entry, where PML's pair losses return a zero loss before they read the indices
+    (``zero_if_tiny``; its triplet loss has no such rule)."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise TypeError("indices_tuple must be a tuple (a1, p, a2, n) of pairs or (a, p, n) of triplets, got "
                         f"{type(indices_tuple).__name__}"
@@ -271,7 +272,7 @@ def mined_pairs(indices_tuple, n: int, m: int, device: torch.device):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"indices_tuple[{i}] ({nm}) must be a torch.Tensor of integer indices, got "
                             f"{type(t).__name__}")
-    if all(t.numel() <= 1 for t in indices_tuple):
+    if zero_if_tiny and all(t.numel() <= 1 for t in indices_tuple):
         return None
     # A miner's CPU indices into GPU embeddings index them as PML's masks do.
     idx = [check_index(f"indices_tuple[{i}] ({nm})", t.to(device) if t.device.type == "cpu" else t, (None,),

@@ -1,7 +1,7 @@
 """Drop-ins for pytorch-metric-learning's losses, with its defaults and call signature.
 
-``from fastcl.nn.pml import NTXentLoss, SupConLoss, SelfSupervisedLoss, CrossBatchMemory``
-replaces the PML imports of the same names.  Only PML's default distance (cosine) and reducer are offered; other
+``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, SelfSupervisedLoss,
+CrossBatchMemory`` replaces the PML imports of the same names.  Only PML's default distance (cosine) and reducer are offered; other
 ``distance=``/``reducer=`` keywords are refused by the constructors.
 """
 import numbers
@@ -12,6 +12,7 @@ from torch import nn
 
 from fastcl.losses.ntxent_pml import ntxent_loss_pml
 from fastcl.losses.supcon import supcon_loss_pml
+from fastcl.losses.triplet_pml import triplet_margin_loss_pml
 from fastcl.ops.reference import compute_dtype
 from fastcl.validation import check_embeddings, check_pair, check_scalar
 
@@ -50,6 +51,30 @@ class SupConLoss(nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         return supcon_loss_pml(embeddings, labels, self.temperature, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                ref_labels=ref_labels, backend=self.backend)
+
+
+class TripletMarginLoss(nn.Module):
+    """Drop-in for ``pytorch_metric_learning.losses.TripletMarginLoss(margin=0.05)`` with its
+    defaults (``swap=False``, ``smooth_loss=False``, ``triplets_per_anchor="all"``; other values
+    are refused).  ``forward(embeddings (N, D), labels=None (N,), indices_tuple=None, ref_emb=None
+    (M, D), ref_labels=None (M,))`` returns the 0-d mean over violating triplets (see
+    ``fastcl.losses.triplet_pml.triplet_margin_loss_pml``), without PML's (N, M, M) triplet mask.
+    """
+
+    def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
+                 triplets_per_anchor="all"):
+        super().__init__()
+        check_scalar("margin", margin)
+        for name, value, default in (("swap", swap, False), ("smooth_loss", smooth_loss, False),
+                                     ("triplets_per_anchor", triplets_per_anchor, "all")):
+            if value != default:
+                raise NotImplementedError(f"TripletMarginLoss({name}={value!r}) is not supported; only "
+                                          f"{name}={default!r}, PML's default")
+        self.margin = margin
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return triplet_margin_loss_pml(embeddings, labels, self.margin, indices_tuple=indices_tuple, ref_emb=ref_emb,
+                                       ref_labels=ref_labels)
 
 
 class SelfSupervisedLoss(nn.Module):

@@ -1,0 +1,167 @@
+"""pytorch-metric-learning's ``TripletMarginLoss`` (all triplets, its defaults), in bounded memory.
+
+PML builds every (anchor, positive, negative) triplet from the labels, an (N, M, M) mask, and
+averages ``relu(d_ap - d_an + margin)`` over the triplets whose loss is above 0, with d the
+Euclidean distance of L2-normalised rows.  Per anchor, with its negatives' distances y sorted
+and their prefix sums S, a positive at x has ``c = #{y < x + margin}`` violating negatives and
+the loss sum ``c (x + margin) - S[c]``; the gradient of ``d_ap`` is c and that of ``d_an`` minus
+the number of positives with ``x + margin > y``.  ``_AllTriplets`` walks row blocks of the
+distance matrix within the workspace bound, sorting each row: O(N M log M) time, O(block x M)
+memory.  A miner's triplets (or pairs, converted as PML converts them) take the dense matrix.
+"""
+from typing import Optional, Sequence
+
+import torch
+
+from fastcl.losses.ntxent import l2_normalize
+from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
+from fastcl.ops.reference import autocast_off, compute_dtype
+from fastcl.ops.strips import row_blocks
+from fastcl.validation import check_scalar
+
+
+def _block_bytes(ct: torch.dtype) -> int:
+    """Scratch per entry of a row block: distances and their temporaries, sorted copies with int64
+    sort indices, int64 counts, float64 prefix sums and products, and masks."""
+    return 6 * torch.finfo(ct).bits // 8 + 6 * 8 + 4
+
+
+def _distances(qb: torch.Tensor, k: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (rows, M) from squared norms and dot products, as ``torch.cdist``; a
+    distance of 0 takes no gradient (as cdist's), where a plain sqrt would give inf."""
+    sq = qn[:, None] + kn[None, :] - 2.0 * (qb @ k.T)
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), 0.0)
+
+
+def _block(q, k, qn, kn, classes, ref_classes, self_pairs: bool, margin: float, r0: int, r1: int):
+    """Distances of anchors [r0, r1), their positives' thresholds t = d + margin (+inf off the
+    positives) and negatives' distances (+inf off the negatives), and the masks."""
+    d = _distances(q[r0:r1], k, qn[r0:r1], kn)
+    pos = classes[r0:r1, None] == ref_classes[None, :]
+    neg = ~pos
+    if self_pairs:
+        pos.diagonal(offset=r0).fill_(False)
+    inf = float("inf")
+    return d, pos, neg, torch.where(pos, d + margin, inf), torch.where(neg, d, inf)
+
+
+def _violations(t: torch.Tensor, y: torch.Tensor):
+    """Per entry of t (rows, M): (#{y < t}, sum of those y in float64), y sorted per row."""
+    ys = y.sort(dim=1).values
+    count = torch.searchsorted(ys, t.contiguous())
+    prefix = torch.cat([torch.zeros_like(ys[:, :1], dtype=torch.float64),
+                        torch.where(torch.isinf(ys), 0.0, ys.double()).cumsum(dim=1)], dim=1)
+    return count, prefix.gather(1, count)
+
+
+class _AllTriplets(torch.autograd.Function):
+    """(sum of the violating triplets' losses, their number) over all triplets of the class ids;
+    differentiable in q, k (unit rows).  It runs outside autocast, in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, classes, ref_classes, self_pairs, margin):
+        ct = q.dtype
+        total = torch.zeros((), dtype=torch.float64, device=q.device)
+        count = torch.zeros((), dtype=torch.int64, device=q.device)
+        with autocast_off(q.device):
+            qn, kn = (q * q).sum(1), (k * k).sum(1)
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
+                d, pos, neg, t, y = _block(q, k, qn, kn, classes, ref_classes, self_pairs, margin, r0, r1)
+                c, below = _violations(t, y)
+                c = torch.where(pos, c, 0)
+                total += (torch.where(pos, c * t.double() - below, 0.0)).sum()
+                count += c.sum()
+                del d, pos, neg, t, y, c, below
+        ctx.save_for_backward(q, k, classes, ref_classes, count)
+        ctx.self_pairs, ctx.margin = self_pairs, margin
+        ctx.mark_non_differentiable(count)
+        return total.to(ct), count
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        q, k, classes, ref_classes, count = ctx.saved_tensors
+        ct = q.dtype
+        gq = torch.empty_like(q)
+        gk = torch.zeros_like(k)
+        with autocast_off(q.device):
+            qn, kn = (q * q).sum(1), (k * k).sum(1)
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
+                d, pos, neg, t, y = _block(q, k, qn, kn, classes, ref_classes, ctx.self_pairs, ctx.margin, r0, r1)
+                c_pos = torch.where(pos, _violations(t, y)[0], 0)
+                # negative n: the positives with t > y_n, = P - #{t <= y_n} (t is +inf off the positives)
+                n_pos = pos.sum(dim=1, keepdim=True)
+                c_neg = torch.where(neg, n_pos - torch.searchsorted(t.sort(dim=1).values, y.contiguous(), right=True),
+                                    0)
+                w = (c_pos - c_neg).to(ct) * grad
+                w = torch.where(d > 0, w / d, 0.0)  # d(d_ij)/dq_i = (q_i - k_j) / d_ij; 0 at d = 0, as cdist
+                qb = q[r0:r1]
+                gq[r0:r1] = w.sum(1, keepdim=True) * qb - w @ k
+                gk += w.sum(0)[:, None] * k - w.T @ qb
+                del d, pos, neg, t, y, w
+        return gq, gk, None, None, None, None
+
+
+def _as_triplets(pairs):
+    """PML's triplets from a tuple of pairs (a1, p, a2, n): every positive pair with every negative
+    pair of the same anchor; triplets pass through."""
+    if len(pairs) == 3:
+        return pairs
+    a1, p, a2, n = pairs
+    pi, ni = torch.where(a1[:, None] == a2[None, :])
+    return a1[pi], p[pi], n[ni]
+
+
+def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, margin=0.05, *,
+                            indices_tuple: Optional[Sequence[torch.Tensor]] = None,
+                            ref_emb: Optional[torch.Tensor] = None,
+                            ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triplet margin loss in pytorch-metric-learning's form: ``TripletMarginLoss(margin)(embeddings,
+    labels, indices_tuple, ref_emb, ref_labels)`` with its defaults (Euclidean distance of
+    L2-normalised rows, every triplet, no swap, no smoothing, the mean over triplets with a loss
+    above 0).
+
+    Every triplet (a, p, n) with ``labels[p] == labels[a]`` (p != a unless ``ref_emb`` comes with
+    other ``ref_labels``) and ``labels[n] != labels[a]`` has the loss ``relu(d_ap - d_an +
+    margin)``; the result is the mean of those above 0, and 0 when there are none.  Without
+    ``indices_tuple`` no triplet list exists: per anchor the negatives' distances are sorted, in
+    row blocks within the workspace bound, O(N M log M) time and O(block x M) memory (PML holds an
+    (N, M, M) mask).  A miner's triplets (pairs are paired up per anchor, as PML does) take the
+    dense (N, M) distances.  NaN in any embedding gives NaN.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 or float64.
+        labels: (N,) integer (or floating, not NaN) class of each row; optional with ``indices_tuple``.
+        margin: float, PML's default 0.05.
+        indices_tuple: optional mined triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n)``.
+        ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    labels, ref_labels = check_pml_args(embeddings, labels, 0.1, indices_tuple, ref_emb, ref_labels)
+    check_scalar("margin", margin)
+    margin = float(margin)
+    ct = compute_dtype(embeddings.dtype)
+    n = embeddings.shape[0]
+    q = l2_normalize(embeddings).to(ct)
+    k = q if ref_emb is None else l2_normalize(ref_emb).to(ct)
+    poison = (q.sum() + k.sum()) * 0  # NaN in any embedding gives NaN, PML's zero loss included
+    if indices_tuple is not None:
+        a1, p, a2, neg = mined_pairs(indices_tuple, n, k.shape[0], q.device, zero_if_tiny=False)
+        a, p, neg = _as_triplets((a1, p, a2, neg)) if len(indices_tuple) == 4 else (a1, p, neg)
+        if a.numel() == 0:
+            return poison
+        with autocast_off(q.device):
+            d = _distances(q, k, (q * q).sum(1), (k * k).sum(1))
+            losses = torch.relu(d[a, p] - d[a, neg] + margin)
+        above = losses > 0
+        return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + poison
+    if ref_emb is None:
+        self_pairs = True
+        classes = ref_classes = class_ids(labels)[0]
+    else:
+        self_pairs = ref_labels is labels
+        both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
+        classes, ref_classes = both[:n], both[n:]
+    total, count = _AllTriplets.apply(q, k, classes, ref_classes, self_pairs, margin)
+    return total / count.clamp_min(1).to(ct) + poison

@@ -1,0 +1,142 @@
+"""pytorch-metric-learning's TripletMarginLoss (fastcl.triplet_margin_loss_pml,
+fastcl.nn.pml.TripletMarginLoss): against PML's own class in float64 and float32, and against a
+float64 oracle on rounded half-precision inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, randn
+from fastcl.ops import strips
+
+
+def oracle(emb, labels, margin, ref=None, ref_labels=None):
+    """Every triplet's relu(d_ap - d_an + margin), the mean of those above 0, float64."""
+    q = F.normalize(emb.double(), dim=1)
+    k = q if ref is None else F.normalize(ref.double(), dim=1)
+    rl = labels if ref_labels is None else ref_labels
+    d = torch.cdist(q, k)
+    pos = labels[:, None] == rl[None, :]
+    if ref_labels is None or ref_labels is labels:
+        pos.fill_diagonal_(False)
+    a, p, n = torch.where(pos[:, :, None] & ~(labels[:, None] == rl[None, :])[:, None, :])
+    losses = torch.relu(d[a, p] - d[a, n] + margin)
+    above = losses > 0
+    return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + 0 * q.sum()
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check(ours, ref, wrt_ours, wrt_ref, dtype, what, value_factor=1.0):
+    assert_close(ours, ref, torch.float64 if dtype == torch.float64 else torch.float32, f"{what} value", value_factor)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(ref, wrt_ref))):
+        assert_close(a, b, dtype, f"{what} grad {i}")
+
+
+def _pml():
+    return pytest.importorskip("pytorch_metric_learning.losses")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_against_pytorch_metric_learning(dtype, blocks, monkeypatch):
+    """Labels, references (other labels; the labels object itself), two margins, float labels;
+    "many" walks rows of the distance matrix two or three at a time."""
+    pml = _pml()
+    if blocks == "many":
+        monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 71 * 67 / 2**20)
+    gen = torch.Generator().manual_seed(21)
+    emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(71, 40, generator=gen, dtype=dtype)
+    labels, ref_labels = torch.randint(0, 7, (67,), generator=gen), torch.randint(0, 7, (71,), generator=gen)
+    for margin in (0.05, 0.5):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        ours = fastcl.nn.pml.TripletMarginLoss(margin)(a, labels)
+        theirs = pml.TripletMarginLoss(margin)(b, labels)
+        assert theirs.item() > 0.01
+        _check(ours, theirs, [a], [b], dtype, f"margin {margin}")
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    _check(fastcl.nn.pml.TripletMarginLoss()(a, labels.double() / 3), pml.TripletMarginLoss()(b, labels.double() / 3),
+           [a], [b], dtype, "float labels")
+    for r, rl in ((ref, ref_labels), (emb * 3, labels), (emb * 3, labels.clone())):
+        (a, c), (b, d) = _leaves(emb, r), _leaves(emb, r)
+        _check(fastcl.nn.pml.TripletMarginLoss()(a, labels, ref_emb=c, ref_labels=rl),
+               pml.TripletMarginLoss()(b, labels, ref_emb=d, ref_labels=rl), [a, c], [b, d], dtype, "references")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_against_float64(dtype):
+    gen = torch.Generator().manual_seed(22)
+    emb = randn(67, 40, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 7, (67,), generator=gen)
+    (a,), (b,) = _leaves(emb), _leaves(emb.double())
+    ours = fastcl.triplet_margin_loss_pml(a, labels, 0.2)
+    assert ours.dtype == torch.float32
+    _check(ours, oracle(b, labels, 0.2), [a], [b], dtype, "half", NORMALISED_VALUE_FACTOR[dtype])
+
+
+def test_with_miners():
+    """A miner's triplets, a miner's pairs (paired up per anchor, as PML does), one triplet."""
+    pml = _pml()
+    miners = pytest.importorskip("pytorch_metric_learning.miners")
+    gen = torch.Generator().manual_seed(23)
+    emb = randn(67, 40, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (67,), generator=gen)
+    ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    cases = [miners.TripletMarginMiner(margin=0.2)(emb, labels), miners.MultiSimilarityMiner(epsilon=0.3)(emb, labels),
+             (ix(0), ix(1), ix(2))]
+    labels[1], labels[2] = labels[0], labels[0] + 1
+    for i, tup in enumerate(cases):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        ours = fastcl.nn.pml.TripletMarginLoss(0.3)(a, None, tup)
+        theirs = pml.TripletMarginLoss(0.3)(b, None, tup)
+        if theirs.item() == 0:
+            assert ours.item() == 0, i
+            continue
+        _check(ours, theirs, [a], [b], torch.float64, f"case {i}")
+
+
+def test_degenerate_and_nan():
+    gen = torch.Generator().manual_seed(24)
+    emb = randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    # no triplet (one class, or all distinct), or none violating (a negative margin): 0, no gradient
+    for labels, margin in ((torch.zeros(9, dtype=torch.long), 0.05), (torch.arange(9), 0.05),
+                           (torch.arange(9) % 3, -5.0)):
+        loss = fastcl.triplet_margin_loss_pml(emb, labels, margin)
+        assert loss.item() == 0.0
+        assert torch.autograd.grad(loss, emb)[0].abs().max() == 0.0
+    bad = emb.detach().clone()
+    bad[4, 1] = float("nan")
+    assert torch.isnan(fastcl.triplet_margin_loss_pml(bad, torch.arange(9) % 3, 0.05))
+    assert torch.isnan(fastcl.triplet_margin_loss_pml(bad, torch.arange(9), 0.05)), "PML's zero keeps NaN"
+    # duplicated rows: distance 0 takes no gradient, as cdist's
+    dup = torch.cat([emb.detach()[:4], emb.detach()[:4]]).requires_grad_()
+    ours = fastcl.triplet_margin_loss_pml(dup, torch.arange(8) % 2, 0.5)
+    ref_in = dup.detach().clone().requires_grad_()
+    ref = oracle(ref_in, torch.arange(8) % 2, 0.5)
+    _check(ours, ref, [dup], [ref_in], torch.float64, "duplicates")
+
+
+def test_errors_and_scratch(monkeypatch):
+    emb = randn(9, 5, generator=torch.Generator().manual_seed(25))
+    with pytest.raises(NotImplementedError, match="swap=True"):
+        fastcl.nn.pml.TripletMarginLoss(swap=True)
+    with pytest.raises(NotImplementedError, match="triplets_per_anchor=10"):
+        fastcl.nn.pml.TripletMarginLoss(triplets_per_anchor=10)
+    with pytest.raises(ValueError, match="labels is required"):
+        fastcl.nn.pml.TripletMarginLoss()(emb)
+    with pytest.raises(ValueError, match="margin"):
+        fastcl.triplet_margin_loss_pml(emb, torch.arange(9), float("inf"))
+    # the scratch of both passes stays within the workspace, beyond a few (N, D) arrays
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 2.0)
+    n, d = 1500, 8
+    big = randn(n, d, generator=torch.Generator().manual_seed(26), requires_grad=True)
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(27))
+    with LiveBytes() as fwd:
+        loss = fastcl.triplet_margin_loss_pml(big, labels, 0.2)
+    with LiveBytes() as bwd:
+        loss.backward()
+    bound, small = strips.workspace_bytes(), 8 * n * d * 4
+    assert fwd.peak <= bound + small and bwd.peak <= bound + small, (fwd.peak, bwd.peak, bound)
+    assert fwd.peak > bound / 4, "the tracker must see the blocks"
