@@ -140,3 +140,28 @@ def test_errors_and_scratch(monkeypatch):
     bound, small = strips.workspace_bytes(), 8 * n * d * 4
     assert fwd.peak <= bound + small and bwd.peak <= bound + small, (fwd.peak, bwd.peak, bound)
     assert fwd.peak > bound / 4, "the tracker must see the blocks"
+
+
+def test_second_derivatives():
+    """create_graph=True: the counts are locally constant, so the backward's own ops on q and k
+    form the second derivative; against a twice-differentiable float64 oracle."""
+    gen = torch.Generator().manual_seed(28)
+    emb = randn(23, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (23,), generator=gen)
+
+    def twice_differentiable(x):
+        q = F.normalize(x, dim=1)
+        d = ((q[:, None] - q[None]) ** 2).sum(-1).clamp_min(1e-300).sqrt()
+        pos = labels[:, None] == labels[None, :]
+        neg = ~pos
+        pos.fill_diagonal_(False)
+        a, p, n = torch.where(pos[:, :, None] & neg[:, None, :])
+        losses = torch.relu(d[a, p] - d[a, n] + 0.3)
+        return torch.where(losses > 0, losses, 0.0).sum() / (losses > 0).sum()
+
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    ga = torch.autograd.grad(fastcl.triplet_margin_loss_pml(a, labels, 0.3), a, create_graph=True)[0]
+    gb = torch.autograd.grad(twice_differentiable(b), b, create_graph=True)[0]
+    assert_close(ga, gb, torch.float64, "first derivative")
+    assert_close(torch.autograd.grad(ga.pow(2).sum(), a)[0], torch.autograd.grad(gb.pow(2).sum(), b)[0],
+                 torch.float64, "second derivative")
