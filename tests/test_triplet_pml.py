@@ -165,3 +165,18 @@ def test_second_derivatives():
     assert_close(ga, gb, torch.float64, "first derivative")
     assert_close(torch.autograd.grad(ga.pow(2).sum(), a)[0], torch.autograd.grad(gb.pow(2).sum(), b)[0],
                  torch.float64, "second derivative")
+
+
+def test_learnable_margin():
+    """A margin tensor that requires grad gets PML's gradient, on both paths."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(29)
+    emb = randn(31, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (31,), generator=gen)
+    match = labels[:, None] == labels[None, :]
+    tup = torch.where(match & ~torch.eye(31, dtype=torch.bool)) + torch.where(~match)
+    for indices in (None, tup):
+        (a, ma), (b, mb) = _leaves(emb, torch.tensor(0.2, dtype=torch.float64)), \
+            _leaves(emb, torch.tensor(0.2, dtype=torch.float64))
+        _check(fastcl.nn.pml.TripletMarginLoss(ma)(a, labels, indices), pml.TripletMarginLoss(mb)(b, labels, indices),
+               [a, ma], [b, mb], torch.float64, "mined" if indices else "labels")

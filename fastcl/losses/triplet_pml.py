@@ -126,12 +126,15 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
     ``indices_tuple`` no triplet list exists: per anchor the negatives' distances are sorted, in
     row blocks within the workspace bound, O(N M log M) time and O(block x M) memory (PML holds an
     (N, M, M) mask).  A miner's triplets (pairs are paired up per anchor, as PML does) take the
-    dense (N, M) distances.  NaN in any embedding gives NaN.
+    dense (N, M) distances.  NaN in any embedding gives NaN.  Distances come from the Gram
+    formula, as ``torch.cdist`` computes them above 25 rows, so near-duplicate rows carry its
+    rounding (about 3e-4 in fp32); a triplet whose loss PML rounds to about 1e-16 (a tie of
+    ``d_an`` with ``d_ap + margin`` to the last bit) may count differently.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
         labels: (N,) integer (or floating, not NaN) class of each row; optional with ``indices_tuple``.
-        margin: float, PML's default 0.05.
+        margin: float or 0-d tensor (a learnable one gets its gradient), PML's default 0.05.
         indices_tuple: optional mined triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
 
@@ -140,7 +143,8 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
     """
     labels, ref_labels = check_pml_args(embeddings, labels, 0.1, indices_tuple, ref_emb, ref_labels)
     check_scalar("margin", margin)
-    margin = float(margin)
+    learnable = margin if isinstance(margin, torch.Tensor) and margin.requires_grad else None
+    margin = float(margin.detach() if isinstance(margin, torch.Tensor) else margin)  # the counts need its value
     ct = compute_dtype(embeddings.dtype)
     n = embeddings.shape[0]
     q = l2_normalize(embeddings).to(ct)
@@ -153,7 +157,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
             return poison
         with autocast_off(q.device):
             d = _distances(q, k, (q * q).sum(1), (k * k).sum(1))
-            losses = torch.relu(d[a, p] - d[a, neg] + margin)
+            losses = torch.relu(d[a, p] - d[a, neg] + (margin if learnable is None else learnable.reshape(()).to(ct)))
         above = losses > 0
         return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + poison
     if ref_emb is None:
@@ -164,4 +168,8 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
         both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
         classes, ref_classes = both[:n], both[n:]
     total, count = _AllTriplets.apply(q, k, classes, ref_classes, self_pairs, margin)
-    return total / count.clamp_min(1).to(ct) + poison
+    loss = total / count.clamp_min(1).to(ct) + poison
+    if learnable is not None:  # d loss / d margin = 1 while any triplet violates it
+        m = learnable.reshape(()).to(ct)
+        loss = loss + (m - m.detach()) * (count > 0).to(ct)
+    return loss
