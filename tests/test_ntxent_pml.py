@@ -417,7 +417,7 @@ def test_cross_batch_memory_errors():
     # arguments are checked before the batch is written
     for args, kw, exc, match in (((labels.bool(),), {}, TypeError, "labels must be an integer or floating"),
                                  ((labels.double().masked_fill(labels == 2, float("nan")),), {}, ValueError, "NaN"),
-                                 ((labels,), dict(indices_tuple=(labels, labels)), TypeError, "got 2 entries")):
+                                 ((labels,), dict(indices_tuple=(labels, labels)), TypeError, "got tuple of length 2")):
         with pytest.raises(exc, match=match):
             crit(emb, *args, **kw)
         assert crit.queue_idx == 0 and not crit.has_been_filled and crit.embedding_memory.abs().sum() == 0

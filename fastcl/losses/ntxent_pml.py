@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
+from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
@@ -166,14 +166,7 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     poison = (q.sum(dtype=ct) + k.sum(dtype=ct)) * 0 + scale * 0
     if indices_tuple is not None:
         return _mined(q, k, scale, indices_tuple, tiny) + poison
-    if ref_emb is None:
-        self_pairs = True
-        classes, n_cls = class_ids(labels)
-        ref_classes = classes
-    else:
-        self_pairs = ref_labels is labels
-        both, n_cls = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))
-        classes, ref_classes = both[:n], both[n:]
+    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
     per_class = torch.bincount(ref_classes, minlength=n_cls).index_select(0, classes)
     n_pos = per_class.sum() - (n if self_pairs else 0)
     n_neg = k.shape[0] * n - per_class.sum()

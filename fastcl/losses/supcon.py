@@ -191,6 +191,19 @@ def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_
     return labels, ref_labels
 
 
+def pml_classes(labels: torch.Tensor, ref_labels: Optional[torch.Tensor]):
+    """Compact class ids of a PML-form loss's anchors and contrasts: ``(classes (N,), ref_classes
+    (M,), number of classes, self_pairs)``.  Without references the contrasts are the anchors
+    themselves (``self_pairs``); with them, ``self_pairs`` holds when ``ref_labels`` is the very
+    ``labels`` object, as PML reads it."""
+    if ref_labels is None:
+        classes, n_cls = class_ids(labels)
+        return classes, classes, n_cls, True
+    n = labels.reshape(-1).shape[0]
+    both, n_cls = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))
+    return both[:n], both[n:], n_cls, ref_labels is labels
+
+
 def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.1, *,
                     indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                     ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
@@ -228,17 +241,9 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
     if indices_tuple is not None:
         return _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb)
-    n = embeddings.shape[0]
     z = l2_normalize(embeddings)
-    if ref_emb is None:
-        r, self_pairs = z, True
-        classes = class_ids(labels)[0]
-        ref_classes = classes
-    else:
-        self_pairs = ref_labels is labels
-        r = l2_normalize(ref_emb)
-        both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
-        classes, ref_classes = both[:n], both[n:]
+    r = z if ref_emb is None else l2_normalize(ref_emb)
+    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
     pos_dot, count = _positive_stats(z, classes, r, ref_classes, self_pairs)
     per_anchor = _supcon_core(z, r, 1.0 / temperature, pos_dot, count, backend, self_pairs)
     # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term.
@@ -257,12 +262,9 @@ def _mean_nonzero(per_anchor: torch.Tensor, has_pairs) -> torch.Tensor:
     return torch.where(has_pairs, loss, torch.zeros_like(loss))
 
 
-def mined_pairs(indices_tuple, n: int, m: int, device: torch.device, *, zero_if_tiny: bool = True):
-    """PML's ``indices_tuple`` as checked index tensors ``(a1, p, a2, neg)`` on ``device`` (int64):
-    pairs ``(a1, p, a2, n)``, or triplets ``(a, p, n)`` read as ``(a, p, a, n)``; anchors index
-    the n embeddings, partners the m contrasts.  None when every index tensor has at most one
-    entry, where PML's pair losses return a zero loss before they read the indices
-    (``zero_if_tiny``; its triplet loss has no such rule)."""
+def check_indices_tuple(indices_tuple) -> Tuple[str, ...]:
+    """PML's ``indices_tuple`` must be a tuple of 4 tensors (pairs) or 3 (triplets); returns the
+    names of its entries.  Values are checked where they are read (``mined_pairs``)."""
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise TypeError("indices_tuple must be a tuple (a1, p, a2, n) of pairs or (a, p, n) of triplets, got "
                         f"{type(indices_tuple).__name__}"
@@ -272,6 +274,16 @@ def mined_pairs(indices_tuple, n: int, m: int, device: torch.device, *, zero_if_
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"indices_tuple[{i}] ({nm}) must be a torch.Tensor of integer indices, got "
                             f"{type(t).__name__}")
+    return names
+
+
+def mined_pairs(indices_tuple, n: int, m: int, device: torch.device, *, zero_if_tiny: bool = True):
+    """PML's ``indices_tuple`` as checked index tensors ``(a1, p, a2, neg)`` on ``device`` (int64):
+    pairs ``(a1, p, a2, n)``, or triplets ``(a, p, n)`` read as ``(a, p, a, n)``; anchors index
+    the n embeddings, partners the m contrasts.  None when every index tensor has at most one
+    entry, where PML's pair losses return a zero loss before they read the indices
+    (``zero_if_tiny``; its triplet loss has no such rule)."""
+    names = check_indices_tuple(indices_tuple)
     if zero_if_tiny and all(t.numel() <= 1 for t in indices_tuple):
         return None
     # A miner's CPU indices into GPU embeddings index them as PML's masks do.

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import check_pml_args, class_ids, mined_pairs
+from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_scalar
@@ -101,12 +101,9 @@ class _AllTriplets(torch.autograd.Function):
         return gq, gk, None, None, None, None
 
 
-def _as_triplets(pairs):
-    """PML's triplets from a tuple of pairs (a1, p, a2, n): every positive pair with every negative
-    pair of the same anchor; triplets pass through."""
-    if len(pairs) == 3:
-        return pairs
-    a1, p, a2, n = pairs
+def pairs_as_triplets(a1: torch.Tensor, p: torch.Tensor, a2: torch.Tensor, n: torch.Tensor):
+    """PML's triplets from pairs (a1, p, a2, n): every positive pair (a, p) with every negative
+    pair of the same anchor (a, n) gives (a, p, n)."""
     pi, ni = torch.where(a1[:, None] == a2[None, :])
     return a1[pi], p[pi], n[ni]
 
@@ -152,7 +149,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
     poison = (q.sum() + k.sum()) * 0  # NaN in any embedding gives NaN, PML's zero loss included
     if indices_tuple is not None:
         a1, p, a2, neg = mined_pairs(indices_tuple, n, k.shape[0], q.device, zero_if_tiny=False)
-        a, p, neg = _as_triplets((a1, p, a2, neg)) if len(indices_tuple) == 4 else (a1, p, neg)
+        a, p, neg = pairs_as_triplets(a1, p, a2, neg) if len(indices_tuple) == 4 else (a1, p, neg)
         if a.numel() == 0:
             return poison
         with autocast_off(q.device):
@@ -160,13 +157,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
             losses = torch.relu(d[a, p] - d[a, neg] + (margin if learnable is None else learnable.reshape(()).to(ct)))
         above = losses > 0
         return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + poison
-    if ref_emb is None:
-        self_pairs = True
-        classes = ref_classes = class_ids(labels)[0]
-    else:
-        self_pairs = ref_labels is labels
-        both = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))[0]
-        classes, ref_classes = both[:n], both[n:]
+    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
     total, count = _AllTriplets.apply(q, k, classes, ref_classes, self_pairs, margin)
     loss = total / count.clamp_min(1).to(ct) + poison
     if learnable is not None:  # d loss / d margin = 1 while any triplet violates it

@@ -1,8 +1,8 @@
 """Drop-ins for pytorch-metric-learning's losses, with its defaults and call signature.
 
 ``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, SelfSupervisedLoss,
-CrossBatchMemory`` replaces the PML imports of the same names.  Only PML's default distance (cosine) and reducer are offered; other
-``distance=``/``reducer=`` keywords are refused by the constructors.
+CrossBatchMemory`` replaces the PML imports of the same names.  Only PML's default distances and
+reducers are offered; other ``distance=``/``reducer=`` keywords are refused by the constructors.
 """
 import numbers
 from typing import Optional
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fastcl.losses.ntxent_pml import ntxent_loss_pml
-from fastcl.losses.supcon import supcon_loss_pml
-from fastcl.losses.triplet_pml import triplet_margin_loss_pml
+from fastcl.losses.supcon import _check_labels, check_indices_tuple, supcon_loss_pml
+from fastcl.losses.triplet_pml import pairs_as_triplets, triplet_margin_loss_pml
 from fastcl.ops.reference import compute_dtype
 from fastcl.validation import check_embeddings, check_pair, check_scalar
 
@@ -129,22 +129,6 @@ def _drop_self_pairs(indices_tuple, slots: torch.Tensor, first: int, last: int, 
     return a[keep], p[keep], indices_tuple[2], indices_tuple[3]
 
 
-def _pairs_as_triplets(indices_tuple):
-    """PML's pairs-to-triplets conversion: every positive pair (a, p) with every negative pair of
-    the same anchor (a, n) gives (a, p, n)."""
-    a1, p, a2, n = indices_tuple
-    pi, ni = torch.where(a1[:, None] == a2[None, :])
-    return a1[pi], p[pi], n[ni]
-
-
-def _check_indices_tuple(indices_tuple) -> None:
-    if (not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4)
-            or not all(isinstance(t, torch.Tensor) for t in indices_tuple)):
-        raise TypeError("indices_tuple must be a tuple of 4 index tensors (a1, p, a2, n) or 3 (a, p, n), got "
-                        + (f"{len(indices_tuple)} entries" if isinstance(indices_tuple, (tuple, list))
-                           else type(indices_tuple).__name__))
-
-
 class CrossBatchMemory(nn.Module):
     """Drop-in for ``pytorch_metric_learning.losses.CrossBatchMemory(loss, embedding_size,
     memory_size=1024, miner=None)``: a first-in first-out memory of past (detached) embeddings
@@ -203,14 +187,13 @@ class CrossBatchMemory(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n:
             raise ValueError(f"labels must be a 1-D tensor with one label per embedding ({n}), got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if labels.dtype == torch.bool or labels.is_complex():
-            raise TypeError(f"labels must be an integer or floating tensor, got {labels.dtype}")
+        _check_labels("labels", labels, n, labels.device, allow_float=True)
         if labels.is_floating_point() and bool(torch.isnan(labels).any()):
             raise ValueError("labels must not contain NaN (a NaN label equals no other label)")
         if indices_tuple is not None and enqueue_mask is not None:
             raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
         if indices_tuple is not None:
-            _check_indices_tuple(indices_tuple)
+            check_indices_tuple(indices_tuple)  # before the batch is written
         if enqueue_mask is not None:
             if (not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool
                     or enqueue_mask.shape != (n,)):
@@ -247,7 +230,7 @@ class CrossBatchMemory(nn.Module):
             if len(indices_tuple) == 3 and len(pairs) == 4:
                 indices_tuple = (indices_tuple[0], indices_tuple[1], indices_tuple[0], indices_tuple[2])
             elif len(indices_tuple) == 4 and len(pairs) == 3:
-                indices_tuple = _pairs_as_triplets(indices_tuple)
+                indices_tuple = pairs_as_triplets(*indices_tuple)
             pairs = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(pairs, indices_tuple))
         if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
             memory = memory.to(anchors.dtype)
