@@ -15,6 +15,7 @@ from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import _eager, check_float_tensor
 
+
 def _block_bytes(dtype: torch.dtype) -> int:
     """Scratch per logit of a block: two temporaries of the compute dtype (a half block's upcast
     and its shifted copy; LSE's own shifted copy in the forward)."""
@@ -81,8 +82,8 @@ def check_pad_id(pad_id) -> int:
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """``nn.CrossEntropyLoss(ignore_index=pad_id)(logits.permute(0, 2, 1), labels)``: the mean over
     tokens whose label is not ``pad_id`` of ``LSE(logits) - logit[label]``; NaN when every token is
-    padding (as PyTorch gives; T = 0 too), with zero gradient.  NaN in any logit, a padded token's included,
-    gives NaN (PyTorch skips padded tokens entirely).
+    padding (as PyTorch gives; T = 0 too), with zero gradient.  NaN in any logit, a padded
+    token's included, gives NaN (PyTorch skips padded tokens entirely).
 
     Args:
         logits: (B, T, V) float32, bfloat16, float16 or float64 vocabulary logits.
@@ -108,8 +109,9 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) ->
     flat = labels.reshape(-1).long()
     valid = flat != pad_id
     vocab = logits.shape[2]
-    if _eager() and bool(((flat < 0) | (flat >= vocab)).logical_and(valid).any()):
-        bad = flat[valid & ((flat < 0) | (flat >= vocab))]
+    outside = valid & ((flat < 0) | (flat >= vocab))
+    if _eager() and bool(outside.any()):
+        bad = flat[outside]
         raise ValueError(f"labels must lie in [0, {vocab}) (the vocabulary, logits.shape[2]) or equal pad_id="
                          f"{pad_id}, got {int(bad[0])}")
     total = _TokenCrossEntropy.apply(logits.reshape(-1, vocab), flat, valid)
