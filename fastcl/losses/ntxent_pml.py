@@ -19,6 +19,7 @@ from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
+
 def _block_bytes(ct: torch.dtype) -> int:
     """Scratch per entry of a row block: the scores and at most five temporaries of the compute
     dtype alive at once, plus three masks."""

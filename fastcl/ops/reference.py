@@ -13,6 +13,7 @@ def autocast_off(device: torch.device):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; every other float dtype is computed and reported in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
