@@ -84,6 +84,10 @@ def test_caption_loss_edges():
     assert torch.isnan(caption_loss(logits[:, :0], labels[:, :0]))
     with pytest.raises(TypeError, match="caption_loss_weight"):
         fastcl.nn.CoCaLoss("1", 1.0)
+    with pytest.raises(TypeError, match="clip_loss_weight"):
+        fastcl.nn.CoCaLoss(1.0, "1")
+    with pytest.raises(TypeError, match="pad_id must be an int"):
+        fastcl.nn.CoCaLoss(1.0, 1.0, pad_id="0")
 
 
 def _open_clip_loss_module():

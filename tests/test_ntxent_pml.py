@@ -437,3 +437,11 @@ def test_cross_batch_memory_errors():
     assert fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), np.int64(6), np.int64(8)).memory_size == 8
     with pytest.raises(ValueError, match="memory_size must be a positive int"):
         fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=0)
+    with pytest.raises(ValueError, match="embedding_size must be a positive int"):
+        fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 2.5)
+    with pytest.raises(TypeError, match="loss must be a loss module"):
+        fastcl.nn.pml.CrossBatchMemory("NTXentLoss", 6)
+    with pytest.raises(TypeError, match="miner must be callable"):
+        fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, miner="MultiSimilarityMiner")
+    with pytest.raises(TypeError, match="loss must be a loss module"):
+        fastcl.nn.pml.SelfSupervisedLoss(0.07)

@@ -5,7 +5,6 @@ from typing import Optional, Tuple
 import torch
 
 
-
 def autocast_off(device: torch.device):
     """A context that turns autocast off on ``device`` (nothing for device types without autocast,
     such as meta): fastcl's own matmuls stay in the compute dtype, as the fused kernels do."""
