@@ -13,6 +13,8 @@ matmuls of the same shape: what any method that recomputes the logits in the bac
     python benchmarks/cpu_losses.py --loss caption --n 32 --d 49408 --methods naive,fastcl_cpu
     python benchmarks/cpu_losses.py --loss hypersphere --n 8192 --d 128  # lightly's pdist form is naive
     python benchmarks/cpu_losses.py --loss pml_triplet --n 1024 --d 128  # PML's TripletMarginLoss, 100 classes
+    python benchmarks/cpu_losses.py --loss pml_contrastive --n 8192 --d 128  # PML's ContrastiveLoss, 100 classes
+    python benchmarks/cpu_losses.py --loss pml_multisim --n 8192 --d 128     # PML's MultiSimilarityLoss
 
 caption is CoCa's caption cross-entropy over (N, 76, D) logits (D the vocabulary), 10% padding.
 pml_ntxent takes SimCLR's labels (row i and row i + N/2 are one pair, as PML's SelfSupervisedLoss
@@ -47,7 +49,7 @@ def _inputs(loss: str, n: int, d: int):
         labels = torch.randint(1, d, (n, 76))
         labels[:, -8:] = 0
         return [logits], {"labels": labels}, n
-    if loss == "pml_triplet":
+    if loss in ("pml_triplet", "pml_contrastive", "pml_multisim"):
         emb = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
         return [emb], {"labels": torch.randint(0, 100, (n,))}, n
     if loss == "pml_ntxent":
@@ -84,6 +86,14 @@ def _loss_fns(loss: str):
         from pytorch_metric_learning.losses import TripletMarginLoss
         return (lambda t, e: TripletMarginLoss(0.05)(t[0], e["labels"]),
                 lambda t, e: fastcl.triplet_margin_loss_pml(t[0], e["labels"], 0.05))
+    if loss == "pml_contrastive":
+        from pytorch_metric_learning.losses import ContrastiveLoss
+        return (lambda t, e: ContrastiveLoss()(t[0], e["labels"]),
+                lambda t, e: fastcl.contrastive_loss_pml(t[0], e["labels"]))
+    if loss == "pml_multisim":
+        from pytorch_metric_learning.losses import MultiSimilarityLoss
+        return (lambda t, e: MultiSimilarityLoss()(t[0], e["labels"]),
+                lambda t, e: fastcl.multi_similarity_loss_pml(t[0], e["labels"]))
     if loss == "pml_ntxent":
         from pytorch_metric_learning.losses import NTXentLoss
         return (lambda t, e: NTXentLoss(0.07)(t[0], e["labels"]),
@@ -140,7 +150,8 @@ def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loss", default="clip",
-                    choices=("clip", "siglip", "supcon", "pml_ntxent", "pml_triplet", "caption", "hypersphere"))
+                    choices=("clip", "siglip", "supcon", "pml_ntxent", "pml_triplet", "pml_contrastive",
+                             "pml_multisim", "caption", "hypersphere"))
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")

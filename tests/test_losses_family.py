@@ -690,6 +690,12 @@ def test_losses_keep_fp32_under_autocast(backend):
         "supcon": lambda x, y: fastcl.supcon_loss(torch.stack([x, y], 1), labels, backend=backend),
         "supcon pml": lambda x, y: fastcl.supcon_loss_pml(x, labels, backend=backend),
         "hypersphere": lambda x, y: fastcl.hypersphere_loss(x, y, backend=backend),
+        # PML's pair losses have no backend choice; their row blocks run outside autocast
+        "ntxent pml": lambda x, y: fastcl.ntxent_loss_pml(x, labels, ref_emb=y, ref_labels=labels),
+        "triplet pml": lambda x, y: fastcl.triplet_margin_loss_pml(x, labels, ref_emb=y, ref_labels=labels),
+        "multi-similarity pml": lambda x, y: fastcl.multi_similarity_loss_pml(x, labels, ref_emb=y, ref_labels=labels),
+        "circle pml": lambda x, y: fastcl.circle_loss_pml(x, labels, ref_emb=y, ref_labels=labels),
+        "contrastive pml": lambda x, y: fastcl.contrastive_loss_pml(x, labels, ref_emb=y, ref_labels=labels),
     }
     for name, fn in losses.items():
         results = []

@@ -362,11 +362,12 @@ def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
     assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], dtype, "grad")
 
 
-@pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss", "TripletMarginLoss"])
+@pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss", "TripletMarginLoss", "MultiSimilarityLoss",
+                                       "CircleLoss", "ContrastiveLoss"])
 @pytest.mark.parametrize("mode", ["plain", "enqueue_mask", "miner", "indices_tuple", "triplet miner",
                                   "triplet miner, pairs given"])
 def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
-    """CrossBatchMemory around NTXentLoss / SupConLoss against PML's, step by step: the memory
+    """CrossBatchMemory around each PML-form loss against PML's, step by step: the memory
     fills, wraps around (batches of 13, then of 1, in a memory of 40), and every step's loss,
     gradient and memory agree."""
     pml = _pml()

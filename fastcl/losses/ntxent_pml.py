@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
+from fastcl.losses.supcon import check_pml_args, mined_pairs, pair_counts, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
@@ -157,7 +157,6 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
         0-d float32 tensor (float64 for float64 inputs).
     """
     labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
-    n = embeddings.shape[0]
     ct = compute_dtype(embeddings.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny
     scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct)
@@ -168,9 +167,7 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     if indices_tuple is not None:
         return _mined(q, k, scale, indices_tuple, tiny) + poison
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
-    per_class = torch.bincount(ref_classes, minlength=n_cls).index_select(0, classes)
-    n_pos = per_class.sum() - (n if self_pairs else 0)
-    n_neg = k.shape[0] * n - per_class.sum()
+    n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     valid = (n_pos > 0) & (n_neg > 0) & ((n_pos > 1) | (n_neg > 1))
     total = _LabelPairs.apply(q, k, scale, classes, ref_classes, self_pairs, tiny)
     loss = total / n_pos.clamp_min(1).to(ct)

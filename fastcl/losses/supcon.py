@@ -204,6 +204,14 @@ def pml_classes(labels: torch.Tensor, ref_labels: Optional[torch.Tensor]):
     return both[:n], both[n:], n_cls, ref_labels is labels
 
 
+def pair_counts(classes: torch.Tensor, ref_classes: torch.Tensor, n_cls: int, self_pairs: bool):
+    """(number of positive pairs, number of negative pairs), 0-d int64, of PML's all-pairs form:
+    same class (less the pairs (i, i) when ``self_pairs``) and different class."""
+    per_class = torch.bincount(ref_classes, minlength=n_cls).index_select(0, classes)
+    n_pos = per_class.sum() - (classes.shape[0] if self_pairs else 0)
+    return n_pos, ref_classes.shape[0] * classes.shape[0] - per_class.sum()
+
+
 def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.1, *,
                     indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                     ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,

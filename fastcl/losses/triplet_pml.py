@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from fastcl.losses.euclidean import euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype
@@ -26,17 +27,10 @@ def _block_bytes(ct: torch.dtype) -> int:
     return 6 * torch.finfo(ct).bits // 8 + 6 * 8 + 4
 
 
-def _distances(qb: torch.Tensor, k: torch.Tensor, qn: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (rows, M) from squared norms and dot products, as ``torch.cdist``; a
-    distance of 0 takes no gradient (as cdist's), where a plain sqrt would give inf."""
-    sq = qn[:, None] + kn[None, :] - 2.0 * (qb @ k.T)
-    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), 0.0)
-
-
-def _block(q, k, qn, kn, classes, ref_classes, self_pairs: bool, margin: float, r0: int, r1: int):
+def _block(q, k, classes, ref_classes, self_pairs: bool, margin: float, r0: int, r1: int):
     """Distances of anchors [r0, r1), their positives' thresholds t = d + margin (+inf off the
     positives) and negatives' distances (+inf off the negatives), and the masks."""
-    d = _distances(q[r0:r1], k, qn[r0:r1], kn)
+    d = euclidean_distances(q[r0:r1], k)
     pos = classes[r0:r1, None] == ref_classes[None, :]
     neg = ~pos
     if self_pairs:
@@ -64,9 +58,8 @@ class _AllTriplets(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=q.device)
         count = torch.zeros((), dtype=torch.int64, device=q.device)
         with autocast_off(q.device):
-            qn, kn = (q * q).sum(1), (k * k).sum(1)
             for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
-                d, pos, neg, t, y = _block(q, k, qn, kn, classes, ref_classes, self_pairs, margin, r0, r1)
+                d, pos, neg, t, y = _block(q, k, classes, ref_classes, self_pairs, margin, r0, r1)
                 c, below = _violations(t, y)
                 c = torch.where(pos, c, 0)
                 total += (torch.where(pos, c * t.double() - below, 0.0)).sum()
@@ -84,9 +77,8 @@ class _AllTriplets(torch.autograd.Function):
         gq = torch.empty_like(q)
         gk = torch.zeros_like(k)
         with autocast_off(q.device):
-            qn, kn = (q * q).sum(1), (k * k).sum(1)
             for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
-                d, pos, neg, t, y = _block(q, k, qn, kn, classes, ref_classes, ctx.self_pairs, ctx.margin, r0, r1)
+                d, pos, neg, t, y = _block(q, k, classes, ref_classes, ctx.self_pairs, ctx.margin, r0, r1)
                 c_pos = torch.where(pos, _violations(t, y)[0], 0)
                 # negative n: the positives with t > y_n, = P - #{t <= y_n} (t is +inf off the positives)
                 n_pos = pos.sum(dim=1, keepdim=True)
@@ -123,10 +115,11 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
     ``indices_tuple`` no triplet list exists: per anchor the negatives' distances are sorted, in
     row blocks within the workspace bound, O(N M log M) time and O(block x M) memory (PML holds an
     (N, M, M) mask).  A miner's triplets (pairs are paired up per anchor, as PML does) take the
-    dense (N, M) distances.  NaN in any embedding gives NaN.  Distances come from the Gram
-    formula, as ``torch.cdist`` computes them above 25 rows, so near-duplicate rows carry its
-    rounding (about 3e-4 in fp32); a triplet whose loss PML rounds to about 1e-16 (a tie of
-    ``d_an`` with ``d_ap + margin`` to the last bit) may count differently.
+    dense (N, M) distances.  NaN in any embedding gives NaN.  Distances come from
+    ``torch.cdist``, as PML's, so near-duplicate rows carry its Gram-formula rounding (about 3e-4
+    in fp32); split into row blocks, its GEMM may round a few ulps differently, so a triplet whose
+    loss PML rounds to about 1e-16 (a tie of ``d_an`` with ``d_ap + margin`` to the last bit) may
+    then count differently.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
@@ -153,7 +146,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
         if a.numel() == 0:
             return poison
         with autocast_off(q.device):
-            d = _distances(q, k, (q * q).sum(1), (k * k).sum(1))
+            d = euclidean_distances(q, k)
             losses = torch.relu(d[a, p] - d[a, neg] + (margin if learnable is None else learnable.reshape(()).to(ct)))
         above = losses > 0
         return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + poison

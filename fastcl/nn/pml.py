@@ -1,7 +1,8 @@
 """Drop-ins for pytorch-metric-learning's losses, with its defaults and call signature.
 
-``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, SelfSupervisedLoss,
-CrossBatchMemory`` replaces the PML imports of the same names.  Only PML's default distances and
+``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss,
+CircleLoss, ContrastiveLoss, SelfSupervisedLoss, CrossBatchMemory`` replaces the PML imports of
+the same names.  Only PML's default distances and
 reducers are offered; other ``distance=``/``reducer=`` keywords are refused by the constructors.
 """
 import numbers
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from fastcl.losses.ntxent_pml import ntxent_loss_pml
+from fastcl.losses.pair_pml import circle_loss_pml, contrastive_loss_pml, multi_similarity_loss_pml
 from fastcl.losses.supcon import _check_labels, check_indices_tuple, supcon_loss_pml
 from fastcl.losses.triplet_pml import pairs_as_triplets, triplet_margin_loss_pml
 from fastcl.ops.reference import compute_dtype
@@ -75,6 +77,66 @@ class TripletMarginLoss(nn.Module):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         return triplet_margin_loss_pml(embeddings, labels, self.margin, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                        ref_labels=ref_labels)
+
+
+class MultiSimilarityLoss(nn.Module):
+    """Drop-in for ``pytorch_metric_learning.losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5)``.
+
+    ``forward(embeddings (N, D), labels=None (N,), indices_tuple=None, ref_emb=None (M, D),
+    ref_labels=None (M,))`` returns the 0-d mean over anchors (see
+    ``fastcl.losses.pair_pml.multi_similarity_loss_pml``), in row blocks instead of PML's (N, M)
+    matrix and masks.
+    """
+
+    def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5):
+        super().__init__()
+        check_scalar("alpha", alpha, positive=True)
+        check_scalar("beta", beta, positive=True)
+        check_scalar("base", base)
+        self.alpha, self.beta, self.base = alpha, beta, base
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return multi_similarity_loss_pml(embeddings, labels, self.alpha, self.beta, self.base,
+                                         indices_tuple=indices_tuple, ref_emb=ref_emb, ref_labels=ref_labels)
+
+
+class CircleLoss(nn.Module):
+    """Drop-in for ``pytorch_metric_learning.losses.CircleLoss(m=0.4, gamma=80)``.
+
+    ``forward(embeddings (N, D), labels=None (N,), indices_tuple=None, ref_emb=None (M, D),
+    ref_labels=None (M,))`` returns the 0-d mean over anchors with a loss above 0 (see
+    ``fastcl.losses.pair_pml.circle_loss_pml``), in row blocks instead of PML's (N, M) matrices.
+    """
+
+    def __init__(self, m: float = 0.4, gamma: float = 80):
+        super().__init__()
+        check_scalar("m", m)
+        check_scalar("gamma", gamma, positive=True)
+        self.m, self.gamma = m, gamma
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return circle_loss_pml(embeddings, labels, self.m, self.gamma, indices_tuple=indices_tuple, ref_emb=ref_emb,
+                               ref_labels=ref_labels)
+
+
+class ContrastiveLoss(nn.Module):
+    """Drop-in for ``pytorch_metric_learning.losses.ContrastiveLoss(pos_margin=0, neg_margin=1)``.
+
+    ``forward(embeddings (N, D), labels=None (N,), indices_tuple=None, ref_emb=None (M, D),
+    ref_labels=None (M,))`` returns the positive pairs' and the negative pairs' means over losses
+    above 0, added (see ``fastcl.losses.pair_pml.contrastive_loss_pml``), without PML's lists of
+    every pair.
+    """
+
+    def __init__(self, pos_margin: float = 0, neg_margin: float = 1):
+        super().__init__()
+        check_scalar("pos_margin", pos_margin)
+        check_scalar("neg_margin", neg_margin)
+        self.pos_margin, self.neg_margin = pos_margin, neg_margin
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        return contrastive_loss_pml(embeddings, labels, self.pos_margin, self.neg_margin, indices_tuple=indices_tuple,
+                                    ref_emb=ref_emb, ref_labels=ref_labels)
 
 
 class SelfSupervisedLoss(nn.Module):

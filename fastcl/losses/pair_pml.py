@@ -1,0 +1,300 @@
+"""pytorch-metric-learning's ``MultiSimilarityLoss``, ``CircleLoss`` and ``ContrastiveLoss``, in
+bounded memory.
+
+PML forms the (N, M) similarity or distance matrix, two (N, M) masks, and for the contrastive
+loss lists every positive and negative pair (four int64 tensors of up to N x M entries).  Each
+of these losses is a sum of per-anchor terms over that anchor's positives and negatives, so
+``_RowStats`` walks row blocks of the matrix within the workspace bound, keeps a few numbers
+per anchor, and recomputes each block in the backward (memory O(block x M)).  A miner's
+``indices_tuple`` takes the dense matrix, as PML's own.
+"""
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastcl.losses.euclidean import euclidean_distances
+from fastcl.losses.ntxent import l2_normalize
+from fastcl.losses.supcon import _mean_nonzero, check_pml_args, mined_pair_masks, mined_pairs, pair_counts, pml_classes
+from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
+from fastcl.ops.strips import row_blocks
+from fastcl.validation import check_scalar
+
+
+class _Rows:
+    """One row-block loss: the score form (cosine or Euclidean distance of unit rows), the class
+    ids that give each block's positive and negative masks, and ``stats(x, pos, neg, *params) ->
+    (rows, K)``, differentiable PyTorch in the compute dtype (params are 0-d tensors)."""
+
+    def __init__(self, stats: Callable, distance: bool, classes, ref_classes, self_pairs: bool):
+        self.stats, self.distance = stats, distance
+        self.classes, self.ref_classes, self.self_pairs = classes, ref_classes, self_pairs
+
+    def block_bytes(self, ct: torch.dtype) -> int:
+        # the scores, about nine temporaries of their size alive at once (autograd's saved ones in
+        # the backward), and three masks
+        return 10 * torch.finfo(ct).bits // 8 + 3
+
+    def scores(self, qb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if self.distance:
+            return euclidean_distances(qb, k)
+        return qb @ k.T
+
+    def block(self, qb: torch.Tensor, k: torch.Tensor, params, r0: int, r1: int) -> torch.Tensor:
+        pos = self.classes[r0:r1, None] == self.ref_classes[None, :]
+        neg = ~pos
+        if self.self_pairs:  # anchor i is contrast i: neither positive nor negative
+            pos.diagonal(offset=r0).fill_(False)
+        return self.stats(self.scores(qb, k), pos, neg, *params)
+
+    def all_rows(self, q: torch.Tensor, k: torch.Tensor, params) -> torch.Tensor:
+        """(N, K) statistics of every anchor, block by block."""
+        return torch.cat([self.block(q[r0:r1], k, params, r0, r1)
+                          for r0, r1 in row_blocks(q.shape[0], k.shape[0], self.block_bytes(q.dtype))])
+
+
+class _RowStats(torch.autograd.Function):
+    """(N, K) per-anchor statistics of a ``_Rows`` loss of unit rows q (N, D) and k (M, D) and
+    0-d parameters, differentiable in all of them.  The backward recomputes each row block and
+    differentiates it on its own (O(block x M)); under create_graph=True it differentiates a
+    recomputed graph of the whole matrix.  It runs outside autocast so both passes keep the
+    compute dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, rows, *params):
+        with autocast_off(q.device):
+            out = rows.all_rows(q, k, params)
+        ctx.save_for_backward(q, k, *params)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, *params = ctx.saved_tensors
+        rows, needs = ctx.rows, ctx.needs_input_grad
+        n_grads = 3 + len(params)
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (q.view_as(q), k.view_as(k), None) + tuple(t.view_as(t) for t in params)
+            with autocast_off(q.device):
+                out = rows.all_rows(inputs[0], inputs[1], inputs[3:])
+            return graph_grads([out], [grad], inputs, needs, n_grads)
+        grads = [None] * n_grads
+        if needs[0]:
+            grads[0] = torch.empty_like(q)
+        if needs[1]:
+            grads[1] = torch.zeros_like(k)
+        for i, t in enumerate(params):
+            if needs[3 + i]:
+                grads[3 + i] = torch.zeros_like(t)
+        with autocast_off(q.device), torch.enable_grad():
+            kd = k.detach().requires_grad_(needs[1])
+            pd = [t.detach().requires_grad_(needs[3 + i]) for i, t in enumerate(params)]
+            for r0, r1 in row_blocks(q.shape[0], k.shape[0], rows.block_bytes(q.dtype)):
+                qb = q[r0:r1].detach().requires_grad_(needs[0])
+                out = rows.block(qb, kd, pd, r0, r1)
+                wanted = [(i, t) for i, t in [(0, qb), (1, kd)] + [(3 + j, t) for j, t in enumerate(pd)]
+                          if needs[i]]
+                found = torch.autograd.grad(out, [t for _, t in wanted], grad[r0:r1], allow_unused=True)
+                del out
+                for (i, _), g in zip(wanted, found):
+                    if g is None:
+                        continue
+                    if i == 0:
+                        grads[0][r0:r1] = g
+                    else:
+                        grads[i] += g
+                del found
+        return tuple(grads)
+
+
+def _lse_plus_one(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per row ``log(1 + sum_{keep} e^x)`` (rows, M) -> (rows,): PML's ``logsumexp(add_one=True)``,
+    0 for a row with nothing kept."""
+    x = torch.where(keep, x, float("-inf"))
+    top = x.amax(dim=1, keepdim=True).clamp_min(0.0).detach()  # the 1 is e^0: shift by max(max x, 0)
+    return ((x - top).exp().sum(dim=1) + (-top[:, 0]).exp()).log() + top[:, 0]
+
+
+def _masked_lse(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per row ``log(sum_{keep} e^x)``; 0 with zero gradient for a row with nothing kept, as PML's
+    ``logsumexp(add_one=False)`` gives."""
+    has = keep.any(dim=1)
+    x = torch.where(keep, x, float("-inf"))
+    top = x.amax(dim=1, keepdim=True).detach()
+    top = torch.where(has[:, None], top, 0.0)
+    total = (x - top).exp().sum(dim=1)
+    # a kept row sums to >= 1 (its largest term is e^0); an empty one would take log(0)'s gradient
+    total = torch.where(has, total, 1.0)
+    return torch.where(has, total.log() + top[:, 0], 0.0)
+
+
+def _ms_stats(s, pos, neg, alpha, beta, base):
+    return (_lse_plus_one(alpha * (base - s), pos) / alpha + _lse_plus_one(beta * (s - base), neg) / beta)[:, None]
+
+
+def _circle_stats(s, pos, neg, m, gamma):
+    sd = s.detach()  # PML detaches the similarities in the weights (not m)
+    lp = -gamma * torch.relu(1.0 + m - sd) * (s - (1.0 - m))
+    ln = gamma * torch.relu(sd + m) * (s - m)
+    loss = F.softplus(_masked_lse(lp, pos) + _masked_lse(ln, neg))
+    return torch.where(pos.any(dim=1) & neg.any(dim=1), loss, 0.0)[:, None]
+
+
+def _contrastive_stats(d, pos, neg, pos_margin, neg_margin):
+    pl = torch.where(pos, torch.relu(d - pos_margin), 0.0)
+    nl = torch.where(neg, torch.relu(neg_margin - d), 0.0)
+    return torch.stack([pl.sum(dim=1), (pl > 0).sum(dim=1).to(d.dtype),
+                        nl.sum(dim=1), (nl > 0).sum(dim=1).to(d.dtype)], dim=1)
+
+
+def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
+    """Checked arguments as ``(q, k, labels, ref_labels, poison, params)``: unit rows and 0-d
+    parameters (a learnable one keeps its graph) in the compute dtype, and a 0-d zero that is NaN
+    when any embedding holds NaN or inf (PML's zero loss too)."""
+    labels, ref_labels = check_pml_args(embeddings, labels, 1.0, indices_tuple, ref_emb, ref_labels)
+    for name, value, positive in params:
+        check_scalar(name, value, positive=positive)
+    ct = compute_dtype(embeddings.dtype)
+    q = l2_normalize(embeddings).to(ct)
+    k = q if ref_emb is None else l2_normalize(ref_emb).to(ct)
+    values = tuple(scalar_tensor(value, q.device, ct) for _, value, _ in params)
+    return q, k, labels, ref_labels, (q.sum() + k.sum()) * 0, values
+
+
+def _label_rows(q, k, labels, ref_emb, ref_labels, stats, distance: bool, params):
+    """(per-anchor statistics (N, K), number of positive pairs, of negative pairs) over every pair."""
+    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
+    n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
+    out = _RowStats.apply(q, k, _Rows(stats, distance, classes, ref_classes, self_pairs), *params)
+    return out, n_pos, n_neg
+
+
+def _dense_rows(q, k, indices_tuple, stats, distance: bool, params):
+    """(per-anchor statistics (N, K), any pairs) over a miner's pairs, on the dense matrix with
+    PML's masks (a pair named twice counts once; one named as positive and negative is refused)."""
+    pos, neg = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
+    with autocast_off(q.device):
+        x = euclidean_distances(q, k) if distance else q @ k.T
+        return stats(x, pos, neg, *params), pos.any() | neg.any()
+
+
+def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, alpha=2.0,
+                              beta=50.0, base=0.5, *, indices_tuple: Optional[Sequence[torch.Tensor]] = None,
+                              ref_emb: Optional[torch.Tensor] = None,
+                              ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Multi-similarity loss in pytorch-metric-learning's form: ``MultiSimilarityLoss(alpha, beta,
+    base)(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` with its cosine similarity
+    and mean reducer.
+
+    Anchor i's loss is ``log(1 + sum_{p} e^{alpha (base - s_ip)}) / alpha + log(1 + sum_{n}
+    e^{beta (s_in - base)}) / beta`` over its positives p (same label; p != i unless ``ref_emb``
+    comes with other ``ref_labels``) and negatives n; the result is the mean over all N anchors,
+    and 0 when there is at most one positive and at most one negative pair, as PML returns.
+    Without ``indices_tuple`` memory is O(block x M) within the workspace bound; a miner's pairs
+    take the dense (N, M) matrix with PML's masks.  Computed in fp32 for half inputs.  NaN in any
+    embedding gives NaN.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 or float64.
+        labels: (N,) integer (or floating, not NaN) classes; optional with ``indices_tuple``.
+        alpha, beta: positive floats (PML's defaults 2 and 50); base: float (0.5).
+        indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
+        ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    q, k, labels, ref_labels, poison, params = _prepare(
+        embeddings, labels, ref_emb, ref_labels, indices_tuple,
+        (("alpha", alpha, True), ("beta", beta, True), ("base", base, False)))
+    if indices_tuple is not None:
+        return _dense_rows(q, k, indices_tuple, _ms_stats, False, params)[0].mean() + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _ms_stats, False, params)
+    loss = out.mean()
+    return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison
+
+
+def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, m=0.4, gamma=80.0, *,
+                    indices_tuple: Optional[Sequence[torch.Tensor]] = None, ref_emb: Optional[torch.Tensor] = None,
+                    ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Circle loss in pytorch-metric-learning's form: ``CircleLoss(m, gamma)(embeddings, labels,
+    indices_tuple, ref_emb, ref_labels)`` with its cosine similarity and AvgNonZeroReducer.
+
+    Anchor i's loss is ``softplus(LSE_p(-gamma a_p (s_ip - (1 - m))) + LSE_n(gamma a_n (s_in -
+    m)))`` with the detached weights ``a_p = relu(1 + m - s_ip)`` and ``a_n = relu(s_in + m)``,
+    over its positives and negatives; 0 for an anchor lacking either.  The result is the mean
+    over anchors whose loss is above 0, and 0 when there is at most one positive and at most one
+    negative pair, as PML returns.  Memory, miners and dtypes as ``multi_similarity_loss_pml``.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 or float64.
+        labels: (N,) integer (or floating, not NaN) classes; optional with ``indices_tuple``.
+        m: float, the relaxation (PML's default 0.4); gamma: positive float, the scale (80).
+        indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
+        ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    q, k, labels, ref_labels, poison, params = _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple,
+                                                        (("m", m, False), ("gamma", gamma, True)))
+    if indices_tuple is not None:
+        out, any_pairs = _dense_rows(q, k, indices_tuple, _circle_stats, False, params)
+        return _mean_nonzero(out[:, 0], any_pairs) + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _circle_stats, False, params)
+    return _mean_nonzero(out[:, 0], (n_pos > 1) | (n_neg > 1)) + poison
+
+
+def _mean_above_zero(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """PML's AvgNonZeroReducer from a sum of losses and the number above 0: 0 when none is."""
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, pos_margin=0.0,
+                         neg_margin=1.0, *, indices_tuple: Optional[Sequence[torch.Tensor]] = None,
+                         ref_emb: Optional[torch.Tensor] = None,
+                         ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Contrastive (pair margin) loss in pytorch-metric-learning's form: ``ContrastiveLoss(pos_margin,
+    neg_margin)(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` with its Euclidean
+    distance of L2-normalised rows and AvgNonZeroReducer.
+
+    Positive pairs take ``relu(d - pos_margin)``, negative pairs ``relu(neg_margin - d)``; each
+    kind is averaged over its pairs with a loss above 0 (0 when none is) and the two are added.
+    0 when there is at most one positive and at most one negative pair, as PML returns.  Without
+    ``indices_tuple`` no pair list exists (PML lists every pair): row blocks within the workspace
+    bound keep four numbers per anchor.  A miner's pairs (triplets read as pairs) take the dense
+    distances, a pair named twice counting twice, as in PML.  Distances come from
+    ``torch.cdist``, as PML's: whether the distance of duplicate rows rounds to 0 or to a few ulps
+    (a loss above 0 at ``pos_margin`` 0, counted) is PML's decision too, except where row blocks
+    split the matrix (cdist's GEMM may then round a few ulps differently).  A distance of 0 takes
+    no gradient.  NaN in any embedding gives NaN.
+
+    Args:
+        embeddings: (N, D) float32, bfloat16, float16 or float64.
+        labels: (N,) integer (or floating, not NaN) classes; optional with ``indices_tuple``.
+        pos_margin, neg_margin: floats (PML's defaults 0 and 1).
+        indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
+        ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs).
+    """
+    q, k, labels, ref_labels, poison, params = _prepare(
+        embeddings, labels, ref_emb, ref_labels, indices_tuple,
+        (("pos_margin", pos_margin, False), ("neg_margin", neg_margin, False)))
+    if indices_tuple is not None:
+        pairs = mined_pairs(indices_tuple, q.shape[0], k.shape[0], q.device)
+        if pairs is None:
+            return poison
+        a1, p, a2, neg = pairs
+        with autocast_off(q.device):
+            d = euclidean_distances(q, k)
+            pl, nl = torch.relu(d[a1, p] - params[0]), torch.relu(params[1] - d[a2, neg])
+        return (_mean_above_zero(pl.sum(), (pl > 0).sum()) + _mean_above_zero(nl.sum(), (nl > 0).sum())) + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _contrastive_stats, True, params)
+    total = out.sum(dim=0)
+    loss = _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3])
+    return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison
+
+
+__all__ = ["multi_similarity_loss_pml", "circle_loss_pml", "contrastive_loss_pml"]

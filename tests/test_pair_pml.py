@@ -1,0 +1,259 @@
+"""pytorch-metric-learning's MultiSimilarityLoss, CircleLoss and ContrastiveLoss
+(fastcl.losses.pair_pml, fastcl.nn.pml): against PML's own classes in float64 and float32, in
+one row block and many, with labels, references, miners and learnable parameters; half inputs
+against PML's class run in float64 on the rounded inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastcl
+from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, randn
+from fastcl.ops import strips
+
+LOSSES = ["MultiSimilarityLoss", "CircleLoss", "ContrastiveLoss"]
+# non-default parameters of each, as PML's keyword arguments
+OTHER_PARAMS = {"MultiSimilarityLoss": dict(alpha=3.0, beta=20.0, base=0.3), "CircleLoss": dict(m=0.25, gamma=128.0),
+                "ContrastiveLoss": dict(pos_margin=0.2, neg_margin=1.2)}
+FUNCTIONAL = {"MultiSimilarityLoss": fastcl.multi_similarity_loss_pml, "CircleLoss": fastcl.circle_loss_pml,
+              "ContrastiveLoss": fastcl.contrastive_loss_pml}
+
+
+def _pml():
+    return pytest.importorskip("pytorch_metric_learning.losses")
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check(ours, ref, wrt_ours, wrt_ref, dtype, what, value_factor=1.0):
+    assert_close(ours, ref, torch.float64 if dtype == torch.float64 else torch.float32, f"{what} value", value_factor)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(ref, wrt_ref))):
+        assert_close(a, b, dtype, f"{what} grad {i}")
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_against_pytorch_metric_learning(name, dtype, blocks, monkeypatch):
+    """Labels (defaults and other parameters), float labels, and references: other labels, the
+    labels object itself (PML leaves out the pairs (i, i)) and a copy of it (it keeps them).
+    "many" walks rows of the matrix two or three at a time."""
+    pml = _pml()
+    if blocks == "many":
+        monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 71 * 25 / 2**20)
+    gen = torch.Generator().manual_seed(31)
+    emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(71, 40, generator=gen, dtype=dtype)
+    labels, ref_labels = torch.randint(0, 7, (67,), generator=gen), torch.randint(0, 7, (71,), generator=gen)
+    ours_cls, theirs_cls = getattr(fastcl.nn.pml, name), getattr(pml, name)
+    for params in ({}, OTHER_PARAMS[name]):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        theirs = theirs_cls(**params)(b, labels)
+        assert theirs.item() > 0.01
+        _check(ours_cls(**params)(a, labels), theirs, [a], [b], dtype, f"labels {params}")
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    _check(ours_cls()(a, labels.double() / 3), theirs_cls()(b, labels.double() / 3), [a], [b], dtype, "float labels")
+    # exact copies (as rows, after normalising): in one block, whether a pair (i, i) counts at
+    # pos_margin 0 is cdist's rounding, as in PML; in many, its GEMM may round differently
+    near = emb * 3 if blocks == "one" else emb * 3 + 0.05 * randn(67, 40, generator=gen, dtype=dtype)
+    for r, rl, what in ((ref, ref_labels, "other"), (near, labels, "same object"), (near, labels.clone(), "copy")):
+        (a, c), (b, d) = _leaves(emb, r), _leaves(emb, r)
+        _check(ours_cls()(a, labels, ref_emb=c, ref_labels=rl), theirs_cls()(b, labels, ref_emb=d, ref_labels=rl),
+               [a, c], [b, d], dtype, f"references ({what})")
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_against_float64(name, dtype):
+    pml = _pml()
+    gen = torch.Generator().manual_seed(32)
+    emb = randn(67, 40, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 7, (67,), generator=gen)
+    (a,), (b,) = _leaves(emb), _leaves(emb.double())
+    ours = FUNCTIONAL[name](a, labels)
+    assert ours.dtype == torch.float32
+    _check(ours, getattr(pml, name)()(b, labels), [a], [b], dtype, "half", NORMALISED_VALUE_FACTOR[dtype])
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_learnable_parameters(name):
+    """Every parameter as a tensor that requires grad gets PML's gradient, on the labels path (in
+    row blocks) and on a miner's pairs."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(33)
+    emb = randn(31, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (31,), generator=gen)
+    match = labels[:, None] == labels[None, :]
+    tup = torch.where(match & ~torch.eye(31, dtype=torch.bool)) + torch.where(~match)
+    params = OTHER_PARAMS[name]
+    for indices in (None, tup):
+        ours_p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+        theirs_p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        _check(getattr(fastcl.nn.pml, name)(**ours_p)(a, labels, indices),
+               getattr(pml, name)(**theirs_p)(b, labels, indices),
+               [a, *ours_p.values()], [b, *theirs_p.values()], torch.float64, "mined" if indices else "labels")
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_with_miners(name):
+    """A miner's pairs, a miner's triplets, pairs named twice (the mask losses count them once,
+    the contrastive loss twice, as PML), and a pair named positive and negative (PML asserts)."""
+    pml = _pml()
+    miners = pytest.importorskip("pytorch_metric_learning.miners")
+    gen = torch.Generator().manual_seed(34)
+    emb = randn(67, 40, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (67,), generator=gen)
+    ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    same = [j for j in range(1, 67) if labels[j] == labels[0]]
+    diff = [j for j in range(1, 67) if labels[j] != labels[0]]
+    cases = [miners.MultiSimilarityMiner(epsilon=0.3)(emb, labels), miners.TripletMarginMiner(margin=0.2)(emb, labels),
+             (ix(0, 0, 0, 3), ix(same[0], same[0], same[1], same[0]), ix(0, 0, 5), ix(diff[0], diff[0], diff[1])),
+             (ix(0), ix(same[0]), ix(0), ix(diff[0]))]  # one pair of each: PML's zero loss
+    for i, tup in enumerate(cases):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        ours = getattr(fastcl.nn.pml, name)()(a, labels, tup)
+        theirs = getattr(pml, name)()(b, labels, tup)
+        if theirs.item() == 0:
+            assert ours.item() == 0, i
+            continue
+        _check(ours, theirs, [a], [b], torch.float64, f"case {i}")
+    clash = (ix(0), ix(same[0]), ix(0, 1), ix(same[0], 2))
+    if name == "ContrastiveLoss":  # pair-based in PML: no clash check there
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        _check(fastcl.contrastive_loss_pml(a, labels, indices_tuple=clash), pml.ContrastiveLoss()(b, labels, clash),
+               [a], [b], torch.float64, "clash")
+    else:
+        with pytest.raises(AssertionError):
+            getattr(pml, name)()(emb, labels, clash)
+        with pytest.raises(ValueError, match="both as a positive and as a negative"):
+            FUNCTIONAL[name](emb, labels, indices_tuple=clash)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_degenerate_and_nan(name):
+    """One label (no negative pair), all labels distinct (no positive pair), two samples (at most
+    one pair of each: PML's 0), one sample; NaN in any embedding gives NaN, PML's zero included."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(35)
+    emb = randn(9, 5, generator=gen, dtype=torch.float64)
+    for labels in (torch.zeros(9, dtype=torch.long), torch.arange(9), torch.tensor([0, 1] + [2] * 7)):
+        (a,), (b,) = _leaves(emb), _leaves(emb)
+        ours, theirs = getattr(fastcl.nn.pml, name)()(a, labels), getattr(pml, name)()(b, labels)
+        assert_close(ours, theirs, torch.float64, f"labels {labels.tolist()}")
+        ga = torch.autograd.grad(ours, a)[0]
+        gb = torch.autograd.grad(theirs, b)[0] if theirs.requires_grad else torch.zeros_like(ga)
+        assert_close(ga, gb, torch.float64, "grad") if gb.abs().max() > 0 else None
+        assert torch.equal(ga == 0, gb == 0) or gb.abs().max() > 0
+    # one sample (no pair), and one positive with one negative pair (PML's zero)
+    one = torch.zeros(1, dtype=torch.long)
+    for kw in ({}, dict(ref_emb=emb[1:3], ref_labels=torch.tensor([0, 1]))):
+        (x,), (y,) = _leaves(emb[:1]), _leaves(emb[:1])
+        loss = FUNCTIONAL[name](x, one, **kw)
+        assert loss.item() == 0.0 and torch.autograd.grad(loss, x)[0].abs().max() == 0.0
+        assert getattr(pml, name)()(y, one, **kw).item() == 0.0
+    bad = emb.clone()
+    bad[4, 1] = float("nan")
+    assert torch.isnan(FUNCTIONAL[name](bad, torch.arange(9) % 3))
+    assert torch.isnan(FUNCTIONAL[name](bad[4:5], one)), "PML's zero keeps NaN"
+    assert torch.isnan(FUNCTIONAL[name](emb[:1], one, ref_emb=bad[3:5], ref_labels=torch.tensor([0, 1])))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_second_derivatives(name, monkeypatch):
+    """create_graph=True through the row blocks: the derivative of a gradient's square against
+    PML's class in float64 (the contrastive loss against its formula with explicit differences:
+    cdist has no second derivative), in many row blocks."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(36)
+    emb = randn(23, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (23,), generator=gen)
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 23 * 25 / 2**20)
+
+    def contrastive(x):
+        q = F.normalize(x, dim=1)
+        d = ((q[:, None] - q[None]) ** 2).sum(-1).clamp_min(1e-300).sqrt()
+        pos = labels[:, None] == labels[None, :]
+        neg = ~pos
+        pos.fill_diagonal_(False)
+        pl, nl = torch.relu(d[pos]), torch.relu(1.0 - d[neg])
+        return pl.sum() / (pl > 0).sum() + nl.sum() / (nl > 0).sum()
+
+    theirs = contrastive if name == "ContrastiveLoss" else getattr(pml, name)()
+    (a,), (b,) = _leaves(emb), _leaves(emb)
+    ga = torch.autograd.grad(getattr(fastcl.nn.pml, name)()(a, labels), a, create_graph=True)[0]
+    gb = torch.autograd.grad(theirs(b) if name == "ContrastiveLoss" else theirs(b, labels), b, create_graph=True)[0]
+    assert_close(ga, gb, torch.float64, "first derivative")
+    assert_close(torch.autograd.grad(ga.pow(2).sum(), a)[0], torch.autograd.grad(gb.pow(2).sum(), b)[0],
+                 torch.float64, "second derivative")
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_scratch_within_workspace(name, monkeypatch):
+    """Both passes keep their scratch within the workspace bound plus a few (N, D) arrays, where
+    PML holds (N, N) matrices (and the contrastive loss every pair's indices)."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 2.0)
+    n, d = 1500, 8
+    big = randn(n, d, generator=torch.Generator().manual_seed(37), requires_grad=True)
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(38))
+    with LiveBytes() as fwd:
+        loss = FUNCTIONAL[name](big, labels)
+    with LiveBytes() as bwd:
+        loss.backward()
+    bound, small = strips.workspace_bytes(), 8 * n * d * 4
+    assert fwd.peak <= bound + small and bwd.peak <= bound + small, (fwd.peak, bwd.peak, bound)
+    assert fwd.peak > bound / 4, "the tracker must see the blocks"
+    assert bwd.peak < n * n * 4, "far below one (N, N) fp32 matrix"
+
+
+def test_argument_errors():
+    emb = randn(9, 5, generator=torch.Generator().manual_seed(39))
+    labels = torch.arange(9) % 3
+    for ctor, kw, match in ((fastcl.nn.pml.MultiSimilarityLoss, dict(alpha=0.0), "alpha"),
+                            (fastcl.nn.pml.MultiSimilarityLoss, dict(beta=-1.0), "beta"),
+                            (fastcl.nn.pml.MultiSimilarityLoss, dict(base=float("inf")), "base"),
+                            (fastcl.nn.pml.CircleLoss, dict(gamma=0), "gamma"),
+                            (fastcl.nn.pml.CircleLoss, dict(m=float("inf")), "m"),
+                            (fastcl.nn.pml.ContrastiveLoss, dict(neg_margin="1"), "neg_margin"),
+                            (fastcl.nn.pml.ContrastiveLoss, dict(pos_margin=torch.ones(2)), "pos_margin")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            ctor(**kw)
+    for fn in FUNCTIONAL.values():
+        with pytest.raises(ValueError, match="labels is required"):
+            fn(emb)
+        with pytest.raises(ValueError, match="labels must be 1-D"):
+            fn(emb, labels[:, None])
+        with pytest.raises(ValueError, match="ref_emb needs ref_labels"):
+            fn(emb, labels, ref_emb=emb)
+        with pytest.raises(ValueError, match="embeddings"):
+            fn(emb[0], labels)
+        with pytest.raises(TypeError, match="indices_tuple"):
+            fn(emb, labels, indices_tuple=(labels, labels))
+        with pytest.raises((ValueError, IndexError), match=r"indices_tuple\[1\]"):
+            fn(emb, labels, indices_tuple=(labels, labels + 9, labels))
+    with pytest.raises(ValueError, match="gamma"):
+        fastcl.circle_loss_pml(emb, labels, gamma=torch.tensor(-1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LOSSES)
+def test_on_gpu_in_bounded_memory(name, monkeypatch):
+    """CUDA embeddings with CPU labels: value and gradient against the CPU run in float64, and the
+    scratch within the workspace bound plus a few (N, D) copies (one (N, N) fp32 matrix is 67 MB)."""
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 8.0)
+    n, d = 4099, 96
+    labels = torch.arange(n) % 500
+    emb = randn(n, d, generator=torch.Generator().manual_seed(40), device="cuda", requires_grad=True)
+    torch.autograd.grad(FUNCTIONAL[name](emb, labels), emb)  # unmeasured: cuBLAS's workspaces are not scratch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = FUNCTIONAL[name](emb, labels)
+    grad = torch.autograd.grad(loss, emb)[0]
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 1.5 * 8 * 2**20 + 8 * n * d * 4, f"{peak / 2**20:.1f} MB"
+    (ref_emb,) = _leaves(emb.detach().cpu().double())
+    ref = FUNCTIONAL[name](ref_emb, labels)
+    assert_close(loss.cpu(), ref, torch.float32, "value")
+    assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], torch.float32, "grad")
