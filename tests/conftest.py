@@ -76,6 +76,20 @@ def load_module(name: str, path):
     return module
 
 
+def leaves(*tensors):
+    """Fresh leaf copies of ``tensors`` that require grad (one per call site under comparison)."""
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def check_loss_and_grads(ours, ref, wrt_ours, wrt_ref, dtype, what, value_factor=1.0):
+    """A loss against its reference: the value at fp32's tolerance (fp64's for float64 inputs,
+    times ``value_factor``), then each gradient of ``wrt_ours`` against ``wrt_ref``'s at
+    ``dtype``'s."""
+    assert_close(ours, ref, torch.float64 if dtype == torch.float64 else torch.float32, f"{what} value", value_factor)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(ref, wrt_ref))):
+        assert_close(a, b, dtype, f"{what} grad {i}")
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None, requires_grad=False):
     """Fresh random tensor in ``dtype`` (drawn in fp32, then rounded)."""
     x = torch.randn(*shape, generator=generator, device="cpu").to(device=device, dtype=dtype)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import DTYPES, NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, randn
+from conftest import DTYPES, NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, leaves, randn
 from fastcl.ops import strips
 
 
@@ -29,10 +29,6 @@ def oracle(emb, labels, temperature, ref=None, ref_labels=None, *, tiny):
     pos = s[a1, p]
     ratio = torch.exp(pos - torch.logaddexp(pos, neg_lse[a1]))
     return -torch.log(ratio + tiny).mean()
-
-
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
 
 
 def _check(ours, ref, wrt_ours, wrt_ref, dtype, what):
@@ -60,7 +56,7 @@ def test_against_float64_oracle(dtype, blocks, monkeypatch):
              "ref": lambda e, r, t: (e, labels, t, r, ref_labels),
              "ref is labels": lambda e, r, t: (e, labels, t, e * 2 + 1, labels)}
     for name, make in cases.items():
-        a, b = _leaves(emb, ref, temp), _leaves(emb.double(), ref.double(), temp)
+        a, b = leaves(emb, ref, temp), leaves(emb.double(), ref.double(), temp)
         ea, ra, ta, rea, rla = make(*a)
         ours = fastcl.ntxent_loss_pml(ea, labels, ta, ref_emb=rea, ref_labels=rla)
         eb, rb, tb, reb, rlb = make(*b)
@@ -84,7 +80,7 @@ def test_float64_keeps_the_far_tail_of_softplus():
     assert ((d > 20) & (d < 37)).sum() >= 4, "the data must reach the softplus tail"
     tup = (torch.where(same & ~torch.eye(12, dtype=torch.bool)) + torch.where(~same))
     for indices in (None, tup):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         _check(fastcl.ntxent_loss_pml(a, labels, 0.1, indices_tuple=indices),
                oracle(b, labels, 0.1, tiny=torch.finfo(torch.float64).tiny), [a], [b], torch.float64,
                "mined" if indices else "labels")
@@ -100,7 +96,7 @@ def test_second_derivatives():
     tup = torch.where(match & ~torch.eye(23, dtype=torch.bool)) + torch.where(~match)
     for indices, mb in ((None, None), (None, 3 * 23 * 51 / 2**20), (tup, None)):
         temp = torch.tensor(0.2, dtype=torch.float64)
-        a, b = _leaves(emb, temp), _leaves(emb, temp)
+        a, b = leaves(emb, temp), leaves(emb, temp)
         old = strips.WORKSPACE_MB
         strips.WORKSPACE_MB = mb
         try:
@@ -156,7 +152,7 @@ def test_fp16_cap_of_tiny():
     emb = torch.tensor([[1.0, 0.0], [-1.0, 0.05], [1.0, 0.02], [-1.0, 0.0]])
     labels = torch.tensor([0, 0, 1, 1])  # each row's positive points away, its negative along it
     for dtype, t in ((torch.float16, 0.05), (torch.float32, 0.05), (torch.float32, 0.02)):
-        (a,), (b,) = _leaves(emb.to(dtype)), _leaves(emb.double())
+        (a,), (b,) = leaves(emb.to(dtype)), leaves(emb.double())
         ours = fastcl.ntxent_loss_pml(a, labels, t)
         theirs = oracle(b, labels, t, tiny=torch.finfo(dtype).tiny)
         assert_close(ours, theirs, torch.float32, f"{dtype} t={t}")
@@ -191,7 +187,7 @@ def test_degenerate_cases():
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     ref_labels = torch.tensor([0, 0, 1, 2])
     ref = randn(4, 5, generator=gen, dtype=torch.float64)
-    (a, b), (c, d) = _leaves(emb, ref), _leaves(emb, ref)
+    (a, b), (c, d) = leaves(emb, ref), leaves(emb, ref)
     _check(fastcl.ntxent_loss_pml(a, labels, 0.1, ref_emb=b, ref_labels=ref_labels),
            oracle(c, labels, 0.1, d, ref_labels, tiny=torch.finfo(torch.float64).tiny), [a, b], [c, d],
            torch.float64, "partial negatives")
@@ -255,13 +251,13 @@ def test_pytorch_metric_learning_ntxent(dtype):
     emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(131, 40, generator=gen, dtype=dtype)
     labels, ref_labels = torch.randint(0, 9, (67,), generator=gen), torch.randint(0, 9, (131,), generator=gen)
     for t in (0.07, 0.5):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         _check(fastcl.nn.pml.NTXentLoss(t)(a, labels), pml.NTXentLoss(t)(b, labels), [a], [b], dtype, f"t={t}")
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     _check(fastcl.nn.pml.NTXentLoss()(a, labels.double() / 2), pml.NTXentLoss()(b, labels.double() / 2), [a], [b],
            dtype, "float labels")
     for r, rl in ((ref, ref_labels), (emb * 3, labels), (emb * 3, labels.clone())):
-        (a, c), (b, d) = _leaves(emb, r), _leaves(emb, r)
+        (a, c), (b, d) = leaves(emb, r), leaves(emb, r)
         _check(fastcl.nn.pml.NTXentLoss()(a, labels, ref_emb=c, ref_labels=rl),
                pml.NTXentLoss()(b, labels, ref_emb=d, ref_labels=rl), [a, c], [b, d], dtype, "references")
 
@@ -287,30 +283,30 @@ def test_pytorch_metric_learning_ntxent_with_a_miner(cross):
     for i, tup in enumerate((pairs, triplets, repeated)):
         assert min(t.numel() for t in tup) > 1, "the miner found too few pairs for a meaningful check"
         if cross:
-            (a, c), (b, d) = _leaves(emb, kw["ref_emb"]), _leaves(emb, kw["ref_emb"])
+            (a, c), (b, d) = leaves(emb, kw["ref_emb"]), leaves(emb, kw["ref_emb"])
             ours = fastcl.nn.pml.NTXentLoss(0.1)(a, labels, tup, ref_emb=c, ref_labels=kw["ref_labels"])
             theirs = pml.NTXentLoss(0.1)(b, labels, tup, ref_emb=d, ref_labels=kw["ref_labels"])
             _check(ours, theirs, [a, c], [b, d], torch.float64, f"case {i}")
         else:
-            (a,), (b,) = _leaves(emb), _leaves(emb)
+            (a,), (b,) = leaves(emb), leaves(emb)
             ours = fastcl.nn.pml.NTXentLoss(0.1)(a, None, tup)
             _check(ours, pml.NTXentLoss(0.1)(b, None, tup), [a], [b], torch.float64, f"case {i}")
         assert ours.item() > 0.1
     # a learnable temperature, as a tensor in PML too
     temp = torch.tensor(0.2, dtype=torch.float64)
-    (a, t_a), (b, t_b) = _leaves(emb, temp), _leaves(emb, temp)
+    (a, t_a), (b, t_b) = leaves(emb, temp), leaves(emb, temp)
     _check(fastcl.nn.pml.NTXentLoss(t_a)(a, None, pairs, **kw), pml.NTXentLoss(t_b)(b, None, pairs, **kw), [a, t_a],
            [b, t_b], torch.float64, "temperature tensor")
     # PML's zero losses: at most one entry per tensor; no negative pairs
     ix = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     for tup in ((ix(0), ix(1), ix(0), ix(2)), (ix(0, 1), ix(1, 0), ix(), ix()), (ix(), ix(), ix(0, 1), ix(2, 3))):
         ours = fastcl.nn.pml.NTXentLoss()(a, None, tup)
         assert ours.item() == 0.0 == pml.NTXentLoss()(b, None, tup).item()
         assert torch.autograd.grad(ours, a)[0].abs().max() == 0.0
     # an anchor whose positive has no mined negative: a 0 term that counts in the mean
     tup = (ix(0, 3), ix(1, 4), ix(0, 0), ix(5, 6))
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     _check(fastcl.nn.pml.NTXentLoss()(a, None, tup), pml.NTXentLoss()(b, None, tup), [a], [b], torch.float64,
            "anchor without negatives")
 
@@ -323,7 +319,7 @@ def test_pytorch_metric_learning_self_supervised(symmetric):
     emb, ref = randn(67, 40, generator=gen), randn(67, 40, generator=gen)
     for ours_cls, theirs_cls in ((fastcl.nn.pml.NTXentLoss, pml.NTXentLoss),
                                  (fastcl.nn.pml.SupConLoss, pml.SupConLoss)):
-        (a, c), (b, d) = _leaves(emb, ref), _leaves(emb, ref)
+        (a, c), (b, d) = leaves(emb, ref), leaves(emb, ref)
         ours = fastcl.nn.pml.SelfSupervisedLoss(ours_cls(), symmetric=symmetric)(a, c)
         theirs = pml.SelfSupervisedLoss(theirs_cls(), symmetric=symmetric)(b, d)
         _check(ours, theirs, [a, c], [b, d], torch.float32, ours_cls.__name__)
@@ -356,7 +352,7 @@ def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 1.5 * 8 * 2**20 + 8 * n * d * 4, f"{peak / 2**20:.1f} MB"
-    (ref_emb,) = _leaves(emb.detach().cpu().double())
+    (ref_emb,) = leaves(emb.detach().cpu().double())
     ref = oracle(ref_emb, labels, 0.1, tiny=torch.finfo(dtype).tiny)
     assert_close(loss.cpu(), ref, torch.float32, "value", NORMALISED_VALUE_FACTOR.get(dtype, 1.0))
     assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], dtype, "grad")
@@ -393,7 +389,7 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
             if None not in other:
                 kw["indices_tuple"] = (torch.tensor([0, 1]), torch.tensor(slot[:2]), torch.tensor([0, 1]),
                                        torch.tensor([slot[other[0]], slot[other[1]]]))
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         try:
             ref = theirs(b, labels, **kw)
         except AssertionError:  # PML's SupCon refuses a pair named positive and negative; so do we

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, randn
+from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, check_loss_and_grads, leaves, randn
 from fastcl.ops import strips
 
 LOSSES = ["MultiSimilarityLoss", "CircleLoss", "ContrastiveLoss"]
@@ -20,16 +20,6 @@ FUNCTIONAL = {"MultiSimilarityLoss": fastcl.multi_similarity_loss_pml, "CircleLo
 
 def _pml():
     return pytest.importorskip("pytorch_metric_learning.losses")
-
-
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
-
-
-def _check(ours, ref, wrt_ours, wrt_ref, dtype, what, value_factor=1.0):
-    assert_close(ours, ref, torch.float64 if dtype == torch.float64 else torch.float32, f"{what} value", value_factor)
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(ref, wrt_ref))):
-        assert_close(a, b, dtype, f"{what} grad {i}")
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -47,19 +37,21 @@ def test_against_pytorch_metric_learning(name, dtype, blocks, monkeypatch):
     labels, ref_labels = torch.randint(0, 7, (67,), generator=gen), torch.randint(0, 7, (71,), generator=gen)
     ours_cls, theirs_cls = getattr(fastcl.nn.pml, name), getattr(pml, name)
     for params in ({}, OTHER_PARAMS[name]):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         theirs = theirs_cls(**params)(b, labels)
         assert theirs.item() > 0.01
-        _check(ours_cls(**params)(a, labels), theirs, [a], [b], dtype, f"labels {params}")
-    (a,), (b,) = _leaves(emb), _leaves(emb)
-    _check(ours_cls()(a, labels.double() / 3), theirs_cls()(b, labels.double() / 3), [a], [b], dtype, "float labels")
+        check_loss_and_grads(ours_cls(**params)(a, labels), theirs, [a], [b], dtype, f"labels {params}")
+    (a,), (b,) = leaves(emb), leaves(emb)
+    check_loss_and_grads(ours_cls()(a, labels.double() / 3),
+                         theirs_cls()(b, labels.double() / 3), [a], [b], dtype, "float labels")
     # exact copies (as rows, after normalising): in one block, whether a pair (i, i) counts at
     # pos_margin 0 is cdist's rounding, as in PML; in many, its GEMM may round differently
     near = emb * 3 if blocks == "one" else emb * 3 + 0.05 * randn(67, 40, generator=gen, dtype=dtype)
     for r, rl, what in ((ref, ref_labels, "other"), (near, labels, "same object"), (near, labels.clone(), "copy")):
-        (a, c), (b, d) = _leaves(emb, r), _leaves(emb, r)
-        _check(ours_cls()(a, labels, ref_emb=c, ref_labels=rl), theirs_cls()(b, labels, ref_emb=d, ref_labels=rl),
-               [a, c], [b, d], dtype, f"references ({what})")
+        (a, c), (b, d) = leaves(emb, r), leaves(emb, r)
+        check_loss_and_grads(ours_cls()(a, labels, ref_emb=c, ref_labels=rl),
+                             theirs_cls()(b, labels, ref_emb=d, ref_labels=rl),
+                             [a, c], [b, d], dtype, f"references ({what})")
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -69,10 +61,10 @@ def test_half_inputs_against_float64(name, dtype):
     gen = torch.Generator().manual_seed(32)
     emb = randn(67, 40, generator=gen, dtype=dtype)
     labels = torch.randint(0, 7, (67,), generator=gen)
-    (a,), (b,) = _leaves(emb), _leaves(emb.double())
+    (a,), (b,) = leaves(emb), leaves(emb.double())
     ours = FUNCTIONAL[name](a, labels)
     assert ours.dtype == torch.float32
-    _check(ours, getattr(pml, name)()(b, labels), [a], [b], dtype, "half", NORMALISED_VALUE_FACTOR[dtype])
+    check_loss_and_grads(ours, getattr(pml, name)()(b, labels), [a], [b], dtype, "half", NORMALISED_VALUE_FACTOR[dtype])
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -89,10 +81,11 @@ def test_learnable_parameters(name):
     for indices in (None, tup):
         ours_p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
         theirs_p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-        (a,), (b,) = _leaves(emb), _leaves(emb)
-        _check(getattr(fastcl.nn.pml, name)(**ours_p)(a, labels, indices),
-               getattr(pml, name)(**theirs_p)(b, labels, indices),
-               [a, *ours_p.values()], [b, *theirs_p.values()], torch.float64, "mined" if indices else "labels")
+        (a,), (b,) = leaves(emb), leaves(emb)
+        check_loss_and_grads(getattr(fastcl.nn.pml, name)(**ours_p)(a, labels, indices),
+                             getattr(pml, name)(**theirs_p)(b, labels, indices),
+                             [a, *ours_p.values()], [b, *theirs_p.values()], torch.float64,
+                             "mined" if indices else "labels")
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -111,18 +104,19 @@ def test_with_miners(name):
              (ix(0, 0, 0, 3), ix(same[0], same[0], same[1], same[0]), ix(0, 0, 5), ix(diff[0], diff[0], diff[1])),
              (ix(0), ix(same[0]), ix(0), ix(diff[0]))]  # one pair of each: PML's zero loss
     for i, tup in enumerate(cases):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         ours = getattr(fastcl.nn.pml, name)()(a, labels, tup)
         theirs = getattr(pml, name)()(b, labels, tup)
         if theirs.item() == 0:
             assert ours.item() == 0, i
             continue
-        _check(ours, theirs, [a], [b], torch.float64, f"case {i}")
+        check_loss_and_grads(ours, theirs, [a], [b], torch.float64, f"case {i}")
     clash = (ix(0), ix(same[0]), ix(0, 1), ix(same[0], 2))
     if name == "ContrastiveLoss":  # pair-based in PML: no clash check there
-        (a,), (b,) = _leaves(emb), _leaves(emb)
-        _check(fastcl.contrastive_loss_pml(a, labels, indices_tuple=clash), pml.ContrastiveLoss()(b, labels, clash),
-               [a], [b], torch.float64, "clash")
+        (a,), (b,) = leaves(emb), leaves(emb)
+        check_loss_and_grads(fastcl.contrastive_loss_pml(a, labels, indices_tuple=clash),
+                             pml.ContrastiveLoss()(b, labels, clash),
+                             [a], [b], torch.float64, "clash")
     else:
         with pytest.raises(AssertionError):
             getattr(pml, name)()(emb, labels, clash)
@@ -138,7 +132,7 @@ def test_degenerate_and_nan(name):
     gen = torch.Generator().manual_seed(35)
     emb = randn(9, 5, generator=gen, dtype=torch.float64)
     for labels in (torch.zeros(9, dtype=torch.long), torch.arange(9), torch.tensor([0, 1] + [2] * 7)):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         ours, theirs = getattr(fastcl.nn.pml, name)()(a, labels), getattr(pml, name)()(b, labels)
         assert_close(ours, theirs, torch.float64, f"labels {labels.tolist()}")
         ga = torch.autograd.grad(ours, a)[0]
@@ -148,7 +142,7 @@ def test_degenerate_and_nan(name):
     # one sample (no pair), and one positive with one negative pair (PML's zero)
     one = torch.zeros(1, dtype=torch.long)
     for kw in ({}, dict(ref_emb=emb[1:3], ref_labels=torch.tensor([0, 1]))):
-        (x,), (y,) = _leaves(emb[:1]), _leaves(emb[:1])
+        (x,), (y,) = leaves(emb[:1]), leaves(emb[:1])
         loss = FUNCTIONAL[name](x, one, **kw)
         assert loss.item() == 0.0 and torch.autograd.grad(loss, x)[0].abs().max() == 0.0
         assert getattr(pml, name)()(y, one, **kw).item() == 0.0
@@ -180,7 +174,7 @@ def test_second_derivatives(name, monkeypatch):
         return pl.sum() / (pl > 0).sum() + nl.sum() / (nl > 0).sum()
 
     theirs = contrastive if name == "ContrastiveLoss" else getattr(pml, name)()
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     ga = torch.autograd.grad(getattr(fastcl.nn.pml, name)()(a, labels), a, create_graph=True)[0]
     gb = torch.autograd.grad(theirs(b) if name == "ContrastiveLoss" else theirs(b, labels), b, create_graph=True)[0]
     assert_close(ga, gb, torch.float64, "first derivative")
@@ -253,7 +247,7 @@ def test_on_gpu_in_bounded_memory(name, monkeypatch):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 1.5 * 8 * 2**20 + 8 * n * d * 4, f"{peak / 2**20:.1f} MB"
-    (ref_emb,) = _leaves(emb.detach().cpu().double())
+    (ref_emb,) = leaves(emb.detach().cpu().double())
     ref = FUNCTIONAL[name](ref_emb, labels)
     assert_close(loss.cpu(), ref, torch.float32, "value")
     assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], torch.float32, "grad")

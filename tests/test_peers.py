@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import assert_close, load_module, randn
+from conftest import assert_close, leaves, load_module, randn
 from fastcl._ext import extension_available
 
 BACKENDS = ["reference"] + (["cpu"] if extension_available() else [])
@@ -23,10 +23,6 @@ def _open_clip_loss_module():
         pytest.skip("open_clip_torch not installed (pip install --no-deps open-clip-torch==3.3.0)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
     return load_module("_peer_open_clip_loss", path)
-
-
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
 
 
 def _compare(ours, theirs, wrt_ours, wrt_theirs, dtype=torch.float32):
@@ -42,8 +38,8 @@ def test_open_clip_clip_loss(backend):
     img = F.normalize(randn(67, 40, generator=gen), dim=-1)
     txt = F.normalize(randn(67, 40, generator=gen), dim=-1)
     scale = torch.tensor(14.3)
-    a = _leaves(img, txt, scale)
-    b = _leaves(img, txt, scale)
+    a = leaves(img, txt, scale)
+    b = leaves(img, txt, scale)
     ours = fastcl.nn.ClipLoss(backend=backend)(*a)
     theirs = oc.ClipLoss()(*b)
     _compare(ours, theirs, a, b)
@@ -63,7 +59,7 @@ def test_open_clip_distill_clip_loss(backend, dtype, blocks, monkeypatch):
     img, txt = randn(131, 40, generator=gen, dtype=dtype), randn(131, 40, generator=gen, dtype=dtype)
     t_img, t_txt = randn(131, 24, generator=gen, dtype=dtype), randn(131, 24, generator=gen, dtype=dtype)
     scale, t_scale = torch.tensor(3.5, dtype=dtype), torch.tensor(2.0, dtype=dtype)
-    a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
+    a, b = leaves(img, txt, scale), leaves(img, txt, scale)
     ours = fastcl.nn.DistillClipLoss(backend=backend)(*a, t_img, t_txt, t_scale, output_dict=True)
     theirs = oc.DistillClipLoss()(*b, t_img, t_txt, t_scale, output_dict=True)
     assert set(ours) == set(theirs) == {"contrastive_loss", "distill_loss"}
@@ -74,7 +70,7 @@ def test_open_clip_distill_clip_loss(backend, dtype, blocks, monkeypatch):
     _compare(ours["contrastive_loss"] + 0.7 * ours["distill_loss"],
              theirs["contrastive_loss"] + 0.7 * theirs["distill_loss"], a, b, dtype)
     # and of the distillation term alone
-    a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
+    a, b = leaves(img, txt, scale), leaves(img, txt, scale)
     _compare(fastcl.distill_clip_loss(*a, t_img, t_txt, t_scale, backend=backend)[1],
              oc.DistillClipLoss()(*b, t_img, t_txt, t_scale)[1], a, b, dtype)
 
@@ -87,7 +83,7 @@ def test_distill_clip_loss_second_derivatives(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     img, txt = randn(23, 6, generator=gen, dtype=torch.float64), randn(23, 6, generator=gen, dtype=torch.float64)
     t_img, t_txt = randn(23, 4, generator=gen, dtype=torch.float64), randn(23, 4, generator=gen, dtype=torch.float64)
-    a, b = _leaves(img, txt), _leaves(img, txt)
+    a, b = leaves(img, txt), leaves(img, txt)
     ours = fastcl.distill_clip_loss(*a, 3.0, t_img, t_txt, 2.0, backend="reference")[1]
     theirs = oc.DistillClipLoss()(*b, torch.tensor(3.0, dtype=torch.float64), t_img, t_txt,
                                   torch.tensor(2.0, dtype=torch.float64))[1]
@@ -106,8 +102,8 @@ def test_distill_clip_loss_half_inputs(dtype):
     gen = torch.Generator().manual_seed(6)
     img, txt = (randn(67, 40, generator=gen).to(dtype) for _ in range(2))
     t_img, t_txt = (randn(67, 24, generator=gen).to(dtype) for _ in range(2))
-    a = _leaves(img, txt)
-    b = _leaves(img.double(), txt.double())
+    a = leaves(img, txt)
+    b = leaves(img.double(), txt.double())
     c, d = fastcl.distill_clip_loss(*a, 3.0, t_img, t_txt, 2.0)
     rc, rd = oc.DistillClipLoss()(*b, 3.0, t_img.double(), t_txt.double(), 2.0)
     assert c.dtype == d.dtype == torch.float32
@@ -128,7 +124,7 @@ def test_distill_clip_loss_cancels_exactly_and_ignores_autocast():
     c, d = fastcl.distill_clip_loss(img, txt, 100.0, img, txt, 100.0)
     rc, rd = oc.DistillClipLoss()(img.double(), txt.double(), 100.0, img.double(), txt.double(), 100.0)
     assert abs(d.item() - rd.item()) <= 1e-6 * max(1.0, abs(c.item()))
-    a, b = _leaves(img, txt), _leaves(img.double(), txt.double())
+    a, b = leaves(img, txt), leaves(img.double(), txt.double())
     t_img, t_txt = randn(33, 8, generator=gen), randn(33, 8, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         d = fastcl.distill_clip_loss(*a, 14.0, t_img, t_txt, 10.0)[1]
@@ -157,13 +153,13 @@ def test_open_clip_siglip_loss(backend):
     img = F.normalize(randn(67, 40, generator=gen), dim=-1)
     txt = F.normalize(randn(67, 40, generator=gen), dim=-1)
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
-    a = _leaves(img, txt, scale, bias)
-    b = _leaves(img, txt, scale, bias)
+    a = leaves(img, txt, scale, bias)
+    b = leaves(img, txt, scale, bias)
     ours = fastcl.nn.SigLipLoss(backend=backend)(*a)
     theirs = oc.SigLipLoss()(*b)
     _compare(ours, theirs, a, b)
     # open_clip adds no bias when logit_bias is None
-    a, b = _leaves(img, txt, scale), _leaves(img, txt, scale)
+    a, b = leaves(img, txt, scale), leaves(img, txt, scale)
     _compare(fastcl.nn.SigLipLoss(backend=backend)(*a, None), oc.SigLipLoss()(*b, None), a, b)
 
 
@@ -174,13 +170,13 @@ def test_pytorch_metric_learning_supcon(backend):
     emb = randn(67, 40, generator=gen)
     labels = torch.randint(0, 9, (67,), generator=gen)
     labels[0] = 100  # one anchor without positives: pml leaves it out of the mean
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     ours = fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels)
     theirs = pml.SupConLoss(temperature=0.1)(b, labels)
     _compare(ours, theirs, [a], [b])
 
     # Float labels compare by value, as in PML.
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     _compare(fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels.double() / 2),
              pml.SupConLoss(temperature=0.1)(b, labels.double() / 2), [a], [b])
 
@@ -211,11 +207,11 @@ def test_pytorch_metric_learning_supcon_with_references(backend):
     labels, ref_labels = torch.randint(0, 5, (37,), generator=gen), torch.randint(0, 6, (53,), generator=gen)
     labels[0] = 9  # an anchor without positives among the references
     for r, rl in ((ref, ref_labels), (emb * 2 + 1, labels), (emb * 2 + 1, labels.clone())):
-        (a, b), (c, d) = _leaves(emb, r), _leaves(emb, r)
+        (a, b), (c, d) = leaves(emb, r), leaves(emb, r)
         _compare(fastcl.nn.SupConLoss(temperature=0.1, backend=backend)(a, labels, ref_emb=b, ref_labels=rl),
                  pml.SupConLoss(temperature=0.1)(c, labels, ref_emb=d, ref_labels=rl), [a, b], [c, d])
     # no negative among the references: 0
-    (a, b), (c, d) = _leaves(emb, ref), _leaves(emb, ref)
+    (a, b), (c, d) = leaves(emb, ref), leaves(emb, ref)
     same = torch.zeros(37, dtype=torch.long)
     assert fastcl.nn.SupConLoss(backend=backend)(a, same, ref_emb=b, ref_labels=same[:1].expand(53)).item() == 0.0
 
@@ -245,16 +241,16 @@ def test_pytorch_metric_learning_supcon_with_a_miner(cross):
     for i, tup in enumerate(cases):
         assert min(t.numel() for t in tup) > 1, "the miner found too few pairs for a meaningful check"
         if cross:
-            (a, b), (c, e) = _leaves(emb, ref), _leaves(emb, ref)
+            (a, b), (c, e) = leaves(emb, ref), leaves(emb, ref)
             ours = fastcl.nn.SupConLoss(temperature=0.1)(a, labels, indices_tuple=tup, ref_emb=b, ref_labels=ref_labels)
             theirs = pml.SupConLoss(temperature=0.1)(c, labels, tup, ref_emb=e, ref_labels=ref_labels)
             _compare(ours, theirs, [a, b], [c, e], torch.float64)
         else:
-            (a,), (c,) = _leaves(emb), _leaves(emb)
+            (a,), (c,) = leaves(emb), leaves(emb)
             ours = fastcl.nn.SupConLoss(temperature=0.1)(a, labels, tup)  # PML's positional order
             theirs = pml.SupConLoss(temperature=0.1)(c, labels, tup)
             _compare(ours, theirs, [a], [c], torch.float64)
-            (a,), (c,) = _leaves(emb), _leaves(emb)
+            (a,), (c,) = leaves(emb), leaves(emb)
             _compare(fastcl.supcon_loss_pml(a, None, 0.1, indices_tuple=tup),
                      pml.SupConLoss(temperature=0.1)(c, None, tup), [a], [c], torch.float64)
         assert ours.item() > 0.1, f"case {i}"
@@ -267,7 +263,7 @@ def test_supcon_with_a_miner_in_low_precision(dtype):
     emb, labels, _, _, cases = _pml_mined_cases(torch.Generator().manual_seed(9))
     low = emb.to(dtype)
     for tup in cases:
-        (a,), (c,) = _leaves(low), _leaves(low.double())
+        (a,), (c,) = leaves(low), leaves(low.double())
         ours = fastcl.nn.SupConLoss(temperature=0.1)(a, labels, indices_tuple=tup)
         assert ours.dtype == torch.float32
         _compare(ours, pml.SupConLoss(temperature=0.1)(c, labels, tup), [a], [c], dtype)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, randn
+from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, check_loss_and_grads, leaves, randn
 from fastcl.ops import strips
 
 
@@ -25,16 +25,6 @@ def oracle(emb, labels, margin, ref=None, ref_labels=None):
     return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + 0 * q.sum()
 
 
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
-
-
-def _check(ours, ref, wrt_ours, wrt_ref, dtype, what, value_factor=1.0):
-    assert_close(ours, ref, torch.float64 if dtype == torch.float64 else torch.float32, f"{what} value", value_factor)
-    for i, (a, b) in enumerate(zip(torch.autograd.grad(ours, wrt_ours), torch.autograd.grad(ref, wrt_ref))):
-        assert_close(a, b, dtype, f"{what} grad {i}")
-
-
 def _pml():
     return pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -51,18 +41,20 @@ def test_against_pytorch_metric_learning(dtype, blocks, monkeypatch):
     emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(71, 40, generator=gen, dtype=dtype)
     labels, ref_labels = torch.randint(0, 7, (67,), generator=gen), torch.randint(0, 7, (71,), generator=gen)
     for margin in (0.05, 0.5):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         ours = fastcl.nn.pml.TripletMarginLoss(margin)(a, labels)
         theirs = pml.TripletMarginLoss(margin)(b, labels)
         assert theirs.item() > 0.01
-        _check(ours, theirs, [a], [b], dtype, f"margin {margin}")
-    (a,), (b,) = _leaves(emb), _leaves(emb)
-    _check(fastcl.nn.pml.TripletMarginLoss()(a, labels.double() / 3), pml.TripletMarginLoss()(b, labels.double() / 3),
-           [a], [b], dtype, "float labels")
+        check_loss_and_grads(ours, theirs, [a], [b], dtype, f"margin {margin}")
+    (a,), (b,) = leaves(emb), leaves(emb)
+    check_loss_and_grads(fastcl.nn.pml.TripletMarginLoss()(a, labels.double() / 3),
+                         pml.TripletMarginLoss()(b, labels.double() / 3),
+                         [a], [b], dtype, "float labels")
     for r, rl in ((ref, ref_labels), (emb * 3, labels), (emb * 3, labels.clone())):
-        (a, c), (b, d) = _leaves(emb, r), _leaves(emb, r)
-        _check(fastcl.nn.pml.TripletMarginLoss()(a, labels, ref_emb=c, ref_labels=rl),
-               pml.TripletMarginLoss()(b, labels, ref_emb=d, ref_labels=rl), [a, c], [b, d], dtype, "references")
+        (a, c), (b, d) = leaves(emb, r), leaves(emb, r)
+        check_loss_and_grads(fastcl.nn.pml.TripletMarginLoss()(a, labels, ref_emb=c, ref_labels=rl),
+                             pml.TripletMarginLoss()(b, labels, ref_emb=d, ref_labels=rl), [a, c], [b, d], dtype,
+                             "references")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -70,10 +62,10 @@ def test_half_inputs_against_float64(dtype):
     gen = torch.Generator().manual_seed(22)
     emb = randn(67, 40, generator=gen, dtype=dtype)
     labels = torch.randint(0, 7, (67,), generator=gen)
-    (a,), (b,) = _leaves(emb), _leaves(emb.double())
+    (a,), (b,) = leaves(emb), leaves(emb.double())
     ours = fastcl.triplet_margin_loss_pml(a, labels, 0.2)
     assert ours.dtype == torch.float32
-    _check(ours, oracle(b, labels, 0.2), [a], [b], dtype, "half", NORMALISED_VALUE_FACTOR[dtype])
+    check_loss_and_grads(ours, oracle(b, labels, 0.2), [a], [b], dtype, "half", NORMALISED_VALUE_FACTOR[dtype])
 
 
 def test_with_miners():
@@ -88,13 +80,13 @@ def test_with_miners():
              (ix(0), ix(1), ix(2))]
     labels[1], labels[2] = labels[0], labels[0] + 1
     for i, tup in enumerate(cases):
-        (a,), (b,) = _leaves(emb), _leaves(emb)
+        (a,), (b,) = leaves(emb), leaves(emb)
         ours = fastcl.nn.pml.TripletMarginLoss(0.3)(a, None, tup)
         theirs = pml.TripletMarginLoss(0.3)(b, None, tup)
         if theirs.item() == 0:
             assert ours.item() == 0, i
             continue
-        _check(ours, theirs, [a], [b], torch.float64, f"case {i}")
+        check_loss_and_grads(ours, theirs, [a], [b], torch.float64, f"case {i}")
 
 
 def test_degenerate_and_nan():
@@ -115,7 +107,7 @@ def test_degenerate_and_nan():
     ours = fastcl.triplet_margin_loss_pml(dup, torch.arange(8) % 2, 0.5)
     ref_in = dup.detach().clone().requires_grad_()
     ref = oracle(ref_in, torch.arange(8) % 2, 0.5)
-    _check(ours, ref, [dup], [ref_in], torch.float64, "duplicates")
+    check_loss_and_grads(ours, ref, [dup], [ref_in], torch.float64, "duplicates")
 
 
 def test_errors_and_scratch(monkeypatch):
@@ -159,7 +151,7 @@ def test_second_derivatives():
         losses = torch.relu(d[a, p] - d[a, n] + 0.3)
         return torch.where(losses > 0, losses, 0.0).sum() / (losses > 0).sum()
 
-    (a,), (b,) = _leaves(emb), _leaves(emb)
+    (a,), (b,) = leaves(emb), leaves(emb)
     ga = torch.autograd.grad(fastcl.triplet_margin_loss_pml(a, labels, 0.3), a, create_graph=True)[0]
     gb = torch.autograd.grad(twice_differentiable(b), b, create_graph=True)[0]
     assert_close(ga, gb, torch.float64, "first derivative")
@@ -176,7 +168,8 @@ def test_learnable_margin():
     match = labels[:, None] == labels[None, :]
     tup = torch.where(match & ~torch.eye(31, dtype=torch.bool)) + torch.where(~match)
     for indices in (None, tup):
-        (a, ma), (b, mb) = _leaves(emb, torch.tensor(0.2, dtype=torch.float64)), \
-            _leaves(emb, torch.tensor(0.2, dtype=torch.float64))
-        _check(fastcl.nn.pml.TripletMarginLoss(ma)(a, labels, indices), pml.TripletMarginLoss(mb)(b, labels, indices),
-               [a, ma], [b, mb], torch.float64, "mined" if indices else "labels")
+        (a, ma), (b, mb) = leaves(emb, torch.tensor(0.2, dtype=torch.float64)), \
+            leaves(emb, torch.tensor(0.2, dtype=torch.float64))
+        check_loss_and_grads(fastcl.nn.pml.TripletMarginLoss(ma)(a, labels, indices),
+                             pml.TripletMarginLoss(mb)(b, labels, indices),
+                             [a, ma], [b, mb], torch.float64, "mined" if indices else "labels")
