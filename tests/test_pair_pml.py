@@ -180,24 +180,71 @@ def test_second_derivatives(name, monkeypatch):
     assert_close(ga, gb, torch.float64, "first derivative")
     assert_close(torch.autograd.grad(ga.pow(2).sum(), a)[0], torch.autograd.grad(gb.pow(2).sum(), b)[0],
                  torch.float64, "second derivative")
+    if name == "ContrastiveLoss":
+        return
+    # references, learnable parameters and a miner's pairs, against PML's class
+    ref, ref_labels = randn(19, 6, generator=gen, dtype=torch.float64), torch.randint(0, 4, (19,), generator=gen)
+    match = labels[:, None] == ref_labels[None, :]
+    for indices in (None, torch.where(match) + torch.where(~match)):
+        ours_p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in OTHER_PARAMS[name].items()}
+        theirs_p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in OTHER_PARAMS[name].items()}
+        (a, c), (b, d) = leaves(emb, ref), leaves(emb, ref)
+        found = []
+        for x, r, p, cls in ((a, c, ours_p, getattr(fastcl.nn.pml, name)), (b, d, theirs_p, getattr(pml, name))):
+            g = torch.autograd.grad(cls(**p)(x, labels, indices, r, ref_labels), [x, r], create_graph=True)
+            found.append(torch.autograd.grad(g[0].pow(2).sum() + g[1].pow(3).sum(), [x, r, *p.values()]))
+        for i, (u, v) in enumerate(zip(*found)):
+            assert_close(u, v, torch.float64, f"second derivative {i}, {'mined' if indices else 'labels'}")
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_scratch_within_workspace(name, monkeypatch):
-    """Both passes keep their scratch within the workspace bound plus a few (N, D) arrays, where
-    PML holds (N, N) matrices (and the contrastive loss every pair's indices)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_scratch_within_workspace(name, dtype, learnable, monkeypatch):
+    """Both passes keep their scratch within the workspace bound plus a few (N, D) arrays, with
+    fixed and learnable parameters, where PML holds (N, N) matrices (and the contrastive loss
+    every pair's indices)."""
     monkeypatch.setattr(strips, "WORKSPACE_MB", 2.0)
     n, d = 1500, 8
-    big = randn(n, d, generator=torch.Generator().manual_seed(37), requires_grad=True)
+    big = randn(n, d, generator=torch.Generator().manual_seed(37), dtype=dtype, requires_grad=True)
     labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(38))
+    params = {k: torch.tensor(v, dtype=dtype, requires_grad=learnable) for k, v in OTHER_PARAMS[name].items()}
     with LiveBytes() as fwd:
-        loss = FUNCTIONAL[name](big, labels)
+        loss = FUNCTIONAL[name](big, labels, **params)
     with LiveBytes() as bwd:
         loss.backward()
-    bound, small = strips.workspace_bytes(), 8 * n * d * 4
+    bound, small = strips.workspace_bytes(), 8 * n * d * dtype.itemsize
     assert fwd.peak <= bound + small and bwd.peak <= bound + small, (fwd.peak, bwd.peak, bound)
     assert fwd.peak > bound / 4, "the tracker must see the blocks"
     assert bwd.peak < n * n * 4, "far below one (N, N) fp32 matrix"
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_parameters_nan_and_mined_pairs_under_autocast(name):
+    """A NaN parameter gives NaN on both paths (PML's contrastive loss drops a NaN margin's pairs,
+    a silent wrong value), or an error naming it where it must be positive; a miner's pairs, with the backward run inside CPU bf16 autocast too,
+    keep fp32 (their row blocks run outside autocast)."""
+    gen = torch.Generator().manual_seed(41)
+    emb = randn(67, 40, generator=gen)
+    labels = torch.randint(0, 5, (67,), generator=gen)
+    match = labels[:, None] == labels[None, :]
+    tup = torch.where(match & ~torch.eye(67, dtype=torch.bool)) + torch.where(~match)
+    for key in OTHER_PARAMS[name]:
+        for indices in (None, tup):
+            if key in ("alpha", "beta", "gamma"):  # must be > 0: NaN is refused by name
+                with pytest.raises(ValueError, match=f"{key} must be > 0"):
+                    FUNCTIONAL[name](emb, labels, indices_tuple=indices, **{key: float("nan")})
+                continue
+            loss = FUNCTIONAL[name](emb, labels, indices_tuple=indices, **{key: float("nan")})
+            assert torch.isnan(loss), (key, indices is None)
+    results = []
+    for autocast in (False, True):
+        x = emb.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = FUNCTIONAL[name](x, labels, indices_tuple=tup)
+            results.append((loss, torch.autograd.grad(loss, x)[0]))
+    for u, v in zip(*results):
+        assert_close(u, v, torch.float32, "under autocast")
 
 
 def test_argument_errors():

@@ -6,7 +6,8 @@ loss lists every positive and negative pair (four int64 tensors of up to N x M e
 of these losses is a sum of per-anchor terms over that anchor's positives and negatives, so
 ``_RowStats`` walks row blocks of the matrix within the workspace bound, keeps a few numbers
 per anchor, and recomputes each block in the backward (memory O(block x M)).  A miner's
-``indices_tuple`` takes the dense matrix, as PML's own.
+``indices_tuple`` becomes dense (N, M) masks (pair counts for the contrastive loss), as PML's
+own, while the scores still go in row blocks.
 """
 from typing import Callable, Optional, Sequence
 
@@ -22,30 +23,38 @@ from fastcl.validation import check_scalar
 
 
 class _Rows:
-    """One row-block loss: the score form (cosine or Euclidean distance of unit rows), the class
-    ids that give each block's positive and negative masks, and ``stats(x, pos, neg, *params) ->
-    (rows, K)``, differentiable PyTorch in the compute dtype (params are 0-d tensors)."""
+    """One row-block loss: the score form (cosine or Euclidean distance of unit rows), the pairs
+    (class ids, or a miner's dense (N, M) masks or pair counts), ``stats(x, pos, neg, *params) ->
+    (rows, K)`` (differentiable PyTorch in the compute dtype; params are 0-d tensors), and the
+    scratch bytes per matrix entry: the scores and the temporaries of ``stats`` (with those
+    autograd keeps for the backward) in units of the compute dtype, ``temporaries``."""
 
-    def __init__(self, stats: Callable, distance: bool, classes, ref_classes, self_pairs: bool):
-        self.stats, self.distance = stats, distance
-        self.classes, self.ref_classes, self.self_pairs = classes, ref_classes, self_pairs
+    def __init__(self, stats: Callable, distance: bool, temporaries: int, *, classes=None, ref_classes=None,
+                 self_pairs: bool = False, masks=None):
+        self.stats, self.distance, self.temporaries = stats, distance, temporaries
+        self.classes, self.ref_classes, self.self_pairs, self.masks = classes, ref_classes, self_pairs, masks
 
     def block_bytes(self, ct: torch.dtype) -> int:
-        # the scores, about nine temporaries of their size alive at once (autograd's saved ones in
-        # the backward), and three masks
-        return 10 * torch.finfo(ct).bits // 8 + 3
+        # plus three bool masks, or the block's views of the dense ones
+        return self.temporaries * torch.finfo(ct).bits // 8 + 3
 
     def scores(self, qb: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if self.distance:
             return euclidean_distances(qb, k)
         return qb @ k.T
 
-    def block(self, qb: torch.Tensor, k: torch.Tensor, params, r0: int, r1: int) -> torch.Tensor:
+    def pairs(self, r0: int, r1: int):
+        """(pos, neg) of anchors [r0, r1): bool masks, or counts (a miner's repeated pairs)."""
+        if self.masks is not None:
+            return self.masks[0][r0:r1], self.masks[1][r0:r1]
         pos = self.classes[r0:r1, None] == self.ref_classes[None, :]
         neg = ~pos
         if self.self_pairs:  # anchor i is contrast i: neither positive nor negative
             pos.diagonal(offset=r0).fill_(False)
-        return self.stats(self.scores(qb, k), pos, neg, *params)
+        return pos, neg
+
+    def block(self, qb: torch.Tensor, k: torch.Tensor, params, r0: int, r1: int) -> torch.Tensor:
+        return self.stats(self.scores(qb, k), *self.pairs(r0, r1), *params)
 
     def all_rows(self, q: torch.Tensor, k: torch.Tensor, params) -> torch.Tensor:
         """(N, K) statistics of every anchor, block by block."""
@@ -97,11 +106,9 @@ class _RowStats(torch.autograd.Function):
                 found = torch.autograd.grad(out, [t for _, t in wanted], grad[r0:r1], allow_unused=True)
                 del out
                 for (i, _), g in zip(wanted, found):
-                    if g is None:
-                        continue
                     if i == 0:
-                        grads[0][r0:r1] = g
-                    else:
+                        grads[0][r0:r1] = 0.0 if g is None else g
+                    elif g is not None:
                         grads[i] += g
                 del found
         return tuple(grads)
@@ -141,16 +148,22 @@ def _circle_stats(s, pos, neg, m, gamma):
 
 
 def _contrastive_stats(d, pos, neg, pos_margin, neg_margin):
-    pl = torch.where(pos, torch.relu(d - pos_margin), 0.0)
-    nl = torch.where(neg, torch.relu(neg_margin - d), 0.0)
-    return torch.stack([pl.sum(dim=1), (pl > 0).sum(dim=1).to(d.dtype),
-                        nl.sum(dim=1), (nl > 0).sum(dim=1).to(d.dtype)], dim=1)
+    """Per anchor: (sum of positive pairs' losses, how many are above 0, the same for negative
+    pairs); ``pos`` and ``neg`` are masks, or counts of a miner's pairs (a pair named twice counts twice)."""
+    out = []
+    for pairs, loss in ((pos, torch.relu(d - pos_margin)), (neg, torch.relu(neg_margin - d))):
+        loss = torch.where(pairs != 0, loss, 0.0)
+        if pairs.dtype == torch.bool:
+            out += [loss.sum(dim=1), (loss > 0).sum(dim=1).to(d.dtype)]
+        else:
+            out += [(loss * pairs).sum(dim=1), torch.where(loss > 0, pairs, 0.0).sum(dim=1)]
+    return torch.stack(out, dim=1)
 
 
 def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
     """Checked arguments as ``(q, k, labels, ref_labels, poison, params)``: unit rows and 0-d
     parameters (a learnable one keeps its graph) in the compute dtype, and a 0-d zero that is NaN
-    when any embedding holds NaN or inf (PML's zero loss too)."""
+    when any embedding or parameter holds NaN or inf (PML's zero loss too)."""
     labels, ref_labels = check_pml_args(embeddings, labels, 1.0, indices_tuple, ref_emb, ref_labels)
     for name, value, positive in params:
         check_scalar(name, value, positive=positive)
@@ -158,24 +171,24 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
     q = l2_normalize(embeddings).to(ct)
     k = q if ref_emb is None else l2_normalize(ref_emb).to(ct)
     values = tuple(scalar_tensor(value, q.device, ct) for _, value, _ in params)
-    return q, k, labels, ref_labels, (q.sum() + k.sum()) * 0, values
+    # a NaN parameter gives NaN too, also where the formula would drop it (a NaN margin fails
+    # every "loss above 0" test)
+    poison = (q.sum() + k.sum() + sum(v.detach() for v in values)) * 0
+    return q, k, labels, ref_labels, poison, values
 
 
-def _label_rows(q, k, labels, ref_emb, ref_labels, stats, distance: bool, params):
+def _label_rows(q, k, labels, ref_emb, ref_labels, stats, distance: bool, temporaries: int, params):
     """(per-anchor statistics (N, K), number of positive pairs, of negative pairs) over every pair."""
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
-    out = _RowStats.apply(q, k, _Rows(stats, distance, classes, ref_classes, self_pairs), *params)
-    return out, n_pos, n_neg
+    rows = _Rows(stats, distance, temporaries, classes=classes, ref_classes=ref_classes, self_pairs=self_pairs)
+    return _RowStats.apply(q, k, rows, *params), n_pos, n_neg
 
 
-def _dense_rows(q, k, indices_tuple, stats, distance: bool, params):
-    """(per-anchor statistics (N, K), any pairs) over a miner's pairs, on the dense matrix with
-    PML's masks (a pair named twice counts once; one named as positive and negative is refused)."""
-    pos, neg = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
-    with autocast_off(q.device):
-        x = euclidean_distances(q, k) if distance else q @ k.T
-        return stats(x, pos, neg, *params), pos.any() | neg.any()
+def _mined_rows(q, k, masks, stats, distance: bool, temporaries: int, params):
+    """Per-anchor statistics (N, K) over a miner's pairs, given as dense (N, M) masks or counts
+    (as PML's matrices); the scores still go in row blocks."""
+    return _RowStats.apply(q, k, _Rows(stats, distance, temporaries, masks=masks), *params)
 
 
 def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, alpha=2.0,
@@ -191,13 +204,15 @@ def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.T
     comes with other ``ref_labels``) and negatives n; the result is the mean over all N anchors,
     and 0 when there is at most one positive and at most one negative pair, as PML returns.
     Without ``indices_tuple`` memory is O(block x M) within the workspace bound; a miner's pairs
-    take the dense (N, M) matrix with PML's masks.  Computed in fp32 for half inputs.  NaN in any
-    embedding gives NaN.
+    become PML's dense (N, M) bool masks (a pair named twice counts once; one named positive and
+    negative is refused, where PML asserts), the scores still in row blocks.  Computed in fp32
+    for half inputs, outside autocast.  NaN in any embedding or parameter gives NaN.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
         labels: (N,) integer (or floating, not NaN) classes; optional with ``indices_tuple``.
-        alpha, beta: positive floats (PML's defaults 2 and 50); base: float (0.5).
+        alpha, beta: positive (PML's defaults 2 and 50); base: (0.5).  Each a float or a 0-d
+            tensor, which may require grad.
         indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
 
@@ -208,8 +223,9 @@ def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.T
         embeddings, labels, ref_emb, ref_labels, indices_tuple,
         (("alpha", alpha, True), ("beta", beta, True), ("base", base, False)))
     if indices_tuple is not None:
-        return _dense_rows(q, k, indices_tuple, _ms_stats, False, params)[0].mean() + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _ms_stats, False, params)
+        masks = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
+        return _mined_rows(q, k, masks, _ms_stats, False, 10, params).mean() + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _ms_stats, False, 10, params)
     loss = out.mean()
     return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison
 
@@ -221,15 +237,16 @@ def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     indices_tuple, ref_emb, ref_labels)`` with its cosine similarity and AvgNonZeroReducer.
 
     Anchor i's loss is ``softplus(LSE_p(-gamma a_p (s_ip - (1 - m))) + LSE_n(gamma a_n (s_in -
-    m)))`` with the detached weights ``a_p = relu(1 + m - s_ip)`` and ``a_n = relu(s_in + m)``,
-    over its positives and negatives; 0 for an anchor lacking either.  The result is the mean
+    m)))`` with the weights ``a_p = relu(1 + m - s_ip)`` and ``a_n = relu(s_in + m)`` (the
+    similarities in them detached, as PML's), over its positives and negatives; 0 for an anchor lacking either.  The result is the mean
     over anchors whose loss is above 0, and 0 when there is at most one positive and at most one
     negative pair, as PML returns.  Memory, miners and dtypes as ``multi_similarity_loss_pml``.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
         labels: (N,) integer (or floating, not NaN) classes; optional with ``indices_tuple``.
-        m: float, the relaxation (PML's default 0.4); gamma: positive float, the scale (80).
+        m: the relaxation (PML's default 0.4); gamma: positive, the scale (80).  Each a float
+            or a 0-d tensor, which may require grad.
         indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
 
@@ -238,10 +255,13 @@ def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     """
     q, k, labels, ref_labels, poison, params = _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple,
                                                         (("m", m, False), ("gamma", gamma, True)))
+    # 14: its weights and LSEs keep more temporaries alive (measured 1.2x the bound at 10 with
+    # learnable parameters)
     if indices_tuple is not None:
-        out, any_pairs = _dense_rows(q, k, indices_tuple, _circle_stats, False, params)
-        return _mean_nonzero(out[:, 0], any_pairs) + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _circle_stats, False, params)
+        masks = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
+        out = _mined_rows(q, k, masks, _circle_stats, False, 14, params)
+        return _mean_nonzero(out[:, 0], masks[0].any() | masks[1].any()) + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _circle_stats, False, 14, params)
     return _mean_nonzero(out[:, 0], (n_pos > 1) | (n_neg > 1)) + poison
 
 
@@ -262,17 +282,18 @@ def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor
     kind is averaged over its pairs with a loss above 0 (0 when none is) and the two are added.
     0 when there is at most one positive and at most one negative pair, as PML returns.  Without
     ``indices_tuple`` no pair list exists (PML lists every pair): row blocks within the workspace
-    bound keep four numbers per anchor.  A miner's pairs (triplets read as pairs) take the dense
-    distances, a pair named twice counting twice, as in PML.  Distances come from
+    bound keep four numbers per anchor.  A miner's pairs (triplets read as pairs) become dense
+    (N, M) pair counts, a pair named twice counting twice, as in PML.  Distances come from
     ``torch.cdist``, as PML's: whether the distance of duplicate rows rounds to 0 or to a few ulps
     (a loss above 0 at ``pos_margin`` 0, counted) is PML's decision too, except where row blocks
     split the matrix (cdist's GEMM may then round a few ulps differently).  A distance of 0 takes
-    no gradient.  NaN in any embedding gives NaN.
+    no gradient.  NaN in any embedding or margin gives NaN (PML drops a NaN margin's pairs).
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
         labels: (N,) integer (or floating, not NaN) classes; optional with ``indices_tuple``.
-        pos_margin, neg_margin: floats (PML's defaults 0 and 1).
+        pos_margin, neg_margin: floats or 0-d tensors, which may require grad (PML's defaults 0
+            and 1).
         indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
 
@@ -285,13 +306,15 @@ def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor
     if indices_tuple is not None:
         pairs = mined_pairs(indices_tuple, q.shape[0], k.shape[0], q.device)
         if pairs is None:
-            return poison
+            return poison + 0.0  # + 0.0: not -0.0
         a1, p, a2, neg = pairs
-        with autocast_off(q.device):
-            d = euclidean_distances(q, k)
-            pl, nl = torch.relu(d[a1, p] - params[0]), torch.relu(params[1] - d[a2, neg])
-        return (_mean_above_zero(pl.sum(), (pl > 0).sum()) + _mean_above_zero(nl.sum(), (nl > 0).sum())) + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _contrastive_stats, True, params)
+        counts = []
+        for a, c in ((a1, p), (a2, neg)):
+            counts.append(torch.zeros(q.shape[0], k.shape[0], dtype=q.dtype, device=q.device).index_put_(
+                (a, c), torch.ones_like(a, dtype=q.dtype), accumulate=True))
+        total = _mined_rows(q, k, counts, _contrastive_stats, True, 10, params).sum(dim=0)
+        return _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3]) + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _contrastive_stats, True, 10, params)
     total = out.sum(dim=0)
     loss = _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3])
     return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison

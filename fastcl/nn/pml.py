@@ -2,8 +2,8 @@
 
 ``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss,
 CircleLoss, ContrastiveLoss, SelfSupervisedLoss, CrossBatchMemory`` replaces the PML imports of
-the same names.  Only PML's default distances and
-reducers are offered; other ``distance=``/``reducer=`` keywords are refused by the constructors.
+the same names.  Only PML's default distances and reducers are offered; other
+``distance=``/``reducer=`` keywords are refused by the constructors.
 """
 import numbers
 from typing import Optional
@@ -204,7 +204,8 @@ class CrossBatchMemory(nn.Module):
     appended, converted to the miner's pairs or triplets as PML converts it), and returns
     ``loss(embeddings, labels, pairs, memory, memory_labels)``.  With this module's
     ``NTXentLoss`` the pairs run on the dense (N, memory) matrix, not PML's (positive pairs x
-    negative pairs).  ``loss`` is any module with PML's call signature; ``miner`` any callable
+    negative pairs); every loss of this module takes such pairs as dense (N, memory) masks or
+    matrices, as PML does.  ``loss`` is any module with PML's call signature; ``miner`` any callable
     returning pairs or triplets.  Arguments are checked before the batch is written, and more rows
     to write than ``memory_size`` are refused (PML would overwrite its own rows).
     """
