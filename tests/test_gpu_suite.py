@@ -46,6 +46,18 @@ def test_suite_names_a_bad_budget(tmp_path):
     assert "SUITE_BUDGET_S must be a whole number of seconds, got '9m'" in proc.stderr
 
 
+def test_gpu_tests_stop_at_their_own_cap(tmp_path):
+    # SUITE_TESTS_S caps the test step below what SUITE_BUDGET_S leaves, and says so.
+    proc, out = _run_suite(tmp_path, SUITE_STEPS="tests", SUITE_TESTS_S="1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "gpu tests exit code: 124 (stopped at SUITE_TESTS_S=1" in proc.stdout
+    with tarfile.open(out / "suite_results.tar.gz") as tar:
+        assert "./gpu_tests.log" in tar.getnames()
+    (tmp_path / "again").mkdir()
+    proc, _ = _run_suite(tmp_path / "again", SUITE_STEPS="tests", SUITE_TESTS_S="3m")
+    assert proc.returncode == 2 and "SUITE_TESTS_S must be a whole number of seconds, got '3m'" in proc.stderr
+
+
 def test_sanitize_step_runs_each_tool(tmp_path):
     # A stand-in compute-sanitizer records its arguments; the step runs memcheck, racecheck and
     # synccheck over the epilogue tests, then memcheck over the CUDA masking test.
