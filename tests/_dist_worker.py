@@ -486,6 +486,100 @@ def checks(ck, rank, world, tmp):
                 raise AssertionError(f"{impl}: no error raised")
     ck.run("create_graph refused across ranks", no_graph_backward_across_ranks)
     dist.barrier()
+    pml_wrapper_checks(ck, rank, world)
+    dist.barrier()
+
+
+PML_WRAPPED = ("NTXentLoss", "SupConLoss", "TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "ContrastiveLoss")
+
+
+def pml_wrapper_checks(ck, rank, world):
+    """fastcl.nn.pml.DistributedLossWrapper against PML's own wrapper around PML's losses, on each
+    rank: the value and the gradient of this rank's embeddings (and references); uneven batches
+    against the global batch's loss; mismatched arguments raise on every rank."""
+    try:
+        import pytorch_metric_learning.losses as pml
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper as PMLWrapper
+    except ImportError:  # the peers extra is not installed: test_distributed expects none of these
+        return
+    import fastcl
+    from fastcl.nn.pml import DistributedLossWrapper
+
+    gen = torch.Generator().manual_seed(99)  # identical global data on every rank
+    b, d = 6, 5
+    emb = torch.randn(b * world, d, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (b * world,), generator=gen)
+    ref = torch.randn(4 * world, d, generator=gen, dtype=torch.float64)
+    ref_labels = torch.randint(0, 3, (4 * world,), generator=gen)
+    mine = slice(rank * b, (rank + 1) * b)
+    mine_ref = slice(rank * 4, (rank + 1) * 4)
+
+    def compare(name, efficient, with_ref):
+        x, y = emb[mine].clone().requires_grad_(), emb[mine].clone().requires_grad_()
+        kw_x, kw_y, wrt_x, wrt_y = {}, {}, [x], [y]
+        if with_ref:
+            rx, ry = ref[mine_ref].clone().requires_grad_(), ref[mine_ref].clone().requires_grad_()
+            kw_x, kw_y = dict(ref_emb=rx, ref_labels=ref_labels[mine_ref]), dict(ref_emb=ry, ref_labels=ref_labels[mine_ref])
+            wrt_x, wrt_y = [x, rx], [y, ry]
+        ours = DistributedLossWrapper(getattr(fastcl.nn.pml, name)(), efficient)(x, labels[mine], **kw_x)
+        theirs = PMLWrapper(getattr(pml, name)(), efficient)(y, labels[mine], **kw_y)
+        ck.close(ours, theirs, f"{name} value")
+        # materialize_grads: PML's zero loss (no pairs) leaves its references out of the graph
+        for g, h in zip(torch.autograd.grad(ours, wrt_x, allow_unused=True, materialize_grads=True),
+                        torch.autograd.grad(theirs, wrt_y, allow_unused=True, materialize_grads=True)):
+            ck.close(g, h, f"{name} grad")
+
+    for name in PML_WRAPPED:
+        for efficient in (False, True):
+            ck.run(f"pml wrapper {name} efficient={efficient}", lambda n=name, e=efficient: compare(n, e, False))
+    for efficient in (False, True):
+        ck.run(f"pml wrapper references efficient={efficient}", lambda e=efficient: compare("NTXentLoss", e, True))
+
+    def cross_batch_memory():  # two steps, the second with an enqueue mask; the memories agree too
+        ours = DistributedLossWrapper(fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.ContrastiveLoss(), d, 40))
+        theirs = PMLWrapper(pml.CrossBatchMemory(pml.ContrastiveLoss(), d, 40))
+        for step in range(2):
+            x, y = emb[mine].clone().requires_grad_(), emb[mine].clone().requires_grad_()
+            mask = None if step == 0 else torch.arange(b) % 2 == 0
+            lo, lt = ours(x, labels[mine], enqueue_mask=mask), theirs(y, labels[mine], enqueue_mask=mask)
+            ck.close(lo, lt, f"step {step} value")
+            ck.close(torch.autograd.grad(lo, x)[0], torch.autograd.grad(lt, y)[0], f"step {step} grad")
+            assert torch.equal(ours.loss.embedding_memory, theirs.loss.embedding_memory)
+    ck.run("pml wrapper cross batch memory", cross_batch_memory)
+
+    def uneven():  # rank r holds 3 + r rows: world x the global batch's loss, this rank's rows' gradient
+        sizes = [3 + r for r in range(world)]
+        off = sum(sizes[:rank])
+        x = emb[off:off + sizes[rank]].clone().requires_grad_()
+        ours = DistributedLossWrapper(fastcl.nn.pml.MultiSimilarityLoss())(x, labels[off:off + sizes[rank]])
+        g = emb[:sum(sizes)].clone().requires_grad_()
+        ref_loss = fastcl.nn.pml.MultiSimilarityLoss()(g, labels[:sum(sizes)]) * world
+        ck.close(ours, ref_loss, "uneven value")
+        ck.close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(ref_loss, g)[0][off:off + sizes[rank]],
+                 "uneven grad")
+    ck.run("pml wrapper uneven batches", uneven)
+
+    def mismatch(kwargs_for_rank, exc_here, match_here, match_others):
+        """Every rank raises: rank 0 ``exc_here`` matching ``match_here``, the others RuntimeError."""
+        try:
+            DistributedLossWrapper(fastcl.nn.pml.NTXentLoss())(**kwargs_for_rank(rank))
+        except Exception as e:
+            exc, match = (exc_here, match_here) if rank == 0 else (RuntimeError, match_others)
+            assert isinstance(e, exc) and match in str(e), repr(e)
+        else:
+            raise AssertionError("no error raised")
+    x6 = emb[mine].float()
+    given = "labels given must be the same on every rank"
+    ck.run("pml wrapper labels given on one rank", lambda: mismatch(
+        lambda r: dict(embeddings=x6, labels=labels[mine] if r == 0 else None,
+                       indices_tuple=None if r == 0 else (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))),
+        RuntimeError, given, given))
+    ck.run("pml wrapper D mismatch", lambda: mismatch(
+        lambda r: dict(embeddings=x6 if r == 0 else x6[:, :4], labels=labels[mine]), RuntimeError, "trailing shape",
+        "trailing shape"))
+    ck.run("pml wrapper local error published", lambda: mismatch(
+        lambda r: dict(embeddings=x6, labels=labels[mine][:5] if r == 0 else labels[mine]), ValueError,
+        "labels must be a 1-D tensor", "argument checks failed on rank(s) [0]"))
 
 
 def worker(rank, world, tmp):

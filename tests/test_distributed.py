@@ -4,6 +4,7 @@ The checks themselves live in ``_dist_worker.py`` (spawned processes import it b
 rank writes its passed/failed checks to a JSON file; the parent joins with a timeout and kills
 the ranks if any hangs, so a deadlock fails the test instead of blocking the suite.
 """
+import importlib.util
 import json
 import os
 import sys
@@ -41,6 +42,11 @@ EXPECTED = ["clip gather local_loss=True", "coca module gather", "clip ring loca
             "ring refuses device tensors on gloo", "all_reduce 6-D", "flag given as a tensor differs",
             "equal settings of different types agree", "unencodable setting published",
             "create_graph refused across ranks", "SupConLoss misplaced ref_emb published"]
+if importlib.util.find_spec("pytorch_metric_learning") is not None:  # fastcl.nn.pml.DistributedLossWrapper vs PML's
+    EXPECTED += ([f"pml wrapper {n} efficient={e}" for n in _dist_worker.PML_WRAPPED for e in (False, True)]
+                 + [f"pml wrapper references efficient={e}" for e in (False, True)]
+                 + ["pml wrapper cross batch memory", "pml wrapper uneven batches", "pml wrapper labels given on one rank",
+                    "pml wrapper D mismatch", "pml wrapper local error published"])
 
 
 def _run(world, tmp_path):

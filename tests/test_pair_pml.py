@@ -298,3 +298,27 @@ def test_on_gpu_in_bounded_memory(name, monkeypatch):
     ref = FUNCTIONAL[name](ref_emb, labels)
     assert_close(loss.cpu(), ref, torch.float32, "value")
     assert_close(grad.cpu(), torch.autograd.grad(ref, ref_emb)[0], torch.float32, "grad")
+
+
+def test_distributed_wrapper_outside_torch_distributed():
+    """Without a process group the wrapper warns and returns the wrapped loss, as PML's; a wrapped
+    CrossBatchMemory gets its enqueue mask.  (Across ranks: tests/_dist_worker.py, against PML.)"""
+    gen = torch.Generator().manual_seed(42)
+    emb, labels = randn(9, 5, generator=gen), torch.arange(9) % 3
+    wrapped = fastcl.nn.pml.DistributedLossWrapper(fastcl.nn.pml.MultiSimilarityLoss())
+    with pytest.warns(UserWarning, match="non-distributed setting"):
+        assert torch.equal(wrapped(emb, labels), fastcl.multi_similarity_loss_pml(emb, labels))
+    memory = fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.ContrastiveLoss(), 5, 20)
+    with pytest.warns(UserWarning):
+        fastcl.nn.pml.DistributedLossWrapper(memory)(emb, labels, enqueue_mask=torch.arange(9) < 4)
+    assert memory.queue_idx == 4
+    with pytest.raises(ValueError, match="efficient=True is not supported"):
+        fastcl.nn.pml.DistributedLossWrapper(memory, efficient=True)
+    with pytest.raises(TypeError, match="efficient must be a bool"):
+        fastcl.nn.pml.DistributedLossWrapper(fastcl.nn.pml.NTXentLoss(), efficient="yes")
+    with pytest.raises(TypeError, match="loss must be a loss module"):
+        fastcl.nn.pml.DistributedLossWrapper("NTXentLoss")
+    with pytest.raises(ValueError, match="not compatible with ref_emb"):
+        fastcl.nn.pml.DistributedLossWrapper(memory)(emb, labels, ref_emb=emb, ref_labels=labels)
+    with pytest.raises(ValueError, match="enqueue_mask is for a wrapped CrossBatchMemory"):
+        wrapped(emb, labels, enqueue_mask=labels > 0)

@@ -1,15 +1,19 @@
 """Drop-ins for pytorch-metric-learning's losses, with its defaults and call signature.
 
 ``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss,
-CircleLoss, ContrastiveLoss, SelfSupervisedLoss, CrossBatchMemory`` replaces the PML imports of
-the same names.  Only PML's default distances and reducers are offered; other
+CircleLoss, ContrastiveLoss, SelfSupervisedLoss, CrossBatchMemory, DistributedLossWrapper``
+replaces the PML imports of the same names.  Only PML's default distances and reducers are offered; other
 ``distance=``/``reducer=`` keywords are refused by the constructors.
 """
 import numbers
+import warnings
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from fastcl.distributed import all_gather_no_grad, exchange_shapes, group_info
 
 from fastcl.losses.ntxent_pml import ntxent_loss_pml
 from fastcl.losses.pair_pml import circle_loss_pml, contrastive_loss_pml, multi_similarity_loss_pml
@@ -298,3 +302,108 @@ class CrossBatchMemory(nn.Module):
         if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
             memory = memory.to(anchors.dtype)
         return self.loss(anchors, labels, pairs, memory, memory_labels)
+
+
+def _gather_own_first(x: torch.Tensor, sizes, rank: int) -> torch.Tensor:
+    """PML's gathered order: this rank's rows (``x`` itself, with its gradient), then the other
+    ranks' rows in rank order (detached, as ``torch.distributed.all_gather`` returns them)."""
+    wire = x.to(torch.uint8) if x.dtype == torch.bool else x  # bool travels as bytes (not every backend takes it)
+    full = all_gather_no_grad(wire, sizes).to(x.dtype)
+    off = sum(sizes[:rank])
+    return torch.cat([x, full[:off], full[off + sizes[rank]:]])
+
+
+class DistributedLossWrapper(nn.Module):
+    """Drop-in for ``pytorch_metric_learning.utils.distributed.DistributedLossWrapper(loss,
+    efficient=False)``, around this module's losses or ``CrossBatchMemory`` (PML's wrapper
+    accepts PML's classes only).
+
+    ``forward(embeddings (N, D), labels=None (N,), indices_tuple=None, ref_emb=None (M, D),
+    ref_labels=None (M,), enqueue_mask=None (N,) bool)`` on each rank of the default group, as
+    PML: the ranks' embeddings (and labels, references, enqueue masks) are gathered, this rank's
+    first with their gradient and the others' detached after them in rank order, and the result
+    is ``world_size`` times the wrapped loss (DDP's mean of the ranks' gradients then gives the
+    gradient of the loss over the gathered batch).  Without ``efficient`` the loss runs over the
+    whole gathered batch, in the wrapped loss's bounded memory; with it, this rank's rows are the
+    anchors against the gathered references, the pairs listed as PML lists them (every pair but
+    each anchor with itself, a batch of one keeping it, PML's rule), which takes the dense
+    (N, world x N) path.  ``CrossBatchMemory`` enqueues the gathered batch (no ``efficient``).
+
+    Unlike PML: the ranks' batches may differ in size, and a rank whose arguments differ from the
+    others' in D, dtype or which of them are given makes every rank raise, where PML's gather
+    would fail or hang.  Outside torch.distributed it warns and returns the loss, as PML does.
+    """
+
+    def __init__(self, loss: nn.Module, efficient: bool = False):
+        super().__init__()
+        if not callable(loss):
+            raise TypeError(f"loss must be a loss module with pytorch-metric-learning's call signature, got "
+                            f"{type(loss).__name__}")
+        if not isinstance(efficient, bool):
+            raise TypeError(f"efficient must be a bool, got {type(efficient).__name__}")
+        if isinstance(loss, CrossBatchMemory) and efficient:
+            raise ValueError("CrossBatchMemory with efficient=True is not supported (as in pytorch-metric-learning)")
+        self.loss, self.efficient = loss, efficient
+
+    def _local(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask):
+        if isinstance(self.loss, CrossBatchMemory):
+            return self.loss(embeddings, labels, indices_tuple, enqueue_mask)
+        return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+        memory = isinstance(self.loss, CrossBatchMemory)
+        if memory and (ref_emb is not None or ref_labels is not None):
+            raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
+        if not memory and enqueue_mask is not None:
+            raise ValueError("enqueue_mask is for a wrapped CrossBatchMemory")
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. "
+                          "Returning the loss as is.")
+            return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask)
+        rank, world = group_info()
+        if world <= 1:
+            return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask)
+        error = None
+        try:  # this rank's checks; their failure is published so that no rank waits in the gather
+            check_embeddings("embeddings", embeddings)
+            n, device = embeddings.shape[0], embeddings.device
+            labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels
+            for name, x, rows in (("labels", labels, n), ("enqueue_mask", enqueue_mask, n)):
+                if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != rows):
+                    raise ValueError(f"{name} must be a 1-D tensor with one entry per embedding ({rows})")
+            if enqueue_mask is not None and enqueue_mask.dtype != torch.bool:
+                raise ValueError(f"enqueue_mask must be a bool tensor, got {enqueue_mask.dtype}")
+            if ref_emb is not None:
+                check_pair("embeddings", embeddings, "ref_emb", ref_emb)
+            ref_labels = ref_labels.to(device) if isinstance(ref_labels, torch.Tensor) else ref_labels
+            if ref_labels is not None and (not isinstance(ref_labels, torch.Tensor) or ref_labels.dim() != 1
+                                           or ref_emb is None or ref_labels.shape[0] != ref_emb.shape[0]):
+                raise ValueError("ref_labels must be a 1-D tensor with one entry per row of ref_emb")
+            if self.efficient and labels is None and indices_tuple is None:
+                raise ValueError("efficient=True needs labels or indices_tuple")
+        except Exception as e:
+            error = e
+        given = [("labels", labels), ("ref_emb", ref_emb), ("ref_labels", ref_labels), ("enqueue_mask", enqueue_mask)]
+        # first which arguments each rank gives (the second exchange lists exactly those), then their shapes
+        (emb_sizes,) = exchange_shapes(
+            [("embeddings", embeddings if error is None else None)], local_error=error,
+            settings=[("efficient", self.efficient)] + [(f"{k} given", v is not None) for k, v in given],
+            like=embeddings if isinstance(embeddings, torch.Tensor) else None)
+        present = [("embeddings", embeddings)] + [(k, v) for k, v in given if v is not None]
+        sizes = [emb_sizes] + (exchange_shapes(present[1:]) if len(present) > 1 else [])
+        gathered = {k: _gather_own_first(v, sz, rank) for (k, v), sz in zip(present, sizes)}
+        all_emb, all_labels = gathered["embeddings"], gathered.get("labels")
+        if memory:
+            return self.loss(all_emb, all_labels, indices_tuple, gathered.get("enqueue_mask")) * world
+        all_ref, all_ref_labels = gathered.get("ref_emb"), gathered.get("ref_labels")
+        if not self.efficient:
+            return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels) * world
+        if all_labels is not None and all_ref_labels is not None:
+            all_labels = all_ref_labels
+        if all_ref is not None:
+            all_emb = all_ref
+        if indices_tuple is None:
+            n = embeddings.shape[0]
+            indices_tuple = _drop_self_pairs(_all_pairs(labels, all_labels), torch.arange(n, device=labels.device),
+                                             0, n - 1, all_labels.shape[0])
+        return self.loss(embeddings, labels, indices_tuple, all_emb, all_labels) * world
