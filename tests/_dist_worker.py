@@ -559,10 +559,10 @@ def pml_wrapper_checks(ck, rank, world):
                  "uneven grad")
     ck.run("pml wrapper uneven batches", uneven)
 
-    def mismatch(kwargs_for_rank, exc_here, match_here, match_others):
+    def mismatch(kwargs_for_rank, exc_here, match_here, match_others, loss=fastcl.nn.pml.NTXentLoss):
         """Every rank raises: rank 0 ``exc_here`` matching ``match_here``, the others RuntimeError."""
         try:
-            DistributedLossWrapper(fastcl.nn.pml.NTXentLoss())(**kwargs_for_rank(rank))
+            DistributedLossWrapper(loss())(**kwargs_for_rank(rank))
         except Exception as e:
             exc, match = (exc_here, match_here) if rank == 0 else (RuntimeError, match_others)
             assert isinstance(e, exc) and match in str(e), repr(e)
@@ -580,6 +580,13 @@ def pml_wrapper_checks(ck, rank, world):
     ck.run("pml wrapper local error published", lambda: mismatch(
         lambda r: dict(embeddings=x6, labels=labels[mine][:5] if r == 0 else labels[mine]), ValueError,
         "labels must be a 1-D tensor", "argument checks failed on rank(s) [0]"))
+    ck.run("pml wrapper kind errors published", lambda: (
+        mismatch(lambda r: dict(embeddings=x6, labels=labels[mine], enqueue_mask=(labels[mine] > 0) if r == 0 else None),
+                 ValueError, "enqueue_mask is for a wrapped CrossBatchMemory", "argument checks failed on rank(s) [0]"),
+        mismatch(lambda r: dict(embeddings=x6, labels=labels[mine], ref_emb=x6 if r == 0 else None,
+                                ref_labels=labels[mine] if r == 0 else None),
+                 ValueError, "not compatible with ref_emb", "argument checks failed on rank(s) [0]",
+                 loss=lambda: fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), d, 40))))
 
 
 def worker(rank, world, tmp):

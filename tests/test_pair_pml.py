@@ -322,3 +322,5 @@ def test_distributed_wrapper_outside_torch_distributed():
         fastcl.nn.pml.DistributedLossWrapper(memory)(emb, labels, ref_emb=emb, ref_labels=labels)
     with pytest.raises(ValueError, match="enqueue_mask is for a wrapped CrossBatchMemory"):
         wrapped(emb, labels, enqueue_mask=labels > 0)
+    with pytest.raises(TypeError, match="SelfSupervisedLoss does not"):
+        fastcl.nn.pml.DistributedLossWrapper(fastcl.nn.pml.SelfSupervisedLoss(fastcl.nn.pml.NTXentLoss()))

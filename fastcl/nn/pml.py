@@ -330,8 +330,10 @@ class DistributedLossWrapper(nn.Module):
     (N, world x N) path.  ``CrossBatchMemory`` enqueues the gathered batch (no ``efficient``).
 
     Unlike PML: the ranks' batches may differ in size, and a rank whose arguments differ from the
-    others' in D, dtype or which of them are given makes every rank raise, where PML's gather
-    would fail or hang.  Outside torch.distributed it warns and returns the loss, as PML does.
+    others' in D, dtype or which of them are given, or fail their checks, makes every rank raise,
+    where PML's gather would fail or hang; ``ref_emb`` needs ``ref_labels`` (the wrapped losses'
+    rule; PML's wrapper would take ``labels`` for them).  Outside torch.distributed it warns and
+    returns the loss, as PML does.
     """
 
     def __init__(self, loss: nn.Module, efficient: bool = False):
@@ -343,7 +345,20 @@ class DistributedLossWrapper(nn.Module):
             raise TypeError(f"efficient must be a bool, got {type(efficient).__name__}")
         if isinstance(loss, CrossBatchMemory) and efficient:
             raise ValueError("CrossBatchMemory with efficient=True is not supported (as in pytorch-metric-learning)")
+        if isinstance(loss, SelfSupervisedLoss):  # its forward takes (embeddings, ref_emb)
+            raise TypeError("loss must take pytorch-metric-learning's (embeddings, labels, indices_tuple, ref_emb, "
+                            "ref_labels); SelfSupervisedLoss does not (PML's wrapper refuses it too)")
         self.loss, self.efficient = loss, efficient
+
+    def _check_kinds(self, indices_tuple, ref_emb, ref_labels, enqueue_mask) -> None:
+        """The arguments the wrapped loss's kind rules out."""
+        if isinstance(self.loss, CrossBatchMemory):
+            if ref_emb is not None or ref_labels is not None:
+                raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
+            if indices_tuple is not None and enqueue_mask is not None:
+                raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        elif enqueue_mask is not None:
+            raise ValueError("enqueue_mask is for a wrapped CrossBatchMemory")
 
     def _local(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask):
         if isinstance(self.loss, CrossBatchMemory):
@@ -352,22 +367,23 @@ class DistributedLossWrapper(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
         memory = isinstance(self.loss, CrossBatchMemory)
-        if memory and (ref_emb is not None or ref_labels is not None):
-            raise ValueError("CrossBatchMemory is not compatible with ref_emb and ref_labels")
-        if not memory and enqueue_mask is not None:
-            raise ValueError("enqueue_mask is for a wrapped CrossBatchMemory")
         if not (dist.is_available() and dist.is_initialized()):
+            self._check_kinds(indices_tuple, ref_emb, ref_labels, enqueue_mask)
             warnings.warn("DistributedLossWrapper is being used in a non-distributed setting. "
                           "Returning the loss as is.")
             return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask)
         rank, world = group_info()
         if world <= 1:
+            self._check_kinds(indices_tuple, ref_emb, ref_labels, enqueue_mask)
             return self._local(embeddings, labels, indices_tuple, ref_emb, ref_labels, enqueue_mask)
         error = None
         try:  # this rank's checks; their failure is published so that no rank waits in the gather
+            self._check_kinds(indices_tuple, ref_emb, ref_labels, enqueue_mask)
             check_embeddings("embeddings", embeddings)
             n, device = embeddings.shape[0], embeddings.device
+            # on the embeddings' device, as PML moves them (NCCL gathers device tensors only)
             labels = labels.to(device) if isinstance(labels, torch.Tensor) else labels
+            enqueue_mask = enqueue_mask.to(device) if isinstance(enqueue_mask, torch.Tensor) else enqueue_mask
             for name, x, rows in (("labels", labels, n), ("enqueue_mask", enqueue_mask, n)):
                 if x is not None and (not isinstance(x, torch.Tensor) or x.dim() != 1 or x.shape[0] != rows):
                     raise ValueError(f"{name} must be a 1-D tensor with one entry per embedding ({rows})")
