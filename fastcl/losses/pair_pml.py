@@ -25,13 +25,15 @@ from fastcl.validation import check_scalar
 class _Rows:
     """One row-block loss: the score form (cosine or Euclidean distance of unit rows), the pairs
     (class ids, or a miner's dense (N, M) masks or pair counts), ``stats(x, pos, neg, *params) ->
-    (rows, K)`` (differentiable PyTorch in the compute dtype; params are 0-d tensors), and the
-    scratch bytes per matrix entry: the scores and the temporaries of ``stats`` (with those
-    autograd keeps for the backward) in units of the compute dtype, ``temporaries``."""
+    (rows, K)`` (differentiable PyTorch in the compute dtype; params are 0-d tensors), its
+    derivative ``grads(x, pos, neg, g, params, need) -> (dx (rows, M), [d param or None])`` of
+    ``sum(g * stats)`` for g (rows, K) (a parameter's only where ``need`` says so), and the scratch bytes per matrix entry: the scores and the
+    temporaries of ``stats`` (with those autograd keeps, under create_graph) in units of the
+    compute dtype, ``temporaries``."""
 
-    def __init__(self, stats: Callable, distance: bool, temporaries: int, *, classes=None, ref_classes=None,
-                 self_pairs: bool = False, masks=None):
-        self.stats, self.distance, self.temporaries = stats, distance, temporaries
+    def __init__(self, stats: Callable, grads: Callable, distance: bool, temporaries: int, *, classes=None,
+                 ref_classes=None, self_pairs: bool = False, masks=None):
+        self.stats, self.grads, self.distance, self.temporaries = stats, grads, distance, temporaries
         self.classes, self.ref_classes, self.self_pairs, self.masks = classes, ref_classes, self_pairs, masks
 
     def block_bytes(self, ct: torch.dtype) -> int:
@@ -65,7 +67,7 @@ class _Rows:
 class _RowStats(torch.autograd.Function):
     """(N, K) per-anchor statistics of a ``_Rows`` loss of unit rows q (N, D) and k (M, D) and
     0-d parameters, differentiable in all of them.  The backward recomputes each row block and
-    differentiates it on its own (O(block x M)); under create_graph=True it differentiates a
+    takes each loss's own derivative (O(block x M)); under create_graph=True it differentiates a
     recomputed graph of the whole matrix.  It runs outside autocast so both passes keep the
     compute dtype."""
 
@@ -92,59 +94,113 @@ class _RowStats(torch.autograd.Function):
             grads[0] = torch.empty_like(q)
         if needs[1]:
             grads[1] = torch.zeros_like(k)
-        for i, t in enumerate(params):
-            if needs[3 + i]:
-                grads[3 + i] = torch.zeros_like(t)
-        with autocast_off(q.device), torch.enable_grad():
-            kd = k.detach().requires_grad_(needs[1])
-            pd = [t.detach().requires_grad_(needs[3 + i]) for i, t in enumerate(params)]
+        param_grads = [torch.zeros_like(t) for t in params]
+        with autocast_off(q.device):
             for r0, r1 in row_blocks(q.shape[0], k.shape[0], rows.block_bytes(q.dtype)):
-                qb = q[r0:r1].detach().requires_grad_(needs[0])
-                out = rows.block(qb, kd, pd, r0, r1)
-                wanted = [(i, t) for i, t in [(0, qb), (1, kd)] + [(3 + j, t) for j, t in enumerate(pd)]
-                          if needs[i]]
-                found = torch.autograd.grad(out, [t for _, t in wanted], grad[r0:r1], allow_unused=True)
-                del out
-                for (i, _), g in zip(wanted, found):
-                    if i == 0:
-                        grads[0][r0:r1] = 0.0 if g is None else g
-                    elif g is not None:
-                        grads[i] += g
-                del found
+                qb = q[r0:r1]
+                x = rows.scores(qb, k)
+                dx, dps = rows.grads(x, *rows.pairs(r0, r1), grad[r0:r1], params, needs[3:])
+                if rows.distance:  # d(d_ij)/dq_i = (q_i - k_j) / d_ij; 0 at d = 0, as cdist
+                    dx = torch.where(x > 0, dx / x, 0.0)
+                    if needs[0]:
+                        grads[0][r0:r1] = dx.sum(1, keepdim=True) * qb - dx @ k
+                    if needs[1]:
+                        grads[1] += dx.sum(0)[:, None] * k - dx.T @ qb
+                else:
+                    if needs[0]:
+                        grads[0][r0:r1] = dx @ k
+                    if needs[1]:
+                        grads[1] += dx.T @ qb
+                for acc, dp in zip(param_grads, dps):
+                    if dp is not None:
+                        acc += dp
+                del x, dx
+        for i, acc in enumerate(param_grads):
+            if needs[3 + i]:
+                grads[3 + i] = acc
         return tuple(grads)
 
 
-def _lse_plus_one(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per row ``log(1 + sum_{keep} e^x)`` (rows, M) -> (rows,): PML's ``logsumexp(add_one=True)``,
-    0 for a row with nothing kept."""
-    x = torch.where(keep, x, float("-inf"))
-    top = x.amax(dim=1, keepdim=True).clamp_min(0.0).detach()  # the 1 is e^0: shift by max(max x, 0)
-    return ((x - top).exp().sum(dim=1) + (-top[:, 0]).exp()).log() + top[:, 0]
-
-
-def _masked_lse(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per row ``log(sum_{keep} e^x)``; 0 with zero gradient for a row with nothing kept, as PML's
-    ``logsumexp(add_one=False)`` gives."""
-    has = keep.any(dim=1)
+def _lse_parts(x: torch.Tensor, keep: torch.Tensor, plus_one: bool):
+    """(e^{x - top} on ``keep`` (rows, M), their sum (rows,) with e^{-top} added for the ``+ 1``,
+    top (rows,)): the pieces of ``log(sum_{keep} e^x [+ 1])`` shifted by ``top``, the row's
+    largest kept x (and 0 with ``plus_one``, whose 1 is e^0); top is detached.  A row with nothing
+    kept sums to 1 without ``plus_one`` (log 1 = 0, not log 0's infinite gradient)."""
     x = torch.where(keep, x, float("-inf"))
     top = x.amax(dim=1, keepdim=True).detach()
-    top = torch.where(has[:, None], top, 0.0)
-    total = (x - top).exp().sum(dim=1)
-    # a kept row sums to >= 1 (its largest term is e^0); an empty one would take log(0)'s gradient
-    total = torch.where(has, total, 1.0)
-    return torch.where(has, total.log() + top[:, 0], 0.0)
+    if plus_one:
+        top = top.clamp_min(0.0)
+        e = (x - top).exp_()
+        return e, e.sum(dim=1) + (-top[:, 0]).exp(), top[:, 0]
+    has = keep.any(dim=1, keepdim=True)
+    top = torch.where(has, top, 0.0)
+    e = (x - top).exp()
+    return e, torch.where(has[:, 0], e.sum(dim=1), 1.0), top[:, 0]
+
+
+def _lse(x: torch.Tensor, keep: torch.Tensor, plus_one: bool) -> torch.Tensor:
+    """Per row ``log(sum_{keep} e^x [+ 1])`` (rows, M) -> (rows,): PML's ``logsumexp(keep_mask,
+    add_one)``, 0 (with zero gradient) for a row with nothing kept."""
+    _, total, top = _lse_parts(x, keep, plus_one)
+    out = total.log() + top
+    return out if plus_one else torch.where(keep.any(dim=1), out, 0.0)
+
+
+def _lse_weights(x: torch.Tensor, keep: torch.Tensor, plus_one: bool):
+    """(d lse / d x (rows, M): the softmax weights, 0 off ``keep``; lse (rows,)) of ``_lse``."""
+    e, total, top = _lse_parts(x, keep, plus_one)
+    out = total.log() + top
+    return e / total[:, None], (out if plus_one else torch.where(keep.any(dim=1), out, 0.0))
 
 
 def _ms_stats(s, pos, neg, alpha, beta, base):
-    return (_lse_plus_one(alpha * (base - s), pos) / alpha + _lse_plus_one(beta * (s - base), neg) / beta)[:, None]
+    return (_lse(alpha * (base - s), pos, True) / alpha + _lse(beta * (s - base), neg, True) / beta)[:, None]
+
+
+def _ms_grads(s, pos, neg, g, params, need):
+    alpha, beta, base = params
+    wp, lp = _lse_weights(alpha * (base - s), pos, True)
+    wn, ln = _lse_weights(beta * (s - base), neg, True)
+    g = g[:, 0]
+    d_alpha = d_beta = d_base = None
+    if need[0]:  # d(lp / alpha) / d alpha, with d lp / d alpha = sum_p w_p (base - s_p)
+        d_alpha = (g * ((wp * (base - s)).sum(dim=1) / alpha - lp / alpha ** 2)).sum()
+    if need[1]:
+        d_beta = (g * ((wn * (s - base)).sum(dim=1) / beta - ln / beta ** 2)).sum()
+    if need[2]:
+        d_base = (g * (wp.sum(dim=1) - wn.sum(dim=1))).sum()
+    return (wn - wp).mul_(g[:, None]), [d_alpha, d_beta, d_base]
+
+
+def _circle_logits(s, m, gamma):
+    """(lp, ln, a_p, a_n): the positive and negative logits and their weights, the similarities
+    in the weights detached as PML's (m is not)."""
+    sd = s.detach()
+    ap, an = torch.relu(1.0 + m - sd), torch.relu(sd + m)
+    return -gamma * ap * (s - (1.0 - m)), gamma * an * (s - m), ap, an
 
 
 def _circle_stats(s, pos, neg, m, gamma):
-    sd = s.detach()  # PML detaches the similarities in the weights (not m)
-    lp = -gamma * torch.relu(1.0 + m - sd) * (s - (1.0 - m))
-    ln = gamma * torch.relu(sd + m) * (s - m)
-    loss = F.softplus(_masked_lse(lp, pos) + _masked_lse(ln, neg))
+    lp, ln, _, _ = _circle_logits(s, m, gamma)
+    loss = F.softplus(_lse(lp, pos, False) + _lse(ln, neg, False))
     return torch.where(pos.any(dim=1) & neg.any(dim=1), loss, 0.0)[:, None]
+
+
+def _circle_grads(s, pos, neg, g, params, need):
+    m, gamma = params
+    lp, ln, ap, an = _circle_logits(s, m, gamma)
+    wp, lse_p = _lse_weights(lp, pos, False)
+    wn, lse_n = _lse_weights(ln, neg, False)
+    # softplus' = sigmoid, for the anchors with a positive and a negative (the others are 0)
+    sig = torch.where(pos.any(dim=1) & neg.any(dim=1), torch.sigmoid(lse_p + lse_n), 0.0) * g[:, 0]
+    d_m = d_gamma = None
+    if need[0]:  # d/dm of each logit, the weights' relu' included (0 at the kink, as relu's)
+        dlp_dm = -gamma * ((1.0 + m - s > 0) * (s - (1.0 - m)) + ap)
+        dln_dm = gamma * ((s + m > 0) * (s - m) - an)
+        d_m = (sig * ((wp * dlp_dm).sum(dim=1) + (wn * dln_dm).sum(dim=1))).sum()
+    if need[1]:  # the logits are linear in gamma
+        d_gamma = (sig * ((wp * lp).sum(dim=1) + (wn * ln).sum(dim=1))).sum() / gamma
+    return (wn * an - wp * ap).mul_(gamma * sig[:, None]), [d_m, d_gamma]
 
 
 def _contrastive_stats(d, pos, neg, pos_margin, neg_margin):
@@ -158,6 +214,16 @@ def _contrastive_stats(d, pos, neg, pos_margin, neg_margin):
         else:
             out += [(loss * pairs).sum(dim=1), torch.where(loss > 0, pairs, 0.0).sum(dim=1)]
     return torch.stack(out, dim=1)
+
+
+def _contrastive_grads(d, pos, neg, g, params, need):
+    pos_margin, neg_margin = params
+    # relu' is 1 where the loss is above 0 (0 at the kink, as relu's); the counts take none
+    dp = torch.where(d - pos_margin > 0, pos.to(d.dtype), 0.0)
+    dn = torch.where(neg_margin - d > 0, neg.to(d.dtype), 0.0)
+    gp, gn = g[:, 0], g[:, 2]
+    return dp * gp[:, None] - dn * gn[:, None], [-(gp * dp.sum(dim=1)).sum() if need[0] else None,
+                                                 (gn * dn.sum(dim=1)).sum() if need[1] else None]
 
 
 def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
@@ -177,18 +243,18 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
     return q, k, labels, ref_labels, poison, values
 
 
-def _label_rows(q, k, labels, ref_emb, ref_labels, stats, distance: bool, temporaries: int, params):
+def _label_rows(q, k, labels, ref_emb, ref_labels, loss, distance: bool, temporaries: int, params):
     """(per-anchor statistics (N, K), number of positive pairs, of negative pairs) over every pair."""
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
-    rows = _Rows(stats, distance, temporaries, classes=classes, ref_classes=ref_classes, self_pairs=self_pairs)
+    rows = _Rows(*loss, distance, temporaries, classes=classes, ref_classes=ref_classes, self_pairs=self_pairs)
     return _RowStats.apply(q, k, rows, *params), n_pos, n_neg
 
 
-def _mined_rows(q, k, masks, stats, distance: bool, temporaries: int, params):
+def _mined_rows(q, k, masks, loss, distance: bool, temporaries: int, params):
     """Per-anchor statistics (N, K) over a miner's pairs, given as dense (N, M) masks or counts
     (as PML's matrices); the scores still go in row blocks."""
-    return _RowStats.apply(q, k, _Rows(stats, distance, temporaries, masks=masks), *params)
+    return _RowStats.apply(q, k, _Rows(*loss, distance, temporaries, masks=masks), *params)
 
 
 def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, alpha=2.0,
@@ -224,8 +290,8 @@ def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.T
         (("alpha", alpha, True), ("beta", beta, True), ("base", base, False)))
     if indices_tuple is not None:
         masks = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
-        return _mined_rows(q, k, masks, _ms_stats, False, 10, params).mean() + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _ms_stats, False, 10, params)
+        return _mined_rows(q, k, masks, (_ms_stats, _ms_grads), False, 10, params).mean() + poison
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_ms_stats, _ms_grads), False, 10, params)
     loss = out.mean()
     return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison
 
@@ -238,9 +304,10 @@ def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
 
     Anchor i's loss is ``softplus(LSE_p(-gamma a_p (s_ip - (1 - m))) + LSE_n(gamma a_n (s_in -
     m)))`` with the weights ``a_p = relu(1 + m - s_ip)`` and ``a_n = relu(s_in + m)`` (the
-    similarities in them detached, as PML's), over its positives and negatives; 0 for an anchor lacking either.  The result is the mean
-    over anchors whose loss is above 0, and 0 when there is at most one positive and at most one
-    negative pair, as PML returns.  Memory, miners and dtypes as ``multi_similarity_loss_pml``.
+    similarities in them detached, as PML's), over its positives and negatives; 0 for an anchor
+    lacking either.  The result is the mean over anchors whose loss is above 0, and 0 when there
+    is at most one positive and at most one negative pair, as PML returns.  Memory, miners and
+    dtypes as ``multi_similarity_loss_pml``.
 
     Args:
         embeddings: (N, D) float32, bfloat16, float16 or float64.
@@ -259,9 +326,10 @@ def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     # learnable parameters)
     if indices_tuple is not None:
         masks = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
-        out = _mined_rows(q, k, masks, _circle_stats, False, 14, params)
+        out = _mined_rows(q, k, masks, (_circle_stats, _circle_grads), False, 14, params)
         return _mean_nonzero(out[:, 0], masks[0].any() | masks[1].any()) + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _circle_stats, False, 14, params)
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_circle_stats, _circle_grads), False, 14,
+                                    params)
     return _mean_nonzero(out[:, 0], (n_pos > 1) | (n_neg > 1)) + poison
 
 
@@ -312,9 +380,10 @@ def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor
         for a, c in ((a1, p), (a2, neg)):
             counts.append(torch.zeros(q.shape[0], k.shape[0], dtype=q.dtype, device=q.device).index_put_(
                 (a, c), torch.ones_like(a, dtype=q.dtype), accumulate=True))
-        total = _mined_rows(q, k, counts, _contrastive_stats, True, 10, params).sum(dim=0)
+        total = _mined_rows(q, k, counts, (_contrastive_stats, _contrastive_grads), True, 10, params).sum(dim=0)
         return _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3]) + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, _contrastive_stats, True, 10, params)
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_contrastive_stats, _contrastive_grads),
+                                    True, 10, params)
     total = out.sum(dim=0)
     loss = _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3])
     return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison
