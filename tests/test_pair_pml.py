@@ -324,3 +324,25 @@ def test_distributed_wrapper_outside_torch_distributed():
         wrapped(emb, labels, enqueue_mask=labels > 0)
     with pytest.raises(TypeError, match="SelfSupervisedLoss does not"):
         fastcl.nn.pml.DistributedLossWrapper(fastcl.nn.pml.SelfSupervisedLoss(fastcl.nn.pml.NTXentLoss()))
+
+
+def test_cross_batch_memory_moco_form_passes_references():
+    """With enqueue_mask (queries against a queue of keys), no miner and no indices_tuple,
+    CrossBatchMemory hands the wrapped loss the memory as references and no pair list, so the
+    loss runs in its bounded memory; the value equals PML's (tests/test_ntxent_pml.py runs the
+    same steps against PML's CrossBatchMemory for every loss)."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+            seen.append((indices_tuple, None if ref_emb is None else ref_emb.shape))
+            return fastcl.multi_similarity_loss_pml(embeddings, labels, indices_tuple=indices_tuple, ref_emb=ref_emb,
+                                                    ref_labels=ref_labels)
+
+    memory = fastcl.nn.pml.CrossBatchMemory(Recorder(), 5, 32)
+    gen = torch.Generator().manual_seed(43)
+    emb, labels = randn(12, 5, generator=gen), torch.arange(12) % 4
+    memory(emb, labels, enqueue_mask=torch.arange(12) >= 6)
+    assert seen[-1] == (None, (6, 5))
+    memory(emb, labels)  # without the mask, each anchor's own slot is left out: a pair list
+    assert seen[-1][0] is not None and seen[-1][1] == (18, 5)

@@ -209,7 +209,9 @@ class CrossBatchMemory(nn.Module):
     ``loss(embeddings, labels, pairs, memory, memory_labels)``.  With this module's
     ``NTXentLoss`` the pairs run on the dense (N, memory) matrix, not PML's (positive pairs x
     negative pairs); every loss of this module takes such pairs as dense (N, memory) masks or
-    matrices, as PML does.  ``loss`` is any module with PML's call signature; ``miner`` any callable
+    matrices, as PML does.  With ``enqueue_mask`` (MoCo's use: queries against a queue of keys),
+    no miner and no ``indices_tuple`` every pair counts, and the loss gets the memory as
+    references with its labels instead of a list of pairs: its own bounded-memory form.  ``loss`` is any module with PML's call signature; ``miner`` any callable
     returning pairs or triplets.  Arguments are checked before the batch is written, and more rows
     to write than ``memory_size`` are refused (PML would overwrite its own rows).
     """
@@ -286,6 +288,13 @@ class CrossBatchMemory(nn.Module):
             anchors, slots = embeddings, self._enqueue(embeddings, labels)
         filled = self.memory_size if self.has_been_filled else self.queue_idx
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
+        if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
+            memory = memory.to(anchors.dtype)
+        if slots is None and self.miner is None and indices_tuple is None:
+            # every (anchor, memory) pair, none left out (the anchors were not enqueued): the
+            # wrapped loss's own all-pairs form with references, in its bounded memory, instead
+            # of PML's listed pairs (the same pairs: memory_labels is not the labels object)
+            return self.loss(anchors, labels, None, memory, memory_labels)
         pairs = (self.miner(anchors, labels, memory, memory_labels) if self.miner is not None
                  else _all_pairs(labels, memory_labels))
         if slots is not None:
@@ -299,8 +308,6 @@ class CrossBatchMemory(nn.Module):
             elif len(indices_tuple) == 4 and len(pairs) == 3:
                 indices_tuple = pairs_as_triplets(*indices_tuple)
             pairs = tuple(torch.cat([x, y.to(x.device)]) for x, y in zip(pairs, indices_tuple))
-        if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
-            memory = memory.to(anchors.dtype)
         return self.loss(anchors, labels, pairs, memory, memory_labels)
 
 
