@@ -326,23 +326,67 @@ def test_distributed_wrapper_outside_torch_distributed():
         fastcl.nn.pml.DistributedLossWrapper(fastcl.nn.pml.SelfSupervisedLoss(fastcl.nn.pml.NTXentLoss()))
 
 
-def test_cross_batch_memory_moco_form_passes_references():
-    """With enqueue_mask (queries against a queue of keys), no miner and no indices_tuple,
-    CrossBatchMemory hands the wrapped loss the memory as references and no pair list, so the
-    loss runs in its bounded memory; the value equals PML's (tests/test_ntxent_pml.py runs the
-    same steps against PML's CrossBatchMemory for every loss)."""
+def test_cross_batch_memory_passes_references_not_pairs():
+    """Without a miner or indices_tuple, CrossBatchMemory hands this module's losses the memory as
+    references and no pair list (enqueue_mask: MoCo's form; otherwise the batch's own slots first,
+    with exclude_self), so each runs in its row blocks; another loss gets PML's pair list unless
+    nothing is left out.  Values: tests/test_ntxent_pml.py runs the same steps against PML's
+    CrossBatchMemory for every loss."""
     seen = []
 
-    class Recorder(torch.nn.Module):
-        def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-            seen.append((indices_tuple, None if ref_emb is None else ref_emb.shape))
+    class Recorder(fastcl.nn.pml.MultiSimilarityLoss):
+        def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, **kw):
+            seen.append((indices_tuple, ref_emb, ref_labels, kw))
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels, **kw)
+
+    class Plain(torch.nn.Module):  # PML's call signature, not this module's class
+        def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+            seen.append((indices_tuple, ref_emb, ref_labels, {}))
             return fastcl.multi_similarity_loss_pml(embeddings, labels, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                                     ref_labels=ref_labels)
 
-    memory = fastcl.nn.pml.CrossBatchMemory(Recorder(), 5, 32)
     gen = torch.Generator().manual_seed(43)
     emb, labels = randn(12, 5, generator=gen), torch.arange(12) % 4
+    memory = fastcl.nn.pml.CrossBatchMemory(Recorder(), 5, 20)
     memory(emb, labels, enqueue_mask=torch.arange(12) >= 6)
-    assert seen[-1] == (None, (6, 5))
-    memory(emb, labels)  # without the mask, each anchor's own slot is left out: a pair list
-    assert seen[-1][0] is not None and seen[-1][1] == (18, 5)
+    assert seen[-1][0] is None and seen[-1][1].shape == (6, 5) and seen[-1][3] == {}
+    memory(emb, labels)  # slots 6..17: the batch's own rows come first
+    pairs, ref, ref_labels, kw = seen[-1]
+    assert pairs is None and kw == {"exclude_self": True} and torch.equal(ref[:12], emb)
+    assert torch.equal(ref_labels[:12], labels) and torch.equal(ref[12:], memory.embedding_memory[:6])
+    memory(emb[:5], labels[:5])  # wraps around: slots 18, 19, 0, 1, 2
+    assert torch.equal(seen[-1][1][:5], emb[:5]) and seen[-1][3] == {"exclude_self": True}
+    plain = fastcl.nn.pml.CrossBatchMemory(Plain(), 5, 32)
+    plain(emb, labels, enqueue_mask=torch.arange(12) >= 6)
+    assert seen[-1][0] is None
+    plain(emb, labels)
+    assert seen[-1][0] is not None  # a pair list, each anchor's own slot left out
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss", "TripletMarginLoss"] + LOSSES)
+def test_exclude_self_against_pml_pairs(name, monkeypatch):
+    """exclude_self=True (references whose first N rows are the anchors' own, as CrossBatchMemory
+    passes them) equals PML's class given every pair but (i, i) as indices_tuple, in one row block
+    and in many; its misuse is refused by name."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(44)
+    emb, extra = randn(23, 6, generator=gen, dtype=torch.float64), randn(9, 6, generator=gen, dtype=torch.float64)
+    labels, extra_labels = torch.randint(0, 4, (23,), generator=gen), torch.randint(0, 4, (9,), generator=gen)
+    ref, ref_labels = torch.cat([emb + 0.01 * randn(23, 6, generator=gen, dtype=torch.float64), extra]), \
+        torch.cat([labels, extra_labels])
+    same = labels[:, None] == ref_labels[None, :]
+    same[torch.arange(23), torch.arange(23)] = False
+    pairs = torch.where(same) + torch.where(labels[:, None] != ref_labels[None, :])
+    for blocks in (64.0, 3 * 32 * 40 / 2**20):
+        monkeypatch.setattr(strips, "WORKSPACE_MB", blocks)
+        (a, c), (b, d) = leaves(emb, ref), leaves(emb, ref)
+        ours = getattr(fastcl.nn.pml, name)()(a, labels, None, c, ref_labels, exclude_self=True)
+        theirs = getattr(pml, name)()(b, labels, pairs, d, ref_labels)
+        check_loss_and_grads(ours, theirs, [a, c], [b, d], torch.float64, f"{name}, {blocks} MB")
+    fn = getattr(fastcl.nn.pml, name)()
+    with pytest.raises(ValueError, match="exclude_self=True needs ref_emb"):
+        fn(emb, labels, pairs, ref, ref_labels, exclude_self=True)
+    with pytest.raises(ValueError, match="exclude_self=True needs ref_emb"):
+        fn(emb, labels, None, extra, extra_labels, exclude_self=True)
+    with pytest.raises(TypeError, match="exclude_self must be a bool"):
+        fn(emb, labels, None, ref, ref_labels, exclude_self=1)

@@ -125,7 +125,8 @@ class _LabelPairs(torch.autograd.Function):
 
 def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.07, *,
                     indices_tuple: Optional[Sequence[torch.Tensor]] = None,
-                    ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+                    exclude_self: bool = False) -> torch.Tensor:
     """NT-Xent in pytorch-metric-learning's form: ``NTXentLoss(temperature)(embeddings, labels,
     indices_tuple, ref_emb, ref_labels)`` with its default cosine similarity and mean reducer.
 
@@ -152,11 +153,14 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
         ref_labels: (M,) classes of ``ref_emb``; required with it unless ``indices_tuple`` is given.
             Passing the very ``labels`` object (M == N) leaves out the pairs (i, i), as PML does,
             unless the labels are moved from the CPU, which makes them two objects (in PML too).
+        exclude_self: with ``ref_emb``, leave out the pairs (i, i): its first N rows are the
+            anchors' own (as CrossBatchMemory's slots of the batch); not with ``indices_tuple``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
+    labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels,
+                                        exclude_self)
     ct = compute_dtype(embeddings.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny
     scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct)
@@ -166,7 +170,7 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     poison = (q.sum(dtype=ct) + k.sum(dtype=ct)) * 0 + scale * 0
     if indices_tuple is not None:
         return _mined(q, k, scale, indices_tuple, tiny) + poison
-    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
+    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     valid = (n_pos > 0) & (n_neg > 0) & ((n_pos > 1) | (n_neg > 1))
     total = _LabelPairs.apply(q, k, scale, classes, ref_classes, self_pairs, tiny)

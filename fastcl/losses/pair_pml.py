@@ -27,9 +27,9 @@ class _Rows:
     (class ids, or a miner's dense (N, M) masks or pair counts), ``stats(x, pos, neg, *params) ->
     (rows, K)`` (differentiable PyTorch in the compute dtype; params are 0-d tensors), its
     derivative ``grads(x, pos, neg, g, params, need) -> (dx (rows, M), [d param or None])`` of
-    ``sum(g * stats)`` for g (rows, K) (a parameter's only where ``need`` says so), and the scratch bytes per matrix entry: the scores and the
-    temporaries of ``stats`` (with those autograd keeps, under create_graph) in units of the
-    compute dtype, ``temporaries``."""
+    ``sum(g * stats)`` for g (rows, K) (a parameter's only where ``need`` says so), and the
+    scratch bytes per matrix entry: the scores and the temporaries of ``stats`` (with those
+    autograd keeps, under create_graph) in units of the compute dtype, ``temporaries``."""
 
     def __init__(self, stats: Callable, grads: Callable, distance: bool, temporaries: int, *, classes=None,
                  ref_classes=None, self_pairs: bool = False, masks=None):
@@ -226,11 +226,11 @@ def _contrastive_grads(d, pos, neg, g, params, need):
                                                  (gn * dn.sum(dim=1)).sum() if need[1] else None]
 
 
-def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
+def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params, exclude_self: bool = False):
     """Checked arguments as ``(q, k, labels, ref_labels, poison, params)``: unit rows and 0-d
     parameters (a learnable one keeps its graph) in the compute dtype, and a 0-d zero that is NaN
     when any embedding or parameter holds NaN or inf (PML's zero loss too)."""
-    labels, ref_labels = check_pml_args(embeddings, labels, 1.0, indices_tuple, ref_emb, ref_labels)
+    labels, ref_labels = check_pml_args(embeddings, labels, 1.0, indices_tuple, ref_emb, ref_labels, exclude_self)
     for name, value, positive in params:
         check_scalar(name, value, positive=positive)
     ct = compute_dtype(embeddings.dtype)
@@ -243,9 +243,10 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params):
     return q, k, labels, ref_labels, poison, values
 
 
-def _label_rows(q, k, labels, ref_emb, ref_labels, loss, distance: bool, temporaries: int, params):
+def _label_rows(q, k, labels, ref_emb, ref_labels, loss, distance: bool, temporaries: int, params,
+                exclude_self: bool):
     """(per-anchor statistics (N, K), number of positive pairs, of negative pairs) over every pair."""
-    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
+    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     rows = _Rows(*loss, distance, temporaries, classes=classes, ref_classes=ref_classes, self_pairs=self_pairs)
     return _RowStats.apply(q, k, rows, *params), n_pos, n_neg
@@ -260,7 +261,7 @@ def _mined_rows(q, k, masks, loss, distance: bool, temporaries: int, params):
 def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, alpha=2.0,
                               beta=50.0, base=0.5, *, indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                               ref_emb: Optional[torch.Tensor] = None,
-                              ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              ref_labels: Optional[torch.Tensor] = None, exclude_self: bool = False) -> torch.Tensor:
     """Multi-similarity loss in pytorch-metric-learning's form: ``MultiSimilarityLoss(alpha, beta,
     base)(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` with its cosine similarity
     and mean reducer.
@@ -281,24 +282,27 @@ def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.T
             tensor, which may require grad.
         indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+        exclude_self: with ``ref_emb``, leave out the pairs (i, i): its first N rows are the
+            anchors' own (as CrossBatchMemory's slots of the batch); not with ``indices_tuple``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
     q, k, labels, ref_labels, poison, params = _prepare(
         embeddings, labels, ref_emb, ref_labels, indices_tuple,
-        (("alpha", alpha, True), ("beta", beta, True), ("base", base, False)))
+        (("alpha", alpha, True), ("beta", beta, True), ("base", base, False)), exclude_self)
     if indices_tuple is not None:
         masks = mined_pair_masks(indices_tuple, q.shape[0], k.shape[0], q.device)
         return _mined_rows(q, k, masks, (_ms_stats, _ms_grads), False, 10, params).mean() + poison
-    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_ms_stats, _ms_grads), False, 10, params)
+    out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_ms_stats, _ms_grads), False, 10, params,
+                                    exclude_self)
     loss = out.mean()
     return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison
 
 
 def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, m=0.4, gamma=80.0, *,
                     indices_tuple: Optional[Sequence[torch.Tensor]] = None, ref_emb: Optional[torch.Tensor] = None,
-                    ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    ref_labels: Optional[torch.Tensor] = None, exclude_self: bool = False) -> torch.Tensor:
     """Circle loss in pytorch-metric-learning's form: ``CircleLoss(m, gamma)(embeddings, labels,
     indices_tuple, ref_emb, ref_labels)`` with its cosine similarity and AvgNonZeroReducer.
 
@@ -316,12 +320,14 @@ def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
             or a 0-d tensor, which may require grad.
         indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+        exclude_self: with ``ref_emb``, leave out the pairs (i, i): its first N rows are the
+            anchors' own (as CrossBatchMemory's slots of the batch); not with ``indices_tuple``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
     q, k, labels, ref_labels, poison, params = _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple,
-                                                        (("m", m, False), ("gamma", gamma, True)))
+                                                        (("m", m, False), ("gamma", gamma, True)), exclude_self)
     # 14: its weights and LSEs keep more temporaries alive (measured 1.2x the bound at 10 with
     # learnable parameters)
     if indices_tuple is not None:
@@ -329,7 +335,7 @@ def circle_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
         out = _mined_rows(q, k, masks, (_circle_stats, _circle_grads), False, 14, params)
         return _mean_nonzero(out[:, 0], masks[0].any() | masks[1].any()) + poison
     out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_circle_stats, _circle_grads), False, 14,
-                                    params)
+                                    params, exclude_self)
     return _mean_nonzero(out[:, 0], (n_pos > 1) | (n_neg > 1)) + poison
 
 
@@ -341,7 +347,7 @@ def _mean_above_zero(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, pos_margin=0.0,
                          neg_margin=1.0, *, indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                          ref_emb: Optional[torch.Tensor] = None,
-                         ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         ref_labels: Optional[torch.Tensor] = None, exclude_self: bool = False) -> torch.Tensor:
     """Contrastive (pair margin) loss in pytorch-metric-learning's form: ``ContrastiveLoss(pos_margin,
     neg_margin)(embeddings, labels, indices_tuple, ref_emb, ref_labels)`` with its Euclidean
     distance of L2-normalised rows and AvgNonZeroReducer.
@@ -364,13 +370,15 @@ def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor
             and 1).
         indices_tuple: optional mined pairs ``(a1, p, a2, n)`` or triplets ``(a, p, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+        exclude_self: with ``ref_emb``, leave out the pairs (i, i): its first N rows are the
+            anchors' own (as CrossBatchMemory's slots of the batch); not with ``indices_tuple``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
     q, k, labels, ref_labels, poison, params = _prepare(
         embeddings, labels, ref_emb, ref_labels, indices_tuple,
-        (("pos_margin", pos_margin, False), ("neg_margin", neg_margin, False)))
+        (("pos_margin", pos_margin, False), ("neg_margin", neg_margin, False)), exclude_self)
     if indices_tuple is not None:
         pairs = mined_pairs(indices_tuple, q.shape[0], k.shape[0], q.device)
         if pairs is None:
@@ -383,7 +391,7 @@ def contrastive_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor
         total = _mined_rows(q, k, counts, (_contrastive_stats, _contrastive_grads), True, 10, params).sum(dim=0)
         return _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3]) + poison
     out, n_pos, n_neg = _label_rows(q, k, labels, ref_emb, ref_labels, (_contrastive_stats, _contrastive_grads),
-                                    True, 10, params)
+                                    True, 10, params, exclude_self)
     total = out.sum(dim=0)
     loss = _mean_above_zero(total[0], total[1]) + _mean_above_zero(total[2], total[3])
     return torch.where((n_pos > 1) | (n_neg > 1), loss, torch.zeros_like(loss)) + poison

@@ -159,7 +159,7 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     return per_anchor.sum() if reduction == "sum" else per_anchor
 
 
-def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels):
+def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels, exclude_self=False):
     """The arguments of a pytorch-metric-learning-form loss, checked; returns ``(labels,
     ref_labels)``, each moved to the embeddings' device when it is a CPU tensor, as PML moves them."""
     check_embeddings("embeddings", embeddings)
@@ -188,20 +188,26 @@ def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_
             raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
         if ref_emb is not None and ref_labels is None:
             raise ValueError("ref_emb needs ref_labels, the (M,) classes of its rows")
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    if exclude_self and (indices_tuple is not None or ref_emb is None or ref_emb.shape[0] < embeddings.shape[0]):
+        raise ValueError("exclude_self=True needs ref_emb with at least as many rows as embeddings (its first N "
+                         "rows are the anchors' own) and no indices_tuple")
     return labels, ref_labels
 
 
-def pml_classes(labels: torch.Tensor, ref_labels: Optional[torch.Tensor]):
+def pml_classes(labels: torch.Tensor, ref_labels: Optional[torch.Tensor], exclude_self: bool = False):
     """Compact class ids of a PML-form loss's anchors and contrasts: ``(classes (N,), ref_classes
     (M,), number of classes, self_pairs)``.  Without references the contrasts are the anchors
     themselves (``self_pairs``); with them, ``self_pairs`` holds when ``ref_labels`` is the very
-    ``labels`` object, as PML reads it."""
+    ``labels`` object, as PML reads it, or with ``exclude_self`` (the first N contrasts are the
+    anchors' own: the pairs (i, i) are left out)."""
     if ref_labels is None:
         classes, n_cls = class_ids(labels)
         return classes, classes, n_cls, True
     n = labels.reshape(-1).shape[0]
     both, n_cls = class_ids(torch.cat([labels.reshape(-1), ref_labels.reshape(-1)]))
-    return both[:n], both[n:], n_cls, ref_labels is labels
+    return both[:n], both[n:], n_cls, ref_labels is labels or exclude_self
 
 
 def pair_counts(classes: torch.Tensor, ref_classes: torch.Tensor, n_cls: int, self_pairs: bool):
@@ -215,6 +221,7 @@ def pair_counts(classes: torch.Tensor, ref_classes: torch.Tensor, n_cls: int, se
 def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.1, *,
                     indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                     ref_emb: Optional[torch.Tensor] = None, ref_labels: Optional[torch.Tensor] = None,
+                    exclude_self: bool = False,
                     backend: Optional[str] = None) -> torch.Tensor:
     """SupCon in pytorch-metric-learning's form: ``SupConLoss(temperature)(embeddings, labels,
     ref_emb=..., ref_labels=...)``.
@@ -242,16 +249,19 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
         ref_emb: optional (M, D) reference embeddings, same dtype and device (PML's cross-batch form).
         ref_labels: (M,) classes of ``ref_emb``; required with it unless ``indices_tuple`` is given.
         backend: see ``fastcl.ops.similarity_lse``.
+        exclude_self: with ``ref_emb``, leave out the pairs (i, i): its first N rows are the
+            anchors' own (as CrossBatchMemory's slots of the batch); not with ``indices_tuple``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels)
+    labels, ref_labels = check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_labels,
+                                        exclude_self)
     if indices_tuple is not None:
         return _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb)
     z = l2_normalize(embeddings)
     r = z if ref_emb is None else l2_normalize(ref_emb)
-    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
+    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     pos_dot, count = _positive_stats(z, classes, r, ref_classes, self_pairs)
     per_anchor = _supcon_core(z, r, 1.0 / temperature, pos_dot, count, backend, self_pairs)
     # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term.

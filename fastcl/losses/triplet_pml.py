@@ -103,7 +103,7 @@ def pairs_as_triplets(a1: torch.Tensor, p: torch.Tensor, a2: torch.Tensor, n: to
 def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, margin=0.05, *,
                             indices_tuple: Optional[Sequence[torch.Tensor]] = None,
                             ref_emb: Optional[torch.Tensor] = None,
-                            ref_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            ref_labels: Optional[torch.Tensor] = None, exclude_self: bool = False) -> torch.Tensor:
     """Triplet margin loss in pytorch-metric-learning's form: ``TripletMarginLoss(margin)(embeddings,
     labels, indices_tuple, ref_emb, ref_labels)`` with its defaults (Euclidean distance of
     L2-normalised rows, every triplet, no swap, no smoothing, the mean over triplets with a loss
@@ -127,11 +127,13 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
         margin: float or 0-d tensor (a learnable one gets its gradient), PML's default 0.05.
         indices_tuple: optional mined triplets ``(a, p, n)`` or pairs ``(a1, p, a2, n)``.
         ref_emb: optional (M, D) reference embeddings; ref_labels: their (M,) classes.
+        exclude_self: with ``ref_emb``, leave out the pairs (i, i): its first N rows are the
+            anchors' own (as CrossBatchMemory's slots of the batch); not with ``indices_tuple``.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    labels, ref_labels = check_pml_args(embeddings, labels, 0.1, indices_tuple, ref_emb, ref_labels)
+    labels, ref_labels = check_pml_args(embeddings, labels, 0.1, indices_tuple, ref_emb, ref_labels, exclude_self)
     check_scalar("margin", margin)
     learnable = margin if isinstance(margin, torch.Tensor) and margin.requires_grad else None
     margin = float(margin.detach() if isinstance(margin, torch.Tensor) else margin)  # the counts need its value
@@ -150,7 +152,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
             losses = torch.relu(d[a, p] - d[a, neg] + (margin if learnable is None else learnable.reshape(()).to(ct)))
         above = losses > 0
         return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + poison
-    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels)
+    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     total, count = _AllTriplets.apply(q, k, classes, ref_classes, self_pairs, margin)
     loss = total / count.clamp_min(1).to(ct) + poison
     if learnable is not None:  # d loss / d margin = 1 while any triplet violates it

@@ -36,9 +36,10 @@ class NTXentLoss(nn.Module):
         check_scalar("temperature", temperature, positive=True)
         self.temperature = temperature
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                exclude_self=False):
         return ntxent_loss_pml(embeddings, labels, self.temperature, indices_tuple=indices_tuple, ref_emb=ref_emb,
-                               ref_labels=ref_labels)
+                               ref_labels=ref_labels, exclude_self=exclude_self)
 
 
 class SupConLoss(nn.Module):
@@ -54,9 +55,10 @@ class SupConLoss(nn.Module):
         check_scalar("temperature", temperature, positive=True)
         self.temperature, self.backend = temperature, backend
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                exclude_self=False):
         return supcon_loss_pml(embeddings, labels, self.temperature, indices_tuple=indices_tuple, ref_emb=ref_emb,
-                               ref_labels=ref_labels, backend=self.backend)
+                               ref_labels=ref_labels, exclude_self=exclude_self, backend=self.backend)
 
 
 class TripletMarginLoss(nn.Module):
@@ -78,9 +80,10 @@ class TripletMarginLoss(nn.Module):
                                           f"{name}={default!r}, PML's default")
         self.margin = margin
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                exclude_self=False):
         return triplet_margin_loss_pml(embeddings, labels, self.margin, indices_tuple=indices_tuple, ref_emb=ref_emb,
-                                       ref_labels=ref_labels)
+                                       ref_labels=ref_labels, exclude_self=exclude_self)
 
 
 class MultiSimilarityLoss(nn.Module):
@@ -99,9 +102,11 @@ class MultiSimilarityLoss(nn.Module):
         check_scalar("base", base)
         self.alpha, self.beta, self.base = alpha, beta, base
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                exclude_self=False):
         return multi_similarity_loss_pml(embeddings, labels, self.alpha, self.beta, self.base,
-                                         indices_tuple=indices_tuple, ref_emb=ref_emb, ref_labels=ref_labels)
+                                         indices_tuple=indices_tuple, ref_emb=ref_emb, ref_labels=ref_labels,
+                                         exclude_self=exclude_self)
 
 
 class CircleLoss(nn.Module):
@@ -118,9 +123,10 @@ class CircleLoss(nn.Module):
         check_scalar("gamma", gamma, positive=True)
         self.m, self.gamma = m, gamma
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                exclude_self=False):
         return circle_loss_pml(embeddings, labels, self.m, self.gamma, indices_tuple=indices_tuple, ref_emb=ref_emb,
-                               ref_labels=ref_labels)
+                               ref_labels=ref_labels, exclude_self=exclude_self)
 
 
 class ContrastiveLoss(nn.Module):
@@ -138,9 +144,10 @@ class ContrastiveLoss(nn.Module):
         check_scalar("neg_margin", neg_margin)
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                exclude_self=False):
         return contrastive_loss_pml(embeddings, labels, self.pos_margin, self.neg_margin, indices_tuple=indices_tuple,
-                                    ref_emb=ref_emb, ref_labels=ref_labels)
+                                    ref_emb=ref_emb, ref_labels=ref_labels, exclude_self=exclude_self)
 
 
 class SelfSupervisedLoss(nn.Module):
@@ -171,6 +178,10 @@ class SelfSupervisedLoss(nn.Module):
         if self.symmetric:
             return self.loss(torch.cat([embeddings, ref_emb]), torch.cat([labels, labels]))
         return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=labels.clone())
+
+
+# this module's losses: they take exclude_self (CrossBatchMemory's own slots, without a pair list)
+_EXCLUDE_SELF_LOSSES = (NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss, CircleLoss, ContrastiveLoss)
 
 
 def _all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor):
@@ -206,14 +217,16 @@ class CrossBatchMemory(nn.Module):
     or ``miner(embeddings, labels, memory, memory_labels)``; without ``enqueue_mask`` each
     anchor's own slot is no positive, except in a batch of one, PML's rule; ``indices_tuple`` is
     appended, converted to the miner's pairs or triplets as PML converts it), and returns
-    ``loss(embeddings, labels, pairs, memory, memory_labels)``.  With this module's
-    ``NTXentLoss`` the pairs run on the dense (N, memory) matrix, not PML's (positive pairs x
-    negative pairs); every loss of this module takes such pairs as dense (N, memory) masks or
-    matrices, as PML does.  With ``enqueue_mask`` (MoCo's use: queries against a queue of keys),
-    no miner and no ``indices_tuple`` every pair counts, and the loss gets the memory as
-    references with its labels instead of a list of pairs: its own bounded-memory form.  ``loss`` is any module with PML's call signature; ``miner`` any callable
-    returning pairs or triplets.  Arguments are checked before the batch is written, and more rows
-    to write than ``memory_size`` are refused (PML would overwrite its own rows).
+    ``loss(embeddings, labels, pairs, memory, memory_labels)``.  Without a miner and without
+    ``indices_tuple`` no pair list is formed where the pairs are every pair: with
+    ``enqueue_mask`` (MoCo's use: queries against a queue of keys) or a batch of one, the loss
+    gets the memory as references; otherwise this module's losses get it with the batch's own
+    slots first and ``exclude_self=True``.  Each then runs in its own row blocks.  A miner's
+    pairs go to the loss as PML passes them (this module's losses take them as dense (N, memory)
+    masks or matrices, as PML does).  ``loss`` is any module with PML's call signature;
+    ``miner`` any callable returning pairs or triplets.  Arguments are checked before the batch
+    is written, and more rows to write than ``memory_size`` are refused (PML would overwrite its
+    own rows).
     """
 
     def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024, miner=None):
@@ -290,11 +303,18 @@ class CrossBatchMemory(nn.Module):
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
         if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
             memory = memory.to(anchors.dtype)
-        if slots is None and self.miner is None and indices_tuple is None:
-            # every (anchor, memory) pair, none left out (the anchors were not enqueued): the
-            # wrapped loss's own all-pairs form with references, in its bounded memory, instead
-            # of PML's listed pairs (the same pairs: memory_labels is not the labels object)
-            return self.loss(anchors, labels, None, memory, memory_labels)
+        if self.miner is None and indices_tuple is None:
+            # Every pair but each anchor's own slot: the wrapped loss's own all-pairs form with
+            # the memory as references, in its row blocks, instead of PML's listed pairs (the same
+            # pairs: memory_labels is not the labels object).  Nothing is left out when the
+            # anchors were not enqueued, or for a batch of one (PML's rule).
+            if slots is None or anchors.shape[0] == 1:
+                return self.loss(anchors, labels, None, memory, memory_labels)
+            if isinstance(self.loss, _EXCLUDE_SELF_LOSSES):
+                # the batch's slots first (slot i at row i), so the pairs left out are (i, i)
+                first = (self.queue_idx - anchors.shape[0]) % self.memory_size
+                order = torch.cat([torch.arange(first, filled), torch.arange(0, first)]).to(memory.device)
+                return self.loss(anchors, labels, None, memory[order], memory_labels[order], exclude_self=True)
         pairs = (self.miner(anchors, labels, memory, memory_labels) if self.miner is not None
                  else _all_pairs(labels, memory_labels))
         if slots is not None:
