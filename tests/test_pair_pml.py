@@ -329,8 +329,7 @@ def test_distributed_wrapper_outside_torch_distributed():
 def test_cross_batch_memory_passes_references_not_pairs():
     """Without a miner or indices_tuple, CrossBatchMemory hands this module's losses the memory as
     references and no pair list (enqueue_mask: MoCo's form; otherwise the batch's own slots first,
-    with exclude_self), so each runs in its row blocks; another loss gets PML's pair list unless
-    nothing is left out.  Values: tests/test_ntxent_pml.py runs the same steps against PML's
+    with exclude_self), so each runs in its row blocks; another loss gets PML's pair list.  Values: tests/test_ntxent_pml.py runs the same steps against PML's
     CrossBatchMemory for every loss."""
     seen = []
 
@@ -358,7 +357,7 @@ def test_cross_batch_memory_passes_references_not_pairs():
     assert torch.equal(seen[-1][1][:5], emb[:5]) and seen[-1][3] == {"exclude_self": True}
     plain = fastcl.nn.pml.CrossBatchMemory(Plain(), 5, 32)
     plain(emb, labels, enqueue_mask=torch.arange(12) >= 6)
-    assert seen[-1][0] is None
+    assert seen[-1][0] is not None  # PML's list of every pair
     plain(emb, labels)
     assert seen[-1][0] is not None  # a pair list, each anchor's own slot left out
 
@@ -374,9 +373,13 @@ def test_exclude_self_against_pml_pairs(name, monkeypatch):
     labels, extra_labels = torch.randint(0, 4, (23,), generator=gen), torch.randint(0, 4, (9,), generator=gen)
     ref, ref_labels = torch.cat([emb + 0.01 * randn(23, 6, generator=gen, dtype=torch.float64), extra]), \
         torch.cat([labels, extra_labels])
-    same = labels[:, None] == ref_labels[None, :]
+    # the first references' labels differ from the anchors' in a few rows: (i, i) is left out
+    # whatever its labels (CrossBatchMemory's own slots always share them)
+    ref_labels[:3] = (labels[:3] + 1) % 4
+    same, other = labels[:, None] == ref_labels[None, :], labels[:, None] != ref_labels[None, :]
     same[torch.arange(23), torch.arange(23)] = False
-    pairs = torch.where(same) + torch.where(labels[:, None] != ref_labels[None, :])
+    other[torch.arange(23), torch.arange(23)] = False
+    pairs = torch.where(same) + torch.where(other)
     for blocks in (64.0, 3 * 32 * 40 / 2**20):
         monkeypatch.setattr(strips, "WORKSPACE_MB", blocks)
         (a, c), (b, d) = leaves(emb, ref), leaves(emb, ref)
@@ -390,3 +393,40 @@ def test_exclude_self_against_pml_pairs(name, monkeypatch):
         fn(emb, labels, None, extra, extra_labels, exclude_self=True)
     with pytest.raises(TypeError, match="exclude_self must be a bool"):
         fn(emb, labels, None, ref, ref_labels, exclude_self=1)
+
+
+def test_zero_rule_and_foreign_losses_in_cross_batch_memory():
+    """PML's zero for at most one positive and one negative pair holds for SupCon's all-pairs form
+    too (a batch of one against a memory of two), and a loss that is not fastcl's (PML's triplet
+    loss with random triplets reads no pairs as 'sample') still gets PML's pair list."""
+    pml = _pml()
+    gen = torch.Generator().manual_seed(45)
+    x, lab = randn(3, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 0, 1])
+    mask = torch.tensor([False, True, True])
+    for name in ("SupConLoss", "NTXentLoss", "MultiSimilarityLoss"):
+        ours = fastcl.nn.pml.CrossBatchMemory(getattr(fastcl.nn.pml, name)(), 4, 8)(x, lab, enqueue_mask=mask)
+        theirs = pml.CrossBatchMemory(getattr(pml, name)(), 4, 8)(x, lab, enqueue_mask=mask)
+        assert theirs.item() == 0.0 and ours.item() == 0.0, name
+    assert fastcl.supcon_loss_pml(x[:1], lab[:1], ref_emb=x[1:], ref_labels=lab[1:]).item() == 0.0
+    emb, labels = randn(12, 4, generator=gen, dtype=torch.float64), torch.arange(12) % 3
+    for kw in (dict(enqueue_mask=torch.arange(12) >= 6), {}):
+        ours = fastcl.nn.pml.CrossBatchMemory(pml.TripletMarginLoss(0.5, triplets_per_anchor=1), 4, 16)
+        theirs = pml.CrossBatchMemory(pml.TripletMarginLoss(0.5, triplets_per_anchor=1), 4, 16)
+        ours(emb, labels, **kw)
+        theirs(emb, labels, **kw)
+        for step in range(2):  # PML's pair list makes its triplets all triplets, not random ones
+            assert_close(ours(emb[:1] * 2, labels[:1]), theirs(emb[:1] * 2, labels[:1]), torch.float64,
+                         f"{kw} step {step}")
+
+
+def test_circle_gradient_where_softplus_turns_linear():
+    """Above 20 PyTorch's softplus is the identity, slope exactly 1: the Circle loss's own
+    derivative takes it so (sigmoid there differs by up to e^-20 relative)."""
+    pml = _pml()
+    c = 0.3585
+    emb = torch.tensor([[1.0, 0.0], [c, (1 - c * c) ** 0.5], [0.0, -1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    (a,), (b,) = leaves(emb), leaves(emb)
+    ga = torch.autograd.grad(fastcl.circle_loss_pml(a, labels), a)[0]
+    gb = torch.autograd.grad(pml.CircleLoss()(b, labels), b)[0]
+    assert torch.allclose(ga, gb, rtol=1e-13, atol=0), (ga - gb).abs().max()

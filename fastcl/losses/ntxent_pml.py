@@ -50,8 +50,9 @@ def _block(q, kc, scale, classes, ref_classes, self_pairs: bool, r0: int, r1: in
     s = (q[r0:r1].to(ct) @ kc.T) * scale
     same = classes[r0:r1, None] == ref_classes[None, :]
     neg = ~same
-    if self_pairs:  # anchor i is contrast i: same class, neither positive nor negative
+    if self_pairs:  # anchor i is contrast i: neither positive nor negative
         same.diagonal(offset=r0).fill_(False)
+        neg.diagonal(offset=r0).fill_(False)
     return s, same, neg
 
 

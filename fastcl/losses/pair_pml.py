@@ -53,6 +53,7 @@ class _Rows:
         neg = ~pos
         if self.self_pairs:  # anchor i is contrast i: neither positive nor negative
             pos.diagonal(offset=r0).fill_(False)
+            neg.diagonal(offset=r0).fill_(False)
         return pos, neg
 
     def block(self, qb: torch.Tensor, k: torch.Tensor, params, r0: int, r1: int) -> torch.Tensor:
@@ -186,13 +187,19 @@ def _circle_stats(s, pos, neg, m, gamma):
     return torch.where(pos.any(dim=1) & neg.any(dim=1), loss, 0.0)[:, None]
 
 
+def _softplus_grad(x: torch.Tensor) -> torch.Tensor:
+    """d softplus / dx as PyTorch's softplus takes it: sigmoid, and exactly 1 above 20, where
+    softplus returns x."""
+    return torch.where(x > 20.0, 1.0, torch.sigmoid(x))
+
+
 def _circle_grads(s, pos, neg, g, params, need):
     m, gamma = params
     lp, ln, ap, an = _circle_logits(s, m, gamma)
     wp, lse_p = _lse_weights(lp, pos, False)
     wn, lse_n = _lse_weights(ln, neg, False)
-    # softplus' = sigmoid, for the anchors with a positive and a negative (the others are 0)
-    sig = torch.where(pos.any(dim=1) & neg.any(dim=1), torch.sigmoid(lse_p + lse_n), 0.0) * g[:, 0]
+    # softplus', for the anchors with a positive and a negative (the others are 0)
+    sig = torch.where(pos.any(dim=1) & neg.any(dim=1), _softplus_grad(lse_p + lse_n), 0.0) * g[:, 0]
     d_m = d_gamma = None
     if need[0]:  # d/dm of each logit, the weights' relu' included (0 at the kink, as relu's)
         dlp_dm = -gamma * ((1.0 + m - s > 0) * (s - (1.0 - m)) + ap)

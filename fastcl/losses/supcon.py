@@ -57,8 +57,9 @@ def _positive_stats(anchors: torch.Tensor, anchor_classes: torch.Tensor, contras
     af = anchors.to(ct)
     own = sums.index_select(0, anchor_classes)
     count = counts.index_select(0, anchor_classes)
-    if self_pairs:  # subtracting self from its class sum leaves exactly the positives
-        own, count = own - cf[:anchors.shape[0]], count - 1
+    if self_pairs:  # subtracting contrast i (when of i's class) from its class sum leaves the positives
+        same = (anchor_classes == contrast_classes[:anchors.shape[0]]).to(ct)
+        own, count = own - cf[:anchors.shape[0]] * same[:, None], count - same
     return (af * own).sum(-1), count
 
 
@@ -212,10 +213,14 @@ def pml_classes(labels: torch.Tensor, ref_labels: Optional[torch.Tensor], exclud
 
 def pair_counts(classes: torch.Tensor, ref_classes: torch.Tensor, n_cls: int, self_pairs: bool):
     """(number of positive pairs, number of negative pairs), 0-d int64, of PML's all-pairs form:
-    same class (less the pairs (i, i) when ``self_pairs``) and different class."""
+    same class and different class, less the pairs (i, i) when ``self_pairs``."""
+    n = classes.shape[0]
     per_class = torch.bincount(ref_classes, minlength=n_cls).index_select(0, classes)
-    n_pos = per_class.sum() - (classes.shape[0] if self_pairs else 0)
-    return n_pos, ref_classes.shape[0] * classes.shape[0] - per_class.sum()
+    n_pos, n_neg = per_class.sum(), ref_classes.shape[0] * n - per_class.sum()
+    if self_pairs:
+        same = (classes == ref_classes[:n]).sum()
+        n_pos, n_neg = n_pos - same, n_neg - (n - same)
+    return n_pos, n_neg
 
 
 def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.1, *,
@@ -261,11 +266,14 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
         return _supcon_pml_mined(embeddings, temperature, indices_tuple, ref_emb)
     z = l2_normalize(embeddings)
     r = z if ref_emb is None else l2_normalize(ref_emb)
-    classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
+    classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels,
+                                                          exclude_self)
     pos_dot, count = _positive_stats(z, classes, r, ref_classes, self_pairs)
     per_anchor = _supcon_core(z, r, 1.0 / temperature, pos_dot, count, backend, self_pairs)
-    # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term.
-    return _mean_nonzero(per_anchor, (count < r.shape[0] - int(self_pairs)).any())
+    # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term,
+    # and when there is at most one positive and at most one negative pair (its pair losses' rule).
+    n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
+    return _mean_nonzero(per_anchor, (n_neg > 0) & ((n_pos > 1) | (n_neg > 1)))
 
 
 def _mean_nonzero(per_anchor: torch.Tensor, has_pairs) -> torch.Tensor:

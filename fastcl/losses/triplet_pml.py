@@ -33,8 +33,9 @@ def _block(q, k, classes, ref_classes, self_pairs: bool, margin: float, r0: int,
     d = euclidean_distances(q[r0:r1], k)
     pos = classes[r0:r1, None] == ref_classes[None, :]
     neg = ~pos
-    if self_pairs:
+    if self_pairs:  # anchor i is contrast i: neither positive nor negative
         pos.diagonal(offset=r0).fill_(False)
+        neg.diagonal(offset=r0).fill_(False)
     inf = float("inf")
     return d, pos, neg, torch.where(pos, d + margin, inf), torch.where(neg, d, inf)
 

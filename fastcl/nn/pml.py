@@ -218,12 +218,11 @@ class CrossBatchMemory(nn.Module):
     anchor's own slot is no positive, except in a batch of one, PML's rule; ``indices_tuple`` is
     appended, converted to the miner's pairs or triplets as PML converts it), and returns
     ``loss(embeddings, labels, pairs, memory, memory_labels)``.  Without a miner and without
-    ``indices_tuple`` no pair list is formed where the pairs are every pair: with
-    ``enqueue_mask`` (MoCo's use: queries against a queue of keys) or a batch of one, the loss
-    gets the memory as references; otherwise this module's losses get it with the batch's own
-    slots first and ``exclude_self=True``.  Each then runs in its own row blocks.  A miner's
-    pairs go to the loss as PML passes them (this module's losses take them as dense (N, memory)
-    masks or matrices, as PML does).  ``loss`` is any module with PML's call signature;
+    ``indices_tuple`` this module's losses get no pair list: with ``enqueue_mask`` (MoCo's use:
+    queries against a queue of keys) or a batch of one they get the memory as references;
+    otherwise the memory with the batch's own slots first and ``exclude_self=True``.  Each then
+    runs in its own row blocks.  A miner's pairs go to the loss as PML passes them (this module's
+    losses take them as dense (N, memory) masks or matrices, as PML does).  ``loss`` is any module with PML's call signature;
     ``miner`` any callable returning pairs or triplets.  Arguments are checked before the batch
     is written, and more rows to write than ``memory_size`` are refused (PML would overwrite its
     own rows).
@@ -308,7 +307,9 @@ class CrossBatchMemory(nn.Module):
             # the memory as references, in its row blocks, instead of PML's listed pairs (the same
             # pairs: memory_labels is not the labels object).  Nothing is left out when the
             # anchors were not enqueued, or for a batch of one (PML's rule).
-            if slots is None or anchors.shape[0] == 1:
+            # Only this module's losses: PML's read no pairs otherwise at times (random triplets
+            # with an integer triplets_per_anchor).
+            if isinstance(self.loss, _EXCLUDE_SELF_LOSSES) and (slots is None or anchors.shape[0] == 1):
                 return self.loss(anchors, labels, None, memory, memory_labels)
             if isinstance(self.loss, _EXCLUDE_SELF_LOSSES):
                 # the batch's slots first (slot i at row i), so the pairs left out are (i, i)
