@@ -15,6 +15,8 @@ matmuls of the same shape: what any method that recomputes the logits in the bac
     python benchmarks/cpu_losses.py --loss pml_triplet --n 1024 --d 128  # PML's TripletMarginLoss, 100 classes
     python benchmarks/cpu_losses.py --loss pml_contrastive --n 8192 --d 128  # PML's ContrastiveLoss, 100 classes
     python benchmarks/cpu_losses.py --loss pml_multisim --n 8192 --d 128     # PML's MultiSimilarityLoss
+    python benchmarks/cpu_losses.py --loss pml_xbm --n 1024 --d 128 --methods naive,fastcl_cpu
+        # PML's CrossBatchMemory(ContrastiveLoss(), d, 16384), full, one batch of n (100 classes)
 
 caption is CoCa's caption cross-entropy over (N, 76, D) logits (D the vocabulary), 10% padding.
 pml_ntxent takes SimCLR's labels (row i and row i + N/2 are one pair, as PML's SelfSupervisedLoss
@@ -49,7 +51,7 @@ def _inputs(loss: str, n: int, d: int):
         labels = torch.randint(1, d, (n, 76))
         labels[:, -8:] = 0
         return [logits], {"labels": labels}, n
-    if loss in ("pml_triplet", "pml_contrastive", "pml_multisim"):
+    if loss in ("pml_triplet", "pml_contrastive", "pml_multisim", "pml_xbm"):
         emb = F.normalize(torch.randn(n, d), dim=-1).requires_grad_()
         return [emb], {"labels": torch.randint(0, 100, (n,))}, n
     if loss == "pml_ntxent":
@@ -94,6 +96,12 @@ def _loss_fns(loss: str):
         from pytorch_metric_learning.losses import MultiSimilarityLoss
         return (lambda t, e: MultiSimilarityLoss()(t[0], e["labels"]),
                 lambda t, e: fastcl.multi_similarity_loss_pml(t[0], e["labels"]))
+    if loss == "pml_xbm":
+        import pytorch_metric_learning.losses as pml_losses
+
+        import fastcl.nn.pml as ours
+        return (_full_memory(pml_losses.CrossBatchMemory, pml_losses.ContrastiveLoss),
+                _full_memory(ours.CrossBatchMemory, ours.ContrastiveLoss))
     if loss == "pml_ntxent":
         from pytorch_metric_learning.losses import NTXentLoss
         return (lambda t, e: NTXentLoss(0.07)(t[0], e["labels"]),
@@ -104,6 +112,27 @@ def _loss_fns(loss: str):
     return (lambda t, e: B.naive_supcon(t[0], e["labels"], temperature=0.1, base_temperature=0.1),
             lambda t, e: fastcl.supcon_loss(t[0], e["labels"], temperature=0.1, base_temperature=0.1,
                                             backend="cpu"))
+
+
+def _full_memory(memory_cls, loss_cls, size: int = 16384):
+    """A step of ``memory_cls(loss_cls(), d, size)`` whose memory is already full (written
+    directly, on the first call: the untimed warm-up), on (embeddings, labels)."""
+    import torch
+    import torch.nn.functional as F
+
+    state = {}
+
+    def step(t, e):
+        if "xbm" not in state:
+            d = t[0].shape[1]
+            xbm = memory_cls(loss_cls(), d, size)
+            g = torch.Generator().manual_seed(1)
+            xbm.embedding_memory = F.normalize(torch.randn(size, d, generator=g), dim=-1)
+            xbm.label_memory = torch.randint(0, 100, (size,), generator=g)
+            xbm.has_been_filled, xbm.queue_idx = True, 0
+            state["xbm"] = xbm
+        return state["xbm"](t[0], e["labels"])
+    return step
 
 
 def worker(loss: str, method: str, n: int, d: int, reps: int) -> dict:
@@ -151,7 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loss", default="clip",
                     choices=("clip", "siglip", "supcon", "pml_ntxent", "pml_triplet", "pml_contrastive",
-                             "pml_multisim", "caption", "hypersphere"))
+                             "pml_multisim", "pml_xbm", "caption", "hypersphere"))
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="rounds; each runs every method once, in its own process")
