@@ -535,6 +535,16 @@ def pml_wrapper_checks(ck, rank, world):
     for efficient in (False, True):
         ck.run(f"pml wrapper references efficient={efficient}", lambda e=efficient: compare("NTXentLoss", e, True))
 
+    def efficient_batch_of_one():  # PML keeps each anchor's pair with its own gathered row then
+        for name in ("MultiSimilarityLoss", "ContrastiveLoss", "SupConLoss"):
+            x, y = emb[rank:rank + 1].clone().requires_grad_(), emb[rank:rank + 1].clone().requires_grad_()
+            ours = DistributedLossWrapper(getattr(fastcl.nn.pml, name)(), True)(x, labels[rank:rank + 1])
+            theirs = PMLWrapper(getattr(pml, name)(), True)(y, labels[rank:rank + 1])
+            ck.close(ours, theirs, f"{name} value")
+            ck.close(torch.autograd.grad(ours, x, allow_unused=True, materialize_grads=True)[0],
+                     torch.autograd.grad(theirs, y, allow_unused=True, materialize_grads=True)[0], f"{name} grad")
+    ck.run("pml wrapper efficient batch of one", efficient_batch_of_one)
+
     def cross_batch_memory():  # two steps, the second with an enqueue mask; the memories agree too
         ours = DistributedLossWrapper(fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.ContrastiveLoss(), d, 40))
         theirs = PMLWrapper(pml.CrossBatchMemory(pml.ContrastiveLoss(), d, 40))

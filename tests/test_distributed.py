@@ -45,7 +45,7 @@ EXPECTED = ["clip gather local_loss=True", "coca module gather", "clip ring loca
 if importlib.util.find_spec("pytorch_metric_learning") is not None:  # fastcl.nn.pml.DistributedLossWrapper vs PML's
     EXPECTED += ([f"pml wrapper {n} efficient={e}" for n in _dist_worker.PML_WRAPPED for e in (False, True)]
                  + [f"pml wrapper references efficient={e}" for e in (False, True)]
-                 + ["pml wrapper cross batch memory", "pml wrapper uneven batches", "pml wrapper labels given on one rank",
+                 + ["pml wrapper efficient batch of one", "pml wrapper cross batch memory", "pml wrapper uneven batches", "pml wrapper labels given on one rank",
                     "pml wrapper D mismatch", "pml wrapper local error published", "pml wrapper kind errors published"])
 
 

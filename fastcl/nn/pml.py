@@ -353,9 +353,10 @@ class DistributedLossWrapper(nn.Module):
     is ``world_size`` times the wrapped loss (DDP's mean of the ranks' gradients then gives the
     gradient of the loss over the gathered batch).  Without ``efficient`` the loss runs over the
     whole gathered batch, in the wrapped loss's bounded memory; with it, this rank's rows are the
-    anchors against the gathered references, the pairs listed as PML lists them (every pair but
-    each anchor with itself, a batch of one keeping it, PML's rule), which takes the dense
-    (N, world x N) path.  ``CrossBatchMemory`` enqueues the gathered batch (no ``efficient``).
+    anchors against the gathered references, with PML's pairs (every pair but each anchor with
+    itself, a batch of one keeping it, PML's rule): this module's losses take them as
+    ``exclude_self`` in their row blocks (with ``ref_emb``, or another loss, the pairs are listed
+    as PML lists them, the dense (N, world x N) path).  ``CrossBatchMemory`` enqueues the gathered batch (no ``efficient``).
 
     Unlike PML: the ranks' batches may differ in size, and a rank whose arguments differ from the
     others' in D, dtype or which of them are given, or fail their checks, makes every rank raise,
@@ -448,6 +449,10 @@ class DistributedLossWrapper(nn.Module):
             all_emb = all_ref
         if indices_tuple is None:
             n = embeddings.shape[0]
+            if all_ref is None and isinstance(self.loss, _EXCLUDE_SELF_LOSSES):
+                # PML's pairs are every pair but each anchor with its own gathered row (row i, of
+                # its label; a batch of one keeps it): the loss's all-pairs form, in its row blocks
+                return self.loss(embeddings, labels, None, all_emb, all_labels, exclude_self=n > 1) * world
             indices_tuple = _drop_self_pairs(_all_pairs(labels, all_labels), torch.arange(n, device=labels.device),
                                              0, n - 1, all_labels.shape[0])
         return self.loss(embeddings, labels, indices_tuple, all_emb, all_labels) * world
