@@ -9,6 +9,17 @@ differentiable ops, so a second derivative exists (cdist's own backward has none
 import torch
 
 
+def distance_grads(grad: torch.Tensor, d: torch.Tensor, q: torch.Tensor, k: torch.Tensor, need_q: bool = True,
+                   need_k: bool = True):
+    """(dq (N, D) or None, dk (M, D) or None) of ``sum(grad * d)`` for the distances d (N, M) of
+    q (N, D) and k (M, D): d(d_ij)/dq_i = (q_i - k_j) / d_ij, and 0 at d = 0, as cdist's.
+    Differentiable ops, so it has a derivative of its own."""
+    w = torch.where(d > 0, grad / d, 0.0)
+    gq = w.sum(1, keepdim=True) * q - w @ k if need_q else None
+    gk = w.sum(0)[:, None] * k - w.T @ q if need_k else None
+    return gq, gk
+
+
 class _Cdist(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k):
@@ -19,10 +30,7 @@ class _Cdist(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, d = ctx.saved_tensors
-        w = torch.where(d > 0, grad / d, 0.0)  # d(d_ij)/dq_i = (q_i - k_j) / d_ij; 0 at d = 0, as cdist
-        gq = w.sum(1, keepdim=True) * q - w @ k if ctx.needs_input_grad[0] else None
-        gk = w.sum(0)[:, None] * k - w.T @ q if ctx.needs_input_grad[1] else None
-        return gq, gk
+        return distance_grads(grad, d, q, k, *ctx.needs_input_grad)
 
 
 def euclidean_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

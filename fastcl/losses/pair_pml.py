@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastcl.losses.euclidean import euclidean_distances
+from fastcl.losses.euclidean import distance_grads, euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import _mean_nonzero, check_pml_args, mined_pair_masks, mined_pairs, pair_counts, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
@@ -101,21 +101,19 @@ class _RowStats(torch.autograd.Function):
                 qb = q[r0:r1]
                 x = rows.scores(qb, k)
                 dx, dps = rows.grads(x, *rows.pairs(r0, r1), grad[r0:r1], params, needs[3:])
-                if rows.distance:  # d(d_ij)/dq_i = (q_i - k_j) / d_ij; 0 at d = 0, as cdist
-                    dx = torch.where(x > 0, dx / x, 0.0)
-                    if needs[0]:
-                        grads[0][r0:r1] = dx.sum(1, keepdim=True) * qb - dx @ k
-                    if needs[1]:
-                        grads[1] += dx.sum(0)[:, None] * k - dx.T @ qb
+                if rows.distance:
+                    gq_b, gk_b = distance_grads(dx, x, qb, k, needs[0], needs[1])
                 else:
-                    if needs[0]:
-                        grads[0][r0:r1] = dx @ k
-                    if needs[1]:
-                        grads[1] += dx.T @ qb
+                    gq_b = dx @ k if needs[0] else None
+                    gk_b = dx.T @ qb if needs[1] else None
+                if needs[0]:
+                    grads[0][r0:r1] = gq_b
+                if needs[1]:
+                    grads[1] += gk_b
                 for acc, dp in zip(param_grads, dps):
                     if dp is not None:
                         acc += dp
-                del x, dx
+                del x, dx, gq_b, gk_b
         for i, acc in enumerate(param_grads):
             if needs[3 + i]:
                 grads[3 + i] = acc

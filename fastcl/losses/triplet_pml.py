@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastcl.losses.euclidean import euclidean_distances
+from fastcl.losses.euclidean import distance_grads, euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
 from fastcl.ops.reference import autocast_off, compute_dtype
@@ -85,12 +85,10 @@ class _AllTriplets(torch.autograd.Function):
                 n_pos = pos.sum(dim=1, keepdim=True)
                 c_neg = torch.where(neg, n_pos - torch.searchsorted(t.sort(dim=1).values, y.contiguous(), right=True),
                                     0)
-                w = (c_pos - c_neg).to(ct) * grad
-                w = torch.where(d > 0, w / d, 0.0)  # d(d_ij)/dq_i = (q_i - k_j) / d_ij; 0 at d = 0, as cdist
-                qb = q[r0:r1]
-                gq[r0:r1] = w.sum(1, keepdim=True) * qb - w @ k
-                gk += w.sum(0)[:, None] * k - w.T @ qb
-                del d, pos, neg, t, y, w
+                gq_b, gk_b = distance_grads((c_pos - c_neg).to(ct) * grad, d, q[r0:r1], k)
+                gq[r0:r1] = gq_b
+                gk += gk_b
+                del d, pos, neg, t, y, gq_b, gk_b
         return gq, gk, None, None, None, None
 
 
