@@ -76,6 +76,11 @@ def load_module(name: str, path):
     return module
 
 
+def pml_losses():
+    """pytorch-metric-learning's ``losses`` module (the reference of the PML drop-ins), or a skip."""
+    return pytest.importorskip("pytorch_metric_learning.losses")
+
+
 def leaves(*tensors):
     """Fresh leaf copies of ``tensors`` that require grad (one per call site under comparison)."""
     return [t.detach().clone().requires_grad_() for t in tensors]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import DTYPES, NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, leaves, randn
+from conftest import DTYPES, NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, leaves, pml_losses, randn
 from fastcl.ops import strips
 
 
@@ -239,14 +239,10 @@ def test_errors():
 # ---- against pytorch-metric-learning itself --------------------------------------------------
 
 
-def _pml():
-    return pytest.importorskip("pytorch_metric_learning.losses")
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_pytorch_metric_learning_ntxent(dtype):
     """Labels (float labels compare by value), references, the labels object as ref_labels."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(6)
     emb, ref = randn(67, 40, generator=gen, dtype=dtype), randn(131, 40, generator=gen, dtype=dtype)
     labels, ref_labels = torch.randint(0, 9, (67,), generator=gen), torch.randint(0, 9, (131,), generator=gen)
@@ -267,7 +263,7 @@ def test_pytorch_metric_learning_ntxent_with_a_miner(cross):
     """A miner's pairs or triplets, and hand-made pairs with repeats: a repeated positive pair is
     two losses, a repeated negative pair counts twice in its anchor's denominator, as in PML.
     (31 rows: PML holds a (positive pairs x negative pairs) matrix, 11 GB for all triplets of 67.)"""
-    pml = _pml()
+    pml = pml_losses()
     miners = pytest.importorskip("pytorch_metric_learning.miners")
     gen = torch.Generator().manual_seed(8)
     emb = randn(31, 40, generator=gen, dtype=torch.float64)
@@ -314,7 +310,7 @@ def test_pytorch_metric_learning_ntxent_with_a_miner(cross):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pytorch_metric_learning_self_supervised(symmetric):
     """SelfSupervisedLoss around NTXentLoss and SupConLoss (PML's defaults: 0.07 and 0.1)."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(9)
     emb, ref = randn(67, 40, generator=gen), randn(67, 40, generator=gen)
     for ours_cls, theirs_cls in ((fastcl.nn.pml.NTXentLoss, pml.NTXentLoss),
@@ -326,7 +322,7 @@ def test_pytorch_metric_learning_self_supervised(symmetric):
 
 
 def test_defaults_match_pml():
-    pml = _pml()
+    pml = pml_losses()
     assert fastcl.nn.pml.NTXentLoss().temperature == pml.NTXentLoss().temperature == 0.07
     assert fastcl.nn.pml.SupConLoss().temperature == pml.SupConLoss().temperature == 0.1
 
@@ -366,7 +362,7 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
     """CrossBatchMemory around each PML-form loss against PML's, step by step: the memory
     fills, wraps around (batches of 13, then of 1, in a memory of 40), and every step's loss,
     gradient and memory agree."""
-    pml = _pml()
+    pml = pml_losses()
     miners = pytest.importorskip("pytorch_metric_learning.miners")
     gen = torch.Generator().manual_seed(18)
     d, size = 6, 40

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, check_loss_and_grads, leaves, randn
+from conftest import (NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, check_loss_and_grads, leaves, pml_losses,
+                      randn)
 from fastcl.ops import strips
 
 LOSSES = ["MultiSimilarityLoss", "CircleLoss", "ContrastiveLoss"]
@@ -18,10 +19,6 @@ FUNCTIONAL = {"MultiSimilarityLoss": fastcl.multi_similarity_loss_pml, "CircleLo
               "ContrastiveLoss": fastcl.contrastive_loss_pml}
 
 
-def _pml():
-    return pytest.importorskip("pytorch_metric_learning.losses")
-
-
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("blocks", ["one", "many"])
@@ -29,7 +26,7 @@ def test_against_pytorch_metric_learning(name, dtype, blocks, monkeypatch):
     """Labels (defaults and other parameters), float labels, and references: other labels, the
     labels object itself (PML leaves out the pairs (i, i)) and a copy of it (it keeps them).
     "many" walks rows of the matrix two or three at a time."""
-    pml = _pml()
+    pml = pml_losses()
     if blocks == "many":
         monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 71 * 25 / 2**20)
     gen = torch.Generator().manual_seed(31)
@@ -57,7 +54,7 @@ def test_against_pytorch_metric_learning(name, dtype, blocks, monkeypatch):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_against_float64(name, dtype):
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(32)
     emb = randn(67, 40, generator=gen, dtype=dtype)
     labels = torch.randint(0, 7, (67,), generator=gen)
@@ -71,7 +68,7 @@ def test_half_inputs_against_float64(name, dtype):
 def test_learnable_parameters(name):
     """Every parameter as a tensor that requires grad gets PML's gradient, on the labels path (in
     row blocks) and on a miner's pairs."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(33)
     emb = randn(31, 8, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 4, (31,), generator=gen)
@@ -92,7 +89,7 @@ def test_learnable_parameters(name):
 def test_with_miners(name):
     """A miner's pairs, a miner's triplets, pairs named twice (the mask losses count them once,
     the contrastive loss twice, as PML), and a pair named positive and negative (PML asserts)."""
-    pml = _pml()
+    pml = pml_losses()
     miners = pytest.importorskip("pytorch_metric_learning.miners")
     gen = torch.Generator().manual_seed(34)
     emb = randn(67, 40, generator=gen, dtype=torch.float64)
@@ -128,7 +125,7 @@ def test_with_miners(name):
 def test_degenerate_and_nan(name):
     """One label (no negative pair), all labels distinct (no positive pair), two samples (at most
     one pair of each: PML's 0), one sample; NaN in any embedding gives NaN, PML's zero included."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(35)
     emb = randn(9, 5, generator=gen, dtype=torch.float64)
     for labels in (torch.zeros(9, dtype=torch.long), torch.arange(9), torch.tensor([0, 1] + [2] * 7)):
@@ -158,7 +155,7 @@ def test_second_derivatives(name, monkeypatch):
     """create_graph=True through the row blocks: the derivative of a gradient's square against
     PML's class in float64 (the contrastive loss against its formula with explicit differences:
     cdist has no second derivative), in many row blocks."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(36)
     emb = randn(23, 6, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 4, (23,), generator=gen)
@@ -367,7 +364,7 @@ def test_exclude_self_against_pml_pairs(name, monkeypatch):
     """exclude_self=True (references whose first N rows are the anchors' own, as CrossBatchMemory
     passes them) equals PML's class given every pair but (i, i) as indices_tuple, in one row block
     and in many; its misuse is refused by name."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(44)
     emb, extra = randn(23, 6, generator=gen, dtype=torch.float64), randn(9, 6, generator=gen, dtype=torch.float64)
     labels, extra_labels = torch.randint(0, 4, (23,), generator=gen), torch.randint(0, 4, (9,), generator=gen)
@@ -399,7 +396,7 @@ def test_zero_rule_and_foreign_losses_in_cross_batch_memory():
     """PML's zero for at most one positive and one negative pair holds for SupCon's all-pairs form
     too (a batch of one against a memory of two), and a loss that is not fastcl's (PML's triplet
     loss with random triplets reads no pairs as 'sample') still gets PML's pair list."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(45)
     x, lab = randn(3, 4, generator=gen, dtype=torch.float64), torch.tensor([0, 0, 1])
     mask = torch.tensor([False, True, True])
@@ -422,7 +419,7 @@ def test_zero_rule_and_foreign_losses_in_cross_batch_memory():
 def test_circle_gradient_where_softplus_turns_linear():
     """Above 20 PyTorch's softplus is the identity, slope exactly 1: the Circle loss's own
     derivative takes it so (sigmoid there differs by up to e^-20 relative)."""
-    pml = _pml()
+    pml = pml_losses()
     c = 0.3585
     emb = torch.tensor([[1.0, 0.0], [c, (1 - c * c) ** 0.5], [0.0, -1.0]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 1])

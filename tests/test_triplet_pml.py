@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, check_loss_and_grads, leaves, randn
+from conftest import (NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, check_loss_and_grads, leaves, pml_losses,
+                      randn)
 from fastcl.ops import strips
 
 
@@ -25,16 +26,12 @@ def oracle(emb, labels, margin, ref=None, ref_labels=None):
     return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + 0 * q.sum()
 
 
-def _pml():
-    return pytest.importorskip("pytorch_metric_learning.losses")
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("blocks", ["one", "many"])
 def test_against_pytorch_metric_learning(dtype, blocks, monkeypatch):
     """Labels, references (other labels; the labels object itself), two margins, float labels;
     "many" walks rows of the distance matrix two or three at a time."""
-    pml = _pml()
+    pml = pml_losses()
     if blocks == "many":
         monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 71 * 67 / 2**20)
     gen = torch.Generator().manual_seed(21)
@@ -70,7 +67,7 @@ def test_half_inputs_against_float64(dtype):
 
 def test_with_miners():
     """A miner's triplets, a miner's pairs (paired up per anchor, as PML does), one triplet."""
-    pml = _pml()
+    pml = pml_losses()
     miners = pytest.importorskip("pytorch_metric_learning.miners")
     gen = torch.Generator().manual_seed(23)
     emb = randn(67, 40, generator=gen, dtype=torch.float64)
@@ -161,7 +158,7 @@ def test_second_derivatives():
 
 def test_learnable_margin():
     """A margin tensor that requires grad gets PML's gradient, on both paths."""
-    pml = _pml()
+    pml = pml_losses()
     gen = torch.Generator().manual_seed(29)
     emb = randn(31, 8, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 4, (31,), generator=gen)
