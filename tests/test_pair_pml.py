@@ -219,8 +219,9 @@ def test_scratch_within_workspace(name, dtype, learnable, monkeypatch):
 @pytest.mark.parametrize("name", LOSSES)
 def test_parameters_nan_and_mined_pairs_under_autocast(name):
     """A NaN parameter gives NaN on both paths (PML's contrastive loss drops a NaN margin's pairs,
-    a silent wrong value), or an error naming it where it must be positive; a miner's pairs, with the backward run inside CPU bf16 autocast too,
-    keep fp32 (their row blocks run outside autocast)."""
+    a silent wrong value), or an error naming it where it must be positive; a miner's pairs, with
+    the backward run inside CPU bf16 autocast too, keep fp32 (their row blocks run outside
+    autocast)."""
     gen = torch.Generator().manual_seed(41)
     emb = randn(67, 40, generator=gen)
     labels = torch.randint(0, 5, (67,), generator=gen)
@@ -326,8 +327,9 @@ def test_distributed_wrapper_outside_torch_distributed():
 def test_cross_batch_memory_passes_references_not_pairs():
     """Without a miner or indices_tuple, CrossBatchMemory hands this module's losses the memory as
     references and no pair list (enqueue_mask: MoCo's form; otherwise the batch's own slots first,
-    with exclude_self), so each runs in its row blocks; another loss gets PML's pair list.  Values: tests/test_ntxent_pml.py runs the same steps against PML's
-    CrossBatchMemory for every loss."""
+    with exclude_self), so each runs in its row blocks; another loss gets PML's pair list.
+    Values: tests/test_ntxent_pml.py runs the same steps against PML's CrossBatchMemory for every
+    loss."""
     seen = []
 
     class Recorder(fastcl.nn.pml.MultiSimilarityLoss):
