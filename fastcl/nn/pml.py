@@ -222,10 +222,10 @@ class CrossBatchMemory(nn.Module):
     queries against a queue of keys) or a batch of one they get the memory as references;
     otherwise the memory with the batch's own slots first and ``exclude_self=True``.  Each then
     runs in its own row blocks.  A miner's pairs go to the loss as PML passes them (this module's
-    losses take them as dense (N, memory) masks or matrices, as PML does).  ``loss`` is any module with PML's call signature;
-    ``miner`` any callable returning pairs or triplets.  Arguments are checked before the batch
-    is written, and more rows to write than ``memory_size`` are refused (PML would overwrite its
-    own rows).
+    losses take them as dense (N, memory) masks or matrices, as PML does).  ``loss`` is any
+    module with PML's call signature; ``miner`` any callable returning pairs or triplets.
+    Arguments are checked before the batch is written, and more rows to write than
+    ``memory_size`` are refused (PML would overwrite its own rows).
     """
 
     def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int = 1024, miner=None):
@@ -302,25 +302,22 @@ class CrossBatchMemory(nn.Module):
         memory, memory_labels = self.embedding_memory[:filled], self.label_memory[:filled]
         if memory.dtype != anchors.dtype:  # under CUDA autocast the memory stays as it was (PML's rule)
             memory = memory.to(anchors.dtype)
-        if self.miner is None and indices_tuple is None:
-            # Every pair but each anchor's own slot: the wrapped loss's own all-pairs form with
-            # the memory as references, in its row blocks, instead of PML's listed pairs (the same
-            # pairs: memory_labels is not the labels object).  Nothing is left out when the
-            # anchors were not enqueued, or for a batch of one (PML's rule).
-            # Only this module's losses: PML's read no pairs otherwise at times (random triplets
-            # with an integer triplets_per_anchor).
-            if isinstance(self.loss, _EXCLUDE_SELF_LOSSES) and (slots is None or anchors.shape[0] == 1):
+        # the batch's first slot, known on the host (no wait for the device)
+        first = (self.queue_idx - anchors.shape[0]) % self.memory_size
+        if self.miner is None and indices_tuple is None and isinstance(self.loss, _EXCLUDE_SELF_LOSSES):
+            # Every pair but each anchor's own slot: this module's losses take the memory as
+            # references, in their row blocks, instead of PML's listed pairs (the same pairs:
+            # memory_labels is not the labels object).  Nothing is left out when the anchors were
+            # not enqueued, or for a batch of one (PML's rule).  Other losses get the list: PML's
+            # read no pairs otherwise at times (random triplets with an integer triplets_per_anchor).
+            if slots is None or anchors.shape[0] == 1:
                 return self.loss(anchors, labels, None, memory, memory_labels)
-            if isinstance(self.loss, _EXCLUDE_SELF_LOSSES):
-                # the batch's slots first (slot i at row i), so the pairs left out are (i, i)
-                first = (self.queue_idx - anchors.shape[0]) % self.memory_size
-                order = torch.cat([torch.arange(first, filled), torch.arange(0, first)]).to(memory.device)
-                return self.loss(anchors, labels, None, memory[order], memory_labels[order], exclude_self=True)
+            # the batch's slots first (slot i at row i), so the pairs left out are (i, i)
+            order = torch.cat([torch.arange(first, filled), torch.arange(0, first)]).to(memory.device)
+            return self.loss(anchors, labels, None, memory[order], memory_labels[order], exclude_self=True)
         pairs = (self.miner(anchors, labels, memory, memory_labels) if self.miner is not None
                  else _all_pairs(labels, memory_labels))
         if slots is not None:
-            # the batch's first and last slots, known on the host (no wait for the device)
-            first = (self.queue_idx - anchors.shape[0]) % self.memory_size
             pairs = _drop_self_pairs(pairs, slots, first, (first + anchors.shape[0] - 1) % self.memory_size,
                                      self.memory_size)
         if indices_tuple is not None:
@@ -356,7 +353,8 @@ class DistributedLossWrapper(nn.Module):
     anchors against the gathered references, with PML's pairs (every pair but each anchor with
     itself, a batch of one keeping it, PML's rule): this module's losses take them as
     ``exclude_self`` in their row blocks (with ``ref_emb``, or another loss, the pairs are listed
-    as PML lists them, the dense (N, world x N) path).  ``CrossBatchMemory`` enqueues the gathered batch (no ``efficient``).
+    as PML lists them, the dense (N, world x N) path).  ``CrossBatchMemory`` enqueues the
+    gathered batch (no ``efficient``).
 
     Unlike PML: the ranks' batches may differ in size, and a rank whose arguments differ from the
     others' in D, dtype or which of them are given, or fail their checks, makes every rank raise,
