@@ -141,15 +141,13 @@ def _lse(x: torch.Tensor, keep: torch.Tensor, plus_one: bool) -> torch.Tensor:
     """Per row ``log(sum_{keep} e^x [+ 1])`` (rows, M) -> (rows,): PML's ``logsumexp(keep_mask,
     add_one)``, 0 (with zero gradient) for a row with nothing kept."""
     _, total, top = _lse_parts(x, keep, plus_one)
-    out = total.log() + top
-    return out if plus_one else torch.where(keep.any(dim=1), out, 0.0)
+    return total.log() + top  # log 1 + 0 for a row with nothing kept
 
 
 def _lse_weights(x: torch.Tensor, keep: torch.Tensor, plus_one: bool):
     """(d lse / d x (rows, M): the softmax weights, 0 off ``keep``; lse (rows,)) of ``_lse``."""
     e, total, top = _lse_parts(x, keep, plus_one)
-    out = total.log() + top
-    return e / total[:, None], (out if plus_one else torch.where(keep.any(dim=1), out, 0.0))
+    return e / total[:, None], total.log() + top
 
 
 def _ms_stats(s, pos, neg, alpha, beta, base):
