@@ -23,7 +23,7 @@ import fastcl.ops.sigmoid_pair  # noqa: F401  (registers torch.ops.fastcl.sigmoi
 import fastcl.ops.similarity_lse  # noqa: F401  (registers torch.ops.fastcl.similarity_lse_*)
 from fastcl.distributed import Ring, refuse_graph_backward
 from fastcl.ops.dispatch import resolve_backend
-from fastcl.ops.reference import compute_dtype, reference_logits, scalar_tensor, softmax_mass
+from fastcl.ops.reference import apply_function, compute_dtype, reference_logits, scalar_tensor, softmax_mass
 
 Tensor = torch.Tensor
 
@@ -210,7 +210,7 @@ def ring_similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, cols: bool = 
     """
     be = block_backend("similarity_lse", backend, q, sizes)
     bias_t = _scalar(0.0 if bias is None else bias, q)
-    return _RingLSE.apply(q, k, _scalar(scale, q), bias_t, cols, exclude_self, be, ring, list(sizes))
+    return apply_function(_RingLSE, q, k, _scalar(scale, q), bias_t, cols, exclude_self, be, ring, list(sizes))
 
 
 # ---- SigLIP pair sum ----
@@ -321,4 +321,4 @@ def ring_sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, ring: Ring, siz
         0-d float32 tensor (float64 for float64 inputs), differentiable in q, k, scale and bias.
     """
     be = block_backend("sigmoid_pair", backend, q, sizes)
-    return _RingSigmoid.apply(q, k, _scalar(scale, q), _scalar(bias, q), be, ring, list(sizes))
+    return apply_function(_RingSigmoid, q, k, _scalar(scale, q), _scalar(bias, q), be, ring, list(sizes))

@@ -5,6 +5,8 @@ import torch
 import fastcl
 from conftest import assert_close
 from fastcl._ext import extension_available
+from fastcl.losses.euclidean import euclidean_distances
+from fastcl.ops.reference import apply_function
 
 
 def _run(fn, img, txt, scale):
@@ -139,9 +141,10 @@ def test_masking_runs_under_fake_tensors():
 
 @pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_row_block_losses_compile(compiler):
-    """The caption cross-entropy and the hypersphere loss compile without a graph break; PML's
-    NT-Xent compiles with breaks (its class ids come from torch.unique, and q is k); all three
-    give eager's values and gradients."""
+    """The caption cross-entropy, the hypersphere loss and the cdist wrapper (q as k) compile
+    without a graph break; PML's losses compile with breaks (class ids from torch.unique); all
+    give eager's values and gradients.  The PML forms pass their embeddings as q and k: under
+    torch 2.11's compile that dropped q's gradient (``apply_function``)."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(3)
     emb, labels = torch.randn(33, 8, generator=gen), torch.randint(0, 5, (33,), generator=gen)
@@ -149,7 +152,10 @@ def test_row_block_losses_compile(compiler):
     za, zb = torch.randn(17, 8, generator=gen), torch.randn(17, 8, generator=gen)
     cases = [(lambda x: fastcl.caption_loss(x[0], tokens), [logits], True),
              (lambda x: fastcl.hypersphere_loss(x[0], x[1], 2.0, backend="reference"), [za, zb], True),
-             (lambda x: fastcl.ntxent_loss_pml(x[0], labels, 0.1), [emb], False)]
+             (lambda x: euclidean_distances(x[0], x[0]).sum(), [za], True)]
+    cases += [(lambda x, f=f: f(x[0], labels), [emb], False)
+              for f in (lambda e, y: fastcl.ntxent_loss_pml(e, y, 0.1), fastcl.triplet_margin_loss_pml,
+                        fastcl.multi_similarity_loss_pml, fastcl.circle_loss_pml, fastcl.contrastive_loss_pml)]
     for fn, inputs, fullgraph in cases:
         results = []
         for f in (fn, torch.compile(fn, fullgraph=fullgraph, backend=compiler)):
@@ -158,3 +164,32 @@ def test_row_block_losses_compile(compiler):
             results.append([loss, *torch.autograd.grad(loss, leaves)])
         for a, b in zip(*results):
             assert_close(a, b, torch.float32)
+
+
+def test_apply_function_passes_a_repeated_tensor_as_a_distinct_alias():
+    """A tensor given twice reaches the Function as two objects, and its gradient sums both
+    places', eager and compiled."""
+    seen = []
+
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            seen.append((a is b, a is c))
+            ctx.save_for_backward(a, b)
+            return a * b * c
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b = ctx.saved_tensors
+            return g * b * 3.0, g * a * 3.0, None
+
+    def f(x):
+        return apply_function(Product, x, x, 3.0).sum()
+
+    x = torch.randn(5, generator=torch.Generator().manual_seed(4))
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        torch._dynamo.reset()
+        leaf = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(fn(leaf), leaf)
+        assert_close(grad, 6.0 * x, torch.float32)
+    assert seen and all(s == (False, False) for s in seen)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastcl.ops.reference import autocast_off, compute_dtype, scalar_tensor
+from fastcl.ops.reference import apply_function, autocast_off, compute_dtype, scalar_tensor
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_pair, check_scalar
@@ -107,7 +107,9 @@ def distill_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                                    backend=backend)
     contrastive = 0.5 * ((row - pos).mean() + (col - pos).mean())
     scale_t = scalar_tensor(dist_logit_scale, image_features.device, ct)
-    weighted_i = _TeacherWeighted.apply(image_features, text_features, dist_image_features, dist_text_features, scale_t)
-    weighted_t = _TeacherWeighted.apply(text_features, image_features, dist_text_features, dist_image_features, scale_t)
+    weighted_i = apply_function(_TeacherWeighted, image_features, text_features, dist_image_features,
+                                dist_text_features, scale_t)
+    weighted_t = apply_function(_TeacherWeighted, text_features, image_features, dist_text_features,
+                                dist_image_features, scale_t)
     distill = 0.5 * ((row - pos - logit_scale * weighted_i).mean() + (col - pos - logit_scale * weighted_t).mean())
     return contrastive, distill

@@ -8,6 +8,8 @@ differentiable ops, so a second derivative exists (cdist's own backward has none
 """
 import torch
 
+from fastcl.ops.reference import apply_function
+
 
 def distance_grads(grad: torch.Tensor, d: torch.Tensor, q: torch.Tensor, k: torch.Tensor, need_q: bool = True,
                    need_k: bool = True):
@@ -36,4 +38,4 @@ class _Cdist(torch.autograd.Function):
 def euclidean_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Euclidean distances (N, M) of q (N, D) and k (M, D), same float dtype: ``torch.cdist``'s
     values; a distance of 0 takes no gradient, as cdist's.  Twice differentiable."""
-    return _Cdist.apply(q, k)
+    return apply_function(_Cdist, q, k)

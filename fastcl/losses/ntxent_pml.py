@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pair_counts, pml_classes
-from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
+from fastcl.ops.reference import apply_function, autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
 
@@ -174,7 +174,7 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     valid = (n_pos > 0) & (n_neg > 0) & ((n_pos > 1) | (n_neg > 1))
-    total = _LabelPairs.apply(q, k, scale, classes, ref_classes, self_pairs, tiny)
+    total = apply_function(_LabelPairs, q, k, scale, classes, ref_classes, self_pairs, tiny)
     loss = total / n_pos.clamp_min(1).to(ct)
     return torch.where(valid, loss, torch.zeros_like(loss)) + poison
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastcl.losses.euclidean import distance_grads, euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import _mean_nonzero, check_pml_args, mined_pair_masks, mined_pairs, pair_counts, pml_classes
-from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads, scalar_tensor
+from fastcl.ops.reference import apply_function, autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_scalar
 
@@ -252,13 +252,13 @@ def _label_rows(q, k, labels, ref_emb, ref_labels, loss, distance: bool, tempora
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     rows = _Rows(*loss, distance, temporaries, classes=classes, ref_classes=ref_classes, self_pairs=self_pairs)
-    return _RowStats.apply(q, k, rows, *params), n_pos, n_neg
+    return apply_function(_RowStats, q, k, rows, *params), n_pos, n_neg
 
 
 def _mined_rows(q, k, masks, loss, distance: bool, temporaries: int, params):
     """Per-anchor statistics (N, K) over a miner's pairs, given as dense (N, M) masks or counts
     (as PML's matrices); the scores still go in row blocks."""
-    return _RowStats.apply(q, k, _Rows(*loss, distance, temporaries, masks=masks), *params)
+    return apply_function(_RowStats, q, k, _Rows(*loss, distance, temporaries, masks=masks), *params)
 
 
 def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, alpha=2.0,

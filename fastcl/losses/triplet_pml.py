@@ -16,7 +16,7 @@ import torch
 from fastcl.losses.euclidean import distance_grads, euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
-from fastcl.ops.reference import autocast_off, compute_dtype
+from fastcl.ops.reference import apply_function, autocast_off, compute_dtype
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_scalar
 
@@ -152,7 +152,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
         above = losses > 0
         return torch.where(above, losses, 0.0).sum() / above.sum().clamp_min(1) + poison
     classes, ref_classes, _, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
-    total, count = _AllTriplets.apply(q, k, classes, ref_classes, self_pairs, margin)
+    total, count = apply_function(_AllTriplets, q, k, classes, ref_classes, self_pairs, margin)
     loss = total / count.clamp_min(1).to(ct) + poison
     if learnable is not None:  # d loss / d margin = 1 while any triplet violates it
         m = learnable.reshape(()).to(ct)

@@ -5,10 +5,18 @@ from typing import Optional, Tuple
 import torch
 
 
+# Whether each device type has autocast, asked once: torch.compile of torch 2.11 cannot trace
+# torch.amp.is_autocast_available (a graph break, an error under fullgraph), but reads this dict.
+_HAS_AUTOCAST = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
+
+
 def autocast_off(device: torch.device):
     """A context that turns autocast off on ``device`` (nothing for device types without autocast,
     such as meta): fastcl's own matmuls stay in the compute dtype, as the fused kernels do."""
-    if torch.amp.is_autocast_available(device.type):
+    has = _HAS_AUTOCAST.get(device.type)
+    if has is None:
+        has = _HAS_AUTOCAST[device.type] = torch.amp.is_autocast_available(device.type)
+    if has:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -120,6 +128,20 @@ def positive_logits(q: torch.Tensor, k: torch.Tensor, index: Optional[torch.Tens
     if bias is None:
         return out
     return out + (bias.to(ct) if isinstance(bias, torch.Tensor) else bias)
+
+
+def apply_function(function, *args):
+    """``function.apply(*args)`` (a ``torch.autograd.Function``) with every tensor that is
+    passed again after its first place replaced by a fresh alias (``t.view_as(t)``).  Eager
+    autograd sums the gradients of a tensor passed twice (q as k), but torch.compile of torch
+    2.11 kept only one of them (pytorch/pytorch#181146), a silently wrong gradient; later
+    versions fall back to eager there, a graph break.  An alias is a distinct input to both."""
+    fresh = []
+    for a in args:  # `is`, not id(): torch 2.11's compile cannot trace id() of a tensor
+        if isinstance(a, torch.Tensor) and any(a is b for b in fresh):
+            a = a.view_as(a)
+        fresh.append(a)
+    return function.apply(*fresh)
 
 
 def graph_grads(outputs, grad_outputs, inputs, needs_input_grad, n_grads: int) -> tuple:
