@@ -398,6 +398,9 @@ class Ring:
         self.rank, self.world = group_info(group)
         self.next = (self.rank + 1) % self.world
         self.prev = (self.rank - 1) % self.world
+        # P2POp's peer is a global rank (its group_peer keyword is new in torch 2.6)
+        to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.next_global, self.prev_global = to_global(self.next), to_global(self.prev)
 
     def origin(self, step: int) -> int:
         """Group rank whose shard this rank holds at ``step`` of the ring (step 0: its own)."""
@@ -414,11 +417,11 @@ class Ring:
             raise RuntimeError(f"the ring exchanges {device.type} tensors with point-to-point sends, which the gloo "
                                "backend supports for CPU tensors only; use the NCCL backend, or dist_impl='gather'")
         for t in sends:
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), group=self.group, group_peer=self.next))
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next_global, group=self.group))
         for shape, dtype in recv_like:
             buf = torch.empty(shape, dtype=dtype, device=device)
             received.append(buf)
-            ops.append(dist.P2POp(dist.irecv, buf, group=self.group, group_peer=self.prev))
+            ops.append(dist.P2POp(dist.irecv, buf, self.prev_global, group=self.group))
         works = dist.batch_isend_irecv(ops) if ops else []
         # Keep the (possibly copied) send buffers alive until the wait.
         return (works, [op.tensor for op in ops]), received

@@ -68,9 +68,16 @@ def fused_kernel(op: str, backend: str, kernels: Dict[str, Union[str, Callable]]
     return on_its_device
 
 
+@torch.compiler.assume_constant_result
+def env_setting(name: str, default: Optional[str] = None) -> Optional[str]:
+    """``os.environ.get(name, default)``, read as a constant under torch.compile (whose torch 2.4
+    to 2.10 versions fail on reading an unset variable; the value is that of the first trace)."""
+    return os.environ.get(name, default)
+
+
 def requested_backend(backend: Optional[str]) -> str:
     """The backend asked for, lower case: ``backend``, else ``FASTCL_BACKEND``, else "auto"."""
-    name = backend if backend is not None else os.environ.get("FASTCL_BACKEND", "auto")
+    name = backend if backend is not None else env_setting("FASTCL_BACKEND", "auto")
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         source = "backend" if backend is not None else "the FASTCL_BACKEND environment variable"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")

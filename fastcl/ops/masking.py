@@ -19,8 +19,9 @@ Tensor = torch.Tensor
 
 
 def _unit_last(t: Optional[Tensor]) -> Optional[Tensor]:
-    # Kernels take any batch/row strides but need unit stride along the feature dim.
-    if t is None or t.stride(-1) == 1:
+    # Kernels take any batch/row strides but need unit stride along the feature dim.  Under
+    # torch.compile, contiguous: torch 2.4's compile cannot read a stride in the op's backward.
+    if t is None or (not torch.compiler.is_compiling() and t.stride(-1) == 1):
         return t
     return t.contiguous()
 

@@ -26,11 +26,12 @@ local column offset of the special entry ``j == i + diag`` of row i, or None):
     sigmoid_bwd(scores, scale, bias, diag, out_dtype) -> (R,) fp32 row sums of G; writes G in place
 """
 import functools
-import os
 import warnings
 from typing import Optional, Tuple
 
 import torch
+
+from fastcl.ops.dispatch import env_setting
 
 Tensor = torch.Tensor
 
@@ -55,14 +56,14 @@ GRAD_COL_ALIGN = 128
 
 def workspace_mb() -> float:
     """The workspace bound in MB: ``WORKSPACE_MB``, else ``FASTCL_WORKSPACE_MB``, else 64."""
-    if "FASTCL_CUDA_WORKSPACE_MB" in os.environ:  # the old name: refuse rather than ignore it
+    if env_setting("FASTCL_CUDA_WORKSPACE_MB") is not None:  # the old name: refuse rather than ignore it
         raise ValueError("FASTCL_CUDA_WORKSPACE_MB was renamed FASTCL_WORKSPACE_MB (it now bounds the triton "
                          "backend's scratch too); set that instead")
     if WORKSPACE_MB is not None:
         value, where = WORKSPACE_MB, "fastcl.ops.strips.WORKSPACE_MB"
     else:
         where = "FASTCL_WORKSPACE_MB"
-        text = os.environ.get(where)
+        text = env_setting(where)
         if text is None:
             return DEFAULT_WORKSPACE_MB
         try:
