@@ -193,3 +193,20 @@ def test_apply_function_passes_a_repeated_tensor_as_a_distinct_alias():
         (grad,) = torch.autograd.grad(fn(leaf), leaf)
         assert_close(grad, 6.0 * x, torch.float32)
     assert seen and all(s == (False, False) for s in seen)
+
+
+@pytest.mark.parametrize("labels", [[3, 1, 3, 2, 1, 1], [0.5, -0.0, 0.0, 2.5, 0.5], [7], []],
+                         ids=["int", "float", "one", "empty"])
+def test_class_ids_under_compile_give_the_eager_partition(labels, monkeypatch):
+    """Under torch.compile the class ids come from a sort, with the label count as their bound
+    (static shapes); equal labels (-0.0 and 0.0 too) must share an id exactly when they do in eager."""
+    from fastcl.losses.supcon import class_counts, class_ids
+    t = torch.tensor(labels)
+    eager, n_eager = class_ids(t)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ids, bound = class_ids(t)
+    assert bound == len(labels) and n_eager <= bound
+    assert ids.dtype == torch.long and (ids < max(bound, 1)).all() and (ids >= 0).all()
+    assert torch.equal(ids[:, None] == ids[None, :], eager[:, None] == eager[None, :])
+    counts = class_counts(ids, bound, torch.float32)
+    assert torch.equal(counts.index_select(0, ids), (t[:, None] == t[None, :]).sum(1).float())

@@ -26,7 +26,7 @@ from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_c
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import check_dcl_args, dcl_from_lse, dcl_weights
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses, class_ids
+from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses, class_counts, class_ids
 from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.dispatch import resolve_backend
@@ -447,11 +447,11 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
         all_c = gather_with_sizes(contrasts, c_sizes, group)
         all_cls = all_gather_no_grad(cls_rep, c_sizes, group)
         sums = torch.zeros(n_cls, d, dtype=ct, device=features.device).index_add_(0, all_cls, all_c.to(ct))
-        counts = torch.bincount(all_cls, minlength=n_cls).to(ct)
+        counts = class_counts(all_cls, n_cls, ct)
         lse = similarity_lse(anchors, all_c, scale, rows=True, exclude_diagonal=off, backend=backend)
     else:
         local_sums = torch.zeros(n_cls, d, dtype=ct, device=features.device).index_add_(0, cls_rep, contrasts.to(ct))
-        counts = torch.bincount(cls_rep, minlength=n_cls).to(ct)
+        counts = class_counts(cls_rep, n_cls, ct)
         if labels is None:
             sums = local_sums
         else:

@@ -37,23 +37,35 @@ def class_ids(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     labels = labels.reshape(-1)
     if labels.is_floating_point() and _eager() and bool(torch.isnan(labels).any()):
         raise ValueError("labels must not contain NaN (a NaN label equals no other label)")
+    if torch.compiler.is_compiling():
+        # Static shapes: ids by sorting, and n as the bound on their number (torch.compile before
+        # torch 2.11 cannot trace unique's data-dependent size under fullgraph=True).
+        srt, order = labels.sort()
+        new = torch.cat([torch.zeros(min(1, srt.shape[0]), dtype=torch.long, device=srt.device),
+                         (srt[1:] != srt[:-1]).long()])
+        return torch.empty_like(new).scatter_(0, order, new.cumsum(0)), labels.shape[0]
     uniq, inverse = torch.unique(labels, return_inverse=True)
     return inverse, uniq.numel()
 
 
+def class_counts(ids: torch.Tensor, n_cls: int, dtype: torch.dtype) -> torch.Tensor:
+    """(n_cls,) how many of ``ids`` (int64 in [0, n_cls)) fall in each class: bincount with a
+    size known without reading the ids (a static shape under torch.compile)."""
+    return torch.zeros(n_cls, dtype=dtype, device=ids.device).index_add_(0, ids, torch.ones_like(ids, dtype=dtype))
+
+
 def _positive_stats(anchors: torch.Tensor, anchor_classes: torch.Tensor, contrasts: torch.Tensor,
-                    contrast_classes: torch.Tensor, self_pairs: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                    contrast_classes: torch.Tensor, n_cls: int, self_pairs: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum over positives of a_i . c_p, |P(i)|) per anchor: the contrasts of the anchor's class,
     less contrast i itself when ``self_pairs`` (anchor i is contrast i).
 
-    Class ids are compact, in [0, C), shared by anchors and contrasts."""
+    Class ids are in [0, n_cls), shared by anchors and contrasts."""
     ct = compute_dtype(contrasts.dtype)
     cf = contrasts.to(ct)
-    n_cls = int(torch.maximum(anchor_classes.max(), contrast_classes.max())) + 1
     # index_add_, not the ordered index_sum_: a class is a long run of one index, which the ordered
     # CUDA sum takes serially (10 classes in a batch of 65536 would be runs of 6554 rows).
     sums = torch.zeros(n_cls, cf.shape[1], dtype=ct, device=cf.device).index_add_(0, contrast_classes, cf)
-    counts = torch.bincount(contrast_classes, minlength=n_cls).to(ct)
+    counts = class_counts(contrast_classes, n_cls, ct)
     af = anchors.to(ct)
     own = sums.index_select(0, anchor_classes)
     count = counts.index_select(0, anchor_classes)
@@ -146,12 +158,12 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
         pos_dot, count = _mask_stats(anchors, features, mask, n_anchor)
     else:
         if labels is None:
-            classes = torch.arange(bsz, device=features.device)  # SimCLR: each sample its own class
+            classes, n_cls = torch.arange(bsz, device=features.device), bsz  # SimCLR: each sample its own class
         else:
             _check_labels("labels", labels, bsz, features.device, allow_float=True)
-            classes = class_ids(labels)[0]
+            classes, n_cls = class_ids(labels)
         cls_rep = classes.repeat(n_views)
-        pos_dot, count = _positive_stats(anchors, cls_rep[:n_anchor], contrasts, cls_rep, self_pairs=True)
+        pos_dot, count = _positive_stats(anchors, cls_rep[:n_anchor], contrasts, cls_rep, n_cls, self_pairs=True)
     scale = 1.0 / temperature
     per_anchor = _supcon_core(anchors, contrasts, scale, pos_dot, count, backend)
     per_anchor = per_anchor * (temperature / base_temperature)
@@ -215,7 +227,7 @@ def pair_counts(classes: torch.Tensor, ref_classes: torch.Tensor, n_cls: int, se
     """(number of positive pairs, number of negative pairs), 0-d int64, of PML's all-pairs form:
     same class and different class, less the pairs (i, i) when ``self_pairs``."""
     n = classes.shape[0]
-    per_class = torch.bincount(ref_classes, minlength=n_cls).index_select(0, classes)
+    per_class = class_counts(ref_classes, n_cls, torch.long).index_select(0, classes)
     n_pos, n_neg = per_class.sum(), ref_classes.shape[0] * n - per_class.sum()
     if self_pairs:
         same = (classes == ref_classes[:n]).sum()
@@ -268,7 +280,7 @@ def supcon_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     r = z if ref_emb is None else l2_normalize(ref_emb)
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels,
                                                           exclude_self)
-    pos_dot, count = _positive_stats(z, classes, r, ref_classes, self_pairs)
+    pos_dot, count = _positive_stats(z, classes, r, ref_classes, n_cls, self_pairs)
     per_anchor = _supcon_core(z, r, 1.0 / temperature, pos_dot, count, backend, self_pairs)
     # PML's loss is 0 when no pair is a negative (one label throughout), not the positives' term,
     # and when there is at most one positive and at most one negative pair (its pair losses' rule).
