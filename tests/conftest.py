@@ -154,3 +154,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cuda_ext():
+    """The CUDA kernels must be built on a CUDA machine, unless the build was told to skip them."""
+    from fastcl._ext import extension_has_cuda
+    if not extension_has_cuda():
+        if os.environ.get("FASTCL_NO_EXT") == "1" or os.environ.get("FASTCL_NO_CUDA") == "1":
+            pytest.skip("built without the CUDA kernels on purpose")
+        pytest.fail("fastcl._C has no CUDA kernels on a CUDA machine: the CUDA build failed (see build.log)")

@@ -146,18 +146,6 @@ def test_tensors_on_another_gpu_than_the_current_one(backend, request):
 # The cuda backend (cuBLAS score strips + the fused epilogues of csrc/cuda/similarity_strips.cu)
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def cuda_ext():
-    """The CUDA kernels must be built on a CUDA machine, unless the build was told to skip them."""
-    import os
-
-    from fastcl._ext import extension_has_cuda
-    if not extension_has_cuda():
-        if os.environ.get("FASTCL_NO_EXT") == "1" or os.environ.get("FASTCL_NO_CUDA") == "1":
-            pytest.skip("built without the CUDA kernels on purpose")
-        pytest.fail("fastcl._C has no CUDA kernels on a CUDA machine: the CUDA build failed (see build.log)")
-
-
 @pytest.fixture(params=[None, 1.0], ids=["ws_default", "ws_1MB"])
 def workspace(request, monkeypatch, cuda_ext):
     """The default workspace, and 1 MB so that every problem below takes several strips."""
