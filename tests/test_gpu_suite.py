@@ -71,3 +71,16 @@ def test_sanitize_step_runs_each_tool(tmp_path):
     assert "tests/test_gpu.py -k epilogue" in lines[0] and "tests/test_masking.py" in lines[3]
     with tarfile.open(out / "suite_results.tar.gz") as tar:
         assert {"./sanitize_memcheck.log", "./sanitize_masking.log"} <= set(tar.getnames())
+
+
+def test_named_test_files_run_last(tmp_path):
+    # The suite's test step sets FASTCL_TESTS_LAST=test_gpu.py: the other files' few GPU tests
+    # come first, so SUITE_TESTS_S cuts into test_gpu.py's option matrix, not into them.
+    env = {**os.environ, "FASTCL_TESTS_LAST": "test_gpu.py,test_masking.py"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p",
+                           "no:cacheprovider", "tests"], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=ROOT)
+    files = [line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line]
+    order = [f for i, f in enumerate(files) if i == 0 or f != files[i - 1]]
+    assert order[-2:] == ["tests/test_gpu.py", "tests/test_masking.py"], order  # in the order named
+    assert len(order) == len(set(order)) >= 4
