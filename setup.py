@@ -4,8 +4,16 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
+import setuptools
 from setuptools import find_packages, setup
+
+# An editable install before setuptools 64 runs `setup.py develop`, which ignores package_dir:
+# fastcl.kernels (the top-level kernels/ folder) would be missing, without an error.
+if "develop" in sys.argv and int(setuptools.__version__.split(".")[0]) < 64:
+    sys.exit(f"fastcl's editable install needs setuptools >= 64 (found {setuptools.__version__}): "
+             "pip install --upgrade setuptools, then install again")
 
 
 def _toolkit_home():
