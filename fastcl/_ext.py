@@ -24,6 +24,11 @@ def extension_available() -> bool:
     return _C is not None
 
 
+# Read once: torch.compile cannot trace the extension's own function (a graph break on CUDA,
+# where `auto` asks it for every op).
+_HAS_CUDA = _C is not None and bool(_C.has_cuda())
+
+
 def extension_has_cuda() -> bool:
     """True when ``fastcl._C`` was built with its CUDA kernels."""
-    return _C is not None and bool(_C.has_cuda())
+    return _HAS_CUDA

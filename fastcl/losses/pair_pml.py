@@ -65,15 +65,20 @@ class _Rows:
                           for r0, r1 in row_blocks(q.shape[0], k.shape[0], self.block_bytes(q.dtype))])
 
 
+_MAX_PARAMS = 3
+
+
 class _RowStats(torch.autograd.Function):
     """(N, K) per-anchor statistics of a ``_Rows`` loss of unit rows q (N, D) and k (M, D) and
     0-d parameters, differentiable in all of them.  The backward recomputes each row block and
     takes each loss's own derivative (O(block x M)); under create_graph=True it differentiates a
     recomputed graph of the whole matrix.  It runs outside autocast so both passes keep the
-    compute dtype."""
+    compute dtype.  The parameters come as three arguments, the unused ones None (``_row_stats``):
+    torch.compile of torch 2.7 to 2.11 binds a ``*params`` forward wrongly without grad."""
 
     @staticmethod
-    def forward(ctx, q, k, rows, *params):
+    def forward(ctx, q, k, rows, p0, p1, p2):
+        params = tuple(p for p in (p0, p1, p2) if p is not None)
         with autocast_off(q.device):
             out = rows.all_rows(q, k, params)
         ctx.save_for_backward(q, k, *params)
@@ -84,7 +89,7 @@ class _RowStats(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, *params = ctx.saved_tensors
         rows, needs = ctx.rows, ctx.needs_input_grad
-        n_grads = 3 + len(params)
+        n_grads = 3 + _MAX_PARAMS
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (q.view_as(q), k.view_as(k), None) + tuple(t.view_as(t) for t in params)
             with autocast_off(q.device):
@@ -118,6 +123,11 @@ class _RowStats(torch.autograd.Function):
             if needs[3 + i]:
                 grads[3 + i] = acc
         return tuple(grads)
+
+
+def _row_stats(q: torch.Tensor, k: torch.Tensor, rows: _Rows, params) -> torch.Tensor:
+    """``_RowStats`` of q (N, D), k (M, D) and up to three 0-d parameters: (N, K)."""
+    return apply_function(_RowStats, q, k, rows, *params, *(None,) * (_MAX_PARAMS - len(params)))
 
 
 def _lse_parts(x: torch.Tensor, keep: torch.Tensor, plus_one: bool):
@@ -252,13 +262,13 @@ def _label_rows(q, k, labels, ref_emb, ref_labels, loss, distance: bool, tempora
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     rows = _Rows(*loss, distance, temporaries, classes=classes, ref_classes=ref_classes, self_pairs=self_pairs)
-    return apply_function(_RowStats, q, k, rows, *params), n_pos, n_neg
+    return _row_stats(q, k, rows, params), n_pos, n_neg
 
 
 def _mined_rows(q, k, masks, loss, distance: bool, temporaries: int, params):
     """Per-anchor statistics (N, K) over a miner's pairs, given as dense (N, M) masks or counts
     (as PML's matrices); the scores still go in row blocks."""
-    return apply_function(_RowStats, q, k, _Rows(*loss, distance, temporaries, masks=masks), *params)
+    return _row_stats(q, k, _Rows(*loss, distance, temporaries, masks=masks), params)
 
 
 def multi_similarity_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, alpha=2.0,

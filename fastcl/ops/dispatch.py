@@ -68,11 +68,19 @@ def fused_kernel(op: str, backend: str, kernels: Dict[str, Union[str, Callable]]
     return on_its_device
 
 
-@torch.compiler.assume_constant_result
+class _Env:
+    # torch.compile stores an assumed-constant result as a global of the compiled function's
+    # module, named after the function: this name replaces nothing there (env_setting would).
+    @staticmethod
+    @torch.compiler.assume_constant_result
+    def _fastcl_env_value(name: str, default: Optional[str]) -> Optional[str]:
+        return os.environ.get(name, default)
+
+
 def env_setting(name: str, default: Optional[str] = None) -> Optional[str]:
     """``os.environ.get(name, default)``, read as a constant under torch.compile (whose torch 2.4
     to 2.10 versions fail on reading an unset variable; the value is that of the first trace)."""
-    return os.environ.get(name, default)
+    return _Env._fastcl_env_value(name, default)
 
 
 def requested_backend(backend: Optional[str]) -> str:
