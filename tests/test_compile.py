@@ -72,11 +72,13 @@ def test_python_float_temperatures_compile_as_symbols():
 
 
 @pytest.mark.gpu
-def test_clip_loss_compiles_without_graph_break_gpu():
+@pytest.mark.parametrize("backend", ["triton", None], ids=["triton", "auto"])
+def test_clip_loss_compiles_without_graph_break_gpu(backend):
+    # auto: the choice between triton and cuda is traced too (fastcl._C.has_cuda() broke it)
     torch._dynamo.reset()
 
     def f(img, txt, scale):
-        return fastcl.clip_loss(img, txt, scale, backend="triton")
+        return fastcl.clip_loss(img, txt, scale, backend=backend)
 
     gen = torch.Generator().manual_seed(0)
     args = tuple(t.cuda() for t in (torch.randn(1000, 256, generator=gen).bfloat16(),
