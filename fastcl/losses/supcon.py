@@ -13,7 +13,7 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import autocast_off, compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import (_eager, check_embeddings, check_float_tensor, check_index, check_pair,
+from fastcl.validation import (_eager, check_embeddings, check_flags, check_float_tensor, check_index, check_pair,
                                check_reduction, check_scalar)
 
 CONTRAST_MODES = ("all", "one")
@@ -201,8 +201,7 @@ def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_
             raise ValueError("labels is required unless indices_tuple is given (pytorch-metric-learning form)")
         if ref_emb is not None and ref_labels is None:
             raise ValueError("ref_emb needs ref_labels, the (M,) classes of its rows")
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    check_flags(exclude_self=exclude_self)
     if exclude_self and (indices_tuple is not None or ref_emb is None or ref_emb.shape[0] < embeddings.shape[0]):
         raise ValueError("exclude_self=True needs ref_emb with at least as many rows as embeddings (its first N "
                          "rows are the anchors' own) and no indices_tuple")

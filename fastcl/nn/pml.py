@@ -20,7 +20,14 @@ from fastcl.losses.pair_pml import circle_loss_pml, contrastive_loss_pml, multi_
 from fastcl.losses.supcon import _check_labels, check_indices_tuple, supcon_loss_pml
 from fastcl.losses.triplet_pml import pairs_as_triplets, triplet_margin_loss_pml
 from fastcl.ops.reference import compute_dtype
-from fastcl.validation import check_embeddings, check_pair, check_scalar
+from fastcl.validation import check_embeddings, check_flags, check_pair, check_scalar
+
+
+def _check_wrapped(loss) -> None:
+    """A wrapper's ``loss``: anything called as pytorch-metric-learning calls its losses."""
+    if not callable(loss):
+        raise TypeError(f"loss must be a loss module with pytorch-metric-learning's call signature, got "
+                        f"{type(loss).__name__}")
 
 
 class NTXentLoss(nn.Module):
@@ -162,11 +169,8 @@ class SelfSupervisedLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, symmetric: bool = True):
         super().__init__()
-        if not callable(loss):
-            raise TypeError(f"loss must be a loss module with pytorch-metric-learning's call signature, got "
-                            f"{type(loss).__name__}")
-        if not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+        _check_wrapped(loss)
+        check_flags(symmetric=symmetric)
         self.loss, self.symmetric = loss, symmetric
 
     def forward(self, embeddings, ref_emb):
@@ -365,11 +369,8 @@ class DistributedLossWrapper(nn.Module):
 
     def __init__(self, loss: nn.Module, efficient: bool = False):
         super().__init__()
-        if not callable(loss):
-            raise TypeError(f"loss must be a loss module with pytorch-metric-learning's call signature, got "
-                            f"{type(loss).__name__}")
-        if not isinstance(efficient, bool):
-            raise TypeError(f"efficient must be a bool, got {type(efficient).__name__}")
+        _check_wrapped(loss)
+        check_flags(efficient=efficient)
         if isinstance(loss, CrossBatchMemory) and efficient:
             raise ValueError("CrossBatchMemory with efficient=True is not supported (as in pytorch-metric-learning)")
         if isinstance(loss, SelfSupervisedLoss):  # its forward takes (embeddings, ref_emb)
