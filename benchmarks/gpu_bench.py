@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.baselines import naive_clip
-from fastcl.profiling import kernel_profile, source_commit
+from fastcl.profiling import host_profile, kernel_profile, source_commit
 
 
 def fastcl_clip(img, txt, scale):
@@ -252,6 +252,21 @@ def profile_rows(methods, n, d, dtype):
     return out
 
 
+def host_rows(methods, n, d, dtype):
+    """``host_profile`` of the CLIP fwd+bwd for each method at (n, d): how long the host takes to
+    issue a step against the step's wall time, and the functions that take it."""
+    out = []
+    for method in methods:
+        try:
+            out.append({"host": method, "n": n, "d": d, **host_profile(_clip_step(method, n, d, dtype))})
+        except Exception as exc:  # a failing profile is reported, not fatal for the suite
+            out.append({"host": method, "n": n, "d": d, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        finally:
+            torch.cuda.empty_cache()
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def nd_list(text: str):
     """argparse type of the N:D options: "32768:768,8192:256" -> [(32768, 768), (8192, 256)]; "" -> []."""
     out = []
@@ -286,6 +301,8 @@ def main():
                     help="quick: QUICK_SHAPES; all: every shape of the autotuner's list")
     ap.add_argument("--profile", default="32768:768", type=nd_list,
                     help="N:D list at which the fastcl rows are profiled kernel by kernel (torch.profiler)")
+    ap.add_argument("--host-profile", default="8192:768,32768:768", type=nd_list,
+                    help="N:D list at which the fastcl rows' host time is measured and profiled (cProfile)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dispatch-table", default=None, metavar="PATH",
                     help="instead of the CLIP table: time triton vs cuda over the grid and write the dispatch table")
@@ -345,6 +362,9 @@ def main():
     for n, d in args.profile:
         fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
         stage("profile", lambda: profile_rows(fastcl_methods, n, d, dtype), profiles)
+    for n, d in args.host_profile:
+        fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
+        stage("host_profile", lambda: host_rows(fastcl_methods, n, d, dtype), profiles)
     save()
     print_table(rows)
     print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"
@@ -353,7 +373,11 @@ def main():
         timed = sorted((r["median_ms"], r["tile"]) for r in sweep if r.get("part") == part and "median_ms" in r)
         print(f"sweep {part}: " + ", ".join(f"[{t}] {ms:.2f}" for ms, t in timed))
     for p in profiles:
-        if "top" in p:
+        if "host_ms_per_step" in p:
+            funcs = ", ".join(f"{r['function'][:48]} {r['own_ms_per_step']:.3f}" for r in p["top"][:6])
+            print(f"host {p['host']}@{p['n']}x{p['d']}: issue {p['host_ms_per_step']:.2f} ms of "
+                  f"{p['wall_ms_per_step']:.2f} ms wall; own time: {funcs}")
+        elif "top" in p:
             kernels = ", ".join(f"{r['name'][:40]} {r['ms_per_step']:.2f}" for r in p["top"][:5])
             print(f"profile {p['profile']}@{p['n']}x{p['d']}: wall {p['wall_ms_per_step']:.2f} ms, "
                   f"GPU busy {p['busy_ms_per_step']:.2f} ms; top: {kernels}")

@@ -86,8 +86,8 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
     from fastcl.kernels import similarity_lse as K
 
     cfg = K._config(torch.empty(8, 768, dtype=TYPES[dtype], device="meta"))  # flags of a GPU launch
-    if shape is None:
-        shape = K.gpu_launch_shape(TYPES[dtype])
+    if shape is None:  # the row-only forward has its own shape (_config's roles)
+        shape = K.gpu_launch_shape(TYPES[dtype], role="lse_rows" if kernel == "fwd" and not cols else "lse")
     bm, bn, bd, warps, stages, *cap = shape
     consts = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag, SHARED_EXP=shared_exp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                   UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
@@ -102,9 +102,11 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
     elif kernel == "dscore_strip":
         c = _compile(K._dscore_strip_kernel,
                      {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
-                      "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr},
+                      "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr,
+                      "gs_ptr": "*fp32", "gpos_ptr": "*fp32", "pos_ptr": "*i64"},
                      ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_ds", "diag_off"],
-                     consts, warps, stages)  # a register cap reaches the forward only (_config)
+                     dict(consts, FINAL=True, POS=1),  # the tile CLIP's backward forms (positives (i, i))
+                     warps, stages)  # a register cap reaches the forward only (_config)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")
     return {"kernel": kernel + ("/ragged" if ragged and kernel == "fwd" else ""), "dtype": dtype, "rows": rows,
@@ -164,7 +166,7 @@ def other_rows() -> list:
                              ["N", "M", "D", "stride_q", "stride_k", "stride_gq"], cfg, 4, 3)
                 row("sigmoid_bwd_rows", dtype, d, mode, c, _flat(cfg, 4, 3), 4)
             else:
-                sc = K._config(q)
+                sc = K._config(q, "sigmoid")
                 consts = {k: sc[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "IS_FP32", "PRECISION")}
                 consts["MASK_BOUNDS"] = False  # whole tiles, as at N = M = 32768
                 warps, stages = sc["launch"]["num_warps"], sc["launch"]["num_stages"]

@@ -73,6 +73,43 @@ def kernel_profile(step, steps: int = 5, device: str = "cuda", top: int = 14) ->
             "top": rows[:top]}
 
 
+def host_profile(step, steps: int = 20, device: str = "cuda", top: int = 20) -> dict:
+    """How long the host takes to issue one ``step()``, and where that time goes (cProfile), after
+    two warm-up calls.
+
+    Returns ``{"host_ms_per_step", "wall_ms_per_step", "top": [{"function", "calls_per_step",
+    "own_ms_per_step"}, ...]}``: host time is the time to return from ``step()`` (the device may
+    still be working), wall time includes waiting for the device at the end.  Where host time is
+    close to wall time, launches bound the step, not the kernels.  The cProfile pass runs after
+    the timed one, so its overhead does not enter the times."""
+    import cProfile
+    import pstats
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(2):
+        step()
+    sync()
+    host = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        host += time.perf_counter() - t
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    sync()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, prim calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {"host_ms_per_step": host * 1e3 / steps, "wall_ms_per_step": wall_ms,
+            "top": [{"function": f"{os.path.basename(f)}:{line}({name})", "calls_per_step": v[0] / steps,
+                     "own_ms_per_step": v[2] * 1e3 / steps} for (f, line, name), v in rows]}
+
+
 def _dtype(name: str) -> torch.dtype:
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in table:

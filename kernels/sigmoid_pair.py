@@ -246,7 +246,7 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     q, k, scale, bias = _prepare(q, k, scale, bias)
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
-        sc = _strip_config(q)
+        sc = _strip_config(q, "sigmoid")
         row_blocks = triton.cdiv(n, sc["BLOCK_M"])
         # Few row blocks: the columns in ranges, as in the LSE forward.
         col_span, ranges = lse_kernels.column_ranges(row_blocks, m, lse_kernels.sm_count(q.device))
@@ -290,7 +290,8 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                                      UPCAST=sc["UPCAST"], IS_FP32=sc["IS_FP32"], PRECISION=sc["PRECISION"],
                                      **sc["launch"])
             parts.append(gpart.to(torch.float64).sum())
-        dq, dk, qgq = strip_grads_triton(q, k, grad_scale, launch, out_dtype, need_dq=need_dq, need_dk=need_dk)
+        dq, dk, qgq = strip_grads_triton(q, k, grad_scale, launch, out_dtype, need_dq=need_dq, need_dk=need_dk,
+                                         role="sigmoid")
         return dq, dk, qgq, torch.stack(parts).sum().float()
     cfg = _config(q, k)
     gq = torch.empty((n, d), device=q.device, dtype=torch.float32)

@@ -242,13 +242,16 @@ def _strip_block(scale_ptr, bias_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 @triton.jit
 def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, col_ptr, gcol_ptr, ds_ptr,
+                         gs_ptr, gpos_ptr, pos_ptr,
                          row0, N_STRIP, col0, N_COLS, D, stride_q, stride_k, stride_ds, diag_off,
                          ROWS: tl.constexpr, COLS: tl.constexpr, HAS_DIAG: tl.constexpr,
                          SHARED_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, FINAL: tl.constexpr, POS: tl.constexpr):
     """dS for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS), written in the
-    workspace's dtype at local coordinates."""
+    workspace's dtype at local coordinates.  FINAL: grad_scale * (dS + g_pos_i at (i, pos_i))
+    instead, the positive weights added in fp32 before the tile is rounded (POS 0: none, 1:
+    pos_i = i, 2: pos_i from pos_ptr), so the tile alone gives dq and dk."""
     local, local_n, scale, bias = _strip_block(scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
     offs_m = row0 + local
     offs_n = col0 + local_n
@@ -260,12 +263,33 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
     lse_r, g_r = _load_stats(row_ptr, grow_ptr, offs_m, row0 + N_STRIP, ROWS, BLOCK_M)
     lse_c, g_c = _load_stats(col_ptr, gcol_ptr, offs_n, col0 + N_COLS, COLS, BLOCK_N)
     ds = _dscore_tile(s2, lse_r, g_r, lse_c, g_c, ROWS, COLS, SHARED_EXP)
+    if FINAL:
+        if POS != 0:
+            in_rows = offs_m < row0 + N_STRIP
+            g_pos = tl.load(gpos_ptr + offs_m, mask=in_rows, other=0.0)
+            if POS == 1:
+                pos = offs_m
+            else:
+                pos = tl.load(pos_ptr + offs_m, mask=in_rows, other=-1).to(tl.int32)
+            ds += tl.where(offs_n[None, :] == pos[:, None], g_pos[:, None], 0.0)
+        ds = ds * tl.load(gs_ptr).to(tl.float32)
     tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + local_n[None, :],
              ds.to(ds_ptr.dtype.element_ty), mask=(local[:, None] < N_STRIP) & (local_n[None, :] < N_COLS))
 
 
-def _config(q: torch.Tensor) -> dict:
+# The fixed bf16/fp16 launch shapes (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) on a GPU, by
+# role.  On an H200 at N = M = 32768, D = 768 (benchmarks/results/h200_20261128_275e1b9_clip_bench.log,
+# "sweep"), 64 x 128 with 4 warps took the rows+cols forward from 5.39 to 5.00 ms and the dS strips
+# from 14.26 to 11.82 ms against 128 x 128 with 8 warps, which kept the row-only forward ahead
+# (3.56 against 3.99 ms).  The sigmoid strips were not swept and keep 128 x 128.
+HALF_SHAPES = {"lse": (64, 128, 64, 4, 3), "lse_rows": (128, 128, 64, 8, 3), "sigmoid": (128, 128, 64, 8, 3)}
+
+
+def _config(q: torch.Tensor, role: str = "lse") -> dict:
     """One fixed launch configuration per situation (interpreter: small tiles for speed).
+
+    ``role``: "lse" (the forward with column statistics, and the dS strips), "lse_rows" (the
+    row-only forward) or "sigmoid" (the sigmoid strips): the half shapes of ``HALF_SHAPES``.
 
     ``launch`` holds num_warps and num_stages for every kernel that shares the shape;
     ``fwd_launch`` adds the register cap (``FASTCL_TRITON_TILE``'s sixth value) for the forward
@@ -283,8 +307,11 @@ def _config(q: torch.Tensor) -> dict:
     else:
         # fp32 takes 64-column tiles: at 128 x 128 x 32 its forward spills registers on sm_90 (the
         # ptxas counts checked by tests/test_triton_lse_compile.py).
-        bm, (bd, bn) = 128, ((32, 64) if q.dtype == torch.float32 else (64, 128))
-        launch = dict(num_warps=8, num_stages=3)
+        if q.dtype == torch.float32:
+            bm, bn, bd, warps, stages = 128, 64, 32, 8, 3
+        else:
+            bm, bn, bd, warps, stages = HALF_SHAPES[role]
+        launch = dict(num_warps=warps, num_stages=stages)
     fwd_launch = dict(launch, maxnreg=cap[0]) if tile is not None and cap else launch
     # The hardware log2 is libdevice's, which the interpreter lacks (also with CUDA tensors).
     fast_log = not (interp or triton_interpreting())
@@ -293,11 +320,11 @@ def _config(q: torch.Tensor) -> dict:
                 fwd_launch=fwd_launch)
 
 
-def gpu_launch_shape(dtype: torch.dtype, d: int = 768) -> Tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) of the LSE kernels on a GPU for
-    inputs of ``dtype`` and feature size ``d`` (``_config``'s choice, ``FASTCL_TRITON_TILE`` included;
-    maxnreg caps the forward only)."""
-    c = _config(torch.empty(1, d, dtype=dtype, device="meta"))  # a meta tensor stands in for CUDA
+def gpu_launch_shape(dtype: torch.dtype, d: int = 768, role: str = "lse") -> Tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) of the kernels of ``role`` (see
+    ``_config``) on a GPU for inputs of ``dtype`` and feature size ``d`` (``_config``'s choice,
+    ``FASTCL_TRITON_TILE`` included; maxnreg caps the forward only)."""
+    c = _config(torch.empty(1, d, dtype=dtype, device="meta"), role)  # a meta tensor stands in for CUDA
     cap = (c["fwd_launch"]["maxnreg"],) if "maxnreg" in c["fwd_launch"] else ()
     return (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_D"], c["launch"]["num_warps"], c["launch"]["num_stages"]) + cap
 
@@ -434,7 +461,7 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     q, k = q.contiguous(), k.contiguous()
     n, d = q.shape
     m = k.shape[0]
-    cfg = _config(q)
+    cfg = _config(q, "lse" if cols else "lse_rows")
     tune = autotune_enabled()
     interp = q.device.type == "cpu"
     shapes = TUNE_SHAPES_INTERPRETER if interp else TUNE_SHAPES
@@ -577,38 +604,57 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
-def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None, pos_index=None, need_dq=True, need_dk=True):
+def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None, pos_index=None, need_dq=True, need_dk=True,
+                       launch_final=None, role="lse"):
     """``strip_grads`` with a Triton tile kernel: ``launch(tile, r0, nr, c0, nc, cfg)`` writes the
-    gradient tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) into ``tile`` ((nr, nc), q's dtype).
-    Strips hold at least STRIP_MIN_ROWS rows on a GPU (one row block in the interpreter)."""
-    cfg = _config(q)
+    gradient tile of rows [r0, r0 + nr) x columns [c0, c0 + nc) into ``tile`` ((nr, nc), q's dtype);
+    ``launch_final``, if given, the same with the finished tile (``strip_grads``' form_final_tile).
+    Strips hold at least STRIP_MIN_ROWS rows on a GPU (one row block in the interpreter); the tiles
+    take ``role``'s launch shape (``_config``)."""
+    cfg = _config(q, role)
     interp = q.device.type == "cpu"
 
-    def form_tile(ws, r0, nr, c0, nc):
-        tile = ws[:nr * nc].view(nr, nc)
-        launch(tile, r0, nr, c0, nc, cfg)
-        return tile
+    def tile_former(fn):
+        def form_tile(ws, r0, nr, c0, nc):
+            tile = ws[:nr * nc].view(nr, nc)
+            fn(tile, r0, nr, c0, nc, cfg)
+            return tile
+        return form_tile
 
-    return strip_grads(q, k, grad_scale, form_tile, tile_dtype=q.dtype, out_dtype=out_dtype, g_pos=g_pos,
+    return strip_grads(q, k, grad_scale, tile_former(launch), tile_dtype=q.dtype, out_dtype=out_dtype, g_pos=g_pos,
                        pos_index=pos_index,
                        min_rows=cfg["BLOCK_M"] if interp else STRIP_MIN_ROWS, row_align=cfg["BLOCK_M"],
-                       col_align=cfg["BLOCK_N"], need_dq=need_dq, need_dk=need_dk)
+                       col_align=cfg["BLOCK_N"], need_dq=need_dq, need_dk=need_dk,
+                       form_final_tile=None if launch_final is None else tile_former(launch_final))
 
 
 def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, diag_offset, g_pos, pos_index,
                 grad_scale, out_dtype, need_dq=True, need_dk=True):
     d = k.shape[1]
+    # Everything but the block is the same for every launch: built once (the strip loop's host
+    # time is what bounds small strips, not the GPU).
+    scale, bias, gs = scale.float(), bias.float(), grad_scale.float()
+    shared = exp_mode() == "shared"
+    tuned = _tuned(_dscore_strip_kernel, ["N_STRIP", "N_COLS", "D"], q.device.type == "cpu") \
+        if autotune_enabled() else None
+    pos_mode = 0 if g_pos is None else (1 if pos_index is None else 2)
+    gpos_arg = row_lse if g_pos is None else g_pos  # an unread pointer when POS is 0
+    pos_arg = pos_index if pos_index is not None else gpos_arg
+    diag = 0 if diag_offset is None else int(diag_offset)
 
-    def launch(tile, r0, nr, c0, nc, cfg):
-        args = (q, k, scale.float(), bias.float(), row_lse, g_row, col_lse, g_col, tile, r0, nr, c0, nc, d,
-                q.stride(0), k.stride(0), tile.stride(0), 0 if diag_offset is None else int(diag_offset))
-        flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
-                     UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"])
-        if autotune_enabled():
-            kernel = _tuned(_dscore_strip_kernel, ["N_STRIP", "N_COLS", "D"], q.device.type == "cpu")
-            kernel[lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(nc, meta["BLOCK_N"]))](*args, **flags)
-        else:
-            grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
-            _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                       BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
-    return strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos, pos_index, need_dq, need_dk)
+    def launcher(final):
+        def launch(tile, r0, nr, c0, nc, cfg):
+            args = (q, k, scale, bias, row_lse, g_row, col_lse, g_col, tile, gs, gpos_arg, pos_arg, r0, nr, c0, nc, d,
+                    q.stride(0), k.stride(0), tile.stride(0), diag)
+            flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=shared,
+                         UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], FINAL=final,
+                         POS=pos_mode if final else 0)
+            if tuned is not None:
+                tuned[lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(nc, meta["BLOCK_N"]))](*args, **flags)
+            else:
+                grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
+                _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                           BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
+        return launch
+    return strip_grads_triton(q, k, grad_scale, launcher(False), out_dtype, g_pos, pos_index, need_dq, need_dk,
+                              launch_final=launcher(True))

@@ -216,7 +216,7 @@ def test_info_reports_the_workspace_and_the_table(monkeypatch, capsys):
     assert "GPU workspace (triton and cuda strips): 64 MB (FASTCL_WORKSPACE_MB" in out
     assert "auto on CUDA, triton vs cuda: table" in out
     if dispatch.triton_available():
-        assert "Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages[,forward maxnreg] at D=768): half 128,128,64,8,3" in out
+        assert "Triton launch shape (BLOCK_M,BLOCK_N,BLOCK_D,warps,stages[,forward maxnreg] at D=768): half 64,128,64,4,3, fp32 128,64,32,8,3, half row-only forward 128,128,64,8,3" in out
         monkeypatch.setenv("FASTCL_TRITON_TILE", "64,64,32,4,2")
         monkeypatch.setenv("FASTCL_TRITON_AUTOTUNE", "maybe")  # a bad value is reported, not raised
         assert main(["info"]) == 0
@@ -255,6 +255,23 @@ def test_kernel_profile_ranks_operators_by_their_own_time():
     assert any("mm" in r["name"] for r in prof["top"])
     assert prof["busy_ms_per_step"] >= first["ms_per_step"] + second["ms_per_step"] - 1e-9
     assert prof["wall_ms_per_step"] > 0
+
+
+def test_host_profile_times_the_issue_and_names_the_functions():
+    """The GPU benchmarks' host-time profile, run on the CPU: the slow Python function is found
+    by its own time, and host time cannot exceed wall time."""
+    from fastcl.profiling import host_profile
+
+    def slow_python():
+        total = 0
+        for i in range(20000):
+            total += i
+        return total
+
+    prof = host_profile(lambda: (slow_python(), torch.ones(3).sum()), steps=4, device="cpu", top=3)
+    assert len(prof["top"]) == 3 and "slow_python" in prof["top"][0]["function"]
+    assert prof["top"][0]["calls_per_step"] == 1.0 and prof["top"][0]["own_ms_per_step"] > 0
+    assert 0 < prof["host_ms_per_step"] <= prof["wall_ms_per_step"]
 
 
 def test_gpu_bench_reads_nd_lists_and_names_a_bad_one(capsys, monkeypatch):

@@ -50,6 +50,11 @@ def test_default_budget_at_the_clip_target_shape():
     rows, cols = plan(32768, 32768, 768, 2, True, 64 * 2**20, 2048, 128, 128)
     assert scratch_bytes(rows, cols, 768, 2, True) <= 64 * 2**20
     assert rows >= 2048 and -(-32768 // cols) == 5
+    # The Triton strips' finished tiles need no per-row buffers: 4 chunks of 13 strips (52 tiles
+    # against 70 with 64-row alignment), so fewer launches per backward.
+    rows, cols = plan(32768, 32768, 768, 2, True, 64 * 2**20, 2048, 64, 128, row_buffers=False)
+    assert scratch_bytes(rows, cols, 768, 2, True, row_buffers=False) <= 64 * 2**20
+    assert rows >= 2048 and -(-32768 // cols) == 4 and -(-32768 // rows) == 13
 
 
 def _dense_tile(t):
@@ -104,6 +109,65 @@ def test_strip_grads_equals_whole_products(dtype, out, budget, pos):
     assert torch.equal(covered, torch.ones_like(covered))
     if budget == 6000:
         assert chunks > 1 and len(seen) > chunks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("budget", [10 ** 9, 3200, 1])
+@pytest.mark.parametrize("pos", [None, "diagonal", "index"])
+@pytest.mark.parametrize("need_dq", [True, False])
+def test_final_tiles_give_the_same_gradients(dtype, budget, pos, need_dq):
+    """``form_final_tile`` (grad_scale * (T + positives), as the Triton strip kernel forms it with
+    FINAL): dq and dk straight from the tiles, qgq divided back by grad_scale, against the whole
+    float64 products; the generic tile is never asked for."""
+    from test_similarity_lse import positive_index
+    gen = torch.Generator().manual_seed(9)
+    n, m, d = 67, 131, 40
+    q, k = randn(n, d, generator=gen).to(dtype), randn(m, d, generator=gen).to(dtype)
+    t = randn(n, m, generator=gen).double()
+    g_pos = randn(n, generator=gen) if pos else None
+    index = positive_index(n, m) if pos == "index" else None
+    full = t.clone()
+    if pos:
+        full.index_put_((torch.arange(n), torch.arange(n) if index is None else index), g_pos.double(),
+                        accumulate=True)
+    gs = 1.7
+    tiles = (gs * full).to(dtype)  # as the kernel rounds them
+    final, seen = _dense_tile(tiles)
+    full = tiles.double() / gs
+
+    def generic(*args):
+        raise AssertionError("the generic tile was asked for")
+    dq, dk, qgq = strip_grads(q, k, torch.tensor(gs), generic, tile_dtype=dtype, out_dtype=dtype, g_pos=g_pos,
+                              pos_index=index, min_rows=16, row_align=16, col_align=16, budget=budget,
+                              need_dq=need_dq, form_final_tile=final)
+    gq64, gk64 = full @ k.double(), full.T @ q.double()
+    chunks = len({c0 for _, _, c0, _ in seen})
+    assert dq.shape == ((n, d) if need_dq else (0, d)) and dk.dtype == dtype and qgq.dtype == torch.float32
+    if need_dq:
+        assert_close(dq, gs * gq64, dtype, "dq", factor=chunks ** 0.5)
+    assert_close(dk, gs * gk64, dtype, "dk")
+    assert_close(qgq, (q.double() * gq64).sum(), torch.float32, "qgq")
+    covered = torch.zeros(n, m, dtype=torch.int32)
+    for r0, nr, c0, nc in seen:
+        covered[r0:r0 + nr, c0:c0 + nc] += 1
+    assert torch.equal(covered, torch.ones_like(covered))
+    if budget == 3200:  # several chunks of several strips (no per-row buffers here)
+        assert chunks > 1 and len(seen) > chunks
+
+
+def test_final_tiles_are_used_only_where_they_give_every_output():
+    """No dk asked for (qgq then needs Gq in fp32) or outputs in another dtype than the tiles:
+    the generic tiles are formed."""
+    q, k = randn(20, 8).bfloat16(), randn(30, 8).bfloat16()
+    t = randn(20, 30)
+    generic, seen = _dense_tile(t.bfloat16())
+
+    def final(*args):
+        raise AssertionError("the final tile was asked for")
+    kw = dict(tile_dtype=torch.bfloat16, min_rows=16, row_align=16, col_align=16, form_final_tile=final)
+    strip_grads(q, k, torch.tensor(1.0), generic, out_dtype=torch.bfloat16, need_dk=False, **kw)
+    strip_grads(q, k, torch.tensor(1.0), generic, out_dtype=torch.float32, **kw)
+    assert len(seen) == 2
 
 
 @pytest.mark.parametrize("pos", ["diagonal", "index"])

@@ -138,7 +138,11 @@ def test_tile_override_sets_the_gpu_launch_shape(monkeypatch):
     from fastcl.kernels import similarity_lse as K
     gpu_like = torch.empty(4, 768, dtype=torch.bfloat16, device="meta")
     default = K._config(gpu_like)
-    assert (default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_D"]) == (128, 128, 64)
+    assert (default["BLOCK_M"], default["BLOCK_N"], default["BLOCK_D"]) == K.HALF_SHAPES["lse"][:3] == (64, 128, 64)
+    assert default["launch"] == {"num_warps": 4, "num_stages": 3}
+    for role in ("lse_rows", "sigmoid"):  # the row-only forward and the sigmoid strips keep 128 x 128
+        assert K.gpu_launch_shape(torch.bfloat16, role=role) == (128, 128, 64, 8, 3)
+    assert K.gpu_launch_shape(torch.float32, role="lse_rows") == K.gpu_launch_shape(torch.float32)
     monkeypatch.setenv("FASTCL_TRITON_TILE", "64,128,32,4,2")
     cfg = K._config(gpu_like)
     assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]) == (64, 128, 32)

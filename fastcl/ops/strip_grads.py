@@ -45,11 +45,11 @@ def formed_sides(need_dq: bool, need_dk: bool, prefer_q: bool = False) -> Tuple[
     return prefer_q, not prefer_q
 
 
-def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool) -> int:
+def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool, row_buffers: bool = True) -> int:
     """Scratch held at once: the tile workspace, P (fp32) and one transient of P's size (the
-    gathered positive keys), and the column chunk's fp32 Gk when the outputs are not fp32
-    (``chunk_acc``)."""
-    return tile_itemsize * rows * cols + 8 * rows * d + (4 * cols * d if chunk_acc else 0)
+    gathered positive keys) unless the tiles are final (``row_buffers`` False), and the column
+    chunk's fp32 Gk when the outputs are not fp32 (``chunk_acc``)."""
+    return tile_itemsize * rows * cols + (8 * rows * d if row_buffers else 0) + (4 * cols * d if chunk_acc else 0)
 
 
 MAX_GRID_Y = 65535
@@ -57,13 +57,13 @@ MIN_TILE_COLS = 16  # the narrowest BLOCK_N of a Triton dot
 
 
 def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: int,
-         min_rows: int, row_align: int, col_align: int) -> Tuple[int, int]:
+         min_rows: int, row_align: int, col_align: int, row_buffers: bool = True) -> Tuple[int, int]:
     """(rows per strip, columns per chunk): the fewest column chunks for which a strip of at least
     ``min(n, min_rows)`` rows fits ``budget`` bytes, then as many rows as fit (a multiple of
     ``row_align`` unless all n).  If nothing fits, the smallest pieces (over the budget).  A chunk
     spans at most 65535 column tiles of the narrowest tile a kernel may run (16 columns, whatever
     shape the autotuner picks): the Triton tile kernels put the column tiles on the grid's y axis,
-    which CUDA caps there."""
+    which CUDA caps there.  ``row_buffers``: as in ``scratch_bytes``."""
     want = min(n, min_rows)
     last = None
     max_cols = max(col_align, MAX_GRID_Y * MIN_TILE_COLS // col_align * col_align)
@@ -72,8 +72,8 @@ def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: in
         if cols == last:
             continue
         last = cols
-        fixed = scratch_bytes(0, cols, d, tile_itemsize, chunk_acc)
-        per_row = scratch_bytes(1, cols, d, tile_itemsize, chunk_acc) - fixed
+        fixed = scratch_bytes(0, cols, d, tile_itemsize, chunk_acc, row_buffers)
+        per_row = scratch_bytes(1, cols, d, tile_itemsize, chunk_acc, row_buffers) - fixed
         rows = max(0, budget - fixed) // per_row
         if rows >= want:
             if rows >= n:
@@ -88,7 +88,8 @@ FormTile = Callable[[Tensor, int, int, int, int], Tensor]
 def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *, tile_dtype: torch.dtype,
                 out_dtype: torch.dtype, g_pos: Optional[Tensor] = None, pos_index: Optional[Tensor] = None,
                 min_rows: int, row_align: int, col_align: int, budget: Optional[int] = None,
-                need_dq: bool = True, need_dk: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+                need_dq: bool = True, need_dk: bool = True,
+                form_final_tile: Optional[FormTile] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq)`` as in the module docstring.
 
     q (N, D), k (M, D): one float dtype; grad_scale: 0-d tensor on their device; g_pos: (N,)
@@ -100,6 +101,10 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     dq, dk: out_dtype; qgq: 0-d fp32 (fp64 for fp64 inputs).
     ``need_dq`` / ``need_dk`` False skip that side's products (a frozen tower, a memory bank): its
     gradient comes back empty, (0, D); qgq is formed from the side that is computed.
+    ``form_final_tile``, if given, forms ``grad_scale * (T + g_pos_i at (i, pos_i))`` instead (the
+    positive weights added before the tile is rounded); it is used when dk is asked for and the
+    outputs are in the tile dtype: cuBLAS then writes dq and Gk straight from the tiles, with no
+    fp32 P and fewer launches per strip (``_final_tile_grads``).
     """
     n, d = q.shape
     m = k.shape[0]
@@ -107,6 +112,9 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     need_dq, need_dk = formed_sides(need_dq, need_dk)
     chunk_acc = need_dk and out_dtype != acc
     budget = workspace_bytes() if budget is None else budget
+    if form_final_tile is not None and need_dk and out_dtype == tile_dtype == q.dtype:
+        return _final_tile_grads(q, k, grad_scale, form_final_tile, out_dtype, chunk_acc, budget, min_rows,
+                                 row_align, col_align, need_dq)
     rows, cols = plan(n, m, d, torch.empty((), dtype=tile_dtype).element_size(), chunk_acc, budget,
                       min_rows, row_align, col_align)
     dev = q.device
@@ -147,6 +155,51 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
         if chunk_acc:
             dk[c0:c0 + nc].copy_(gk)
     return dq, dk, qgq.to(acc)
+
+
+def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile: FormTile, out_dtype: torch.dtype,
+                      chunk_acc: bool, budget: int, min_rows: int, row_align: int, col_align: int,
+                      need_dq: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``strip_grads`` from finished tiles F = grad_scale * (T + positives), dk asked for:
+
+        dq[r] (+)= F[r, c] @ k_c      (out_dtype, written by cuBLAS: one rounding per chunk)
+        Gk_c  (+)= F[r, c].T @ q_r    (fp32 chunk, or dk itself for fp32 outputs)
+        qgq = sum(k * Gk) / grad_scale
+
+    Two products per strip and nothing else; the workspace holds the tiles (and, between strips,
+    the qgq products)."""
+    n, d = q.shape
+    m = k.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    itemsize = q.element_size()
+    rows, cols = plan(n, m, d, itemsize, chunk_acc, budget, min_rows, row_align, col_align, row_buffers=False)
+    dev = q.device
+    # One byte buffer: the tiles, and between chunks the rows of sum(k * Gk) (fp32 or fp64).
+    step = max(1, rows * cols * itemsize // (d * torch.empty((), dtype=acc).element_size()))
+    raw = torch.empty(max(rows * cols * itemsize, step * d * torch.empty((), dtype=acc).element_size()),
+                      device=dev, dtype=torch.uint8)
+    ws = raw.view(q.dtype)
+    buf = raw[:step * d * torch.empty((), dtype=acc).element_size()].view(acc).view(step, d)
+    gk_buf = torch.empty((cols, d), device=dev, dtype=acc) if chunk_acc else None
+    dq = torch.empty((n if need_dq else 0, d), device=dev, dtype=out_dtype)
+    dk = torch.empty((m, d), device=dev, dtype=out_dtype)
+    qgq = torch.zeros((), device=dev, dtype=torch.float64)
+    for c0, nc in column_chunks(m, cols, col_align):
+        k_c = k[c0:c0 + nc]
+        gk = gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]
+        for r0 in range(0, n, rows):
+            nr = min(rows, n - r0)
+            tile = form_final_tile(ws, r0, nr, c0, nc)
+            mm_f32_into(gk, tile.T, q[r0:r0 + nr], accumulate=r0 > 0)
+            if need_dq:
+                if c0 == 0:
+                    torch.mm(tile, k_c, out=dq[r0:r0 + nr])
+                else:
+                    dq[r0:r0 + nr].addmm_(tile, k_c)
+        qgq += _sum_of_products(gk, k_c, buf)
+        if chunk_acc:
+            dk[c0:c0 + nc].copy_(gk)
+    return dq, dk, qgq.div_(grad_scale.to(torch.float64)).to(acc)
 
 
 def column_chunks(m: int, cols: int, col_align: int) -> List[Tuple[int, int]]:
