@@ -238,29 +238,17 @@ def _clip_step(method, n, d, dtype):
     return step
 
 
-def profile_rows(methods, n, d, dtype):
-    """``kernel_profile`` of the CLIP fwd+bwd for each method at (n, d), as JSON-ready rows."""
+def profile_rows(methods, n, d, dtype, host=False):
+    """The CLIP fwd+bwd of each method at (n, d) profiled, as JSON-ready rows: kernel by kernel
+    (``kernel_profile``, key "profile"), or with ``host`` the time the host takes to issue a step
+    against its wall time and the functions that take it (``host_profile``, key "host")."""
+    key, profiler = ("host", host_profile) if host else ("profile", kernel_profile)
     out = []
     for method in methods:
         try:
-            out.append({"profile": method, "n": n, "d": d, **kernel_profile(_clip_step(method, n, d, dtype))})
+            out.append({key: method, "n": n, "d": d, **profiler(_clip_step(method, n, d, dtype))})
         except Exception as exc:  # a failing profile is reported, not fatal for the suite
-            out.append({"profile": method, "n": n, "d": d, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        finally:
-            torch.cuda.empty_cache()
-        print(json.dumps(out[-1]), flush=True)
-    return out
-
-
-def host_rows(methods, n, d, dtype):
-    """``host_profile`` of the CLIP fwd+bwd for each method at (n, d): how long the host takes to
-    issue a step against the step's wall time, and the functions that take it."""
-    out = []
-    for method in methods:
-        try:
-            out.append({"host": method, "n": n, "d": d, **host_profile(_clip_step(method, n, d, dtype))})
-        except Exception as exc:  # a failing profile is reported, not fatal for the suite
-            out.append({"host": method, "n": n, "d": d, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            out.append({key: method, "n": n, "d": d, "error": f"{type(exc).__name__}: {exc}"[:300]})
         finally:
             torch.cuda.empty_cache()
         print(json.dumps(out[-1]), flush=True)
@@ -364,7 +352,7 @@ def main():
         stage("profile", lambda: profile_rows(fastcl_methods, n, d, dtype), profiles)
     for n, d in args.host_profile:
         fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
-        stage("host_profile", lambda: host_rows(fastcl_methods, n, d, dtype), profiles)
+        stage("host_profile", lambda: profile_rows(fastcl_methods, n, d, dtype, host=True), profiles)
     save()
     print_table(rows)
     print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"

@@ -81,7 +81,10 @@ def host_profile(step, steps: int = 20, device: str = "cuda", top: int = 20) -> 
     "own_ms_per_step"}, ...]}``: host time is the time to return from ``step()`` (the device may
     still be working), wall time includes waiting for the device at the end.  Where host time is
     close to wall time, launches bound the step, not the kernels.  The cProfile pass runs after
-    the timed one, so its overhead does not enter the times."""
+    the timed one, so its overhead does not enter the times.  On Python 3.12 cProfile books the C
+    calls made under a ``torch.library`` custom op to torch's wrapper (``custom_ops.py``'s
+    ``backend_impl``): with torch 2.11 on the CPU it showed 0.5 ms own time a call where the op
+    costs 27 us more than a direct call; the clock-measured host time is unaffected."""
     import cProfile
     import pstats
 

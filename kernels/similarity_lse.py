@@ -249,9 +249,9 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IS_FP32: tl.constexpr,
                          PRECISION: tl.constexpr, FINAL: tl.constexpr, POS: tl.constexpr):
     """dS for rows [row0, row0 + N_STRIP) x columns [col0, col0 + N_COLS), written in the
-    workspace's dtype at local coordinates.  FINAL: grad_scale * (dS + g_pos_i at (i, pos_i))
-    instead, the positive weights added in fp32 before the tile is rounded (POS 0: none, 1:
-    pos_i = i, 2: pos_i from pos_ptr), so the tile alone gives dq and dk."""
+    workspace's dtype at local coordinates.  FINAL: g * (dS + g_pos_i at (i, pos_i)) instead, with
+    g = grad_scale (1 where it is 0), the positive weights added in fp32 before the tile is rounded
+    (POS 0: none, 1: pos_i = i, 2: pos_i from pos_ptr), so the tile alone gives dq and dk."""
     local, local_n, scale, bias = _strip_block(scale_ptr, bias_ptr, BLOCK_M, BLOCK_N)
     offs_m = row0 + local
     offs_n = col0 + local_n
@@ -272,7 +272,8 @@ def _dscore_strip_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, row_ptr, grow_ptr, c
             else:
                 pos = tl.load(pos_ptr + offs_m, mask=in_rows, other=-1).to(tl.int32)
             ds += tl.where(offs_n[None, :] == pos[:, None], g_pos[:, None], 0.0)
-        ds = ds * tl.load(gs_ptr).to(tl.float32)
+        gs = tl.load(gs_ptr).to(tl.float32)
+        ds = ds * tl.where(gs == 0.0, 1.0, gs)  # 0 keeps the tile: qgq needs it (strip_grads)
     tl.store(ds_ptr + local.to(tl.int64)[:, None] * stride_ds + local_n[None, :],
              ds.to(ds_ptr.dtype.element_ty), mask=(local[:, None] < N_STRIP) & (local_n[None, :] < N_COLS))
 

@@ -115,10 +115,12 @@ def test_strip_grads_equals_whole_products(dtype, out, budget, pos):
 @pytest.mark.parametrize("budget", [10 ** 9, 3200, 1])
 @pytest.mark.parametrize("pos", [None, "diagonal", "index"])
 @pytest.mark.parametrize("need_dq", [True, False])
-def test_final_tiles_give_the_same_gradients(dtype, budget, pos, need_dq):
-    """``form_final_tile`` (grad_scale * (T + positives), as the Triton strip kernel forms it with
-    FINAL): dq and dk straight from the tiles, qgq divided back by grad_scale, against the whole
-    float64 products; the generic tile is never asked for."""
+@pytest.mark.parametrize("gs", [1.7, 0.0, -2.0])
+def test_final_tiles_give_the_same_gradients(dtype, budget, pos, need_dq, gs):
+    """``form_final_tile`` (g * (T + positives), g = grad_scale or 1 for a 0 one, as the Triton
+    strip kernel forms it with FINAL): dq and dk straight from the tiles, qgq divided back by g,
+    against the whole float64 products; the generic tile is never asked for.  A 0 grad_scale (a
+    GPU logit scale is not read on the host) still gives the formula: zero dq and dk, and qgq."""
     from test_similarity_lse import positive_index
     gen = torch.Generator().manual_seed(9)
     n, m, d = 67, 131, 40
@@ -130,10 +132,10 @@ def test_final_tiles_give_the_same_gradients(dtype, budget, pos, need_dq):
     if pos:
         full.index_put_((torch.arange(n), torch.arange(n) if index is None else index), g_pos.double(),
                         accumulate=True)
-    gs = 1.7
-    tiles = (gs * full).to(dtype)  # as the kernel rounds them
+    g = gs if gs != 0 else 1.0
+    tiles = (g * full).to(dtype)  # as the kernel rounds them
     final, seen = _dense_tile(tiles)
-    full = tiles.double() / gs
+    full = tiles.double() / g
 
     def generic(*args):
         raise AssertionError("the generic tile was asked for")
@@ -143,9 +145,12 @@ def test_final_tiles_give_the_same_gradients(dtype, budget, pos, need_dq):
     gq64, gk64 = full @ k.double(), full.T @ q.double()
     chunks = len({c0 for _, _, c0, _ in seen})
     assert dq.shape == ((n, d) if need_dq else (0, d)) and dk.dtype == dtype and qgq.dtype == torch.float32
-    if need_dq:
-        assert_close(dq, gs * gq64, dtype, "dq", factor=chunks ** 0.5)
-    assert_close(dk, gs * gk64, dtype, "dk")
+    if gs == 0:
+        assert not dq.any() and not dk.any()
+    else:
+        if need_dq:
+            assert_close(dq, gs * gq64, dtype, "dq", factor=chunks ** 0.5)
+        assert_close(dk, gs * gk64, dtype, "dk")
     assert_close(qgq, (q.double() * gq64).sum(), torch.float32, "qgq")
     covered = torch.zeros(n, m, dtype=torch.int32)
     for r0, nr, c0, nc in seen:

@@ -138,6 +138,22 @@ def test_fused_kernels_follow_the_formula_at_any_scale(backend):
         z[range(67), range(67)] = 1.0
         loss = torch.ops.fastcl.sigmoid_pair_fwd(qq, kk, s, torch.tensor(0.5), backend)
         assert_close(loss, -torch.nn.functional.logsigmoid(z * ref).sum(), torch.float32, f"{backend} sigmoid at {scale}")
+        # Gradients with the positive pairs (i, i), as CLIP's backward asks for them: dq = dk = 0 at
+        # scale 0 (the finished Triton tiles keep an unscaled tile there), and the scale's gradient.
+        g_row, g_col, g_pos = torch.rand(67), torch.rand(131), -torch.rand(67)
+        dq, dk, qgq = torch.ops.fastcl.similarity_lse_bwd(qq, kk, s, torch.tensor(0.5), row, col, g_row, g_col, g_pos,
+                                                          None, None, s, torch.float32, True, True, backend)
+        q64, k64, s64 = (t.double().requires_grad_() for t in (qq, kk, s))
+        logits = s64 * q64 @ k64.T + 0.5
+        total = ((g_row.double() * torch.logsumexp(logits, 1)).sum() + (g_col.double() * torch.logsumexp(logits, 0)).sum()
+                 + (g_pos.double() * logits.diagonal()).sum())
+        rq, rk, rs = torch.autograd.grad(total, (q64, k64, s64))
+        for what, got, want in (("dq", dq, rq), ("dk", dk, rk)):
+            if scale == 0:
+                assert not got.any(), f"{backend} {what} at scale 0"
+            else:
+                assert_close(got, want, torch.float32, f"{backend} {what} at scale {scale}")
+        assert_close(qgq, rs, torch.float32, f"{backend} scale gradient at scale {scale}")
 
 
 def test_losses_read_no_values_back():

@@ -101,8 +101,9 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
     dq, dk: out_dtype; qgq: 0-d fp32 (fp64 for fp64 inputs).
     ``need_dq`` / ``need_dk`` False skip that side's products (a frozen tower, a memory bank): its
     gradient comes back empty, (0, D); qgq is formed from the side that is computed.
-    ``form_final_tile``, if given, forms ``grad_scale * (T + g_pos_i at (i, pos_i))`` instead (the
-    positive weights added before the tile is rounded); it is used when dk is asked for and the
+    ``form_final_tile``, if given, forms ``g * (T + g_pos_i at (i, pos_i))`` instead, g = grad_scale
+    or 1 where grad_scale is 0 (the positive weights added before the tile is rounded); it is used
+    when dk is asked for and the
     outputs are in the tile dtype: cuBLAS then writes dq and Gk straight from the tiles, with no
     fp32 P and fewer launches per strip (``_final_tile_grads``).
     """
@@ -160,11 +161,12 @@ def strip_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_tile: FormTile, *
 def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile: FormTile, out_dtype: torch.dtype,
                       chunk_acc: bool, budget: int, min_rows: int, row_align: int, col_align: int,
                       need_dq: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """``strip_grads`` from finished tiles F = grad_scale * (T + positives), dk asked for:
+    """``strip_grads`` from finished tiles F = g * (T + positives), dk asked for, with g = grad_scale,
+    or 1 where grad_scale is 0 (the device value is not read: a 0 would erase what qgq needs):
 
         dq[r] (+)= F[r, c] @ k_c      (out_dtype, written by cuBLAS: one rounding per chunk)
         Gk_c  (+)= F[r, c].T @ q_r    (fp32 chunk, or dk itself for fp32 outputs)
-        qgq = sum(k * Gk) / grad_scale
+        qgq = sum(k * Gk) / g;  dq, dk times grad_scale / g (1, or 0 for a 0 grad_scale)
 
     Two products per strip and nothing else; the workspace holds the tiles (and, between strips,
     the qgq products)."""
@@ -184,6 +186,8 @@ def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile:
     dq = torch.empty((n if need_dq else 0, d), device=dev, dtype=out_dtype)
     dk = torch.empty((m, d), device=dev, dtype=out_dtype)
     qgq = torch.zeros((), device=dev, dtype=torch.float64)
+    g = torch.where(grad_scale == 0, torch.ones_like(grad_scale), grad_scale).to(acc)
+    keep = grad_scale.to(acc) / g  # exactly 1, or 0 for a 0 grad_scale
     for c0, nc in column_chunks(m, cols, col_align):
         k_c = k[c0:c0 + nc]
         gk = gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]
@@ -198,8 +202,11 @@ def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile:
                     dq[r0:r0 + nr].addmm_(tile, k_c)
         qgq += _sum_of_products(gk, k_c, buf)
         if chunk_acc:
-            dk[c0:c0 + nc].copy_(gk)
-    return dq, dk, qgq.div_(grad_scale.to(torch.float64)).to(acc)
+            torch.mul(gk, keep, out=dk[c0:c0 + nc])
+        else:
+            gk.mul_(keep)
+    dq.mul_(keep)
+    return dq, dk, qgq.div_(g.to(torch.float64)).to(acc)
 
 
 def column_chunks(m: int, cols: int, col_align: int) -> List[Tuple[int, int]]:
