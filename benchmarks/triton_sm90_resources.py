@@ -105,7 +105,8 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
                       "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr,
                       "gs_ptr": "*fp32", "gpos_ptr": "*fp32", "pos_ptr": "*i64"},
                      ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_ds", "diag_off"],
-                     dict(consts, FINAL=True, POS=1),  # the tile CLIP's backward forms (positives (i, i))
+                     # the tile CLIP's backward forms (positives (i, i)); fp16 keeps the generic tile
+                     dict(consts, FINAL=dtype != "fp16", POS=1 if dtype != "fp16" else 0),
                      warps, stages)  # a register cap reaches the forward only (_config)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")

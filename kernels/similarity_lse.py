@@ -657,5 +657,8 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
                 _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                            BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
         return launch
+    # fp16 keeps the generic tiles: its range (65504) would not hold a tile scaled by a large
+    # logit scale times a loss-scaled gradient, where the fp32 P takes the scale afterwards.
+    final = launcher(True) if q.dtype != torch.float16 else None
     return strip_grads_triton(q, k, grad_scale, launcher(False), out_dtype, g_pos, pos_index, need_dq, need_dk,
-                              launch_final=launcher(True))
+                              launch_final=final)

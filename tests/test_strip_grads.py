@@ -160,6 +160,45 @@ def test_final_tiles_give_the_same_gradients(dtype, budget, pos, need_dq, gs):
         assert chunks > 1 and len(seen) > chunks
 
 
+def test_final_tiles_keep_to_the_budget(monkeypatch):
+    """What ``_final_tile_grads`` allocates besides its outputs is what ``scratch_bytes`` counts for
+    its plan, also when a tile is narrower than one row of qgq's products."""
+    import fastcl.ops.strip_grads as sg
+    made = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        made.append(t.numel() * t.element_size())
+        return t
+    monkeypatch.setattr(torch, "empty", empty)
+    cases = ((64, 16, 256, 4096), (67, 131, 40, 3200), (67, 131, 40, 10 ** 9), (5, 3, 512, 1), (64, 16, 256, 70000))
+    for dtype in (torch.bfloat16, torch.float32):  # an fp32 chunk accumulator, or dk itself
+        size, chunk_acc = torch.empty((), dtype=dtype).element_size(), dtype != torch.float32
+        for n, m, d, budget in cases:
+            q, k = randn(n, d).to(dtype), randn(m, d).to(dtype)
+            form, _ = _dense_tile(randn(n, m).to(dtype))
+            made.clear()
+            strip_grads(q, k, torch.tensor(1.0), None, tile_dtype=dtype, out_dtype=dtype, min_rows=16, row_align=16,
+                        col_align=16, budget=budget, form_final_tile=form)
+            rows, cols = sg.plan(n, m, d, size, chunk_acc, budget, 16, 16, 16, row_buffers=False)
+            outputs = size * (n * d + m * d)
+            scratch = sg.scratch_bytes(rows, cols, d, size, chunk_acc, row_buffers=False)
+            assert sum(made) - outputs <= scratch + 8, (dtype, n, m, d, budget, made)  # + qgq's 0-d sums
+
+
+def test_final_tiles_at_a_scale_that_is_zero_in_fp32():
+    """A float64 grad_scale that rounds to 0 in fp32 is 0 for the kernel (which reads it as fp32): the
+    host takes the same view, so the tiles are unscaled and dq, dk come back zero, qgq finite."""
+    q, k = randn(20, 8), randn(30, 8)
+    t = randn(20, 30)
+    form, _ = _dense_tile(t)  # unscaled, as the kernel forms them at a zero scale
+    dq, dk, qgq = strip_grads(q, k, torch.tensor(1e-50, dtype=torch.float64), None, tile_dtype=torch.float32,
+                              out_dtype=torch.float32, min_rows=16, row_align=16, col_align=16, form_final_tile=form)
+    assert not dq.any() and not dk.any()
+    assert_close(qgq, (q.double() * (t.double() @ k.double())).sum(), torch.float32, "qgq")
+
+
 def test_final_tiles_are_used_only_where_they_give_every_output():
     """No dk asked for (qgq then needs Gq in fp32) or outputs in another dtype than the tiles:
     the generic tiles are formed."""

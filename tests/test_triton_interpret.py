@@ -206,3 +206,27 @@ def test_backward_mode_env_is_checked(monkeypatch):
         backward_mode(512)
     monkeypatch.setenv("FASTCL_TRITON_BWD", "auto")
     assert backward_mode(64) == "strip"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_strip_backward_holds_a_large_scaled_gradient(dtype):
+    """Logit scale 100 times a loss-scaled upstream gradient of 700 per row: the scaled tile's
+    largest entries (about 7e4) overflow fp16 (65504) while dq itself fits, so fp16 keeps the
+    generic tiles (the scale goes on in fp32 afterwards); bf16 tiles take the scale in the kernel.
+    Both match the float64 formula."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.nn.functional.normalize(torch.randn(20, 16, generator=gen), dim=1).to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(30, 16, generator=gen), dim=1).to(dtype)
+    scale, bias = torch.tensor(100.0), torch.tensor(0.0)
+    row, col, _ = torch.ops.fastcl.similarity_lse_fwd(q, k, scale, bias, True, False, None, False, None, "triton")
+    g_row = torch.full((20,), 700.0)
+    dq, dk, qgq = torch.ops.fastcl.similarity_lse_bwd(q, k, scale, bias, row, col, g_row, torch.zeros(0),
+                                                      torch.empty(0), None, None, scale, dtype, True, True, "triton")
+    q64, k64, s64 = (t.double().requires_grad_() for t in (q, k, scale))
+    total = 700.0 * torch.logsumexp(s64 * q64 @ k64.T, 1).sum()
+    rq, rk, rs = torch.autograd.grad(total, (q64, k64, s64))
+    assert (100 * 700 * torch.softmax(100 * q64 @ k64.T, 1)).max() > 65504 > max(rq.abs().max(), rk.abs().max())
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(qgq)
+    assert_close(dq, rq, dtype, "dq")
+    assert_close(dk, rk, dtype, "dk")
+    assert_close(qgq, rs, dtype, "qgq")

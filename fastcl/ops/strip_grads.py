@@ -47,9 +47,14 @@ def formed_sides(need_dq: bool, need_dk: bool, prefer_q: bool = False) -> Tuple[
 
 def scratch_bytes(rows: int, cols: int, d: int, tile_itemsize: int, chunk_acc: bool, row_buffers: bool = True) -> int:
     """Scratch held at once: the tile workspace, P (fp32) and one transient of P's size (the
-    gathered positive keys) unless the tiles are final (``row_buffers`` False), and the column
-    chunk's fp32 Gk when the outputs are not fp32 (``chunk_acc``)."""
-    return tile_itemsize * rows * cols + (8 * rows * d if row_buffers else 0) + (4 * cols * d if chunk_acc else 0)
+    gathered positive keys) unless the tiles are final (``row_buffers`` False: then, without a
+    chunk, 8 * d bytes beside the tiles, so qgq's product rows fit even a tile narrower than
+    one), and the column chunk's fp32 Gk when the outputs are not fp32 (``chunk_acc``)."""
+    if row_buffers:
+        tail = 8 * rows * d
+    else:  # finished tiles: qgq's products go through the fp32 chunk, or through the tiles' space and one row
+        tail = 0 if chunk_acc else 8 * d
+    return tile_itemsize * rows * cols + tail + (4 * cols * d if chunk_acc else 0)
 
 
 MAX_GRID_Y = 65535
@@ -164,7 +169,8 @@ def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile:
     """``strip_grads`` from finished tiles F = g * (T + positives), dk asked for, with g = grad_scale,
     or 1 where grad_scale is 0 (the device value is not read: a 0 would erase what qgq needs):
 
-        dq[r] (+)= F[r, c] @ k_c      (out_dtype, written by cuBLAS: one rounding per chunk)
+        dq[r] (+)= F[r, c] @ k_c      (out_dtype, written by cuBLAS: one rounding per chunk, and
+                                       half split-K sums where torch allows them, as any half mm)
         Gk_c  (+)= F[r, c].T @ q_r    (fp32 chunk, or dk itself for fp32 outputs)
         qgq = sum(k * Gk) / g;  dq, dk times grad_scale / g (1, or 0 for a 0 grad_scale)
 
@@ -176,18 +182,21 @@ def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile:
     itemsize = q.element_size()
     rows, cols = plan(n, m, d, itemsize, chunk_acc, budget, min_rows, row_align, col_align, row_buffers=False)
     dev = q.device
-    # One byte buffer: the tiles, and between chunks the rows of sum(k * Gk) (fp32 or fp64).
-    step = max(1, rows * cols * itemsize // (d * torch.empty((), dtype=acc).element_size()))
-    raw = torch.empty(max(rows * cols * itemsize, step * d * torch.empty((), dtype=acc).element_size()),
-                      device=dev, dtype=torch.uint8)
+    # One byte buffer of what scratch_bytes counts: the tiles and, with no chunk accumulator (fp32
+    # outputs, whose dk is Gk), between chunks the rows of sum(k * Gk) (fp32 or fp64).
+    acc_size = torch.empty((), dtype=acc).element_size()
+    raw = torch.empty(scratch_bytes(rows, cols, d, itemsize, False, row_buffers=False) if not chunk_acc
+                      else rows * cols * itemsize, device=dev, dtype=torch.uint8)
     ws = raw.view(q.dtype)
-    buf = raw[:step * d * torch.empty((), dtype=acc).element_size()].view(acc).view(step, d)
+    step = raw.numel() // (d * acc_size)
+    buf = None if chunk_acc else raw[:step * d * acc_size].view(acc).view(step, d)
     gk_buf = torch.empty((cols, d), device=dev, dtype=acc) if chunk_acc else None
     dq = torch.empty((n if need_dq else 0, d), device=dev, dtype=out_dtype)
     dk = torch.empty((m, d), device=dev, dtype=out_dtype)
     qgq = torch.zeros((), device=dev, dtype=torch.float64)
-    g = torch.where(grad_scale == 0, torch.ones_like(grad_scale), grad_scale).to(acc)
-    keep = grad_scale.to(acc) / g  # exactly 1, or 0 for a 0 grad_scale
+    gs = grad_scale.to(acc)  # compared in the dtype the kernel compares it in
+    g = torch.where(gs == 0, torch.ones_like(gs), gs)
+    keep = gs / g  # exactly 1, or 0 for a 0 grad_scale
     for c0, nc in column_chunks(m, cols, col_align):
         k_c = k[c0:c0 + nc]
         gk = gk_buf[:nc] if chunk_acc else dk[c0:c0 + nc]
@@ -200,10 +209,11 @@ def _final_tile_grads(q: Tensor, k: Tensor, grad_scale: Tensor, form_final_tile:
                     torch.mm(tile, k_c, out=dq[r0:r0 + nr])
                 else:
                     dq[r0:r0 + nr].addmm_(tile, k_c)
-        qgq += _sum_of_products(gk, k_c, buf)
-        if chunk_acc:
+        if chunk_acc:  # dk first: then the chunk holds sum(k * Gk)'s products in place
             torch.mul(gk, keep, out=dk[c0:c0 + nc])
+            qgq += gk.mul_(k_c).sum(dtype=torch.float64)
         else:
+            qgq += _sum_of_products(gk, k_c, buf)
             gk.mul_(keep)
     dq.mul_(keep)
     return dq, dk, qgq.div_(g.to(torch.float64)).to(acc)
