@@ -524,8 +524,9 @@ def backward_mode(d: int) -> str:
     """Backward mode: FASTCL_TRITON_BWD = "strip", "fused" (D <= 256, no workspace) or "auto".
 
     "auto" is "strip": on an H100 at N=32768, D=256, bf16 the strip backward made the CLIP step
-    10.8 ms against 21.3 ms for "fused" (benchmarks/results/h100_20261127_f6a3808_clip_bench.json).
-    Smaller D is not measured yet; "fused" stays available as the workspace-free mode.
+    10.8 ms against 21.3 ms for "fused" (benchmarks/results/h100_20261127_f6a3808_clip_bench.json),
+    and on an H200 14.7 ms against 19.7 ms (h200_20261128_275e1b9_clip_bench.json).  Smaller D is
+    not measured yet; "fused" stays available as the workspace-free mode.
     """
     mode = os.environ.get("FASTCL_TRITON_BWD", "auto")
     if mode not in ("auto", "fused", "strip"):
