@@ -347,11 +347,10 @@ def main():
     for n, d in args.config_sweep:
         shapes = QUICK_SHAPES if args.sweep_shapes == "quick" else None
         stage("config_sweep", lambda: config_sweep(n, d, dtype, args.rep_ms, shapes=shapes), sweep)
+    fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
     for n, d in args.profile:
-        fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
         stage("profile", lambda: profile_rows(fastcl_methods, n, d, dtype), profiles)
     for n, d in args.host_profile:
-        fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
         stage("host_profile", lambda: profile_rows(fastcl_methods, n, d, dtype, host=True), profiles)
     save()
     print_table(rows)

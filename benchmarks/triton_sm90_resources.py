@@ -100,13 +100,14 @@ def kernel_usage(kernel: str, dtype: str, rows: bool, cols: bool, diag: bool, sh
                       "colpart_ptr": "*fp32"},
                      ["N", "M", "D", "stride_q", "stride_k", "diag_off", "col_span"], consts, warps, stages, *cap)
     elif kernel == "dscore_strip":
+        finished = K.finished_tiles(TYPES[dtype])
         c = _compile(K._dscore_strip_kernel,
                      {"q_ptr": ptr, "k_ptr": ptr, "scale_ptr": "*fp32", "bias_ptr": "*fp32", "row_ptr": "*fp32",
                       "grow_ptr": "*fp32", "col_ptr": "*fp32", "gcol_ptr": "*fp32", "ds_ptr": ptr,
                       "gs_ptr": "*fp32", "gpos_ptr": "*fp32", "pos_ptr": "*i64"},
                      ["row0", "N_STRIP", "col0", "N_COLS", "D", "stride_q", "stride_k", "stride_ds", "diag_off"],
-                     # the tile CLIP's backward forms (positives (i, i)); fp16 keeps the generic tile
-                     dict(consts, FINAL=dtype != "fp16", POS=1 if dtype != "fp16" else 0),
+                     # the tile CLIP's backward forms (positives (i, i)), finished where the launcher finishes it
+                     dict(consts, FINAL=finished, POS=1 if finished else 0),
                      warps, stages)  # a register cap reaches the forward only (_config)
     else:
         raise ValueError(f"kernel must be 'fwd' or 'dscore_strip', got {kernel!r}")

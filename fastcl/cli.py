@@ -360,12 +360,14 @@ def _print_cuda_settings() -> None:
     if triton_available():
         from fastcl.kernels import similarity_lse as K
         try:
+            override = K.tile_override()
             what = ", ".join(f"{name} " + ",".join(map(str, K.gpu_launch_shape(dt)))
                              for name, dt in (("half", torch.bfloat16), ("fp32", torch.float32)))
-            if not K.tile_override():
+            if override:
+                what += " (FASTCL_TRITON_TILE)"
+            else:
                 what += ", half row-only forward " + ",".join(map(str, K.gpu_launch_shape(torch.bfloat16,
                                                                                           role="lse_rows")))
-            what += " (FASTCL_TRITON_TILE)" if K.tile_override() else ""
         except ValueError as exc:
             what = f"invalid ({exc})"
         try:

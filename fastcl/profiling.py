@@ -88,6 +88,8 @@ def host_profile(step, steps: int = 20, device: str = "cuda", top: int = 20) -> 
     import cProfile
     import pstats
 
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         step()

@@ -295,6 +295,8 @@ def _config(q: torch.Tensor, role: str = "lse") -> dict:
     ``launch`` holds num_warps and num_stages for every kernel that shares the shape;
     ``fwd_launch`` adds the register cap (``FASTCL_TRITON_TILE``'s sixth value) for the forward
     only: capped at 128, the other kernels spill (dS, the sigmoid strips, fp32)."""
+    if role not in HALF_SHAPES:
+        raise ValueError(f"role must be one of {tuple(HALF_SHAPES)}, got {role!r}")
     interp = q.device.type == "cpu"
     is_fp32 = q.dtype == torch.float32  # float64 never gets here (_check)
     upcast = interp
@@ -606,6 +608,13 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     return out
 
 
+def finished_tiles(dtype: torch.dtype) -> bool:
+    """Whether the strip backward's dS kernel writes finished tiles (FINAL) for inputs of ``dtype``.
+    fp16 keeps the generic tiles: its range (65504) would not hold a tile scaled by a large logit
+    scale times a loss-scaled gradient, where the fp32 P takes the scale afterwards."""
+    return dtype != torch.float16
+
+
 def strip_grads_triton(q, k, grad_scale, launch, out_dtype, g_pos=None, pos_index=None, need_dq=True, need_dk=True,
                        launch_final=None, role="lse"):
     """``strip_grads`` with a Triton tile kernel: ``launch(tile, r0, nr, c0, nc, cfg)`` writes the
@@ -658,8 +667,6 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
                 _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                            BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
         return launch
-    # fp16 keeps the generic tiles: its range (65504) would not hold a tile scaled by a large
-    # logit scale times a loss-scaled gradient, where the fp32 P takes the scale afterwards.
-    final = launcher(True) if q.dtype != torch.float16 else None
+    final = launcher(True) if finished_tiles(q.dtype) else None
     return strip_grads_triton(q, k, grad_scale, launcher(False), out_dtype, g_pos, pos_index, need_dq, need_dk,
                               launch_final=final)

@@ -272,6 +272,8 @@ def test_host_profile_times_the_issue_and_names_the_functions():
     assert len(prof["top"]) == 3 and "slow_python" in prof["top"][0]["function"]
     assert prof["top"][0]["calls_per_step"] == 1.0 and prof["top"][0]["own_ms_per_step"] > 0
     assert 0 < prof["host_ms_per_step"] <= prof["wall_ms_per_step"]
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        host_profile(slow_python, steps=0, device="cpu")
 
 
 def test_gpu_bench_reads_nd_lists_and_names_a_bad_one(capsys, monkeypatch):
@@ -281,10 +283,11 @@ def test_gpu_bench_reads_nd_lists_and_names_a_bad_one(capsys, monkeypatch):
     for bad in ("32768", "32768:0", "a:b", "1:2:3"):
         with pytest.raises(argparse.ArgumentTypeError, match="N:D"):
             bench.nd_list(bad)
-    monkeypatch.setattr("sys.argv", ["gpu_bench.py", "--profile", "32768x768"])
-    with pytest.raises(SystemExit):
-        bench.main()
-    assert "argument --profile: expected a comma list of N:D" in capsys.readouterr().err
+    for option in ("--profile", "--host-profile"):
+        monkeypatch.setattr("sys.argv", ["gpu_bench.py", option, "32768x768"])
+        with pytest.raises(SystemExit):
+            bench.main()
+        assert f"argument {option}: expected a comma list of N:D" in capsys.readouterr().err
 
 
 def test_source_commit_for_benchmark_results(monkeypatch):

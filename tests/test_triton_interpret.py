@@ -143,6 +143,8 @@ def test_tile_override_sets_the_gpu_launch_shape(monkeypatch):
     for role in ("lse_rows", "sigmoid"):  # the row-only forward and the sigmoid strips keep 128 x 128
         assert K.gpu_launch_shape(torch.bfloat16, role=role) == (128, 128, 64, 8, 3)
     assert K.gpu_launch_shape(torch.float32, role="lse_rows") == K.gpu_launch_shape(torch.float32)
+    with pytest.raises(ValueError, match="role must be one of"):
+        K.gpu_launch_shape(torch.bfloat16, role="rows")
     monkeypatch.setenv("FASTCL_TRITON_TILE", "64,128,32,4,2")
     cfg = K._config(gpu_like)
     assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]) == (64, 128, 32)
