@@ -186,18 +186,20 @@ def breakdown(n, d, dtype, rep_ms, tuning_rows=False):
     return out
 
 
-# Launch shapes the default run times: the fixed shape, and three whose forward fits two or more
+# Launch shapes the default run times: the fixed shapes, and three whose forward fits two or more
 # programs per SM on sm_90 (benchmarks/triton_sm90_resources.py --sweep; the dS kernel at
-# 128,128,32 still fits one), so one can overlap the other's epilogue.  The tuning step times
-# every shape of the autotuner's list.
-QUICK_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3, 128), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3))
+# 128,128,32 still fits one; 64,128,32,4,4 fits four of each), so one can overlap another's
+# epilogue.  The tuning step times every shape of the autotuner's list.
+QUICK_SHAPES = ((128, 128, 64, 8, 3), (128, 128, 32, 8, 3, 128), (64, 128, 64, 4, 3), (64, 128, 32, 4, 4),
+                (64, 64, 64, 4, 3))
 
 
-def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
+def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None, exp_modes=("exact",)):
     """The LSE kernels at each launch shape of the autotuner's list (``FASTCL_TRITON_TILE``): forward
     rows+cols, forward rows only, and the strip backward (its cuBLAS part is the same at every
     shape, so its differences are the dS kernel's), at each of ``shapes`` (default: the autotuner's
-    list).  Rows: {"tile", "part", "n", "d", "median_ms"}.
+    list) and each of ``exp_modes`` (``FASTCL_TRITON_EXP``: the shared exp changes the epilogue's
+    work, so the best shape may differ).  Rows: {"tile", "exp", "part", "n", "d", "median_ms"}.
     ``device`` is "cuda" except in the CPU smoke test (interpreter, which keeps its own tiles)."""
     from triton.testing import do_bench
 
@@ -208,21 +210,23 @@ def config_sweep(n, d, dtype, rep_ms, device="cuda", shapes=None):
         return []
     parts = _lse_setup(n, d, dtype, device)[-1]
     out = []
-    user_tile = os.environ.get("FASTCL_TRITON_TILE")
-    for shape in K.TUNE_SHAPES if shapes is None else shapes:
-        tile = ",".join(map(str, shape))
-        os.environ["FASTCL_TRITON_TILE"] = tile
-        try:
-            for name, fn in parts.items():
-                r = {"tile": tile, "part": name, "n": n, "d": d}
-                try:
-                    r["median_ms"] = do_bench(fn, rep=rep_ms, return_mode="median")
-                except Exception as exc:  # a shape that fails to compile or run loses its row
-                    r["error"] = f"{type(exc).__name__}: {exc}"[:200]
-                out.append(r)
-                print(json.dumps(r), flush=True)
-        finally:
-            _set_env("FASTCL_TRITON_TILE", user_tile)
+    user_tile, user_exp = os.environ.get("FASTCL_TRITON_TILE"), os.environ.get("FASTCL_TRITON_EXP")
+    for exp in exp_modes:
+        for shape in K.TUNE_SHAPES if shapes is None else shapes:
+            tile = ",".join(map(str, shape))
+            os.environ["FASTCL_TRITON_TILE"], os.environ["FASTCL_TRITON_EXP"] = tile, exp
+            try:
+                for name, fn in parts.items():
+                    r = {"tile": tile, "exp": exp, "part": name, "n": n, "d": d}
+                    try:
+                        r["median_ms"] = do_bench(fn, rep=rep_ms, return_mode="median")
+                    except Exception as exc:  # a shape that fails to compile or run loses its row
+                        r["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                    out.append(r)
+                    print(json.dumps(r), flush=True)
+            finally:
+                _set_env("FASTCL_TRITON_TILE", user_tile)
+                _set_env("FASTCL_TRITON_EXP", user_exp)
     return out
 
 
@@ -253,6 +257,15 @@ def profile_rows(methods, n, d, dtype, host=False):
             torch.cuda.empty_cache()
         print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def exp_list(text: str):
+    """argparse type of --sweep-exp: "exact,shared" -> ("exact", "shared"); each a FASTCL_TRITON_EXP mode."""
+    modes = tuple(m for m in text.split(",") if m)
+    bad = [m for m in modes if m not in ("exact", "shared")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"--sweep-exp takes exact and/or shared, got {text!r}")
+    return modes
 
 
 def nd_list(text: str):
@@ -287,6 +300,8 @@ def main():
                     help="N:D at which the LSE kernels are timed at several launch shapes")
     ap.add_argument("--sweep-shapes", choices=("quick", "all"), default="quick",
                     help="quick: QUICK_SHAPES; all: every shape of the autotuner's list")
+    ap.add_argument("--sweep-exp", default="exact", type=exp_list,
+                    help="comma list of FASTCL_TRITON_EXP modes (exact, shared) the sweep times each shape in")
     ap.add_argument("--profile", default="32768:768", type=nd_list,
                     help="N:D list at which the fastcl rows are profiled kernel by kernel (torch.profiler)")
     ap.add_argument("--host-profile", default="8192:768,32768:768", type=nd_list,
@@ -346,7 +361,8 @@ def main():
         stage("breakdown", lambda: breakdown(n, d, dtype, args.rep_ms, args.tuning_rows), parts)
     for n, d in args.config_sweep:
         shapes = QUICK_SHAPES if args.sweep_shapes == "quick" else None
-        stage("config_sweep", lambda: config_sweep(n, d, dtype, args.rep_ms, shapes=shapes), sweep)
+        stage("config_sweep", lambda: config_sweep(n, d, dtype, args.rep_ms, shapes=shapes,
+                                                                 exp_modes=args.sweep_exp), sweep)
     fastcl_methods = [m for m in args.methods.split(",") if m.startswith("fastcl")]
     for n, d in args.profile:
         stage("profile", lambda: profile_rows(fastcl_methods, n, d, dtype), profiles)
@@ -357,7 +373,8 @@ def main():
     print("\nbreakdown (ms):", ", ".join(f"{p['part']}@{p['n']}x{p['d']}={p.get('median_ms', float('nan')):.2f}"
                                       for p in parts if "part" in p))
     for part in dict.fromkeys(r["part"] for r in sweep if "part" in r):
-        timed = sorted((r["median_ms"], r["tile"]) for r in sweep if r.get("part") == part and "median_ms" in r)
+        timed = sorted((r["median_ms"], r["tile"] + ("" if r.get("exp", "exact") == "exact" else " shared"))
+                       for r in sweep if r.get("part") == part and "median_ms" in r)
         print(f"sweep {part}: " + ", ".join(f"[{t}] {ms:.2f}" for ms, t in timed))
     for p in profiles:
         if "host_ms_per_step" in p:

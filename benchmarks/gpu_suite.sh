@@ -138,7 +138,7 @@ fi
 if want tuning; then
 stamp "7. opt-in Triton tuning: autotuned LSE kernels, shared exp (breakdown rows), launch-shape sweep, masking tile sweep"
 budgeted python3 benchmarks/gpu_bench.py --ns "" --mode-check "" --exp-check 32768:768 --breakdown 32768:768 --tuning-rows \
-  --config-sweep 32768:768 --sweep-shapes all --profile "" --json "$WORK/tuning_bench.json" 2>&1 | tee "$WORK/tuning.log" | tail -20
+  --config-sweep 32768:768 --sweep-shapes all --sweep-exp exact,shared --profile "" --json "$WORK/tuning_bench.json" 2>&1 | tee "$WORK/tuning.log" | tail -20
 budgeted python3 benchmarks/bench_masking.py --device cuda --sweep --json "$WORK/masking_sweep.json" 2>&1 | tail -12
 fi
 if want sanitize; then

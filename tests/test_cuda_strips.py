@@ -307,10 +307,11 @@ def test_config_sweep_rows_on_cpu(monkeypatch):
     import triton.testing
     bench = _gpu_bench()
     from fastcl.kernels import similarity_lse as K
-    seen = []
+    seen, exps = [], []
 
     def fake_bench(fn, *args, **kwargs):
         seen.append(os.environ.get("FASTCL_TRITON_TILE"))
+        exps.append(K.exp_mode())
         # What a GPU launch would take (the interpreter keeps its own small tiles).
         assert ",".join(map(str, K.gpu_launch_shape(torch.bfloat16))) == seen[-1]
         fn()
@@ -320,7 +321,18 @@ def test_config_sweep_rows_on_cpu(monkeypatch):
     rows = bench.config_sweep(67, 40, torch.float32, 10, device="cpu")
     assert len(rows) == 3 * len(K.TUNE_SHAPES) and all(r["median_ms"] == 1.0 for r in rows)
     assert seen == [",".join(map(str, sh)) for sh in K.TUNE_SHAPES for _ in range(3)]
+    assert set(exps) == {"exact"} and {r["exp"] for r in rows} == {"exact"}
     assert "FASTCL_TRITON_TILE" not in os.environ
+    # Each exp mode times every shape; the rows say which, and the user's setting comes back.
+    monkeypatch.setenv("FASTCL_TRITON_EXP", "exact")
+    seen.clear(), exps.clear()
+    rows = bench.config_sweep(67, 40, torch.float32, 10, device="cpu", shapes=[(128, 64, 32, 4, 2)],
+                              exp_modes=("exact", "shared"))
+    assert [r["exp"] for r in rows] == ["exact"] * 3 + ["shared"] * 3 and exps == [r["exp"] for r in rows]
+    assert os.environ["FASTCL_TRITON_EXP"] == "exact"
+    assert bench.exp_list("exact,shared") == ("exact", "shared")
+    with pytest.raises(Exception, match="--sweep-exp"):
+        bench.exp_list("exact,fast")
     monkeypatch.setenv("FASTCL_TRITON_TILE", "64,64,64,4,3")  # a user's own shape comes back
     assert len(bench.config_sweep(67, 40, torch.float32, 10, device="cpu", shapes=[(128, 64, 32, 4, 2)])) == 3
     assert os.environ["FASTCL_TRITON_TILE"] == "64,64,64,4,3"
