@@ -24,7 +24,7 @@ static bool has_cuda() {
 #endif
 }
 
-static std::string cpu_gemm() { return fastcl::find_onednn_matmul() != nullptr ? "onednn" : "aten"; }
+static std::string cpu_gemm() { return fastcl::tile_gemm_name(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_openmp", &has_openmp, "True when the extension was built with OpenMP");
