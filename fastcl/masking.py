@@ -76,8 +76,12 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
     _check_tokens("x", x)
     ratio = check_mask_ratio(mask_ratio)
     B, L, D = x.shape
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if noise is None:
         noise = torch.rand(B, L, device=x.device, generator=generator)
+    elif generator is not None:  # it would be ignored: the noise decides
+        raise ValueError("give noise or generator, not both (generator only draws the default noise)")
     else:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")

@@ -264,3 +264,62 @@ def test_numpy_scalars_are_numbers():
     assert torch.equal(fastcl.siglip_loss(a, b, np.float32(10.0), np.float32(-10.0)), fastcl.siglip_loss(a, b, 10.0, -10.0))
     with pytest.raises(ValueError, match="logit_scale must be finite"):
         fastcl.clip_loss(a, b, np.float32("inf"))
+    assert torch.equal(fastcl.clip_loss(a, b, 14.0, label_smoothing=np.float32(0.25)),
+                       fastcl.clip_loss(a, b, 14.0, label_smoothing=float(np.float32(0.25))))
+
+
+_w = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5])
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    # an (N, 1) weight would broadcast the positive term to (N, N) and average that
+    (lambda: fastcl.dcl_loss(q, k[:5], weight_fn=lambda x, y: _w[:, None]), ValueError,
+     r"weight_fn must return a scalar or \(5,\) tensor, got shape \(5, 1\)"),
+    (lambda: fastcl.dcl_loss(q, k[:5], weight_fn=lambda x, y: [1.0] * 5), TypeError,
+     "weight_fn must return a number or a tensor, got list"),
+    # finite in float64, infinite in the float32 the loss computes in
+    (lambda: similarity_lse(q, k, 1e39), ValueError, r"scale = 1e\+39 is outside the torch.float32 range"),
+    (lambda: similarity_lse(q, k, torch.tensor(1e39, dtype=torch.float64), backend="reference"), ValueError,
+     "scale = 1e"),
+    (lambda: fastcl.siglip_loss(q, k, 1.0, -1e39), ValueError, "bias = -1e"),
+    (lambda: fastcl.ntxent_loss(q, k[:5], 1e-45), ValueError, r"1 / temperature"),
+    (lambda: fastcl.ntxent_loss_pml(q, torch.arange(5), temperature=1e-45), ValueError, r"1 / temperature = 1e\+45 is outside"),
+    # the PML losses' zero-loss rule for tiny index tuples no longer skips the checks
+    (lambda: fastcl.supcon_loss_pml(q, None, indices_tuple=tuple(torch.zeros(1) for _ in range(4))), TypeError,
+     r"indices_tuple\[0\] \(a1\) must be an integer tensor"),
+    (lambda: fastcl.ntxent_loss_pml(q, None, indices_tuple=tuple(torch.tensor(0) for _ in range(4))), ValueError,
+     r"indices_tuple\[0\] \(a1\) must have shape"),
+    (lambda: fastcl.ntxent_loss_pml(q, None, indices_tuple=(torch.tensor([9]),) * 4), ValueError,
+     r"indices_tuple\[0\] \(a1\) must lie in \[0, 5\)"),
+    (lambda: fastcl.nn.MemoryBank(8)(torch.randn(6), update=True), ValueError,
+     r"memory bank outputs must be 2-D \(N, dim\), got shape \(6,\)"),
+    (lambda: fastcl.nn.MemoryBank((8, 4))([1.0, 2.0], update=True), TypeError, "must be a torch.Tensor, got list"),
+    (lambda: fastcl.random_masking(torch.zeros(2, 5, 3), 0.5, noise=torch.rand(2, 5),
+                                   generator=torch.Generator()), ValueError, "noise or generator, not both"),
+    (lambda: fastcl.random_masking(torch.zeros(2, 5, 3), 0.5, generator="x"), TypeError,
+     "generator must be a torch.Generator"),
+])
+@pytest.mark.filterwarnings("ignore:memory_bank_size")
+def test_more_bad_input_names_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_dcl_with_one_pair_has_finite_gradients(backend):
+    """N = 1: no negatives, a -inf loss as lightly's, and the positive term's finite gradient on
+    every backend (torch's logaddexp of two -inf gave NaN in the fused backward)."""
+    if backend == "cpu":
+        pytest.importorskip("fastcl._C")
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 6, generator=g, dtype=torch.float64), torch.randn(1, 6, generator=g, dtype=torch.float64)
+    x, y = a.float().requires_grad_(), b.float().requires_grad_()
+    loss = fastcl.dcl_loss(x, y, 0.5, backend=backend)
+    loss.backward()
+    assert loss.item() == float("-inf")
+    # The oracle: only -pos / 2 per view carries gradient, pos = <a/|a|, b/|b|> / temperature.
+    a64, b64 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    pos = (torch.nn.functional.normalize(a64, dim=1) * torch.nn.functional.normalize(b64, dim=1)).sum() / 0.5
+    (-pos).backward()
+    torch.testing.assert_close(x.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,6 @@
 """Cheap O((N + M) * D) pieces shared by the losses built on ``similarity_lse``."""
+import numbers
+
 import torch
 
 from fastcl.ops.reference import compute_dtype
@@ -50,7 +52,7 @@ def smoothed_ce(lse: torch.Tensor, pos: torch.Tensor, mean_logit: torch.Tensor, 
 
 def check_label_smoothing(label_smoothing) -> float:
     """A float in [0, 1], as ``F.cross_entropy`` requires."""
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):  # numpy floats too
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")

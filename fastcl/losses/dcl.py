@@ -53,7 +53,10 @@ def _weights(weight_fn, a: torch.Tensor, b: torch.Tensor, n: int) -> Optional[to
     if weight_fn is None:
         return None
     w = weight_fn(a, b)
-    if isinstance(w, torch.Tensor) and w.numel() not in (1, n):
+    if isinstance(w, bool) or not isinstance(w, (torch.Tensor, int, float)):
+        raise TypeError(f"weight_fn must return a number or a tensor, got {type(w).__name__}")
+    # An (N, 1) result would broadcast the positive term to (N, N): refused, not averaged.
+    if isinstance(w, torch.Tensor) and tuple(w.shape) not in ((), (1,), (n,)):
         raise ValueError(f"weight_fn must return a scalar or ({n},) tensor, got shape {tuple(w.shape)}")
     return w
 
@@ -64,6 +67,13 @@ def dcl_weights(weight_fn, a: torch.Tensor, b: torch.Tensor):
     a, b: (N, D) normalised views.  ValueError if ``weight_fn`` returns another shape."""
     n = a.shape[0]
     return _weights(weight_fn, a, b, n), _weights(weight_fn, b, a, n)
+
+
+def _logaddexp_of_lse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``logaddexp(x, y)`` of two LSEs, where both -inf (no negatives: N = 1) gives -inf with a
+    zero gradient, as lightly's logsumexp over an empty row; torch's logaddexp gives NaN there."""
+    empty = (x == float("-inf")) & (y == float("-inf"))
+    return torch.logaddexp(x.masked_fill(empty, 0.0), y.masked_fill(empty, 0.0)).masked_fill(empty, float("-inf"))
 
 
 def dcl_from_lse(lse_aa: torch.Tensor, lse_ab: torch.Tensor, lse_bb: torch.Tensor, lse_ba: torch.Tensor,
@@ -87,7 +97,7 @@ def dcl_from_lse(lse_aa: torch.Tensor, lse_ab: torch.Tensor, lse_bb: torch.Tenso
     pos_ab = pos if w_ab is None else pos * w_ab
     pos_ba = pos if w_ba is None else pos * w_ba
     if negatives == "union":
-        neg_a, neg_b = torch.logaddexp(lse_aa, lse_ab), torch.logaddexp(lse_bb, lse_ba)
+        neg_a, neg_b = _logaddexp_of_lse(lse_aa, lse_ab), _logaddexp_of_lse(lse_bb, lse_ba)
     else:
         neg_a, neg_b = lse_aa + lse_ab, lse_bb + lse_ba
     return 0.5 * ((neg_a - pos_ab).mean() + (neg_b - pos_ba).mean())

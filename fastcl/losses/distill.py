@@ -106,7 +106,7 @@ def distill_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     row, col, pos = similarity_lse(image_features, text_features, logit_scale, rows=True, cols=True, positives=True,
                                    backend=backend)
     contrastive = 0.5 * ((row - pos).mean() + (col - pos).mean())
-    scale_t = scalar_tensor(dist_logit_scale, image_features.device, ct)
+    scale_t = scalar_tensor(dist_logit_scale, image_features.device, ct, "dist_logit_scale")
     weighted_i = apply_function(_TeacherWeighted, image_features, text_features, dist_image_features,
                                 dist_text_features, scale_t)
     weighted_t = apply_function(_TeacherWeighted, text_features, image_features, dist_text_features,

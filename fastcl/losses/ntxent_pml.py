@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pair_counts, pml_classes
-from fastcl.ops.reference import apply_function, autocast_off, compute_dtype, graph_grads, scalar_tensor
+from fastcl.ops.reference import apply_function, autocast_off, check_fits, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 
 
@@ -164,7 +164,9 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
                                         exclude_self)
     ct = compute_dtype(embeddings.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny
-    scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct)
+    if not isinstance(temperature, torch.Tensor):  # a subnormal temperature would give an infinite scale
+        check_fits("1 / temperature", 1.0 / float(temperature), ct)
+    scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct, "temperature")
     q = l2_normalize(embeddings)
     k = q if ref_emb is None else l2_normalize(ref_emb)
     # NaN (or inf) in any input, temperature included, gives NaN, also where the loss is PML's 0.

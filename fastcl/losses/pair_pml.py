@@ -249,7 +249,7 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params, exc
     ct = compute_dtype(embeddings.dtype)
     q = l2_normalize(embeddings).to(ct)
     k = q if ref_emb is None else l2_normalize(ref_emb).to(ct)
-    values = tuple(scalar_tensor(value, q.device, ct) for _, value, _ in params)
+    values = tuple(scalar_tensor(value, q.device, ct, name) for name, value, _ in params)
     # a NaN parameter gives NaN too, also where the formula would drop it (a NaN margin fails
     # every "loss above 0" test)
     poison = (q.sum() + k.sum() + sum(v.detach() for v in values)) * 0

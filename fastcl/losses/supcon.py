@@ -321,12 +321,14 @@ def mined_pairs(indices_tuple, n: int, m: int, device: torch.device, *, zero_if_
     entry, where PML's pair losses return a zero loss before they read the indices
     (``zero_if_tiny``; its triplet loss has no such rule)."""
     names = check_indices_tuple(indices_tuple)
-    if zero_if_tiny and all(t.numel() <= 1 for t in indices_tuple):
-        return None
-    # A miner's CPU indices into GPU embeddings index them as PML's masks do.
+    # Checked before the zero-loss rule too: a float, 2-D or out-of-range index is an error even
+    # where PML would not read it.  A miner's CPU indices into GPU embeddings index them as PML's
+    # masks do.
     idx = [check_index(f"indices_tuple[{i}] ({nm})", t.to(device) if t.device.type == "cpu" else t, (None,),
                        n if nm[0] == "a" else m, device)
            for i, (nm, t) in enumerate(zip(names, indices_tuple))]
+    if zero_if_tiny and all(t.numel() <= 1 for t in idx):
+        return None
     a1, p, a2, neg = idx if len(idx) == 4 else (idx[0], idx[1], idx[0], idx[2])
     for (x, y), what in (((a1, p), "positive"), ((a2, neg), "negative")):
         if x.shape != y.shape:

@@ -69,7 +69,7 @@ class MemoryBank(nn.Module):
         if err is None:
             try:
                 self._prepare(output)
-            except ValueError as e:
+            except (TypeError, ValueError) as e:
                 err = e
         sizes = None
         if update and self.gather_distributed and is_distributed(self.group):
@@ -82,6 +82,10 @@ class MemoryBank(nn.Module):
         return bank
 
     def _prepare(self, output: torch.Tensor) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"memory bank outputs must be a torch.Tensor, got {type(output).__name__}")
+        if output.dim() != 2:  # before the bank takes its row size from the first batch
+            raise ValueError(f"memory bank outputs must be 2-D (N, dim), got shape {tuple(output.shape)}")
         if self.bank.dim() == 1:
             self._init_bank((self.size[0], output.shape[1]))
         if output.dim() != 2 or output.shape[1:] != self.bank.shape[1:]:

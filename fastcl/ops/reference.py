@@ -1,5 +1,6 @@
 """Pure-PyTorch reference ops: they materialise the N x M matrix.  Test oracle and fallback."""
 import contextlib
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -26,13 +27,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def scalar_tensor(value, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def scalar_tensor(value, device: torch.device, dtype: torch.dtype, name: str = "scale") -> torch.Tensor:
     """A 0-d tensor of ``dtype`` on ``device`` from a Python number or a one-element tensor.  A
     number is written by a fill on the device: ``torch.tensor(value, device="cuda")`` copies from
-    the host and waits for the device's queue, on every call."""
+    the host and waits for the device's queue, on every call.
+
+    A finite value beyond ``dtype``'s range (a scale of 1e39, or 1 / temperature for a temperature
+    of 1e-45, in float32) raises a ValueError naming ``name``: as infinity it would give NaN in the
+    fused kernels.  Tensors are read for this on the CPU only (a GPU read would wait)."""
+    check_fits(name, value, dtype)
     if isinstance(value, torch.Tensor):
         return value.reshape(()).to(device=device, dtype=dtype)
     return torch.full((), float(value), device=device, dtype=dtype)
+
+
+def check_fits(name: str, value, dtype: torch.dtype) -> None:
+    """ValueError naming ``name`` if the number or one-element tensor ``value`` is finite but
+    beyond ``dtype``'s range (it would become infinity there).  Tensors are read on the CPU only,
+    and only when wider than ``dtype``; nothing is read while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu" or value.dtype.itemsize <= dtype.itemsize or not value.is_floating_point():
+            return
+        value = value.detach().reshape(())
+    value = float(value)
+    if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+        where = " (the temperature losses pass scale = 1 / temperature)" if name == "scale" else ""
+        raise ValueError(f"{name} = {value:g} is outside the {dtype} range the loss computes in{where}")
 
 
 def reference_logits(q: torch.Tensor, k: torch.Tensor, scale, bias=None,

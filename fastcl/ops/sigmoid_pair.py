@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import compute_dtype, graph_grads, reference_logits, scalar_tensor
+from fastcl.ops.reference import check_fits, compute_dtype, graph_grads, reference_logits, scalar_tensor
 from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.validation import check_pair, check_scalar
 
@@ -137,8 +137,10 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
     check_pair("q", q, "k", k)
     check_scalar("scale", scale, positive=True)
     check_scalar("bias", bias)
+    check_fits("scale", scale, compute_dtype(q.dtype))  # every backend alike: no inf from a finite scale
+    check_fits("bias", bias, compute_dtype(q.dtype))
     name = resolve_backend(backend, q.device, ("sigmoid_pair", q.shape[0], k.shape[0], q.shape[1], q.dtype))
     if name == "reference":
         return reference_sigmoid_pair_loss(q, k, scale, bias)
     ct = compute_dtype(q.dtype)
-    return _sp_fwd(q, k, scalar_tensor(scale, q.device, ct), scalar_tensor(bias, q.device, ct), name)
+    return _sp_fwd(q, k, scalar_tensor(scale, q.device, ct), scalar_tensor(bias, q.device, ct, "bias"), name)

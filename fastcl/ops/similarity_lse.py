@@ -15,8 +15,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
-from fastcl.ops.reference import (compute_dtype, graph_grads, positive_logits, reference_similarity_lse, row_dots,
-                                  scalar_tensor, softmax_mass)
+from fastcl.ops.reference import (check_fits, compute_dtype, graph_grads, positive_logits, reference_similarity_lse,
+                                  row_dots, scalar_tensor, softmax_mass)
 from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.validation import check_flags, check_index, check_offset, check_pair, check_scalar
 
@@ -192,8 +192,10 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
     # positives: bool, or an index tensor checked under the caller's argument name ``index_name``.
     check_pair("q", q, "k", k)
     check_scalar("scale", scale, positive=True)
+    check_fits("scale", scale, compute_dtype(q.dtype))  # every backend alike: no inf from a finite scale
     if bias is not None:
         check_scalar("bias", bias)
+        check_fits("bias", bias, compute_dtype(q.dtype))
     check_offset("exclude_diagonal", exclude_diagonal)
     if exclude_diagonal is not None and not -q.shape[0] < exclude_diagonal < k.shape[0]:
         exclude_diagonal = None  # the diagonal misses the matrix: nothing to exclude (and no int64 edge cases)
@@ -218,7 +220,7 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
     else:
         ct = compute_dtype(q.dtype)
         scale_t = scalar_tensor(scale, q.device, ct)
-        bias_t = scalar_tensor(0.0 if bias is None else bias, q.device, ct)
+        bias_t = scalar_tensor(0.0 if bias is None else bias, q.device, ct, "bias")
         row, col, pos = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, pos_index, name)
     out = [t for t, asked in ((row, rows), (col, cols), (pos, positives)) if asked]
     return out[0] if len(out) == 1 else tuple(out)
