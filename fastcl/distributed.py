@@ -8,6 +8,7 @@ the same error instead of leaving the others blocked in a collective.
 import math
 import numbers
 import struct
+import sys
 import zlib
 from typing import List, Optional, Sequence, Tuple
 
@@ -20,6 +21,14 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int16, torch.int8, torch.uint8, torch.bool)
 _MAX_TRAILING = 5           # trailing dims described in the metadata vector
 _META_LEN = 4 + _MAX_TRAILING  # [error, ndim, dtype code, dim 0, trailing dims ...]
+# The exchange's first all_gather has a fixed length, so ranks that called different operations
+# (argument lists of different lengths) meet in a collective of one size and can all raise:
+# [n tensors, n settings, crc of the caller, crc of the names, caller's name (32 bytes)], then the
+# metadata, zero-padded.  Metadata past _WIRE_LEN (more than any fastcl loss sends) follows in a
+# second all_gather, once every rank knows the lengths agree.
+_NAME_WORDS = 4
+_HEAD_LEN = 4 + _NAME_WORDS
+_WIRE_LEN = 64
 
 
 def is_distributed(group=None) -> bool:
@@ -135,6 +144,47 @@ def _decode_setting(kind: int, payload: int) -> str:
     return "None" if kind == _NONE else "<a different value>"
 
 
+def _caller_name() -> str:
+    """Name of the operation that called ``exchange_shapes``: the innermost public function up the
+    stack (``clip_loss_distributed``, not its private helper), its class named for a method."""
+    f, first = sys._getframe(2), None
+    for _ in range(8):
+        if f is None:
+            break
+        code = f.f_code
+        name = getattr(code, "co_qualname", code.co_name).replace("<locals>.", "")  # co_qualname: 3.11+
+        first = first or name
+        if not code.co_name.startswith(("_", "<")):  # private helpers, lambdas, comprehensions
+            return name
+        f = f.f_back
+    return first or "?"
+
+
+def _name_words(name: str) -> List[int]:
+    """``name``'s last 8 * _NAME_WORDS bytes (the specific end of a qualified name) as int64s."""
+    raw = name.encode(errors="replace")[-8 * _NAME_WORDS:].ljust(8 * _NAME_WORDS, b"\0")
+    return [int.from_bytes(raw[8 * i:8 * i + 8], "little", signed=True) for i in range(_NAME_WORDS)]
+
+
+def _describe_call(head: Sequence[int]) -> str:
+    raw = b"".join(w.to_bytes(8, "little", signed=True) for w in head[4:_HEAD_LEN]).rstrip(b"\0")
+    return f"{raw.decode(errors='replace')} ({head[0]} tensor(s), {head[1]} setting(s))"
+
+
+def _check_heads(heads: List[List[int]], local_error: Optional[BaseException]) -> None:
+    """Raise on every rank when the ranks' headers differ (before any exchange sized by them)."""
+    if all(h == heads[0] for h in heads):
+        return
+    got = ", ".join(f"rank {r}: {_describe_call(h)}" for r, h in enumerate(heads))
+    if any(h[2] != heads[0][2] for h in heads):
+        msg = ("the ranks of the group called different distributed operations (every rank must call the "
+               f"same one); got {got}")
+    else:
+        msg = ("the ranks of the group passed different argument lists (the same tensors and settings, by name, "
+               f"on every rank); got {got}")
+    raise RuntimeError(msg) from local_error
+
+
 def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
                     local_error: Optional[BaseException] = None, settings: Sequence[Tuple[str, object]] = (),
                     like: Optional[Tensor] = None) -> List[List[int]]:
@@ -156,8 +206,11 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         ``sizes[i][r]``: dim-0 size of tensor ``i`` on rank ``r`` of ``group``.
 
     Raises:
-        RuntimeError on every rank if any rank reported an error, or the ranks disagree on the
-        number of dims, any trailing dim, the dtype or a setting, or any rank has an empty tensor.
+        RuntimeError on every rank if the ranks called it from different operations (the innermost
+        public function up the stack, e.g. ``clip_loss_distributed`` on one rank and
+        ``ntxent_loss_distributed`` on another) or with different lists of tensor and setting
+        names, if any rank reported an error, or the ranks disagree on the number of dims, any
+        trailing dim, the dtype or a setting, or any rank has an empty tensor.
     """
     rank, world = group_info(group)
     if world == 1:
@@ -179,11 +232,24 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
             except Exception as e:
                 local_error = local_error or e
         rows = [_encode(t, local_error is not None) for _, t in tensors] or [[1 if local_error else 0]]
-        mine = torch.cat([torch.tensor(rows, dtype=torch.int64).reshape(-1).to(device, non_blocking=True), set_vals])
         n_meta = sum(len(r) for r in rows)
-        out = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(out, mine, group=group)
+        caller = _caller_name()
+        names = "\0".join([n for n, _ in tensors] + ["|"] + [n for n, _ in settings]).encode(errors="replace")
+        head = [len(tensors), len(settings), zlib.crc32(caller.encode(errors="replace")), zlib.crc32(names)]
+        host = torch.tensor(head + _name_words(caller) + [x for r in rows for x in r], dtype=torch.int64)
+        wire = torch.cat([host.to(device, non_blocking=True), set_vals])
+        if wire.numel() < _WIRE_LEN:
+            wire = torch.cat([wire, wire.new_zeros(_WIRE_LEN - wire.numel())])
+        out = [torch.empty_like(wire[:_WIRE_LEN]) for _ in range(world)]
+        dist.all_gather(out, wire[:_WIRE_LEN], group=group)
         flat = [o.tolist() for o in out]
+        _check_heads([f[:_HEAD_LEN] for f in flat], local_error)
+        total = _HEAD_LEN + n_meta + set_vals.numel()  # the same on every rank now
+        if total > _WIRE_LEN:
+            tail = [torch.empty_like(wire[_WIRE_LEN:]) for _ in range(world)]
+            dist.all_gather(tail, wire[_WIRE_LEN:], group=group)
+            flat = [f + t.tolist() for f, t in zip(flat, tail)]
+        flat = [f[_HEAD_LEN:total] for f in flat]
         gathered = [[f[i * _META_LEN:(i + 1) * _META_LEN] for i in range(len(tensors))] or [f[:1]] for f in flat]
         set_rows = [f[n_meta:] for f in flat]
     if local_error is not None:

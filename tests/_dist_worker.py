@@ -490,6 +490,67 @@ def checks(ck, rank, world, tmp):
     dist.barrier()
 
 
+def mismatched_call_checks(ck, rank, world):
+    """Ranks calling different distributed operations, or one with different argument lists: every
+    rank raises the same RuntimeError naming what each rank called (gloo used to abort a process
+    when the lists differed in length, and to compare unrelated settings when they did not)."""
+    from fastcl.distributed import all_gather_with_grad, all_reduce_with_grad, exchange_shapes
+    from fastcl.losses.distributed import clip_loss_distributed, ntxent_loss_distributed, siglip_loss_distributed
+    from fastcl.nn import ClipLoss
+
+    x4 = torch.randn(4, D)
+
+    def raises(call, *matches):
+        def run():
+            try:
+                call()
+            except RuntimeError as e:
+                assert all(m in str(e) for m in matches), f"unexpected message: {e}"
+            else:
+                raise AssertionError("no error raised")
+        return run
+
+    def on_rank0(f0, f1):  # rank 0 calls f0, every other rank f1
+        return f0 if rank == 0 else f1
+    different = "the ranks of the group called different distributed operations"
+    clip0 = "rank 0: clip_loss_distributed (2 tensor(s), 6 setting(s))"
+    ck.run("different losses clip vs siglip gather", raises(on_rank0(
+        lambda: clip_loss_distributed(x4, x4, 2.0),
+        lambda: siglip_loss_distributed(x4, x4, 2.0, -1.0, dist_impl="gather")),
+        different, clip0, "rank 1: siglip_loss_distributed (2 tensor(s), 3 setting(s))"))
+    ck.run("different losses clip vs ntxent", raises(on_rank0(
+        lambda: clip_loss_distributed(x4, x4, 2.0), lambda: ntxent_loss_distributed(x4, x4)),
+        different, clip0, "rank 1: ntxent_loss_distributed (2 tensor(s), 2 setting(s))"))
+    ck.run("different losses ClipLoss module vs ntxent ring", raises(on_rank0(  # a module names its function
+        lambda: ClipLoss(rank=rank, world_size=world)(x4, x4, 2.0),
+        lambda: ntxent_loss_distributed(x4, x4, dist_impl="ring")),
+        different, clip0, "rank 1: ntxent_loss_distributed"))
+    ck.run("different collectives all_gather vs all_reduce", raises(on_rank0(
+        lambda: all_gather_with_grad(x4), lambda: all_reduce_with_grad(x4)),
+        different, "rank 0: all_gather_with_grad (1 tensor(s), 0 setting(s)), "
+                   "rank 1: all_reduce_with_grad (0 tensor(s), 2 setting(s))"))
+    ck.run("different losses with a local error", raises(on_rank0(  # the mismatch, not rank 0's ValueError
+        lambda: clip_loss_distributed(x4, x4, -1.0), lambda: siglip_loss_distributed(x4, x4, 2.0, -1.0)),
+        different))
+
+    def exchange(n_tensors, n_settings, d_last=3, last=0):  # d_last, last: the last tensor's D, setting's offset
+        return exchange_shapes([(f"t{i}", torch.zeros(rank + 1, d_last if i == n_tensors - 1 else 3))
+                                for i in range(n_tensors)],
+                               settings=[(f"s{i}", i + last * (i == n_settings - 1)) for i in range(n_settings)])
+    ck.run("argument lists differ in length", raises(
+        lambda: exchange(2 if rank == 0 else 1, 1), "passed different argument lists",
+        "(2 tensor(s), 1 setting(s)), rank 1: ", "(1 tensor(s), 1 setting(s))"))
+
+    def long_lists():  # metadata past the fixed first message travels in a second all_gather
+        assert exchange(8, 10) == [list(range(1, world + 1))] * 8
+        raises(lambda: exchange(8, 10, last=rank), "s9 must be the same on every rank of the group; got "
+               "rank 0: 9.0, rank 1: 10.0")()
+        raises(lambda: exchange(8, 10, d_last=3 + (rank == world - 1)), "t7 must have the same trailing shape")()
+        raises(lambda: exchange(8, 10 + (rank == 0)), "passed different argument lists")()
+    ck.run("long argument lists", long_lists)
+    dist.barrier()
+
+
 PML_WRAPPED = ("NTXentLoss", "SupConLoss", "TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "ContrastiveLoss")
 
 
@@ -599,14 +660,19 @@ def pml_wrapper_checks(ck, rank, world):
                  loss=lambda: fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), d, 40))))
 
 
-def worker(rank, world, tmp):
+def worker(rank, world, tmp, case="checks"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     ck = Checker(rank)
     try:
         dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=60))
-        checks(ck, rank, world, tmp)
+        if case == "checks":
+            checks(ck, rank, world, tmp)
+        elif case == "mismatched calls":
+            mismatched_call_checks(ck, rank, world)
+        else:
+            raise ValueError(f"unknown case {case!r}")
     except Exception:
         ck.failures.append("worker: " + traceback.format_exc())
     # The results go out before the group is torn down: gloo's teardown can deadlock inside

@@ -49,11 +49,11 @@ if importlib.util.find_spec("pytorch_metric_learning") is not None:  # fastcl.nn
                     "pml wrapper D mismatch", "pml wrapper local error published", "pml wrapper kind errors published"])
 
 
-def _run(world, tmp_path):
+def _run(world, tmp_path, case="checks"):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dist_worker.worker, args=(r, world, str(tmp_path))) for r in range(world)]
+    procs = [ctx.Process(target=_dist_worker.worker, args=(r, world, str(tmp_path), case)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -87,6 +87,21 @@ def test_distributed_losses_match_global_batch(world, tmp_path):
         assert "subgroup clip ring" in results[r]["passed"] and "subgroup siglip gather" in results[r]["passed"]
     for r in set(range(world)) - set(members):
         assert "module outside its group raises" in results[r]["passed"]
+
+
+# Checks of _dist_worker.mismatched_call_checks: ranks calling different operations all raise.
+MISMATCHED_CALLS = ["different losses clip vs siglip gather", "different losses clip vs ntxent",
+                    "different losses ClipLoss module vs ntxent ring", "different collectives all_gather vs all_reduce",
+                    "different losses with a local error", "argument lists differ in length", "long argument lists"]
+
+
+def test_ranks_calling_different_losses_all_raise(tmp_path):
+    # Its own spawn: gloo used to abort a rank here, which would hide every other check.
+    results = _run(2, tmp_path, "mismatched calls")
+    failures = [f"rank {r}: {f}" for r, res in enumerate(results) for f in res["failures"]]
+    assert not failures, "\n".join(failures)
+    for r, res in enumerate(results):
+        assert res["passed"] == MISMATCHED_CALLS, f"rank {r} passed only {res['passed']}"
 
 
 def _row_weight(x, y):
