@@ -1,5 +1,6 @@
 """The ``fastcl`` command line: ``train`` (the digits demo), ``bench`` (profiling), ``info``."""
 import argparse
+import math
 import os
 import platform
 import sys
@@ -21,7 +22,66 @@ def _positive_int(text: str) -> int:
 
 
 def _int_list(text: str) -> List[int]:
-    return [_positive_int(t) for t in text.split(",") if t.strip()]
+    values = [_positive_int(t) for t in text.split(",") if t.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch to parse
+# AdamW's bias-corrected update is at most lr / (1 - beta1) = 10 lr with the demo's default betas;
+# its parameters are float32, so a larger lr fails inside the optimizer ("cannot be converted to float").
+ADAMW_STEP_FACTOR = 10
+
+
+def _seed(text: str) -> int:
+    """0 <= seed <= 2**63 - 1.  torch.manual_seed takes [-2**63, 2**64), but the trainer seeds each
+    epoch's data order with seed + 1_000_003 * (epoch + 1), which must stay below 2**64, and it
+    rejects negative seeds; the int64 bound leaves room for any reachable epoch count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= INT64_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    """1 <= threads <= 4 x the CPU count: far more threads than cores only slows torch down, and
+    enough of them abort the process (libgomp cannot create them, or a MemoryError)."""
+    value = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > 4 * cores:
+        raise argparse.ArgumentTypeError(f"expected at most {4 * cores} (4 x the {cores} CPU cores), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _lr(text: str) -> float:
+    value = _positive_float(text)
+    if value * ADAMW_STEP_FACTOR > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"expected at most {FLOAT32_MAX / ADAMW_STEP_FACTOR:.4g} (AdamW's update, "
+                                         f"up to {ADAMW_STEP_FACTOR} x lr, must fit in float32), got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _positive_float(text)
+    if 1.0 / value > FLOAT32_MAX:  # the losses' own check (fastcl.ops.reference.check_fits), made up front
+        raise argparse.ArgumentTypeError(f"expected at least {1 / FLOAT32_MAX:.4g} (the losses scale by "
+                                         f"1/temperature in float32, and 1/{text} overflows it), got {text}")
+    return value
 
 
 def _default_device() -> str:
@@ -37,6 +97,9 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> str:
         parser.error(f"--device: not a device: {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        parser.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if dev.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda[:N], got {device!r}")
     return device
@@ -75,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fastcl backend (default: FASTCL_BACKEND when set, else auto)")
     t.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="(default: %(default)s)")
     t.add_argument("--encoder", choices=tuple(ENCODERS), default="cnn", help="(default: %(default)s)")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    t.add_argument("--temperature", type=float, default=0.5, help="(default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    t.add_argument("--lr", type=_lr, default=3e-3, help="peak learning rate (default: %(default)s)")
+    t.add_argument("--temperature", type=_temperature, default=0.5, help="(default: %(default)s)")
+    t.add_argument("--seed", type=_seed, default=0, help="(default: %(default)s)")
     t.add_argument("--out", default=None,
                    help="directory for metrics.jsonl and checkpoint.pt (default: write no files)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
@@ -88,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps (default: run every epoch)")
     t.add_argument("--probe-repeats", type=_positive_int, default=10,
                    help="random 5-shot draws averaged (default: %(default)s)")
-    t.add_argument("--threads", type=_positive_int, default=1,
+    t.add_argument("--threads", type=_threads, default=1,
                    help="torch CPU threads (default: %(default)s; these tiny ops gain little from more, and extra "
                         "threads slow down badly when other work shares the cores)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=_positive_int, default=None,
                    help="timed calls per point, median reported (default: 5, or 2 with --quick)")
     b.add_argument("--device", default=None, help=DEVICES_HELP)
-    b.add_argument("--threads", type=_positive_int, default=1,
+    b.add_argument("--threads", type=_threads, default=1,
                    help="torch CPU threads for naive and fused alike, recorded with the results (default: "
                         "%(default)s; extra threads slow down badly when other work shares the cores, which "
                         "distorts the ratios)")
@@ -139,14 +202,13 @@ def cmd_train(args, parser) -> int:
         parser.error(f"--batch-size must be >= 2 (contrastive losses need negatives), got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size > args.batch_size:
         parser.error(f"--chunk-size must be <= --batch-size, got {args.chunk_size} > {args.batch_size}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
-    if not args.temperature > 0:
-        parser.error(f"--temperature must be > 0, got {args.temperature}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if args.resume is not None and not os.path.isfile(args.resume):
-        parser.error(f"--resume {args.resume}: no such checkpoint file")
+    if args.chunk_size is not None and args.chunk_size < args.batch_size and \
+            (args.chunk_size == 1 or args.batch_size % args.chunk_size == 1):
+        # BatchNorm1d in training mode needs at least 2 samples per chunk it normalises.
+        parser.error(f"--chunk-size {args.chunk_size} splits --batch-size {args.batch_size} into chunks of which one "
+                     f"holds a single sample, and BatchNorm needs at least 2; pick another --chunk-size")
+    if args.resume is not None:
+        _check_resume(parser, args)
     device = _check_device(parser, args.device or _default_device())
     _check_backend(parser, "--backend", args.backend, device)
     try:
@@ -162,17 +224,23 @@ def cmd_train(args, parser) -> int:
             ([f"{n_train} split over {world} processes"] if world > 1 else [])
         parser.error(f"--batch-size {args.batch_size} is larger than the {per_process} training images per process"
                      + (f" ({', '.join(why)})" if why else "") + "; lower --batch-size")
+    if args.out is not None:
+        _make_out_dir(parser, args.out)
     import torch
     torch.set_num_threads(args.threads)
     device = _init_distributed_from_env(device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     start = time.perf_counter()
     # The other ranks train like rank 0 but neither probe nor print: one table, not one per rank.
-    run(loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, chunk_size=args.chunk_size, device=device,
-        backend=args.backend, seed=args.seed, out=args.out, lr=args.lr, temperature=args.temperature,
-        encoder=args.encoder, limit=args.limit, probe_repeats=args.probe_repeats, progress=not args.no_progress,
-        max_steps=args.max_steps, precision=args.precision, log=print if rank == 0 else (lambda *a, **k: None),
-        probe=rank == 0, resume=args.resume)
+    try:
+        run(loss=args.loss, epochs=args.epochs, batch_size=args.batch_size, chunk_size=args.chunk_size,
+            device=device, backend=args.backend, seed=args.seed, out=args.out, lr=args.lr,
+            temperature=args.temperature, encoder=args.encoder, limit=args.limit, probe_repeats=args.probe_repeats,
+            progress=not args.no_progress, max_steps=args.max_steps, precision=args.precision,
+            log=print if rank == 0 else (lambda *a, **k: None), probe=rank == 0, resume=args.resume)
+    except FloatingPointError as exc:  # the Trainer's check of each step's loss: the run diverged
+        parser.exit(1, f"{parser.prog}: error: training diverged: {exc} (--lr {args.lr:g}, --temperature "
+                       f"{args.temperature:g}); try a lower --lr or a higher --temperature\n")
     if rank == 0:
         if world > 1:
             print(f"torchrun: {world} processes, each training on its 1/{world} share of the {n_train} training "
@@ -181,6 +249,52 @@ def cmd_train(args, parser) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+# What Trainer.load_state_dict reads from a checkpoint written by `fastcl train --out`.
+def _check_resume(parser: argparse.ArgumentParser, args) -> None:
+    """Exit with a ``parser`` error naming --resume unless it is a checkpoint this run can continue:
+    one ``fastcl train --out`` wrote, with this --seed, --batch-size and --encoder.  Read here, before
+    any slow work, rather than after the untrained probe, deep in the Trainer."""
+    import torch
+
+    from fastcl.demo import ENCODERS
+    from fastcl.train import CHECKPOINT_KEYS
+    path = args.resume
+    if not os.path.isfile(path):
+        parser.error(f"--resume {path}: no such checkpoint file")
+    what = "not a checkpoint written by fastcl train --out"
+    try:
+        # The Trainer loads it the same way (weights_only=False: the RNG states are Python objects).
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # UnpicklingError, a truncated archive's RuntimeError, EOFError, OSError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        parser.error(f"--resume {path}: {what} ({type(exc).__name__}{': ' + first if first else ''})")
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
+            not isinstance(state["model"], dict):
+        parser.error(f"--resume {path}: {what}")
+    for flag, key in (("--seed", "seed"), ("--batch-size", "batch_size")):
+        if state[key] != getattr(args, key):
+            parser.error(f"--resume {path}: the checkpoint was written with {flag} {state[key]}, not "
+                         f"{getattr(args, key)}; they must match to resume the same data order")
+    want = {k: tuple(v.shape) for k, v in ENCODERS[args.encoder]().state_dict().items()}
+    got = {k[len("encoder."):]: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()
+           if k.startswith("encoder.")}
+    if got != want:
+        parser.error(f"--resume {path}: the checkpoint's encoder is not this run's --encoder {args.encoder}")
+
+
+def _make_out_dir(parser: argparse.ArgumentParser, out: str) -> None:
+    """Create the --out directory (or accept an existing one) before any slow work; a parser error
+    naming --out when it is a file, cannot be created, or cannot be written to."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out}: exists and is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot create the directory ({exc.strerror or exc})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: the directory is not writable")
 
 
 def _init_distributed_from_env(device: str) -> str:
@@ -213,8 +327,12 @@ def cmd_bench(args, parser) -> int:
     for c in cases:
         if c not in profiling.CASES:
             parser.error(f"--cases: unknown case {c!r}; choose among {','.join(profiling.CASES)}")
+    if not cases:
+        parser.error(f"--cases: no case named in {args.cases!r}; choose among {','.join(profiling.CASES)}")
     backends = profiling.default_backends(device) if args.backends is None else \
         [x.strip() for x in args.backends.split(",") if x.strip()]
+    if args.backends is not None and not backends:
+        parser.error(f"--backends: no backend named in {args.backends!r}; choose among {','.join(BACKENDS[1:])}")
     for name in backends:
         if name not in BACKENDS or name == "auto":
             parser.error(f"--backends: unknown backend {name!r}; choose among {','.join(BACKENDS[1:])}")
@@ -231,9 +349,12 @@ def cmd_bench(args, parser) -> int:
         sizes = QUICK_SIZES
     else:
         sizes = GPU_SIZES if cuda else CPU_SIZES
+    if max(sizes) * args.dim > INT64_MAX:  # torch cannot even describe an (n, D) tensor that big
+        parser.error(f"--sizes {max(sizes)} with --dim {args.dim}: an (n, D) tensor that big is beyond torch's "
+                     f"limit of 2**63 - 1 elements")
     reps = args.reps or (2 if args.quick else 5)
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    os.makedirs(args.out, exist_ok=True)
+    _make_out_dir(parser, args.out)
     torch.set_num_threads(args.threads)
     print(f"fastcl bench on {device} ({dtype}, D={args.dim}, median of {reps}, {args.threads} torch threads), "
           f"backends {backends}:")

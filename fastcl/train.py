@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16")
+# What Trainer.state_dict writes and load_state_dict reads (the CLI checks --resume against it).
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "seed", "batch_size",
+                   "torch_rng", "cuda_rng", "generator", "python_rng")
 
 Data = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -289,6 +292,9 @@ class Trainer:
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore a ``state_dict()``; the batch size and seed must match (they fix the data order)."""
+        missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+        if missing:
+            raise ValueError(f"not a Trainer checkpoint: missing {missing}")
         for key in ("seed", "batch_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"checkpoint was written with {key}={state[key]}, but this trainer has "

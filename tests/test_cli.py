@@ -85,6 +85,39 @@ def test_make_loss_switches_to_distributed(monkeypatch):
     (["bench", "--backends", "triton", "--device", "cpu", "--cases", "clip", "--sizes", "8"], "--backends"),
     (["train", "--resume", "/nonexistent/checkpoint.pt"], "--resume"),
     (["bench", "--threads", "0"], "--threads"),
+    # Non-finite and out-of-range numbers: parser errors, not tracebacks (or silence) later on.
+    (["train", "--lr", "inf"], "--lr"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--lr", "0"], "--lr"),
+    (["train", "--lr", "-1e-3"], "--lr"),
+    (["train", "--lr", "1e300"], "--lr"),  # finite, but AdamW's float32 update overflows
+    (["train", "--lr", "fast"], "--lr"),
+    (["train", "--temperature", "inf"], "--temperature"),
+    (["train", "--temperature", "nan"], "--temperature"),
+    (["train", "--temperature", "-0.5"], "--temperature"),
+    (["train", "--temperature", "1e-45"], "--temperature"),  # 1/temperature overflows float32
+    (["train", "--seed", "99999999999999999999"], "--seed"),
+    (["train", "--seed", str(2**63)], "--seed"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--threads", "100000"], "--threads"),
+    (["bench", "--threads", "100000"], "--threads"),
+    (["train", "--limit", "0"], "--limit"),
+    (["train", "--max-steps", "0"], "--max-steps"),
+    (["train", "--probe-repeats", "0"], "--probe-repeats"),
+    (["train", "--chunk-size", "0"], "--chunk-size"),
+    # A chunk of one sample: BatchNorm cannot normalise it.
+    (["train", "--limit", "64", "--batch-size", "32", "--chunk-size", "1"], "--chunk-size"),
+    (["train", "--limit", "66", "--batch-size", "33", "--chunk-size", "16"], "--chunk-size"),
+    # An empty list after splitting at the commas: an error, not the defaults or a naive-only run.
+    (["bench", "--sizes", ","], "--sizes"),
+    (["bench", "--sizes", ""], "--sizes"),
+    (["bench", "--backends", ","], "--backends"),
+    (["bench", "--cases", ","], "--cases"),
+    (["bench", "--sizes", "0"], "--sizes"),
+    (["bench", "--cases", "clip", "--sizes", "99999999999999999999", "--device", "cpu"], "--sizes"),
+    (["bench", "--cases", "clip", "--sizes", "8", "--dim", str(2**63), "--device", "cpu"], "--dim"),
+    (["bench", "--dim", "0"], "--dim"),
+    (["bench", "--reps", "0"], "--reps"),
 ])
 def test_argument_errors_name_the_flag(argv, flag, capsys, monkeypatch):
     """Mistakes end before any slow work, with the subcommand's usage and an error naming the flag."""
@@ -96,6 +129,109 @@ def test_argument_errors_name_the_flag(argv, flag, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"usage: fastcl {argv[0]} " in err and f"fastcl {argv[0]}: error: " in err
     assert flag in err.splitlines()[-1]
+
+
+def _usage_error(argv, capsys) -> str:
+    """Run ``main(argv)``, expect argparse's usage error (status 2), return stderr's last line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: fastcl {argv[0]} " in err and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_valid_edge_values_still_parse():
+    """The new bounds reject only what cannot run: values at their edges parse unchanged."""
+    from fastcl.cli import build_parser
+    args = build_parser().parse_args(["train", "--seed", str(2**63 - 1), "--lr", "1e-12", "--temperature", "1e-30",
+                                      "--threads", str(os.cpu_count() or 1)])
+    assert (args.seed, args.lr, args.temperature, args.threads) == (2**63 - 1, 1e-12, 1e-30, os.cpu_count() or 1)
+    args = build_parser().parse_args(["train", "--temperature", "1e300"])  # 1/T is tiny, not an overflow
+    assert args.temperature == 1e300
+    args = build_parser().parse_args(["bench", "--sizes", "8,,16,"])  # empty items between commas are skipped
+    assert args.sizes == [8, 16]
+    defaults = build_parser().parse_args(["train"])
+    assert (defaults.seed, defaults.lr, defaults.temperature, defaults.threads) == (0, 3e-3, 0.5, 1)
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_out_must_not_be_a_file(command, tmp_path, capsys):
+    afile = tmp_path / "results"
+    afile.write_text("not a directory")
+    extra = ["--device", "cpu", "--cases", "clip", "--sizes", "8"] if command == "bench" else ["--limit", "64"] + TINY[5:]
+    line = _usage_error([command, "--out", str(afile)] + extra, capsys)
+    assert "--out" in line and str(afile) in line and "not a directory" in line
+    line = _usage_error([command, "--out", str(afile / "sub")] + extra, capsys)  # under a file: not creatable
+    assert "--out" in line and str(afile / "sub") in line
+    assert afile.read_text() == "not a directory"
+
+
+def _fake_checkpoint(**changes):
+    """What Trainer.state_dict holds for the mlp encoder, seed 0 and batch size 32, with ``changes``."""
+    from fastcl.train import CHECKPOINT_KEYS
+    from fastcl.demo import ENCODERS
+    state = dict.fromkeys(CHECKPOINT_KEYS)
+    state.update(seed=0, batch_size=32,
+                 model={f"encoder.{k}": v for k, v in ENCODERS["mlp"]().state_dict().items()})
+    state.update(changes)
+    return state
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"this is no checkpoint\n", "not a checkpoint"),  # UnpicklingError
+    (b"", "not a checkpoint"),  # EOFError
+    ("truncated", "not a checkpoint"),  # a real torch.save archive, cut short
+    ([1, 2, 3], "not a checkpoint"),  # loads, but is no checkpoint dict
+    ({"model": {}}, "not a checkpoint"),  # a dict missing the Trainer's keys
+    (_fake_checkpoint(seed=7), "--seed 7"),
+    (_fake_checkpoint(batch_size=16), "--batch-size 16"),
+    (_fake_checkpoint(model={"encoder.0.weight": torch.zeros(3, 3)}), "--encoder mlp"),
+])
+def test_resume_must_be_a_matching_checkpoint(content, words, tmp_path, capsys):
+    """A --resume file that is no checkpoint, or one written with another seed, batch size or
+    encoder: an error naming --resume and the path, up front, never an UnpicklingError traceback."""
+    path = tmp_path / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "truncated":
+        torch.save(_fake_checkpoint(), path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        torch.save(content, path)
+    line = _usage_error(TINY + ["--resume", str(path), "--device", "cpu"], capsys)
+    assert "--resume" in line and str(path) in line and words in line
+
+
+def test_resume_accepts_its_fake_checkpoint(tmp_path, monkeypatch):
+    """The fake checkpoint above passes the up-front check: its failures are the ones tested."""
+    import argparse
+
+    from fastcl import cli
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_fake_checkpoint(), path)
+    args = cli.build_parser().parse_args(TINY + ["--resume", str(path)])
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(parser, "error", lambda message: pytest.fail(message))
+    cli._check_resume(parser, args)
+
+
+def test_device_index_beyond_the_devices(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    line = _usage_error(["train", "--device", "cuda:1"], capsys)
+    assert "--device cuda:1" in line
+
+
+def test_diverging_run_ends_with_an_error_not_a_traceback(capsys):
+    """A temperature the losses accept but whose logits overflow: the Trainer's non-finite loss
+    check stops the run, reported as an error naming --lr and --temperature (status 1)."""
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + ["--temperature", "3e-39", "--device", "cpu"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "fastcl train: error: training diverged: non-finite loss" in err
+    assert "--lr" in err and "--temperature" in err and "Traceback" not in err
 
 
 def test_train_checks_fastcl_backend_up_front(capsys, monkeypatch):
@@ -213,3 +349,20 @@ def test_bench_baselines_compute_the_fused_loss(case):
         outs[name] = (out.detach(), torch.autograd.grad(out.sum(), x[0])[0])
     for a, b in zip(outs["naive"], outs["fused"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_checkpoint_keys_are_what_the_trainer_writes():
+    """The --resume check and Trainer.load_state_dict read CHECKPOINT_KEYS: it must be exactly
+    what Trainer.state_dict writes, and a state without one of them is refused by name."""
+    import pytest
+    import torch
+
+    from fastcl.train import CHECKPOINT_KEYS, Trainer
+    model = torch.nn.Linear(3, 2)
+    trainer = Trainer(model, lambda z0, z1: (z0 - z1).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1),
+                      batch_size=4, progress=False)
+    state = trainer.state_dict()
+    assert tuple(state) == CHECKPOINT_KEYS
+    del state["generator"]
+    with pytest.raises(ValueError, match=r"not a Trainer checkpoint: missing \['generator'\]"):
+        trainer.load_state_dict(state)
