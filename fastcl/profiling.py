@@ -234,7 +234,10 @@ def available_cases() -> Dict[str, str]:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+    # The CPU allocator says "DefaultCPUAllocator: can't allocate memory" in a plain RuntimeError.
+    text = str(exc).lower()
+    return (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def _rss_mb() -> float:

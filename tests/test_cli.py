@@ -366,3 +366,16 @@ def test_checkpoint_keys_are_what_the_trainer_writes():
     del state["generator"]
     with pytest.raises(ValueError, match=r"not a Trainer checkpoint: missing \['generator'\]"):
         trainer.load_state_dict(state)
+
+
+def test_cpu_allocation_failures_count_as_out_of_memory():
+    """A bench row whose CPU allocation fails is an "oom" row, not a traceback: the CPU allocator
+    raises a plain RuntimeError saying it can't allocate memory."""
+    import torch
+
+    from fastcl.profiling import _is_oom
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        assert _is_oom(exc)
+    assert not _is_oom(RuntimeError("shape mismatch"))
