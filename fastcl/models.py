@@ -165,8 +165,9 @@ class MaskedTokenEncoder(nn.Module):
 
     ``forward(x, *, noise=None, generator=None, pos_embed=None)``:
         x: (B, L, D) float tokens.  noise: optional (B, L) float ranking the tokens (lowest kept).
-        generator: optional ``torch.Generator`` for the noise.  pos_embed: optional positional
-        embedding (broadcastable to x) added to the tokens before masking.
+        generator: optional ``torch.Generator`` for the noise (not with ``noise``).  pos_embed:
+        optional (L, D) or (1, L, D) positional embedding, x's dtype and device, added to the kept
+        tokens in the masking pass (``random_masking``).
         Returns ``(latent (B, L_keep, D_out), mask (B, L) with 1 = dropped, ids_restore (B, L) int64)``.
     """
 
