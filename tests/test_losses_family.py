@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import NORMALISED_VALUE_FACTOR, DTYPES, assert_close, randn
+from conftest import (COLLAPSED_BATCH_FACTOR, DTYPES, NORMALISED_SCALAR_GRAD_FACTOR, NORMALISED_VALUE_FACTOR,
+                      assert_close, fp32_output_tol, randn)
 from fastcl._ext import extension_available
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import dcl_loss
@@ -126,10 +127,13 @@ def o_clip(img, txt, s, b, labels, eps):
 
 
 # ----------------------------------------------------------------------------- harness
-def compare(fast, oracle, tensors, dtype, what, grad_tol_dtype=None, normalised=False):
+def compare(fast, oracle, tensors, dtype, what, normalised=False, backend=None, biases=()):
     """Run ``fast`` on ``tensors`` (floating ones rounded to ``dtype`` when 2-D/3-D) and ``oracle`` on
-    their float64 copies; compare the value and every gradient.  ``normalised``: the loss
-    L2-normalises its inputs in their dtype (NORMALISED_VALUE_FACTOR)."""
+    their float64 copies; compare the value and every gradient.  The fp32 value and the gradients
+    of 0-d tensors (a temperature or logit scale; a logit bias at the indices ``biases`` of
+    ``tensors``) take fp32_output_tol's row of TOL for ``backend``, the other gradients ``dtype``'s.
+    ``normalised``: the loss L2-normalises its inputs in their dtype (NORMALISED_VALUE_FACTOR,
+    NORMALISED_SCALAR_GRAD_FACTOR)."""
     leaves = []
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -146,14 +150,19 @@ def compare(fast, oracle, tensors, dtype, what, grad_tol_dtype=None, normalised=
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     # The value is an fp32 sum over inputs that are already rounded (the oracle gets the same
     # rounded values): fp32's tolerance, whatever the input dtype.
-    assert_close(out, ref, torch.float64 if dtype == torch.float64 else torch.float32, f"{what} value",
+    assert_close(out, ref, fp32_output_tol(dtype), f"{what} value",
                  NORMALISED_VALUE_FACTOR.get(dtype, 1.0) if normalised else 1.0)
-    grads = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = [(i, t) for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
     ref_grads = [t for t in ref_leaves if isinstance(t, torch.Tensor) and t.requires_grad]
-    got = torch.autograd.grad(out, grads)
+    got = torch.autograd.grad(out, [t for _, t in grads])
     want = torch.autograd.grad(ref, ref_grads)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_close(g, w, grad_tol_dtype or dtype, f"{what} grad {i}")
+    for (i, t), g, w in zip(grads, got, want):
+        if t.dim() == 0:  # fp32 whatever the input dtype
+            row = fp32_output_tol(dtype, backend, from_tiles=i not in biases)
+            factor = NORMALISED_SCALAR_GRAD_FACTOR.get(dtype, 1.0) if normalised and row == torch.float32 else 1.0
+            assert_close(g, w, row, f"{what} grad {i}", factor)
+        else:
+            assert_close(g, w, dtype, f"{what} grad {i}")
 
 
 # ----------------------------------------------------------------------------- NT-Xent
@@ -163,7 +172,8 @@ def test_ntxent(backend, dtype):
     g = torch.Generator().manual_seed(1)
     a, b = randn(67, 40, generator=g), randn(67, 40, generator=g)
     t = torch.tensor(0.3)
-    compare(lambda x, y, tt: ntxent_loss(x, y, tt, backend=backend), o_ntxent, [a, b, t], dtype, "ntxent", normalised=True)
+    compare(lambda x, y, tt: ntxent_loss(x, y, tt, backend=backend), o_ntxent, [a, b, t], dtype, "ntxent", normalised=True,
+            backend=backend)
 
 
 def test_ntxent_module_and_degenerate():
@@ -193,7 +203,8 @@ def test_supcon_labels(backend, dtype, mode):
     t = torch.tensor(0.1)
     compare(lambda f, tt: supcon_loss(f, labels, temperature=tt, base_temperature=0.07, contrast_mode=mode,
                                       backend=backend),
-            lambda f, tt: o_supcon(f, labels, t=tt, bt=0.07, mode=mode), [feats, t], dtype, f"supcon {mode}")
+            lambda f, tt: o_supcon(f, labels, t=tt, bt=0.07, mode=mode), [feats, t], dtype, f"supcon {mode}",
+            backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,7 +300,8 @@ def test_dcl(backend, dtype, negatives):
     a, b = randn(53, 36, generator=g), randn(53, 36, generator=g)
     t = torch.tensor(0.1)
     compare(lambda x, y, tt: dcl_loss(x, y, tt, negatives=negatives, backend=backend),
-            lambda x, y, tt: o_dcl(x, y, tt, negatives=negatives), [a, b, t], dtype, f"dcl {negatives}", normalised=True)
+            lambda x, y, tt: o_dcl(x, y, tt, negatives=negatives), [a, b, t], dtype, f"dcl {negatives}", normalised=True,
+            backend=backend)
 
 
 def test_dcl_default_is_union():
@@ -347,7 +359,8 @@ def test_siglip(backend, dtype):
     img = F.normalize(randn(67, 40, generator=g), dim=1)
     txt = F.normalize(randn(67, 40, generator=g), dim=1)
     s, b = torch.tensor(10.0), torch.tensor(-10.0)
-    compare(lambda i, t, ss, bb: SigLipLoss(backend=backend)(i, t, ss, bb), o_siglip, [img, txt, s, b], dtype, "siglip")
+    compare(lambda i, t, ss, bb: SigLipLoss(backend=backend)(i, t, ss, bb), o_siglip, [img, txt, s, b], dtype, "siglip",
+            backend=backend, biases=(3,))
     out = SigLipLoss(backend=backend)(img, txt, s, b, output_dict=True)
     assert set(out) == {"contrastive_loss"}
     with pytest.raises(RuntimeError, match="init_process_group"):
@@ -368,7 +381,8 @@ def test_info_nce_hard_negatives_label_smoothing(backend, dtype, eps, symmetric)
     scale = torch.tensor(14.0)
     compare(lambda a, b, s: info_nce(a, b, logit_scale=s, positives=positives, symmetric=symmetric,
                                      label_smoothing=eps, backend=backend),
-            lambda a, b, s: o_info_nce(a, b, s, positives, eps, symmetric), [q, k, scale], dtype, "info_nce")
+            lambda a, b, s: o_info_nce(a, b, s, positives, eps, symmetric), [q, k, scale], dtype, "info_nce",
+            backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -455,7 +469,7 @@ def test_clip_hard_negatives_label_smoothing(backend, dtype, eps):
     # A bias shifts every logit of a cross-entropy: its true gradient is 0, so it stays a float here.
     s, b = torch.tensor(20.0), -1.5
     compare(lambda i, t, ss: clip_loss(i, t, ss, b, labels=labels, label_smoothing=eps, backend=backend),
-            lambda i, t, ss: o_clip(i, t, ss, b, labels, eps), [img, txt, s], dtype, "clip")
+            lambda i, t, ss: o_clip(i, t, ss, b, labels, eps), [img, txt, s], dtype, "clip", backend=backend)
 
 
 def test_modules_label_smoothing():
@@ -620,7 +634,7 @@ def test_hypersphere(backend, dtype, t, lam, alpha):
     compare(lambda x, y, tt: fastcl.hypersphere_loss(x, y, tt, lam, alpha, backend=backend),
             lambda x, y, tt: o_hypersphere(x, y, tt, lam, alpha),
             [a, b, torch.tensor(t, dtype=torch.float64 if dtype == torch.float64 else torch.float32)], dtype, "hypersphere",
-            normalised=True)
+            normalised=True, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -642,7 +656,7 @@ def test_hypersphere_zero_rows_and_collapsed_batches(backend):
             ours = fastcl.hypersphere_loss(p, q, 2.0, backend=backend)
             ref = o_hypersphere(r.double(), s.double(), 2.0)
             # fp32: the uniformity of a collapsed batch is ~1e-4, so its absolute error counts
-            factor = 1.0 if dtype == torch.float64 or name != "collapsed" else 10.0
+            factor = 1.0 if dtype == torch.float64 or name != "collapsed" else COLLAPSED_BATCH_FACTOR
             assert_close(ours, ref, dtype, f"{name} {dtype} value", factor)
             for i, (u, v) in enumerate(zip(torch.autograd.grad(ours, [p, q]), torch.autograd.grad(ref, [r, s]))):
                 assert_close(u, v, dtype, f"{name} {dtype} grad {i}")
@@ -708,17 +722,23 @@ def test_losses_keep_fp32_under_autocast(backend):
             assert_close(u, v, torch.float32, f"{name} under autocast")
 
 
-def test_hypersphere_large_t_stays_finite():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hypersphere_large_t_stays_finite(backend):
     """At t = 200 lightly's fp32 pdist form underflows to -inf (NaN gradients); fastcl's LSE form
-    stays finite and equals the float64 pdist form."""
+    stays finite, and its value and gradients equal the float64 pdist form's."""
     from fastcl.baselines import naive_hypersphere
     g = torch.Generator().manual_seed(35)
     a, b = randn(64, 32, generator=g), randn(64, 32, generator=g)
     assert torch.isneginf(naive_hypersphere(a, b, 200.0))
-    x = a.clone().requires_grad_()
-    ours = fastcl.hypersphere_loss(x, b, 200.0)
-    assert torch.isfinite(torch.autograd.grad(ours, x)[0]).all()
-    assert_close(ours, naive_hypersphere(a.double(), b.double(), 200.0), torch.float32, "t = 200")
+    x, y = (t.clone().requires_grad_() for t in (a, b))
+    r, s = (t.double().requires_grad_() for t in (a, b))
+    ours = fastcl.hypersphere_loss(x, y, 200.0, backend=backend)
+    ref = o_hypersphere(r, s, 200.0)
+    assert torch.isfinite(ref)
+    assert_close(ours, ref, torch.float32, "t = 200 value")
+    for name, u, v in zip(("a", "b"), torch.autograd.grad(ours, [x, y]), torch.autograd.grad(ref, [r, s])):
+        assert torch.isfinite(u).all()
+        assert_close(u, v, torch.float32, f"t = 200 gradient of {name}")
 
 
 @pytest.mark.gpu

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import DTYPES, NORMALISED_VALUE_FACTOR, LiveBytes, assert_close, leaves, pml_losses, randn
+from conftest import DTYPES, NORMALISED_VALUE_FACTOR, TOL, LiveBytes, assert_close, leaves, pml_losses, randn
 from fastcl.ops import strips
 
 
@@ -157,12 +157,13 @@ def test_fp16_cap_of_tiny():
         theirs = oracle(b, labels, t, tiny=torch.finfo(dtype).tiny)
         assert_close(ours, theirs, torch.float32, f"{dtype} t={t}")
         ga, gb = torch.autograd.grad(ours, a)[0], torch.autograd.grad(theirs, b)[0]
-        if dtype == torch.float16:  # past the cap: no gradient
-            assert ga.abs().max() < 1e-6 and gb.abs().max() < 1e-6
+        if dtype == torch.float16:  # past the cap: no gradient (the float64 form's is ~1e-13, rounding)
+            assert not ga.any() and gb.abs().max() <= TOL[torch.float64]
         else:
             assert_close(ga, gb, dtype, f"{dtype} t={t} grad")
     capped = fastcl.ntxent_loss_pml(emb.half(), labels, 0.05)
-    assert abs(capped.item() + torch.log(torch.tensor(torch.finfo(torch.float16).tiny)).item()) < 1e-3
+    cap = -torch.log(torch.tensor(torch.finfo(torch.float16).tiny, dtype=torch.float64))
+    assert_close(capped, cap, torch.float32, "the float16 cap, -log(2^-14)")
     assert fastcl.ntxent_loss_pml(emb, labels, 0.05).item() > 39.0
 
 
@@ -370,7 +371,6 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
                                  else miners.TripletMarginMiner(margin=0.5) if mode.startswith("triplet") else None)
     ours = fastcl.nn.pml.CrossBatchMemory(getattr(fastcl.nn.pml, loss_name)(), d, size, miner=miner_ours)
     theirs = pml.CrossBatchMemory(getattr(pml, loss_name)(), d, size, miner=miner_theirs)
-    compared = 0
     for step, n in enumerate([13, 13, 13, 13, 1, 13, 1, 13, 40, 13]):
         emb = randn(n, d, generator=gen, dtype=torch.float64)
         labels = torch.randint(0, 4, (n,), generator=gen)
@@ -386,14 +386,8 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
                 kw["indices_tuple"] = (torch.tensor([0, 1]), torch.tensor(slot[:2]), torch.tensor([0, 1]),
                                        torch.tensor([slot[other[0]], slot[other[1]]]))
         (a,), (b,) = leaves(emb), leaves(emb)
-        try:
-            ref = theirs(b, labels, **kw)
-        except AssertionError:  # PML's SupCon refuses a pair named positive and negative; so do we
-            with pytest.raises(ValueError, match="both as a positive and as a negative"):
-                ours(a, labels, **kw)
-            continue
+        ref = theirs(b, labels, **kw)
         mine = ours(a, labels, **kw)
-        compared += 1
         assert_close(mine, ref, torch.float64, f"step {step} value")
         if ref.requires_grad and ref.item() != 0:
             assert_close(torch.autograd.grad(mine, a)[0], torch.autograd.grad(ref, b)[0], torch.float64,
@@ -401,7 +395,6 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
         assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
         assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
         assert torch.equal(ours.label_memory, theirs.label_memory)
-    assert compared >= 6, compared
 
 
 def test_cross_batch_memory_errors():

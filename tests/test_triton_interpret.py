@@ -3,7 +3,7 @@ Triton interpreter (conftest sets TRITON_INTERPRET=1), at small odd sizes."""
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, fp32_output_tol
 from fastcl.ops.dispatch import triton_available
 from test_similarity_lse import check_against_reference
 
@@ -93,15 +93,27 @@ def test_rejects_float64():
                        backend="triton")
 
 
-def test_clip_loss_triton_matches_cpu_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_loss_triton_matches_float64_oracle(dtype):
+    """The CLIP loss on the triton backend against its definition in float64 (the mean of half the
+    row and column LSEs minus the positive logit): value and the gradients of both towers and of
+    the scale."""
     import fastcl
+    from test_similarity_lse import oracle_lse, oracle_positives
     gen = torch.Generator().manual_seed(3)
-    img = torch.randn(67, 40, generator=gen).requires_grad_()
-    txt = torch.randn(67, 40, generator=gen).requires_grad_()
-    scale = torch.tensor(4.0, requires_grad=True)
-    loss = fastcl.clip_loss(img, txt, scale, backend="triton")
-    ref = fastcl.clip_loss(*(t.detach().double().requires_grad_() for t in (img, txt, scale)), backend="reference")
-    assert_close(loss, ref, torch.float32)
+    img, txt = torch.randn(67, 40, generator=gen).to(dtype), torch.randn(67, 40, generator=gen).to(dtype)
+    scale = torch.tensor(4.0)
+    ours = [t.clone().requires_grad_() for t in (img, txt, scale)]
+    refs = [t.double().requires_grad_() for t in (img, txt, scale)]
+    loss = fastcl.clip_loss(*ours, backend="triton")
+    row, col = oracle_lse(*refs, rows=True, cols=True)
+    ref = (0.5 * (row + col) - oracle_positives(refs[0], refs[1], None, refs[2])).mean()
+    assert_close(loss, ref, fp32_output_tol(dtype), "value")
+    d_img, d_txt, d_scale = torch.autograd.grad(loss, ours)
+    r_img, r_txt, r_scale = torch.autograd.grad(ref, refs)
+    assert_close(d_img, r_img, dtype, "d img", elementwise=True)
+    assert_close(d_txt, r_txt, dtype, "d txt", elementwise=True)
+    assert_close(d_scale, r_scale, fp32_output_tol(dtype, "triton", from_tiles=True), "d scale")
 
 
 @pytest.mark.parametrize("rows,cols", [(True, True), (False, True)])
