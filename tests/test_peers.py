@@ -289,7 +289,8 @@ def test_supcon_miner_edge_cases():
         bad[row] = float("nan")
         assert torch.isnan(crit(bad, None, tup)), row
     assert torch.isnan(theirs(bad, None, tup))
-    # PML's zero loss comes before it reads the indices: any dtype, even empty float tensors
+    # PML's zero loss comes before it reads the indices: empty tensors of any dtype mean nothing
+    # mined (a float index with an entry is an error even there: tests/test_validation.py)
     empty = torch.tensor([])
     assert crit(emb, None, (empty, empty, empty, empty)).item() == 0.0 == theirs(emb, None, (empty,) * 4).item()
     # (each case has a tensor of two entries: with at most one everywhere PML returns 0 first)

@@ -322,10 +322,12 @@ def mined_pairs(indices_tuple, n: int, m: int, device: torch.device, *, zero_if_
     (``zero_if_tiny``; its triplet loss has no such rule)."""
     names = check_indices_tuple(indices_tuple)
     # Checked before the zero-loss rule too: a float, 2-D or out-of-range index is an error even
-    # where PML would not read it.  A miner's CPU indices into GPU embeddings index them as PML's
-    # masks do.
-    idx = [check_index(f"indices_tuple[{i}] ({nm})", t.to(device) if t.device.type == "cpu" else t, (None,),
-                       n if nm[0] == "a" else m, device)
+    # where PML would not read it; an empty 1-D tensor of any dtype (torch.tensor([])) holds no
+    # index and stays PML's "nothing mined".  A miner's CPU indices into GPU embeddings index them
+    # as PML's masks do.
+    idx = [check_index(f"indices_tuple[{i}] ({nm})",
+                       (t.long() if t.numel() == 0 and t.dim() == 1 else t).to(device) if t.device.type == "cpu" else t,
+                       (None,), n if nm[0] == "a" else m, device)
            for i, (nm, t) in enumerate(zip(names, indices_tuple))]
     if zero_if_tiny and all(t.numel() <= 1 for t in idx):
         return None
