@@ -82,6 +82,7 @@ print(json.dumps(ops))
 
 @pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA toolkit headers")
 @pytest.mark.skipif(not GLUE_FILES, reason="no ATen glue sources")
+@pytest.mark.slow  # about a minute of g++ on 2 cores; the .cu files keep their nvcc checks in make test
 def test_glue_compiles_and_registers_its_cuda_kernels(tmp_path):
     import json
 

@@ -74,7 +74,7 @@ def _run(world, tmp_path, case="checks"):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks: 24 s on 2 cores
 def test_distributed_losses_match_global_batch(world, tmp_path):
     results = _run(world, tmp_path)
     failures = [f"rank {r}: {f}" for r, res in enumerate(results) for f in res["failures"]]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,7 @@ def test_suite_names_a_bad_budget(tmp_path):
     assert "SUITE_BUDGET_S must be a whole number of seconds, got '9m'" in proc.stderr
 
 
+@pytest.mark.slow  # 15-17 s each of suite runs on 2 cores
 def test_gpu_tests_stop_at_their_own_cap(tmp_path):
     # SUITE_TESTS_S caps the test step below what SUITE_BUDGET_S leaves, and says so.
     proc, out = _run_suite(tmp_path, SUITE_STEPS="tests", SUITE_TESTS_S="1")
@@ -58,6 +61,7 @@ def test_gpu_tests_stop_at_their_own_cap(tmp_path):
     assert proc.returncode == 2 and "SUITE_TESTS_S must be a whole number of seconds, got '3m'" in proc.stderr
 
 
+@pytest.mark.slow  # 15-17 s each of suite runs on 2 cores
 def test_sanitize_step_runs_each_tool(tmp_path):
     # A stand-in compute-sanitizer records its arguments; the step runs memcheck, racecheck and
     # synccheck over the epilogue tests, then memcheck over the CUDA masking test.
@@ -73,6 +77,7 @@ def test_sanitize_step_runs_each_tool(tmp_path):
         assert {"./sanitize_memcheck.log", "./sanitize_masking.log"} <= set(tar.getnames())
 
 
+@pytest.mark.slow  # 15-17 s each of suite runs on 2 cores
 def test_named_test_files_run_last(tmp_path):
     # The suite's test step sets FASTCL_TESTS_LAST=test_gpu.py: the other files' few GPU tests
     # come first, so SUITE_TESTS_S cuts into test_gpu.py's option matrix, not into them.

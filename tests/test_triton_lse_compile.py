@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
-@pytest.mark.parametrize("exp_mode", ["exact", "shared"])
+@pytest.mark.parametrize("exp_mode", ["exact", pytest.param("shared", marks=pytest.mark.slow)])  # shared: opt-in
 def test_lse_kernels_compile_for_sm90_without_spills(tmp_path, exp_mode):
     # "shared" (FASTCL_TRITON_EXP=shared) spilled until its exact fallbacks stopped holding the
     # score tile next to their shared-exp result.
