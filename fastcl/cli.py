@@ -251,7 +251,6 @@ def cmd_train(args, parser) -> int:
     return 0
 
 
-# What Trainer.load_state_dict reads from a checkpoint written by `fastcl train --out`.
 def _check_resume(parser: argparse.ArgumentParser, args) -> None:
     """Exit with a ``parser`` error naming --resume unless it is a checkpoint this run can continue:
     one ``fastcl train --out`` wrote, with this --seed, --batch-size and --encoder.  Read here, before
