@@ -258,7 +258,7 @@ def _check_resume(parser: argparse.ArgumentParser, args) -> None:
     import torch
 
     from fastcl.demo import ENCODERS
-    from fastcl.train import CHECKPOINT_KEYS
+    from fastcl.train import CHECKPOINT_KEYS, data_order_mismatch
     path = args.resume
     if not os.path.isfile(path):
         parser.error(f"--resume {path}: no such checkpoint file")
@@ -272,10 +272,11 @@ def _check_resume(parser: argparse.ArgumentParser, args) -> None:
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
             not isinstance(state["model"], dict):
         parser.error(f"--resume {path}: {what}")
-    for flag, key in (("--seed", "seed"), ("--batch-size", "batch_size")):
-        if state[key] != getattr(args, key):
-            parser.error(f"--resume {path}: the checkpoint was written with {flag} {state[key]}, not "
-                         f"{getattr(args, key)}; they must match to resume the same data order")
+    mismatch = data_order_mismatch(state, args.seed, args.batch_size)
+    if mismatch is not None:
+        key, saved, here = mismatch
+        parser.error(f"--resume {path}: the checkpoint was written with --{key.replace('_', '-')} {saved}, not "
+                     f"{here}; they must match to resume the same data order")
     want = {k: tuple(v.shape) for k, v in ENCODERS[args.encoder]().state_dict().items()}
     got = {k[len("encoder."):]: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()
            if k.startswith("encoder.")}

@@ -86,6 +86,15 @@ class _MetricsWriter:
             self.file.close()
 
 
+def data_order_mismatch(state: Dict, seed: int, batch_size: int) -> Optional[Tuple[str, object, int]]:
+    """(key, checkpoint's value, this run's value) of the first of seed and batch_size that differ
+    between a checkpoint ``state`` and this run (they fix the data order), or None."""
+    for key, here in (("seed", seed), ("batch_size", batch_size)):
+        if state[key] != here:
+            return key, state[key], here
+    return None
+
+
 class Trainer:
     """Trains ``model`` with ``loss_fn`` on in-memory tensors.
 
@@ -295,10 +304,11 @@ class Trainer:
         missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
         if missing:
             raise ValueError(f"not a Trainer checkpoint: missing {missing}")
-        for key in ("seed", "batch_size"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"checkpoint was written with {key}={state[key]}, but this trainer has "
-                                 f"{key}={getattr(self, key)}; they must match to resume the same data order")
+        mismatch = data_order_mismatch(state, self.seed, self.batch_size)
+        if mismatch is not None:
+            key, saved, here = mismatch
+            raise ValueError(f"checkpoint was written with {key}={saved}, but this trainer has "
+                             f"{key}={here}; they must match to resume the same data order")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

@@ -363,6 +363,9 @@ def test_checkpoint_keys_are_what_the_trainer_writes():
                       batch_size=4, progress=False)
     state = trainer.state_dict()
     assert tuple(state) == CHECKPOINT_KEYS
+    for key, other in (("seed", 1), ("batch_size", 8)):  # the data order must be the one saved
+        with pytest.raises(ValueError, match=f"checkpoint was written with {key}={other}, but this trainer has"):
+            trainer.load_state_dict(dict(state, **{key: other}))
     del state["generator"]
     with pytest.raises(ValueError, match=r"not a Trainer checkpoint: missing \['generator'\]"):
         trainer.load_state_dict(state)
