@@ -170,7 +170,9 @@ def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dt
     "copy_ratio", "peak_bytes", "temp_bytes"}`` where ``copy_ratio = copy_ms / ms`` (>= 0.8 is
     the issue's target), ``GBps = moved_bytes / ms`` and ``timing`` is "eager" (``do_bench``) or
     "cuda_graph" (``graph_ms``, the copy timed the same way).  Also rows "<backend>:kernels_only"
-    per fused backend: the two fused kernels with precomputed indices (no argsort, no autograd).
+    per fused backend: the two fused kernels with precomputed indices (no argsort, no autograd),
+    and rows ``{"impl": "<argsort|backend>:indices", "timing": "cuda_graph", "B", "L", "ms"}``:
+    the index tensors alone, by torch's argsort path and by each fused backend's rank kernel.
     A backend that cannot run here gives one row ``{"impl", "skipped": reason}``; on a GPU each
     implementation also gets a row ``{"impl", "profile"}`` (``fastcl.profiling.kernel_profile``
     of its eager step).  ``device`` is
@@ -232,6 +234,17 @@ def gpu_masking_report(B: int = 256, L: int = 196, D: int = 768, dtype: torch.dt
                         row(name, "cuda_graph", graph_ms(shaped), no_mem)
                     except Exception as exc:  # noqa: BLE001 - one bad shape must not end the sweep
                         rows.append({"impl": name, "skipped": f"{type(exc).__name__}: {exc}"})
+    # The index tensors alone (ids_restore, ids_keep, mask from the noise): torch's argsort path,
+    # and the rank kernel of each fused backend that ran above.
+    from fastcl.ops import masking as ops_masking
+    keep = int(L * (1 - RATIO))
+    index_steps = {"argsort:indices": lambda: ops_masking.mask_indices(noise, keep, "reference")}
+    for impl in steps:
+        if impl != "mae":
+            index_steps[f"{impl}:indices"] = (
+                lambda impl=impl: ops_masking._mask_indices(noise, keep, torch.get_default_dtype(), impl))
+    for name, fn in index_steps.items():
+        rows.append({"impl": name, "timing": "cuda_graph", "B": B, "L": L, "ms": graph_ms(fn)})
     if dev == "cuda":  # after every timing: where each eager step's time goes, kernel by kernel
         from fastcl.profiling import kernel_profile
         for impl, step in steps.items():

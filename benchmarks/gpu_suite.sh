@@ -120,7 +120,7 @@ fi
 fi
 if want masking; then
 stamp "4. masking"
-budgeted python3 benchmarks/bench_masking.py --device cuda --json "$WORK/masking_gpu.json" 2>&1 | tail -8
+budgeted python3 benchmarks/bench_masking.py --device cuda --json "$WORK/masking_gpu.json" 2>&1 | tail -20
 fi
 if want ring; then
 stamp "5. ring code path, world size 1"
@@ -155,7 +155,7 @@ if [ -n "$san" ]; then
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$WORK/sanitize_$tool.log" | tail -3
   done
   budgeted "$san" --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_masking.py \
-    -k "gpu_vector_and_fallback and cuda" >"$WORK/sanitize_masking.log" 2>&1
+    -k "(gpu_vector_and_fallback or gpu_index_kernel) and cuda" >"$WORK/sanitize_masking.log" 2>&1
   echo "masking memcheck exit code: $?"
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
 else

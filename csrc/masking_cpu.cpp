@@ -126,6 +126,9 @@ at::Tensor segment_gather_cpu(const at::Tensor& src_in, const at::Tensor& start,
 TORCH_LIBRARY_FRAGMENT(fastcl_C, m) {
   m.def("masking_segment_gather(Tensor src, Tensor start, Tensor? count, Tensor? order, Tensor? fill, "
         "Tensor? pos, bool out_fp32) -> Tensor");
+  // (ids_restore, ids_keep, mask) of random_masking from its noise; CUDA only (csrc/cuda/masking.cu):
+  // on the CPU a sort is cheaper than its L * L compares.
+  m.def("masking_indices(Tensor noise, int keep, ScalarType mask_dtype) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastcl_C, CPU, m) {

@@ -4,6 +4,11 @@ Given the same noise these return exactly what MAE's ``random_masking`` and deco
 return, without the (B, K, D) int64 index that ``torch.gather`` needs and without a dense
 zero-then-scatter backward: every pass is one fused gather (``fastcl.ops.masking``).
 
+The index tensors (``ids_restore``, ``ids_keep``, ``mask``) come from ``torch.argsort`` as in MAE,
+except on the "triton" and "cuda" backends for rows of 33 to 1024 tokens, where one rank kernel
+makes all three (``fastcl.ops.masking.mask_indices``): ties in the noise then keep position
+order, which is what torch's CUDA sort gives such rows, so the tensors stay MAE's.
+
 Backends (``backend=`` or ``FASTCL_BACKEND``, see ``fastcl.ops.dispatch.resolve_backend``):
 "reference" is plain PyTorch in MAE's form; "cpu" the C++/OpenMP kernel; "triton" the Triton
 kernel; "cuda" the CUDA C++ kernel (needs ``fastcl._C`` built with CUDA).  "auto" picks the C++
@@ -17,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastcl.ops.dispatch import resolve_backend
-from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens
+from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens, mask_indices
 from fastcl.validation import check_float_tensor, check_index
 
 Tensor = torch.Tensor
@@ -99,12 +104,7 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
     name = resolve_backend(backend, x.device, _problem(B, L, D, x.dtype))
     keep = int(L * (1 - ratio))
 
-    ids_shuffle = torch.argsort(noise, dim=1)
-    # The inverse of a permutation by one scatter: equal to argsort(ids_shuffle), without a sort.
-    ids_restore = torch.empty_like(ids_shuffle).scatter_(
-        1, ids_shuffle, torch.arange(L, device=x.device).expand(B, L))
-    ids_keep = ids_shuffle[:, :keep]
-    mask = (ids_restore >= keep).to(torch.get_default_dtype())
+    ids_restore, ids_keep, mask = mask_indices(noise, keep, name)
 
     if name == "reference":
         src = x if pos_embed is None else x + pos_embed.reshape(1, L, D)

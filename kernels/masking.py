@@ -15,6 +15,9 @@ Two kernels implement it.  Without ``count`` (every forward, and the backward of
 copies bits unchanged when nothing is added.  With ``count`` (CSR segments: backwards with
 repeated indices) ``_segment_gather_kernel`` runs one program per output row and loops over its
 segment.
+
+``_mask_indices_kernel`` makes the index tensors of ``random_masking`` from the noise (a stable
+argsort computed as ranks) in one launch, in place of a sort, a scatter and a compare.
 """
 import functools
 import os
@@ -139,6 +142,70 @@ def _segment_gather_kernel(
     acc = tl.where(n > 0, acc, f)
     res = _round_to_out(acc, out.dtype.element_ty, BF16_RNE_BY_HAND)
     tl.store(out + b * stride_ob + r * stride_or + offs, res, mask=dmask)
+
+
+@triton.jit
+def _mask_indices_kernel(
+    noise, ids_restore, ids_keep, mask, L, K, stride_nb, stride_nl,
+    KEY_F64: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Rank of each noise value in its row, as a stable ascending sort orders them (NaN last,
+    ties by position): ids_restore[b, i] = rank, mask[b, i] = rank >= K, ids_keep[b, rank] = i
+    for rank < K.  Program (b, p) ranks [BLOCK_I * p, +BLOCK_I) of row b against the whole row."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    imask = i < L
+    row = noise + b * stride_nb
+    key_ty = tl.float64 if KEY_F64 else tl.float32
+    ki = tl.load(row + i * stride_nl, mask=imask, other=0.0).to(key_ty)
+    ki_nan = ki != ki
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, L, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        jmask = j < L
+        kj = tl.load(row + j * stride_nl, mask=jmask, other=0.0).to(key_ty)
+        kj_nan = kj != kj
+        # j sorts before i: a smaller key (every number is smaller than NaN), or an equal key
+        # (NaNs are equal to each other; -0.0 == 0.0) at an earlier position.
+        less = (kj[None, :] < ki[:, None]) | (ki_nan[:, None] & ~kj_nan[None, :])
+        tie = (kj[None, :] == ki[:, None]) | (ki_nan[:, None] & kj_nan[None, :])
+        before = (less | (tie & (j[None, :] < i[:, None]))) & jmask[None, :]
+        rank += tl.sum(before.to(tl.int32), axis=1)
+    out = b * L + i
+    tl.store(ids_restore + out, rank.to(tl.int64), mask=imask)
+    tl.store(mask + out, (rank >= K).to(mask.dtype.element_ty), mask=imask)
+    tl.store(ids_keep + b * K + rank, i.to(tl.int64), mask=imask & (rank < K))
+
+
+def mask_indices(noise: torch.Tensor, keep: int, mask_dtype: torch.dtype = torch.float32):
+    """MAE's index tensors from ``noise`` in one launch: a stable argsort done as ranks.
+
+    Every element is compared with its whole row, so the cost is L * L compares per row (for
+    the short rows of masking, one launch instead of a sort, a scatter and a compare).
+
+    Args:
+        noise: (B, L) float32, float16, bfloat16 or float64, any strides.
+        keep: K in [0, L], tokens kept per row.
+        mask_dtype: float32 or float64, the dtype of ``mask``.
+
+    Returns:
+        ids_restore (B, L) int64: the rank of each token in the stable ascending sort of its row
+        (NaN last); ids_keep (B, K) int64: the tokens of ranks 0..K-1 in rank order; mask (B, L)
+        ``mask_dtype``: 1.0 where the rank is >= K (removed), else 0.0.
+    """
+    B, L = noise.shape
+    ids_restore = torch.empty((B, L), device=noise.device, dtype=torch.int64)
+    ids_keep = torch.empty((B, keep), device=noise.device, dtype=torch.int64)
+    mask = torch.empty((B, L), device=noise.device, dtype=mask_dtype)
+    if B * L == 0:
+        return ids_restore, ids_keep, mask
+    block_i = 64
+    grid = (B, triton.cdiv(L, block_i))
+    _mask_indices_kernel[grid](
+        noise, ids_restore, ids_keep, mask, L, keep, noise.stride(0), noise.stride(1),
+        KEY_F64=noise.dtype == torch.float64, BLOCK_I=block_i, BLOCK_J=64, num_warps=4,
+    )
+    return ids_restore, ids_keep, mask
 
 
 # Bytes one _row_copy_kernel program moves in (and out): 8 KB is 64 B (four 16-byte vectors) per

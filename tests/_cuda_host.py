@@ -3,8 +3,8 @@
 ``build()`` rewrites the launches of each .cu file for tests/cuda_host/cuda_host.h (GPU threads
 as fibers, barriers and shuffles emulated) and compiles it, with the C entry points of
 tests/cuda_host/kernels_capi.cpp, into a shared library with g++ (cached by content hash).
-``HostEpilogues`` and ``host_segment_gather`` then do what the ATen glue of csrc/cuda/*_ops.cpp
-does around each launch, on CPU tensors: the real kernel code runs, so the tests check its
+``HostEpilogues``, ``host_segment_gather`` and ``host_mask_indices`` then do what the ATen glue
+of csrc/cuda/*_ops.cpp does around each launch, on CPU tensors: the real kernel code runs, so the tests check its
 indexing, vector paths, partial merges and in-place writes without a GPU.
 """
 import contextlib
@@ -114,6 +114,7 @@ def load(path) -> ctypes.CDLL:
     lib.host_sigmoid_fwd.argtypes = strip + [I64, P]
     lib.host_sigmoid_bwd.argtypes = strip + [I64, I, P]
     lib.host_segment_gather.argtypes = [ctypes.POINTER(SegmentGatherArgs)]
+    lib.host_mask_indices.argtypes = [ctypes.POINTER(MaskIndicesArgs)]
     return lib
 
 
@@ -248,6 +249,30 @@ def host_segment_gather(src, start, count, order, fill, pos, out_fp32):
     return out
 
 
+class MaskIndicesArgs(ctypes.Structure):
+    """csrc/cuda/masking.cuh's MaskIndicesArgs."""
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("noise", "ids_restore", "ids_keep", "mask")]
+                + [(n, ctypes.c_int64) for n in ("B", "L", "K", "noise_sb", "noise_sl")]
+                + [("dtype", ctypes.c_int), ("mask_f64", ctypes.c_bool)])
+
+
+def host_mask_indices(noise, keep, mask_dtype):
+    """``fastcl_C::masking_indices`` on a CPU tensor through the CUDA kernel (the steps of
+    csrc/cuda/masking_ops.cpp); outputs are poisoned first, so an element left unwritten shows."""
+    b, length = noise.shape
+    ids_restore = torch.full((b, length), -7, dtype=torch.int64)
+    ids_keep = torch.full((b, keep), -7, dtype=torch.int64)
+    mask = torch.full((b, length), float("nan"), dtype=mask_dtype)
+    if b * length == 0:
+        return ids_restore, ids_keep, mask
+    a = MaskIndicesArgs(noise=noise.data_ptr(), ids_restore=ids_restore.data_ptr(), ids_keep=_ptr(ids_keep),
+                        mask=mask.data_ptr(), B=b, L=length, K=keep, noise_sb=noise.stride(0),
+                        noise_sl=noise.stride(1), dtype=MASKING_DTYPES[noise.dtype],
+                        mask_f64=mask_dtype == torch.float64)
+    _check(library().host_mask_indices(ctypes.byref(a)), "mask_indices")
+    return ids_restore, ids_keep, mask
+
+
 def route_to_host(monkeypatch) -> None:
     """Make ``backend="cuda"`` on CPU tensors run these kernels: the strip epilogues of the
     similarity ops and the segment gather of masking (everything else is the library's code)."""
@@ -262,4 +287,12 @@ def route_to_host(monkeypatch) -> None:
         return host_segment_gather(src, start, count, order, fill, pos, out_fp32)
 
     monkeypatch.setattr(fastcl.ops.masking, "_segment_gather", host_or_library)
+    indices = fastcl.ops.masking._mask_indices
+
+    def host_or_library_indices(noise, keep, mask_dtype, backend):
+        if backend != "cuda":
+            return indices(noise, keep, mask_dtype, backend)
+        return host_mask_indices(noise, keep, mask_dtype)
+
+    monkeypatch.setattr(fastcl.ops.masking, "_mask_indices", host_or_library_indices)
 

@@ -118,7 +118,7 @@ def test_glue_compiles_and_registers_its_cuda_kernels(tmp_path):
     ops = json.loads(run.stdout)
     # Every op the glue registers has a CUDA kernel; the strip ops are among them.
     for name in ("cuda_strip_lse_fwd", "cuda_strip_lse_bwd", "cuda_strip_sigmoid_fwd", "cuda_strip_sigmoid_bwd",
-                 "masking_segment_gather"):
+                 "masking_segment_gather", "masking_indices"):
         assert f"fastcl_C::{name}" in ops, sorted(ops)
         assert "\nCUDA: registered at" in ops[f"fastcl_C::{name}"], ops[f"fastcl_C::{name}"]
     assert "Tensor(a!) scores" in ops["fastcl_C::cuda_strip_lse_bwd"]

@@ -75,7 +75,9 @@ def gen(seed):
 def test_random_masking_matches_mae(backend, dtype, D):
     dev = device_of(backend)
     g = gen(D)
-    B, L, ratio = 3, 17, 0.75
+    # L = 17 takes torch's sort for the indices on every backend, L = 67 the rank kernel on
+    # the GPU backends (fastcl.ops.masking.RANK_MIN_L).
+    B, L, ratio = 3, 17 if D == 3 else 67, 0.75
     x = randn(B, L, D, dtype=dtype, device=dev, generator=g)
     noise = torch.rand(B, L, generator=g).to(dev)
     x1, x2 = leaf(x), leaf(x)
@@ -96,15 +98,16 @@ def test_random_masking_matches_mae(backend, dtype, D):
 def test_random_masking_ratios(backend, ratio):
     dev = device_of(backend)
     g = gen(int(ratio * 1000))
-    x = randn(2, 23, 5, device=dev, generator=g)
-    noise = torch.rand(2, 23, generator=g).to(dev)
+    L = 41  # over RANK_MIN_L: the GPU backends' rank kernel, keeping 41, 20, 4 and 0 tokens
+    x = randn(2, L, 5, device=dev, generator=g)
+    noise = torch.rand(2, L, generator=g).to(dev)
     x1, x2 = leaf(x), leaf(x)
     out = random_masking(x1, ratio, noise=noise, backend=backend)
     ref = oracle_masking(x2, ratio, noise)
     for a, b in zip(out, ref):
         assert torch.equal(a, b)
-    keep = int(23 * (1 - ratio))
-    assert out[0].shape[1] == keep and int(out[1].sum()) == 2 * (23 - keep)
+    keep = int(L * (1 - ratio))
+    assert out[0].shape[1] == keep and int(out[1].sum()) == 2 * (L - keep)
     up = randn(*out[0].shape, device=dev, generator=g)
     (out[0] * up).sum().backward()
     (ref[0] * up).sum().backward()
@@ -176,6 +179,66 @@ def test_random_masking_nan_and_generator(backend):
     # Each row keeps distinct tokens, and the mask marks exactly the others.
     assert all(len(set(r.tolist())) == 4 for r in ids_keep)
     assert torch.equal(mask.gather(1, ids_keep), torch.zeros_like(ids_keep, dtype=mask.dtype))
+
+
+# ---- the index tensors: the rank kernels of the GPU backends ------------------------------------
+
+INDEX_KERNELS = [b for b in ("triton", "cuda") if b in BACKENDS]
+
+
+def stable_sort_indices(noise, keep):
+    """(ids_restore, ids_keep) of a stable ascending sort in float64 with NaN last: what torch's
+    CUDA sort gives rows of more than 32 (the CPU sort may order ties either way)."""
+    key = noise.double()
+    nan = torch.isnan(key)
+    order = torch.argsort(torch.where(nan, torch.zeros_like(key), key), dim=1, stable=True)
+    order = order.gather(1, torch.argsort(nan.gather(1, order).to(torch.int8), dim=1, stable=True))
+    return torch.argsort(order, dim=1), order[:, :keep]
+
+
+def index_kernel(backend):
+    from fastcl.ops import masking as ops_masking
+    return lambda noise, keep, mask_dtype: ops_masking._mask_indices(noise, keep, mask_dtype, backend)
+
+
+@pytest.mark.parametrize("backend", INDEX_KERNELS)
+@pytest.mark.parametrize("noise_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("L, keep", [(33, 8), (67, 0), (131, 131), (1024, 255)])
+def test_index_kernel_ranks_like_a_stable_sort(backend, noise_dtype, L, keep):
+    """Ties (coarse noise), NaN, -0.0 against 0.0 and a strided noise tensor: the kernel's ranks
+    are those of a stable sort, every output element is written (the host build poisons them)."""
+    dev = device_of(backend)
+    g = gen(L + keep)
+    B = 3 if L < 1024 else 2
+    noise = (torch.randint(0, 9, (L, B), generator=g) / 8).to(noise_dtype).t()  # strides (1, B)
+    noise[0, 3] = noise[0, L - 1] = noise[1, 0] = float("nan")
+    noise[1, 5], noise[1, 7], noise[2 % B, 1] = -0.0, 0.0, float("-inf")
+    noise = noise.to(dev)
+    mask_dtype = torch.float64 if noise_dtype == torch.float64 else torch.float32
+    ids_restore, ids_keep, mask = index_kernel(backend)(noise, keep, mask_dtype)
+    r_restore, r_keep = stable_sort_indices(noise.cpu(), keep)
+    assert torch.equal(ids_restore.cpu(), r_restore) and torch.equal(ids_keep.cpu(), r_keep)
+    assert mask.dtype == mask_dtype and torch.equal(mask.cpu(), (r_restore >= keep).to(mask_dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_path_by_row_length(backend, monkeypatch):
+    """The rank kernel serves the GPU backends from RANK_MIN_L to RANK_MAX_L tokens; shorter rows
+    (where torch's CUDA sort is unstable), longer ones and the other backends take torch.argsort.
+    Both paths give MAE's tensors."""
+    from fastcl.ops import masking as ops_masking
+    calls = []
+    kernel = ops_masking._mask_indices
+    monkeypatch.setattr(ops_masking, "_mask_indices", lambda *a: calls.append(a[0].shape[1]) or kernel(*a))
+    dev = device_of(backend)
+    g = gen(11)
+    for L in (ops_masking.RANK_MIN_L - 1, ops_masking.RANK_MIN_L, ops_masking.RANK_MAX_L + 1):
+        x = randn(2, L, 3, device=dev, generator=g)
+        noise = torch.rand(2, L, generator=g).to(dev)
+        out = random_masking(x, 0.5, noise=noise, backend=backend)
+        for a, b in zip(out, oracle_masking(x, 0.5, noise)):
+            assert torch.equal(a, b)
+    assert calls == ([ops_masking.RANK_MIN_L] if backend in INDEX_KERNELS else [])
 
 
 # ---- gather_tokens ------------------------------------------------------------------------------
@@ -350,6 +413,21 @@ def test_gpu_vector_and_fallback(backend, dtype, D, offset):
     kept.backward(up)
     r_kept.backward(up)
     assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("L", [32, 33, 196, 1024])
+def test_gpu_index_kernel_equals_mae_with_ties(backend, L):
+    """On CUDA, MAE's own argsort of coarse noise (many ties): equal bit for bit, NaN included."""
+    if backend == "cuda" and not extension_has_cuda():
+        pytest.skip("fastcl._C built without CUDA")
+    g = gen(L)
+    noise = (torch.randint(0, 5, (64, L), generator=g) / 4).cuda()
+    noise[0, 1] = noise[0, 2] = float("nan")
+    x = randn(64, L, 8, device="cuda", generator=g)
+    for a, b in zip(random_masking(x, 0.75, noise=noise, backend=backend), oracle_masking(x, 0.75, noise)):
+        assert torch.equal(a, b)
 
 
 def test_auto_asks_the_dispatch_table_by_tokens_and_d(monkeypatch):

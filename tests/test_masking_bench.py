@@ -2,8 +2,9 @@
 
 The timers are stubbed (each calls the timed function once and reports 1 ms) and Triton runs in
 the interpreter, so this checks that every row's callable runs and the report has the rows the
-GPU suite expects (eager and CUDA-graph timings, kernels-only rows, the launch-shape sweep, an
-explicit "skipped" row for a backend that cannot run) before a GPU session spends time on it."""
+GPU suite expects (eager and CUDA-graph timings, kernels-only rows, the index tensors alone, the
+launch-shape sweep, an explicit "skipped" row for a backend that cannot run) before a GPU
+session spends time on it."""
 import pathlib
 
 import pytest
@@ -38,11 +39,12 @@ def test_gpu_report_rows_on_cpu(monkeypatch):
     timed = {(r["impl"], r["timing"]) for r in rows if "ms" in r}
     for impl in ("mae", "triton", "triton:kernels_only"):
         assert (impl, "eager") in timed and (impl, "cuda_graph") in timed, impl
+    assert ("argsort:indices", "cuda_graph") in timed and ("triton:indices", "cuda_graph") in timed
     assert any(r["impl"] == "cuda" and "skipped" in r for r in rows)   # said, not silently dropped
     sweep = [r for r in rows if r["impl"].startswith("triton:kernels_only[")]
     assert len(sweep) == len(bench.SWEEP) and all(r["timing"] == "cuda_graph" for r in sweep)
     for r in rows:
-        if "ms" in r:
+        if "ms" in r and not r["impl"].endswith(":indices"):
             assert r["copy_ratio"] == 1.0 and r["moved_bytes"] == bench.moved_bytes(2, 8, 16, torch.float32)
 
 

@@ -3,7 +3,7 @@
 The interpreter runs the kernels' logic but not their typing or code generation; this compiles
 the row-copy kernel for every dtype and flag combination the launcher uses, checks that the
 bf16 D=768 copy moves 16-byte vectors (four loads and four stores per thread at the default
-16 x 256 tile and 4 warps), and compiles the CSR kernel.  It runs in a subprocess because the
+16 x 256 tile and 4 warps), and compiles the CSR kernel and the index (rank) kernel.  It runs in a subprocess because the
 test session sets TRITON_INTERPRET=1 before the kernels are defined."""
 import os
 import subprocess
@@ -60,6 +60,14 @@ consts = dict(HAS_COUNT=True, HAS_ORDER=True, HAS_FILL=True, HAS_POS=True, ACC_F
 sig.update({k: "constexpr" for k in consts})
 triton.compile(ASTSource(fn=km._segment_gather_kernel, signature=sig, constexprs=consts), target=TARGET,
                options={"num_warps": 4})
+
+for dt, mask_dt in [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32"), ("fp64", "fp64")]:
+    sig = {"noise": "*" + dt, "ids_restore": "*i64", "ids_keep": "*i64", "mask": "*" + mask_dt}
+    sig.update({n: "i32" for n in ["L", "K", "stride_nb", "stride_nl"]})
+    consts = dict(KEY_F64=dt == "fp64", BLOCK_I=64, BLOCK_J=64)
+    sig.update({k: "constexpr" for k in consts})
+    triton.compile(ASTSource(fn=km._mask_indices_kernel, signature=sig, constexprs=consts), target=TARGET,
+                   options={"num_warps": 4})
 print("ok")
 '''
 

@@ -1,4 +1,5 @@
-// CUDA token masking: the segment gather of kernels/masking.py (formula there).
+// CUDA token masking: the segment gather of kernels/masking.py (formula there), and the index
+// tensors of random_masking from its noise (mask_indices_kernel, ranks as in that file).
 // Two kernels.  Without `count` (every forward, and the backward of random_masking) each output
 // row is one source row or the fill: row_copy_kernel gives each thread kRowsPerThread rows and
 // issues all their loads before any store.  With `count` (CSR segments) segment_gather_kernel
@@ -215,7 +216,58 @@ cudaError_t dispatch_out(const SegmentGatherArgs& a, cudaStream_t stream) {
   return launch<T, T>(a, stream);
 }
 
+// Whether token j sorts before token i in a stable ascending sort with NaN last (NaNs equal to
+// each other, -0.0 equal to 0.0), the order torch's CUDA sort gives rows of more than 32.
+template <typename A>
+__device__ __forceinline__ bool sorts_before(A kj, int64_t j, A ki, int64_t i) {
+  const bool nan_j = kj != kj, nan_i = ki != ki;
+  if (nan_j || nan_i) return nan_j && nan_i ? j < i : nan_i;
+  return kj < ki || (kj == ki && j < i);
+}
+
+// One thread per token: its rank is the count of the row's tokens that sort before it (L
+// compares; the short rows of masking are read from L1, every lane of a warp the same key).
+template <typename T, typename M>
+__global__ void __launch_bounds__(256) mask_indices_kernel(MaskIndicesArgs a) {
+  using A = typename Acc<T>::type;
+  const int64_t blocks_per_row = (a.L + blockDim.x - 1) / blockDim.x;
+  const int64_t b = blockIdx.x / blocks_per_row;
+  const int64_t i = (blockIdx.x - b * blocks_per_row) * blockDim.x + threadIdx.x;
+  if (i >= a.L) return;
+  const T* row = static_cast<const T*>(a.noise) + b * a.noise_sb;
+  const A ki = to_acc(row[i * a.noise_sl]);
+  int64_t rank = 0;
+  for (int64_t j = 0; j < a.L; ++j) rank += sorts_before(to_acc(row[j * a.noise_sl]), j, ki, i) ? 1 : 0;
+  a.ids_restore[b * a.L + i] = rank;
+  static_cast<M*>(a.mask)[b * a.L + i] = rank >= a.K ? M(1) : M(0);
+  if (rank < a.K) a.ids_keep[b * a.K + rank] = i;
+}
+
+template <typename T>
+cudaError_t launch_mask_indices(const MaskIndicesArgs& a, cudaStream_t stream) {
+  const int threads = a.L >= 256 ? 256 : static_cast<int>((a.L + 31) / 32) * 32;
+  const int64_t blocks = threads == 0 ? 0 : a.B * ((a.L + threads - 1) / threads);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks)), block(threads);
+  if (a.mask_f64)
+    mask_indices_kernel<T, double><<<grid, block, 0, stream>>>(a);
+  else
+    mask_indices_kernel<T, float><<<grid, block, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t mask_indices_cuda(const MaskIndicesArgs& a, cudaStream_t stream) {
+  switch (a.dtype) {
+    case kF32: return launch_mask_indices<float>(a, stream);
+    case kF16: return launch_mask_indices<__half>(a, stream);
+    case kBF16: return launch_mask_indices<__nv_bfloat16>(a, stream);
+    case kF64: return launch_mask_indices<double>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t segment_gather_cuda(const SegmentGatherArgs& a, cudaStream_t stream) {
   switch (a.dtype) {

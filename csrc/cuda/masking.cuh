@@ -25,4 +25,19 @@ struct SegmentGatherArgs {
 // Launches on `stream`; returns the launch error (cudaSuccess when fine).
 cudaError_t segment_gather_cuda(const SegmentGatherArgs& a, cudaStream_t stream);
 
+// The index tensors of random_masking from its noise: each token's rank in the stable ascending
+// sort of its row (NaN last).  ids_restore = rank, mask = (rank >= K), ids_keep[rank] = token.
+struct MaskIndicesArgs {
+  const void* noise;     // (B, L), any strides
+  int64_t* ids_restore;  // (B, L) contiguous
+  int64_t* ids_keep;     // (B, K) contiguous
+  void* mask;            // (B, L) contiguous, float32 (float64 if mask_f64)
+  int64_t B, L, K, noise_sb, noise_sl;
+  int dtype;             // DType of noise
+  bool mask_f64;
+};
+
+// Launches on `stream`; returns the launch error (cudaSuccess when fine).
+cudaError_t mask_indices_cuda(const MaskIndicesArgs& a, cudaStream_t stream);
+
 }  // namespace fastcl_masking

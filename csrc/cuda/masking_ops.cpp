@@ -1,5 +1,6 @@
-// ATen glue: registers the CUDA implementation of fastcl_C::masking_segment_gather (schema in
-// csrc/masking_cpu.cpp) on top of the raw-pointer launcher in masking.cu.
+// ATen glue: registers the CUDA implementations of fastcl_C::masking_segment_gather and
+// fastcl_C::masking_indices (schemas in csrc/masking_cpu.cpp) on top of the raw-pointer launchers
+// in masking.cu.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -48,8 +49,42 @@ at::Tensor segment_gather_cuda_op(const at::Tensor& src_in, const at::Tensor& st
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_indices_cuda_op(const at::Tensor& noise, int64_t keep,
+                                                                    at::ScalarType mask_dtype) {
+  TORCH_CHECK(noise.is_cuda() && noise.dim() == 2, "noise must be a (B, L) CUDA tensor, got ", noise.sizes(),
+              " on ", noise.device());
+  const auto st = noise.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "noise must be float32, float64, float16 or bfloat16, got ", st);
+  const int64_t B = noise.size(0), L = noise.size(1);
+  TORCH_CHECK(0 <= keep && keep <= L, "keep must be in [0, L] = [0, ", L, "], got ", keep);
+  TORCH_CHECK(mask_dtype == at::kFloat || mask_dtype == at::kDouble, "mask_dtype must be float32 or float64, got ",
+              mask_dtype);
+  const c10::cuda::CUDAGuard guard(noise.device());
+  const auto opts = noise.options();
+  at::Tensor ids_restore = at::empty({B, L}, opts.dtype(at::kLong));
+  at::Tensor ids_keep = at::empty({B, keep}, opts.dtype(at::kLong));
+  at::Tensor mask = at::empty({B, L}, opts.dtype(mask_dtype));
+  if (B * L == 0) return {ids_restore, ids_keep, mask};
+  fastcl_masking::MaskIndicesArgs a{};
+  a.noise = noise.data_ptr();
+  a.ids_restore = ids_restore.data_ptr<int64_t>();
+  a.ids_keep = ids_keep.data_ptr<int64_t>();
+  a.mask = mask.data_ptr();
+  a.B = B; a.L = L; a.K = keep;
+  a.noise_sb = noise.stride(0); a.noise_sl = noise.stride(1);
+  a.dtype = st == at::kFloat ? fastcl_masking::kF32
+          : st == at::kHalf ? fastcl_masking::kF16
+          : st == at::kBFloat16 ? fastcl_masking::kBF16 : fastcl_masking::kF64;
+  a.mask_f64 = mask_dtype == at::kDouble;
+  const cudaError_t err = fastcl_masking::mask_indices_cuda(a, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "masking_indices CUDA launch failed: ", cudaGetErrorString(err));
+  return {ids_restore, ids_keep, mask};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastcl_C, CUDA, m) {
   m.impl("masking_segment_gather", &segment_gather_cuda_op);
+  m.impl("masking_indices", &mask_indices_cuda_op);
 }

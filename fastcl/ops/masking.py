@@ -67,6 +67,46 @@ def _(src, start, count, order, fill, pos, out_fp32, backend):
     return src.new_empty((src.shape[0], start.shape[1], src.shape[2]), dtype=acc_t if out_fp32 else src.dtype)
 
 
+# Rows whose index tensors come from the rank kernel.  Above 32 tokens torch's CUDA sort of a row
+# is stable, as ranks are (at 32 or fewer it is an unstable bitonic sort, so MAE's order of tied
+# noise there is the sort's own); up to 1024 the kernel's L * L compares stay under a sort's time
+# (an estimate: unmeasured on a GPU).
+RANK_MIN_L, RANK_MAX_L = 33, 1024
+
+
+def mask_indices(noise: Tensor, keep: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """MAE's index tensors for keeping ``keep`` tokens of each row of ``noise`` (B, L).
+
+    Returns ``ids_restore`` (B, L) int64 (``argsort(argsort(noise))``), ``ids_keep`` (B, K) int64
+    (``argsort(noise)[:, :keep]``) and ``mask`` (B, L) in the default float dtype (1 = removed).
+    The "triton" and "cuda" backends make all three in one launch of a rank kernel for rows of
+    ``RANK_MIN_L`` to ``RANK_MAX_L`` tokens (float32/64 masks, plain tensors, eager mode); ties
+    in the noise then keep their positions' order, as torch's CUDA sort does for such rows.
+    Otherwise ``torch.argsort``, as MAE does."""
+    L = noise.shape[1]
+    mask_dtype = torch.get_default_dtype()
+    if (backend in ("triton", "cuda") and RANK_MIN_L <= L <= RANK_MAX_L
+            and mask_dtype in (torch.float32, torch.float64)
+            and noise.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+            and type(noise) is torch.Tensor and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode()):
+        return _mask_indices(noise, keep, mask_dtype, backend)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    # The inverse of a permutation by one scatter: equal to argsort(ids_shuffle), without a sort.
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(
+        1, ids_shuffle, torch.arange(L, device=noise.device).expand_as(ids_shuffle))
+    mask = (ids_restore >= keep).to(mask_dtype)
+    return ids_restore, ids_shuffle[:, :keep], mask
+
+
+def _mask_indices(noise: Tensor, keep: int, mask_dtype: torch.dtype, backend: str):
+    if backend == "cuda":
+        return torch.ops.fastcl_C.masking_indices(noise, keep, mask_dtype)
+    from fastcl.kernels.masking import mask_indices as triton_mask_indices
+    with on_device_of(noise):
+        return triton_mask_indices(noise, keep, mask_dtype)
+
+
 def csr_segments(idx: Tensor, buckets: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Group the positions k of ``idx`` (B, K) int64 by value in [0, buckets).
 

@@ -95,4 +95,8 @@ int host_segment_gather(const fastcl_masking::SegmentGatherArgs* a) {
   return fastcl_masking::segment_gather_cuda(*a, nullptr);
 }
 
+int host_mask_indices(const fastcl_masking::MaskIndicesArgs* a) {
+  return fastcl_masking::mask_indices_cuda(*a, nullptr);
+}
+
 }  // extern "C"
