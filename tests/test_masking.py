@@ -201,9 +201,15 @@ def index_kernel(backend):
     return lambda noise, keep, mask_dtype: ops_masking._mask_indices(noise, keep, mask_dtype, backend)
 
 
+NOISE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Every noise dtype at three row lengths (none, some and all tokens kept); RANK_MAX_L once (4 s
+# in the interpreter).
+INDEX_CASES = [(dt, L, keep) for dt in NOISE_DTYPES for L, keep in ((33, 8), (67, 0), (131, 131))]
+INDEX_CASES.append((torch.float32, 1024, 255))
+
+
 @pytest.mark.parametrize("backend", INDEX_KERNELS)
-@pytest.mark.parametrize("noise_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("L, keep", [(33, 8), (67, 0), (131, 131), (1024, 255)])
+@pytest.mark.parametrize("noise_dtype, L, keep", INDEX_CASES)
 def test_index_kernel_ranks_like_a_stable_sort(backend, noise_dtype, L, keep):
     """Ties (coarse noise), NaN, -0.0 against 0.0 and a strided noise tensor: the kernel's ranks
     are those of a stable sort, every output element is written (the host build poisons them)."""
@@ -419,12 +425,15 @@ def test_gpu_vector_and_fallback(backend, dtype, D, offset):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("L", [32, 33, 196, 1024])
 def test_gpu_index_kernel_equals_mae_with_ties(backend, L):
-    """On CUDA, MAE's own argsort of coarse noise (many ties): equal bit for bit, NaN included."""
+    """On CUDA, MAE's own argsort of coarse noise (many ties): equal bit for bit, NaN and -0.0
+    included (L = 32 is torch's unstable sort on both sides, 33 its merge sort, 196 and 1024 its
+    radix sort)."""
     if backend == "cuda" and not extension_has_cuda():
         pytest.skip("fastcl._C built without CUDA")
     g = gen(L)
     noise = (torch.randint(0, 5, (64, L), generator=g) / 4).cuda()
     noise[0, 1] = noise[0, 2] = float("nan")
+    noise[1, 0], noise[1, 3] = 0.0, -0.0  # equal keys to a sort
     x = randn(64, L, 8, device="cuda", generator=g)
     for a, b in zip(random_masking(x, 0.75, noise=noise, backend=backend), oracle_masking(x, 0.75, noise)):
         assert torch.equal(a, b)
