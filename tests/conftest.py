@@ -84,6 +84,11 @@ AUTOCAST_BF16_FACTOR = 2.5
 # TOL[float32] times this.
 TF32_FACTOR = 10.0
 
+# Results that are exactly 0 analytically, computed in fp32 from O(1) terms that cancel (the loss
+# of a one-class batch, a bias gradient under shift-invariant softmax, a distillation term of a
+# student equal to its teacher): an absolute bound, as a relative one means nothing at 0.
+ZERO_ATOL = {"value": 1e-6, "grad": 1e-4}
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import assert_close
 from fastcl.cli import main
 
 @pytest.fixture(autouse=True)
@@ -348,7 +349,7 @@ def test_bench_baselines_compute_the_fused_loss(case):
         out = methods[name](x, "reference")
         outs[name] = (out.detach(), torch.autograd.grad(out.sum(), x[0])[0])
     for a, b in zip(outs["naive"], outs["fused"]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert_close(a, b, torch.float64, case, elementwise=True)
 
 
 def test_checkpoint_keys_are_what_the_trainer_writes():

@@ -428,4 +428,5 @@ def test_circle_gradient_where_softplus_turns_linear():
     (a,), (b,) = leaves(emb), leaves(emb)
     ga = torch.autograd.grad(fastcl.circle_loss_pml(a, labels), a)[0]
     gb = torch.autograd.grad(pml.CircleLoss()(b, labels), b)[0]
-    assert torch.allclose(ga, gb, rtol=1e-13, atol=0), (ga - gb).abs().max()
+    # A thousandth of float64's TOL: the sigmoid slope would be off by up to e^-20 relative.
+    assert_close(ga, gb, torch.float64, "d embeddings", factor=1e-3, elementwise=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import assert_close, leaves, load_module, randn
+from conftest import ZERO_ATOL, assert_close, leaves, load_module, randn
 from fastcl._ext import extension_available
 
 BACKENDS = ["reference"] + (["cpu"] if extension_available() else [])
@@ -123,7 +123,7 @@ def test_distill_clip_loss_cancels_exactly_and_ignores_autocast():
     img, txt = randn(33, 16, generator=gen) * 3, randn(33, 16, generator=gen) * 3
     c, d = fastcl.distill_clip_loss(img, txt, 100.0, img, txt, 100.0)
     rc, rd = oc.DistillClipLoss()(img.double(), txt.double(), 100.0, img.double(), txt.double(), 100.0)
-    assert abs(d.item() - rd.item()) <= 1e-6 * max(1.0, abs(c.item()))
+    assert abs(d.item() - rd.item()) <= ZERO_ATOL["value"] * max(1.0, abs(c.item()))
     a, b = leaves(img, txt), leaves(img.double(), txt.double())
     t_img, t_txt = randn(33, 8, generator=gen), randn(33, 8, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
