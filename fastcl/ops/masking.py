@@ -11,9 +11,8 @@ User-facing validation lives in ``fastcl.masking``; these functions assume check
 from typing import Optional, Tuple
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
 from fastcl.ops.dispatch import on_device_of
+from fastcl.ops.eager import needs_custom_op
 
 Tensor = torch.Tensor
 
@@ -36,8 +35,7 @@ def segment_gather(src: Tensor, start: Tensor, count: Optional[Tensor], order: O
     custom op ``fastcl::masking_segment_gather`` (one opaque node with a fake kernel); on plain
     tensors in eager mode the kernel is called directly, without the custom op's dispatch, which
     costs more than the whole kernel launch at MAE's sizes."""
-    if (torch.compiler.is_compiling() or type(src) is not torch.Tensor
-            or is_in_torch_dispatch_mode()):
+    if needs_custom_op(src):
         return segment_gather_op(src, start, count, order, fill, pos, out_fp32, backend)
     return _segment_gather(src, start, count, order, fill, pos, out_fp32, backend)
 
@@ -88,8 +86,7 @@ def mask_indices(noise: Tensor, keep: int, backend: str) -> Tuple[Tensor, Tensor
     if (backend in ("triton", "cuda") and RANK_MIN_L <= L <= RANK_MAX_L
             and mask_dtype in (torch.float32, torch.float64)
             and noise.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-            and type(noise) is torch.Tensor and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode()):
+            and not needs_custom_op(noise)):
         return _mask_indices(noise, keep, mask_dtype, backend)
     ids_shuffle = torch.argsort(noise, dim=1)
     # The inverse of a permutation by one scatter: equal to argsort(ids_shuffle), without a sort.

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
+from fastcl.ops.eager import eager_autograd, needs_custom_op
 from fastcl.ops.reference import check_fits, compute_dtype, graph_grads, reference_logits, scalar_tensor
 from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.validation import check_pair, check_scalar
@@ -46,10 +47,12 @@ _BACKWARD = {
 }
 
 
-@torch.library.custom_op("fastcl::sigmoid_pair_fwd", mutates_args=())
-def _sp_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
+def _sp_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
     check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
     return fused_kernel("sigmoid_pair_loss", backend, _FORWARD)(q, k, scale, bias)
+
+
+_sp_fwd = torch.library.custom_op("fastcl::sigmoid_pair_fwd", mutates_args=())(_sp_fwd_impl)
 
 
 @_sp_fwd.register_fake
@@ -57,8 +60,7 @@ def _(q, k, scale, bias, backend):
     return q.new_empty((), dtype=compute_dtype(q.dtype))
 
 
-@torch.library.custom_op("fastcl::sigmoid_pair_bwd", mutates_args=())
-def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
+def _sp_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
             need_dq: bool, need_dk: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq, gsum)``: dq = grad_scale * G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
@@ -69,6 +71,9 @@ def _sp_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tenso
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
                                                                             out_dtype, need_dq, need_dk)
     return dq, dk, qgq, gsum
+
+
+_sp_bwd = torch.library.custom_op("fastcl::sigmoid_pair_bwd", mutates_args=())(_sp_bwd_impl)
 
 
 @_sp_bwd.register_fake
@@ -97,14 +102,16 @@ def _backward(ctx, g):
         return _graph_backward(ctx, g)
     q, k, scale, bias = ctx.saved_tensors
     g = g.to(scale.dtype)
-    dq, dk, qgq, gsum = _sp_bwd(q, k, scale, bias, g * scale, q.dtype, ctx.needs_input_grad[0],
-                                ctx.needs_input_grad[1], ctx.backend)
+    bwd = _sp_bwd if needs_custom_op(q, k, scale, bias, g) else _sp_bwd_impl
+    dq, dk, qgq, gsum = bwd(q, k, scale, bias, g * scale, q.dtype, ctx.needs_input_grad[0],
+                            ctx.needs_input_grad[1], ctx.backend)
     dscale = (g * qgq).to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = (g * gsum).to(bias.dtype) if ctx.needs_input_grad[3] else None
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, dscale, dbias, None)
 
 
 _sp_fwd.register_autograd(_backward, setup_context=_setup_context)
+_SpFwdEager = eager_autograd("SigmoidPairEager", _sp_fwd_impl, _setup_context, _backward)
 
 
 def reference_sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias) -> Tensor:
@@ -143,4 +150,6 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
     if name == "reference":
         return reference_sigmoid_pair_loss(q, k, scale, bias)
     ct = compute_dtype(q.dtype)
-    return _sp_fwd(q, k, scalar_tensor(scale, q.device, ct), scalar_tensor(bias, q.device, ct, "bias"), name)
+    scale_t, bias_t = scalar_tensor(scale, q.device, ct), scalar_tensor(bias, q.device, ct, "bias")
+    fwd = _sp_fwd if needs_custom_op(q, k, scale_t, bias_t) else _SpFwdEager.apply
+    return fwd(q, k, scale_t, bias_t, name)

@@ -1,7 +1,9 @@
 """``similarity_lse``: row/column log-sum-exp of ``scale * q @ k.T + bias`` without the matrix.
 
 The fused backends sit behind two ``torch.library`` custom ops (forward and backward), so the
-op is opaque to ``torch.compile`` (no graph break) and its autograd formula lives here once:
+op is opaque to ``torch.compile`` (no graph break) and its autograd formula lives here once
+(plain eager calls take the same implementation and formula without the custom op's dispatch,
+``fastcl.ops.eager``):
 
     dS = g_row[:, None] * P_row + g_col[None, :] * P_col     (recomputed tile by tile)
     Gq = dS @ k + g_pos * k[pos],  Gk = dS.T @ q + scatter_pos(g_pos * q)   (g_pos: positive logits)
@@ -15,6 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from fastcl.ops.dispatch import fused_kernel, resolve_backend
+from fastcl.ops.eager import eager_autograd, needs_custom_op
 from fastcl.ops.reference import (check_fits, compute_dtype, graph_grads, positive_logits, reference_similarity_lse,
                                   row_dots, scalar_tensor, softmax_mass)
 from fastcl.ops.strip_grads import finish_full, formed_sides
@@ -47,8 +50,7 @@ _BACKWARD = {
 }
 
 
-@torch.library.custom_op("fastcl::similarity_lse_fwd", mutates_args=())
-def _lse_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
+def _lse_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
              diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
@@ -61,6 +63,9 @@ def _lse_fwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols
     return row, col, pos
 
 
+_lse_fwd = torch.library.custom_op("fastcl::similarity_lse_fwd", mutates_args=())(_lse_fwd_impl)
+
+
 @_lse_fwd.register_fake
 def _(q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend):
     ct = compute_dtype(q.dtype)
@@ -69,8 +74,7 @@ def _(q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend)
             q.new_empty((q.shape[0] if positives else 0,), dtype=ct))
 
 
-@torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=())
-def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
+def _lse_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
              g_row: Tensor, g_col: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], diag_offset: Optional[int],
              grad_scale: Tensor, out_dtype: torch.dtype, need_dq: bool, need_dk: bool,
              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -87,6 +91,9 @@ def _lse_bwd(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor,
         q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype,
         need_dq, need_dk)
     return dq, dk, qgq
+
+
+_lse_bwd = torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=())(_lse_bwd_impl)
 
 
 @_lse_bwd.register_fake
@@ -131,8 +138,9 @@ def _backward(ctx, g_row, g_col, g_pos):
     need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dq = dk = dscale = None
     if need_dq or need_dk or ctx.needs_input_grad[2]:  # the bias alone needs no product
-        dq, dk, qgq = _lse_bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
-                               q.dtype, need_dq, need_dk, ctx.backend)
+        bwd = _lse_bwd if needs_custom_op(q, k, scale, bias, g_row, g_col) else _lse_bwd_impl
+        dq, dk, qgq = bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
+                          q.dtype, need_dq, need_dk, ctx.backend)
         dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
     dbias = None
     if ctx.needs_input_grad[3]:
@@ -143,6 +151,7 @@ def _backward(ctx, g_row, g_col, g_pos):
 
 
 _lse_fwd.register_autograd(_backward, setup_context=_setup_context)
+_LseFwdEager = eager_autograd("SimilarityLseEager", _lse_fwd_impl, _setup_context, _backward)
 
 
 def similarity_lse(q: Tensor, k: Tensor, scale, bias=None, *, rows: bool = True, cols: bool = False,
@@ -221,6 +230,7 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
         ct = compute_dtype(q.dtype)
         scale_t = scalar_tensor(scale, q.device, ct)
         bias_t = scalar_tensor(0.0 if bias is None else bias, q.device, ct, "bias")
-        row, col, pos = _lse_fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, pos_index, name)
+        fwd = _lse_fwd if needs_custom_op(q, k, scale_t, bias_t, pos_index) else _LseFwdEager.apply
+        row, col, pos = fwd(q, k, scale_t, bias_t, rows, cols, exclude_diagonal, positives, pos_index, name)
     out = [t for t, asked in ((row, rows), (col, cols), (pos, positives)) if asked]
     return out[0] if len(out) == 1 else tuple(out)

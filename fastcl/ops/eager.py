@@ -1,0 +1,37 @@
+"""Eager calls of fastcl's custom ops without the ``torch.library`` dispatch.
+
+Every fused op is a ``torch.library`` custom op, so ``torch.compile`` sees one opaque node with a
+fake kernel.  In plain eager mode that dispatch is pure host time on every call (a redispatch,
+the schema's defaults filled back in, dynamo-disable wrappers, a generated autograd Function):
+about a fifth of a small CLIP step's host time on a 2-core CPU (``tests/test_eager_ops.py``).
+So eager calls on plain tensors run the same implementation and the same autograd formula
+through a plain ``torch.autograd.Function``; torch.compile, dispatch modes (FakeTensorMode, ...)
+and tensor subclasses still get the custom op.
+"""
+from typing import Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+
+def needs_custom_op(*tensors: Optional[torch.Tensor]) -> bool:
+    """True under torch.compile, inside a dispatch mode, or when a given tensor is a subclass:
+    then the call must go through the custom op.  None entries are skipped."""
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or any(t is not None and type(t) is not torch.Tensor for t in tensors))
+
+
+def eager_autograd(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:
+    """A ``torch.autograd.Function`` subclass named ``name`` equal to ``impl`` as a custom op with
+    ``register_autograd(backward, setup_context=setup_context)``: ``apply(*inputs)`` returns
+    ``impl(*inputs)``, ``setup_context(ctx, inputs, output)`` runs after it, and
+    ``backward(ctx, *grads)`` returns one gradient (or None) per input, as it does for the op
+    (unused outputs' gradients are materialised as zeros there too)."""
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
