@@ -3,7 +3,8 @@
 Every fused op is a ``torch.library`` custom op, so ``torch.compile`` sees one opaque node with a
 fake kernel.  In plain eager mode that dispatch is pure host time on every call (a redispatch,
 the schema's defaults filled back in, dynamo-disable wrappers, a generated autograd Function):
-about a fifth of a small CLIP step's host time on a 2-core CPU (``tests/test_eager_ops.py``).
+a tiny CLIP step took 1.2x to 1.5x the host time with it on a 2-core CPU
+(``benchmarks/host_overhead.py``, figures in benchmarks/README.md).
 So eager calls on plain tensors run the same implementation and the same autograd formula
 through a plain ``torch.autograd.Function``; torch.compile, dispatch modes (FakeTensorMode, ...)
 and tensor subclasses still get the custom op.
