@@ -94,3 +94,12 @@ def test_dispatch_modes_get_the_custom_op(loss, op, monkeypatch):
     with _Passthrough():
         LOSSES[loss](q, k, s, b)
     assert calls == [name]
+
+
+def test_vmap_keeps_the_custom_op():
+    """torch.func transforms take the custom op (vmap's per-sample fallback), as before the eager
+    path existed: a plain autograd.Function without a vmap rule would refuse them."""
+    q, k, s, b = (t.detach() for t in inputs())
+    qs = torch.stack([q, q.flip(0)])
+    batched = torch.func.vmap(lambda x: LOSSES["clip"](x, k, s, b))(qs)
+    assert torch.equal(batched, torch.stack([LOSSES["clip"](x, k, s, b) for x in qs]))

@@ -6,8 +6,8 @@ the schema's defaults filled back in, dynamo-disable wrappers, a generated autog
 a tiny CLIP step took 1.2x to 1.5x the host time with it on a 2-core CPU
 (``benchmarks/host_overhead.py``, figures in benchmarks/README.md).
 So eager calls on plain tensors run the same implementation and the same autograd formula
-through a plain ``torch.autograd.Function``; torch.compile, dispatch modes (FakeTensorMode, ...)
-and tensor subclasses still get the custom op.
+through a plain ``torch.autograd.Function``; torch.compile, dispatch modes (FakeTensorMode, ...),
+tensor subclasses and torch.func transforms (vmap's per-sample fallback) still get the custom op.
 """
 from typing import Callable, Optional
 
@@ -15,10 +15,14 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def needs_custom_op(*tensors: Optional[torch.Tensor]) -> bool:
-    """True under torch.compile, inside a dispatch mode, or when a given tensor is a subclass:
-    then the call must go through the custom op.  None entries are skipped."""
-    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+    """True under torch.compile, inside a dispatch mode or a torch.func transform, or when a
+    given tensor is a subclass: then the call must go through the custom op.  None entries are
+    skipped."""
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or _functorch_active()
             or any(t is not None and type(t) is not torch.Tensor for t in tensors))
 
 
