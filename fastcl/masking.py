@@ -7,7 +7,9 @@ zero-then-scatter backward: every pass is one fused gather (``fastcl.ops.masking
 The index tensors (``ids_restore``, ``ids_keep``, ``mask``) come from ``torch.argsort`` as in MAE,
 except on the "triton" and "cuda" backends for rows of 33 to 1024 tokens, where one rank kernel
 makes all three (``fastcl.ops.masking.mask_indices``): ties in the noise then keep position
-order, which is what torch's CUDA sort gives such rows, so the tensors stay MAE's.
+order, which is what torch's CUDA sort gives such rows, so the tensors stay MAE's.  NaN noise
+is the exception: the kernel puts NaNs last in position order, where torch's radix sort (rows
+of more than 128) orders them by their bits (a NaN with the sign bit set first).
 
 Backends (``backend=`` or ``FASTCL_BACKEND``, see ``fastcl.ops.dispatch.resolve_backend``):
 "reference" is plain PyTorch in MAE's form; "cpu" the C++/OpenMP kernel; "triton" the Triton

@@ -155,15 +155,16 @@ def _mask_indices_kernel(
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < L
+    i64 = i.to(tl.int64)  # index * stride can pass 2**31 for a strided view of many rows
     row = noise + b * stride_nb
     key_ty = tl.float64 if KEY_F64 else tl.float32
-    ki = tl.load(row + i * stride_nl, mask=imask, other=0.0).to(key_ty)
+    ki = tl.load(row + i64 * stride_nl, mask=imask, other=0.0).to(key_ty)
     ki_nan = ki != ki
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, L, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         jmask = j < L
-        kj = tl.load(row + j * stride_nl, mask=jmask, other=0.0).to(key_ty)
+        kj = tl.load(row + j.to(tl.int64) * stride_nl, mask=jmask, other=0.0).to(key_ty)
         kj_nan = kj != kj
         # j sorts before i: a smaller key (every number is smaller than NaN), or an equal key
         # (NaNs are equal to each other; -0.0 == 0.0) at an earlier position.
@@ -174,7 +175,7 @@ def _mask_indices_kernel(
     out = b * L + i
     tl.store(ids_restore + out, rank.to(tl.int64), mask=imask)
     tl.store(mask + out, (rank >= K).to(mask.dtype.element_ty), mask=imask)
-    tl.store(ids_keep + b * K + rank, i.to(tl.int64), mask=imask & (rank < K))
+    tl.store(ids_keep + b * K + rank, i64, mask=imask & (rank < K))
 
 
 def mask_indices(noise: torch.Tensor, keep: int, mask_dtype: torch.dtype = torch.float32):

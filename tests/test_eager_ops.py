@@ -103,3 +103,14 @@ def test_vmap_keeps_the_custom_op():
     qs = torch.stack([q, q.flip(0)])
     batched = torch.func.vmap(lambda x: LOSSES["clip"](x, k, s, b))(qs)
     assert torch.equal(batched, torch.stack([LOSSES["clip"](x, k, s, b) for x in qs]))
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_vectorized_jacobian_keeps_the_custom_op(loss):
+    """The batched gradients of jacobian(vectorize=True) reach the backward as legacy batched
+    tensors: the backward must take the custom op (its per-sample fallback), as before."""
+    q, k, s, b = (t.detach() for t in inputs())
+    fn = lambda x: LOSSES[loss](x, k, s, b)  # noqa: E731
+    vectorized = torch.autograd.functional.jacobian(fn, q, vectorize=True)
+    looped = torch.autograd.functional.jacobian(fn, q, vectorize=False)
+    assert torch.equal(vectorized, looped)

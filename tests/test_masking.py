@@ -227,6 +227,18 @@ def test_index_kernel_ranks_like_a_stable_sort(backend, noise_dtype, L, keep):
     assert mask.dtype == mask_dtype and torch.equal(mask.cpu(), (r_restore >= keep).to(mask_dtype))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_index_kernel_mask_needs_no_grad(backend):
+    """A noise tensor that requires grad: the index tensors carry no autograd history (the
+    CUDA op has no autograd kernel, so torch would give its float mask a failing grad_fn)."""
+    if backend == "cuda" and not extension_has_cuda():
+        pytest.skip("fastcl._C built without CUDA")
+    noise = torch.rand(2, 40, device="cuda").requires_grad_()
+    ids_restore, ids_keep, mask = index_kernel(backend)(noise, 10, torch.float32)
+    assert not mask.requires_grad and mask.grad_fn is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_index_path_by_row_length(backend, monkeypatch):
     """The rank kernel serves the GPU backends from RANK_MIN_L to RANK_MAX_L tokens; shorter rows
@@ -424,15 +436,16 @@ def test_gpu_vector_and_fallback(backend, dtype, D, offset):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("L", [32, 33, 196, 1024])
-def test_gpu_index_kernel_equals_mae_with_ties(backend, L):
+@pytest.mark.parametrize("noise_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_index_kernel_equals_mae_with_ties(backend, L, noise_dtype):
     """On CUDA, MAE's own argsort of coarse noise (many ties): equal bit for bit, NaN and -0.0
     included (L = 32 is torch's unstable sort on both sides, 33 its merge sort, 196 and 1024 its
     radix sort)."""
     if backend == "cuda" and not extension_has_cuda():
         pytest.skip("fastcl._C built without CUDA")
     g = gen(L)
-    noise = (torch.randint(0, 5, (64, L), generator=g) / 4).cuda()
-    noise[0, 1] = noise[0, 2] = float("nan")
+    noise = (torch.randint(0, 5, (64, L), generator=g) / 4).to("cuda", noise_dtype)
+    noise[0, 1] = noise[0, 2] = float("nan")  # Python's NaN: positive, one payload
     noise[1, 0], noise[1, 3] = 0.0, -0.0  # equal keys to a sort
     x = randn(64, L, 8, device="cuda", generator=g)
     for a, b in zip(random_masking(x, 0.75, noise=noise, backend=backend), oracle_masking(x, 0.75, noise)):

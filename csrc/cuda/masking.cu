@@ -217,7 +217,8 @@ cudaError_t dispatch_out(const SegmentGatherArgs& a, cudaStream_t stream) {
 }
 
 // Whether token j sorts before token i in a stable ascending sort with NaN last (NaNs equal to
-// each other, -0.0 equal to 0.0), the order torch's CUDA sort gives rows of more than 32.
+// each other, -0.0 equal to 0.0): the order torch's CUDA sort gives rows of more than 32 that
+// hold no NaN (its radix sort, above 128, orders NaNs by their bits).
 template <typename A>
 __device__ __forceinline__ bool sorts_before(A kj, int64_t j, A ki, int64_t i) {
   const bool nan_j = kj != kj, nan_i = ki != ki;

@@ -7,7 +7,9 @@ a tiny CLIP step took 1.2x to 1.5x the host time with it on a 2-core CPU
 (``benchmarks/host_overhead.py``, figures in benchmarks/README.md).
 So eager calls on plain tensors run the same implementation and the same autograd formula
 through a plain ``torch.autograd.Function``; torch.compile, dispatch modes (FakeTensorMode, ...),
-tensor subclasses and torch.func transforms (vmap's per-sample fallback) still get the custom op.
+tensor subclasses, torch.func transforms and the legacy batched gradients of
+``torch.autograd.functional.jacobian(vectorize=True)`` / ``is_grads_batched`` still get the
+custom op (its per-sample fallback serves them).
 """
 from typing import Callable, Optional
 
@@ -16,14 +18,17 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False)
+# nn.Parameter only switches torch_function off: as plain as a tensor for this choice.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def needs_custom_op(*tensors: Optional[torch.Tensor]) -> bool:
     """True under torch.compile, inside a dispatch mode or a torch.func transform, or when a
-    given tensor is a subclass: then the call must go through the custom op.  None entries are
-    skipped."""
+    given tensor is a subclass or a legacy batched tensor (the gradients of a vectorized
+    jacobian): then the call must go through the custom op.  None entries are skipped."""
     return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or _functorch_active()
-            or any(t is not None and type(t) is not torch.Tensor for t in tensors))
+            or any(t is not None and (type(t) not in _PLAIN or _legacy_batched(t)) for t in tensors))
 
 
 def eager_autograd(name: str, impl: Callable, setup_context: Callable, backward: Callable) -> type:

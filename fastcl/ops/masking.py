@@ -79,8 +79,9 @@ def mask_indices(noise: Tensor, keep: int, backend: str) -> Tuple[Tensor, Tensor
     (``argsort(noise)[:, :keep]``) and ``mask`` (B, L) in the default float dtype (1 = removed).
     The "triton" and "cuda" backends make all three in one launch of a rank kernel for rows of
     ``RANK_MIN_L`` to ``RANK_MAX_L`` tokens (float32/64 masks, plain tensors, eager mode); ties
-    in the noise then keep their positions' order, as torch's CUDA sort does for such rows.
-    Otherwise ``torch.argsort``, as MAE does."""
+    in the noise then keep their positions' order, as torch's CUDA sort does for such rows
+    (NaNs go last in position order; torch's radix sort, above 128 tokens, orders them by their
+    bits).  Otherwise ``torch.argsort``, as MAE does."""
     L = noise.shape[1]
     mask_dtype = torch.get_default_dtype()
     if (backend in ("triton", "cuda") and RANK_MIN_L <= L <= RANK_MAX_L
@@ -97,6 +98,7 @@ def mask_indices(noise: Tensor, keep: int, backend: str) -> Tuple[Tensor, Tensor
 
 
 def _mask_indices(noise: Tensor, keep: int, mask_dtype: torch.dtype, backend: str):
+    noise = noise.detach()  # the op has no autograd kernel: a noise requiring grad would taint the mask
     if backend == "cuda":
         return torch.ops.fastcl_C.masking_indices(noise, keep, mask_dtype)
     from fastcl.kernels.masking import mask_indices as triton_mask_indices

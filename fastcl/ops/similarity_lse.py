@@ -138,7 +138,7 @@ def _backward(ctx, g_row, g_col, g_pos):
     need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dq = dk = dscale = None
     if need_dq or need_dk or ctx.needs_input_grad[2]:  # the bias alone needs no product
-        bwd = _lse_bwd if needs_custom_op(q, k, scale, bias, g_row, g_col) else _lse_bwd_impl
+        bwd = _lse_bwd if needs_custom_op(q, k, scale, bias, g_row, g_col, g_pos) else _lse_bwd_impl
         dq, dk, qgq = bwd(q, k, scale, bias, row, col, g_row, g_col, g_pos, pos_index, ctx.diag_offset, scale,
                           q.dtype, need_dq, need_dk, ctx.backend)
         dscale = qgq.to(scale.dtype) if ctx.needs_input_grad[2] else None
