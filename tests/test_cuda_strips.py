@@ -195,6 +195,14 @@ def test_dispatch_table_lookup(monkeypatch):
     assert pick("similarity_lse", 1000, 1000, 32, torch.bfloat16) == "triton"
     assert pick("similarity_lse", 1000, 1000, 32, torch.float16) == "triton"  # no entries: DEFAULT
     assert pick("sigmoid_pair", 10, 10, 3, torch.float32) == "cuda"
+    # Answers are remembered per table: a repeated question skips the search, a new table
+    # (another object) is searched afresh.
+    searched = []
+    search = dispatch._nearest_entry
+    monkeypatch.setattr(dispatch, "_nearest_entry", lambda *a: searched.append(a[1:]) or search(*a))
+    assert pick("similarity_lse", 30000, 40000, 4000, torch.bfloat16) == "cuda" and searched == []
+    monkeypatch.setattr(dispatch_table, "TABLE", {("similarity_lse", "bfloat16", 32768, 2048): "triton"})
+    assert pick("similarity_lse", 30000, 40000, 4000, torch.bfloat16) == "triton" and len(searched) == 1
 
 
 def test_auto_on_cuda_consults_the_table_only_with_the_cuda_kernels(monkeypatch):
