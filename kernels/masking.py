@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcl.ops.intmath import cdiv, next_power_of_2
+
 
 @triton.jit
 def _round_to_out(acc, out_ty: tl.constexpr, BF16_RNE_BY_HAND: tl.constexpr):
@@ -201,7 +203,7 @@ def mask_indices(noise: torch.Tensor, keep: int, mask_dtype: torch.dtype = torch
     if B * L == 0:
         return ids_restore, ids_keep, mask
     block_i = 64
-    grid = (B, triton.cdiv(L, block_i))
+    grid = (B, cdiv(L, block_i))
     _mask_indices_kernel[grid](
         noise, ids_restore, ids_keep, mask, L, keep, noise.stride(0), noise.stride(1),
         KEY_F64=noise.dtype == torch.float64, BLOCK_I=block_i, BLOCK_J=64, num_warps=4,
@@ -228,10 +230,10 @@ def row_copy_config(D: int, elem_bytes: int) -> Dict[str, int]:
 
 @functools.lru_cache(maxsize=256)
 def _row_copy_config(D: int, elem_bytes: int, tile_bytes: int) -> Dict[str, int]:
-    top = min(512, triton.next_power_of_2(D))
+    top = min(512, next_power_of_2(D))
     cands = [bd for bd in (1 << i for i in range(10)) if min(16, top) <= bd <= top]
-    waste = {bd: triton.cdiv(D, bd) * bd - D for bd in cands}
-    good = [bd for bd in cands if 8 * waste[bd] <= triton.cdiv(D, bd) * bd]
+    waste = {bd: cdiv(D, bd) * bd - D for bd in cands}
+    good = [bd for bd in cands if 8 * waste[bd] <= cdiv(D, bd) * bd]
     block_d = max(good) if good else min(cands, key=lambda bd: (waste[bd], -bd))
     rows = max(1, min(64, tile_bytes // (block_d * elem_bytes)))
     rows = 1 << (rows.bit_length() - 1)  # tl.arange needs a power of two
@@ -277,8 +279,8 @@ def segment_gather(src: torch.Tensor, start: torch.Tensor, count: Optional[torch
     ordr = order if order is not None else dummy
     if count is None:
         cfg = config or row_copy_config(D, src.element_size())
-        n_dblocks = triton.cdiv(D, cfg["BLOCK_D"])
-        grid = (triton.cdiv(B * R, cfg["ROWS"]) * n_dblocks,)
+        n_dblocks = cdiv(D, cfg["BLOCK_D"])
+        grid = (cdiv(B * R, cfg["ROWS"]) * n_dblocks,)
         _row_copy_kernel[grid](
             src, start, ordr, fill if fill is not None else src, pos if pos is not None else src, out,
             B * R, R, D, J, n_dblocks,
@@ -292,9 +294,9 @@ def segment_gather(src: torch.Tensor, start: torch.Tensor, count: Optional[torch
         )
         return out
     # CSR segments: one program per output row; whole rows fit in a block up to D = 4096, then tile D.
-    block_d = min(triton.next_power_of_2(D), 4096)
+    block_d = min(next_power_of_2(D), 4096)
     num_warps = 8 if block_d >= 2048 else (4 if block_d >= 512 else (2 if block_d >= 128 else 1))
-    grid = (B * R, triton.cdiv(D, block_d))
+    grid = (B * R, cdiv(D, block_d))
     _segment_gather_kernel[grid](
         src, start, count, ordr, fill if fill is not None else src, pos if pos is not None else src, out,
         R, D, J,

@@ -29,6 +29,7 @@ from fastcl.kernels.similarity_lse import (FUSED_MAX_D, _config as _strip_config
                                            strip_grads_triton)
 from fastcl.ops.strip_grads import finish_full, formed_sides
 from fastcl.ops.dispatch import triton_interpreting
+from fastcl.ops.intmath import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -218,7 +219,7 @@ def sigmoid_mode(q: torch.Tensor) -> str:
 def _config(q: torch.Tensor, k: torch.Tensor):
     """Launch constants shared by the forward and backward kernels."""
     d = q.shape[1]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     block = 64 if block_d <= 128 else (32 if block_d <= 512 else 16)
     interp = triton_interpreting()
     return dict(
@@ -247,7 +248,7 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     n, m, d = q.shape[0], k.shape[0], q.shape[1]
     if sigmoid_mode(q) == "strip":
         sc = _strip_config(q, "sigmoid")
-        row_blocks = triton.cdiv(n, sc["BLOCK_M"])
+        row_blocks = cdiv(n, sc["BLOCK_M"])
         # Few row blocks: the columns in ranges, as in the LSE forward.
         col_span, ranges = lse_kernels.column_ranges(row_blocks, m, lse_kernels.sm_count(q.device))
         grid = (row_blocks, ranges)
@@ -259,7 +260,7 @@ def sigmoid_pair_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                                   **sc["launch"])
         return partial.to(torch.float64).sum().float()
     cfg = _config(q, k)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    grid = (cdiv(n, cfg["BLOCK_M"]),)
     partial = torch.empty(grid[0], device=q.device, dtype=torch.float32)
     _fwd_kernel[grid](q, k, partial, scale, bias, n, m, d, q.stride(0), k.stride(0), **cfg,
                       MASK_BOUNDS=lse_kernels.crosses_edge(n, m, cfg))
@@ -281,7 +282,7 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
         parts = []
 
         def launch(tile, r0, nr, c0, nc, sc):
-            grid = (triton.cdiv(nr, sc["BLOCK_M"]), triton.cdiv(nc, sc["BLOCK_N"]))
+            grid = (cdiv(nr, sc["BLOCK_M"]), cdiv(nc, sc["BLOCK_N"]))
             gpart = torch.empty(grid, device=q.device, dtype=torch.float32)
             _grad_strip_kernel[grid](q, k, scale, bias, tile, gpart, r0, nr, c0, nc, d,
                                      q.stride(0), k.stride(0), tile.stride(0),
@@ -296,7 +297,7 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     cfg = _config(q, k)
     gq = torch.empty((n, d), device=q.device, dtype=torch.float32)
     gk = torch.empty((m, d), device=q.device, dtype=torch.float32) if need_dk else None
-    row_grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    row_grid = (cdiv(n, cfg["BLOCK_M"]),)
     gpart = torch.empty(row_grid[0], device=q.device, dtype=torch.float32)
     _bwd_rows_kernel[row_grid](q, k, gq, gpart, scale, bias, n, m, d,
                                q.stride(0), k.stride(0), gq.stride(0), **cfg,
@@ -306,7 +307,7 @@ def sigmoid_pair_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     # never needs the bounds select: entries past the edge meet zero rows of q in the product, or
     # belong to rows it does not store.
     if need_dk:
-        col_grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+        col_grid = (cdiv(m, cfg["BLOCK_M"]),)
         scratch = torch.empty(col_grid[0], device=q.device, dtype=torch.float32)
         _bwd_rows_kernel[col_grid](k, q, gk, scratch, scale, bias, m, n, d,
                                    k.stride(0), q.stride(0), gk.stride(0), **cfg, MASK_BOUNDS=False)

@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastcl.ops.dispatch import triton_interpreting
+from fastcl.ops.intmath import cdiv, next_power_of_2
 from fastcl.ops.strip_grads import finish_full, formed_sides, strip_grads
 from fastcl.ops.strips import workspace_bytes
 
@@ -318,7 +319,7 @@ def _config(q: torch.Tensor, role: str = "lse") -> dict:
     fwd_launch = dict(launch, maxnreg=cap[0]) if tile is not None and cap else launch
     # The hardware log2 is libdevice's, which the interpreter lacks (also with CUDA tensors).
     fast_log = not (interp or triton_interpreting())
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, triton.next_power_of_2(q.shape[1]))),
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, min(bd, next_power_of_2(q.shape[1]))),
                 UPCAST=upcast, IS_FP32=is_fp32 or upcast, PRECISION=precision, FAST_LOG=fast_log, launch=launch,
                 fwd_launch=fwd_launch)
 
@@ -453,8 +454,8 @@ def sm_count(device: torch.device) -> int:
 def column_ranges(row_blocks: int, m: int, sms: int) -> Tuple[int, int]:
     """(col_span, ranges): the forward's m columns in ``ranges`` ranges of ``col_span`` columns (the
     last one shorter), ``forward_column_splits`` of them rounded to SPLIT_ALIGN columns."""
-    col_span = triton.cdiv(triton.cdiv(m, forward_column_splits(row_blocks, sms)), SPLIT_ALIGN) * SPLIT_ALIGN
-    return col_span, triton.cdiv(m, col_span)
+    col_span = cdiv(cdiv(m, forward_column_splits(row_blocks, sms)), SPLIT_ALIGN) * SPLIT_ALIGN
+    return col_span, cdiv(m, col_span)
 
 
 def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
@@ -474,12 +475,12 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
     bm_max = max(sh[0] for sh in shapes) if tune else cfg["BLOCK_M"]
     sms = sm_count(q.device)
     group = forward_group_rows(n, m, bm_min, bm_max, sms)
-    col_span, splits = column_ranges(triton.cdiv(min(n, group), cfg["BLOCK_M"]), m, sms)
+    col_span, splits = column_ranges(cdiv(min(n, group), cfg["BLOCK_M"]), m, sms)
     row = torch.empty(n if rows else 0, device=q.device, dtype=torch.float32)
     # Row LSE per column range (splits > 1), merged below; with one range the kernel writes ``row``.
     rowpart = torch.empty((splits, group) if rows and splits > 1 else (0,), device=q.device, dtype=torch.float32)
     col = torch.full((m,) if cols else (0,), float("-inf"), device=q.device, dtype=torch.float32)
-    colpart = torch.empty((triton.cdiv(group, bm_min), m) if cols else (0,), device=q.device, dtype=torch.float32)
+    colpart = torch.empty((cdiv(group, bm_min), m) if cols else (0,), device=q.device, dtype=torch.float32)
     dummy = torch.empty(1, device=q.device, dtype=torch.float32)
     flags = dict(ROWS=rows, COLS=cols, HAS_DIAG=diag_offset is not None, SHARED_EXP=exp_mode() == "shared",
                  UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], FAST_LOG=cfg["FAST_LOG"])
@@ -493,10 +494,10 @@ def lse_forward(q, k, scale, bias, rows: bool, cols: bool, diag_offset):
                 ng, m, d, q.stride(0), k.stride(0), 0 if diag_offset is None else r0 + int(diag_offset), col_span)
         if tune:  # the tile is the autotuner's choice: keep the bounds select
             kernel = _tuned(_lse_fwd_kernel, ["N", "M", "D"], interp)
-            kernel[lambda meta: (triton.cdiv(ng, meta["BLOCK_M"]), splits)](*args, **flags, MASK_BOUNDS=True)
-            grid_m = triton.cdiv(ng, kernel.best_config.kwargs["BLOCK_M"])
+            kernel[lambda meta: (cdiv(ng, meta["BLOCK_M"]), splits)](*args, **flags, MASK_BOUNDS=True)
+            grid_m = cdiv(ng, kernel.best_config.kwargs["BLOCK_M"])
         else:
-            grid_m = triton.cdiv(ng, cfg["BLOCK_M"])
+            grid_m = cdiv(ng, cfg["BLOCK_M"])
             # Whole tiles everywhere (N = M = 32768, say): no score needs the bounds select.
             edge = crosses_edge(ng, m, cfg, col_span if splits > 1 else 0)
             _lse_fwd_kernel[(grid_m, splits)](*args, **flags, MASK_BOUNDS=edge, BLOCK_M=cfg["BLOCK_M"],
@@ -587,7 +588,7 @@ def grad_fused_config(a: torch.Tensor) -> dict:
     """Constexprs and launch options of ``_grad_fused_kernel`` for rows ``a`` (N, D) (the flags
     of ``_config`` plus BLOCK_A/BLOCK_B/BLOCK_D, whole D in one block, and ``launch``)."""
     cfg = _config(a)
-    block_d = max(16, triton.next_power_of_2(a.shape[1]))
+    block_d = max(16, next_power_of_2(a.shape[1]))
     if a.device.type == "cpu":
         block_a, block_b, launch = 64, cfg["BLOCK_N"], {}
     else:
@@ -602,7 +603,7 @@ def _grad_fused(a, b, scale, bias, lse_a, g_a, lse_b, g_b, a_stats, b_stats, dia
     cfg = grad_fused_config(a)
     launch = cfg.pop("launch")
     out = torch.empty((na, d), device=a.device, dtype=torch.float32)
-    _grad_fused_kernel[(triton.cdiv(na, cfg["BLOCK_A"]),)](
+    _grad_fused_kernel[(cdiv(na, cfg["BLOCK_A"]),)](
         a, b, scale.float(), bias.float(), lse_a, g_a, lse_b, g_b, out, na, b.shape[0], d,
         a.stride(0), b.stride(0), out.stride(0), 0 if diag_offset is None else int(diag_offset),
         A_STATS=a_stats, B_STATS=b_stats, HAS_DIAG=diag_offset is not None,
@@ -663,9 +664,9 @@ def _grad_strip(q, k, scale, bias, row_lse, g_row, col_lse, g_col, rows, cols, d
                          UPCAST=cfg["UPCAST"], IS_FP32=cfg["IS_FP32"], PRECISION=cfg["PRECISION"], FINAL=final,
                          POS=pos_mode if final else 0)
             if tuned is not None:
-                tuned[lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]), triton.cdiv(nc, meta["BLOCK_N"]))](*args, **flags)
+                tuned[lambda meta: (cdiv(nr, meta["BLOCK_M"]), cdiv(nc, meta["BLOCK_N"]))](*args, **flags)
             else:
-                grid = (triton.cdiv(nr, cfg["BLOCK_M"]), triton.cdiv(nc, cfg["BLOCK_N"]))
+                grid = (cdiv(nr, cfg["BLOCK_M"]), cdiv(nc, cfg["BLOCK_N"]))
                 _dscore_strip_kernel[grid](*args, **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                            BLOCK_D=cfg["BLOCK_D"], **cfg["launch"])
         return launch

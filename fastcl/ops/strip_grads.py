@@ -26,14 +26,11 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from fastcl.ops.intmath import cdiv
 from fastcl.ops.reference import index_sum_
 from fastcl.ops.strips import mm_f32_into, workspace_bytes
 
 Tensor = torch.Tensor
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def formed_sides(need_dq: bool, need_dk: bool, prefer_q: bool = False) -> Tuple[bool, bool]:
@@ -72,8 +69,8 @@ def plan(n: int, m: int, d: int, tile_itemsize: int, chunk_acc: bool, budget: in
     want = min(n, min_rows)
     last = None
     max_cols = max(col_align, MAX_GRID_Y * MIN_TILE_COLS // col_align * col_align)
-    for chunks in range(max(1, _cdiv(m, max_cols)), _cdiv(m, col_align) + 1):
-        cols = min(m, _cdiv(_cdiv(m, chunks), col_align) * col_align)
+    for chunks in range(max(1, cdiv(m, max_cols)), cdiv(m, col_align) + 1):
+        cols = min(m, cdiv(cdiv(m, chunks), col_align) * col_align)
         if cols == last:
             continue
         last = cols

@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastcl.ops.dispatch import env_setting
+from fastcl.ops.intmath import cdiv
 
 Tensor = torch.Tensor
 
@@ -87,15 +88,11 @@ def row_blocks(n: int, m: int, bytes_per_entry: int = 4):
     return [(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def workspace_usage(rows: int, m: int) -> int:
     """Bytes the driver and the epilogues hold at once for a strip of ``rows`` x ``m``: the fp32
     score strip, the forward's column partials (rows / PARTIAL_ROWS) x m and row partials."""
-    col_parts = _cdiv(rows, PARTIAL_ROWS) * m if rows > PARTIAL_ROWS else 0
-    row_parts = rows * _cdiv(m, SPLIT_COLS) if m > SPLIT_COLS else 0
+    col_parts = cdiv(rows, PARTIAL_ROWS) * m if rows > PARTIAL_ROWS else 0
+    row_parts = rows * cdiv(m, SPLIT_COLS) if m > SPLIT_COLS else 0
     return 4 * (rows * m + col_parts + row_parts)
 
 
