@@ -168,9 +168,10 @@ def _mask_indices_kernel(
         jmask = j < L
         kj = tl.load(row + j.to(tl.int64) * stride_nl, mask=jmask, other=0.0).to(key_ty)
         kj_nan = kj != kj
+        kj_num = kj == kj  # not ~kj_nan: Triton 3.3's interpreter has no int1 bitwise not
         # j sorts before i: a smaller key (every number is smaller than NaN), or an equal key
         # (NaNs are equal to each other; -0.0 == 0.0) at an earlier position.
-        less = (kj[None, :] < ki[:, None]) | (ki_nan[:, None] & ~kj_nan[None, :])
+        less = (kj[None, :] < ki[:, None]) | (ki_nan[:, None] & kj_num[None, :])
         tie = (kj[None, :] == ki[:, None]) | (ki_nan[:, None] & kj_nan[None, :])
         before = (less | (tie & (j[None, :] < i[:, None]))) & jmask[None, :]
         rank += tl.sum(before.to(tl.int32), axis=1)
