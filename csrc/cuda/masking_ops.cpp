@@ -10,6 +10,13 @@
 
 namespace {
 
+// The launchers' DType for a dtype the op checked (float32, float16, bfloat16 or float64).
+fastcl_masking::DType dtype_code(at::ScalarType st) {
+  return st == at::kFloat ? fastcl_masking::kF32
+       : st == at::kHalf ? fastcl_masking::kF16
+       : st == at::kBFloat16 ? fastcl_masking::kBF16 : fastcl_masking::kF64;
+}
+
 at::Tensor segment_gather_cuda_op(const at::Tensor& src_in, const at::Tensor& start,
                                   const c10::optional<at::Tensor>& count, const c10::optional<at::Tensor>& order,
                                   const c10::optional<at::Tensor>& fill_in, const c10::optional<at::Tensor>& pos_in,
@@ -40,9 +47,7 @@ at::Tensor segment_gather_cuda_op(const at::Tensor& src_in, const at::Tensor& st
   a.count_sb = count ? count->stride(0) : 0; a.count_sr = count ? count->stride(1) : 0;
   a.order_sb = order ? order->stride(0) : 0; a.order_sj = order ? order->stride(1) : 0;
   a.pos_ss = pos.defined() ? pos.stride(0) : 0;
-  a.dtype = st == at::kFloat ? fastcl_masking::kF32
-          : st == at::kHalf ? fastcl_masking::kF16
-          : st == at::kBFloat16 ? fastcl_masking::kBF16 : fastcl_masking::kF64;
+  a.dtype = dtype_code(st);
   a.out_fp32 = out_fp32;
   const cudaError_t err = fastcl_masking::segment_gather_cuda(a, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "masking_segment_gather CUDA launch failed: ", cudaGetErrorString(err));
@@ -73,9 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_indices_cuda_op(const at::Te
   a.mask = mask.data_ptr();
   a.B = B; a.L = L; a.K = keep;
   a.noise_sb = noise.stride(0); a.noise_sl = noise.stride(1);
-  a.dtype = st == at::kFloat ? fastcl_masking::kF32
-          : st == at::kHalf ? fastcl_masking::kF16
-          : st == at::kBFloat16 ? fastcl_masking::kBF16 : fastcl_masking::kF64;
+  a.dtype = dtype_code(st);
   a.mask_f64 = mask_dtype == at::kDouble;
   const cudaError_t err = fastcl_masking::mask_indices_cuda(a, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "masking_indices CUDA launch failed: ", cudaGetErrorString(err));
