@@ -11,6 +11,7 @@ User-facing validation lives in ``fastcl.masking``; these functions assume check
 from typing import Optional, Tuple
 
 import torch
+
 from fastcl.ops.dispatch import on_device_of
 from fastcl.ops.eager import needs_custom_op
 

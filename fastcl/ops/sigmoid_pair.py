@@ -61,7 +61,7 @@ def _(q, k, scale, bias, backend):
 
 
 def _sp_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: Tensor, out_dtype: torch.dtype,
-            need_dq: bool, need_dk: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 need_dq: bool, need_dk: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq, gsum)``: dq = grad_scale * G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
     False: that gradient comes back (0, D), not formed where the backend can skip it."""

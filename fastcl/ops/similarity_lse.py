@@ -51,8 +51,8 @@ _BACKWARD = {
 
 
 def _lse_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
-             diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
-             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
+                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
     row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
     ct = compute_dtype(q.dtype)
@@ -75,9 +75,9 @@ def _(q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend)
 
 
 def _lse_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
-             g_row: Tensor, g_col: Tensor, g_pos: Tensor, pos_index: Optional[Tensor], diag_offset: Optional[int],
-             grad_scale: Tensor, out_dtype: torch.dtype, need_dq: bool, need_dk: bool,
-             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  g_row: Tensor, g_col: Tensor, g_pos: Tensor, pos_index: Optional[Tensor],
+                  diag_offset: Optional[int], grad_scale: Tensor, out_dtype: torch.dtype, need_dq: bool,
+                  need_dk: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, qgq)``: dq = grad_scale * Gq (N, D) and dk = grad_scale * Gk (M, D) in out_dtype,
     qgq = sum(q * Gq) 0-d fp32 (fp64), with Gq = dS @ k + g_pos * k[pos], Gk = dS.T @ q plus g_pos_i * q_i
     added to row pos_i, dS = g_row * P_row + g_col * P_col, pos = pos_index or (0, ..., N-1).  An empty
