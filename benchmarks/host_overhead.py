@@ -68,10 +68,13 @@ def host_report(backend: str = "cpu", steps: int = 300, rounds: int = 7) -> List
 
 
 def main(argv=None):
+    from fastcl.cli import _positive_int
+    from fastcl.ops.dispatch import BACKENDS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="cpu")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--backend", default="cpu", choices=BACKENDS)
+    p.add_argument("--steps", type=_positive_int, default=300)
+    p.add_argument("--rounds", type=_positive_int, default=7)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     rows = host_report(a.backend, a.steps, a.rounds)
