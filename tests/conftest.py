@@ -233,6 +233,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    # Start the background checks (tests/_background.py) that the selected, runnable tests read.
+    import _background
+    names = []
+    for item in session.items:
+        if item.get_closest_marker("skip") or any(m.args and m.args[0] is True for m in item.iter_markers("skipif")):
+            continue
+        names += [m.args[0] for m in item.iter_markers("background")]
+    _background.start(names)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import _background
+    _background.stop()
+
+
 @pytest.fixture
 def cuda_ext():
     """The CUDA kernels must be built on a CUDA machine, unless the build was told to skip them."""

@@ -9,6 +9,7 @@
   registration).  A CPU torch ships the ATen/c10 CUDA headers but not the CUDA libraries' ones,
   so the handful of cuBLAS/cuSPARSE/cuSOLVER typedefs those headers name are stubbed here; the
   library is loaded with lazy binding and none of its CUDA code runs."""
+import functools
 import os
 import pathlib
 import re
@@ -20,6 +21,8 @@ import sysconfig
 import pytest
 import torch
 
+import _background
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted(ROOT.glob("csrc/**/*.cu"))
 GLUE_FILES = sorted(ROOT.glob("csrc/cuda/*.cpp"))
@@ -27,19 +30,53 @@ NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++")
 
 
+def _cuobjdump():
+    """The cuobjdump that Triton's NVIDIA backend ships, or None."""
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return None
+    path = pathlib.Path(nv.__file__).parent / "bin" / "cuobjdump"
+    return str(path) if path.exists() else None
+
+
+def _compile(source: pathlib.Path, arch: str) -> dict:
+    """nvcc's report (stdout + stderr), return code, command and, for sm_90, the SASS of ``source``
+    compiled as setup.py's build does; one compile per file and arch serves every test here."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what setup.py's build adds (no half operators)
+    obj = pathlib.Path(_background.workdir()) / f"{source.stem}_{arch}.o"
+    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, "--resource-usage", str(source),
+           "-o", str(obj)]
+    proc = _background.run(cmd, timeout=600)
+    out = dict(cmd=" ".join(cmd), returncode=proc.returncode, report=proc.stdout + proc.stderr,
+               size=obj.stat().st_size if obj.exists() else 0, sass=None)
+    if proc.returncode == 0 and arch == "sm_90" and _cuobjdump() is not None:
+        out["sass"] = _background.run([_cuobjdump(), "-sass", str(obj)], timeout=300).stdout
+    return out
+
+
+ARCHS = ["sm_90", "sm_80"]
+if NVCC is not None:
+    for _src in CU_FILES:
+        for _arch in ARCHS:
+            _background.job(f"nvcc:{_src.name}:{_arch}", functools.partial(_compile, _src, _arch))
+
+
+def _compiled(source: pathlib.Path, arch: str) -> dict:
+    return _background.result(f"nvcc:{source.name}:{arch}")
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.skipif(not CU_FILES, reason="no .cu sources yet")
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-@pytest.mark.parametrize("source", CU_FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_nvcc_compiles(source, arch, tmp_path):
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what setup.py's build adds (no half operators)
-    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-O3", *COMMON_NVCC_FLAGS, "--resource-usage", str(source),
-           "-o", str(tmp_path / "out.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    assert (tmp_path / "out.o").stat().st_size > 0
+@pytest.mark.parametrize("source,arch", [
+    pytest.param(s, a, marks=pytest.mark.background(f"nvcc:{s.name}:{a}"), id=f"{s.relative_to(ROOT)}-{a}")
+    for s in CU_FILES for a in ARCHS])
+def test_nvcc_compiles(source, arch):
+    out = _compiled(source, arch)
+    assert out["returncode"] == 0, f"{out['cmd']} failed:\n{out['report']}"
+    assert out["size"] > 0
     # ptxas reports each kernel: no register spills, no stack frame (local memory).
-    report = proc.stdout + proc.stderr
+    report = out["report"]
     usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", report)
     assert len(usage) >= 4, report[-2000:]
     assert all(u == ("0", "0", "0") for u in usage), f"local memory or spills:\n{report[-4000:]}"
@@ -124,30 +161,28 @@ def test_glue_compiles_and_registers_its_cuda_kernels(tmp_path):
     assert "Tensor(a!) scores" in ops["fastcl_C::cuda_strip_lse_bwd"]
 
 
-def _cuobjdump():
-    """The cuobjdump that Triton's NVIDIA backend ships, or None."""
-    try:
-        import triton.backends.nvidia as nv
-    except ImportError:
-        return None
-    path = pathlib.Path(nv.__file__).parent / "bin" / "cuobjdump"
-    return str(path) if path.exists() else None
+def _sass(source: pathlib.Path) -> str:
+    """The sm_90 SASS of ``source`` (cuobjdump of the object test_nvcc_compiles checks)."""
+    out = _compiled(source, "sm_90")
+    assert out["returncode"] == 0, f"{out['cmd']} failed:\n{out['report'][-4000:]}"
+    return out["sass"]
+
+
+def _vector_case(source, kernel, ops):
+    return pytest.param(source, kernel, ops, marks=pytest.mark.background(f"nvcc:{pathlib.Path(source).name}:sm_90"))
 
 
 @pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and Triton's cuobjdump")
 @pytest.mark.parametrize("source,kernel,ops", [
-    ("csrc/cuda/similarity_strips.cu", r"lse_fwd_kernelILi4E", ["LDG.E.128"]),
-    ("csrc/cuda/similarity_strips.cu", r"rowwise_kernel.*Li4E", ["LDG.E.128"]),
-    ("csrc/cuda/masking.cu", r"row_copy_kernel.*Li(8|4|2)E", ["LDG.E.128", "STG.E.128"]),
-    ("csrc/cuda/masking.cu", r"segment_gather_kernel.*Li(8|4|2)E", ["LDG.E.128", "STG.E.128"]),
+    _vector_case("csrc/cuda/similarity_strips.cu", r"lse_fwd_kernelILi4E", ["LDG.E.128"]),
+    _vector_case("csrc/cuda/similarity_strips.cu", r"rowwise_kernel.*Li4E", ["LDG.E.128"]),
+    _vector_case("csrc/cuda/masking.cu", r"row_copy_kernel.*Li(8|4|2)E", ["LDG.E.128", "STG.E.128"]),
+    _vector_case("csrc/cuda/masking.cu", r"segment_gather_kernel.*Li(8|4|2)E", ["LDG.E.128", "STG.E.128"]),
 ])
-def test_vector_kernels_move_16_byte_words(source, kernel, ops, tmp_path):
+def test_vector_kernels_move_16_byte_words(source, kernel, ops):
     """The 16-byte paths compile to 128-bit loads (and stores, for masking) on sm_90, read from
     the machine code: every instantiation whose name matches ``kernel`` has each of ``ops``."""
-    obj = tmp_path / "k.o"
-    subprocess.run([NVCC, "-c", "-arch=sm_90", "-std=c++17", "-O3", str(ROOT / source), "-o", str(obj)], check=True,
-                   capture_output=True, timeout=600)
-    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    sass = _sass(ROOT / source)
     functions = re.split(r"\n\s*Function : ", sass)[1:]
     matched = [f for f in functions if re.search(kernel, f.split("\n", 1)[0])]
     assert matched, f"no instantiation matches {kernel}"
@@ -158,17 +193,15 @@ def test_vector_kernels_move_16_byte_words(source, kernel, ops, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and Triton's cuobjdump")
-def test_epilogues_stay_cheap(tmp_path):
+@pytest.mark.background("nvcc:similarity_strips.cu:sm_90")
+def test_epilogues_stay_cheap():
     """The epilogues read a 4-byte score each, so their arithmetic must stay small enough to keep
     them bandwidth-bound.  SASS instructions of the 16-byte kernels (nvcc 13.0, sm_90), before and
     after: the LSE forward (rows and columns) 8240 -> 3048 once its online updates went
     branch-free on the SFU's exp2/log2; the LSE gradient 1504 -> 1088 (SFU exp2); softplus
     1528 -> 1040 and the sigmoid gradient 1256 -> 840 (log1p by a series, a fast reciprocal).
     The ceilings sit between, so any of those coming back fails them."""
-    obj = tmp_path / "k.o"
-    subprocess.run([NVCC, "-c", "-arch=sm_90", "-std=c++17", "-O3", str(ROOT / "csrc/cuda/similarity_strips.cu"),
-                    "-o", str(obj)], check=True, capture_output=True, timeout=600)
-    sass = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, timeout=300).stdout
+    sass = _sass(ROOT / "csrc/cuda/similarity_strips.cu")
     ceilings = {r"lse_fwd_kernelILi4ELb1ELb1E": 4500, r"rowwise_kernel.*LseGradOp.*Li4E": 1300,
                 r"rowwise_kernel.*SoftplusOp.*Li4E": 1300, r"rowwise_kernel.*SigmoidGradOp.*Li4E": 1050}
     functions = re.split(r"\n\s*Function : ", sass)[1:]

@@ -6,11 +6,11 @@ bf16 D=768 copy moves 16-byte vectors (four loads and four stores per thread at 
 16 x 256 tile and 4 warps), and compiles the CSR kernel and the index (rank) kernel.  It runs in a subprocess because the
 test session sets TRITON_INTERPRET=1 before the kernels are defined."""
 import os
-import subprocess
 import sys
 
 import pytest
 
+import _background
 from fastcl.ops.dispatch import triton_available
 
 SCRIPT = r'''
@@ -72,8 +72,12 @@ print("ok")
 '''
 
 
+_background.job("triton-sm90:masking", lambda: _background.run(
+    [sys.executable, "-c", SCRIPT], env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, timeout=600))
+
+
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
+@pytest.mark.background("triton-sm90:masking")
 def test_triton_masking_kernels_compile_for_sm90_with_vector_access():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env)
+    proc = _background.result("triton-sm90:masking")
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]

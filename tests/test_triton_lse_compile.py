@@ -7,31 +7,46 @@ allocation.  This compiles the forward and strip-gradient kernels at the default
 local memory, no STL/LDL in the SASS) at the default shape, and for bf16/fp16 the dots on Hopper's
 warpgroup MMA (``HGMMA``).  It runs in a subprocess because the test session sets
 TRITON_INTERPRET=1 before the kernels are defined."""
+import functools
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
+import _background
 from fastcl.ops.dispatch import triton_available
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _resources(name: str, *flags: str) -> list:
+    """benchmarks/triton_sm90_resources.py's JSON rows for ``flags``, compiled in a subprocess with
+    the launch-shape environment variables unset."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "FASTCL_TRITON_TILE", "FASTCL_TRITON_BWD")}
+    out = pathlib.Path(_background.workdir()) / f"{name}.json"
+    proc = _background.run([sys.executable, str(ROOT / "benchmarks" / "triton_sm90_resources.py"), *flags,
+                            "--json", str(out)], env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+_background.job("triton-sm90:lse-exact", functools.partial(_resources, "lse-exact"))
+_background.job("triton-sm90:lse-shared", functools.partial(_resources, "lse-shared", "--shared-exp"))
+_background.job("triton-sm90:others", functools.partial(_resources, "others", "--others"))
+
+
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
-@pytest.mark.parametrize("exp_mode", ["exact", pytest.param("shared", marks=pytest.mark.slow)])  # shared: opt-in
-def test_lse_kernels_compile_for_sm90_without_spills(tmp_path, exp_mode):
+@pytest.mark.parametrize("exp_mode", [
+    pytest.param("exact", marks=pytest.mark.background("triton-sm90:lse-exact")),
+    pytest.param("shared", marks=[pytest.mark.slow, pytest.mark.background("triton-sm90:lse-shared")]),  # opt-in
+])
+def test_lse_kernels_compile_for_sm90_without_spills(exp_mode):
     # "shared" (FASTCL_TRITON_EXP=shared) spilled until its exact fallbacks stopped holding the
     # score tile next to their shared-exp result.
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCL_TRITON_TILE")}
-    out = tmp_path / "resources.json"
-    flags = ["--shared-exp"] if exp_mode == "shared" else []
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sm90_resources.py"), *flags,
-                           "--json", str(out)], capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    kernels = json.loads(out.read_text())
+    kernels = _background.result(f"triton-sm90:lse-{exp_mode}")
     assert len(kernels) == 2 * (4 + 1 + 1) + 4  # and the forward's ragged-size variant for bf16
     for k in kernels:
         assert k["local"] == 0 and k["spill_ops"] == 0, f"register spills at the default launch shape: {k}"
@@ -51,17 +66,12 @@ def test_lse_kernels_compile_for_sm90_without_spills(tmp_path, exp_mode):
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
-def test_sigmoid_and_fused_gradient_kernels_compile_for_sm90_without_spills(tmp_path):
+@pytest.mark.background("triton-sm90:others")
+def test_sigmoid_and_fused_gradient_kernels_compile_for_sm90_without_spills():
     """The sigmoid-pair kernels in the modes ``sigmoid_mode`` picks (fp32 takes the strip kernels:
     its fused ones spilled by the tens of thousands of instructions) and the opt-in fused LSE
     gradient kernel: they compile, keep to registers, and half dots run on tensor cores."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTCL_TRITON_TILE",
-                                                             "FASTCL_TRITON_BWD")}
-    out = tmp_path / "others.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "triton_sm90_resources.py"), "--others",
-                           "--json", str(out)], capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    kernels = json.loads(out.read_text())
+    kernels = _background.result("triton-sm90:others")
     assert {(k["kernel"], k["dtype"]) for k in kernels} >= {("sigmoid_fwd", "bf16"), ("sigmoid_bwd_rows", "fp16"),
                                                              ("sigmoid_grad_strip", "fp32"), ("lse_grad_fused", "bf16")}
     assert all(k["mode"] == "strip" for k in kernels if k["dtype"] == "fp32" and k["kernel"].startswith("sigmoid"))
