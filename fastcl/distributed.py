@@ -136,6 +136,23 @@ def _setting_values(settings, device: torch.device) -> Tensor:
     return out
 
 
+_GRAPH_SETTING = "<inputs requiring grad>"
+
+
+def _requires_grad_mask(named) -> int:
+    """Bit i set when the i-th value of ``named`` ((name, value) pairs) is a tensor that autograd
+    records here (grad mode on and it requires grad)."""
+    if not torch.is_grad_enabled():
+        return 0
+    return sum(1 << i for i, (_, v) in enumerate(named) if isinstance(v, Tensor) and v.requires_grad)
+
+
+def _graph_names(encoded: Tuple[int, int], names: Sequence[str]) -> str:
+    mask = int(struct.unpack("<d", struct.pack("<q", encoded[1]))[0])
+    chosen = [n for i, n in enumerate(names) if mask >> i & 1]
+    return "[" + ", ".join(chosen) + "]"
+
+
 def _decode_setting(kind: int, payload: int) -> str:
     if kind == _NUMBER:
         return repr(struct.unpack("<d", struct.pack("<q", payload))[0])
@@ -187,7 +204,7 @@ def _check_heads(heads: List[List[int]], local_error: Optional[BaseException]) -
 
 def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
                     local_error: Optional[BaseException] = None, settings: Sequence[Tuple[str, object]] = (),
-                    like: Optional[Tensor] = None) -> List[List[int]]:
+                    like: Optional[Tensor] = None, grad_inputs: Sequence[Tuple[str, object]] = ()) -> List[List[int]]:
     """Check that every rank holds tensors of the same trailing shape and dtype, and the same
     settings; return dim-0 sizes.
 
@@ -201,6 +218,8 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
             order everywhere: None, bools, ints, floats, strings, or one-element float tensors
             (compared by value as float64, with a float; read where the exchange already waits).
         like: a tensor whose device the exchange uses when ``tensors`` holds none.
+        grad_inputs: more (name, tensor) pairs that must require grad alike on every rank (as
+            ``tensors`` and tensor ``settings`` must: their backward runs collectives).
 
     Returns:
         ``sizes[i][r]``: dim-0 size of tensor ``i`` on rank ``r`` of ``group``.
@@ -210,7 +229,8 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
         public function up the stack, e.g. ``clip_loss_distributed`` on one rank and
         ``ntxent_loss_distributed`` on another) or with different lists of tensor and setting
         names, if any rank reported an error, or the ranks disagree on the number of dims, any
-        trailing dim, the dtype or a setting, or any rank has an empty tensor.
+        trailing dim, the dtype or a setting, or any rank has an empty tensor, or the ranks differ
+        in which tensors (of ``tensors``, ``settings`` and ``grad_inputs``) require grad.
     """
     rank, world = group_info(group)
     if world == 1:
@@ -225,12 +245,15 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
             if isinstance(t, Tensor) and (t.is_cuda or not nccl):
                 device = _comm_device(t, group)
                 break
-        set_vals = torch.zeros(2 * len(settings), dtype=torch.int64, device=device)
-        if settings:
-            try:  # a setting that cannot be encoded is this rank's error, published like the others
-                set_vals = _setting_values(settings, device)
-            except Exception as e:
-                local_error = local_error or e
+        # Which tensors take part in autograd travels as one more setting: their backward runs
+        # collectives, so ranks that differ there would wait for each other in the backward.
+        graph = _requires_grad_mask(list(tensors) + list(settings) + list(grad_inputs))
+        checked = list(settings) + [(_GRAPH_SETTING, graph)]
+        set_vals = torch.zeros(2 * len(checked), dtype=torch.int64, device=device)
+        try:  # a setting that cannot be encoded is this rank's error, published like the others
+            set_vals = _setting_values(checked, device)
+        except Exception as e:
+            local_error = local_error or e
         rows = [_encode(t, local_error is not None) for _, t in tensors] or [[1 if local_error else 0]]
         n_meta = sum(len(r) for r in rows)
         caller = _caller_name()
@@ -258,9 +281,15 @@ def exchange_shapes(tensors: Sequence[Tuple[str, Optional[Tensor]]], group=None,
     if failed:
         raise RuntimeError(f"distributed loss: the argument checks failed on rank(s) {failed} of the group; "
                            "see the error raised on those ranks")
-    for i, (name, _) in enumerate(settings if world > 1 else ()):
+    for i, (name, _) in enumerate(list(settings) + [(_GRAPH_SETTING, None)] if world > 1 else ()):
         per_rank = [tuple(r[2 * i:2 * i + 2]) for r in set_rows]
         if any(v != per_rank[0] for v in per_rank):
+            if name == _GRAPH_SETTING:
+                names = [n for n, _ in list(tensors) + list(settings) + list(grad_inputs)]
+                raise RuntimeError(
+                    "the same inputs must require grad on every rank of the group (the backward runs "
+                    "collectives on the ranks whose inputs do); got " + ", ".join(
+                        f"rank {r}: {_graph_names(v, names)}" for r, v in enumerate(per_rank)))
             raise RuntimeError(f"{name} must be the same on every rank of the group; got "
                                + ", ".join(f"rank {r}: {_decode_setting(*v)}" for r, v in enumerate(per_rank)))
     sizes = []
@@ -371,6 +400,34 @@ class _AllReduceWithGrad(torch.autograd.Function):
         return gy.to(g.device), None
 
 
+class _ReplicatedMeanGrad(torch.autograd.Function):
+    """Identity on a value that every rank holds alike; its gradient is the mean over ranks of
+    the ranks' gradients (one all-reduce), so every rank reads the same value."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        refuse_graph_backward("the replicated value's gradient all-reduce")
+        gy = g.to(_comm_device(g, ctx.group)).contiguous().clone()
+        dist.all_reduce(gy, group=ctx.group)
+        return gy.to(g.device) / group_info(ctx.group)[1], None
+
+
+def replicated_mean_grad(x, group=None):
+    """``x`` (a float or tensor every rank of ``group`` holds alike, such as a logit scale) with a
+    gradient averaged over the ranks' gradients: for a loss whose value every rank computes in full
+    but whose backward attributes parts of it to different ranks (the ring's blocks), each rank
+    then reads the gradient of the full value.  Collective in the backward; floats and tensors
+    that do not require grad pass through."""
+    if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and is_distributed(group)):
+        return x
+    return _ReplicatedMeanGrad.apply(x, group)
+
+
 def all_gather_with_grad(x: Tensor, group=None) -> Tensor:
     """Concatenate ``x`` from every rank of ``group`` in rank order; the backward sums into the owner.
 
@@ -439,7 +496,7 @@ def all_reduce_with_grad(x: Tensor, group=None) -> Tensor:
     err = _tensor_error(x)
     shape = "?" if err else str(tuple(x.shape)).replace(" ", "")
     exchange_shapes([], group, err, [("x's shape", shape), ("x's dtype", "?" if err else str(x.dtype)[6:])],
-                    like=None if err else x)
+                    like=None if err else x, grad_inputs=[("x", x)])
     return all_reduce_checked(x, group)
 
 

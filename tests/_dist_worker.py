@@ -122,6 +122,33 @@ def checks(ck, rank, world, tmp):
                 enc(x[0], p), enc(x[1], p), p["scale"], p["bias"]),
             lambda x, p: ref_clip(x, p, 0.1, True), [img, txt], sizes, params, None))
 
+    def scale_grads_per_rank():
+        """The logit scale's gradient on each rank, before any averaging.  local_loss=False: every
+        rank reads the global loss's gradient (open_clip's full-matrix loss), on both
+        implementations.  local_loss=True: the gather gives open_clip's split (this rank's rows and
+        columns); the ring attributes the column terms by query rows instead, so only the sum
+        over ranks (what DDP's averaging reads) is the same."""
+        off, n = sum(sizes[:rank]), sizes[rank]
+        x_i, x_t = enc(img[off:off + n], params), enc(txt[off:off + n], params)
+        ref_scale = params["scale"].clone().requires_grad_()
+        fastcl.clip_loss(enc(img, params), enc(txt, params), ref_scale).backward()
+        for local in (True, False):
+            got = {}
+            for impl in ("gather", "ring"):
+                scale = params["scale"].clone().requires_grad_()
+                clip_loss_distributed(x_i, x_t, scale, local_loss=local, dist_impl=impl).backward()
+                got[impl] = scale.grad
+            if local:
+                sums = [g.clone() for g in (got["gather"], got["ring"])]
+                for t in sums:
+                    dist.all_reduce(t)
+                ck.close(sums[1], sums[0], "ring vs gather scale grad summed over ranks (local_loss)")
+                ck.close(sums[0] / world, ref_scale.grad, "gather scale grad mean over ranks (local_loss)")
+            else:
+                ck.close(got["gather"], ref_scale.grad, "gather scale grad per rank (global loss)")
+                ck.close(got["ring"], ref_scale.grad, "ring scale grad per rank (global loss)")
+    ck.run("clip scale grads per rank", scale_grads_per_rank)
+
     # CoCa: the CLIP term across ranks, the caption cross-entropy local (equal shards, no padding,
     # so DDP's mean of the local means is the global mean)
     cap, cap_labels = torch.randn(B, 3 * 11, generator=gen), torch.randint(1, 11, (B, 3), generator=gen).double()
@@ -496,7 +523,7 @@ def mismatched_call_checks(ck, rank, world):
     when the lists differed in length, and to compare unrelated settings when they did not)."""
     from fastcl.distributed import all_gather_with_grad, all_reduce_with_grad, exchange_shapes
     from fastcl.losses.distributed import clip_loss_distributed, ntxent_loss_distributed, siglip_loss_distributed
-    from fastcl.nn import ClipLoss
+    from fastcl.nn import ClipLoss, NTXentLoss
 
     x4 = torch.randn(4, D)
 
@@ -548,6 +575,35 @@ def mismatched_call_checks(ck, rank, world):
         raises(lambda: exchange(8, 10, d_last=3 + (rank == world - 1)), "t7 must have the same trailing shape")()
         raises(lambda: exchange(8, 10 + (rank == 0)), "passed different argument lists")()
     ck.run("long argument lists", long_lists)
+
+    # Inputs that require grad on some ranks only: their backward would run collectives on those
+    # ranks alone (a hang, or a gradient summed with another tensor's), so every rank raises.
+    graph = "the same inputs must require grad on every rank of the group"
+
+    def grad_on_rank0(impl):
+        def run():
+            txt = torch.randn(4, D).requires_grad_(rank == 0)
+            clip_loss_distributed(torch.randn(4, D, requires_grad=True), txt, 2.0, dist_impl=impl)
+        return run
+    for impl in ("gather", "ring"):
+        ck.run(f"requires grad differs {impl}", raises(
+            grad_on_rank0(impl), graph, "rank 0: [image_features, text_features], rank 1: [image_features]"))
+    scale = torch.tensor(2.0, requires_grad=rank == 0)  # a tensor setting counts too
+    ck.run("requires grad of a setting differs", raises(
+        lambda: clip_loss_distributed(x4, x4, scale, local_loss=False), graph, "rank 0: [logit_scale], rank 1: []"))
+    ck.run("requires grad differs all_reduce", raises(
+        lambda: all_reduce_with_grad(torch.ones(3, requires_grad=rank == 0)), graph, "rank 0: [x], rank 1: []"))
+
+    def no_grad_on_rank1():  # grad mode counts: rank 1 records no graph
+        with torch.set_grad_enabled(rank == 0):
+            clip_loss_distributed(x4.clone().requires_grad_(), x4, 2.0)
+    ck.run("grad mode differs", raises(no_grad_on_rank1, graph, "rank 1: []"))
+
+    def bank_update_differs():  # lightly's bank enqueues when out0 requires grad
+        crit = NTXentLoss(memory_bank_size=(8, D), gather_distributed=True)
+        crit(torch.randn(4, D, requires_grad=rank == 0), torch.randn(4, D))
+    ck.run("memory bank update differs", raises(bank_update_differs, "update must be the same on every rank",
+                                                "rank 0: 1.0, rank 1: 0.0"))
     dist.barrier()
 
 

@@ -19,7 +19,7 @@ from conftest import TOL  # noqa: E402
 
 JOIN_TIMEOUT_S = 120
 # Checks every rank must report (subgroup checks run only on the subgroup's members).
-EXPECTED = ["clip gather local_loss=True", "coca module gather", "clip ring local_loss=False", "clip module ring bias+smoothing",
+EXPECTED = ["clip gather local_loss=True", "clip scale grads per rank", "coca module gather", "clip ring local_loss=False", "clip module ring bias+smoothing",
             "clip gather_with_grad=False",
             "clip ring reference backend", "siglip ring reference backend", "siglip gather", "siglip ring", "siglip bidir", "ntxent gather",
             "ntxent ring", "supcon ring labels=True mode=all", "supcon gather labels=False mode=all",
@@ -93,7 +93,9 @@ def test_distributed_losses_match_global_batch(world, tmp_path):
 # Checks of _dist_worker.mismatched_call_checks: ranks calling different operations all raise.
 MISMATCHED_CALLS = ["different losses clip vs siglip gather", "different losses clip vs ntxent",
                     "different losses ClipLoss module vs ntxent ring", "different collectives all_gather vs all_reduce",
-                    "different losses with a local error", "argument lists differ in length", "long argument lists"]
+                    "different losses with a local error", "argument lists differ in length", "long argument lists",
+                    "requires grad differs gather", "requires grad differs ring", "requires grad of a setting differs",
+                    "requires grad differs all_reduce", "grad mode differs", "memory bank update differs"]
 
 
 def test_ranks_calling_different_losses_all_raise(tmp_path):

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from fastcl.distributed import (Ring, all_gather_no_grad, all_reduce_checked, exchange_shapes, gather_with_sizes,
-                                group_info)
+                                group_info, replicated_mean_grad)
 from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_ce
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import check_dcl_args, dcl_from_lse, dcl_weights
@@ -92,7 +92,8 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
 
     * ``local_loss=True``: this rank's images against all texts and its texts against all images,
       labels ``arange(n) + offset(rank)``; the loss averages over local rows.
-    * ``local_loss=False``: every rank's value is the global-batch loss.
+    * ``local_loss=False``: every rank's value is the global-batch loss, and (both
+      implementations) every rank's ``logit_scale`` gradient that of the global loss.
     * ``gather_with_grad=False`` (gather only) reproduces open_clip's gradient-free gather: the
       gathered copies carry no gradient (with ``local_loss=False`` the local shard is spliced in).
 
@@ -168,6 +169,11 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
 
     # Ring: rows = images x all texts, columns = local texts x all images, one pass for both.
     ring = Ring(group)
+    if not local_loss:
+        # The ring hands each rank the scale gradient of the blocks of its rows, not of the whole
+        # loss that every rank computes here (summed over ranks they are the same): averaged, each
+        # rank reads open_clip's value, the gradient of the global loss.
+        s, b = replicated_mean_grad(s, group), replicated_mean_grad(b, group)
     lse_i, lse_t = ring_similarity_lse(image_features, text_features, s, b, cols=True, ring=ring, sizes=sizes,
                                        backend=backend)
     pos = positive_logits(image_features, text_features, torch.arange(n, device=image_features.device), s, b)

@@ -60,7 +60,8 @@ class MemoryBank(nn.Module):
         enqueued.  The bank moves to ``output``'s device on first use, as lightly moves its
         negatives there (a criterion is often left on the CPU).  ``local_error``: a failed
         argument check of the caller; under ``gather_distributed`` it is published to the other
-        ranks in the enqueue's collective, so that every rank raises instead of waiting."""
+        ranks in the enqueue's collective, so that every rank raises instead of waiting; so do
+        ranks that differ in ``update``, as the exchange runs whether or not this call updates."""
         if not self.enabled:
             if local_error is not None:
                 raise local_error
@@ -72,8 +73,12 @@ class MemoryBank(nn.Module):
             except (TypeError, ValueError) as e:
                 err = e
         sizes = None
-        if update and self.gather_distributed and is_distributed(self.group):
-            sizes = exchange_shapes([("out1", output)], self.group, err)[0]  # raises on every rank on error
+        if self.gather_distributed and is_distributed(self.group):
+            # Every rank takes part, updating or not: ranks that differ in ``update`` (lightly's
+            # "out0 requires grad") raise instead of waiting in the enqueue's all_gather.  The rows
+            # go in detached, so only their shapes are compared.
+            rows = output.detach() if isinstance(output, torch.Tensor) else output
+            sizes = exchange_shapes([("out1", rows)], self.group, err, [("update", update)])[0]
         elif err is not None:
             raise err
         bank = self.bank.clone()
