@@ -14,7 +14,6 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 
@@ -117,42 +116,48 @@ print(json.dumps(ops))
 """
 
 
-@pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA toolkit headers")
-@pytest.mark.skipif(not GLUE_FILES, reason="no ATen glue sources")
-@pytest.mark.slow  # about a minute of g++ on 2 cores; the .cu files keep their nvcc checks in make test
-def test_glue_compiles_and_registers_its_cuda_kernels(tmp_path):
+def _build_glue() -> dict:
+    """Compiles every ATen glue file (one g++ at a time: this runs beside the tests), links them
+    with lazy binding, loads the library in a fresh interpreter and lists the ``fastcl_C`` ops it
+    registers with their dispatch tables (``torch._C._dispatch_dump``)."""
     import json
 
     from torch.utils.cpp_extension import include_paths, library_paths
-    stubs = tmp_path / "stubs"
+    tmp = pathlib.Path(_background.workdir()) / "glue"
+    stubs = tmp / "stubs"
     for rel, text in _STUB_HEADERS.items():
         (stubs / rel).parent.mkdir(parents=True, exist_ok=True)
         (stubs / rel).write_text(text)
-    data_stub = tmp_path / "data_stub.cpp"
+    data_stub = tmp / "data_stub.cpp"
     data_stub.write_text(_DATA_STUB)
     flags = ["-std=c++17", "-O0", "-fPIC", "-w", "-DFASTCL_WITH_CUDA", "-DTORCH_EXTENSION_NAME=glue_check",
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *[f"-I{p}" for p in include_paths()], f"-I{_cuda_include()}", f"-I{stubs}",
              f"-I{sysconfig.get_paths()['include']}"]
-    # One process per file, in parallel: each pulls in torch/extension.h (~20 s of g++).
-    objs, procs = [], []
-    for src in GLUE_FILES + [data_stub]:
-        obj = tmp_path / (src.stem + ".o")
+    objs = []
+    for src in GLUE_FILES + [data_stub]:  # each pulls in torch/extension.h: ~20 s of g++
+        obj = tmp / (src.stem + ".o")
         objs.append(obj)
-        procs.append((src, subprocess.Popen([CXX, *flags, "-c", str(src), "-o", str(obj)],
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
-    for src, p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, f"g++ failed on {src}:\n{err[-4000:]}"
-    lib = tmp_path / "glue_check.so"
+        proc = _background.run([CXX, *flags, "-c", str(src), "-o", str(obj)], timeout=600)
+        assert proc.returncode == 0, f"g++ failed on {src}:\n{proc.stderr[-4000:]}"
+    lib = tmp / "glue_check.so"
     libs = [f"-L{p}" for p in library_paths()] + ["-ltorch", "-ltorch_cpu", "-lc10"]
-    link = subprocess.run([CXX, "-shared", *map(str, objs), "-o", str(lib), *libs,
-                           "-Wl,--unresolved-symbols=ignore-all"], capture_output=True, text=True, timeout=300)
+    link = _background.run([CXX, "-shared", *map(str, objs), "-o", str(lib), *libs,
+                            "-Wl,--unresolved-symbols=ignore-all"], timeout=300)
     assert link.returncode == 0, link.stderr[-4000:]
-    run = subprocess.run([sys.executable, "-c", _LOAD_AND_LIST, str(lib)], capture_output=True, text=True,
-                         timeout=300)
+    run = _background.run([sys.executable, "-c", _LOAD_AND_LIST, str(lib)], timeout=300)
     assert run.returncode == 0, f"loading the glue failed (schema/signature mismatch?):\n{run.stderr[-4000:]}"
-    ops = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+_background.job("g++:aten-glue", _build_glue)
+
+
+@pytest.mark.skipif(CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA toolkit headers")
+@pytest.mark.skipif(not GLUE_FILES, reason="no ATen glue sources")
+@pytest.mark.background("g++:aten-glue")  # about a minute of g++, beside the other tests
+def test_glue_compiles_and_registers_its_cuda_kernels():
+    ops = _background.result("g++:aten-glue")
     # Every op the glue registers has a CUDA kernel; the strip ops are among them.
     for name in ("cuda_strip_lse_fwd", "cuda_strip_lse_bwd", "cuda_strip_sigmoid_fwd", "cuda_strip_sigmoid_bwd",
                  "masking_segment_gather", "masking_indices"):

@@ -41,7 +41,7 @@ _background.job("triton-sm90:others", functools.partial(_resources, "others", "-
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
 @pytest.mark.parametrize("exp_mode", [
     pytest.param("exact", marks=pytest.mark.background("triton-sm90:lse-exact")),
-    pytest.param("shared", marks=[pytest.mark.slow, pytest.mark.background("triton-sm90:lse-shared")]),  # opt-in
+    pytest.param("shared", marks=pytest.mark.background("triton-sm90:lse-shared")),  # opt-in mode
 ])
 def test_lse_kernels_compile_for_sm90_without_spills(exp_mode):
     # "shared" (FASTCL_TRITON_EXP=shared) spilled until its exact fallbacks stopped holding the
