@@ -66,16 +66,16 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
     """A real number (numpy scalars included), not infinite, or a one-element floating tensor;
     optionally > 0 (NaN fails that; a NaN bias passes, and gives NaN out).
 
-    The sign of a tensor is checked only on the CPU: reading a GPU tensor's value would wait for
-    the device on every call (a learnable logit_scale is a CUDA tensor in every training step,
-    and open_clip's losses never wait).  The ops are defined for any finite scale, so a GPU
+    A tensor's value (finite, and the sign) is checked only on the CPU: reading a GPU tensor's
+    value would wait for the device on every call (a learnable logit_scale is a CUDA tensor in
+    every training step, and open_clip's losses never wait).  The ops are defined for any finite scale, so a GPU
     tensor at or below 0 gets the formula's value rather than an error."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:  # (1, 1) would broadcast a (N,) result to (1, N)
             raise ValueError(f"{name} must be a scalar (0-d or shape (1,) tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if positive and _eager() and value.device.type == "cpu":  # the one read: CPU values cost no sync
+        if _eager() and value.device.type == "cpu":  # the one read: CPU values cost no sync
             _check_real(name, float(value.detach().reshape(())), positive, finite=True)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         # (a float torch.compile made symbolic has no isinf; its sign is still compared)

@@ -147,3 +147,12 @@ def test_modules():
     ref.backward()
     assert_close(loss, ref, torch.float32)
     assert_close(mod.log_scale.grad, log_scale.grad, torch.float32, "d log_scale")
+    # A tensor temperature keeps its graph (it used to be turned into a float, dropping the gradient).
+    temp = torch.tensor(0.2, requires_grad=True)
+    loss = fastcl.nn.InfoNCELoss(temperature=temp)(img, txt)
+    loss.backward()
+    ref_temp = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    ref = F.cross_entropy(img.double() @ txt.double().T / ref_temp, torch.arange(67))
+    ref.backward()
+    assert_close(loss, ref, torch.float32)
+    assert_close(temp.grad, ref_temp.grad, torch.float32, "d temperature")

@@ -318,3 +318,36 @@ def test_row_dots_in_blocks(dtype, with_index):
     got = row_dots(a, b, index, block_bytes=1)  # 256-row blocks: three of them
     bb = b[:600] if index is None else b[index]
     assert_close(got, (a.double() * bb.double()).sum(1), torch.float32 if dtype != torch.float64 else dtype)
+
+
+@pytest.mark.parametrize("used", ["pos", "row", "col", "row+pos", "col+pos", "row+col"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_unused_outputs_stay_out_of_the_gradient(backend, used, monkeypatch):
+    """A NaN in k reaches only what autograd's own ops would send it to: an output the loss does
+    not use (its gradient is None) is left out of the backward, rather than taken with a zero
+    gradient (0 * NaN).  With only the positive logits used, no softmax side is formed at all
+    (that case took the C++ backward down with a segfault)."""
+    import _cuda_host
+    from fastcl._ext import extension_available
+    if backend == "cpu" and not extension_available():
+        pytest.skip("needs the C++ extension")
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter")
+    if backend == "cuda":
+        if not _cuda_host.compiler():
+            pytest.skip("needs g++ for the CUDA emulation")
+        _cuda_host.route_to_host(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    q0, k0 = randn(6, 5, generator=gen), randn(7, 5, generator=gen)
+    k0[3, 1] = float("nan")
+    grads = {}
+    for be in ("reference", backend):
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        scale, bias = torch.tensor(2.0, requires_grad=True), torch.tensor(0.5, requires_grad=True)
+        row, col, pos = similarity_lse(q, k, scale, bias, rows=True, cols=True, positives=True, backend=be)
+        out = {"row": row, "col": col, "pos": pos}
+        sum(out[u].sum() for u in used.split("+")).backward()
+        grads[be] = [q.grad, k.grad, scale.grad, bias.grad]
+    for name, got, ref in zip(("q", "k", "scale", "bias"), grads[backend], grads["reference"]):
+        assert torch.equal(got.isnan(), ref.isnan()), f"{name}: NaN at {got.isnan().nonzero().tolist()}"
+        assert_close(got.nan_to_num(), ref.nan_to_num(), torch.float32, f"d{name}")

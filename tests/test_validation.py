@@ -66,6 +66,10 @@ q, k = torch.randn(5, 8, generator=_gen), torch.randn(6, 8, generator=_gen)
     (lambda: fastcl.ntxent_loss(q, k[:5], float("-inf")), ValueError, "temperature must be finite"),
     (lambda: fastcl.ntxent_loss(q, k[:5], torch.tensor(float("inf"))), ValueError, "temperature must be finite"),
     (lambda: fastcl.clip_loss(q, k[:5], torch.tensor(2.0).exp() ** 100), ValueError, "logit_scale must be finite"),
+    # a tensor bias, too: +inf gave +inf on two backends and NaN on the others
+    (lambda: similarity_lse(q, k, 1.0, torch.tensor(float("inf"))), ValueError, "bias must be finite"),
+    (lambda: fastcl.siglip_loss(q, k[:5], 2.0, torch.tensor(float("-inf"))), ValueError, "logit_bias must be finite"),
+    (lambda: fastcl.hypersphere_loss(q, k[:5], lam=torch.tensor(float("inf"))), ValueError, "lam must be finite"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k), ValueError, "ref_emb needs ref_labels"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_labels=torch.arange(6)), ValueError, "needs ref_emb"),
     (lambda: fastcl.nn.SupConLoss()(q, torch.arange(5), ref_emb=k, ref_labels=torch.arange(5)), ValueError,

@@ -173,7 +173,7 @@ class InfoNCELoss(nn.Module):
             self.log_scale = nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(float(temperature))))))
         else:
             self.log_scale = None
-            self.temperature = float(temperature)
+            self.temperature = temperature  # a tensor keeps its autograd graph, as NTXentLoss does
 
     def forward(self, query, keys, positives: Optional[torch.Tensor] = None):
         """query (N, D), keys (M, D) (M = N * g with hard negatives), positives (N,) int64 or None."""

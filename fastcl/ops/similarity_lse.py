@@ -87,6 +87,11 @@ def _lse_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Te
     check_pair("q", q, "k", k)
     need_dq, need_dk = formed_sides(need_dq, need_dk)
     pos = g_pos if g_pos.numel() else None
+    if row_lse.numel() == 0 and col_lse.numel() == 0:  # no softmax side: the positive logits alone, no kernel
+        ct = compute_dtype(q.dtype)
+        gq = q.new_zeros(q.shape, dtype=ct) if need_dq else None
+        gk = k.new_zeros(k.shape, dtype=ct) if need_dk else None
+        return finish_full(q, k, gq, gk, grad_scale, out_dtype, pos, pos_index, need_dq=need_dq, need_dk=need_dk)
     dq, dk, qgq = fused_kernel("similarity_lse", backend, _BACKWARD)(
         q, k, scale, bias, row_lse, col_lse, g_row, g_col, pos, pos_index, diag_offset, grad_scale, out_dtype,
         need_dq, need_dk)
@@ -111,6 +116,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, scale, bias, row, col, pos_index)
     ctx.diag_offset, ctx.backend, ctx.positives = diag_offset, backend, positives
     ctx.rows, ctx.cols = rows, cols
+    # An output the loss does not use gets None, not zeros: its side stays out of the backward, so
+    # a NaN there (0 * NaN) cannot reach the other outputs' gradients, as with autograd's own ops.
+    ctx.set_materialize_grads(False)
 
 
 def _graph_backward(ctx, g_row, g_col, g_pos):
@@ -129,8 +137,12 @@ def _backward(ctx, g_row, g_col, g_pos):
     if torch.is_grad_enabled():  # create_graph=True
         return _graph_backward(ctx, g_row, g_col, g_pos)
     q, k, scale, bias, row, col, pos_index = ctx.saved_tensors
-    g_row = torch.zeros_like(row) if g_row is None else g_row.to(row.dtype).contiguous()
-    g_col = torch.zeros_like(col) if g_col is None else g_col.to(col.dtype).contiguous()
+    # A side without a gradient is left out (empty statistics), as if it had not been asked for.
+    if g_row is None:
+        row = g_row = row.new_empty((0,))
+    if g_col is None:
+        col = g_col = col.new_empty((0,))
+    g_row, g_col = g_row.to(row.dtype).contiguous(), g_col.to(col.dtype).contiguous()
     if ctx.positives and g_pos is not None:
         g_pos = g_pos.to(row.dtype).contiguous()  # row and col share the compute dtype, even when empty
     else:
