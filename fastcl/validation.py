@@ -128,6 +128,21 @@ def check_offset(name: str, offset: Optional[int]) -> None:
         raise ValueError(f"{name} must fit in int64, got {offset}")
 
 
+def check_op_inputs(scalars=(), vectors=()) -> None:
+    """Shapes of a directly callable op's (``torch.ops.fastcl``) statistics and scalars, checked
+    without reading values: each of ``scalars`` ((name, tensor) pairs) holds one element, and each
+    of ``vectors`` ((name, tensor or None, allowed lengths)) is None or 1-D of an allowed length
+    (the kernels index them by row and column)."""
+    for name, t in scalars:
+        if not isinstance(t, torch.Tensor) or t.numel() != 1:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a one-element tensor, got {got}")
+    for name, t, lengths in vectors:
+        if t is not None and (t.dim() != 1 or t.shape[0] not in lengths):
+            want = " or ".join(f"({n},)" for n in dict.fromkeys(lengths))
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
 def check_flags(**flags) -> None:
     """Each keyword's value is a bool (a string such as "no" would read as True); TypeError naming it."""
     for name, value in flags.items():

@@ -328,3 +328,32 @@ def test_dcl_with_one_pair_has_finite_gradients(backend):
     (-pos).backward()
     assert_close(x.grad, a64.grad, torch.float32, "dx", elementwise=True)
     assert_close(y.grad, b64.grad, torch.float32, "dy", elementwise=True)
+
+
+def test_direct_op_calls_check_their_statistics_shapes():
+    """The ops are callable directly (torch.ops.fastcl); statistics of the wrong length used to
+    reach the Triton kernels, which read past them or used a (2,) scale's first element."""
+    q, k, one = torch.randn(6, 4), torch.randn(7, 4), torch.tensor(1.0)
+    z = torch.zeros
+    lse_bwd = torch.ops.fastcl.similarity_lse_bwd
+    cases = [
+        (lambda: torch.ops.fastcl.similarity_lse_fwd(q, k, torch.ones(2), one, True, True, None, False, None,
+                                                     "triton"), r"scale must be a one-element tensor, got \(2,\)"),
+        (lambda: torch.ops.fastcl.similarity_lse_fwd(q, k, one, one, True, False, None, True, z(5, dtype=torch.long),
+                                                     "triton"), r"pos_index must have shape \(6,\), got \(5,\)"),
+        (lambda: lse_bwd(q, k, one, one, z(3), z(0), z(3), z(0), z(0), None, None, one, torch.float32, True, True,
+                         "triton"), r"row_lse must have shape \(6,\) or \(0,\), got \(3,\)"),
+        (lambda: lse_bwd(q, k, one, one, z(6), z(7), z(6), z(6), z(0), None, None, one, torch.float32, True, True,
+                         "triton"), r"g_col must have shape \(7,\), got \(6,\)"),
+        (lambda: lse_bwd(q, k, one, one, z(6), z(0), z(6), z(0), z(5), None, None, one, torch.float32, True, True,
+                         "triton"), r"g_pos must have shape \(6,\) or \(0,\), got \(5,\)"),
+        (lambda: lse_bwd(q, k, one, one, z(6), z(0), z(6), z(0), z(0), None, None, z(2), torch.float32, True, True,
+                         "triton"), r"grad_scale must be a one-element tensor, got \(2,\)"),
+        (lambda: torch.ops.fastcl.sigmoid_pair_fwd(q, k, one, z(1, 2), "triton"),
+         r"bias must be a one-element tensor, got \(1, 2\)"),
+        (lambda: torch.ops.fastcl.sigmoid_pair_bwd(q, k, one, one, z(3), torch.float32, True, True, "triton"),
+         r"grad_scale must be a one-element tensor, got \(3,\)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -20,7 +20,7 @@ from fastcl.ops.dispatch import fused_kernel, resolve_backend
 from fastcl.ops.eager import eager_autograd, needs_custom_op
 from fastcl.ops.reference import check_fits, compute_dtype, graph_grads, reference_logits, scalar_tensor
 from fastcl.ops.strip_grads import finish_full, formed_sides
-from fastcl.validation import check_pair, check_scalar
+from fastcl.validation import check_op_inputs, check_pair, check_scalar
 
 Tensor = torch.Tensor
 
@@ -49,6 +49,7 @@ _BACKWARD = {
 
 def _sp_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
     check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
+    check_op_inputs([("scale", scale), ("bias", bias)])
     return fused_kernel("sigmoid_pair_loss", backend, _FORWARD)(q, k, scale, bias)
 
 
@@ -66,6 +67,7 @@ def _sp_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: 
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
     False: that gradient comes back (0, D), not formed where the backend can skip it."""
     check_pair("q", q, "k", k)
+    check_op_inputs([("scale", scale), ("bias", bias), ("grad_scale", grad_scale)])
     # with neither side asked for, q's: the fused Triton kernels form it anyway (for sum(G))
     need_dq, need_dk = formed_sides(need_dq, need_dk, prefer_q=True)
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,

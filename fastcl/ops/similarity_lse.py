@@ -21,7 +21,7 @@ from fastcl.ops.eager import eager_autograd, needs_custom_op
 from fastcl.ops.reference import (check_fits, compute_dtype, graph_grads, positive_logits, reference_similarity_lse,
                                   row_dots, scalar_tensor, softmax_mass)
 from fastcl.ops.strip_grads import finish_full, formed_sides
-from fastcl.validation import check_flags, check_index, check_offset, check_pair, check_scalar
+from fastcl.validation import check_flags, check_index, check_offset, check_op_inputs, check_pair, check_scalar
 
 Tensor = torch.Tensor
 
@@ -54,6 +54,8 @@ def _lse_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool,
                   diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
+    check_op_inputs([("scale", scale), ("bias", bias)],
+                    [("pos_index", pos_index if positives else None, (q.shape[0],))])
     row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
     ct = compute_dtype(q.dtype)
     if positives:
@@ -85,6 +87,13 @@ def _lse_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Te
     positive logits.  ``need_dq`` / ``need_dk`` False: that gradient is not formed and comes back
     (0, D), so a frozen side (a memory bank, a locked tower) costs no products."""
     check_pair("q", q, "k", k)
+    n, m = q.shape[0], k.shape[0]
+    # Statistics of one side share its length (0: the side is off); pos_index's values are the
+    # caller's to keep in [0, M) (the public functions check them, a read that waits for the device).
+    check_op_inputs([("scale", scale), ("bias", bias), ("grad_scale", grad_scale)],
+                    [("row_lse", row_lse, (n, 0)), ("g_row", g_row, (row_lse.shape[0],)),
+                     ("col_lse", col_lse, (m, 0)), ("g_col", g_col, (col_lse.shape[0],)),
+                     ("g_pos", g_pos, (n, 0)), ("pos_index", pos_index, (n,))])
     need_dq, need_dk = formed_sides(need_dq, need_dk)
     pos = g_pos if g_pos.numel() else None
     if row_lse.numel() == 0 and col_lse.numel() == 0:  # no softmax side: the positive logits alone, no kernel
