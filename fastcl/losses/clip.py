@@ -18,7 +18,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     including the gradient of ``logit_scale``, without storing the N x M logits.
 
     Args:
-        image_features: (N, D) float tensor.
+        image_features: (N, D) float32, bfloat16, float16 or float64 tensor.
         text_features: (M, D), same dtype/device; M == N unless ``labels`` is given.
         logit_scale: positive float or 0-d tensor, already exponentiated (open_clip convention).
         logit_bias: optional float or 0-d tensor added to every logit.

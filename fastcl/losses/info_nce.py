@@ -16,7 +16,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
     """InfoNCE loss ``mean_i [ LSE_j s_ij - s_i,p(i) ]`` with ``s = scale * query @ keys.T``.
 
     Args:
-        query: (N, D) float tensor.  Not normalised here.
+        query: (N, D) float32, bfloat16, float16 or float64 tensor.  Not normalised here.
         keys: (M, D), same dtype/device.
         temperature: positive float or 0-d tensor; scale = 1 / temperature.  Default 0.07 when
             neither ``temperature`` nor ``logit_scale`` is given.

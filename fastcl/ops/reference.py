@@ -75,7 +75,11 @@ def reference_logits(q: torch.Tensor, k: torch.Tensor, scale, bias=None,
 
 def reference_similarity_lse(q, k, scale, bias=None, *, rows=True, cols=False,
                              exclude_diagonal=None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Row (N,) and column (M,) log-sum-exp of the materialised logits; None where not asked."""
+    """Row (N,) and column (M,) log-sum-exp of the materialised logits ``scale * q @ k.T + bias``
+    (entries with ``j == i + exclude_diagonal`` left out); None where not asked.
+
+    q: (N, D) and k: (M, D), float32, bfloat16, float16 or float64, one dtype and device; scale,
+    bias: float or 0-d tensor.  Returns float32 tensors (float64 for float64 inputs)."""
     s = reference_logits(q, k, scale, bias, exclude_diagonal)
     return (torch.logsumexp(s, 1) if rows else None, torch.logsumexp(s, 0) if cols else None)
 

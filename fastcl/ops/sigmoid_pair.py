@@ -117,7 +117,11 @@ _SpFwdEager = eager_autograd("SigmoidPairEager", _sp_fwd_impl, _setup_context, _
 
 
 def reference_sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias) -> Tensor:
-    """Materialised (N, M) version of ``sigmoid_pair_loss``: the oracle and fallback backend."""
+    """Materialised (N, M) version of ``sigmoid_pair_loss``: the oracle and fallback backend.
+
+    q: (N, D) and k: (M, D), float32, bfloat16, float16 or float64, one dtype and device; scale,
+    bias: float or 0-d tensor.  Returns the 0-d sum of -log sigmoid(z * s), z = 1 on the diagonal
+    and -1 elsewhere; float32 (float64 for float64 inputs)."""
     s = reference_logits(q, k, scale, bias)
     z = -torch.ones_like(s)
     d = min(s.shape)
