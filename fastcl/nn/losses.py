@@ -76,6 +76,11 @@ class ClipLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        """image_features, text_features: (N, D) float32, bfloat16, float16 or float64, same dtype and device,
+        not normalised here.  logit_scale: positive float or 0-d floating tensor, already exponentiated;
+        logit_bias: optional float or 0-d tensor added to every logit.  Returns a 0-d float32 tensor (float64
+        for float64 inputs), this rank's loss with ``world_size > 1``; ``{"contrastive_loss": loss}`` with
+        ``output_dict``."""
         if self.world_size > 1:
             err = _check_world(type(self).__name__, self.rank, self.world_size, self.group)
             loss = clip_loss_distributed(image_features, text_features, logit_scale, logit_bias,
@@ -104,6 +109,12 @@ class CoCaLoss(ClipLoss):
         self.pad_id = check_pad_id(pad_id)
 
     def forward(self, image_features, text_features, logits, labels, logit_scale, output_dict: bool = False):
+        """image_features, text_features: (N, D) float32, bfloat16, float16 or float64, same dtype and device;
+        logits: (B, T, V) vocabulary logits, float32, bfloat16, float16 or float64; labels: (B, T) integer token
+        ids in [0, V), ``pad_id`` ignored; logit_scale: positive float or 0-d tensor, already exponentiated.
+        Returns ``(contrastive, caption)``, each weighted and 0-d float32 (float64 for float64 features, resp.
+        logits), or ``{"contrastive_loss": ..., "caption_loss": ...}`` with ``output_dict``.  With
+        ``clip_loss_weight=0`` the contrastive term is an int64 0 on the logits' device (as open_clip)."""
         if self.clip_loss_weight:
             contrastive = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
         else:
@@ -130,6 +141,12 @@ class DistillClipLoss(ClipLoss):
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict: bool = False):
+        """image_features, text_features: (N, D) student features, float32, bfloat16, float16 or float64, same
+        dtype and device; logit_scale: positive float or 0-d tensor, exponentiated.  dist_image_features,
+        dist_text_features: (N, D') teacher features of one of those dtypes (the two alike), on the student's
+        device, not requiring grad; dist_logit_scale: positive float or 0-d tensor, not requiring grad.
+        Returns ``(contrastive_loss, distill_loss)``, each a 0-d float32 tensor (float64 for float64 student
+        features), or a dict with those keys with ``output_dict``."""
         contrastive, distill = distill_clip_loss(image_features, text_features, logit_scale, dist_image_features,
                                                  dist_text_features, dist_logit_scale, backend=self.backend)
         if output_dict:
@@ -151,6 +168,9 @@ class HypersphereLoss(nn.Module):
         self.t, self.lam, self.alpha, self.backend = t, lam, alpha, backend
 
     def forward(self, z_a, z_b):
+        """z_a, z_b: (N, D) float32, bfloat16, float16 or float64, same dtype and device (L2-normalised here);
+        row i of each is a view of sample i.  Returns a 0-d float32 tensor (float64 for float64 inputs); NaN
+        for one sample, as lightly."""
         return hypersphere_loss(z_a, z_b, self.t, self.lam, self.alpha, backend=self.backend)
 
 
@@ -176,7 +196,10 @@ class InfoNCELoss(nn.Module):
             self.temperature = temperature  # a tensor keeps its autograd graph, as NTXentLoss does
 
     def forward(self, query, keys, positives: Optional[torch.Tensor] = None):
-        """query (N, D), keys (M, D) (M = N * g with hard negatives), positives (N,) int64 or None."""
+        """query: (N, D) float32, bfloat16, float16 or float64, not normalised here; keys: (M, D), same dtype
+        and device (M = N * g with hard negatives); positives: optional (N,) int64, int32, int16, int8 or uint8
+        index of each query's positive key, default ``arange(N)``.  Returns a 0-d float32 tensor (float64 for
+        float64 inputs), or the (N,) per-query losses with ``reduction="none"``."""
         kw = dict(positives=positives, symmetric=self.symmetric, exclude_self=self.exclude_self,
                   reduction=self.reduction, label_smoothing=self.label_smoothing, backend=self.backend)
         if self.log_scale is not None:
@@ -211,6 +234,10 @@ class NTXentLoss(nn.Module):
         self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
 
     def forward(self, out0, out1):
+        """out0, out1: (N, D) float32, bfloat16, float16 or float64, same dtype and device (L2-normalised here);
+        row i of each is the other's positive.  With a memory bank the anchors are ``out0`` only and ``out1`` is
+        enqueued when ``out0`` requires grad.  Returns a 0-d float32 tensor (float64 for float64 inputs); with
+        ``gather_distributed`` over several ranks, this rank's loss."""
         if self.memory_bank.enabled:
             err = None
             try:
@@ -240,7 +267,9 @@ class DirectCLRLoss(NTXentLoss):
         self.loss_dim = loss_dim
 
     def forward(self, out0, out1):
-        """out0, out1: (N, ...) outputs, flattened to (N, F) and cut to their first loss_dim features."""
+        """out0, out1: (N, ...) float32, bfloat16, float16 or float64 outputs, same dtype and device, flattened
+        to (N, F) and cut to their first ``loss_dim`` features; then as ``NTXentLoss.forward``.  Returns a 0-d
+        float32 tensor (float64 for float64 inputs)."""
         # (1-D outputs go on as they are, to the argument checks, which publish their error
         # to the other ranks under gather_distributed)
         if isinstance(out0, torch.Tensor) and isinstance(out1, torch.Tensor) and out0.dim() >= 2 and out1.dim() >= 2:
@@ -274,6 +303,9 @@ class DCLLoss(nn.Module):
         self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
 
     def forward(self, out0, out1):
+        """out0, out1: (N, D) float32, bfloat16, float16 or float64, same dtype and device (L2-normalised here);
+        row i of each is the other's positive.  Returns a 0-d float32 tensor (float64 for float64 inputs); with
+        ``gather_distributed`` over several ranks, this rank's loss."""
         if self.gather_distributed and is_distributed(self.group):
             return dcl_loss_distributed(out0, out1, self.temperature, self.weight_fn, negatives=self.negatives,
                                         dist_impl=self.dist_impl, group=self.group, backend=self.backend)
@@ -305,6 +337,9 @@ class MACLLoss(nn.Module):
         self.temperature, self.alpha, self.A_0, self.backend = temperature, alpha, A_0, backend
 
     def forward(self, z0, z1):
+        """z0, z1: (N, D) float32, bfloat16, float16 or float64, same dtype and device (L2-normalised here);
+        row i of each is the other's positive.  Returns a 0-d float32 tensor (float64 for float64 inputs); 0
+        for one sample, as lightly."""
         return macl_loss(z0, z1, self.temperature, self.alpha, self.A_0, backend=self.backend)
 
 
@@ -339,6 +374,17 @@ class SupConLoss(nn.Module):
         self.backend = backend
 
     def forward(self, features, labels=None, mask=None, *, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """SupContrast form: features (bsz, n_views, D) float32, bfloat16, float16 or float64 (trailing dims
+        flattened; not normalised); labels: optional (bsz,) integer or floating (not NaN) classes; mask:
+        optional (bsz, bsz) float or bool positive weights, exclusive with labels; neither gives SimCLR.
+
+        pytorch-metric-learning form: features (N, D) of those dtypes (normalised here); labels: (N,) integer or
+        floating classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer tensors
+        (a1, p, a2, n) or (a, p, n), also taken as the third positional argument; ref_emb: (M, D), same dtype
+        and device; ref_labels: (M,) classes, required with ref_emb unless indices_tuple is given.
+
+        Returns a 0-d float32 tensor (float64 for float64 inputs); with ``gather_distributed`` over several
+        ranks, this rank's loss."""
         pml_form = isinstance(features, torch.Tensor) and features.dim() == 2
         err = None
         if pml_form and isinstance(mask, (tuple, list)):  # PML's third positional is indices_tuple
@@ -393,6 +439,11 @@ class SigLipLoss(nn.Module):
         self.group, self.backend = group, backend
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        """image_features: (N, D) float32, bfloat16, float16 or float64; text_features: (N, D), same dtype and
+        device (on one process (M, D): texts past N are negatives for every image); not normalised here.
+        logit_scale: positive float or 0-d floating tensor, already exponentiated; logit_bias: float, 0-d
+        tensor, or None for no bias.  Returns a 0-d float32 tensor (float64 for float64 inputs), this rank's
+        loss with ``world_size > 1``; ``{"contrastive_loss": loss}`` with ``output_dict``."""
         if self.world_size > 1:
             err = _check_world("SigLipLoss", self.rank, self.world_size, self.group)
             loss = siglip_loss_distributed(image_features, text_features, logit_scale, logit_bias,

@@ -13,7 +13,8 @@ class RandomMasking(nn.Module):
 
     ``forward(x, noise=None, pos_embed=None, generator=None)`` takes x (B, L, D) float, optional
     noise (B, L) float and pos_embed (L, D) or (1, L, D) in x's dtype, and returns
-    ``(x_kept (B, K, D) x.dtype, mask (B, L) float32, ids_restore (B, L) int64, ids_keep (B, K) int64)``.
+    ``(x_kept (B, K, D) x.dtype, mask (B, L) in the default float dtype (float32 unless changed),
+    ids_restore (B, L) int64, ids_keep (B, K) int64)``.
     """
 
     def __init__(self, mask_ratio: float = 0.75, backend: Optional[str] = None):
@@ -24,6 +25,11 @@ class RandomMasking(nn.Module):
     def forward(self, x: torch.Tensor, noise: Optional[torch.Tensor] = None,
                 pos_embed: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, ...]:
+        """x: (B, L, D) float32, bfloat16, float16 or float64; noise: optional (B, L) floating tensor on x's
+        device (the K smallest are kept; default ``torch.rand`` drawn from ``generator``, which is then not
+        given with noise); pos_embed: optional (L, D) or (1, L, D) in x's dtype, added to the kept tokens.
+        Returns ``(x_kept (B, K, D) x.dtype, mask (B, L) in the default float dtype (float32), 1 = removed,
+        ids_restore (B, L) int64, ids_keep (B, K) int64)`` with ``K = int(L * (1 - mask_ratio))``."""
         return random_masking(x, self.mask_ratio, noise=noise, generator=generator, pos_embed=pos_embed,
                               backend=self.backend)
 
@@ -52,6 +58,9 @@ class RestoreTokens(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, x_kept: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """x_kept: (B, K, dim) float32, bfloat16, float16 or float64; ids_restore: (B, L) int64, int32, int16,
+        int8 or uint8, L >= K, values in [0, L): slot l takes kept token ``ids_restore[b, l]`` if it is < K,
+        else the mask token.  Returns (B, L, dim) in x_kept's dtype."""
         if isinstance(x_kept, torch.Tensor) and x_kept.dim() == 3 and x_kept.shape[2] != self.dim:
             raise ValueError(f"x_kept must have feature size dim = {self.dim}, got shape {tuple(x_kept.shape)}")
         token = self.mask_token

@@ -56,12 +56,13 @@ class MemoryBank(nn.Module):
     def forward(self, output: torch.Tensor, update: bool = False, *,
                 local_error: Optional[BaseException] = None) -> Optional[torch.Tensor]:
         """The bank's rows before this call, (num_features, dim) float32 detached, on
-        ``output``'s device (None when disabled); with ``update``, ``output`` (N, dim) is then
-        enqueued.  The bank moves to ``output``'s device on first use, as lightly moves its
-        negatives there (a criterion is often left on the CPU).  ``local_error``: a failed
-        argument check of the caller; under ``gather_distributed`` it is published to the other
-        ranks in the enqueue's collective, so that every rank raises instead of waiting; so do
-        ranks that differ in ``update``, as the exchange runs whether or not this call updates."""
+        ``output``'s device (None when disabled); with ``update``, ``output`` (N, dim), any floating
+        dtype, is then enqueued (stored as float32).  The bank moves to ``output``'s device on first
+        use, as lightly moves its negatives there (a criterion is often left on the CPU).
+        ``local_error``: a failed argument check of the caller; under ``gather_distributed`` it is
+        published to the other ranks in the enqueue's collective, so that every rank raises instead
+        of waiting; so do ranks that differ in ``update``, as the exchange runs whether or not this
+        call updates."""
         if not self.enabled:
             if local_error is not None:
                 raise local_error

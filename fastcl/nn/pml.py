@@ -45,6 +45,12 @@ class NTXentLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 exclude_self=False):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64 (L2-normalised here); labels: (N,) integer
+        or floating (not NaN) classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer
+        tensors, pairs (a1, p, a2, n) or triplets (a, p, n); ref_emb: optional (M, D) references, same dtype and
+        device, with ref_labels (M,) (required unless ``indices_tuple`` is given); exclude_self: with ref_emb,
+        whose first N rows are then the anchors' own, leave out the pairs (i, i) (not with indices_tuple).
+        Returns a 0-d float32 tensor (float64 for float64 embeddings)."""
         return ntxent_loss_pml(embeddings, labels, self.temperature, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                ref_labels=ref_labels, exclude_self=exclude_self)
 
@@ -64,6 +70,12 @@ class SupConLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 exclude_self=False):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64 (L2-normalised here); labels: (N,) integer
+        or floating (not NaN) classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer
+        tensors, pairs (a1, p, a2, n) or triplets (a, p, n); ref_emb: optional (M, D) references, same dtype and
+        device, with ref_labels (M,) (required unless ``indices_tuple`` is given); exclude_self: with ref_emb,
+        whose first N rows are then the anchors' own, leave out the pairs (i, i) (not with indices_tuple).
+        Returns a 0-d float32 tensor (float64 for float64 embeddings)."""
         return supcon_loss_pml(embeddings, labels, self.temperature, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                ref_labels=ref_labels, exclude_self=exclude_self, backend=self.backend)
 
@@ -89,6 +101,12 @@ class TripletMarginLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 exclude_self=False):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64 (L2-normalised here); labels: (N,) integer
+        or floating (not NaN) classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer
+        tensors, triplets (a, p, n) or pairs (a1, p, a2, n); ref_emb: optional (M, D) references, same dtype and
+        device, with ref_labels (M,) (required unless ``indices_tuple`` is given); exclude_self: with ref_emb,
+        whose first N rows are then the anchors' own, leave out the pairs (i, i) (not with indices_tuple).
+        Returns a 0-d float32 tensor (float64 for float64 embeddings)."""
         return triplet_margin_loss_pml(embeddings, labels, self.margin, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                        ref_labels=ref_labels, exclude_self=exclude_self)
 
@@ -111,6 +129,12 @@ class MultiSimilarityLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 exclude_self=False):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64 (L2-normalised here); labels: (N,) integer
+        or floating (not NaN) classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer
+        tensors, pairs (a1, p, a2, n) or triplets (a, p, n); ref_emb: optional (M, D) references, same dtype and
+        device, with ref_labels (M,) (required unless ``indices_tuple`` is given); exclude_self: with ref_emb,
+        whose first N rows are then the anchors' own, leave out the pairs (i, i) (not with indices_tuple).
+        Returns a 0-d float32 tensor (float64 for float64 embeddings)."""
         return multi_similarity_loss_pml(embeddings, labels, self.alpha, self.beta, self.base,
                                          indices_tuple=indices_tuple, ref_emb=ref_emb, ref_labels=ref_labels,
                                          exclude_self=exclude_self)
@@ -132,6 +156,12 @@ class CircleLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 exclude_self=False):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64 (L2-normalised here); labels: (N,) integer
+        or floating (not NaN) classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer
+        tensors, pairs (a1, p, a2, n) or triplets (a, p, n); ref_emb: optional (M, D) references, same dtype and
+        device, with ref_labels (M,) (required unless ``indices_tuple`` is given); exclude_self: with ref_emb,
+        whose first N rows are then the anchors' own, leave out the pairs (i, i) (not with indices_tuple).
+        Returns a 0-d float32 tensor (float64 for float64 embeddings)."""
         return circle_loss_pml(embeddings, labels, self.m, self.gamma, indices_tuple=indices_tuple, ref_emb=ref_emb,
                                ref_labels=ref_labels, exclude_self=exclude_self)
 
@@ -153,6 +183,12 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
                 exclude_self=False):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64 (L2-normalised here); labels: (N,) integer
+        or floating (not NaN) classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer
+        tensors, pairs (a1, p, a2, n) or triplets (a, p, n); ref_emb: optional (M, D) references, same dtype and
+        device, with ref_labels (M,) (required unless ``indices_tuple`` is given); exclude_self: with ref_emb,
+        whose first N rows are then the anchors' own, leave out the pairs (i, i) (not with indices_tuple).
+        Returns a 0-d float32 tensor (float64 for float64 embeddings)."""
         return contrastive_loss_pml(embeddings, labels, self.pos_margin, self.neg_margin, indices_tuple=indices_tuple,
                                     ref_emb=ref_emb, ref_labels=ref_labels, exclude_self=exclude_self)
 
@@ -174,6 +210,9 @@ class SelfSupervisedLoss(nn.Module):
         self.loss, self.symmetric = loss, symmetric
 
     def forward(self, embeddings, ref_emb):
+        """embeddings, ref_emb: (N, D) float32, bfloat16, float16 or float64, same dtype and device; row i of
+        ref_emb is another view of row i (labels ``arange(N)``, int64).  Returns what ``loss`` returns: a 0-d
+        float32 tensor (float64 for float64 embeddings) for this module's losses."""
         check_pair("embeddings", embeddings, "ref_emb", ref_emb)
         if ref_emb.shape[0] != embeddings.shape[0]:
             raise ValueError(f"ref_emb must have one row per embedding ({embeddings.shape[0]}), got "
@@ -264,6 +303,12 @@ class CrossBatchMemory(nn.Module):
         return slots
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        """embeddings: (N, embedding_size) float32, bfloat16, float16 or float64; labels: (N,) integer or
+        floating (not NaN) classes.  The memory takes their device and dtypes (the embeddings' dtype not under
+        CUDA autocast).  indices_tuple: optional 1-D integer tensors (a1, p, a2, n) or (a, p, n), anchors into
+        the batch and partners into the memory, added to the pairs; enqueue_mask: optional (N,) bool, the rows
+        written to the memory (the others are the anchors); not both.  Returns what ``loss`` returns: a 0-d
+        float32 tensor (float64 for float64 embeddings) for this module's losses (0 when no anchor is left)."""
         check_embeddings("embeddings", embeddings)
         n = embeddings.shape[0]
         if embeddings.shape[1] != self.embedding_size:
@@ -394,6 +439,12 @@ class DistributedLossWrapper(nn.Module):
         return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+        """embeddings: (N, D) float32, bfloat16, float16 or float64, N may differ between ranks; labels:
+        optional (N,) integer or floating classes; indices_tuple: a miner's pairs or triplets, passed on as
+        given; ref_emb: optional (M, D), same dtype and device, with ref_labels (M,); enqueue_mask: optional
+        (N,) bool, for a wrapped ``CrossBatchMemory`` only.  Returns a 0-d tensor, ``world_size`` times the
+        wrapped loss (the loss itself outside torch.distributed or with one rank): float32 (float64 for float64
+        embeddings) for this module's losses."""
         memory = isinstance(self.loss, CrossBatchMemory)
         if not (dist.is_available() and dist.is_initialized()):
             self._check_kinds(indices_tuple, ref_emb, ref_labels, enqueue_mask)
