@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
+    for name in ("batch", "dim", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
 
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
@@ -78,6 +81,10 @@ def main() -> None:
             print(f"step {step:3d}  loss {loss.item():.4f}  ({world} rank(s), dist_impl={args.dist_impl}, "
                   f"global batch {args.batch * world})", flush=True)
     if distributed:
+        # Free the DDP model (its reducer holds gloo work) and wait for every rank before the group
+        # goes: torch's gloo teardown could otherwise hang a rank at exit now and then.
+        del model, opt, loss_fn
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -197,7 +197,7 @@ def _check_backend(parser: argparse.ArgumentParser, flag: str, name: Optional[st
 
 def cmd_train(args, parser) -> int:
     """``fastcl train``: check the arguments, run the digits demo; under torchrun only rank 0 prints."""
-    from fastcl.demo import load_digits_split, run
+    from fastcl.demo import load_digits_split, run, schedule_steps
     if args.batch_size < 2:
         parser.error(f"--batch-size must be >= 2 (contrastive losses need negatives), got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size > args.batch_size:
@@ -207,8 +207,7 @@ def cmd_train(args, parser) -> int:
         # BatchNorm1d in training mode needs at least 2 samples per chunk it normalises.
         parser.error(f"--chunk-size {args.chunk_size} splits --batch-size {args.batch_size} into chunks of which one "
                      f"holds a single sample, and BatchNorm needs at least 2; pick another --chunk-size")
-    if args.resume is not None:
-        _check_resume(parser, args)
+    resumed = _check_resume(parser, args) if args.resume is not None else None
     device = _check_device(parser, args.device or _default_device())
     _check_backend(parser, "--backend", args.backend, device)
     try:
@@ -224,6 +223,16 @@ def cmd_train(args, parser) -> int:
             ([f"{n_train} split over {world} processes"] if world > 1 else [])
         parser.error(f"--batch-size {args.batch_size} is larger than the {per_process} training images per process"
                      + (f" ({', '.join(why)})" if why else "") + "; lower --batch-size")
+    if resumed is not None:
+        # The LR schedule's length is in the checkpoint: a run of another length would step it past
+        # its end (a longer one) or end it early without saying so (a shorter one).
+        steps = schedule_steps(n_train, args.epochs, args.batch_size, world)
+        sched = resumed["scheduler"]
+        saved = sched.get("total_steps") if isinstance(sched, dict) else None
+        if saved != (steps if steps > 1 else None):
+            parser.error(f"--resume {args.resume}: the checkpoint's learning-rate schedule spans {saved} steps and this "
+                         f"run's {steps} (--epochs {args.epochs}, --batch-size, --limit and the number of processes "
+                         "set it); resume with the settings the checkpoint was written with")
     if args.out is not None:
         _make_out_dir(parser, args.out)
     import torch
@@ -251,10 +260,11 @@ def cmd_train(args, parser) -> int:
     return 0
 
 
-def _check_resume(parser: argparse.ArgumentParser, args) -> None:
+def _check_resume(parser: argparse.ArgumentParser, args) -> dict:
     """Exit with a ``parser`` error naming --resume unless it is a checkpoint this run can continue:
-    one ``fastcl train --out`` wrote, with this --seed, --batch-size and --encoder.  Read here, before
-    any slow work, rather than after the untrained probe, deep in the Trainer."""
+    one ``fastcl train --out`` wrote, with this --seed, --batch-size and --encoder; returns its state
+    (the caller checks the schedule's length).  Read here, before any slow work, rather than after
+    the untrained probe, deep in the Trainer."""
     import torch
 
     from fastcl.demo import ENCODERS
@@ -282,6 +292,7 @@ def _check_resume(parser: argparse.ArgumentParser, args) -> None:
            if k.startswith("encoder.")}
     if got != want:
         parser.error(f"--resume {path}: the checkpoint's encoder is not this run's --encoder {args.encoder}")
+    return state
 
 
 def _make_out_dir(parser: argparse.ArgumentParser, out: str) -> None:

@@ -162,6 +162,16 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
     return {"mean": float(t.mean()), "std": float(t.std()) if len(accs) > 1 else 0.0}
 
 
+def schedule_steps(n_train: int, epochs: int, batch_size: int, world_size: Optional[int] = None) -> int:
+    """Optimizer steps of a run (the LR schedule's length): each of ``world_size`` processes
+    (default: torch.distributed's group, else 1) takes ``(n_train // world_size) // batch_size``
+    steps an epoch, as ``Trainer.fit`` does."""
+    if world_size is None:
+        d = torch.distributed
+        world_size = d.get_world_size() if d.is_available() and d.is_initialized() else 1
+    return epochs * ((n_train // world_size) // batch_size)
+
+
 def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk_size: Optional[int] = None,
         device: str = "cpu", backend: Optional[str] = None, seed: int = 0, out: Optional[str] = None,
         lr: float = 3e-3, temperature: float = 0.5, encoder: str = "cnn", width: Optional[int] = None,
@@ -186,7 +196,7 @@ def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk
     encoder = ENCODERS[encoder]() if width is None else ENCODERS[encoder](width)
     model = SimCLR(encoder, ProjectionHead(encoder.out_dim, 256, 64, batch_norm=True)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (len(x_tr) // batch_size)
+    steps = schedule_steps(len(x_tr), epochs, batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1) \
         if steps > 1 else None
 

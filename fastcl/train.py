@@ -364,7 +364,9 @@ class Trainer:
         _check_int("epochs", epochs, 1)
         if max_steps is not None:
             _check_int("max_steps", max_steps, 1)
-        local_n = len(range(self.rank, n, self.world_size))
+        # Every rank takes the same number of steps (their collectives pair up): the rows left over
+        # by n % world_size are not used.
+        local_n = n // self.world_size
         steps_per_epoch = local_n // self.batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={self.batch_size} is larger than the {local_n} samples per process "
@@ -389,6 +391,7 @@ class Trainer:
                 idx = order[self.step_in_epoch * self.batch_size:(self.step_in_epoch + 1) * self.batch_size]
                 batch = tuple(t[idx] for t in tensors)
                 inputs = _as_tuple(self.transform(batch, self.generator)) if self.transform else batch
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps after it)
                 loss = self.train_step(inputs)
                 self.step_in_epoch += 1
                 self.global_step += 1
@@ -397,7 +400,7 @@ class Trainer:
                 record = {"epoch": self.epoch, "step": self.global_step, "loss": loss,
                           "samples_per_s": done_samples / max(elapsed, 1e-9),
                           "peak_mem_mb": peak_memory_mb(self.device),
-                          "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
+                          "lr": lr, "elapsed_s": elapsed}
                 self.history.append(record)
                 metrics.write(record)
                 self._report(bar, record, stop)

@@ -47,6 +47,18 @@ def test_train_resumes_from_a_checkpoint(tmp_path, capsys):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["global_step"] == 4
 
 
+def test_resume_needs_the_same_schedule_length(tmp_path, capsys):
+    """The checkpoint's LR schedule has a fixed length: resuming with another --epochs stepped it
+    past its end (a traceback from the scheduler) or cut it short silently; now a parser error."""
+    assert main(TINY + ["--out", str(tmp_path), "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    epochs = TINY[TINY.index("--epochs") + 1]
+    more = [v if i != TINY.index("--epochs") + 1 else str(int(epochs) + 1) for i, v in enumerate(TINY)]
+    with pytest.raises(SystemExit):
+        main(more + ["--out", str(tmp_path), "--resume", str(tmp_path / "checkpoint.pt")])
+    assert "the checkpoint's learning-rate schedule spans" in capsys.readouterr().err
+
+
 def test_train_under_torchrun_uses_distributed_loss(tmp_path):
     """Two CPU ranks under torchrun: the process group comes up, the all-gather NT-Xent runs,
     and both ranks finish the tiny run."""

@@ -150,6 +150,33 @@ def test_resume_is_bit_identical_on_cpu(tmp_path):
     assert [json.loads(s)["step"] for s in lines] == list(range(1, 10))
 
 
+def test_metrics_log_the_rate_each_step_used(tmp_path):
+    """The scheduler steps after the optimizer: a step's record holds the rate that step ran at
+    (it used to hold the next step's, and the last record a rate past the schedule's end)."""
+    model = _simclr()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=6, pct_start=0.1)
+    expected = []
+    probe = torch.optim.lr_scheduler.OneCycleLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3),
+                                                max_lr=3e-3, total_steps=6, pct_start=0.1)
+    for _ in range(6):
+        expected.append(probe.optimizer.param_groups[0]["lr"])
+        probe.optimizer.step()
+        probe.step()
+    trainer = Trainer(model, _ntxent, opt, batch_size=8, transform=_noise_views, scheduler=sched, seed=1,
+                      progress=False)
+    hist = trainer.fit(torch.randn(24, 10), 2)
+    assert [r["lr"] for r in hist] == expected and len(set(expected)) > 1
+
+
+def test_schedule_length_counts_each_process_share():
+    """The demo's LR schedule spans the steps each process takes: (n // world) // batch an epoch."""
+    from fastcl.demo import schedule_steps
+    assert schedule_steps(96, 2, 16, world_size=1) == 12
+    assert schedule_steps(96, 2, 16, world_size=2) == 6
+    assert schedule_steps(97, 1, 16, world_size=2) == 3  # 48 rows each: the odd one is left over
+
+
 def test_resume_needs_same_batch_size(tmp_path):
     _run(tmp_path, 1)
     model = _simclr()
