@@ -9,6 +9,9 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _eager() -> bool:
     # Value checks need a device sync and break graphs; skip them while torch.compile traces.
     return not torch.compiler.is_compiling()
@@ -75,7 +78,8 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
             raise ValueError(f"{name} must be a scalar (0-d or shape (1,) tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
-        if _eager() and value.device.type == "cpu":  # the one read: CPU values cost no sync
+        # The one read: CPU values cost no sync (and none under torch.func, which cannot read one).
+        if _eager() and value.device.type == "cpu" and not _functorch_active():
             _check_real(name, float(value.detach().reshape(())), positive, finite=True)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         # (a float torch.compile made symbolic has no isinf; its sign is still compared)

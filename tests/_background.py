@@ -7,7 +7,9 @@ read it ``@pytest.mark.background(name)``; conftest starts the checks that the s
 need, in the order they are needed, and ``result(name)`` waits for one, or runs it there and then
 when nothing started it (a test run on its own).
 """
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -82,19 +84,31 @@ def workdir() -> str:
         return _state["workdir"]
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    # The compilers fork (g++ -> cc1plus, nvcc -> cicc, ptxas): the whole process group goes.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run(argv, env=None, timeout: float = 900) -> subprocess.CompletedProcess:
     """``subprocess.run(argv, capture_output=True, text=True)`` at a lower priority (nice 10), so
-    the foreground tests keep their core; killed when the session ends."""
+    the foreground tests keep their core, in its own process group: on a timeout or when the
+    session ends, it and every process it started are killed."""
+    if _state["stopping"]:
+        raise RuntimeError("the test session is ending")
     nice = shutil.which("nice")
     cmd = [nice, "-n", "10", *argv] if nice else list(argv)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     with _lock:
         _procs.add(proc)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        _kill_group(proc)
+        proc.communicate(timeout=30)
         raise
     finally:
         with _lock:
@@ -103,11 +117,12 @@ def run(argv, env=None, timeout: float = 900) -> subprocess.CompletedProcess:
 
 
 def stop() -> None:
-    """Ends the session's checks: no new ones start, running ones are killed, outputs removed."""
+    """Ends the session's checks: no new ones start, running ones are killed (with the processes
+    they started), outputs removed."""
     _state["stopping"] = True
     with _lock:
         procs = list(_procs)
     for p in procs:
-        p.kill()
+        _kill_group(p)
     if _state["workdir"] is not None:
         shutil.rmtree(_state["workdir"], ignore_errors=True)

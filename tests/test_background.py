@@ -50,3 +50,14 @@ def test_run_captures_output_at_lower_priority():
     proc = _background.run([sys.executable, "-c", "import os, sys; print(os.nice(0)); sys.exit(3)"])
     assert proc.returncode == 3
     assert int(proc.stdout) == min(19, os.nice(0) + (10 if shutil.which("nice") else 0))
+
+
+def test_a_timeout_kills_what_the_command_started():
+    """Compilers fork (g++ -> cc1plus): the timeout kills the whole process group, and does not
+    wait for a grandchild that holds the output pipes."""
+    import subprocess
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(subprocess.TimeoutExpired):
+        _background.run(["sh", "-c", "sleep 30 & sleep 30"], timeout=1)
+    assert time.perf_counter() - t0 < 10

@@ -95,7 +95,7 @@ MISMATCHED_CALLS = ["different losses clip vs siglip gather", "different losses 
                     "different losses ClipLoss module vs ntxent ring", "different collectives all_gather vs all_reduce",
                     "different losses with a local error", "argument lists differ in length", "long argument lists",
                     "requires grad differs gather", "requires grad differs ring", "requires grad of a setting differs",
-                    "requires grad differs all_reduce", "grad mode differs", "memory bank update differs"]
+                    "requires grad differs all_reduce", "grad mode differs", "memory bank read on one rank"]
 
 
 def test_ranks_calling_different_losses_all_raise(tmp_path):

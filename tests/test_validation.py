@@ -357,3 +357,13 @@ def test_direct_op_calls_check_their_statistics_shapes():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_scalar_checks_do_not_read_values_under_torch_func():
+    """A CPU tensor bias's value is read for the finiteness check, but not inside torch.func
+    transforms, which cannot read one (vmap over a bias worked before that check existed)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, biases = torch.randn(5, 4, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(3, generator=gen)
+    out = torch.func.vmap(lambda b: similarity_lse(q, k, 2.0, b, backend="reference"))(biases)
+    ref = torch.stack([similarity_lse(q, k, 2.0, b, backend="reference") for b in biases])
+    assert_close(out, ref, torch.float32)

@@ -61,8 +61,8 @@ class MemoryBank(nn.Module):
         use, as lightly moves its negatives there (a criterion is often left on the CPU).
         ``local_error``: a failed argument check of the caller; under ``gather_distributed`` it is
         published to the other ranks in the enqueue's collective, so that every rank raises instead
-        of waiting; so do ranks that differ in ``update``, as the exchange runs whether or not this
-        call updates."""
+        of waiting.  Only an update is collective (a read on one rank does not wait), so every rank
+        of the group must pass the same ``update``, as with lightly."""
         if not self.enabled:
             if local_error is not None:
                 raise local_error
@@ -74,12 +74,12 @@ class MemoryBank(nn.Module):
             except (TypeError, ValueError) as e:
                 err = e
         sizes = None
-        if self.gather_distributed and is_distributed(self.group):
-            # Every rank takes part, updating or not: ranks that differ in ``update`` (lightly's
-            # "out0 requires grad") raise instead of waiting in the enqueue's all_gather.  The rows
-            # go in detached, so only their shapes are compared.
+        if update and self.gather_distributed and is_distributed(self.group):
+            # Only an update is collective, as in lightly: a read on one rank (evaluation, logging)
+            # must not wait for the others.  So every rank must pass the same ``update``.  The rows
+            # go in detached: only their shapes are compared.
             rows = output.detach() if isinstance(output, torch.Tensor) else output
-            sizes = exchange_shapes([("out1", rows)], self.group, err, [("update", update)])[0]
+            sizes = exchange_shapes([("out1", rows)], self.group, err)[0]
         elif err is not None:
             raise err
         bank = self.bank.clone()

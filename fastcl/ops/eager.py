@@ -36,7 +36,7 @@ def eager_autograd(name: str, impl: Callable, setup_context: Callable, backward:
     ``register_autograd(backward, setup_context=setup_context)``: ``apply(*inputs)`` returns
     ``impl(*inputs)``, ``setup_context(ctx, inputs, output)`` runs after it, and
     ``backward(ctx, *grads)`` returns one gradient (or None) per input, as it does for the op
-    (unused outputs' gradients are materialised as zeros there too)."""
+    (``setup_context`` may switch off the zero gradients of unused outputs, which applies to both)."""
 
     def forward(ctx, *inputs):
         output = impl(*inputs)
