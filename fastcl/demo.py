@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastcl.models import ProjectionHead, SimCLR
-from fastcl.train import Trainer
+from fastcl.train import Trainer, epoch_steps
 
 LOSSES = ("ntxent", "supcon", "clip")
 
@@ -165,11 +165,11 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
 def schedule_steps(n_train: int, epochs: int, batch_size: int, world_size: Optional[int] = None) -> int:
     """Optimizer steps of a run (the LR schedule's length): each of ``world_size`` processes
     (default: torch.distributed's group, else 1) takes ``(n_train // world_size) // batch_size``
-    steps an epoch, as ``Trainer.fit`` does."""
+    steps an epoch, as ``Trainer.fit`` does (``fastcl.train.epoch_steps``)."""
     if world_size is None:
         d = torch.distributed
         world_size = d.get_world_size() if d.is_available() and d.is_initialized() else 1
-    return epochs * ((n_train // world_size) // batch_size)
+    return epochs * epoch_steps(n_train, world_size, batch_size)
 
 
 def run(*, loss: str = "ntxent", epochs: int = 320, batch_size: int = 256, chunk_size: Optional[int] = None,

@@ -395,9 +395,14 @@ class _AllReduceWithGrad(torch.autograd.Function):
     def backward(ctx, g):
         refuse_graph_backward("the gradient-carrying all-reduce")
         # y = sum_r x_r is read by every rank, so d(sum_r L_r)/dx_r = sum_r dL_r/dy.
-        gy = g.to(_comm_device(g, ctx.group)).contiguous().clone()
-        dist.all_reduce(gy, group=ctx.group)
-        return gy.to(g.device), None
+        return _sum_over_ranks(g, ctx.group), None
+
+
+def _sum_over_ranks(g: Tensor, group) -> Tensor:
+    """``g`` summed over the ranks of ``group`` (a copy on ``g``'s device; ``g`` is left alone)."""
+    gy = g.to(_comm_device(g, group)).contiguous().clone()
+    dist.all_reduce(gy, group=group)
+    return gy.to(g.device)
 
 
 class _ReplicatedMeanGrad(torch.autograd.Function):
@@ -412,9 +417,7 @@ class _ReplicatedMeanGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         refuse_graph_backward("the replicated value's gradient all-reduce")
-        gy = g.to(_comm_device(g, ctx.group)).contiguous().clone()
-        dist.all_reduce(gy, group=ctx.group)
-        return gy.to(g.device) / group_info(ctx.group)[1], None
+        return _sum_over_ranks(g, ctx.group) / group_info(ctx.group)[1], None
 
 
 def replicated_mean_grad(x, group=None):

@@ -95,6 +95,13 @@ def data_order_mismatch(state: Dict, seed: int, batch_size: int) -> Optional[Tup
     return None
 
 
+def epoch_steps(n: int, world_size: int, batch_size: int) -> int:
+    """Steps each of ``world_size`` processes takes an epoch over ``n`` rows: every rank takes the
+    same number (their collectives pair up), so the rows left over by ``n % world_size`` and the
+    last partial batch are not used."""
+    return (n // world_size) // batch_size
+
+
 class Trainer:
     """Trains ``model`` with ``loss_fn`` on in-memory tensors.
 
@@ -364,10 +371,8 @@ class Trainer:
         _check_int("epochs", epochs, 1)
         if max_steps is not None:
             _check_int("max_steps", max_steps, 1)
-        # Every rank takes the same number of steps (their collectives pair up): the rows left over
-        # by n % world_size are not used.
         local_n = n // self.world_size
-        steps_per_epoch = local_n // self.batch_size
+        steps_per_epoch = epoch_steps(n, self.world_size, self.batch_size)
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={self.batch_size} is larger than the {local_n} samples per process "
                              f"in data; lower batch_size")

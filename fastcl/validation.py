@@ -9,7 +9,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+# Whether a torch.func transform (vmap, grad, ...) is running: it cannot read a tensor's value.
+functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _eager() -> bool:
@@ -71,15 +72,15 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
 
     A tensor's value (finite, and the sign) is checked only on the CPU: reading a GPU tensor's
     value would wait for the device on every call (a learnable logit_scale is a CUDA tensor in
-    every training step, and open_clip's losses never wait).  The ops are defined for any finite scale, so a GPU
-    tensor at or below 0 gets the formula's value rather than an error."""
+    every training step, and open_clip's losses never wait).  The ops are defined for any finite
+    scale, so a GPU tensor at or below 0 gets the formula's value rather than an error."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:  # (1, 1) would broadcast a (N,) result to (1, N)
             raise ValueError(f"{name} must be a scalar (0-d or shape (1,) tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         # The one read: CPU values cost no sync (and none under torch.func, which cannot read one).
-        if _eager() and value.device.type == "cpu" and not _functorch_active():
+        if _eager() and value.device.type == "cpu" and not functorch_active():
             _check_real(name, float(value.detach().reshape(())), positive, finite=True)
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         # (a float torch.compile made symbolic has no isinf; its sign is still compared)

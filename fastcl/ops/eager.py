@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from fastcl.validation import functorch_active
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", lambda t: False)
 # nn.Parameter only switches torch_function off: as plain as a tensor for this choice.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -27,7 +27,7 @@ def needs_custom_op(*tensors: Optional[torch.Tensor]) -> bool:
     """True under torch.compile, inside a dispatch mode or a torch.func transform, or when a
     given tensor is a subclass or a legacy batched tensor (the gradients of a vectorized
     jacobian): then the call must go through the custom op.  None entries are skipped."""
-    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or _functorch_active()
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or functorch_active()
             or any(t is not None and (type(t) not in _PLAIN or _legacy_batched(t)) for t in tensors))
 
 
