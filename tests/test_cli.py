@@ -395,3 +395,12 @@ def test_cpu_allocation_failures_count_as_out_of_memory():
     except RuntimeError as exc:
         assert _is_oom(exc)
     assert not _is_oom(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--dim", "--steps"])
+def test_distributed_example_refuses_sizes_below_one(flag):
+    """examples/distributed_clip.py names a size below 1 (--batch -3 was a torch traceback, and
+    --steps 0 printed nothing)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "distributed_clip.py")
+    proc = subprocess.run([sys.executable, script, flag, "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{flag} must be >= 1, got 0" in proc.stderr
