@@ -207,7 +207,8 @@ def cmd_train(args, parser) -> int:
         # BatchNorm1d in training mode needs at least 2 samples per chunk it normalises.
         parser.error(f"--chunk-size {args.chunk_size} splits --batch-size {args.batch_size} into chunks of which one "
                      f"holds a single sample, and BatchNorm needs at least 2; pick another --chunk-size")
-    resumed = _check_resume(parser, args) if args.resume is not None else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resumed = _check_resume(parser, args, world) if args.resume is not None else None
     device = _check_device(parser, args.device or _default_device())
     _check_backend(parser, "--backend", args.backend, device)
     try:
@@ -215,7 +216,6 @@ def cmd_train(args, parser) -> int:
     except RuntimeError as exc:  # scikit-learn is missing
         parser.error(str(exc))
     n_train = min(n_train, args.limit or n_train)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     # The last rank's share is the smallest; every rank checks it, so all of them stop or none.
     per_process = n_train // world
     if args.batch_size > per_process:
@@ -260,9 +260,10 @@ def cmd_train(args, parser) -> int:
     return 0
 
 
-def _check_resume(parser: argparse.ArgumentParser, args) -> dict:
+def _check_resume(parser: argparse.ArgumentParser, args, world: int) -> dict:
     """Exit with a ``parser`` error naming --resume unless it is a checkpoint this run can continue:
-    one ``fastcl train --out`` wrote, with this --seed, --batch-size and --encoder; returns its state
+    one ``fastcl train --out`` wrote, with this --seed, --batch-size, --encoder and number of
+    processes (``world``); returns its state
     (the caller checks the schedule's length).  Read here, before any slow work, rather than after
     the untrained probe, deep in the Trainer."""
     import torch
@@ -274,7 +275,7 @@ def _check_resume(parser: argparse.ArgumentParser, args) -> dict:
         parser.error(f"--resume {path}: no such checkpoint file")
     what = "not a checkpoint written by fastcl train --out"
     try:
-        # The Trainer loads it the same way (weights_only=False: the RNG states are Python objects).
+        # The Trainer loads it the same way (weights_only=False: a scheduler's state may hold Python objects).
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # UnpicklingError, a truncated archive's RuntimeError, EOFError, OSError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -282,9 +283,12 @@ def _check_resume(parser: argparse.ArgumentParser, args) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
             not isinstance(state["model"], dict):
         parser.error(f"--resume {path}: {what}")
-    mismatch = data_order_mismatch(state, args.seed, args.batch_size)
+    mismatch = data_order_mismatch(state, args.seed, args.batch_size, world)
     if mismatch is not None:
         key, saved, here = mismatch
+        if key == "world_size":
+            parser.error(f"--resume {path}: the checkpoint was written by {saved} process(es), not {here}; "
+                         "resume with as many processes (they split the data order)")
         parser.error(f"--resume {path}: the checkpoint was written with --{key.replace('_', '-')} {saved}, not "
                      f"{here}; they must match to resume the same data order")
     want = {k: tuple(v.shape) for k, v in ENCODERS[args.encoder]().state_dict().items()}

@@ -1,7 +1,8 @@
 """A small training loop for contrastive models: gradient caching, bf16, DDP, checkpoints, metrics.
 
-The loop owns data order and augmentation randomness so that a checkpoint captures everything
-needed to continue a run bit-identically (on the CPU; GPU kernels may be non-deterministic).
+The loop owns data order and randomness so that a checkpoint captures everything needed to
+continue a run bit-identically (on the CPU; GPU kernels may be non-deterministic): the data order
+is a function of (seed, epoch), and every step reseeds its random streams from (seed, rank, step).
 
 Contract: ``model(*inputs)`` returns a tensor or a tuple of tensors, and ``loss_fn(*outputs)``
 returns a 0-d loss.  Outputs whose leading dimension equals the (chunk's) batch size are
@@ -22,7 +23,7 @@ from torch import nn
 PRECISIONS = ("fp32", "bf16")
 # What Trainer.state_dict writes and load_state_dict reads (the CLI checks --resume against it).
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step", "seed", "batch_size",
-                   "torch_rng", "cuda_rng", "generator", "python_rng")
+                   "world_size")
 
 Data = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -86,13 +87,32 @@ class _MetricsWriter:
             self.file.close()
 
 
-def data_order_mismatch(state: Dict, seed: int, batch_size: int) -> Optional[Tuple[str, object, int]]:
-    """(key, checkpoint's value, this run's value) of the first of seed and batch_size that differ
-    between a checkpoint ``state`` and this run (they fix the data order), or None."""
-    for key, here in (("seed", seed), ("batch_size", batch_size)):
+def data_order_mismatch(state: Dict, seed: int, batch_size: int,
+                        world_size: int) -> Optional[Tuple[str, object, int]]:
+    """(key, checkpoint's value, this run's value) of the first of seed, batch_size and world_size
+    that differ between a checkpoint ``state`` and this run (they fix the data order), or None."""
+    for key, here in (("seed", seed), ("batch_size", batch_size), ("world_size", world_size)):
         if state[key] != here:
             return key, state[key], here
     return None
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    # SplitMix64's finaliser: nearby inputs (consecutive steps, ranks) give unrelated outputs.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one training step's random streams on one rank, in [0, 2**64) (what
+    torch.manual_seed takes).  Ranks differ, so under torchrun they don't draw the same
+    augmentations for their different samples; and a resumed run draws as an uninterrupted one."""
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ rank) ^ step)
 
 
 def epoch_steps(n: int, world_size: int, batch_size: int) -> int:
@@ -121,9 +141,11 @@ class Trainer:
         device: where the model runs; default the device of the model's first parameter.
         transform: optional ``transform(batch, generator) -> inputs``: ``batch`` is the tuple of
             the data tensors indexed for this step, ``generator`` the trainer's CPU
-            ``torch.Generator`` (checkpointed), to be used for augmentation randomness.
+            ``torch.Generator``, to be used for augmentation randomness.
         scheduler: optional LR scheduler stepped after every optimizer step.
-        seed: seeds the data order, the transform generator and torch's global RNG at a fresh start.
+        seed: seeds the data order, and with the rank and step (``step_seed``) the random streams
+            of every step: the transform generator and torch's and Python's global RNGs, which the
+            trainer reseeds before each step's transform.
         metrics_path: optional file receiving one record per step (CSV if it ends in ``.csv``,
             else JSON lines).
         checkpoint_path: optional file written at the end of every epoch, every
@@ -293,25 +315,23 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict:
-        """Everything a resumed run needs: model, optimizer, scheduler, RNG states, position."""
+        """Everything a resumed run needs: model, optimizer, scheduler, position, and what fixes
+        the data order (seed, batch size, number of processes).  No RNG state: every step reseeds."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "seed": self.seed, "batch_size": self.batch_size,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "generator": self.generator.get_state(),
-            "python_rng": random.getstate(),
+            "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        """Restore a ``state_dict()``; the batch size and seed must match (they fix the data order)."""
+        """Restore a ``state_dict()``; the seed, batch size and number of processes must match
+        (they fix the data order)."""
         missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
         if missing:
             raise ValueError(f"not a Trainer checkpoint: missing {missing}")
-        mismatch = data_order_mismatch(state, self.seed, self.batch_size)
+        mismatch = data_order_mismatch(state, self.seed, self.batch_size, self.world_size)
         if mismatch is not None:
             key, saved, here = mismatch
             raise ValueError(f"checkpoint was written with {key}={saved}, but this trainer has "
@@ -321,11 +341,6 @@ class Trainer:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.generator.set_state(state["generator"])
-        random.setstate(state["python_rng"])
 
     def save_checkpoint(self, path: str) -> None:
         """Write ``state_dict()`` to ``path`` atomically (rank 0 only under DDP)."""
@@ -378,9 +393,6 @@ class Trainer:
                              f"in data; lower batch_size")
         if resume is not None:
             self.load_checkpoint(resume)
-        else:
-            torch.manual_seed(self.seed)
-            random.seed(self.seed)
         metrics = _MetricsWriter(self.metrics_path if self.rank == 0 else None, append=resume is not None)
         total = epochs * steps_per_epoch
         stop = total if max_steps is None else min(total, max_steps)
@@ -395,6 +407,7 @@ class Trainer:
                 order = self._epoch_order(n, self.epoch)
                 idx = order[self.step_in_epoch * self.batch_size:(self.step_in_epoch + 1) * self.batch_size]
                 batch = tuple(t[idx] for t in tensors)
+                self._seed_step()
                 inputs = _as_tuple(self.transform(batch, self.generator)) if self.transform else batch
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps after it)
                 loss = self.train_step(inputs)
@@ -418,6 +431,12 @@ class Trainer:
             if bar is not None and bar is not False:
                 bar.close()
         return self.history
+
+    def _seed_step(self) -> None:
+        s = step_seed(self.seed, self.rank, self.global_step)
+        self.generator.manual_seed(s)
+        torch.manual_seed(s)
+        random.seed(s)
 
     def _make_bar(self, total: int):
         try:

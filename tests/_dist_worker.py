@@ -718,6 +718,63 @@ def pml_wrapper_checks(ck, rank, world):
                  loss=lambda: fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), d, 40))))
 
 
+class _TwoViews(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(10, 12), torch.nn.Dropout(0.2), torch.nn.Linear(12, 6))
+
+    def forward(self, a, b):
+        return self.f(a), self.f(b)
+
+
+def trainer_checks(ck, rank, world, tmp):
+    """fastcl.train.Trainer under DDP: the ranks draw their own augmentations, and a run resumed
+    from a checkpoint continues as the uninterrupted run on every rank."""
+    from fastcl.losses.ntxent import ntxent_loss
+    from fastcl.train import Trainer, step_seed
+    data = torch.randn(40, 10, generator=torch.Generator().manual_seed(3))  # 20 rows a rank: 4 steps an epoch
+    path = os.path.join(tmp, "trainer_ck.pt")
+
+    def train(epochs, max_steps=None, resume=None, checkpoint=None):
+        torch.manual_seed(0)
+        model = _TwoViews()
+        draws = []
+
+        def views(batch, gen):
+            (x,) = batch
+            noise = torch.randn(x.shape, generator=gen)
+            draws.append(noise[0, :3].clone())
+            return x + 0.1 * noise, x - 0.1 * noise
+        trainer = Trainer(model, lambda a, b: ntxent_loss(a, b, 0.5, backend="reference"),
+                          torch.optim.SGD(model.parameters(), lr=0.05), batch_size=5, seed=4, transform=views,
+                          progress=False, checkpoint_path=checkpoint)
+        hist = trainer.fit(data, epochs, max_steps=max_steps, resume=resume)
+        return model, [r["loss"] for r in hist], draws
+
+    full_model, full_losses, full_draws = train(2)
+
+    def ranks_draw_apart():
+        assert len(full_draws) == 8
+        for k, d in enumerate(full_draws):
+            want = torch.randn(5, 10, generator=torch.Generator().manual_seed(step_seed(4, rank, k)))[0, :3]
+            assert torch.equal(d, want), f"step {k}"
+        every = [None] * world
+        dist.all_gather_object(every, torch.stack(full_draws))
+        for r in range(1, world):
+            assert not torch.equal(every[r], every[0]), f"ranks 0 and {r} drew the same augmentations"
+    ck.run("trainer ranks draw apart", ranks_draw_apart)
+
+    def resume_continues():
+        train(2, max_steps=3, checkpoint=path)
+        dist.barrier()  # rank 0 has written the checkpoint
+        model, losses, draws = train(2, resume=path)
+        assert losses == full_losses[3:], (losses, full_losses)
+        assert all(torch.equal(a, b) for a, b in zip(draws, full_draws[3:]))
+        for (name, a), (_, b) in zip(model.state_dict().items(), full_model.state_dict().items()):
+            assert torch.equal(a, b), name
+    ck.run("trainer resume under DDP", resume_continues)
+
+
 def worker(rank, world, tmp, case="checks"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -729,6 +786,8 @@ def worker(rank, world, tmp, case="checks"):
             checks(ck, rank, world, tmp)
         elif case == "mismatched calls":
             mismatched_call_checks(ck, rank, world)
+        elif case == "trainer":
+            trainer_checks(ck, rank, world, tmp)
         else:
             raise ValueError(f"unknown case {case!r}")
     except Exception:

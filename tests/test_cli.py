@@ -185,7 +185,7 @@ def _fake_checkpoint(**changes):
     from fastcl.train import CHECKPOINT_KEYS
     from fastcl.demo import ENCODERS
     state = dict.fromkeys(CHECKPOINT_KEYS)
-    state.update(seed=0, batch_size=32,
+    state.update(seed=0, batch_size=32, world_size=1,
                  model={f"encoder.{k}": v for k, v in ENCODERS["mlp"]().state_dict().items()})
     state.update(changes)
     return state
@@ -198,6 +198,7 @@ def _fake_checkpoint(**changes):
     ([1, 2, 3], "not a checkpoint"),  # loads, but is no checkpoint dict
     ({"model": {}}, "not a checkpoint"),  # a dict missing the Trainer's keys
     (_fake_checkpoint(seed=7), "--seed 7"),
+    (_fake_checkpoint(world_size=2), "written by 2 process(es), not 1"),
     (_fake_checkpoint(batch_size=16), "--batch-size 16"),
     (_fake_checkpoint(model={"encoder.0.weight": torch.zeros(3, 3)}), "--encoder mlp"),
 ])
@@ -226,7 +227,7 @@ def test_resume_accepts_its_fake_checkpoint(tmp_path, monkeypatch):
     args = cli.build_parser().parse_args(TINY + ["--resume", str(path)])
     parser = argparse.ArgumentParser()
     monkeypatch.setattr(parser, "error", lambda message: pytest.fail(message))
-    cli._check_resume(parser, args)
+    cli._check_resume(parser, args, 1)
 
 
 def test_device_index_beyond_the_devices(capsys, monkeypatch):
@@ -376,11 +377,11 @@ def test_checkpoint_keys_are_what_the_trainer_writes():
                       batch_size=4, progress=False)
     state = trainer.state_dict()
     assert tuple(state) == CHECKPOINT_KEYS
-    for key, other in (("seed", 1), ("batch_size", 8)):  # the data order must be the one saved
+    for key, other in (("seed", 1), ("batch_size", 8), ("world_size", 2)):  # the data order must be the one saved
         with pytest.raises(ValueError, match=f"checkpoint was written with {key}={other}, but this trainer has"):
             trainer.load_state_dict(dict(state, **{key: other}))
-    del state["generator"]
-    with pytest.raises(ValueError, match=r"not a Trainer checkpoint: missing \['generator'\]"):
+    del state["world_size"]
+    with pytest.raises(ValueError, match=r"not a Trainer checkpoint: missing \['world_size'\]"):
         trainer.load_state_dict(state)
 
 

@@ -107,6 +107,15 @@ def test_ranks_calling_different_losses_all_raise(tmp_path):
         assert res["passed"] == MISMATCHED_CALLS, f"rank {r} passed only {res['passed']}"
 
 
+def test_trainer_ranks_draw_apart_and_resume(tmp_path):
+    """fastcl.train under DDP on two ranks (its own spawn)."""
+    results = _run(2, tmp_path, "trainer")
+    failures = [f"rank {r}: {f}" for r, res in enumerate(results) for f in res["failures"]]
+    assert not failures, "\n".join(failures)
+    for r, res in enumerate(results):
+        assert res["passed"] == ["trainer ranks draw apart", "trainer resume under DDP"], f"rank {r}: {res['passed']}"
+
+
 def _row_weight(x, y):
     return 1.0 + ((x - y) ** 2).sum(1)
 

@@ -2,6 +2,7 @@
 import csv
 import gc
 import json
+import random
 import sys
 import time
 
@@ -13,7 +14,7 @@ from conftest import AUTOCAST_BF16_FACTOR, TF32_FACTOR, TOL, assert_close, rel_e
 from fastcl import clip_loss
 from fastcl.losses.ntxent import ntxent_loss
 from fastcl.models import ProjectionHead, SimCLR, TwoTower
-from fastcl.train import Trainer, fit
+from fastcl.train import Trainer, fit, step_seed
 
 
 def _simclr(dropout=0.0, batch_norm=False, seed=0):
@@ -175,6 +176,50 @@ def test_schedule_length_counts_each_process_share():
     assert schedule_steps(96, 2, 16, world_size=1) == 12
     assert schedule_steps(96, 2, 16, world_size=2) == 6
     assert schedule_steps(97, 1, 16, world_size=2) == 3  # 48 rows each: the odd one is left over
+
+
+def test_step_seeds_differ_by_rank_and_step():
+    seeds = {(r, k): step_seed(7, r, k) for r in range(8) for k in range(200)}
+    assert len(set(seeds.values())) == len(seeds)  # no two ranks or steps share a stream
+    assert all(0 <= s < 2**64 for s in seeds.values())
+    assert step_seed(7, 1, 5) == seeds[(1, 5)] and step_seed(8, 1, 5) != seeds[(1, 5)]
+    assert step_seed(2**63 - 1, 3, 10**9) < 2**64  # the CLI's largest --seed
+    torch.manual_seed(step_seed(2**63 - 1, 3, 10**9))  # accepted by torch
+
+
+def test_every_step_reseeds_its_streams(tmp_path):
+    """Each step's transform generator, torch's and Python's global RNGs start from
+    step_seed(seed, rank, step): what a resumed run and every rank rely on."""
+    draws = []
+
+    def record(batch, gen):
+        draws.append((torch.randn(3, generator=gen), torch.rand(3), random.random()))
+        (x,) = batch
+        return x, x + 0.1
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, seed=11,
+                      transform=record, progress=False)
+    trainer.fit(torch.randn(24, 10), 2)
+    assert len(draws) == 6
+    for step, (g_draw, t_draw, p_draw) in enumerate(draws):
+        s = step_seed(11, 0, step)
+        assert torch.equal(g_draw, torch.randn(3, generator=torch.Generator().manual_seed(s)))
+        torch.manual_seed(s)
+        assert torch.equal(t_draw, torch.rand(3))
+        random.seed(s)
+        assert p_draw == random.random()
+
+
+def test_resume_needs_same_number_of_processes(tmp_path):
+    _run(tmp_path, 1)
+    state = torch.load(tmp_path / "ck.pt", weights_only=False)
+    assert state["world_size"] == 1
+    torch.save(dict(state, world_size=2), tmp_path / "two.pt")
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8, seed=7,
+                      progress=False)
+    with pytest.raises(ValueError, match="written with world_size=2, but this trainer has world_size=1"):
+        trainer.fit(torch.randn(27, 10), 2, resume=str(tmp_path / "two.pt"))
 
 
 def test_resume_needs_same_batch_size(tmp_path):
