@@ -18,11 +18,19 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def check_dense(name: str, x: torch.Tensor) -> None:
+    """``x`` must be an ordinary (strided) tensor: the kernels index memory by strides."""
+    if x.is_nested or x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if x.is_nested else f'layout {x.layout}'}")
+
+
 def check_float_tensor(name: str, x, layout: str, *, non_empty: bool = True) -> None:
-    """``x`` must be a floating tensor with one dimension per name in ``layout``, e.g. "(B, L, D)"."""
+    """``x`` must be a dense floating tensor with one dimension per name in ``layout``, e.g. "(B, L, D)"."""
     ndim = layout.count(",") + 1
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_dense(name, x)
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -60,15 +68,19 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 def _check_real(name: str, value, positive: bool, finite: bool) -> None:
     if finite and math.isinf(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        # The temperature losses check scale = 1 / temperature; a tiny temperature tensor's is inf.
+        where = " (the temperature losses pass scale = 1 / temperature)" if name == "scale" else ""
+        raise ValueError(f"{name} must be finite{where}, got {value}")
     if positive and not value > 0:
         hint = " (already exponentiated: open_clip passes logit_scale.exp())" if name == "logit_scale" else ""
         raise ValueError(f"{name} must be > 0{hint}, got {value}")
 
 
-def check_scalar(name: str, value, *, positive: bool = False) -> None:
+def check_scalar(name: str, value, *, positive: bool = False, device: Optional[torch.device] = None):
     """A real number (numpy scalars included), not infinite, or a one-element floating tensor;
-    optionally > 0 (NaN fails that; a NaN bias passes, and gives NaN out).
+    optionally > 0 (NaN fails that; a NaN bias passes, and gives NaN out).  A tensor must be on
+    ``device`` (the inputs' device, when given) or the CPU, whose scalars the ops move.  Returns
+    ``value``, a tensor as 0-d (a (1,) one would make a loss (1,) where it is 0-d).
 
     A tensor's value (finite, and the sign) is checked only on the CPU: reading a GPU tensor's
     value would wait for the device on every call (a learnable logit_scale is a CUDA tensor in
@@ -79,14 +91,18 @@ def check_scalar(name: str, value, *, positive: bool = False) -> None:
             raise ValueError(f"{name} must be a scalar (0-d or shape (1,) tensor), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+        if device is not None and value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} must be on the inputs' device ({device}){'' if device.type == 'cpu' else ' or the CPU'}, "
+                             f"got {value.device}")
         # The one read: CPU values cost no sync (and none under torch.func, which cannot read one).
         if _eager() and value.device.type == "cpu" and not functorch_active():
             _check_real(name, float(value.detach().reshape(())), positive, finite=True)
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
+        return value.reshape(())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         # (a float torch.compile made symbolic has no isinf; its sign is still compared)
         _check_real(name, value, positive, finite=_eager())
-    else:
-        raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
+        return value
+    raise TypeError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
 
 
 def index_range(idx: torch.Tensor):
@@ -105,6 +121,7 @@ def check_index(name: str, idx, shape: Tuple[Optional[int], ...], upper: int, de
     ``read_range=False`` skips it, for indices a caller built itself or has checked already."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(idx).__name__}")
+    check_dense(name, idx)
     if idx.dtype not in INDEX_DTYPES:  # (aminmax has no kernels for uint16/32/64)
         raise TypeError(f"{name} must be an integer tensor (int64, int32, int16, int8 or uint8), got {idx.dtype}")
     if idx.dim() != len(shape) or any(want is not None and got != want for got, want in zip(idx.shape, shape)):
@@ -133,40 +150,51 @@ def check_offset(name: str, offset: Optional[int]) -> None:
         raise ValueError(f"{name} must fit in int64, got {offset}")
 
 
-def check_op_inputs(scalars=(), vectors=()) -> None:
-    """Shapes of a directly callable op's (``torch.ops.fastcl``) statistics and scalars, checked
-    without reading values: each of ``scalars`` ((name, tensor) pairs) holds one element, and each
-    of ``vectors`` ((name, tensor or None, allowed lengths)) is None or 1-D of an allowed length
-    (the kernels index them by row and column)."""
+def check_op_inputs(device: torch.device, scalars=(), vectors=()) -> None:
+    """Shapes and devices of a directly callable op's (``torch.ops.fastcl``) statistics and
+    scalars, checked without reading values (the fake kernels run them too: they run for any
+    meta argument, and would hand a CPU caller uninitialised memory).  Each of ``scalars``
+    ((name, tensor) pairs) holds one element, on ``device`` or the CPU; each of ``vectors``
+    ((name, tensor or None, allowed lengths)) is None or 1-D of an allowed length on ``device``
+    (the kernels index them by row and column); "pos_index" must hold int64 or int32."""
     for name, t in scalars:
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a one-element tensor, got {got}")
+        if t.device != device and t.device.type != "cpu":
+            raise ValueError(f"{name} must be on {device}{'' if device.type == 'cpu' else ' or the CPU'}, got {t.device}")
     for name, t, lengths in vectors:
-        if t is not None and (t.dim() != 1 or t.shape[0] not in lengths):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] not in lengths:
             want = " or ".join(f"({n},)" for n in dict.fromkeys(lengths))
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device}, got {t.device}")
+        if name == "pos_index" and t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"pos_index must be an int64 or int32 tensor, got {t.dtype}")
 
 
 def check_flags(**flags) -> None:
     """Each keyword's value is a bool (a string such as "no" would read as True); TypeError naming it."""
     for name, value in flags.items():
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+            kind = type(value)  # numpy's bool is named "bool" too
+            where = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+            raise TypeError(f"{name} must be a bool, got {where}{kind.__qualname__}")
 
 
 def resolve_scale(temperature: Union[float, torch.Tensor, None],
                   logit_scale: Union[float, torch.Tensor, None],
-                  default_temperature: Optional[float] = None):
-    """Exactly one of ``temperature`` (scale = 1/T) and ``logit_scale`` (already exponentiated)."""
+                  default_temperature: Optional[float] = None, device: Optional[torch.device] = None):
+    """Exactly one of ``temperature`` (scale = 1/T) and ``logit_scale`` (already exponentiated);
+    a tensor on ``device`` or the CPU (``check_scalar``)."""
     if temperature is not None and logit_scale is not None:
         raise ValueError("give either temperature or logit_scale, not both")
     if logit_scale is not None:
-        check_scalar("logit_scale", logit_scale, positive=True)
-        return logit_scale
+        return check_scalar("logit_scale", logit_scale, positive=True, device=device)
     if temperature is None:
         if default_temperature is None:
             raise ValueError("one of temperature or logit_scale is required")
         temperature = default_temperature
-    check_scalar("temperature", temperature, positive=True)
-    return 1.0 / temperature
+    return 1.0 / check_scalar("temperature", temperature, positive=True, device=device)

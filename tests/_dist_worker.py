@@ -466,9 +466,9 @@ def checks(ck, rank, world, tmp):
         clip_loss_distributed(x4, x4, 2.0, own(-0.0, None), local_loss=own(True, 1))
         assert torch.isnan(clip_loss_distributed(x4, x4, 2.0, own(float("nan"), -float("nan"))))
     ck.run("equal settings of different types agree", same_values_agree)
-    ck.run("unencodable setting published", published(
-        lambda: clip_loss_distributed(x4, x4, own(torch.tensor(2.0, device="meta"), 2.0)), 0, NotImplementedError,
-        "meta"))
+    ck.run("scale on another device published", published(
+        lambda: clip_loss_distributed(x4, x4, own(torch.tensor(2.0, device="meta"), 2.0)), 0, ValueError,
+        "logit_scale must be on the inputs' device (cpu), got meta"))
 
     def forgotten_rank():  # rank=0 on every process: wrong on all ranks but 0, raised on all
         try:

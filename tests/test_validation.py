@@ -297,7 +297,7 @@ _w = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.5])
     (lambda: fastcl.ntxent_loss_pml(q, None, indices_tuple=(torch.tensor([9]),) * 4), ValueError,
      r"indices_tuple\[0\] \(a1\) must lie in \[0, 5\)"),
     (lambda: fastcl.nn.MemoryBank(8)(torch.randn(6), update=True), ValueError,
-     r"memory bank outputs must be 2-D \(N, dim\), got shape \(6,\)"),
+     r"output must be 2-D \(N, dim\), got shape \(6,\)"),
     (lambda: fastcl.nn.MemoryBank((8, 4))([1.0, 2.0], update=True), TypeError, "must be a torch.Tensor, got list"),
     (lambda: fastcl.random_masking(torch.zeros(2, 5, 3), 0.5, noise=torch.rand(2, 5),
                                    generator=torch.Generator()), ValueError, "noise or generator, not both"),
@@ -367,3 +367,145 @@ def test_scalar_checks_do_not_read_values_under_torch_func():
     out = torch.func.vmap(lambda b: similarity_lse(q, k, 2.0, b, backend="reference"))(biases)
     ref = torch.stack([similarity_lse(q, k, 2.0, b, backend="reference") for b in biases])
     assert_close(out, ref, torch.float32)
+
+
+def _meta():
+    return torch.tensor(2.0, device="meta")
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda m: fastcl.clip_loss(q, q, m), "logit_scale"),
+    (lambda m: fastcl.clip_loss(q, q, 2.0, logit_bias=m), "logit_bias"),
+    (lambda m: fastcl.siglip_loss(q, q, m), "logit_scale"),
+    (lambda m: fastcl.siglip_loss(q, q, 2.0, m), "logit_bias"),
+    (lambda m: fastcl.info_nce(q, k, temperature=m), "temperature"),
+    (lambda m: fastcl.info_nce(q, k, logit_scale=m), "logit_scale"),
+    (lambda m: fastcl.ntxent_loss(q, q, m), "temperature"),
+    (lambda m: fastcl.dcl_loss(q, q, m), "temperature"),
+    (lambda m: fastcl.supcon_loss(q[:, None], temperature=m), "temperature"),
+    (lambda m: fastcl.supcon_loss(q[:, None], base_temperature=m), "base_temperature"),
+    (lambda m: fastcl.supcon_loss_pml(q, torch.arange(5) % 2, temperature=m), "temperature"),
+    (lambda m: fastcl.ntxent_loss_pml(q, torch.arange(5) % 2, temperature=m), "temperature"),
+    (lambda m: fastcl.triplet_margin_loss_pml(q, torch.arange(5) % 2, margin=m), "margin"),
+    (lambda m: fastcl.contrastive_loss_pml(q, torch.arange(5) % 2, pos_margin=m), "pos_margin"),
+    (lambda m: fastcl.hypersphere_loss(q, q, t=m), "t"),
+    (lambda m: fastcl.hypersphere_loss(q, q, lam=m), "lam"),
+    (lambda m: fastcl.macl_loss(q, q, m), "temperature"),
+    (lambda m: fastcl.macl_loss(q, q, 0.1, a_0=m * 0), "a_0"),
+    (lambda m: fastcl.distill_clip_loss(q, q, 2.0, q, q, m), "dist_logit_scale"),
+    (lambda m: similarity_lse(q, k, m), "scale"),
+    (lambda m: fastcl.ops.sigmoid_pair_loss(q, k, 2.0, m), "bias"),
+    (lambda m: fastcl.nn.ClipLoss()(q, q, m), "logit_scale"),
+    (lambda m: fastcl.nn.CoCaLoss(m, 1.0)(q, q, torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long), 2.0),
+     "caption_loss_weight"),
+])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_scalar_on_another_device_names_it(call, name, backend, monkeypatch):
+    """A scale, bias, temperature or weight tensor on another device than the inputs (meta stands
+    in for one: there is no GPU here) is an error naming it, on every backend.  It used to be
+    torch's unnamed device error, a meta result, or an `.item()` failure."""
+    monkeypatch.setenv("FASTCL_BACKEND", backend)
+    with pytest.raises(ValueError, match=rf"^{name} must be on the inputs' device \(cpu\), got meta"):
+        call(_meta())
+
+
+def test_one_element_scalars_keep_losses_0d():
+    """A (1,) weight is a scalar (as a (1,) logit_scale is): the loss stays 0-d.  hypersphere's lam
+    and CoCa's weights used to make it (1,)."""
+    one = torch.tensor([0.5])
+    assert fastcl.hypersphere_loss(q, q, lam=one).shape == ()
+    assert fastcl.hypersphere_loss(q, q, t=one, alpha=torch.tensor([2.0])).shape == ()
+    logits, labels = torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long)
+    outs = fastcl.nn.CoCaLoss(one, one)(q, q, logits, labels, 2.0)
+    assert [o.shape for o in outs] == [(), ()]
+    lam = torch.tensor([0.5], requires_grad=True)
+    fastcl.hypersphere_loss(q, q, lam=lam).backward()
+    assert lam.grad is not None and lam.grad.shape == (1,)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: fastcl.clip_loss(q.to_sparse(), q, 2.0), TypeError, "image_features must be a dense .* layout torch.sparse_coo"),
+    (lambda: fastcl.clip_loss(q, q.to_sparse_csr(), 2.0), TypeError, "text_features must be a dense .* torch.sparse_csr"),
+    (lambda: similarity_lse(torch.nested.nested_tensor([q, q[:2]]), k, 2.0), TypeError, "q must be a dense .* nested"),
+    (lambda: fastcl.clip_loss(q, k, 2.0, labels=torch.arange(5).to_sparse()), TypeError, "labels must be a dense"),
+    (lambda: fastcl.supcon_loss(q[:, None], labels=torch.arange(5).to_sparse()), TypeError, "labels must be a dense"),
+    (lambda: fastcl.supcon_loss(q[:, None], mask=torch.eye(5).to_sparse()), TypeError, "mask must be a dense"),
+    (lambda: fastcl.supcon_loss(q[:, None], mask=torch.eye(5, dtype=torch.complex64)), TypeError,
+     "mask must be a real .* got torch.complex64"),
+    (lambda: fastcl.gather_tokens(torch.randn(2, 5, 3).to_sparse(), torch.zeros(2, 2, dtype=torch.long)), TypeError,
+     "x must be a dense"),
+    (lambda: fastcl.nn.MemoryBank(8)(torch.ones(4, 3, dtype=torch.long), update=True), TypeError,
+     "output must be float32"),
+    (lambda: fastcl.nn.MemoryBank(8)(torch.randn(4, 0), update=True), ValueError, "output must have dim >= 1"),
+    (lambda: fastcl.ntxent_loss(q, q, torch.tensor(1e-40)), ValueError,
+     r"scale must be finite \(the temperature losses pass scale = 1 / temperature\)"),
+    (lambda: fastcl.ntxent_loss_pml(q, torch.arange(5) % 2, temperature=torch.tensor(1e-40)), ValueError,
+     r"1 / temperature = 1\.0+1e\+40 is outside"),
+    (lambda: fastcl.macl_loss(q, q, 0.1, a_0=torch.tensor([0.5, 0.5])), ValueError, r"a_0 must be a scalar"),
+    (lambda: fastcl.macl_loss(q, q, 0.1, a_0=2.0), ValueError, r"a_0 must be in \[0, 1\]"),
+    (lambda: fastcl.nn.MACLLoss(A_0=2.0), ValueError, r"A_0 must be in \[0, 1\]"),
+])
+@pytest.mark.filterwarnings("ignore:memory_bank_size")
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|nested tensors).*:UserWarning")
+def test_layouts_dtypes_and_ranges_name_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def _direct_ops(device_of):
+    """Calls of the registered ops with one argument from ``device_of(name, tensor)``."""
+    s, b = torch.tensor(2.0), torch.tensor(0.5)
+    row, col = torch.randn(5), torch.randn(6)
+    g = torch.randn(5)
+    return [
+        ("scale", lambda: torch.ops.fastcl.sigmoid_pair_fwd(q, k, device_of("scale", s), b, "cpu")),
+        ("bias", lambda: torch.ops.fastcl.similarity_lse_fwd(q, k, s, device_of("bias", b), True, False, None, False,
+                                                             None, "cpu")),
+        ("pos_index", lambda: torch.ops.fastcl.similarity_lse_fwd(
+            q, k, s, b, True, False, None, True, device_of("pos_index", torch.arange(5)), "cpu")),
+        ("row_lse", lambda: torch.ops.fastcl.similarity_lse_bwd(
+            q, k, s, b, device_of("row_lse", row), col, g, torch.randn(6), torch.randn(0), None, None, s,
+            torch.float32, True, True, "cpu")),
+        ("grad_scale", lambda: torch.ops.fastcl.sigmoid_pair_bwd(q, k, s, b, device_of("grad_scale", s), torch.float32,
+                                                                 True, True, "cpu")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_direct_ops_refuse_an_argument_on_another_device(case):
+    """One meta argument among CPU tensors sends the call to the op's fake kernel, which used to
+    hand back uninitialised CPU memory as the loss; it now checks devices as the real one does."""
+    name, call = _direct_ops(lambda n, t: t.to("meta"))[case]
+    with pytest.raises(ValueError, match=f"{name} must be on cpu, got meta"):
+        call()
+    name, call = _direct_ops(lambda n, t: t)[case]
+    call()  # the same call on one device runs
+
+
+def test_direct_op_pos_index_must_be_integer():
+    with pytest.raises(TypeError, match="pos_index must be an int64 or int32 tensor, got torch.float32"):
+        torch.ops.fastcl.similarity_lse_fwd(q, k, torch.tensor(2.0), torch.tensor(0.0), True, False, None, True,
+                                            torch.zeros(5), "cpu")
+
+
+def test_more_argument_kinds_name_the_argument():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match="rows must be a bool, got numpy.bool"):
+        similarity_lse(q, k, 2.0, rows=np.bool_(True))
+    with pytest.raises(ValueError, match="pad_id must fit in int64, got 1180591620717411303424"):
+        fastcl.caption_loss(torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long), pad_id=2**70)
+    with pytest.raises(ValueError, match=r"weight_fn must return a tensor on the inputs' device \(cpu\), got meta"):
+        fastcl.dcl_loss(q, q, 0.1, weight_fn=lambda a, b: torch.ones(5, device="meta"))
+    fastcl.dcl_loss(q, q, 0.1, weight_fn=lambda a, b: torch.tensor(2.0))  # a CPU scalar serves any device
+
+
+def test_cross_batch_memory_refuses_labels_of_another_kind():
+    """Float labels stored, integer labels next: converting the memory (as PML does) would turn
+    the stored 0.5, 1.5, ... into 0, 1, ... and silently merge them with the new classes."""
+    m = fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 8, 16)
+    m(torch.randn(4, 8), torch.tensor([0.5, 1.5, 2.5, 3.5]))
+    with pytest.raises(ValueError, match="labels are torch.int64, but the memory holds torch.float32 labels"):
+        m(torch.randn(4, 8), torch.arange(4))
+    m.reset_queue()
+    m(torch.randn(4, 8), torch.arange(4))  # a fresh queue takes either kind
+    m(torch.randn(4, 8), torch.arange(4, dtype=torch.int32))  # integer widths mix losslessly

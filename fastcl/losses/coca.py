@@ -76,6 +76,8 @@ def check_pad_id(pad_id) -> int:
     """An integer token id (numpy integers too), returned as an int."""
     if isinstance(pad_id, bool) or not isinstance(pad_id, numbers.Integral):
         raise TypeError(f"pad_id must be an int, got {type(pad_id).__name__}")
+    if not -2**63 <= pad_id < 2**63:  # compared with int64 token ids
+        raise ValueError(f"pad_id must fit in int64, got {pad_id}")
     return int(pad_id)
 
 

@@ -34,7 +34,7 @@ def check_dcl_args(out0, out1, temperature, weight_fn, negatives) -> None:
     tensor; weight_fn: callable or None; negatives: "union" or "separate".  Raises
     TypeError/ValueError naming the argument."""
     check_views(out0, out1)
-    check_scalar("temperature", temperature, positive=True)
+    check_scalar("temperature", temperature, positive=True, device=out0.device)
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
     check_negatives(negatives)
@@ -58,6 +58,8 @@ def _weights(weight_fn, a: torch.Tensor, b: torch.Tensor, n: int) -> Optional[to
     # An (N, 1) result would broadcast the positive term to (N, N): refused, not averaged.
     if isinstance(w, torch.Tensor) and tuple(w.shape) not in ((), (1,), (n,)):
         raise ValueError(f"weight_fn must return a scalar or ({n},) tensor, got shape {tuple(w.shape)}")
+    if isinstance(w, torch.Tensor) and w.device != a.device and not (w.dim() == 0 and w.device.type == "cpu"):
+        raise ValueError(f"weight_fn must return a tensor on the inputs' device ({a.device}), got {w.device}")
     return w
 
 

@@ -125,9 +125,9 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
                              "gather_with_grad=True, or dist_impl='gather' for open_clip's gradient-free gather")
         opts["eps"] = check_label_smoothing(label_smoothing)
         check_pair("image_features", image_features, "text_features", text_features)
-        check_scalar("logit_scale", logit_scale, positive=True)
+        check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
         if logit_bias is not None:
-            check_scalar("logit_bias", logit_bias)
+            check_scalar("logit_bias", logit_bias, device=image_features.device)
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(f"image_features and text_features must have the same number of rows, "
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
@@ -224,9 +224,9 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
     def checks():
         resolve_dist_impl(dist_impl, SIGLIP_ALIASES)
         check_pair("image_features", image_features, "text_features", text_features)
-        check_scalar("logit_scale", logit_scale, positive=True)
+        check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
         if logit_bias is not None:
-            check_scalar("logit_bias", logit_bias)
+            check_scalar("logit_bias", logit_bias, device=image_features.device)
         if image_features.shape[0] != text_features.shape[0]:
             raise ValueError(f"image_features and text_features must have the same number of rows, "
                              f"got {image_features.shape[0]} and {text_features.shape[0]}")
@@ -278,7 +278,7 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
     def checks():
         resolve_dist_impl(dist_impl)
         check_views(out0, out1)
-        check_scalar("temperature", temperature, positive=True)
+        check_scalar("temperature", temperature, positive=True, device=out0.device)
         _check_backend(backend, out0)
 
     sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks,
@@ -419,8 +419,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     def checks():
         resolve_dist_impl(dist_impl)
         check_float_tensor("features", features, "(bsz, n_views, D)", non_empty=False)
-        check_scalar("temperature", temperature, positive=True)
-        check_scalar("base_temperature", base_temperature, positive=True)
+        check_scalar("temperature", temperature, positive=True, device=features.device)
+        check_scalar("base_temperature", base_temperature, positive=True, device=features.device)
         if contrast_mode not in CONTRAST_MODES:
             raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
         if labels is not None:

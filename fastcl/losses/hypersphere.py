@@ -58,9 +58,9 @@ def hypersphere_loss(z_a: torch.Tensor, z_b: torch.Tensor, t: float = 1.0, lam: 
         0-d float32 tensor (float64 for float64 inputs); NaN for N = 1, as lightly gives.
     """
     check_views(z_a, z_b, ("z_a", "z_b"))
-    check_scalar("t", t, positive=True)
-    check_scalar("lam", lam)
-    check_scalar("alpha", alpha, positive=True)
+    t = check_scalar("t", t, positive=True, device=z_a.device)
+    lam = check_scalar("lam", lam, device=z_a.device)
+    alpha = check_scalar("alpha", alpha, positive=True, device=z_a.device)
     ct = compute_dtype(z_a.dtype)
     x, y = l2_normalize(z_a), l2_normalize(z_b)
     align = (x.to(ct) - y.to(ct)).norm(dim=1).pow(alpha).mean()

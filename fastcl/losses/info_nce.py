@@ -37,7 +37,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, temperature=None, logit
         0-d float32 tensor (float64 for float64 inputs), or (N,) for ``reduction="none"``.
     """
     check_pair("query", query, "keys", keys)
-    scale = resolve_scale(temperature, logit_scale, default_temperature=0.07)
+    scale = resolve_scale(temperature, logit_scale, default_temperature=0.07, device=query.device)
     check_reduction(reduction)
     check_flags(symmetric=symmetric, exclude_self=exclude_self)
     label_smoothing = check_label_smoothing(label_smoothing)

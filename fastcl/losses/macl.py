@@ -15,19 +15,21 @@ import torch.nn.functional as F
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import positive_logits
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import check_views
+from fastcl.validation import check_scalar, check_views
 
 EPS = 1e-8  # lightly's: the smallest temperature, and the weight's guard against p = 1
 
 
-def check_macl_args(temperature, alpha, a_0) -> Tuple[float, float, float]:
-    """lightly's checks: temperature >= 1e-8, alpha and A_0 in [0, 1] (ValueError naming them).
-    Real numbers of any kind (numpy scalars too) or one-element tensors (read once here);
-    returns the three as Python floats."""
-    for name, v in (("temperature", temperature), ("alpha", alpha), ("A_0", a_0)):
-        ok = isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
-                                             and v.is_floating_point())
-        if isinstance(v, bool) or not ok:
+def check_macl_args(temperature, alpha, a_0, a_0_name: str = "a_0",
+                    device: Optional[torch.device] = None) -> Tuple[float, float, float]:
+    """lightly's checks: temperature >= 1e-8, alpha and A_0 in [0, 1] (ValueError naming them;
+    ``a_0_name`` is the caller's name for A_0).  Real numbers of any kind (numpy scalars too) or
+    one-element tensors on ``device`` or the CPU (``check_scalar``; read once here); returns the
+    three as Python floats."""
+    for name, v in (("temperature", temperature), ("alpha", alpha), (a_0_name, a_0)):
+        if isinstance(v, torch.Tensor):
+            check_scalar(name, v, device=device)
+        elif isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     temperature, alpha, a_0 = (float(v) for v in (temperature, alpha, a_0))
     if not temperature >= EPS:
@@ -35,7 +37,7 @@ def check_macl_args(temperature, alpha, a_0) -> Tuple[float, float, float]:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= a_0 <= 1.0:
-        raise ValueError(f"A_0 must be in [0, 1], got {a_0}")
+        raise ValueError(f"{a_0_name} must be in [0, 1], got {a_0}")
     return temperature, alpha, a_0
 
 
@@ -67,7 +69,7 @@ def macl_loss(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.1, alph
         0-d float32 tensor (float64 for float64 inputs).
     """
     check_views(z0, z1, ("z0", "z1"))
-    temperature, alpha, a_0 = check_macl_args(temperature, alpha, a_0)
+    temperature, alpha, a_0 = check_macl_args(temperature, alpha, a_0, device=z0.device)
     n = z0.shape[0]
     a, b = l2_normalize(z0), l2_normalize(z1)
     z = torch.cat([a, b], dim=0)

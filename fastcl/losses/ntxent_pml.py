@@ -18,6 +18,7 @@ from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pair_counts, pml_classes
 from fastcl.ops.reference import apply_function, autocast_off, check_fits, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
+from fastcl.validation import _eager, functorch_active
 
 
 def _block_bytes(ct: torch.dtype) -> int:
@@ -164,7 +165,9 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
                                         exclude_self)
     ct = compute_dtype(embeddings.dtype)
     tiny = torch.finfo(embeddings.dtype).tiny
-    if not isinstance(temperature, torch.Tensor):  # a subnormal temperature would give an infinite scale
+    # A subnormal temperature would give an infinite scale (a CPU tensor's value costs no sync).
+    if not isinstance(temperature, torch.Tensor) or (temperature.device.type == "cpu" and _eager()
+                                                     and not functorch_active()):
         check_fits("1 / temperature", 1.0 / float(temperature), ct)
     scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct, "temperature")
     q = l2_normalize(embeddings)

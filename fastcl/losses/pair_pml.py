@@ -245,7 +245,7 @@ def _prepare(embeddings, labels, ref_emb, ref_labels, indices_tuple, params, exc
     when any embedding or parameter holds NaN or inf (PML's zero loss too)."""
     labels, ref_labels = check_pml_args(embeddings, labels, 1.0, indices_tuple, ref_emb, ref_labels, exclude_self)
     for name, value, positive in params:
-        check_scalar(name, value, positive=positive)
+        check_scalar(name, value, positive=positive, device=embeddings.device)
     ct = compute_dtype(embeddings.dtype)
     q = l2_normalize(embeddings).to(ct)
     k = q if ref_emb is None else l2_normalize(ref_emb).to(ct)

@@ -13,8 +13,8 @@ import torch
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.ops.reference import autocast_off, compute_dtype
 from fastcl.ops.similarity_lse import similarity_lse
-from fastcl.validation import (_eager, check_embeddings, check_flags, check_float_tensor, check_index, check_pair,
-                               check_reduction, check_scalar)
+from fastcl.validation import (_eager, check_dense, check_embeddings, check_flags, check_float_tensor, check_index,
+                               check_pair, check_reduction, check_scalar)
 
 CONTRAST_MODES = ("all", "one")
 
@@ -22,6 +22,7 @@ CONTRAST_MODES = ("all", "one")
 def _check_labels(name: str, labels, n: int, device: torch.device, *, allow_float: bool = False) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    check_dense(name, labels)
     if (labels.is_floating_point() and not allow_float) or labels.is_complex() or labels.dtype == torch.bool:
         kinds = "an integer or floating" if allow_float else "an integer"
         raise TypeError(f"{name} must be {kinds} tensor, got {labels.dtype}")
@@ -137,8 +138,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     if isinstance(features, torch.Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
         features = features.reshape(features.shape[0], features.shape[1], -1)
     check_float_tensor("features", features, "(bsz, n_views, D)")
-    check_scalar("temperature", temperature, positive=True)
-    check_scalar("base_temperature", base_temperature, positive=True)
+    check_scalar("temperature", temperature, positive=True, device=features.device)
+    check_scalar("base_temperature", base_temperature, positive=True, device=features.device)
     if contrast_mode not in CONTRAST_MODES:
         raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
     check_reduction(reduction)
@@ -151,6 +152,9 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        check_dense("mask", mask)
+        if mask.is_complex():  # its real part would be used with only a warning
+            raise TypeError(f"mask must be a real (float, integer or bool) tensor, got {mask.dtype}")
         if mask.shape != (bsz, bsz):
             raise ValueError(f"mask must have shape ({bsz}, {bsz}), got {tuple(mask.shape)}")
         if mask.device != features.device:
@@ -176,7 +180,7 @@ def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_
     """The arguments of a pytorch-metric-learning-form loss, checked; returns ``(labels,
     ref_labels)``, each moved to the embeddings' device when it is a CPU tensor, as PML moves them."""
     check_embeddings("embeddings", embeddings)
-    check_scalar("temperature", temperature, positive=True)
+    check_scalar("temperature", temperature, positive=True, device=embeddings.device)
     device = embeddings.device
     # Each is moved on its own, as PML moves them: a labels object given as ref_labels too is then
     # two objects, and PML keeps the pairs (i, i) (it leaves them out only for one object).

@@ -115,11 +115,15 @@ class CoCaLoss(ClipLoss):
         Returns ``(contrastive, caption)``, each weighted and 0-d float32 (float64 for float64 features, resp.
         logits), or ``{"contrastive_loss": ..., "caption_loss": ...}`` with ``output_dict``.  With
         ``clip_loss_weight=0`` the contrastive term is an int64 0 on the logits' device (as open_clip)."""
+        clip_w, caption_w = self.clip_loss_weight, self.caption_loss_weight
+        if isinstance(logits, torch.Tensor):  # 0-d weights on the inputs' device or the CPU
+            clip_w = check_scalar("clip_loss_weight", clip_w, device=logits.device)
+            caption_w = check_scalar("caption_loss_weight", caption_w, device=logits.device)
         if self.clip_loss_weight:
-            contrastive = self.clip_loss_weight * super().forward(image_features, text_features, logit_scale)
+            contrastive = clip_w * super().forward(image_features, text_features, logit_scale)
         else:
             contrastive = torch.tensor(0, device=logits.device)
-        caption = caption_loss(logits, labels, self.pad_id) * self.caption_loss_weight
+        caption = caption_loss(logits, labels, self.pad_id) * caption_w
         if output_dict:
             return {"contrastive_loss": contrastive, "caption_loss": caption}
         return contrastive, caption
@@ -333,7 +337,7 @@ class MACLLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *,  # noqa: N803 (lightly's name)
                  backend: Optional[str] = None):
         super().__init__()
-        check_macl_args(temperature, alpha, A_0)
+        check_macl_args(temperature, alpha, A_0, "A_0")
         self.temperature, self.alpha, self.A_0, self.backend = temperature, alpha, A_0, backend
 
     def forward(self, z0, z1):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fastcl.distributed import all_gather_no_grad, exchange_shapes, is_distributed
+from fastcl.validation import check_float_tensor
 
 
 def bank_size(size: Union[int, Sequence[int]]) -> Tuple[int, ...]:
@@ -88,10 +89,10 @@ class MemoryBank(nn.Module):
         return bank
 
     def _prepare(self, output: torch.Tensor) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"memory bank outputs must be a torch.Tensor, got {type(output).__name__}")
-        if output.dim() != 2:  # before the bank takes its row size from the first batch
-            raise ValueError(f"memory bank outputs must be 2-D (N, dim), got shape {tuple(output.shape)}")
+        # Before the bank takes its row size from the first batch.
+        check_float_tensor("output", output, "(N, dim)", non_empty=False)
+        if output.shape[1] == 0:
+            raise ValueError(f"output must have dim >= 1, got shape {tuple(output.shape)}")
         if self.bank.dim() == 1:
             self._init_bank((self.size[0], output.shape[1]))
         if output.dim() != 2 or output.shape[1:] != self.bank.shape[1:]:

@@ -333,6 +333,11 @@ class CrossBatchMemory(nn.Module):
             written = n
         if written > self.memory_size:
             raise ValueError(f"the rows to enqueue ({written}) must not exceed memory_size={self.memory_size}")
+        stored = self.has_been_filled or self.queue_idx > 0
+        if stored and labels.is_floating_point() != self.label_memory.is_floating_point():
+            # Converting the stored labels (as PML does) would truncate float classes into integer ones.
+            raise ValueError(f"labels are {labels.dtype}, but the memory holds {self.label_memory.dtype} labels; "
+                             "pass labels of one kind (integer or floating) to a CrossBatchMemory, or reset_queue()")
         device = embeddings.device
         labels = labels.to(device)
         self.embedding_memory = self.embedding_memory.to(device=device)

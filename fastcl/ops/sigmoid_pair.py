@@ -47,9 +47,14 @@ _BACKWARD = {
 }
 
 
+def _check_inputs(q, k, scalars) -> None:
+    # The op is callable directly (torch.ops.fastcl); kernels need rows.  No value is read.
+    check_pair("q", q, "k", k)
+    check_op_inputs(q.device, scalars)
+
+
 def _sp_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, backend: str) -> Tensor:
-    check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
-    check_op_inputs([("scale", scale), ("bias", bias)])
+    _check_inputs(q, k, [("scale", scale), ("bias", bias)])
     return fused_kernel("sigmoid_pair_loss", backend, _FORWARD)(q, k, scale, bias)
 
 
@@ -58,6 +63,7 @@ _sp_fwd = torch.library.custom_op("fastcl::sigmoid_pair_fwd", mutates_args=())(_
 
 @_sp_fwd.register_fake
 def _(q, k, scale, bias, backend):
+    _check_inputs(q, k, [("scale", scale), ("bias", bias)])
     return q.new_empty((), dtype=compute_dtype(q.dtype))
 
 
@@ -66,8 +72,7 @@ def _sp_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, grad_scale: 
     """``(dq, dk, qgq, gsum)``: dq = grad_scale * G @ k (N, D), dk = grad_scale * G.T @ q (M, D) in
     out_dtype; qgq = sum(q * (G @ k)) and gsum = sum(G), 0-d fp32 (fp64).  ``need_dq`` / ``need_dk``
     False: that gradient comes back (0, D), not formed where the backend can skip it."""
-    check_pair("q", q, "k", k)
-    check_op_inputs([("scale", scale), ("bias", bias), ("grad_scale", grad_scale)])
+    _check_inputs(q, k, [("scale", scale), ("bias", bias), ("grad_scale", grad_scale)])
     # with neither side asked for, q's: the fused Triton kernels form it anyway (for sum(G))
     need_dq, need_dk = formed_sides(need_dq, need_dk, prefer_q=True)
     dq, dk, qgq, gsum = fused_kernel("sigmoid_pair_loss", backend, _BACKWARD)(q, k, scale, bias, grad_scale,
@@ -80,6 +85,7 @@ _sp_bwd = torch.library.custom_op("fastcl::sigmoid_pair_bwd", mutates_args=())(_
 
 @_sp_bwd.register_fake
 def _(q, k, scale, bias, grad_scale, out_dtype, need_dq, need_dk, backend):
+    _check_inputs(q, k, [("scale", scale), ("bias", bias), ("grad_scale", grad_scale)])
     ct = compute_dtype(q.dtype)
     need_dq, need_dk = formed_sides(need_dq, need_dk, prefer_q=True)
     return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
@@ -148,8 +154,8 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
         0-d tensor, float32 (float64 for float64 inputs); differentiable in q, k, scale, bias.
     """
     check_pair("q", q, "k", k)
-    check_scalar("scale", scale, positive=True)
-    check_scalar("bias", bias)
+    check_scalar("scale", scale, positive=True, device=q.device)
+    check_scalar("bias", bias, device=q.device)
     check_fits("scale", scale, compute_dtype(q.dtype))  # every backend alike: no inf from a finite scale
     check_fits("bias", bias, compute_dtype(q.dtype))
     name = resolve_backend(backend, q.device, ("sigmoid_pair", q.shape[0], k.shape[0], q.shape[1], q.dtype))

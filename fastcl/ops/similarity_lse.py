@@ -50,12 +50,17 @@ _BACKWARD = {
 }
 
 
+def _check_fwd_inputs(q, k, scale, bias, positives, pos_index) -> None:
+    # The op is callable directly (torch.ops.fastcl); kernels need rows.  No value is read.
+    check_pair("q", q, "k", k)
+    check_op_inputs(q.device, [("scale", scale), ("bias", bias)],
+                    [("pos_index", pos_index if positives else None, (q.shape[0],))])
+
+
 def _lse_fwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, rows: bool, cols: bool,
                   diag_offset: Optional[int], positives: bool, pos_index: Optional[Tensor],
                   backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    check_pair("q", q, "k", k)  # the op is callable directly (torch.ops.fastcl); kernels need rows
-    check_op_inputs([("scale", scale), ("bias", bias)],
-                    [("pos_index", pos_index if positives else None, (q.shape[0],))])
+    _check_fwd_inputs(q, k, scale, bias, positives, pos_index)
     row, col = fused_kernel("similarity_lse", backend, _FORWARD)(q, k, scale, bias, rows, cols, diag_offset)
     ct = compute_dtype(q.dtype)
     if positives:
@@ -70,10 +75,22 @@ _lse_fwd = torch.library.custom_op("fastcl::similarity_lse_fwd", mutates_args=()
 
 @_lse_fwd.register_fake
 def _(q, k, scale, bias, rows, cols, diag_offset, positives, pos_index, backend):
+    _check_fwd_inputs(q, k, scale, bias, positives, pos_index)
     ct = compute_dtype(q.dtype)
     return (q.new_empty((q.shape[0] if rows else 0,), dtype=ct),
             k.new_empty((k.shape[0] if cols else 0,), dtype=ct),
             q.new_empty((q.shape[0] if positives else 0,), dtype=ct))
+
+
+def _check_bwd_inputs(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, grad_scale) -> None:
+    check_pair("q", q, "k", k)
+    n, m = q.shape[0], k.shape[0]
+    # Statistics of one side share its length (0: the side is off); pos_index's values are the
+    # caller's to keep in [0, M) (the public functions check them, a read that waits for the device).
+    check_op_inputs(q.device, [("scale", scale), ("bias", bias), ("grad_scale", grad_scale)],
+                    [("row_lse", row_lse, (n, 0)), ("g_row", g_row, (row_lse.shape[0],)),
+                     ("col_lse", col_lse, (m, 0)), ("g_col", g_col, (col_lse.shape[0],)),
+                     ("g_pos", g_pos, (n, 0)), ("pos_index", pos_index, (n,))])
 
 
 def _lse_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Tensor, col_lse: Tensor,
@@ -86,14 +103,7 @@ def _lse_bwd_impl(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, row_lse: Te
     row_lse / col_lse (0,) marks a side the forward did not compute; an empty g_pos (0,) means no
     positive logits.  ``need_dq`` / ``need_dk`` False: that gradient is not formed and comes back
     (0, D), so a frozen side (a memory bank, a locked tower) costs no products."""
-    check_pair("q", q, "k", k)
-    n, m = q.shape[0], k.shape[0]
-    # Statistics of one side share its length (0: the side is off); pos_index's values are the
-    # caller's to keep in [0, M) (the public functions check them, a read that waits for the device).
-    check_op_inputs([("scale", scale), ("bias", bias), ("grad_scale", grad_scale)],
-                    [("row_lse", row_lse, (n, 0)), ("g_row", g_row, (row_lse.shape[0],)),
-                     ("col_lse", col_lse, (m, 0)), ("g_col", g_col, (col_lse.shape[0],)),
-                     ("g_pos", g_pos, (n, 0)), ("pos_index", pos_index, (n,))])
+    _check_bwd_inputs(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, grad_scale)
     need_dq, need_dk = formed_sides(need_dq, need_dk)
     pos = g_pos if g_pos.numel() else None
     if row_lse.numel() == 0 and col_lse.numel() == 0:  # no softmax side: the positive logits alone, no kernel
@@ -113,6 +123,7 @@ _lse_bwd = torch.library.custom_op("fastcl::similarity_lse_bwd", mutates_args=()
 @_lse_bwd.register_fake
 def _(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, diag_offset, grad_scale, out_dtype,
       need_dq, need_dk, backend):
+    _check_bwd_inputs(q, k, scale, bias, row_lse, col_lse, g_row, g_col, g_pos, pos_index, grad_scale)
     need_dq, need_dk = formed_sides(need_dq, need_dk)
     return (q.new_empty((q.shape[0] if need_dq else 0, q.shape[1]), dtype=out_dtype),
             k.new_empty((k.shape[0] if need_dk else 0, k.shape[1]), dtype=out_dtype),
@@ -221,10 +232,10 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
                     read_range: bool):
     # positives: bool, or an index tensor checked under the caller's argument name ``index_name``.
     check_pair("q", q, "k", k)
-    check_scalar("scale", scale, positive=True)
+    check_scalar("scale", scale, positive=True, device=q.device)
     check_fits("scale", scale, compute_dtype(q.dtype))  # every backend alike: no inf from a finite scale
     if bias is not None:
-        check_scalar("bias", bias)
+        check_scalar("bias", bias, device=q.device)
         check_fits("bias", bias, compute_dtype(q.dtype))
     check_offset("exclude_diagonal", exclude_diagonal)
     if exclude_diagonal is not None and not -q.shape[0] < exclude_diagonal < k.shape[0]:
