@@ -430,3 +430,21 @@ def test_circle_gradient_where_softplus_turns_linear():
     gb = torch.autograd.grad(pml.CircleLoss()(b, labels), b)[0]
     # A thousandth of float64's TOL: the sigmoid slope would be off by up to e^-20 relative.
     assert_close(ga, gb, torch.float64, "d embeddings", factor=1e-3, elementwise=True)
+
+
+def test_labelled_losses_run_on_meta_tensors():
+    """A shapes-only dry run (meta embeddings and labels) gives a meta 0-d loss: the class ids
+    take the sort path torch.compile uses, as unique has no meta kernel, and no value is read."""
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+    labels = meta(6, dtype=torch.long)
+    for call in (lambda: fastcl.supcon_loss_pml(meta(6, 8), labels),
+                 lambda: fastcl.supcon_loss_pml(meta(6, 8), meta(6)),
+                 lambda: fastcl.supcon_loss(meta(6, 2, 8), labels=labels),
+                 lambda: fastcl.ntxent_loss_pml(meta(6, 8), labels),
+                 lambda: fastcl.contrastive_loss_pml(meta(6, 8), labels),
+                 lambda: fastcl.multi_similarity_loss_pml(meta(6, 8), labels),
+                 lambda: fastcl.circle_loss_pml(meta(6, 8), labels),
+                 lambda: fastcl.triplet_margin_loss_pml(meta(6, 8), labels)):
+        out = call()
+        assert out.shape == () and out.device.type == "meta"

@@ -36,9 +36,10 @@ def class_ids(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(compact class ids (n,) int64 in [0, C), C) of integer or floating ``labels``: equal labels,
     equal ids.  NaN labels (equal to no label, themselves included) are refused in eager mode."""
     labels = labels.reshape(-1)
-    if labels.is_floating_point() and _eager() and bool(torch.isnan(labels).any()):
+    meta = labels.device.type == "meta"  # shapes only (a dry run): no values to read
+    if labels.is_floating_point() and _eager() and not meta and bool(torch.isnan(labels).any()):
         raise ValueError("labels must not contain NaN (a NaN label equals no other label)")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or meta:
         # Static shapes: ids by sorting, and n as the bound on their number (torch.compile before
         # torch 2.11 cannot trace unique's data-dependent size under fullgraph=True).
         srt, order = labels.sort()
