@@ -27,10 +27,11 @@ def _case(dtype, gen, b=13, t=7, v=131, pad_id=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
 @pytest.mark.parametrize("blocks", ["one", "many"])
-@pytest.mark.parametrize("pad_id", [0, 5, -100])
+@pytest.mark.parametrize("pad_id", [0, 5, -100, 131])
 def test_caption_loss_against_float64(dtype, blocks, pad_id, monkeypatch):
     """Value and gradient against float64 PyTorch on the same rounded logits; "many" walks the
-    91 tokens in blocks of 3 rows of 131 logits."""
+    91 tokens in blocks of 3 rows of 131 logits.  pad_id 131 = V lies outside the vocabulary (no
+    logit to gather for a padded token), as -100 does below it."""
     if blocks == "many":
         monkeypatch.setattr(strips, "WORKSPACE_MB", 3 * 131 * 8 / 2**20)
     logits, labels = _case(dtype, torch.Generator().manual_seed(1), pad_id=pad_id if pad_id >= 0 else 0)

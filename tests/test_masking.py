@@ -2,6 +2,8 @@
 
 Gathers and their unique-index backwards are copies, so they must match bit for bit; only sums
 of several terms (repeated indices, the mask-token gradient) are compared with the tolerance."""
+import re
+
 import pytest
 import torch
 
@@ -476,3 +478,25 @@ def test_auto_asks_the_dispatch_table_by_tokens_and_d(monkeypatch):
     for dtype in (torch.bfloat16, torch.float64):
         assert dispatch.resolve_backend("auto", torch.device("cuda"), ("masking", 30, 30, 5, dtype)) == "cuda"
     assert dispatch.resolve_backend("auto", torch.device("cuda"), ("similarity_lse", 8, 8, 4, torch.float64)) == "reference"
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+def test_restore_tokens_needs_as_many_slots_as_kept_tokens(backend):
+    """ids_restore of L = 3 columns for K = 5 kept tokens: every index is in [0, L), so only the
+    L >= K check names the problem (the gather would otherwise fail unnamed or drop tokens)."""
+    g = torch.Generator().manual_seed(41)
+    x_kept, token = randn(3, 5, 7, generator=g), randn(7, generator=g)
+    ids = torch.argsort(torch.rand(3, 3, generator=g), dim=1)
+    with pytest.raises(ValueError, match=r"ids_restore must have L >= K = 5 columns, got shape \(3, 3\)"):
+        restore_tokens(x_kept, token, ids, backend=backend)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 7), (7,)])
+def test_random_masking_refuses_a_broadcasting_pos_embed(shape):
+    """A pos_embed of one token, (1, 1, D) or (D,), would broadcast over the L tokens; MAE's is one
+    row per token, so it is refused by name (the fused kernels read L rows of it)."""
+    g = torch.Generator().manual_seed(42)
+    x = randn(3, 5, 7, generator=g)
+    with pytest.raises(ValueError, match=rf"pos_embed must have shape \(L, D\) or \(1, L, D\) = \(1, 5, 7\), "
+                                         rf"got {re.escape(str(shape))}"):
+        random_masking(x, 0.4, pos_embed=randn(*shape, generator=g))

@@ -67,11 +67,12 @@ def test_bank_loss_arguments():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_module_steps_through_the_bank_as_lightly(backend):
+@pytest.mark.parametrize("num, batch", [(11, 4), (8, 4)])
+def test_module_steps_through_the_bank_as_lightly(backend, num, batch):
     """Starts from normalised randn rows drawn from the global generator at construction, uses
     the bank as it was before each call, then enqueues the normalised out1; a batch that reaches
-    the end fills it and restarts at row 0, dropping its remaining rows (lightly's rule)."""
-    num, batch = 11, 4
+    the end fills it and restarts at row 0, dropping its remaining rows (lightly's rule).  (8, 4)
+    fills the bank exactly (ptr + batch == num), which restarts at row 0 too."""
     torch.manual_seed(123)
     crit = NTXentLoss(0.3, memory_bank_size=(num, D), backend=backend)
     torch.manual_seed(123)
@@ -141,3 +142,18 @@ def test_compiled_steps_do_not_recompile_per_pointer():
             assert_close(step(out0, out1), eager(out0, out1), torch.float32, f"step {i}")
     assert compiled_crit.memory_bank.ptr == eager.memory_bank.ptr
     assert torch.equal(compiled_crit.memory_bank.bank, eager.memory_bank.bank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_loss_gives_the_negatives_no_gradient(backend):
+    """The bank is a constant (lightly stores detached outputs): negatives that require grad are
+    detached, so they get no gradient, while the outputs and the loss are as with plain ones."""
+    g = torch.Generator().manual_seed(3)
+    out0, out1 = randn(9, 13, generator=g, requires_grad=True), randn(9, 13, generator=g)
+    negatives = F.normalize(randn(17, 13, generator=g), dim=1).requires_grad_()
+    loss = ntxent_bank_loss(out0, out1, negatives, 0.3, backend=backend)
+    assert loss.grad_fn is not None
+    loss.backward()
+    assert negatives.grad is None
+    ref = o_bank_ntxent(out0.detach().double(), out1.double(), negatives.detach().double(), 0.3)
+    assert_close(loss, ref, torch.float32, "loss")

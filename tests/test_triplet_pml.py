@@ -170,3 +170,52 @@ def test_learnable_margin():
         check_loss_and_grads(fastcl.nn.pml.TripletMarginLoss(ma)(a, labels, indices),
                              pml.TripletMarginLoss(mb)(b, labels, indices),
                              [a, ma], [b, mb], torch.float64, "mined" if indices else "labels")
+
+
+def test_exact_ties_count_as_pml():
+    """A triplet with d_an == d_ap + margin exactly has loss 0, which PML leaves out of the mean
+    (it counts losses > 0): unit rows e0, e1, e2 at margin 0 give d_ap = d_an = sqrt(2) to the
+    bit for anchors e0 and e1.  Alone they are all ties (0, no gradient); among random rows of
+    other classes the tie must not enter the count that divides the other triplets' sum."""
+    pml = pml_losses()
+    gen = torch.Generator().manual_seed(31)
+    emb = torch.cat([torch.eye(3, 5, dtype=torch.float64), randn(8, 5, generator=gen, dtype=torch.float64)])
+    labels = torch.cat([torch.tensor([0, 0, 1]), torch.randint(2, 5, (8,), generator=gen)])
+    for n in (3, 11):
+        (a,), (b,) = leaves(emb[:n]), leaves(emb[:n])
+        ours = fastcl.nn.pml.TripletMarginLoss(0.0)(a, labels[:n])
+        theirs = pml.TripletMarginLoss(0.0)(b, labels[:n])
+        assert (theirs.item() == 0.0) == (n == 3)
+        check_loss_and_grads(ours, theirs, [a], [b], torch.float64, f"{n} rows")
+
+
+def test_learnable_margin_without_violations():
+    """Well-separated classes and a small learnable margin: triplets exist but none violates it,
+    so the loss is 0 and the margin's gradient is PML's, 0 (d loss / d margin is 1 only while a
+    triplet counts)."""
+    pml = pml_losses()
+    gen = torch.Generator().manual_seed(32)
+    labels = torch.arange(13) % 3
+    emb = torch.eye(3, 7, dtype=torch.float64)[labels] * 10 + 0.1 * randn(13, 7, generator=gen, dtype=torch.float64)
+    (a, ma), (b, mb) = leaves(emb, torch.tensor(0.05, dtype=torch.float64)), \
+        leaves(emb, torch.tensor(0.05, dtype=torch.float64))
+    ours = fastcl.nn.pml.TripletMarginLoss(ma)(a, labels)
+    theirs = pml.TripletMarginLoss(mb)(b, labels)
+    assert ours.item() == 0.0 and theirs.item() == 0.0
+    ga, gm = torch.autograd.grad(ours, [a, ma])
+    gb, gmb = torch.autograd.grad(theirs, [b, mb], allow_unused=True)  # PML's zero loss leaves the margin out
+    gmb = torch.zeros_like(mb) if gmb is None else gmb
+    assert gm.item() == gmb.item() == 0.0
+    assert_close(ga, gb, torch.float64, "embeddings' gradient")
+
+
+def test_nan_in_a_reference_that_is_only_a_negative():
+    """NaN in any input gives NaN, the references' included: a NaN row of ref_emb whose class no
+    anchor has is only ever a negative, still the loss is NaN (fastcl's rule, as for embeddings)."""
+    gen = torch.Generator().manual_seed(33)
+    emb, ref = randn(9, 5, generator=gen), randn(11, 5, generator=gen)
+    labels, ref_labels = torch.arange(9) % 3, torch.arange(11) % 4
+    assert torch.isfinite(fastcl.triplet_margin_loss_pml(emb, labels, 0.05, ref_emb=ref, ref_labels=ref_labels))
+    ref[7, 2] = float("nan")
+    assert ref_labels[7] not in labels
+    assert torch.isnan(fastcl.triplet_margin_loss_pml(emb, labels, 0.05, ref_emb=ref, ref_labels=ref_labels))

@@ -509,3 +509,31 @@ def test_cross_batch_memory_refuses_labels_of_another_kind():
     m.reset_queue()
     m(torch.randn(4, 8), torch.arange(4))  # a fresh queue takes either kind
     m(torch.randn(4, 8), torch.arange(4, dtype=torch.int32))  # integer widths mix losslessly
+
+
+def test_distill_teacher_must_be_fixed_and_on_the_students_device():
+    """The teacher is a constant: a dist_logit_scale (or a dist_text_features alone) that requires
+    grad is refused by name, as dist_image_features is; a teacher on another device (meta stands
+    in for a GPU) is named too, not torch's unnamed device error."""
+    g = torch.Generator().manual_seed(51)
+    x, t = torch.randn(7, 9, generator=g), torch.randn(7, 5, generator=g)
+    with pytest.raises(ValueError, match="dist_logit_scale must not require grad"):
+        fastcl.distill_clip_loss(x, x, 2.0, t, t, torch.tensor(1.0, requires_grad=True))
+    with pytest.raises(ValueError, match="dist_text_features must not require grad"):
+        fastcl.distill_clip_loss(x, x, 2.0, t, t.clone().requires_grad_(), 1.0)
+    with pytest.raises(ValueError, match="dist_image_features must be on cpu, got meta"):
+        fastcl.distill_clip_loss(x, x, 2.0, t.to("meta"), t.to("meta"), 1.0)
+
+
+def test_macl_ranges_include_their_bounds_only():
+    """lightly's MACLLoss: A_0 in [0, 1] and temperature >= 1e-8, bounds included; just past
+    either is a ValueError naming the argument."""
+    with pytest.raises(ValueError, match=r"A_0 must be in \[0, 1\], got 1.5"):
+        fastcl.nn.MACLLoss(A_0=1.5)
+    with pytest.raises(ValueError, match="temperature must be at least 1e-08, got 1e-09"):
+        fastcl.nn.MACLLoss(temperature=1e-9)
+    with pytest.raises(ValueError, match=r"a_0 must be in \[0, 1\], got -0.5"):
+        fastcl.macl_loss(q, q, 0.1, a_0=-0.5)
+    fastcl.nn.MACLLoss(A_0=1.0)
+    fastcl.nn.MACLLoss(temperature=1e-8)
+    assert torch.isfinite(fastcl.macl_loss(q, q.flip(0), 1e-8, a_0=1.0))
