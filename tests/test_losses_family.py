@@ -755,3 +755,134 @@ def test_hypersphere_on_gpu(backend, dtype):
     assert_close(ours.cpu(), ref, torch.float32, "value", NORMALISED_VALUE_FACTOR.get(dtype, 1.0))
     for u, v in zip(torch.autograd.grad(ours, [x, y]), torch.autograd.grad(ref, [r, s])):
         assert_close(u.cpu(), v, dtype, "grad")
+
+
+# ----------------------------------------------------------------------------- arguments the other tests leave alone
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_more_texts_than_images(backend):
+    """M = 131 texts for N = 67 images (texts past N are negatives for every image): the sum is
+    divided by the image count N, as open_clip's SigLipLoss (every other test has M == N)."""
+    g = torch.Generator().manual_seed(40)
+    img = F.normalize(randn(67, 40, generator=g), dim=1)
+    txt = F.normalize(randn(131, 40, generator=g), dim=1)
+    s, b = torch.tensor(10.0), torch.tensor(-10.0)
+    compare(lambda i, t, ss, bb: siglip_loss(i, t, ss, bb, backend=backend), o_siglip, [img, txt, s, b],
+            torch.float32, "siglip M > N", backend=backend, biases=(3,))
+    compare(lambda i, t, ss, bb: SigLipLoss(backend=backend)(i, t, ss, bb), o_siglip, [img, txt, s, b],
+            torch.float32, "SigLipLoss M > N", backend=backend, biases=(3,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("negatives", ["union", "separate"])
+def test_dcl_asymmetric_weight_fn(backend, negatives):
+    """lightly weights the out0 direction by weight_fn(out0, out1) and the out1 direction by
+    weight_fn(out1, out0): a weight_fn that is not symmetric in its arguments tells them apart
+    (the vMF weights of the other tests are symmetric)."""
+    g = torch.Generator().manual_seed(41)
+    a, b = randn(37, 20, generator=g), randn(37, 20, generator=g)
+
+    def w(x, y):
+        return 1 + x[:, 0] ** 2
+    compare(lambda x, y: dcl_loss(x, y, 0.2, w, negatives=negatives, backend=backend),
+            lambda x, y: o_dcl(x, y, 0.2, w, negatives), [a, b], torch.float32, f"dcl asymmetric {negatives}")
+    compare(lambda x, y: DCLLoss(0.2, w, negatives=negatives, backend=backend)(x, y),
+            lambda x, y: o_dcl(x, y, 0.2, w, negatives), [a, b], torch.float32, f"DCLLoss asymmetric {negatives}")
+
+
+def test_lightly_defaults():
+    """Called without the settings, each lightly drop-in takes lightly's defaults (NTXentLoss:
+    temperature 0.5; DCLLoss: 0.1; DCLWLoss: 0.1 and sigma 0.5; MACLLoss: 0.1, alpha 0.5, A_0 0;
+    HypersphereLoss: t 1, lam 1, alpha 2), the functional forms too."""
+    from fastcl.nn.losses import HypersphereLoss
+    g = torch.Generator().manual_seed(42)
+    a, b = randn(41, 24, generator=g), randn(41, 24, generator=g)
+    b = a + 0.5 * b  # aligned views: the temperature- and weight-dependent terms all matter
+
+    def vmf_detached(x, y, sigma=0.5):
+        return (2 - x.shape[0] * torch.softmax((x * y).sum(1) / sigma, dim=0)).detach()
+    cases = {
+        "ntxent_loss": (ntxent_loss, lambda x, y: o_ntxent(x, y, 0.5)),
+        "NTXentLoss": (NTXentLoss(), lambda x, y: o_ntxent(x, y, 0.5)),
+        "fastcl.nn.NTXentLoss": (fastcl.nn.NTXentLoss(), lambda x, y: o_ntxent(x, y, 0.5)),
+        "dcl_loss": (dcl_loss, lambda x, y: o_dcl(x, y, 0.1)),
+        "DCLLoss": (DCLLoss(), lambda x, y: o_dcl(x, y, 0.1)),
+        "DCLWLoss": (DCLWLoss(), lambda x, y: o_dcl(x, y, 0.1, vmf_detached)),
+        "macl_loss": (fastcl.macl_loss, lambda x, y: o_macl(x, y, 0.1, 0.5, 0.0)),
+        "MACLLoss": (MACLLoss(), lambda x, y: o_macl(x, y, 0.1, 0.5, 0.0)),
+        "hypersphere_loss": (fastcl.hypersphere_loss, lambda x, y: o_hypersphere(x, y, 1.0, 1.0, 2.0)),
+        "HypersphereLoss": (HypersphereLoss(), lambda x, y: o_hypersphere(x, y, 1.0, 1.0, 2.0)),
+    }
+    for name, (fast, oracle) in cases.items():
+        compare(fast, oracle, [a, b], torch.float32, f"{name} defaults", normalised=True)
+
+
+def test_hypersphere_module_settings():
+    """HypersphereLoss(t, lam, alpha) passes all three on (the module is otherwise built with its
+    defaults only): t = 2, lam = 0.5, alpha = 1 against the pdist form."""
+    from fastcl.nn.losses import HypersphereLoss
+    g = torch.Generator().manual_seed(43)
+    a, b = randn(67, 40, generator=g), randn(67, 40, generator=g)
+    b = a + 0.5 * b
+    compare(lambda x, y: HypersphereLoss(2.0, 0.5, 1.0)(x, y), lambda x, y: o_hypersphere(x, y, 2.0, 0.5, 1.0),
+            [a, b], torch.float32, "HypersphereLoss(2, 0.5, 1)", normalised=True)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # N = 1031: too slow interpreted
+def test_hypersphere_uniformity_of_collapsed_fp32_batches(backend):
+    """The uniformity of nearly collapsed fp32 batches (N = 1031 rows within 0.005 of one point:
+    a value near -4e-3, from per-row LSEs near log(N)) at fp32's normal tolerance of float64: the
+    final LSE over the rows runs in float64, as fp32's rounding of a result near log(N (N - 1))
+    is up to 1e-4 of the small difference (measured: 8e-6 at most here, 2e-5 to 2e-4 in fp32).
+    Three batches, as how far fp32 lands off depends on where the value falls between floats."""
+    from fastcl.losses.hypersphere import uniformity
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x = randn(1, 40, generator=g) + 0.005 * randn(1031, 40, generator=g)
+        ref = torch.pdist(x.double(), p=2).pow(2).mul(-2.0).exp().mean().log()
+        assert_close(uniformity(x, 2.0, backend), ref, torch.float32, f"collapsed batch {seed}")
+
+
+def test_hypersphere_one_sample_learnable_t():
+    """One sample with a learnable t (a tensor that requires grad): the loss is NaN, as lightly's
+    empty mean, and t stays in the graph, so torch.autograd.grad(loss, t) works and gives lightly's
+    gradient (0: t multiplies an empty set of distances)."""
+    g = torch.Generator().manual_seed(44)
+    a, b = randn(1, 8, generator=g), randn(1, 8, generator=g)
+    t = torch.tensor(2.0, requires_grad=True)
+    loss = fastcl.hypersphere_loss(a, b, t)
+    rt = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    ref = o_hypersphere(a.double(), b.double(), rt)
+    assert torch.isnan(loss) and torch.isnan(ref)
+    (gt,), (gr,) = torch.autograd.grad(loss, t), torch.autograd.grad(ref, rt)
+    assert torch.isfinite(gt) and gt.item() == gr.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_info_nce_and_clip_full_label_smoothing(backend):
+    """label_smoothing = 1.0 is allowed, as in F.cross_entropy (the whole target is the uniform
+    part): info_nce against the smoothed cross-entropy with eps = 1, clip_loss against
+    F.cross_entropy(label_smoothing=1.0)."""
+    g = torch.Generator().manual_seed(45)
+    q, k = randn(67, 40, generator=g), randn(131, 40, generator=g)
+    positives = torch.randperm(131, generator=g)[:67]
+    s = torch.tensor(3.0)
+    for symmetric in (False, True):
+        compare(lambda x, y, ss: info_nce(x, y, logit_scale=ss, positives=positives, symmetric=symmetric,
+                                          label_smoothing=1.0, backend=backend),
+                lambda x, y, ss: o_info_nce(x, y, ss, positives, 1.0, symmetric), [q, k, s], torch.float32,
+                f"info_nce eps = 1, symmetric={symmetric}", backend=backend)
+    compare(lambda x, y, ss: clip_loss(x, y, ss, -0.5, labels=positives, label_smoothing=1.0, backend=backend),
+            lambda x, y, ss: o_clip(x, y, ss, -0.5, positives, 1.0), [q, k, s], torch.float32, "clip eps = 1",
+            backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_macl_zero_temperature_with_nonzero_cosines_is_nan(backend):
+    """alpha = 1, a_0 = 0.5 and positive cosines averaging exactly -0.5 (three pairs at -1, one
+    at +1) make t = 0.1 * (1 + (-0.5 - 0.5)) = 0 exactly: lightly's logits cos / 0 are +-inf and
+    0 / 0, its loss NaN, and so is ours (not the +inf that the -1 pairs give alone)."""
+    a = torch.eye(4, 5)
+    b = a * torch.tensor([-1.0, -1.0, -1.0, 1.0])[:, None]
+    assert torch.isnan(o_macl(a.double(), b.double(), 0.1, 1.0, 0.5))
+    assert torch.isnan(MACLLoss(0.1, 1.0, 0.5, backend=backend)(a, b))
+    assert torch.isnan(fastcl.macl_loss(a, b, 0.1, 1.0, 0.5, backend=backend))
