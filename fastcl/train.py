@@ -160,7 +160,10 @@ class Trainer:
     ``DistributedDataParallel`` and each process trains on its own 1/world_size share of every
     epoch's permutation.  ``loss_fn`` sees the local batch: pass a distributed loss
     (``fastcl.losses.distributed``, or a module with ``gather_distributed=True``) to take the
-    negatives from every rank, as ``fastcl train`` does.
+    negatives from every rank, as ``fastcl train`` does.  Every rank passes the same ``data``:
+    ``fit`` first checks that the ranks agree on its size, the epochs, ``max_steps``, batch size,
+    seed and resumed step (they would otherwise take different step counts and wait forever in a
+    collective), and every rank raises if not.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
@@ -364,17 +367,8 @@ class Trainer:
         perm = torch.randperm(n, generator=g)
         return perm[self.rank::self.world_size]
 
-    def fit(self, data: Data, epochs: int, *, resume: Optional[str] = None,
-            max_steps: Optional[int] = None) -> List[Dict]:
-        """Train for ``epochs`` epochs over ``data``; returns the per-step metric records.
-
-        Args:
-            data: a tensor (N, ...) or a sequence of tensors sharing N, indexed along dim 0.
-            epochs: total number of epochs (a resumed run continues up to this number).
-            resume: optional checkpoint path to continue from.
-            max_steps: optional cap on the total (global) step count; the run stops there and
-                writes a checkpoint, e.g. to test or split a run.
-        """
+    def _prepare_fit(self, data: Data, epochs: int, resume: Optional[str], max_steps: Optional[int]):
+        """fit's argument checks and resume: (data tensors, steps per epoch)."""
         tensors = (data,) if isinstance(data, torch.Tensor) else tuple(data)
         if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
             raise TypeError("data must be a tensor or a non-empty sequence of tensors")
@@ -393,6 +387,50 @@ class Trainer:
                              f"in data; lower batch_size")
         if resume is not None:
             self.load_checkpoint(resume)
+        return tensors, steps_per_epoch
+
+    def _check_ranks_agree(self, error: Optional[BaseException], settings: Dict) -> None:
+        """Under DDP, one exchange of every rank's fit settings (or its error) before the first
+        step: ranks that differ would take different step counts and wait forever in a collective,
+        so every rank raises instead, naming what differs (a rank's own error stays its own)."""
+        every: List = [None] * self.world_size
+        torch.distributed.all_gather_object(every, (None if error is None else repr(error), settings))
+        failed = [r for r, (e, _) in enumerate(every) if e is not None]
+        if failed:
+            if error is None:
+                raise RuntimeError(f"Trainer.fit failed on rank(s) {failed}: "
+                                   + "; ".join(f"rank {r}: {every[r][0]}" for r in failed))
+            return
+        for key, mine in settings.items():
+            values = [theirs[key] for _, theirs in every]
+            if any(v != mine for v in values):
+                raise ValueError(f"Trainer.fit needs the same {key} on every rank (each rank takes the same "
+                                 f"steps and data order), got {values} by rank")
+
+    def fit(self, data: Data, epochs: int, *, resume: Optional[str] = None,
+            max_steps: Optional[int] = None) -> List[Dict]:
+        """Train for ``epochs`` epochs over ``data``; returns the per-step metric records.
+
+        Args:
+            data: a tensor (N, ...) or a sequence of tensors sharing N, indexed along dim 0.
+            epochs: total number of epochs (a resumed run continues up to this number).
+            resume: optional checkpoint path to continue from.
+            max_steps: optional cap on the total (global) step count; the run stops there and
+                writes a checkpoint, e.g. to test or split a run.
+        """
+        try:
+            tensors, steps_per_epoch = self._prepare_fit(data, epochs, resume, max_steps)
+            error = None
+        except Exception as exc:  # under DDP the other ranks hear of it (they would wait for this one)
+            error, tensors, steps_per_epoch = exc, None, 0
+        if self._ddp:
+            n = tensors[0].shape[0] if tensors else None
+            self._check_ranks_agree(error, {"rows of data": n, "epochs": epochs, "max_steps": max_steps,
+                                            "global_step": self.global_step, "batch_size": self.batch_size,
+                                            "seed": self.seed})
+        if error is not None:
+            raise error
+        n = tensors[0].shape[0]
         metrics = _MetricsWriter(self.metrics_path if self.rank == 0 else None, append=resume is not None)
         total = epochs * steps_per_epoch
         stop = total if max_steps is None else min(total, max_steps)

@@ -774,6 +774,31 @@ def trainer_checks(ck, rank, world, tmp):
             assert torch.equal(a, b), name
     ck.run("trainer resume under DDP", resume_continues)
 
+    def ranks_disagree():
+        """Ranks whose fit() would take different step counts all raise, before the first step
+        (they would wait in DDP's all-reduce forever); a rank's own error reaches the others."""
+        torch.manual_seed(0)
+        model = _TwoViews()
+        trainer = Trainer(model, lambda a, b: ntxent_loss(a, b, 0.5, backend="reference"),
+                          torch.optim.SGD(model.parameters(), lr=0.05), batch_size=5, seed=4, progress=False)
+        try:
+            trainer.fit(data if rank == 0 else data[:30], 1)
+        except ValueError as e:
+            assert "same rows of data on every rank" in str(e) and "[40, 30]" in str(e), e
+        else:
+            raise AssertionError("no error")
+        try:
+            trainer.fit(data, 0 if rank == 1 else 1)
+        except Exception as e:  # noqa: BLE001 - the kind is the check
+            if rank == 1:
+                assert isinstance(e, ValueError) and "epochs must be an int >= 1" in str(e), repr(e)
+            else:
+                assert isinstance(e, RuntimeError) and "failed on rank(s) [1]" in str(e), repr(e)
+        else:
+            raise AssertionError("no error")
+        assert trainer.global_step == 0
+    ck.run("trainer ranks disagree", ranks_disagree)
+
 
 def worker(rank, world, tmp, case="checks"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
