@@ -537,3 +537,15 @@ def test_macl_ranges_include_their_bounds_only():
     fastcl.nn.MACLLoss(A_0=1.0)
     fastcl.nn.MACLLoss(temperature=1e-8)
     assert torch.isfinite(fastcl.macl_loss(q, q.flip(0), 1e-8, a_0=1.0))
+
+
+def test_direct_ops_name_a_missing_cuda_build(monkeypatch):
+    """torch.ops.fastcl.* take any backend name: "cuda" on a build without the CUDA kernels is an
+    error that says so (it was an AttributeError about torch.ops.fastcl_C)."""
+    import types
+
+    import fastcl.ops.strips as strips
+    monkeypatch.setattr(strips, "EPILOGUES", strips.CudaEpilogues)  # the real ones, whatever a test swapped in
+    monkeypatch.setattr(torch.ops, "fastcl_C", types.SimpleNamespace())  # a build without them, on any machine
+    with pytest.raises(RuntimeError, match="backend='cuda' needs fastcl built with its CUDA kernels"):
+        torch.ops.fastcl.sigmoid_pair_fwd(q, k, torch.tensor(2.0), torch.tensor(0.0), "cuda")

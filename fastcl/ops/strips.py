@@ -168,6 +168,16 @@ def inplace_view(scores: Tensor, dtype: torch.dtype) -> Tensor:
     return scores.view(dtype)[:, :scores.shape[1]]
 
 
+def _cuda_kernel(name: str):
+    # The public functions pick "cuda" only when the build has it; the registered ops take any
+    # backend name, so a build without the CUDA kernels gets this error there, not an AttributeError.
+    try:
+        return getattr(torch.ops.fastcl_C, name)
+    except (AttributeError, RuntimeError) as exc:
+        raise RuntimeError(f"backend='cuda' needs fastcl built with its CUDA kernels, and this build has no "
+                           f"{name} (`fastcl info` shows them); use backend='triton' or 'reference'") from exc
+
+
 class CudaEpilogues:
     """The fused epilogues of csrc/cuda/similarity_strips.cu (``torch.ops.fastcl_C.cuda_strip_*``).
 
@@ -175,19 +185,19 @@ class CudaEpilogues:
 
     @staticmethod
     def lse_fwd(scores, scale, bias, diag, rows, cols):
-        return torch.ops.fastcl_C.cuda_strip_lse_fwd(scores, scale, bias, diag, rows, cols)
+        return _cuda_kernel("cuda_strip_lse_fwd")(scores, scale, bias, diag, rows, cols)
 
     @staticmethod
     def lse_bwd(scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype):
-        torch.ops.fastcl_C.cuda_strip_lse_bwd(scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype)
+        _cuda_kernel("cuda_strip_lse_bwd")(scores, scale, bias, diag, row_lse, g_row, col_lse, g_col, out_dtype)
 
     @staticmethod
     def sigmoid_fwd(scores, scale, bias, diag):
-        return torch.ops.fastcl_C.cuda_strip_sigmoid_fwd(scores, scale, bias, diag)
+        return _cuda_kernel("cuda_strip_sigmoid_fwd")(scores, scale, bias, diag)
 
     @staticmethod
     def sigmoid_bwd(scores, scale, bias, diag, out_dtype):
-        return torch.ops.fastcl_C.cuda_strip_sigmoid_bwd(scores, scale, bias, diag, out_dtype)
+        return _cuda_kernel("cuda_strip_sigmoid_bwd")(scores, scale, bias, diag, out_dtype)
 
 
 # The epilogues the driver calls; tests swap in a pure-PyTorch stand-in to run it on the CPU.
