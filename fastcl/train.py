@@ -394,7 +394,10 @@ class Trainer:
         step: ranks that differ would take different step counts and wait forever in a collective,
         so every rank raises instead, naming what differs (a rank's own error stays its own)."""
         every: List = [None] * self.world_size
-        torch.distributed.all_gather_object(every, (None if error is None else repr(error), settings))
+        # NCCL packs the objects on the current CUDA device: make it this rank's.
+        here = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with here:
+            torch.distributed.all_gather_object(every, (None if error is None else repr(error), settings))
         failed = [r for r, (e, _) in enumerate(every) if e is not None]
         if failed:
             if error is None:

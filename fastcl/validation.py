@@ -76,6 +76,12 @@ def _check_real(name: str, value, positive: bool, finite: bool) -> None:
         raise ValueError(f"{name} must be > 0{hint}, got {value}")
 
 
+def as_0d(value):
+    """A one-element tensor as 0-d (torch mixes only 0-d CPU tensors into device arithmetic, and a
+    (1,) one would make a 0-d loss (1,)); anything else as is."""
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value
+
+
 def check_scalar(name: str, value, *, positive: bool = False, device: Optional[torch.device] = None):
     """A real number (numpy scalars included), not infinite, or a one-element floating tensor;
     optionally > 0 (NaN fails that; a NaN bias passes, and gives NaN out).  A tensor must be on
@@ -97,7 +103,7 @@ def check_scalar(name: str, value, *, positive: bool = False, device: Optional[t
         # The one read: CPU values cost no sync (and none under torch.func, which cannot read one).
         if _eager() and value.device.type == "cpu" and not functorch_active():
             _check_real(name, float(value.detach().reshape(())), positive, finite=True)
-        return value.reshape(())
+        return as_0d(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
         # (a float torch.compile made symbolic has no isinf; its sign is still compared)
         _check_real(name, value, positive, finite=_eager())

@@ -470,6 +470,11 @@ def checks(ck, rank, world, tmp):
         lambda: clip_loss_distributed(x4, x4, own(torch.tensor(2.0, device="meta"), 2.0)), 0, ValueError,
         "logit_scale must be on the inputs' device (cpu), got meta"))
 
+    def unencodable():  # the losses refuse such a setting first; the exchange itself still publishes
+        from fastcl.distributed import exchange_shapes
+        exchange_shapes([("x", x4)], settings=[("s", own(torch.tensor(2.0, device="meta"), 2.0))])
+    ck.run("unencodable setting published", published(unencodable, 0, NotImplementedError, "meta"))
+
     def forgotten_rank():  # rank=0 on every process: wrong on all ranks but 0, raised on all
         try:
             ClipLoss(rank=0, world_size=world)(x4, x4, 2.0)

@@ -41,7 +41,7 @@ EXPECTED = ["clip gather local_loss=True", "clip scale grads per rank", "coca mo
             "unusable backend published gather", "unusable backend published ring", "SupConLoss mask published",
             "all_gather non-tensor published", "all_reduce shape differs", "ClipLoss rank argument published",
             "ring refuses device tensors on gloo", "all_reduce 6-D", "flag given as a tensor differs",
-            "equal settings of different types agree", "scale on another device published",
+            "equal settings of different types agree", "scale on another device published", "unencodable setting published",
             "create_graph refused across ranks", "SupConLoss misplaced ref_emb published"]
 if importlib.util.find_spec("pytorch_metric_learning") is not None:  # fastcl.nn.pml.DistributedLossWrapper vs PML's
     EXPECTED += ([f"pml wrapper {n} efficient={e}" for n in _dist_worker.PML_WRAPPED for e in (False, True)]

@@ -549,3 +549,40 @@ def test_direct_ops_name_a_missing_cuda_build(monkeypatch):
     monkeypatch.setattr(torch.ops, "fastcl_C", types.SimpleNamespace())  # a build without them, on any machine
     with pytest.raises(RuntimeError, match="backend='cuda' needs fastcl built with its CUDA kernels"):
         torch.ops.fastcl.sigmoid_pair_fwd(q, k, torch.tensor(2.0), torch.tensor(0.0), "cuda")
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(10.0), torch.tensor([10.0])])
+def test_cpu_scalars_serve_inputs_on_another_device(scale):
+    """The allowed direction: a 0-d or (1,) CPU scale, temperature or bias with inputs on another
+    device (meta stands in for a GPU) gives a 0-d loss there.  A (1,) CPU tensor used to reach
+    device arithmetic as is, which torch refuses (it mixes only 0-d CPU tensors in)."""
+    a, b = torch.randn(8, 16, device="meta"), torch.randn(8, 16, device="meta")
+    for call in (lambda: fastcl.clip_loss(a, b, scale, backend="reference"),
+                 lambda: fastcl.clip_loss(a, b, scale, logit_bias=scale, label_smoothing=0.1, backend="reference"),
+                 lambda: fastcl.siglip_loss(a, b, scale, -scale, backend="reference"),
+                 lambda: fastcl.ntxent_loss(a, b, 1 / scale, backend="reference"),
+                 lambda: fastcl.dcl_loss(a, b, 1 / scale, backend="reference"),
+                 lambda: fastcl.supcon_loss(a[:, None], temperature=1 / scale, backend="reference"),
+                 lambda: fastcl.info_nce(a, b, logit_scale=scale, backend="reference"),
+                 lambda: similarity_lse(a, b, scale, bias=scale, backend="reference"),
+                 lambda: fastcl.ops.sigmoid_pair_loss(a, b, scale, scale, backend="reference")):
+        out = call()
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.device.type == "meta"
+
+
+def test_cross_batch_memory_keeps_its_label_width():
+    """int64 classes stored, an int32 batch next: the memory stays int64 (PML's stays long), so
+    2**40 is not wrapped into 0 and merged with class 0."""
+    m = fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 8, 16)
+    m(torch.randn(4, 8), torch.tensor([2**40, 2**40, 1, 1]))
+    m(torch.randn(4, 8), torch.tensor([3, 3, 1, 1], dtype=torch.int32))
+    assert m.label_memory.dtype == torch.int64
+    assert m.label_memory[:8].tolist() == [2**40, 2**40, 1, 1, 3, 3, 1, 1]
+
+
+def test_ntxent_pml_refuses_a_float64_subnormal_temperature():
+    x = torch.randn(5, 8, dtype=torch.float64)
+    for t in (5e-324, torch.tensor(5e-324, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="1 / temperature = inf is outside"):
+            fastcl.ntxent_loss_pml(x, torch.arange(5) % 2, temperature=t)

@@ -33,9 +33,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         0-d float32 tensor (float64 for float64 inputs), or (N,) for ``reduction="none"``.
     """
     check_pair("image_features", image_features, "text_features", text_features)
-    check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
+    logit_scale = check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
     if logit_bias is not None:
-        check_scalar("logit_bias", logit_bias, device=image_features.device)
+        logit_bias = check_scalar("logit_bias", logit_bias, device=image_features.device)
     check_reduction(reduction)
     label_smoothing = check_label_smoothing(label_smoothing)
     n, m = image_features.shape[0], text_features.shape[0]

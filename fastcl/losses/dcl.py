@@ -27,17 +27,19 @@ def check_negatives(negatives) -> None:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
 
 
-def check_dcl_args(out0, out1, temperature, weight_fn, negatives) -> None:
-    """The argument checks of ``dcl_loss`` (also run per rank by the distributed DCL).
+def check_dcl_args(out0, out1, temperature, weight_fn, negatives):
+    """The argument checks of ``dcl_loss`` (also run per rank by the distributed DCL); returns the
+    temperature (a tensor as 0-d).
 
     out0, out1: (N, D) float tensors, same dtype and device; temperature: positive float or 0-d
     tensor; weight_fn: callable or None; negatives: "union" or "separate".  Raises
     TypeError/ValueError naming the argument."""
     check_views(out0, out1)
-    check_scalar("temperature", temperature, positive=True, device=out0.device)
+    temperature = check_scalar("temperature", temperature, positive=True, device=out0.device)
     if weight_fn is not None and not callable(weight_fn):
         raise TypeError(f"weight_fn must be callable or None, got {type(weight_fn).__name__}")
     check_negatives(negatives)
+    return temperature
 
 
 def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
@@ -127,7 +129,7 @@ def dcl_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.1,
     Returns:
         0-d float32 tensor (float64 for float64 inputs).
     """
-    check_dcl_args(out0, out1, temperature, weight_fn, negatives)
+    temperature = check_dcl_args(out0, out1, temperature, weight_fn, negatives)
     a, b = l2_normalize(out0), l2_normalize(out1)
     scale = 1.0 / temperature
     lse_aa = similarity_lse(a, a, scale, rows=True, exclude_diagonal=0, backend=backend)

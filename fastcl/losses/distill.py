@@ -88,8 +88,8 @@ def distill_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     """
     check_pair("image_features", image_features, "text_features", text_features)
     check_pair("dist_image_features", dist_image_features, "dist_text_features", dist_text_features)
-    check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
-    check_scalar("dist_logit_scale", dist_logit_scale, positive=True, device=image_features.device)
+    logit_scale = check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
+    dist_logit_scale = check_scalar("dist_logit_scale", dist_logit_scale, positive=True, device=image_features.device)
     n = image_features.shape[0]
     if text_features.shape[0] != n or dist_image_features.shape[0] != n or dist_text_features.shape[0] != n:
         raise ValueError("image_features, text_features, dist_image_features and dist_text_features must have the "

@@ -32,7 +32,7 @@ from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.similarity_lse import similarity_lse, similarity_lse_with_index
 from fastcl.ring import ring_sigmoid_pair_loss, ring_similarity_lse
-from fastcl.validation import check_float_tensor, check_pair, check_scalar, check_views
+from fastcl.validation import as_0d, check_float_tensor, check_pair, check_scalar, check_views
 
 Tensor = torch.Tensor
 
@@ -138,6 +138,7 @@ def clip_loss_distributed(image_features: Tensor, text_features: Tensor, logit_s
                 ("logit_scale", logit_scale), ("logit_bias", 0.0 if logit_bias is None else logit_bias)]
     sizes = _checked_sizes([("image_features", image_features), ("text_features", text_features)],
                            group, checks, settings, local_error)[0]
+    logit_scale, logit_bias = as_0d(logit_scale), as_0d(logit_bias)
     eps = opts["eps"]
     rank, _ = group_info(group)
     n, total = image_features.shape[0], sum(sizes)
@@ -236,6 +237,7 @@ def siglip_loss_distributed(image_features: Tensor, text_features: Tensor, logit
                 ("logit_bias", 0.0 if logit_bias is None else logit_bias)]  # no bias is a bias of 0
     sizes = _checked_sizes([("image_features", image_features), ("text_features", text_features)],
                            group, checks, settings, local_error)[0]
+    logit_scale, logit_bias = as_0d(logit_scale), as_0d(logit_bias)
     rank, _ = group_info(group)
     n = image_features.shape[0]
     if logit_bias is None:
@@ -283,6 +285,7 @@ def ntxent_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.5, *, dist
 
     sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks,
                            [("dist_impl", impl), ("temperature", temperature)], local_error)[0]
+    temperature = as_0d(temperature)
     rank, _ = group_info(group)
     n = out0.shape[0]
     z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)  # rank-local block [view 0; view 1]
@@ -341,6 +344,7 @@ def dcl_loss_distributed(out0: Tensor, out1: Tensor, temperature=0.1, weight_fn=
 
     settings = [("dist_impl", impl), ("temperature", temperature), ("negatives", negatives)]
     sizes = _checked_sizes([("out0", out0), ("out1", out1)], group, checks, settings, local_error)[0]
+    temperature = as_0d(temperature)
     rank, _ = group_info(group)
     a, b = local["a"], local["b"]
     scale = 1.0 / temperature
@@ -434,6 +438,7 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
                 ("base_temperature", base_temperature), ("contrast_mode", contrast_mode)]
     sizes, _ = _checked_sizes([("features", features), ("labels (give them on every rank or none)", lab_meta)],
                               group, checks, settings, local_error)
+    temperature, base_temperature = as_0d(temperature), as_0d(base_temperature)
     rank, _ = group_info(group)
     bsz, n_views, d = features.shape
     ct = compute_dtype(features.dtype)

@@ -39,7 +39,7 @@ def ntxent_loss(out0: torch.Tensor, out1: torch.Tensor, temperature=0.5, *, redu
         0-d float32 tensor (float64 for float64 inputs), or (2N,) for ``reduction="none"``.
     """
     check_views(out0, out1)
-    check_scalar("temperature", temperature, positive=True, device=out0.device)
+    temperature = check_scalar("temperature", temperature, positive=True, device=out0.device)
     check_reduction(reduction)
     n = out0.shape[0]
     z = torch.cat([l2_normalize(out0), l2_normalize(out1)], dim=0)
@@ -76,7 +76,7 @@ def ntxent_bank_loss(out0: torch.Tensor, out1: torch.Tensor, negatives: torch.Te
         raise TypeError(f"negatives must be a floating tensor, got {getattr(negatives, 'dtype', type(negatives))}")
     negatives = negatives.detach().to(out0.dtype)  # once: a (K, D) bank may be large
     check_pair("out0", out0, "negatives", negatives)
-    check_scalar("temperature", temperature, positive=True, device=out0.device)
+    temperature = check_scalar("temperature", temperature, positive=True, device=out0.device)
     check_reduction(reduction)
     a, b = l2_normalize(out0), l2_normalize(out1)
     scale = 1.0 / temperature

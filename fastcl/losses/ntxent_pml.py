@@ -168,7 +168,10 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     # A subnormal temperature would give an infinite scale (a CPU tensor's value costs no sync).
     if not isinstance(temperature, torch.Tensor) or (temperature.device.type == "cpu" and _eager()
                                                      and not functorch_active()):
-        check_fits("1 / temperature", 1.0 / float(temperature), ct)
+        inverse = 1.0 / float(temperature)
+        if math.isinf(inverse):  # (float64's smallest subnormals: beyond every range)
+            raise ValueError(f"1 / temperature = inf is outside the {ct} range the loss computes in")
+        check_fits("1 / temperature", inverse, ct)
     scale = 1.0 / scalar_tensor(temperature, embeddings.device, ct, "temperature")
     q = l2_normalize(embeddings)
     k = q if ref_emb is None else l2_normalize(ref_emb)

@@ -26,9 +26,9 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         0-d float32 tensor (float64 for float64 inputs).
     """
     check_pair("image_features", image_features, "text_features", text_features)
-    check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
+    logit_scale = check_scalar("logit_scale", logit_scale, positive=True, device=image_features.device)
     if logit_bias is not None:
-        check_scalar("logit_bias", logit_bias, device=image_features.device)
+        logit_bias = check_scalar("logit_bias", logit_bias, device=image_features.device)
     total = sigmoid_pair_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
                               backend=backend)
     return total / image_features.shape[0]

@@ -139,8 +139,8 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     if isinstance(features, torch.Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
         features = features.reshape(features.shape[0], features.shape[1], -1)
     check_float_tensor("features", features, "(bsz, n_views, D)")
-    check_scalar("temperature", temperature, positive=True, device=features.device)
-    check_scalar("base_temperature", base_temperature, positive=True, device=features.device)
+    temperature = check_scalar("temperature", temperature, positive=True, device=features.device)
+    base_temperature = check_scalar("base_temperature", base_temperature, positive=True, device=features.device)
     if contrast_mode not in CONTRAST_MODES:
         raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
     check_reduction(reduction)
@@ -181,7 +181,7 @@ def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_
     """The arguments of a pytorch-metric-learning-form loss, checked; returns ``(labels,
     ref_labels)``, each moved to the embeddings' device when it is a CPU tensor, as PML moves them."""
     check_embeddings("embeddings", embeddings)
-    check_scalar("temperature", temperature, positive=True, device=embeddings.device)
+    temperature = check_scalar("temperature", temperature, positive=True, device=embeddings.device)
     device = embeddings.device
     # Each is moved on its own, as PML moves them: a labels object given as ref_labels too is then
     # two objects, and PML keeps the pairs (i, i) (it leaves them out only for one object).

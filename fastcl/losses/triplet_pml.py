@@ -133,7 +133,7 @@ def triplet_margin_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Ten
         0-d float32 tensor (float64 for float64 inputs).
     """
     labels, ref_labels = check_pml_args(embeddings, labels, 0.1, indices_tuple, ref_emb, ref_labels, exclude_self)
-    check_scalar("margin", margin, device=embeddings.device)
+    margin = check_scalar("margin", margin, device=embeddings.device)
     learnable = margin if isinstance(margin, torch.Tensor) and margin.requires_grad else None
     margin = float(margin.detach() if isinstance(margin, torch.Tensor) else margin)  # the counts need its value
     ct = compute_dtype(embeddings.dtype)

@@ -295,7 +295,7 @@ class CrossBatchMemory(nn.Module):
         slots = torch.arange(self.queue_idx, self.queue_idx + embeddings.shape[0], device=labels.device)
         slots = slots % self.memory_size
         self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
-        self.label_memory[slots] = labels.detach()
+        self.label_memory[slots] = labels.detach().to(self.label_memory.dtype)
         previous = self.queue_idx
         self.queue_idx = (self.queue_idx + embeddings.shape[0]) % self.memory_size
         if not self.has_been_filled and self.queue_idx <= previous:
@@ -343,7 +343,9 @@ class CrossBatchMemory(nn.Module):
         self.embedding_memory = self.embedding_memory.to(device=device)
         if not torch.is_autocast_enabled("cuda"):  # PML leaves its memory's dtype alone under CUDA autocast
             self.embedding_memory = self.embedding_memory.to(dtype=embeddings.dtype)
-        self.label_memory = self.label_memory.to(device=device, dtype=labels.dtype)
+        # Stored labels keep their width: int64 classes must not wrap into an int32 batch's dtype.
+        kind = torch.promote_types(self.label_memory.dtype, labels.dtype) if stored else labels.dtype
+        self.label_memory = self.label_memory.to(device=device, dtype=kind)
         if enqueue_mask is not None:
             enqueue_mask = enqueue_mask.to(device)
             self._enqueue(embeddings[enqueue_mask], labels[enqueue_mask])

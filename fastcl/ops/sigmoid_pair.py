@@ -154,8 +154,8 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale, bias, *, backend: Optional[st
         0-d tensor, float32 (float64 for float64 inputs); differentiable in q, k, scale, bias.
     """
     check_pair("q", q, "k", k)
-    check_scalar("scale", scale, positive=True, device=q.device)
-    check_scalar("bias", bias, device=q.device)
+    scale = check_scalar("scale", scale, positive=True, device=q.device)
+    bias = check_scalar("bias", bias, device=q.device)
     check_fits("scale", scale, compute_dtype(q.dtype))  # every backend alike: no inf from a finite scale
     check_fits("bias", bias, compute_dtype(q.dtype))
     name = resolve_backend(backend, q.device, ("sigmoid_pair", q.shape[0], k.shape[0], q.shape[1], q.dtype))

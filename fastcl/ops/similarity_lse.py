@@ -232,10 +232,10 @@ def _similarity_lse(q, k, scale, bias, rows, cols, exclude_diagonal, positives, 
                     read_range: bool):
     # positives: bool, or an index tensor checked under the caller's argument name ``index_name``.
     check_pair("q", q, "k", k)
-    check_scalar("scale", scale, positive=True, device=q.device)
+    scale = check_scalar("scale", scale, positive=True, device=q.device)
     check_fits("scale", scale, compute_dtype(q.dtype))  # every backend alike: no inf from a finite scale
     if bias is not None:
-        check_scalar("bias", bias, device=q.device)
+        bias = check_scalar("bias", bias, device=q.device)
         check_fits("bias", bias, compute_dtype(q.dtype))
     check_offset("exclude_diagonal", exclude_diagonal)
     if exclude_diagonal is not None and not -q.shape[0] < exclude_diagonal < k.shape[0]:
