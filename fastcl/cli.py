@@ -269,7 +269,7 @@ def _check_resume(parser: argparse.ArgumentParser, args, world: int) -> dict:
     import torch
 
     from fastcl.demo import ENCODERS
-    from fastcl.train import CHECKPOINT_KEYS, data_order_mismatch
+    from fastcl.train import CHECKPOINT_KEYS, data_order_mismatch, upgrade_checkpoint
     path = args.resume
     if not os.path.isfile(path):
         parser.error(f"--resume {path}: no such checkpoint file")
@@ -280,6 +280,7 @@ def _check_resume(parser: argparse.ArgumentParser, args, world: int) -> dict:
     except Exception as exc:  # UnpicklingError, a truncated archive's RuntimeError, EOFError, OSError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         parser.error(f"--resume {path}: {what} ({type(exc).__name__}{': ' + first if first else ''})")
+    state = upgrade_checkpoint(state, world)
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
             not isinstance(state["model"], dict):
         parser.error(f"--resume {path}: {what}")

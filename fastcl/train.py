@@ -87,6 +87,19 @@ class _MetricsWriter:
             self.file.close()
 
 
+_OLD_RNG_KEYS = ("torch_rng", "cuda_rng", "generator", "python_rng")
+
+
+def upgrade_checkpoint(state, world_size: int):
+    """``state`` in today's form.  An earlier fastcl's checkpoint holds RNG states (every step now
+    reseeds instead) and no world_size, which is taken to be this run's (``fastcl train``'s
+    schedule check still compares the step counts).  Anything else is returned as is."""
+    if isinstance(state, dict) and "world_size" not in state and all(k in state for k in _OLD_RNG_KEYS):
+        state = {k: v for k, v in state.items() if k not in _OLD_RNG_KEYS}
+        state["world_size"] = world_size
+    return state
+
+
 def data_order_mismatch(state: Dict, seed: int, batch_size: int,
                         world_size: int) -> Optional[Tuple[str, object, int]]:
     """(key, checkpoint's value, this run's value) of the first of seed, batch_size and world_size
@@ -330,7 +343,8 @@ class Trainer:
 
     def load_state_dict(self, state: Dict) -> None:
         """Restore a ``state_dict()``; the seed, batch size and number of processes must match
-        (they fix the data order)."""
+        (they fix the data order).  An earlier fastcl's checkpoint is read too (``upgrade_checkpoint``)."""
+        state = upgrade_checkpoint(state, self.world_size)
         missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
         if missing:
             raise ValueError(f"not a Trainer checkpoint: missing {missing}")

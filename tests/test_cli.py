@@ -230,6 +230,21 @@ def test_resume_accepts_its_fake_checkpoint(tmp_path, monkeypatch):
     cli._check_resume(parser, args, 1)
 
 
+def test_resume_accepts_an_earlier_fastcl_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint of an earlier fastcl (RNG states, no world_size) passes the up-front check."""
+    import argparse
+
+    from fastcl import cli
+    old = {k: v for k, v in _fake_checkpoint().items() if k != "world_size"}
+    old.update(torch_rng=None, cuda_rng=None, generator=None, python_rng=None)
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    args = cli.build_parser().parse_args(TINY + ["--resume", str(path)])
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(parser, "error", lambda message: pytest.fail(message))
+    assert cli._check_resume(parser, args, 2)["world_size"] == 2
+
+
 def test_device_index_beyond_the_devices(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -378,3 +378,23 @@ def test_grad_cache_on_gpu(precision):
     dtype, factor = (torch.float32, TF32_FACTOR) if precision == "fp32" else (torch.bfloat16, AUTOCAST_BF16_FACTOR)
     for (name, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
         assert_close(a.grad, b.grad, dtype, name, factor)
+
+
+def test_checkpoints_of_an_earlier_fastcl_still_resume(tmp_path):
+    """A checkpoint written before the per-step reseeding holds RNG states and no world_size: the
+    Trainer and `fastcl train --resume`'s check read it as one of this run's process count."""
+    from fastcl.train import upgrade_checkpoint
+    _run(tmp_path, 1)
+    state = torch.load(tmp_path / "ck.pt", weights_only=False)
+    old = {k: v for k, v in state.items() if k != "world_size"}
+    old.update(torch_rng=torch.get_rng_state(), cuda_rng=None, generator=torch.Generator().get_state(),
+               python_rng=random.getstate())
+    torch.save(old, tmp_path / "old.pt")
+    upgraded = upgrade_checkpoint(old, 3)
+    assert set(upgraded) == set(state) and upgraded["world_size"] == 3
+    assert upgrade_checkpoint(state, 3) is state  # today's form: untouched
+    model, opt, hist = _run(tmp_path, 2, resume=str(tmp_path / "old.pt"))
+    assert [r["step"] for r in hist] == [4, 5, 6]
+    broken = {k: v for k, v in old.items() if k != "generator"}  # neither form: refused by name
+    with pytest.raises(ValueError, match=r"missing \['world_size'\]"):
+        Trainer(model, _ntxent, opt, batch_size=8, seed=7, progress=False).load_state_dict(broken)
