@@ -10,6 +10,7 @@ per-sample embeddings; any other output (e.g. TwoTower's 0-d logit scale) is bat
 """
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import random
@@ -100,6 +101,18 @@ def upgrade_checkpoint(state, world_size: int):
     return state
 
 
+def data_fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    """A short hash of each tensor's shape and 16 evenly spaced values (one small read, one device
+    sync for GPU data): ranks that were given different data, e.g. their own shards, differ in it."""
+    parts = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), steps=min(16, flat.numel())).long().to(flat.device)
+        values = flat[idx].double().tolist()
+        parts.append((tuple(t.shape), str(t.dtype), ["nan" if v != v else v for v in values]))
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
+
+
 def data_order_mismatch(state: Dict, seed: int, batch_size: int,
                         world_size: int) -> Optional[Tuple[str, object, int]]:
     """(key, checkpoint's value, this run's value) of the first of seed, batch_size and world_size
@@ -174,9 +187,10 @@ class Trainer:
     epoch's permutation.  ``loss_fn`` sees the local batch: pass a distributed loss
     (``fastcl.losses.distributed``, or a module with ``gather_distributed=True``) to take the
     negatives from every rank, as ``fastcl train`` does.  Every rank passes the same ``data``:
-    ``fit`` first checks that the ranks agree on its size, the epochs, ``max_steps``, batch size,
-    seed and resumed step (they would otherwise take different step counts and wait forever in a
-    collective), and every rank raises if not.
+    ``fit`` first checks that the ranks agree on its size and sampled values (``data_fingerprint``),
+    the epochs, ``max_steps``, batch size, seed and resumed step (they would otherwise take
+    different step counts and wait forever in a collective, or train on the wrong rows), and every
+    rank raises if not.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
@@ -421,8 +435,10 @@ class Trainer:
         for key, mine in settings.items():
             values = [theirs[key] for _, theirs in every]
             if any(v != mine for v in values):
+                hint = (" (sampled values' hashes: each rank takes its own share of the full data, so pass "
+                        "every rank the same full data, not its shard)") if key == "data" else ""
                 raise ValueError(f"Trainer.fit needs the same {key} on every rank (each rank takes the same "
-                                 f"steps and data order), got {values} by rank")
+                                 f"steps and data order), got {values} by rank{hint}")
 
     def fit(self, data: Data, epochs: int, *, resume: Optional[str] = None,
             max_steps: Optional[int] = None) -> List[Dict]:
@@ -444,7 +460,8 @@ class Trainer:
             n = tensors[0].shape[0] if tensors else None
             self._check_ranks_agree(error, {"rows of data": n, "epochs": epochs, "max_steps": max_steps,
                                             "global_step": self.global_step, "batch_size": self.batch_size,
-                                            "seed": self.seed})
+                                            "seed": self.seed,
+                                            "data": data_fingerprint(tensors) if tensors else None})
         if error is not None:
             raise error
         n = tensors[0].shape[0]

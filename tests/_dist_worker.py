@@ -801,6 +801,12 @@ def trainer_checks(ck, rank, world, tmp):
                 assert isinstance(e, RuntimeError) and "failed on rank(s) [1]" in str(e), repr(e)
         else:
             raise AssertionError("no error")
+        try:  # the same size, other rows: each rank's own shard, which the trainer would split again
+            trainer.fit(data if rank == 0 else data + 1, 1)
+        except ValueError as e:
+            assert "same data on every rank" in str(e) and "not its shard" in str(e), e
+        else:
+            raise AssertionError("no error")
         assert trainer.global_step == 0
     ck.run("trainer ranks disagree", ranks_disagree)
 

@@ -398,3 +398,19 @@ def test_checkpoints_of_an_earlier_fastcl_still_resume(tmp_path):
     broken = {k: v for k, v in old.items() if k != "generator"}  # neither form: refused by name
     with pytest.raises(ValueError, match=r"missing \['world_size'\]"):
         Trainer(model, _ntxent, opt, batch_size=8, seed=7, progress=False).load_state_dict(broken)
+
+
+def test_data_fingerprint_tells_data_apart():
+    """fit's DDP check compares it across ranks: the same data agrees, any other differs."""
+    from fastcl.train import data_fingerprint
+    x = torch.randn(40, 10, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(40)
+    same = data_fingerprint([x.clone(), labels.clone()])
+    assert data_fingerprint([x, labels]) == same
+    for other in ([x + 1, labels], [x, labels.flip(0)], [x[:39], labels[:39]], [x.double(), labels],
+                  [x.reshape(40, 2, 5), labels]):
+        assert data_fingerprint(other) != same
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    assert data_fingerprint([nan]) == data_fingerprint([nan.clone()])  # NaN equals itself here
+    assert data_fingerprint([torch.empty(0, 3)]) == data_fingerprint([torch.empty(0, 3)])
