@@ -98,8 +98,8 @@ def check_scalar(name: str, value, *, positive: bool = False, device: Optional[t
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if device is not None and value.device != device and value.device.type != "cpu":
-            raise ValueError(f"{name} must be on the inputs' device ({device}){'' if device.type == 'cpu' else ' or the CPU'}, "
-                             f"got {value.device}")
+            also = "" if device.type == "cpu" else " or the CPU"
+            raise ValueError(f"{name} must be on the inputs' device ({device}){also}, got {value.device}")
         # The one read: CPU values cost no sync (and none under torch.func, which cannot read one).
         if _eager() and value.device.type == "cpu" and not functorch_active():
             _check_real(name, float(value.detach().reshape(())), positive, finite=True)
@@ -168,7 +168,8 @@ def check_op_inputs(device: torch.device, scalars=(), vectors=()) -> None:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a one-element tensor, got {got}")
         if t.device != device and t.device.type != "cpu":
-            raise ValueError(f"{name} must be on {device}{'' if device.type == 'cpu' else ' or the CPU'}, got {t.device}")
+            also = "" if device.type == "cpu" else " or the CPU"
+            raise ValueError(f"{name} must be on {device}{also}, got {t.device}")
     for name, t, lengths in vectors:
         if t is None:
             continue

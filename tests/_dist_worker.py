@@ -786,27 +786,21 @@ def trainer_checks(ck, rank, world, tmp):
         model = _TwoViews()
         trainer = Trainer(model, lambda a, b: ntxent_loss(a, b, 0.5, backend="reference"),
                           torch.optim.SGD(model.parameters(), lr=0.05), batch_size=5, seed=4, progress=False)
-        try:
-            trainer.fit(data if rank == 0 else data[:30], 1)
-        except ValueError as e:
-            assert "same rows of data on every rank" in str(e) and "[40, 30]" in str(e), e
-        else:
-            raise AssertionError("no error")
-        try:
-            trainer.fit(data, 0 if rank == 1 else 1)
-        except Exception as e:  # noqa: BLE001 - the kind is the check
-            if rank == 1:
-                assert isinstance(e, ValueError) and "epochs must be an int >= 1" in str(e), repr(e)
+        def raises(call, exc, *words):  # ``call()`` raises ``exc`` (no other kind) holding every word
+            try:
+                call()
+            except exc as e:
+                assert all(w in str(e) for w in words), repr(e)
             else:
-                assert isinstance(e, RuntimeError) and "failed on rank(s) [1]" in str(e), repr(e)
-        else:
-            raise AssertionError("no error")
-        try:  # the same size, other rows: each rank's own shard, which the trainer would split again
-            trainer.fit(data if rank == 0 else data + 1, 1)
-        except ValueError as e:
-            assert "same data on every rank" in str(e) and "not its shard" in str(e), e
-        else:
-            raise AssertionError("no error")
+                raise AssertionError("no error")
+        raises(lambda: trainer.fit(data if rank == 0 else data[:30], 1), ValueError,
+               "same rows of data on every rank", "[40, 30]")
+        raises(lambda: trainer.fit(data, 0 if rank == 1 else 1), *((ValueError, "epochs must be an int >= 1")
+                                                                   if rank == 1 else
+                                                                   (RuntimeError, "failed on rank(s) [1]")))
+        # The same size, other rows: each rank's own shard, which the trainer would split again.
+        raises(lambda: trainer.fit(data if rank == 0 else data + 1, 1), ValueError, "same data on every rank",
+               "not its shard")
         assert trainer.global_step == 0
     ck.run("trainer ranks disagree", ranks_disagree)
 
