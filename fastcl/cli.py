@@ -471,8 +471,10 @@ def cmd_info(args, parser) -> int:
                 picks.append(f"{dev} tensors -> unusable ({exc})")
         print(f"{source}: " + ", ".join(picks))
     from fastcl.profiling import available_cases
-    for case, why in available_cases().items():
-        print(f"  op {case:<9} {'available' if not why else 'missing: ' + why}")
+    cases = available_cases()
+    width = max(map(len, cases), default=0)
+    for case, why in cases.items():
+        print(f"  op {case:<{width}} {'available' if not why else 'missing: ' + why}")
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens, mask_indices
-from fastcl.validation import check_float_tensor, check_index
+from fastcl.validation import FLOAT_DTYPES, check_dense, check_float_tensor, check_index
 
 Tensor = torch.Tensor
 
@@ -36,13 +36,18 @@ def _check_tokens(name: str, x) -> None:
     check_float_tensor(name, x, "(B, L, D)", non_empty=False)
 
 
-def _check_same(name: str, t: Tensor, x: Tensor, x_name: str) -> None:
+def _check_addend(name: str, t: Tensor, x: Tensor, x_name: str) -> torch.dtype:
+    """A floating tensor combined with ``x`` on its device; returns the dtype of the result, by
+    torch's type promotion (MAE's ``x + pos_embed`` and ``cat([x, mask_tokens])`` under autocast
+    meet an fp32 parameter with bf16 tokens and give fp32)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} must have the dtype of {x_name} ({x.dtype}), got {t.dtype}")
+    check_dense(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
+    return torch.promote_types(x.dtype, t.dtype)
 
 
 def _problem(B: int, L: int, D: int, dtype: torch.dtype):
@@ -70,12 +75,13 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
         noise: optional (B, L) floating tensor on ``x``'s device; the K tokens with the smallest
             noise are kept.  Default ``torch.rand(B, L, generator=generator)`` on ``x``'s device.
         generator: optional ``torch.Generator`` for the default noise.
-        pos_embed: optional (L, D) or (1, L, D), dtype and device of ``x``, may require grad.
+        pos_embed: optional (L, D) or (1, L, D) floating, on ``x``'s device, may require grad.
             It is added to the kept tokens in the same pass (``x + pos_embed`` is never stored).
+            Of another dtype, it follows torch's type promotion, as ``x + pos_embed`` does.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (default ``FASTCL_BACKEND``/auto).
 
     Returns:
-        x_kept: (B, K, D), dtype of ``x``: ``(x + pos_embed)[b, ids_keep[b, k]]``.
+        x_kept: (B, K, D), dtype of ``x`` (of ``x + pos_embed``): ``(x + pos_embed)[b, ids_keep[b, k]]``.
         mask: (B, L) in the default float dtype (float32): 1 where the token was removed.
         ids_restore: (B, L) int64, the inverse permutation (``argsort(argsort(noise))``).
         ids_keep: (B, K) int64, the kept token indices in noise order.
@@ -99,10 +105,12 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
         if noise.device != x.device:
             raise ValueError(f"noise must be on x's device {x.device}, got {noise.device}")
     if pos_embed is not None:
-        _check_same("pos_embed", pos_embed, x, "x")
+        out_dtype = _check_addend("pos_embed", pos_embed, x, "x")
         if tuple(pos_embed.shape) not in ((L, D), (1, L, D)):
             raise ValueError(f"pos_embed must have shape (L, D) or (1, L, D) = (1, {L}, {D}), "
                              f"got {tuple(pos_embed.shape)}")
+        if out_dtype == x.dtype:
+            pos_embed = pos_embed.to(x.dtype)  # exact: a narrower table's values all exist in x's dtype
     name = resolve_backend(backend, x.device, _problem(B, L, D, x.dtype))
     keep = int(L * (1 - ratio))
 
@@ -111,6 +119,10 @@ def random_masking(x: Tensor, mask_ratio: float, *, noise: Optional[Tensor] = No
     if name == "reference":
         src = x if pos_embed is None else x + pos_embed.reshape(1, L, D)
         x_kept = torch.gather(src, 1, ids_keep[..., None].expand(B, keep, D))
+    elif pos_embed is not None and pos_embed.dtype != x.dtype:
+        # a wider table: the sum is formed in its dtype, as x + pos_embed forms it, on the kept rows only
+        x_kept = MaskGather.apply(x, None, ids_keep, ids_restore, name).to(pos_embed.dtype)
+        x_kept = x_kept + pos_embed.reshape(L, D)[ids_keep]
     else:
         x_kept = MaskGather.apply(x, pos_embed, ids_keep, ids_restore, name)
     return x_kept, mask, ids_restore, ids_keep
@@ -146,16 +158,18 @@ def restore_tokens(x_kept: Tensor, mask_token: Tensor, ids_restore: Tensor, *,
 
     Args:
         x_kept: (B, K, D) float32, bfloat16, float16 or float64; any strides; may require grad.
-        mask_token: (D,) or (1, 1, D), dtype and device of ``x_kept``; may require grad.
+        mask_token: (D,) or (1, 1, D) floating, on ``x_kept``'s device; may require grad.  Of
+            another dtype, both follow torch's type promotion, as MAE's ``cat`` does.
         ids_restore: (B, L) integer tensor, L >= K, values in [0, L); slot l takes kept token
             ``ids_restore[b, l]`` if that is < K, else the mask token.
 
     Returns:
-        (B, L, D), dtype of ``x_kept``.  Differentiable in ``x_kept`` and ``mask_token``.
+        (B, L, D), dtype of ``x_kept`` (of ``cat([x_kept, mask_token])``).  Differentiable in
+        ``x_kept`` and ``mask_token``.
     """
     _check_tokens("x_kept", x_kept)
     B, K, D = x_kept.shape
-    _check_same("mask_token", mask_token, x_kept, "x_kept")
+    out_dtype = _check_addend("mask_token", mask_token, x_kept, "x_kept")
     if tuple(mask_token.shape) not in ((D,), (1, 1, D)):
         raise ValueError(f"mask_token must have shape (D,) or (1, 1, D) with D = {D}, "
                          f"got {tuple(mask_token.shape)}")
@@ -163,6 +177,7 @@ def restore_tokens(x_kept: Tensor, mask_token: Tensor, ids_restore: Tensor, *,
         raise ValueError(f"ids_restore must have L >= K = {K} columns, got shape {tuple(ids_restore.shape)}")
     L = ids_restore.shape[1] if isinstance(ids_restore, torch.Tensor) and ids_restore.dim() == 2 else K
     ids = check_index("ids_restore", ids_restore, (B, None), L, x_kept.device)
+    x_kept, mask_token = x_kept.to(out_dtype), mask_token.to(out_dtype)  # exact upcasts (no-ops when alike)
     name = resolve_backend(backend, x_kept.device, _problem(B, L, D, x_kept.dtype))  # the output's tokens
     if name == "reference":
         filler = mask_token.reshape(1, 1, D).expand(B, L - K, D)

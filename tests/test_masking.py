@@ -146,6 +146,48 @@ def test_random_masking_fused_pos_embed(backend, dtype, pos_shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype, other_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.float16, torch.float64)])
+def test_mixed_dtypes_promote_as_mae(backend, x_dtype, other_dtype):
+    """An fp32 pos_embed or mask token with bf16 tokens (MAE under autocast): x + pos_embed and
+    cat([x, mask_tokens]) follow torch's type promotion, and so do both ops, bit for bit."""
+    dev = device_of(backend)
+    g = gen(11)
+    B, L, D, ratio = 3, 14, 129, 0.7
+    x = randn(B, L, D, dtype=x_dtype, device=dev, generator=g)
+    pos = randn(1, L, D, dtype=other_dtype, device=dev, generator=g)
+    noise = torch.rand(B, L, generator=g).to(dev)
+    x1, p1, x2, p2 = leaf(x), leaf(pos), leaf(x), leaf(pos)
+    kept, *_ = random_masking(x1, ratio, noise=noise, pos_embed=p1, backend=backend)
+    r_kept, _, restore, r_keep = oracle_masking(x2 + p2, ratio, noise)
+    assert kept.dtype == r_kept.dtype == torch.promote_types(x_dtype, other_dtype)
+    assert torch.equal(kept, r_kept)
+    up = randn(*kept.shape, dtype=kept.dtype, device=dev, generator=g)
+    kept.backward(up)
+    r_kept.backward(up)
+    assert x1.grad.dtype == x_dtype and torch.equal(x1.grad, x2.grad)
+    g64 = torch.zeros(B, L, D, dtype=torch.float64, device=dev)
+    g64.scatter_(1, r_keep[..., None].expand(-1, -1, D), up.double())
+    assert p1.grad.dtype == other_dtype
+    assert_close(p1.grad, g64.sum(0, keepdim=True), other_dtype, "d pos_embed")
+
+    keep = r_kept.shape[1]
+    kept_x = randn(B, keep, D, dtype=x_dtype, device=dev, generator=g)
+    token = randn(1, 1, D, dtype=other_dtype, device=dev, generator=g)
+    k1, t1, k2, t2 = leaf(kept_x), leaf(token), leaf(kept_x), leaf(token)
+    out = restore_tokens(k1, t1, restore, backend=backend)
+    ref = oracle_restore(k2, t2, restore)
+    assert out.dtype == ref.dtype == torch.promote_types(x_dtype, other_dtype) and torch.equal(out, ref)
+    up = randn(B, L, D, dtype=out.dtype, device=dev, generator=g)
+    out.backward(up)
+    ref.backward(up)
+    assert k1.grad.dtype == x_dtype and torch.equal(k1.grad, k2.grad)
+    removed = (restore >= keep)[..., None]
+    assert t1.grad.dtype == other_dtype
+    assert_close(t1.grad, (up.double() * removed).sum((0, 1), keepdim=True), other_dtype, "d mask_token")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["row_stride", "feature_stride", "batch_slice"])
 def test_random_masking_non_contiguous(backend, layout):
     dev = device_of(backend)
@@ -342,8 +384,11 @@ def test_modules():
     x = torch.randn(2, 8, 6, requires_grad=True)
     kept, mask, ids_restore, ids_keep = masking(x)
     assert kept.shape == (2, 2, 6)
-    out = restore(kept.to(torch.bfloat16), ids_restore)  # fp32 token follows the input dtype
-    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 6)
+    out = restore(kept.to(torch.bfloat16), ids_restore)  # bf16 tokens and the fp32 token: fp32, as MAE's cat
+    assert out.dtype == torch.float32 and out.shape == (2, 8, 6)
+    token = restore.mask_token.detach()
+    full = torch.cat([kept.detach().to(torch.bfloat16), token.expand(2, 6, 6)], 1)
+    assert torch.equal(out.detach(), torch.gather(full, 1, ids_restore[..., None].expand(2, 8, 6)))
     out.float().sum().backward()
     assert restore.mask_token.grad is not None and x.grad is not None
     assert torch.allclose(restore.mask_token.grad, torch.full((1, 1, 6), 12.0))
@@ -360,6 +405,21 @@ def test_modules():
 def test_module_arguments(ctor, exc, word):
     with pytest.raises(exc, match=word):
         ctor()
+
+
+def test_random_masking_module_ratio_per_call():
+    """MAE's forward_encoder(x, mask_ratio): the module takes a ratio per call by keyword, and a
+    number in the noise slot (MAE's random_masking(x, mask_ratio) form) is named as such."""
+    x, noise = torch.randn(2, 10, 3), torch.rand(2, 10)
+    module = RandomMasking(0.75)
+    kept, mask, restore, keep = module(x, noise, mask_ratio=0.3)
+    want = random_masking(x, 0.3, noise=noise)
+    assert kept.shape == (2, 7, 3) and all(torch.equal(a, b) for a, b in zip((kept, mask, restore, keep), want))
+    assert module(x, noise)[0].shape == (2, 2, 3)  # the module's own ratio otherwise
+    with pytest.raises(TypeError, match="second argument is noise.*RandomMasking\\(mask_ratio\\)"):
+        module(x, 0.75)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        module(x, mask_ratio=1.0)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -381,7 +441,7 @@ RESTORE = torch.argsort(torch.rand(2, 5), dim=1)
     (lambda: random_masking(X, 0.5, noise=torch.rand(2, 4)), ValueError, "noise"),
     (lambda: random_masking(X, 0.5, noise=torch.ones(2, 5, dtype=torch.long)), TypeError, "noise"),
     (lambda: random_masking(X, 0.5, pos_embed=torch.randn(5, 3)), ValueError, "pos_embed"),
-    (lambda: random_masking(X, 0.5, pos_embed=torch.randn(5, 4).half()), TypeError, "pos_embed"),
+    (lambda: random_masking(X, 0.5, pos_embed=torch.randn(5, 4).long()), TypeError, "pos_embed"),
     (lambda: random_masking(X, 0.5, backend="gpu"), ValueError, "backend"),
     (lambda: gather_tokens(X, torch.tensor([[0, 5], [1, 2]])), ValueError, "ids_keep"),
     (lambda: gather_tokens(X, torch.tensor([[0, -1], [1, 2]])), ValueError, "ids_keep"),
@@ -391,7 +451,7 @@ RESTORE = torch.argsort(torch.rand(2, 5), dim=1)
     (lambda: gather_tokens(X[0], IDS), ValueError, "x"),
     (lambda: restore_tokens(X[:, :2], torch.zeros(3), RESTORE), ValueError, "mask_token"),
     (lambda: restore_tokens(X[:, :2], torch.zeros(1, 4), RESTORE), ValueError, "mask_token"),
-    (lambda: restore_tokens(X[:, :2], torch.zeros(4).double(), RESTORE), TypeError, "mask_token"),
+    (lambda: restore_tokens(X[:, :2], torch.zeros(4).int(), RESTORE), TypeError, "mask_token"),
     (lambda: restore_tokens(X[:, :2], torch.zeros(4), RESTORE + 1), ValueError, "ids_restore"),
     (lambda: restore_tokens(X[:, :2], torch.zeros(4), RESTORE[:, :1]), ValueError, "ids_restore"),
     (lambda: restore_tokens(X[:, :2], torch.zeros(4), RESTORE[0]), ValueError, "ids_restore"),

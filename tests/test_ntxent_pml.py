@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
-from conftest import DTYPES, NORMALISED_VALUE_FACTOR, TOL, LiveBytes, assert_close, leaves, pml_losses, randn
+from conftest import (DTYPES, NORMALISED_VALUE_FACTOR, TOL, LiveBytes, assert_close, check_loss_and_grads, leaves,
+                      pml_losses, randn)
 from fastcl.ops import strips
 
 
@@ -356,7 +357,7 @@ def test_on_gpu_in_bounded_memory(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("loss_name", ["NTXentLoss", "SupConLoss", "TripletMarginLoss", "MultiSimilarityLoss",
-                                       "CircleLoss", "ContrastiveLoss"])
+                                       "CircleLoss", "ContrastiveLoss", "fastcl.nn.SupConLoss"])
 @pytest.mark.parametrize("mode", ["plain", "enqueue_mask", "miner", "indices_tuple", "triplet miner",
                                   "triplet miner, pairs given"])
 def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
@@ -369,8 +370,11 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
     d, size = 6, 40
     miner_ours = miner_theirs = (miners.MultiSimilarityMiner(epsilon=0.5) if mode == "miner"
                                  else miners.TripletMarginMiner(margin=0.5) if mode.startswith("triplet") else None)
-    ours = fastcl.nn.pml.CrossBatchMemory(getattr(fastcl.nn.pml, loss_name)(), d, size, miner=miner_ours)
-    theirs = pml.CrossBatchMemory(getattr(pml, loss_name)(), d, size, miner=miner_theirs)
+    # fastcl.nn.SupConLoss (SupContrast's module, with PML's 2-D form) must take the wrapper's positional call
+    inner = (fastcl.nn.SupConLoss(temperature=0.1) if loss_name == "fastcl.nn.SupConLoss"
+             else getattr(fastcl.nn.pml, loss_name)())
+    ours = fastcl.nn.pml.CrossBatchMemory(inner, d, size, miner=miner_ours)
+    theirs = pml.CrossBatchMemory(getattr(pml, loss_name.rpartition(".")[2])(), d, size, miner=miner_theirs)
     for step, n in enumerate([13, 13, 13, 13, 1, 13, 1, 13, 40, 13]):
         emb = randn(n, d, generator=gen, dtype=torch.float64)
         labels = torch.randint(0, 4, (n,), generator=gen)
@@ -395,6 +399,28 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
         assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
         assert torch.equal(ours.embedding_memory, theirs.embedding_memory)
         assert torch.equal(ours.label_memory, theirs.label_memory)
+
+
+def test_supcon_module_takes_pml_positional_call():
+    """fastcl.nn.SupConLoss in PML's 2-D form, called as PML's wrappers call a loss (embeddings,
+    labels, indices_tuple, ref_emb, ref_labels all positional), alone and inside the
+    DistributedLossWrapper outside torch.distributed, against PML's SupConLoss."""
+    pml = pml_losses()
+    gen = torch.Generator().manual_seed(23)
+    emb, ref = randn(9, 5, generator=gen, dtype=torch.float64), randn(13, 5, generator=gen, dtype=torch.float64)
+    labels, ref_labels = torch.randint(0, 3, (9,), generator=gen), torch.randint(0, 3, (13,), generator=gen)
+    (a, ra), (b, rb) = leaves(emb, ref), leaves(emb, ref)
+    want = pml.SupConLoss(temperature=0.1)(b, labels, None, rb, ref_labels)
+    check_loss_and_grads(fastcl.nn.SupConLoss(temperature=0.1)(a, labels, None, ra, ref_labels), want, (a, ra),
+                         (b, rb), torch.float64, "positional")
+    with pytest.warns(UserWarning, match="non-distributed"):
+        wrapped = fastcl.nn.pml.DistributedLossWrapper(fastcl.nn.SupConLoss(temperature=0.1))(a, labels)
+    (b,) = leaves(emb)
+    check_loss_and_grads(wrapped, pml.SupConLoss(temperature=0.1)(b, labels), (a,), (b,), torch.float64, "wrapped")
+    with pytest.raises(ValueError, match="go with 2-D embeddings"):
+        fastcl.nn.SupConLoss()(emb.view(9, 1, 5), labels, None, ref)
+    with pytest.raises(ValueError, match="go with 2-D embeddings"):
+        fastcl.nn.SupConLoss()(emb.view(9, 1, 5), labels, exclude_self=True)
 
 
 def test_cross_batch_memory_errors():

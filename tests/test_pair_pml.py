@@ -448,3 +448,40 @@ def test_labelled_losses_run_on_meta_tensors():
                  lambda: fastcl.triplet_margin_loss_pml(meta(6, 8), labels)):
         out = call()
         assert out.shape == () and out.device.type == "meta"
+
+
+_PML_NAMES = ["NTXentLoss", "SupConLoss", "TripletMarginLoss", "MultiSimilarityLoss", "CircleLoss", "ContrastiveLoss"]
+
+
+@pytest.mark.parametrize("name", _PML_NAMES)
+def test_pml_base_keywords_at_their_defaults(name):
+    """PML's base-class keywords: the default distance and reducer passed explicitly (as written
+    in many training scripts), collect_stats and a regularizer weight are accepted; another
+    distance, reducer or a regularizer is refused by name, an unknown keyword by TypeError.  The
+    table of defaults is checked against PML's own losses."""
+    pml = pml_losses()
+    distances = pytest.importorskip("pytorch_metric_learning.distances")
+    reducers = pytest.importorskip("pytorch_metric_learning.reducers")
+    regularizers = pytest.importorskip("pytorch_metric_learning.regularizers")
+    theirs = getattr(pml, name)()
+    ours_cls = getattr(fastcl.nn.pml, name)
+    gen = torch.Generator().manual_seed(29)
+    emb, labels = torch.randn(11, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (11,), generator=gen)
+    reducer = theirs.reducer  # a loss of several terms (ContrastiveLoss) holds one reducer per term
+    kinds = {type(r) for r in reducer.reducers.values()} if hasattr(reducer, "reducers") else {type(reducer)}
+    assert len(kinds) == 1
+    ours = ours_cls(distance=type(theirs.distance)(), reducer=kinds.pop()(), collect_stats=True,
+                    embedding_regularizer=None, embedding_reg_weight=0.5)
+    assert_close(ours(emb, labels), theirs(emb, labels), torch.float64, name)
+    other_distance = (distances.LpDistance() if isinstance(theirs.distance, distances.CosineSimilarity)
+                      else distances.CosineSimilarity())
+    for kw, word in ((dict(distance=other_distance), "distance"), (dict(distance=distances.LpDistance(power=2)),
+                     "distance"), (dict(distance=distances.LpDistance(normalize_embeddings=False)), "distance"),
+                     (dict(reducer=reducers.SumReducer()), "reducer"), (dict(reducer=reducers.ThresholdReducer(high=1)),
+                     "reducer"), (dict(embedding_regularizer=regularizers.LpRegularizer()), "embedding_regularizer")):
+        with pytest.raises(NotImplementedError, match=f"{name}\\({word}="):
+            ours_cls(**kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'margin_typo'"):
+        ours_cls(margin_typo=1)
+    with pytest.raises(TypeError, match="collect_stats must be a bool"):
+        ours_cls(collect_stats="yes")

@@ -26,7 +26,9 @@ q, k = torch.randn(5, 8, generator=_gen), torch.randn(6, 8, generator=_gen)
     (lambda: similarity_lse(q, k, 1.0, rows=False, cols=False), ValueError, "rows or cols"),
     (lambda: similarity_lse(q[:0], k, 1.0), ValueError, "q must be non-empty"),
     (lambda: similarity_lse(q, k, 1.0, backend="fast"), ValueError, "backend must be one of"),
-    (lambda: fastcl.clip_loss(q, k, 1.0), ValueError, "pass labels"),
+    (lambda: fastcl.clip_loss(q, k, 1.0), ValueError, r"clip_loss\(\.\.\., labels=\.\.\.\) takes layouts"),
+    (lambda: fastcl.siglip_loss(k, q, 1.0), ValueError, "text_features has 5 rows but image_features has 6"),
+    (lambda: fastcl.nn.SigLipLoss()(k, q, 1.0, None), ValueError, "every image needs its text"),
     (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.tensor([0, 1, 2, 3, 6])), ValueError, r"labels must lie in \[0, 6\)"),
     (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.tensor([0, 1, 2, 3, -1])), ValueError, "labels must lie"),
     (lambda: fastcl.clip_loss(q, k, 1.0, labels=torch.zeros(4, dtype=torch.long)), ValueError, r"labels must have shape \(5,\)"),
@@ -569,6 +571,20 @@ def test_cpu_scalars_serve_inputs_on_another_device(scale):
         out = call()
         out = out[0] if isinstance(out, tuple) else out
         assert out.device.type == "meta"
+
+
+def test_supcon_moves_cpu_labels_and_mask_to_the_features():
+    """SupContrast moves labels and mask to the features' device (``.to(device)``), so CPU labels
+    with GPU features work there; meta stands in for the GPU.  The other direction is refused."""
+    f = torch.randn(6, 2, 4, device="meta")
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    for out in (fastcl.supcon_loss(f, labels=labels), fastcl.supcon_loss(f, mask=torch.eye(6)),
+                fastcl.nn.SupConLoss()(f, labels), fastcl.nn.SupConLoss()(f, None, torch.eye(6) > 0)):
+        assert out.device.type == "meta" and out.shape == ()
+    with pytest.raises(ValueError, match="labels must be on cpu, got meta"):
+        fastcl.supcon_loss(torch.randn(6, 2, 4), labels=labels.to("meta"))
+    with pytest.raises(ValueError, match="mask must be on cpu, got meta"):
+        fastcl.supcon_loss(torch.randn(6, 2, 4), mask=torch.eye(6, device="meta"))
 
 
 def test_cross_batch_memory_keeps_its_label_width():

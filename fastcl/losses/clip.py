@@ -43,7 +43,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if labels is None:
         if m != n:
             raise ValueError(f"text_features has {m} rows but image_features has {n}; "
-                             "pass labels for layouts with extra (hard-negative) texts")
+                             "fastcl.clip_loss(..., labels=...) takes layouts with extra (hard-negative) texts")
         labels = torch.arange(n, device=image_features.device)
     else:
         labels = check_index("labels", labels, (n,), m, image_features.device)

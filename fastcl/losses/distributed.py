@@ -26,7 +26,7 @@ from fastcl.losses._common import check_label_smoothing, mean_logits, smoothed_c
 from fastcl.losses.clip import clip_loss
 from fastcl.losses.dcl import check_dcl_args, dcl_from_lse, dcl_weights
 from fastcl.losses.ntxent import l2_normalize
-from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses, class_counts, class_ids
+from fastcl.losses.supcon import CONTRAST_MODES, _check_labels, anchor_losses, class_counts, class_ids, cpu_to
 from fastcl.ops.reference import compute_dtype, positive_logits
 from fastcl.ops.sigmoid_pair import sigmoid_pair_loss
 from fastcl.ops.dispatch import resolve_backend
@@ -419,6 +419,8 @@ def supcon_loss_distributed(features: Tensor, labels: Optional[Tensor] = None, t
     if isinstance(features, Tensor) and features.dim() > 3:  # [bsz, n_views, ...], as SupContrast
         features = features.reshape(features.shape[0], features.shape[1], -1)
     impl = _impl_setting(dist_impl)
+    if isinstance(features, Tensor):
+        labels = cpu_to(labels, features.device)  # SupContrast's .to(device)
 
     def checks():
         resolve_dist_impl(dist_impl)

@@ -32,6 +32,14 @@ def _check_labels(name: str, labels, n: int, device: torch.device, *, allow_floa
         raise ValueError(f"{name} must be on {device}, got {labels.device}")
 
 
+def cpu_to(x, device: torch.device):
+    """A CPU tensor moved to ``device``, as SupContrast and PML move labels and masks to the
+    features' device (any other argument as given, for the checks to name)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.device != device:
+        return x.to(device)
+    return x
+
+
 def class_ids(labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """(compact class ids (n,) int64 in [0, C), C) of integer or floating ``labels``: equal labels,
     equal ids.  NaN labels (equal to no label, themselves included) are refused in eager mode."""
@@ -147,6 +155,7 @@ def supcon_loss(features: torch.Tensor, labels: Optional[torch.Tensor] = None, m
     if labels is not None and mask is not None:
         raise ValueError("give labels or mask, not both")
     bsz, n_views = features.shape[0], features.shape[1]
+    labels, mask = cpu_to(labels, features.device), cpu_to(mask, features.device)  # SupContrast's .to(device)
     contrasts = features.transpose(0, 1).reshape(bsz * n_views, features.shape[2])
     n_anchor = bsz * n_views if contrast_mode == "all" else bsz
     anchors = contrasts[:n_anchor]
@@ -185,10 +194,7 @@ def check_pml_args(embeddings, labels, temperature, indices_tuple, ref_emb, ref_
     device = embeddings.device
     # Each is moved on its own, as PML moves them: a labels object given as ref_labels too is then
     # two objects, and PML keeps the pairs (i, i) (it leaves them out only for one object).
-    if isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
-        labels = labels.to(device)
-    if isinstance(ref_labels, torch.Tensor) and ref_labels.device.type == "cpu":
-        ref_labels = ref_labels.to(device)
+    labels, ref_labels = cpu_to(labels, device), cpu_to(ref_labels, device)
     for name, lab in (("labels", labels), ("ref_labels", ref_labels)):
         if isinstance(lab, torch.Tensor) and lab.dim() != 1:
             raise ValueError(f"{name} must be 1-D (one class per row), got shape {tuple(lab.shape)}")

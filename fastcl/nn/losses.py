@@ -377,7 +377,8 @@ class SupConLoss(nn.Module):
         self.gather_distributed, self.dist_impl, self.group = gather_distributed, resolve_dist_impl(dist_impl), group
         self.backend = backend
 
-    def forward(self, features, labels=None, mask=None, *, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, features, labels=None, mask=None, ref_emb=None, ref_labels=None, *, indices_tuple=None,
+                exclude_self=False):
         """SupContrast form: features (bsz, n_views, D) float32, bfloat16, float16 or float64 (trailing dims
         flattened; not normalised); labels: optional (bsz,) integer or floating (not NaN) classes; mask:
         optional (bsz, bsz) float or bool positive weights, exclusive with labels; neither gives SimCLR.
@@ -385,7 +386,9 @@ class SupConLoss(nn.Module):
         pytorch-metric-learning form: features (N, D) of those dtypes (normalised here); labels: (N,) integer or
         floating classes, optional with ``indices_tuple``; indices_tuple: a miner's 1-D integer tensors
         (a1, p, a2, n) or (a, p, n), also taken as the third positional argument; ref_emb: (M, D), same dtype
-        and device; ref_labels: (M,) classes, required with ref_emb unless indices_tuple is given.
+        and device; ref_labels: (M,) classes, required with ref_emb unless indices_tuple is given (the fourth
+        and fifth positional arguments, as pytorch-metric-learning's wrappers pass them); exclude_self: with
+        ref_emb, whose first N rows are then the anchors' own, leave out the pairs (i, i).
 
         Returns a 0-d float32 tensor (float64 for float64 inputs); with ``gather_distributed`` over several
         ranks, this rank's loss."""
@@ -395,9 +398,10 @@ class SupConLoss(nn.Module):
             if indices_tuple is not None:
                 err = ValueError("indices_tuple given twice (third positional argument and keyword)")
             mask, indices_tuple = None, mask
-        if (ref_emb is not None or ref_labels is not None or indices_tuple is not None) and not pml_form:
-            err = err or ValueError("indices_tuple, ref_emb and ref_labels go with 2-D embeddings (the "
-                                    "pytorch-metric-learning form)")
+        if (ref_emb is not None or ref_labels is not None or indices_tuple is not None or exclude_self is not False) \
+                and not pml_form:
+            err = err or ValueError("indices_tuple, ref_emb, ref_labels and exclude_self go with 2-D embeddings "
+                                    "(the pytorch-metric-learning form)")
         if self.gather_distributed and is_distributed(self.group):
             # every error is published by the distributed loss, so that every rank raises
             if err is None and mask is not None:
@@ -418,7 +422,8 @@ class SupConLoss(nn.Module):
                 raise ValueError("labels is required with 2-D embeddings (pytorch-metric-learning form), "
                                  "unless indices_tuple is given")
             return supcon_loss_pml(features, labels, self.temperature, indices_tuple=indices_tuple,
-                                   ref_emb=ref_emb, ref_labels=ref_labels, backend=self.backend)
+                                   ref_emb=ref_emb, ref_labels=ref_labels, exclude_self=exclude_self,
+                                   backend=self.backend)
         return supcon_loss(features, labels, mask, self.temperature, self.base_temperature, self.contrast_mode,
                            backend=self.backend)
 
@@ -444,7 +449,7 @@ class SigLipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         """image_features: (N, D) float32, bfloat16, float16 or float64; text_features: (N, D), same dtype and
-        device (on one process (M, D): texts past N are negatives for every image); not normalised here.
+        device (on one process (M, D), M >= N: texts past N are negatives for every image); not normalised.
         logit_scale: positive float or 0-d floating tensor, already exponentiated; logit_bias: float, 0-d
         tensor, or None for no bias.  Returns a 0-d float32 tensor (float64 for float64 inputs), this rank's
         loss with ``world_size > 1``; ``{"contrastive_loss": loss}`` with ``output_dict``."""

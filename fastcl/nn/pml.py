@@ -2,8 +2,9 @@
 
 ``from fastcl.nn.pml import NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss,
 CircleLoss, ContrastiveLoss, SelfSupervisedLoss, CrossBatchMemory, DistributedLossWrapper``
-replaces the PML imports of the same names.  Only PML's default distances and reducers are offered; other
-``distance=``/``reducer=`` keywords are refused by the constructors.
+replaces the PML imports of the same names.  Only PML's default distances and reducers are offered: the
+constructors take PML's base-class keywords (``distance``, ``reducer``, ``collect_stats``,
+``embedding_regularizer``, ``embedding_reg_weight``) at their defaults and refuse other values by name.
 """
 import numbers
 import warnings
@@ -19,8 +20,51 @@ from fastcl.losses.ntxent_pml import ntxent_loss_pml
 from fastcl.losses.pair_pml import circle_loss_pml, contrastive_loss_pml, multi_similarity_loss_pml
 from fastcl.losses.supcon import _check_labels, check_indices_tuple, supcon_loss_pml
 from fastcl.losses.triplet_pml import pairs_as_triplets, triplet_margin_loss_pml
+from fastcl.nn.losses import SupConLoss as SupConForms
 from fastcl.ops.reference import compute_dtype
 from fastcl.validation import check_embeddings, check_flags, check_pair, check_scalar
+
+
+# PML's default distance and reducer of each loss: the only ones these drop-ins compute
+_PML_DEFAULTS = {"NTXentLoss": ("CosineSimilarity", "MeanReducer"),
+                 "SupConLoss": ("CosineSimilarity", "AvgNonZeroReducer"),
+                 "TripletMarginLoss": ("LpDistance", "AvgNonZeroReducer"),
+                 "MultiSimilarityLoss": ("CosineSimilarity", "MeanReducer"),
+                 "CircleLoss": ("CosineSimilarity", "AvgNonZeroReducer"),
+                 "ContrastiveLoss": ("LpDistance", "AvgNonZeroReducer")}
+
+
+def _is_pml_default(kind: str, value, name: str) -> bool:
+    """``value`` is a fresh instance of PML's ``name`` distance or reducer (by class name and
+    settings, so PML need not be imported)."""
+    if type(value).__name__ != name:
+        return False
+    if kind == "distance":
+        return (getattr(value, "normalize_embeddings", None) is True and getattr(value, "power", None) == 1
+                and (name != "LpDistance" or getattr(value, "p", None) == 2))
+    return name != "AvgNonZeroReducer" or (getattr(value, "low", None) == 0 and getattr(value, "high", 0) is None)
+
+
+def _check_pml_kwargs(loss_name: str, kwargs: dict) -> None:
+    """PML's base-class keywords (``distance``, ``reducer``, ``collect_stats``,
+    ``embedding_regularizer``, ``embedding_reg_weight``): accepted at PML's defaults, which is what
+    is computed, and refused by name otherwise.  ``collect_stats`` is accepted and records nothing."""
+    distance, reducer = _PML_DEFAULTS[loss_name]
+    for key, value in kwargs.items():
+        if key == "collect_stats":
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"collect_stats must be a bool or None, got {type(value).__name__}")
+        elif key in ("distance", "reducer"):
+            default = distance if key == "distance" else reducer
+            if value is not None and not _is_pml_default(key, value, default):
+                raise NotImplementedError(f"{loss_name}({key}={type(value).__name__}(...)) is not supported; only "
+                                          f"{key}={default}() with its default settings, PML's default")
+        elif key == "embedding_regularizer":
+            if value is not None:
+                raise NotImplementedError(f"{loss_name}(embedding_regularizer=...) is not supported; add the "
+                                          "regularizer's term to the loss yourself")
+        elif key != "embedding_reg_weight":  # unused without a regularizer, as in PML
+            raise TypeError(f"{loss_name}() got an unexpected keyword argument {key!r}")
 
 
 def _check_wrapped(loss) -> None:
@@ -38,7 +82,8 @@ class NTXentLoss(nn.Module):
     ``fastcl.losses.ntxent_pml.ntxent_loss_pml``), without PML's (pairs x pairs) matrix.
     """
 
-    def __init__(self, temperature: float = 0.07):
+    def __init__(self, temperature: float = 0.07, **pml_kwargs):
+        _check_pml_kwargs("NTXentLoss", pml_kwargs)
         super().__init__()
         check_scalar("temperature", temperature, positive=True)
         self.temperature = temperature
@@ -63,7 +108,8 @@ class SupConLoss(nn.Module):
     ``fastcl.losses.supcon.supcon_loss_pml``); the fused op serves it unless a miner's pairs are given.
     """
 
-    def __init__(self, temperature: float = 0.1, *, backend: Optional[str] = None):
+    def __init__(self, temperature: float = 0.1, *, backend: Optional[str] = None, **pml_kwargs):
+        _check_pml_kwargs("SupConLoss", pml_kwargs)
         super().__init__()
         check_scalar("temperature", temperature, positive=True)
         self.temperature, self.backend = temperature, backend
@@ -89,7 +135,8 @@ class TripletMarginLoss(nn.Module):
     """
 
     def __init__(self, margin: float = 0.05, swap: bool = False, smooth_loss: bool = False,
-                 triplets_per_anchor="all"):
+                 triplets_per_anchor="all", **pml_kwargs):
+        _check_pml_kwargs("TripletMarginLoss", pml_kwargs)
         super().__init__()
         check_scalar("margin", margin)
         for name, value, default in (("swap", swap, False), ("smooth_loss", smooth_loss, False),
@@ -120,7 +167,8 @@ class MultiSimilarityLoss(nn.Module):
     matrix and masks.
     """
 
-    def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5):
+    def __init__(self, alpha: float = 2, beta: float = 50, base: float = 0.5, **pml_kwargs):
+        _check_pml_kwargs("MultiSimilarityLoss", pml_kwargs)
         super().__init__()
         check_scalar("alpha", alpha, positive=True)
         check_scalar("beta", beta, positive=True)
@@ -148,7 +196,8 @@ class CircleLoss(nn.Module):
     ``fastcl.losses.pair_pml.circle_loss_pml``), in row blocks instead of PML's (N, M) matrices.
     """
 
-    def __init__(self, m: float = 0.4, gamma: float = 80):
+    def __init__(self, m: float = 0.4, gamma: float = 80, **pml_kwargs):
+        _check_pml_kwargs("CircleLoss", pml_kwargs)
         super().__init__()
         check_scalar("m", m)
         check_scalar("gamma", gamma, positive=True)
@@ -175,7 +224,8 @@ class ContrastiveLoss(nn.Module):
     every pair.
     """
 
-    def __init__(self, pos_margin: float = 0, neg_margin: float = 1):
+    def __init__(self, pos_margin: float = 0, neg_margin: float = 1, **pml_kwargs):
+        _check_pml_kwargs("ContrastiveLoss", pml_kwargs)
         super().__init__()
         check_scalar("pos_margin", pos_margin)
         check_scalar("neg_margin", neg_margin)
@@ -223,8 +273,10 @@ class SelfSupervisedLoss(nn.Module):
         return self.loss(embeddings, labels, ref_emb=ref_emb, ref_labels=labels.clone())
 
 
-# this module's losses: they take exclude_self (CrossBatchMemory's own slots, without a pair list)
-_EXCLUDE_SELF_LOSSES = (NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss, CircleLoss, ContrastiveLoss)
+# fastcl's losses of PML's call signature: they take exclude_self (CrossBatchMemory's own slots,
+# without a pair list); fastcl.nn.SupConLoss in its 2-D form too
+_EXCLUDE_SELF_LOSSES = (NTXentLoss, SupConLoss, TripletMarginLoss, MultiSimilarityLoss, CircleLoss, ContrastiveLoss,
+                        SupConForms)
 
 
 def _all_pairs(labels: torch.Tensor, ref_labels: torch.Tensor):
