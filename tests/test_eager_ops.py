@@ -42,6 +42,14 @@ LOSSES = {
 }
 
 
+REFERENCE = {
+    "clip": lambda q, k, s, b: fastcl.clip_loss(q, k[:13], s, b, backend="reference"),
+    "lse_rows_cols": lambda q, k, s, b: sum(t.sum() for t in fastcl.ops.similarity_lse(
+        q, k, s, b, rows=True, cols=True, backend="reference")),
+    "siglip": lambda q, k, s, b: fastcl.siglip_loss(q, k[:13], s, b, backend="reference"),
+}
+
+
 def force_custom_op(monkeypatch):
     for module in (LSE, SIGMOID):
         monkeypatch.setattr(module, "needs_custom_op", lambda *t: True)
@@ -96,13 +104,42 @@ def test_dispatch_modes_get_the_custom_op(loss, op, monkeypatch):
     assert calls == [name]
 
 
-def test_vmap_keeps_the_custom_op():
-    """torch.func transforms take the custom op (vmap's per-sample fallback), as before the eager
-    path existed: a plain autograd.Function without a vmap rule would refuse them."""
+def test_vmap_runs_each_sample():
+    """vmap takes the eager Function's per-sample rule: the stacked results of single calls."""
     q, k, s, b = (t.detach() for t in inputs())
     qs = torch.stack([q, q.flip(0)])
     batched = torch.func.vmap(lambda x: LOSSES["clip"](x, k, s, b))(qs)
     assert torch.equal(batched, torch.stack([LOSSES["clip"](x, k, s, b) for x in qs]))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_torch_func_transforms_against_float64_reference(loss):
+    """torch.func.grad (the custom op's generated autograd refused it), its nesting (a second
+    derivative), and vmap over grad (per-sample gradients) on the fused backend, in float64,
+    against the same transforms of the reference backend, for q, k, the scale and the bias."""
+    q, k, s, b = (t.detach().double() for t in inputs())
+
+    def loss_of(backend):
+        def fn(q, k, s, b):
+            return (LOSSES[loss] if backend == BACKEND else REFERENCE[loss])(q, k, s, b)
+        return fn
+
+    for backend in (BACKEND, "reference"):
+        fn = loss_of(backend)
+        grads = torch.func.grad(fn, argnums=(0, 1, 2, 3))(q, k, s, b)
+        second = torch.func.grad(lambda q, k, s, b: sum(
+            (g * g).sum() for g in torch.func.grad(fn, argnums=(0, 1, 2, 3))(q, k, s, b)), argnums=(0, 2))(q, k, s, b)
+        qs = torch.stack([q, q.flip(0), 2 * q])
+        per_sample = torch.func.vmap(torch.func.grad(fn, argnums=(0, 2)), in_dims=(0, None, None, None))(qs, k, s, b)
+        if backend == BACKEND:
+            ours = (grads, second, per_sample)
+        else:
+            for got, want, what in zip(ours, (grads, second, per_sample), ("grad", "grad of grad", "vmap(grad)")):
+                for i, (x, y) in enumerate(zip(got, want)):
+                    torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-10, msg=f"{loss} {what} {i}")
+    for i, x in enumerate(qs):  # per-sample gradients are each sample's own
+        torch.testing.assert_close(per_sample[0][i], torch.func.grad(loss_of("reference"))(x, k, s, b), rtol=1e-9,
+                                   atol=1e-10)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

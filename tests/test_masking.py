@@ -364,6 +364,56 @@ def test_restore_tokens_matches_mae(backend, dtype, token_shape):
     assert_close(t1.grad, (up.double() * removed).sum((0, 1)).reshape(token.shape), dtype, "d mask_token")
 
 
+def _masking_ops(backend, ids_keep, ids_restore, noise, token_of=None):
+    """The three ops as functions of (x, extra): gather_tokens, random_masking with pos_embed
+    ``extra``, restore_tokens of x's first K tokens with mask token ``extra``."""
+    keep = ids_keep.shape[1]
+    return {
+        "gather": lambda x, extra: gather_tokens(x, ids_keep, backend=backend) * extra.sum(),
+        "mask": lambda x, extra: random_masking(x, 1 - keep / x.shape[1] - 1e-9, noise=noise, pos_embed=extra,
+                                                backend=backend)[0],
+        "restore": lambda x, extra: restore_tokens(x[:, :keep], extra[0, 0], ids_restore, backend=backend),
+    }
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("op", ["gather", "mask", "restore"])
+def test_second_derivatives_and_torch_func(backend, op):
+    """Double backward (create_graph=True), torch.func.grad and its nesting, vmap and vmap over
+    grad, against the reference backend, in float64 (the Triton kernels take fp32).  The fused
+    backwards used to be opaque kernel calls: a second derivative through them came back as zeros
+    with only torch's warning, and torch.func refused the Functions."""
+    dev = device_of(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    g = gen(13)
+    B, L, D, keep = 2, 9, 5, 4
+    x = randn(B, L, D, dtype=dtype, device=dev, generator=g)
+    extra = randn(1, L, D, dtype=dtype, device=dev, generator=g)
+    noise = torch.rand(B, L, generator=g).to(dev)
+    ids_restore = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    ids_keep = torch.tensor([[0, 3, 3, 8], [5, 1, 0, 5]], device=dev)  # repeats, for the gather
+    w = randn(B, L if op == "restore" else keep, D, dtype=dtype, device=dev, generator=g)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+
+    def results(backend):
+        fn = _masking_ops(backend, ids_keep, ids_restore, noise)[op]
+        loss = lambda x, e: ((fn(x, e) * w) ** 2).sum()  # noqa: E731
+        x1, e1 = leaf(x), leaf(extra)
+        g1 = torch.autograd.grad(loss(x1, e1), (x1, e1), create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in g1), (x1, e1))
+        func_grad = torch.func.grad(loss, argnums=(0, 1))(x, extra)
+        func_second = torch.func.grad(lambda x, e: sum((t * t).sum() for t in torch.func.grad(
+            loss, argnums=(0, 1))(x, e)))(x, extra)
+        xs = torch.stack([x, 2 * x, -x])
+        batched = torch.func.vmap(fn, in_dims=(0, None))(xs, extra)
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None))(xs, extra)
+        return [*g1, *second, *func_grad, func_second, batched, per_sample]
+
+    names = ["dx", "dextra", "d2x", "d2extra", "func dx", "func dextra", "func d2x", "vmap", "vmap(grad)"]
+    for name, ours, want in zip(names, results(backend), results("reference")):
+        torch.testing.assert_close(ours, want, **tol, msg=f"{op} {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_then_restore_round_trip(backend):
     dev = device_of(backend)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastcl.ops.dispatch import on_device_of
-from fastcl.ops.eager import needs_custom_op
+from fastcl.ops.eager import needs_custom_op, per_sample_vmap
 
 Tensor = torch.Tensor
 
@@ -119,22 +119,35 @@ def csr_segments(idx: Tensor, buckets: int) -> Tuple[Tensor, Tensor, Tensor]:
     return start, count, order
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class MaskGather(torch.autograd.Function):
     """x_kept = (x + pos)[b, ids_keep[b, k]] where ids_keep is part of a permutation whose
     inverse is ids_restore; the backward is one owner-computes gather through ids_restore."""
 
     @staticmethod
-    def forward(ctx, x, pos, ids_keep, ids_restore, backend):
-        ctx.save_for_backward(ids_restore)
-        ctx.backend, ctx.pos_shape = backend, None if pos is None else pos.shape
+    def forward(x, pos, ids_keep, ids_restore, backend):
         pos2d = None if pos is None else pos.reshape(pos.shape[-2], pos.shape[-1])
         return segment_gather(x, ids_keep, None, None, None, pos2d, False, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, pos, _, ids_restore, backend = inputs
+        ctx.save_for_backward(ids_restore)
+        ctx.backend, ctx.pos_shape = backend, None if pos is None else pos.shape
 
     @staticmethod
     def backward(ctx, g):
         (ids_restore,) = ctx.saved_tensors
         # dx[b, l] = g[b, ids_restore[b, l]] when that slot was kept (< K), else 0.
-        dx = segment_gather(_unit_last(g), ids_restore, None, None, None, None, False, ctx.backend)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops (the kernel has no derivative)
+            B, L = ids_restore.shape
+            full = torch.cat([g, g.new_zeros(B, L - g.shape[1], g.shape[2])], 1)
+            dx = torch.gather(full, 1, ids_restore[..., None].expand(B, L, g.shape[2]))
+        else:
+            dx = segment_gather(_unit_last(g), ids_restore, None, None, None, None, False, ctx.backend)
         dpos = dx.sum(0).reshape(ctx.pos_shape) if ctx.needs_input_grad[1] else None
         return (dx if ctx.needs_input_grad[0] else None), dpos, None, None, None
 
@@ -143,14 +156,21 @@ class GatherTokens(torch.autograd.Function):
     """out[b, k] = x[b, idx[b, k]]; backward dx[b, l] = sum_{k: idx[b, k] = l} g[b, k]."""
 
     @staticmethod
-    def forward(ctx, x, idx, backend):
+    def forward(x, idx, backend):
+        return segment_gather(x, idx, None, None, None, None, False, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, idx, backend = inputs
         ctx.save_for_backward(idx)
         ctx.backend, ctx.L = backend, x.shape[1]
-        return segment_gather(x, idx, None, None, None, None, False, backend)
 
     @staticmethod
     def backward(ctx, g):
         (idx,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            B, K, D = g.shape
+            return g.new_zeros(B, ctx.L, D).scatter_add(1, idx[..., None].expand(B, K, D), g), None, None
         start, count, order = csr_segments(idx, ctx.L)
         return segment_gather(_unit_last(g), start, count, order, None, None, False, ctx.backend), None, None
 
@@ -162,21 +182,39 @@ class RestoreTokens(torch.autograd.Function):
     and d mask_token are each one gather-sum; this stays right even if ids_restore repeats."""
 
     @staticmethod
-    def forward(ctx, x_kept, mask_token, ids_restore, backend):
+    def forward(x_kept, mask_token, ids_restore, backend):
+        return segment_gather(x_kept, ids_restore, None, None, mask_token.reshape(-1), None, False, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_kept, mask_token, ids_restore, backend = inputs
         ctx.save_for_backward(ids_restore)
         ctx.backend, ctx.K, ctx.token_shape = backend, x_kept.shape[1], mask_token.shape
-        fill = mask_token.reshape(-1)
-        return segment_gather(x_kept, ids_restore, None, None, fill, None, False, backend)
 
     @staticmethod
     def backward(ctx, g):
         (ids_restore,) = ctx.saved_tensors
-        K, g = ctx.K, _unit_last(g)
-        start, count, order = csr_segments(ids_restore.clamp(max=K), K + 1)
+        K = ctx.K
         dx = dtok = None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops
+            B, L, D = g.shape
+            slot = ids_restore.clamp(max=K)[..., None].expand(B, L, D)
+            if ctx.needs_input_grad[0]:
+                dx = g.new_zeros(B, K + 1, D).scatter_add(1, slot, g)[:, :K]
+            if ctx.needs_input_grad[1]:
+                removed = (ids_restore >= K)[..., None]
+                dtok = (g.to(_acc_dtype(g.dtype)) * removed).sum((0, 1)).to(g.dtype).reshape(ctx.token_shape)
+            return dx, dtok, None, None
+        g = _unit_last(g)
+        start, count, order = csr_segments(ids_restore.clamp(max=K), K + 1)
         if ctx.needs_input_grad[0]:
             dx = segment_gather(g, start[:, :K], count[:, :K], order, None, None, False, ctx.backend)
         if ctx.needs_input_grad[1]:
             part = segment_gather(g, start[:, K:], count[:, K:], order, None, None, True, ctx.backend)
             dtok = part.sum((0, 1)).to(g.dtype).reshape(ctx.token_shape)
         return dx, dtok, None, None
+
+
+# torch.func transforms (vmap, and vmap over grad) run each sample through the Function
+for _function in (MaskGather, GatherTokens, RestoreTokens):
+    _function.vmap = staticmethod(per_sample_vmap(_function))
