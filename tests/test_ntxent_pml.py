@@ -228,8 +228,9 @@ def test_errors():
         fastcl.nn.pml.NTXentLoss(temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
         fastcl.ntxent_loss_pml(emb, labels, -1.0)
-    with pytest.raises(TypeError, match="distance"):
-        fastcl.nn.pml.NTXentLoss(distance=None)
+    fastcl.nn.pml.NTXentLoss(distance=None, reducer=None)  # PML's "the default"
+    with pytest.raises(NotImplementedError, match=r"NTXentLoss\(distance=str"):
+        fastcl.nn.pml.NTXentLoss(distance="dot")
     with pytest.raises(ValueError, match="must lie in"):
         crit(emb, None, (torch.tensor([0, 1]), torch.tensor([1, 9]), torch.tensor([0, 1]), torch.tensor([2, 3])))
     with pytest.raises(ValueError, match="ref_emb must have one row per embedding"):

@@ -11,6 +11,7 @@ import numbers
 
 import torch
 
+from fastcl.ops.eager import per_sample_vmap
 from fastcl.ops.reference import autocast_off, compute_dtype, graph_grads
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import _eager, check_float_tensor
@@ -40,20 +41,29 @@ def _token_ce_sum(logits, target, valid):
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
-    """Sum over tokens with ``valid`` of ``LSE(logits_t) - logits_t[label_t]``, 0-d in the compute
-    dtype; differentiable in the (R, V) logits (twice too: under create_graph=True the backward
-    differentiates a recomputed graph).  It runs outside autocast, in the compute dtype."""
+    """(sum over tokens with ``valid`` of ``LSE(logits_t) - logits_t[label_t]``, the target ids
+    (R, 1) int64 (padding at 0), LSE (R,)): the sum 0-d in the compute dtype and differentiable in
+    the (R, V) logits (twice too: under create_graph=True the backward differentiates a recomputed
+    graph).  The target and LSE are for the backward (non-differentiable): outputs rather than ctx
+    attributes, so that torch.func transforms (setup_context style, a per-sample vmap rule) take
+    the Function.  It runs outside autocast, in the compute dtype."""
 
     @staticmethod
-    def forward(ctx, logits, labels, valid):
+    def forward(logits, labels, valid):
         target = labels.masked_fill(~valid, 0)[:, None]
         with autocast_off(logits.device):
             total, lse = _token_ce_sum(logits, target, valid)
-        ctx.save_for_backward(logits, target, valid, lse)
-        return total
+        return total, target, lse
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        logits, _, valid = inputs
+        _, target, lse = output
+        ctx.mark_non_differentiable(target, lse)
+        ctx.save_for_backward(logits, target, valid, lse)
+
+    @staticmethod
+    def backward(ctx, grad, _target, _lse):
         logits, target, valid, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (logits.view_as(logits),)
@@ -70,6 +80,9 @@ class _TokenCrossEntropy(torch.autograd.Function):
                 out[r0:r1] = p  # the copy rounds to the logits' dtype
                 del p
         return out, None, None
+
+
+_TokenCrossEntropy.vmap = staticmethod(per_sample_vmap(_TokenCrossEntropy))
 
 
 def check_pad_id(pad_id) -> int:
@@ -116,6 +129,6 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) ->
         bad = flat[outside]
         raise ValueError(f"labels must lie in [0, {vocab}) (the vocabulary, logits.shape[2]) or equal pad_id="
                          f"{pad_id}, got {int(bad[0])}")
-    total = _TokenCrossEntropy.apply(logits.reshape(-1, vocab), flat, valid)
+    total = _TokenCrossEntropy.apply(logits.reshape(-1, vocab), flat, valid)[0]
     return total / valid.sum().to(total.dtype)
 

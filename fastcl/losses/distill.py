@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from fastcl.ops.eager import per_sample_vmap
 from fastcl.ops.reference import apply_function, autocast_off, compute_dtype, scalar_tensor
 from fastcl.ops.similarity_lse import similarity_lse
 from fastcl.ops.strips import row_blocks
@@ -31,10 +32,11 @@ class _TeacherWeighted(torch.autograd.Function):
     compute dtype; differentiable in q and k (the teacher qt, kt, scale_t is fixed).  The backward
     is linear in q, k and the incoming gradient, so under create_graph=True its own ops form the
     second derivative.  It runs outside autocast: the blocks stay in the compute dtype in both
-    passes, so under autocast the gradient is still that of the value."""
+    passes, so under autocast the gradient is still that of the value.  setup_context style with a
+    per-sample vmap rule, so torch.func transforms (grad, vmap and their nestings) take it."""
 
     @staticmethod
-    def forward(ctx, q, k, qt, kt, scale_t):
+    def forward(q, k, qt, kt, scale_t):
         ct = compute_dtype(q.dtype)
         with autocast_off(q.device):
             kc, ktc = k.to(ct), kt.to(ct)
@@ -42,24 +44,34 @@ class _TeacherWeighted(torch.autograd.Function):
             for r0, r1 in row_blocks(q.shape[0], k.shape[0]):
                 w = _teacher_weights(qt, ktc, scale_t, r0, r1, ct)
                 out[r0:r1] = (q[r0:r1].to(ct) * (w @ kc)).sum(1)
-        ctx.save_for_backward(q, k, qt, kt, scale_t)
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
         q, k, qt, kt, scale_t = ctx.saved_tensors
         ct = g.dtype
+        need_q, need_k = ctx.needs_input_grad[:2]
+        # Out of place: under vmap(grad) these are batched tensors, which cannot be written into a
+        # plain buffer.
+        gq, gk = [], torch.zeros(k.shape, dtype=ct, device=k.device) if need_k else None
         with autocast_off(q.device):
             kc, ktc = k.to(ct), kt.to(ct)
-            gq = torch.empty(q.shape, dtype=ct, device=q.device) if ctx.needs_input_grad[0] else None
-            gk = torch.zeros(k.shape, dtype=ct, device=k.device) if ctx.needs_input_grad[1] else None
             for r0, r1 in row_blocks(q.shape[0], k.shape[0]):
                 w = _teacher_weights(qt, ktc, scale_t, r0, r1, ct)
-                if gq is not None:
-                    gq[r0:r1] = g[r0:r1, None] * (w @ kc)
-                if gk is not None:
-                    gk += w.T @ (g[r0:r1, None] * q[r0:r1].to(ct))
-        return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype), None, None, None)
+                if need_q:
+                    gq.append(g[r0:r1, None] * (w @ kc))
+                if need_k:
+                    gk = gk + w.T @ (g[r0:r1, None] * q[r0:r1].to(ct))
+        if need_q:
+            gq = torch.cat(gq).to(q.dtype) if gq else torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        return (gq if need_q else None, None if gk is None else gk.to(k.dtype), None, None, None)
+
+
+_TeacherWeighted.vmap = staticmethod(per_sample_vmap(_TeacherWeighted))
 
 
 def distill_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,

@@ -8,6 +8,7 @@ differentiable ops, so a second derivative exists (cdist's own backward has none
 """
 import torch
 
+from fastcl.ops.eager import per_sample_vmap
 from fastcl.ops.reference import apply_function
 
 
@@ -23,16 +24,24 @@ def distance_grads(grad: torch.Tensor, d: torch.Tensor, q: torch.Tensor, k: torc
 
 
 class _Cdist(torch.autograd.Function):
+    """cdist's distances (N, M) with ``distance_grads`` as the backward.  setup_context style
+    with a per-sample vmap rule, so torch.func transforms take it."""
+
     @staticmethod
-    def forward(ctx, q, k):
-        d = torch.cdist(q, k)
-        ctx.save_for_backward(q, k, d)
-        return d
+    def forward(q, k):
+        return torch.cdist(q, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, output)
 
     @staticmethod
     def backward(ctx, grad):
         q, k, d = ctx.saved_tensors
         return distance_grads(grad, d, q, k, *ctx.needs_input_grad)
+
+
+_Cdist.vmap = staticmethod(per_sample_vmap(_Cdist))
 
 
 def euclidean_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pair_counts, pml_classes
+from fastcl.ops.eager import per_sample_vmap
 from fastcl.ops.reference import apply_function, autocast_off, check_fits, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import _eager, functorch_active
@@ -73,21 +74,29 @@ def _label_pairs_sum(q, k, scale, classes, ref_classes, self_pairs: bool, tiny: 
 
 
 class _LabelPairs(torch.autograd.Function):
-    """Sum over positive pairs of ``pair_losses(L_i - s_ij)``, s = scale * q k^T, pairs and
-    negatives from class ids; 0-d in the compute dtype, differentiable in q, k and scale (twice
-    too: under create_graph=True the backward differentiates a recomputed graph, O(N x M)).
-    It runs outside autocast so both passes keep the compute dtype."""
+    """(sum over positive pairs of ``pair_losses(L_i - s_ij)``, L (N,)), s = scale * q k^T, pairs
+    and negatives from class ids; the sum 0-d in the compute dtype, differentiable in q, k and
+    scale (twice too: under create_graph=True the backward differentiates a recomputed graph,
+    O(N x M)).  L, the negatives' LSE per anchor, is for the backward (non-differentiable): an
+    output rather than a ctx attribute, so that torch.func transforms (setup_context style, a
+    per-sample vmap rule) take the Function.  It runs outside autocast so both passes keep the
+    compute dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, classes, ref_classes, self_pairs, tiny):
+    def forward(q, k, scale, classes, ref_classes, self_pairs, tiny):
         with autocast_off(q.device):
-            total, lse = _label_pairs_sum(q, k, scale, classes, ref_classes, self_pairs, tiny)
+            return _label_pairs_sum(q, k, scale, classes, ref_classes, self_pairs, tiny)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, scale, classes, ref_classes, self_pairs, tiny = inputs
+        lse = output[1]
+        ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, scale, classes, ref_classes, lse)
         ctx.self_pairs, ctx.tiny = self_pairs, tiny
-        return total
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         q, k, scale, classes, ref_classes, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (q.view_as(q), k.view_as(k), scale.view_as(scale))
@@ -123,6 +132,9 @@ class _LabelPairs(torch.autograd.Function):
                 del s, ds, gq_b
         return (None if gq is None else gq.to(q.dtype), None if gk is None else gk.to(k.dtype),
                 gs if need_scale else None, None, None, None, None)
+
+
+_LabelPairs.vmap = staticmethod(per_sample_vmap(_LabelPairs))
 
 
 def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, temperature=0.07, *,
@@ -168,7 +180,8 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     # A subnormal temperature would give an infinite scale (a CPU tensor's value costs no sync).
     if not isinstance(temperature, torch.Tensor) or (temperature.device.type == "cpu" and _eager()
                                                      and not functorch_active()):
-        inverse = 1.0 / float(temperature)
+        # detach: float() of a tensor requiring grad warns
+        inverse = 1.0 / float(temperature.detach() if isinstance(temperature, torch.Tensor) else temperature)
         if math.isinf(inverse):  # (float64's smallest subnormals: beyond every range)
             raise ValueError(f"1 / temperature = inf is outside the {ct} range the loss computes in")
         check_fits("1 / temperature", inverse, ct)
@@ -182,7 +195,7 @@ def ntxent_loss_pml(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = N
     classes, ref_classes, n_cls, self_pairs = pml_classes(labels, None if ref_emb is None else ref_labels, exclude_self)
     n_pos, n_neg = pair_counts(classes, ref_classes, n_cls, self_pairs)
     valid = (n_pos > 0) & (n_neg > 0) & ((n_pos > 1) | (n_neg > 1))
-    total = apply_function(_LabelPairs, q, k, scale, classes, ref_classes, self_pairs, tiny)
+    total = apply_function(_LabelPairs, q, k, scale, classes, ref_classes, self_pairs, tiny)[0]
     loss = total / n_pos.clamp_min(1).to(ct)
     return torch.where(valid, loss, torch.zeros_like(loss)) + poison
 

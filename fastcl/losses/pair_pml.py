@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastcl.losses.euclidean import distance_grads, euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import _mean_nonzero, check_pml_args, mined_pair_masks, mined_pairs, pair_counts, pml_classes
+from fastcl.ops.eager import per_sample_vmap
 from fastcl.ops.reference import apply_function, autocast_off, compute_dtype, graph_grads, scalar_tensor
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_scalar
@@ -74,16 +75,22 @@ class _RowStats(torch.autograd.Function):
     takes each loss's own derivative (O(block x M)); under create_graph=True it differentiates a
     recomputed graph of the whole matrix.  It runs outside autocast so both passes keep the
     compute dtype.  The parameters come as three arguments, the unused ones None (``_row_stats``):
-    torch.compile of torch 2.7 to 2.11 binds a ``*params`` forward wrongly without grad."""
+    torch.compile of torch 2.7 to 2.11 binds a ``*params`` forward wrongly without grad.
+    setup_context style with a per-sample vmap rule, so torch.func transforms (grad, vmap and their
+    nestings) take it; the tensors inside ``rows`` (class ids, a miner's masks) are shared by every
+    sample, not batched."""
 
     @staticmethod
-    def forward(ctx, q, k, rows, p0, p1, p2):
+    def forward(q, k, rows, p0, p1, p2):
         params = tuple(p for p in (p0, p1, p2) if p is not None)
         with autocast_off(q.device):
-            out = rows.all_rows(q, k, params)
-        ctx.save_for_backward(q, k, *params)
+            return rows.all_rows(q, k, params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, rows, *params = inputs
+        ctx.save_for_backward(q, k, *(p for p in params if p is not None))
         ctx.rows = rows
-        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -123,6 +130,9 @@ class _RowStats(torch.autograd.Function):
             if needs[3 + i]:
                 grads[3 + i] = acc
         return tuple(grads)
+
+
+_RowStats.vmap = staticmethod(per_sample_vmap(_RowStats))
 
 
 def _row_stats(q: torch.Tensor, k: torch.Tensor, rows: _Rows, params) -> torch.Tensor:

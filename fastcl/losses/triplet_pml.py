@@ -16,6 +16,7 @@ import torch
 from fastcl.losses.euclidean import distance_grads, euclidean_distances
 from fastcl.losses.ntxent import l2_normalize
 from fastcl.losses.supcon import check_pml_args, mined_pairs, pml_classes
+from fastcl.ops.eager import per_sample_vmap
 from fastcl.ops.reference import apply_function, autocast_off, compute_dtype
 from fastcl.ops.strips import row_blocks
 from fastcl.validation import check_scalar
@@ -51,10 +52,12 @@ def _violations(t: torch.Tensor, y: torch.Tensor):
 
 class _AllTriplets(torch.autograd.Function):
     """(sum of the violating triplets' losses, their number) over all triplets of the class ids;
-    differentiable in q, k (unit rows).  It runs outside autocast, in the compute dtype."""
+    the sum differentiable in q, k (unit rows), the int64 count not.  It runs outside autocast, in
+    the compute dtype.  setup_context style with a per-sample vmap rule, so torch.func transforms
+    (grad, vmap and their nestings) take it."""
 
     @staticmethod
-    def forward(ctx, q, k, classes, ref_classes, self_pairs, margin):
+    def forward(q, k, classes, ref_classes, self_pairs, margin):
         ct = q.dtype
         total = torch.zeros((), dtype=torch.float64, device=q.device)
         count = torch.zeros((), dtype=torch.int64, device=q.device)
@@ -66,17 +69,23 @@ class _AllTriplets(torch.autograd.Function):
                 total += (torch.where(pos, c * t.double() - below, 0.0)).sum()
                 count += c.sum()
                 del d, pos, neg, t, y, c, below
+        return total.to(ct), count
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, classes, ref_classes, self_pairs, margin = inputs
+        count = output[1]
         ctx.save_for_backward(q, k, classes, ref_classes, count)
         ctx.self_pairs, ctx.margin = self_pairs, margin
         ctx.mark_non_differentiable(count)
-        return total.to(ct), count
 
     @staticmethod
     def backward(ctx, grad, _):
         q, k, classes, ref_classes, count = ctx.saved_tensors
         ct = q.dtype
-        gq = torch.empty_like(q)
-        gk = torch.zeros_like(k)
+        # Out of place: under vmap(grad) these are batched tensors, which cannot be written into a
+        # plain buffer.
+        gq, gk = [], torch.zeros_like(k)
         with autocast_off(q.device):
             for r0, r1 in row_blocks(q.shape[0], k.shape[0], _block_bytes(ct)):
                 d, pos, neg, t, y = _block(q, k, classes, ref_classes, ctx.self_pairs, ctx.margin, r0, r1)
@@ -86,10 +95,13 @@ class _AllTriplets(torch.autograd.Function):
                 c_neg = torch.where(neg, n_pos - torch.searchsorted(t.sort(dim=1).values, y.contiguous(), right=True),
                                     0)
                 gq_b, gk_b = distance_grads((c_pos - c_neg).to(ct) * grad, d, q[r0:r1], k)
-                gq[r0:r1] = gq_b
-                gk += gk_b
+                gq.append(gq_b)
+                gk = gk + gk_b
                 del d, pos, neg, t, y, gq_b, gk_b
-        return gq, gk, None, None, None, None
+        return torch.cat(gq) if gq else torch.zeros_like(q), gk, None, None, None, None
+
+
+_AllTriplets.vmap = staticmethod(per_sample_vmap(_AllTriplets))
 
 
 def pairs_as_triplets(a1: torch.Tensor, p: torch.Tensor, a2: torch.Tensor, n: torch.Tensor):

@@ -36,7 +36,7 @@ def per_sample_vmap(function: type) -> Callable:
     """A ``vmap`` staticmethod for the ``torch.autograd.Function`` ``function``: one call per
     sample, the results stacked along dim 0, as the custom ops' per-sample fallback does.  Each
     call keeps the Function's autograd formula, so ``vmap(grad(f))`` gives per-sample gradients.
-    Outputs are tensors, or a tuple of tensors."""
+    Outputs are tensors, or a tuple of tensors (0-d, integer and non-differentiable ones stack alike)."""
 
     def vmap(info, in_dims, *inputs):
         results = [function.apply(*(x if d is None else x.select(d, i) for x, d in zip(inputs, in_dims)))
