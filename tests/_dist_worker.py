@@ -18,11 +18,11 @@ import torch.distributed as dist
 D_IN, D = 12, 16
 
 
-def _tol() -> float:
-    """conftest's fp32 tolerance (the one table); imported late, as this module is spawned by name."""
+def _tol(dtype=torch.float32) -> float:
+    """conftest's tolerance for ``dtype`` (the one table); imported late, as this module is spawned by name."""
     sys.path.insert(0, os.path.dirname(__file__))
     from conftest import TOL
-    return TOL[torch.float32]
+    return TOL[dtype]
 
 
 def rel_err(out, ref) -> float:
@@ -46,8 +46,8 @@ class Checker:
             self.failures.append(f"{name}: {traceback.format_exc(limit=4)}")
 
     @staticmethod
-    def close(out, ref, what):
-        err, tol = rel_err(out, ref), _tol()
+    def close(out, ref, what, tol=None):
+        err, tol = rel_err(out, ref), tol or _tol()
         assert err <= tol, f"{what}: relative error {err:.3e} > {tol}"
 
 
@@ -85,6 +85,92 @@ def ddp_compare(ck, name, dist_fn, ref_fn, inputs, sizes, params, group, weighte
     ck.close(mean_loss, ref.detach(), f"{name} loss")
     for k in p:
         ck.close(grads[k], q[k].grad, f"{name} grad {k}")
+
+
+def _ref_clip_rank(i_all, t_all, s, b, eps, sizes, r, local):
+    """Rank ``r``'s open_clip ClipLoss in plain float64 PyTorch, as a function of the global batch:
+    with ``local``, rows ``off..off+n`` of both directions with labels ``arange(n) + off``; else
+    the global loss (every rank's value)."""
+    ce = torch.nn.functional.cross_entropy
+    logits = s * i_all @ t_all.T + (0.0 if b is None else b)
+    rows = slice(sum(sizes[:r]), sum(sizes[:r + 1])) if local else slice(None)
+    labels = torch.arange(i_all.shape[0])[rows]
+    return 0.5 * (ce(logits[rows], labels, label_smoothing=eps) + ce(logits.T[rows], labels, label_smoothing=eps))
+
+
+def _ref_siglip_rank(i_all, t_all, s, b, sizes, r):
+    """Rank ``r``'s open_clip SigLipLoss in plain float64 PyTorch: its images against every text,
+    +1 only on its own pairs, summed and divided by its own row count (not by the world size)."""
+    off, n = sum(sizes[:r]), sizes[r]
+    logits = s * i_all[off:off + n] @ t_all.T + b
+    z = -torch.ones_like(logits)
+    z[torch.arange(n), off + torch.arange(n)] = 1.0
+    return -torch.nn.functional.logsigmoid(z * logits).sum() / n
+
+
+def per_rank_checks(ck, rank, world):
+    """Each rank's own loss value and own gradients (features, logit scale and bias), before any
+    DDP averaging, against a float64 single-process reference of the same global batch: odd, uneven
+    shards and an odd D, fresh data.  ``ddp_compare`` reads only means over ranks, which cannot tell
+    local_loss=True from the global loss, nor a wrong rank offset that equal shards hide.
+
+    Feature gradients: what rank r's rows receive is the gradient of the sum over ranks of the
+    per-rank losses (a gathered copy sends its gradient home), or, for open_clip's gradient-free
+    gather, of rank r's own loss through its own rows only."""
+    from fastcl.losses.distributed import clip_loss_distributed, siglip_loss_distributed
+    gen = torch.Generator().manual_seed(2027)
+    sizes = [3 + 2 * r for r in range(world)]  # odd and uneven: 3, 5 (, 7, 9)
+    off, n, d = sum(sizes[:rank]), sizes[rank], 7
+    i_all = torch.randn(sum(sizes), d, generator=gen, dtype=torch.float64) / 2
+    t_all = torch.randn(sum(sizes), d, generator=gen, dtype=torch.float64) / 2
+    s0, b0 = torch.tensor(3.7, dtype=torch.float64), torch.tensor(-2.3, dtype=torch.float64)
+    tol = _tol(torch.float64)
+
+    def compare(name, dist_fn, ref_fn, feat_grad="sum", scalar_grad="own", bias=True):
+        x_i, x_t = i_all[off:off + n].clone().requires_grad_(), t_all[off:off + n].clone().requires_grad_()
+        s, b = s0.clone().requires_grad_(), (b0.clone().requires_grad_() if bias else None)
+        loss = dist_fn(x_i, x_t, s, b)
+        loss.backward()
+        gi, gt = i_all.clone().requires_grad_(), t_all.clone().requires_grad_()
+        rs, rb = s0.clone().requires_grad_(), (b0.clone().requires_grad_() if bias else None)
+        refs = [ref_fn(gi, gt, rs, rb, r) for r in range(world)]
+        ck.close(loss, refs[rank], f"{name} loss of rank {rank}", tol)
+        wrt = [gi, gt, rs] + ([rb] if bias else [])
+        if feat_grad == "sum":  # every rank's loss sends its gradient home
+            g = torch.autograd.grad(sum(refs), wrt, retain_graph=True)
+        else:  # "own": only this rank's loss, through its own rows
+            g = torch.autograd.grad(refs[rank], wrt, retain_graph=True)
+        ck.close(x_i.grad, g[0][off:off + n], f"{name} image grad", tol)
+        ck.close(x_t.grad, g[1][off:off + n], f"{name} text grad", tol)
+        scalars = [(s, "scale")] + ([(b, "bias")] if bias else [])
+        own = torch.autograd.grad(refs[rank], wrt[2:], retain_graph=True)
+        total = torch.autograd.grad(sum(refs), wrt[2:])
+        for k, (v, what) in enumerate(scalars):
+            got = v.grad.clone()
+            if scalar_grad == "sum":  # only the sum over ranks is defined (the ring's attribution)
+                dist.all_reduce(got)
+            ck.close(got, (own if scalar_grad == "own" else total)[k], f"{name} {what} grad", tol)
+
+    for impl in ("gather", "ring"):
+        # local_loss=True: this rank's rows against all columns, labels offset by the uneven shards
+        ck.run(f"per rank clip {impl} local_loss=True", lambda impl=impl: compare(
+            f"clip {impl} local", lambda i, t, s, b: clip_loss_distributed(i, t, s, b, dist_impl=impl),
+            lambda i, t, s, b, r: _ref_clip_rank(i, t, s, b, 0.0, sizes, r, True),
+            scalar_grad="own" if impl == "gather" else "sum"))
+        # local_loss=False: the global loss on every rank, its scale and bias gradients too;
+        # label smoothing's mean logit runs over every rank's columns
+        ck.run(f"per rank clip {impl} local_loss=False smoothing", lambda impl=impl: compare(
+            f"clip {impl} global", lambda i, t, s, b: clip_loss_distributed(
+                i, t, s, b, local_loss=False, dist_impl=impl, label_smoothing=0.2),
+            lambda i, t, s, b, r: _ref_clip_rank(i, t, s, b, 0.2, sizes, r, False)))
+        ck.run(f"per rank siglip {impl}", lambda impl=impl: compare(
+            f"siglip {impl}", lambda i, t, s, b: siglip_loss_distributed(i, t, s, b, dist_impl=impl),
+            lambda i, t, s, b, r: _ref_siglip_rank(i, t, s, b, sizes, r)))
+    # open_clip's gradient-free gather, global loss: only this rank's own rows carry a gradient
+    ck.run("per rank clip gather_with_grad=False local_loss=False", lambda: compare(
+        "clip no-grad gather global", lambda i, t, s, b: clip_loss_distributed(
+            i, t, s, b, local_loss=False, gather_with_grad=False, label_smoothing=0.1),
+        lambda i, t, s, b, r: _ref_clip_rank(i, t, s, b, 0.1, sizes, r, False), feat_grad="own"))
 
 
 def checks(ck, rank, world, tmp):
@@ -309,6 +395,8 @@ def checks(ck, rank, world, tmp):
         lambda x, p: fastcl.supcon_loss(enc(x[0], p), x[1], None, 0.2, 0.1),
         [views[:Bu], labels[:Bu]], un, {"proj": params["proj"]}, None, weighted=True))
 
+    per_rank_checks(ck, rank, world)
+
     # ---- all_gather_with_grad itself: uneven sizes, non-contiguous upstream gradient, no 1/W ----
     def gather_grad():
         off, n = sum(un[:rank]), un[rank]
@@ -361,6 +449,12 @@ def checks(ck, rank, world, tmp):
                                                    "same trailing shape"))
         ck.run(f"D mismatch dcl {impl}", mismatch(lambda impl=impl: dcl_loss_distributed(a, a, dist_impl=impl),
                                                   "same trailing shape"))
+    # an empty shard on one rank raises on every rank: exchange_shapes' check, as the functions
+    # whose own checks allow empty inputs (all_gather_with_grad, supcon's features) would not
+    empty = torch.randn(0 if rank == world - 1 else 3, 2, D)
+    ck.run("empty shard raises on every rank", lambda: (
+        mismatch(lambda: all_gather_with_grad(empty[:, 0]), "x must be non-empty on every rank")(),
+        mismatch(lambda: supcon_loss_distributed(empty, dist_impl="ring"), "features must be non-empty")()))
     a_dt = torch.randn(4, D, dtype=torch.float64 if rank == 0 else torch.float32)
     ck.run("dtype mismatch ntxent", mismatch(lambda: ntxent_loss_distributed(a_dt, a_dt, dist_impl="ring"),
                                              "dtype"))
@@ -564,6 +658,16 @@ def mismatched_call_checks(ck, rank, world):
     ck.run("different losses with a local error", raises(on_rank0(  # the mismatch, not rank 0's ValueError
         lambda: clip_loss_distributed(x4, x4, -1.0), lambda: siglip_loss_distributed(x4, x4, 2.0, -1.0)),
         different))
+    # the same numbers of tensors and settings: the caller's name, and the names, tell them apart
+    from fastcl.losses.distributed import dcl_loss_distributed
+    ck.run("different losses of one argument count", raises(on_rank0(
+        lambda: siglip_loss_distributed(x4, x4, 2.0, -1.0, dist_impl="gather"),
+        lambda: dcl_loss_distributed(x4, x4, dist_impl="gather")),
+        different, "rank 0: siglip_loss_distributed (2 tensor(s), 3 setting(s)), "
+                   "rank 1: dcl_loss_distributed (2 tensor(s), 3 setting(s))"))
+    ck.run("argument names differ", raises(
+        lambda: exchange_shapes([("x" if rank == 0 else "y", x4)], settings=[("s", 1.0)]),
+        "passed different argument lists", "(1 tensor(s), 1 setting(s)), rank 1: "))
 
     def exchange(n_tensors, n_settings, d_last=3, last=0):  # d_last, last: the last tensor's D, setting's offset
         return exchange_shapes([(f"t{i}", torch.zeros(rank + 1, d_last if i == n_tensors - 1 else 3))

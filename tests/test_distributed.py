@@ -42,7 +42,10 @@ EXPECTED = ["clip gather local_loss=True", "clip scale grads per rank", "coca mo
             "all_gather non-tensor published", "all_reduce shape differs", "ClipLoss rank argument published",
             "ring refuses device tensors on gloo", "all_reduce 6-D", "flag given as a tensor differs",
             "equal settings of different types agree", "scale on another device published", "unencodable setting published",
-            "create_graph refused across ranks", "SupConLoss misplaced ref_emb published"]
+            "create_graph refused across ranks", "SupConLoss misplaced ref_emb published",
+            "empty shard raises on every rank", "per rank clip gather_with_grad=False local_loss=False"]
+EXPECTED += [f"per rank {loss} {impl}{flag}" for impl in ("gather", "ring")
+             for loss, flag in (("clip", " local_loss=True"), ("clip", " local_loss=False smoothing"), ("siglip", ""))]
 if importlib.util.find_spec("pytorch_metric_learning") is not None:  # fastcl.nn.pml.DistributedLossWrapper vs PML's
     EXPECTED += ([f"pml wrapper {n} efficient={e}" for n in _dist_worker.PML_WRAPPED for e in (False, True)]
                  + [f"pml wrapper references efficient={e}" for e in (False, True)]
@@ -93,7 +96,8 @@ def test_distributed_losses_match_global_batch(world, tmp_path):
 # Checks of _dist_worker.mismatched_call_checks: ranks calling different operations all raise.
 MISMATCHED_CALLS = ["different losses clip vs siglip gather", "different losses clip vs ntxent",
                     "different losses ClipLoss module vs ntxent ring", "different collectives all_gather vs all_reduce",
-                    "different losses with a local error", "argument lists differ in length", "long argument lists",
+                    "different losses with a local error", "different losses of one argument count",
+                    "argument names differ", "argument lists differ in length", "long argument lists",
                     "requires grad differs gather", "requires grad differs ring", "requires grad of a setting differs",
                     "requires grad differs all_reduce", "grad mode differs", "memory bank read on one rank"]
 
