@@ -312,3 +312,13 @@ def test_triton_whole_tiles_skip_the_bounds_select(monkeypatch, dtype, mode):
     test_value_and_grads("triton", dtype, 128, 150, 40)
     # Fused: the row kernel also runs on (k, q) for G^T @ q, whose tile sums are discarded.
     assert seen == [(name, True) for name in names] + ([] if mode == "strip" else [(names[1], False)])
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["fused", "strip"])
+def test_triton_rows_end_inside_a_tile_while_columns_are_whole(monkeypatch, mode):
+    """N = 67 ends inside the interpreter's 64-row tiles while M = 128 is whole column tiles: the
+    forward must still mask the rows past N, whose zero rows would add softplus(+-bias) per column."""
+    monkeypatch.setenv("FASTCL_TRITON_BWD", mode)
+    test_value_and_grads("triton", torch.float32, 67, 128, 40)
+    test_value_and_grads("triton", torch.bfloat16, 67, 128, 40)

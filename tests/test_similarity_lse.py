@@ -351,3 +351,69 @@ def test_unused_outputs_stay_out_of_the_gradient(backend, used, monkeypatch):
     for name, got, ref in zip(("q", "k", "scale", "bias"), grads[backend], grads["reference"]):
         assert torch.equal(got.isnan(), ref.isnan()), f"{name}: NaN at {got.isnan().nonzero().tolist()}"
         assert_close(got.nan_to_num(), ref.nan_to_num(), torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", [None, "reference", pytest.param("cpu", marks=needs_ext)])
+def test_auto_on_the_cpu_takes_the_fused_kernels(backend, monkeypatch):
+    """backend=None (auto, FASTCL_BACKEND unset) on CPU tensors runs the C++ kernels, not the
+    reference, which materialises the N x M logits: the values are the same either way, so only
+    the path taken tells them apart.  An explicit backend is used as asked."""
+    from fastcl.ops import reference
+    op = sys.modules["fastcl.ops.similarity_lse"]  # the package exports the function under the same name
+    monkeypatch.delenv("FASTCL_BACKEND", raising=False)
+    if backend is None and not extension_available():
+        pytest.skip("auto falls back to the reference without fastcl._C")
+    taken = []
+
+    def spy(*args, **kwargs):
+        taken.append("reference")
+        return reference.reference_similarity_lse(*args, **kwargs)
+    monkeypatch.setattr(op, "reference_similarity_lse", spy)
+    check_against_reference(backend, 67, 131, 40, torch.float32, bias=0.5, offset=3, positives=True, seed=31)
+    assert taken == (["reference"] if backend == "reference" else [])
+
+
+def test_gpu_backend_choice_is_remembered_per_dtype(monkeypatch):
+    """auto on CUDA takes the dispatch table's entry for the problem's op and dtype, also when the
+    same shape was asked about for another dtype or op before (the answers are cached)."""
+    from fastcl.ops import dispatch, dispatch_table
+    from fastcl.ops.dispatch import resolve_backend
+    monkeypatch.delenv("FASTCL_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    monkeypatch.setattr(dispatch_table, "TABLE", {("similarity_lse", "bfloat16", 4096, 64): "cuda",
+                                                  ("similarity_lse", "float32", 4096, 64): "triton",
+                                                  ("sigmoid_pair", "bfloat16", 4096, 64): "triton"})
+    cuda = torch.device("cuda")
+    for _ in range(2):  # the second round is answered from the cache
+        assert resolve_backend(None, cuda, ("similarity_lse", 4099, 4093, 67, torch.bfloat16)) == "cuda"
+        assert resolve_backend(None, cuda, ("similarity_lse", 4099, 4093, 67, torch.float32)) == "triton"
+        assert resolve_backend(None, cuda, ("sigmoid_pair", 4099, 4093, 67, torch.bfloat16)) == "triton"
+
+
+@pytest.mark.parametrize("m", [128, 192])
+def test_triton_rows_end_inside_a_tile_while_columns_are_whole(m):
+    """N = 67 ends inside a row tile (the interpreter's 64, a GPU's 128) while M is whole column
+    tiles: the forward must still take its bounds select, as the zero rows read past N would add
+    logits equal to the bias to every column's LSE (the row LSE is stored masked either way).  A
+    small scale keeps the logits of order one, where those terms are not lost under the largest."""
+    from fastcl.ops.dispatch import triton_available
+    if not triton_available() or (os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available()):
+        pytest.skip("needs Triton's interpreter or a GPU")
+    check_against_reference("triton", 67, m, 40, torch.float32, scale=0.25, bias=0.75, seed=m,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton exact", "triton shared"])
+@pytest.mark.parametrize("n,m", [(67, 1), (1, 131)])
+def test_a_fully_excluded_row_or_column_gets_no_gradient(backend, n, m, monkeypatch):
+    """With exclude_diagonal=0 and one key (or one query) a whole row (or column) is excluded: its
+    LSE is -inf, and the backward takes its probabilities as 0 (an LSE of -inf counts as +inf), so
+    the gradients stay finite and equal float64's; the other side's statistics are finite."""
+    name, _, exp = backend.partition(" ")
+    if name == "triton":
+        from fastcl.ops.dispatch import triton_available
+        if not triton_available() or os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("needs Triton's interpreter")
+        monkeypatch.setenv("FASTCL_TRITON_EXP", exp)
+    check_against_reference(name, n, m, 40, torch.float32, bias=0.5, offset=0, rows=True, cols=True, seed=n + m)

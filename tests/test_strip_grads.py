@@ -5,7 +5,7 @@ need several column chunks and row strips."""
 import pytest
 import torch
 
-from conftest import DTYPES, TOL, assert_close, randn
+from conftest import DTYPES, TOL, assert_close, fp32_output_tol, randn
 from fastcl.ops import strips
 from fastcl.ops.strip_grads import finish_full, plan, scratch_bytes, strip_grads
 
@@ -573,3 +573,46 @@ def test_cpu_kernels_skip_the_frozen_side():
         sa, sb, _ = torch.ops.fastcl_C.sigmoid_pair_bwd(q, k, 1.5, 0.0, need_q, need_k)
         assert sa.shape[0] == (37 if need_q else 0) and sb.shape[0] == (53 if need_k else 0)
 
+
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("triton", torch.float32),
+                                           ("triton", torch.bfloat16)])
+def test_a_zero_scale_keeps_the_scale_gradient(backend, dtype, monkeypatch):
+    """scale = 0, which the public check cannot refuse for a GPU logit scale (it is never read on
+    the host), through the registered op: every logit is the bias, dq and dk are exactly zero, and
+    dscale is still sum(q * Gq), which the Triton strips' finished tiles keep by leaving the tile
+    unscaled (g = 1 where grad_scale is 0) and dividing qgq back by g."""
+    from test_similarity_lse import oracle_lse, oracle_positives
+    if backend == "cpu":
+        pytest.importorskip("fastcl._C")
+    else:
+        _triton()
+        monkeypatch.setenv("FASTCL_TRITON_BWD", "strip")
+    gen = torch.Generator().manual_seed(23)
+    q, k = randn(67, 40, dtype=dtype, generator=gen), randn(131, 40, dtype=dtype, generator=gen)
+    w_row, w_col = torch.rand(67, generator=gen) + 0.5, torch.rand(131, generator=gen) + 0.5
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_(), torch.zeros((), requires_grad=True),
+              torch.tensor(-0.75, requires_grad=True)]
+    row, col, pos = torch.ops.fastcl.similarity_lse_fwd(*leaves, True, True, None, True, None, backend)
+    loss = (row * w_row).sum() + (col * w_col).sum() - 0.5 * pos.sum()
+    dq, dk, dscale, dbias = torch.autograd.grad(loss, leaves)
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    row64, col64 = oracle_lse(*refs, rows=True, cols=True)
+    loss64 = (row64 * w_row.double()).sum() + (col64 * w_col.double()).sum() - 0.5 * oracle_positives(
+        refs[0], refs[1], None, refs[2], refs[3]).sum()
+    _, _, rscale, rbias = torch.autograd.grad(loss64, refs)
+    assert_close(loss, loss64, torch.float32, "loss")
+    assert dq.dtype == dk.dtype == dtype and not dq.any() and not dk.any()
+    assert_close(dscale, rscale, fp32_output_tol(dtype, backend, from_tiles=True), "dscale")
+    assert_close(dbias, rbias, fp32_output_tol(dtype), "dbias")
+
+
+@pytest.mark.parametrize("offset", [70, -3])
+def test_cuda_driver_excludes_the_diagonal_in_later_column_chunks(emulated_cuda, monkeypatch, offset):
+    """fp32 tiles with an 8 KB budget: three 48-column chunks of 16-row strips, and the excluded
+    entries j == i + offset fall in the chunks that start past column 0, where the epilogue's local
+    diagonal is r0 + offset - c0.  In fp32 one entry per row left in dS is far above TOL; the 24 KB
+    runs above split the columns only for half inputs (their fp32 Gk chunk), whose TOL hides it."""
+    from test_similarity_lse import check_against_reference
+    monkeypatch.setattr(strips, "WORKSPACE_MB", 8 / 1024)
+    assert plan(67, 131, 40, 4, False, strips.workspace_bytes(), 16, 16, 16) == (16, 48)
+    check_against_reference("cuda", 67, 131, 40, torch.float32, bias=-0.5, offset=offset, seed=29)
