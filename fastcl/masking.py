@@ -25,7 +25,7 @@ import torch
 
 from fastcl.ops.dispatch import resolve_backend
 from fastcl.ops.masking import GatherTokens, MaskGather, RestoreTokens, mask_indices
-from fastcl.validation import FLOAT_DTYPES, check_dense, check_float_tensor, check_index
+from fastcl.validation import check_float_tensor, check_index
 
 Tensor = torch.Tensor
 
@@ -40,11 +40,7 @@ def _check_addend(name: str, t: Tensor, x: Tensor, x_name: str) -> torch.dtype:
     """A floating tensor combined with ``x`` on its device; returns the dtype of the result, by
     torch's type promotion (MAE's ``x + pos_embed`` and ``cat([x, mask_tokens])`` under autocast
     meet an fp32 parameter with bf16 tokens and give fp32)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_dense(name, t)
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+    check_float_tensor(name, t, None, non_empty=False)
     if t.device != x.device:
         raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {t.device}")
     return torch.promote_types(x.dtype, t.dtype)

@@ -25,13 +25,14 @@ def check_dense(name: str, x: torch.Tensor) -> None:
                         f"{'a nested tensor' if x.is_nested else f'layout {x.layout}'}")
 
 
-def check_float_tensor(name: str, x, layout: str, *, non_empty: bool = True) -> None:
-    """``x`` must be a dense floating tensor with one dimension per name in ``layout``, e.g. "(B, L, D)"."""
-    ndim = layout.count(",") + 1
+def check_float_tensor(name: str, x, layout: Optional[str], *, non_empty: bool = True) -> None:
+    """``x`` must be a dense floating tensor with one dimension per name in ``layout``, e.g. "(B, L, D)"
+    (any number of dimensions for ``layout=None``, where the caller checks the shape)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     check_dense(name, x)
-    if x.dim() != ndim:
+    ndim = None if layout is None else layout.count(",") + 1
+    if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")

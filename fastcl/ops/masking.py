@@ -14,6 +14,7 @@ import torch
 
 from fastcl.ops.dispatch import on_device_of
 from fastcl.ops.eager import needs_custom_op, per_sample_vmap
+from fastcl.ops.reference import compute_dtype
 
 Tensor = torch.Tensor
 
@@ -62,8 +63,8 @@ def segment_gather_op(src: Tensor, start: Tensor, count: Optional[Tensor], order
 
 @segment_gather_op.register_fake
 def _(src, start, count, order, fill, pos, out_fp32, backend):
-    acc_t = torch.float64 if src.dtype == torch.float64 else torch.float32
-    return src.new_empty((src.shape[0], start.shape[1], src.shape[2]), dtype=acc_t if out_fp32 else src.dtype)
+    return src.new_empty((src.shape[0], start.shape[1], src.shape[2]),
+                         dtype=compute_dtype(src.dtype) if out_fp32 else src.dtype)
 
 
 # Rows whose index tensors come from the rank kernel.  Above 32 tokens torch's CUDA sort of a row
@@ -117,10 +118,6 @@ def csr_segments(idx: Tensor, buckets: int) -> Tuple[Tensor, Tensor, Tensor]:
     count.scatter_add_(1, idx, torch.ones_like(idx))
     start = torch.cumsum(count, dim=1) - count
     return start, count, order
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class MaskGather(torch.autograd.Function):
@@ -203,7 +200,7 @@ class RestoreTokens(torch.autograd.Function):
                 dx = g.new_zeros(B, K + 1, D).scatter_add(1, slot, g)[:, :K]
             if ctx.needs_input_grad[1]:
                 removed = (ids_restore >= K)[..., None]
-                dtok = (g.to(_acc_dtype(g.dtype)) * removed).sum((0, 1)).to(g.dtype).reshape(ctx.token_shape)
+                dtok = (g.to(compute_dtype(g.dtype)) * removed).sum((0, 1)).to(g.dtype).reshape(ctx.token_shape)
             return dx, dtok, None, None
         g = _unit_last(g)
         start, count, order = csr_segments(ids_restore.clamp(max=K), K + 1)
