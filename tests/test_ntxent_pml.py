@@ -422,6 +422,8 @@ def test_supcon_module_takes_pml_positional_call():
         fastcl.nn.SupConLoss()(emb.view(9, 1, 5), labels, None, ref)
     with pytest.raises(ValueError, match="go with 2-D embeddings"):
         fastcl.nn.SupConLoss()(emb.view(9, 1, 5), labels, exclude_self=True)
+    with pytest.raises(TypeError, match="exclude_self must be a bool, got str"):
+        fastcl.nn.SupConLoss()(emb, labels, None, ref, ref_labels, exclude_self="yes")
 
 
 def test_cross_batch_memory_errors():
