@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -332,10 +333,13 @@ def test_info_into_a_closed_pipe_exits_quietly():
 
 
 def test_python_m_fastcl_info():
-    out = subprocess.run([sys.executable, "-m", "fastcl", "info"], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "fastcl", "info"], capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert "backends:" in out.stdout and "reference" in out.stdout and torch.__version__ in out.stdout
+    # torch._dynamo (about half of the start-up time) waits for torch.compile or a MemoryBank.
+    imported = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    assert "fastcl.nn" in imported and not any(m.startswith("torch._dynamo") for m in imported)
 
 
 def test_bench_quick_writes_csv_and_png(tmp_path, capsys):
@@ -414,9 +418,12 @@ def test_cpu_allocation_failures_count_as_out_of_memory():
 
 
 @pytest.mark.parametrize("flag", ["--batch", "--dim", "--steps"])
-def test_distributed_example_refuses_sizes_below_one(flag):
+def test_distributed_example_refuses_sizes_below_one(flag, monkeypatch, capsys):
     """examples/distributed_clip.py names a size below 1 (--batch -3 was a torch traceback, and
     --steps 0 printed nothing)."""
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "distributed_clip.py")
-    proc = subprocess.run([sys.executable, script, flag, "0"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"{flag} must be >= 1, got 0" in proc.stderr
+    monkeypatch.setattr(sys, "argv", [script, flag, "0"])
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_path(script, run_name="__main__")
+    assert exc.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err

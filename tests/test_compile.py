@@ -1,4 +1,6 @@
 """torch.compile(fullgraph=True) over fastcl losses: no graph break, gradients equal eager."""
+import sys
+
 import pytest
 import torch
 
@@ -160,15 +162,20 @@ def test_row_block_losses_compile(compiler):
               for f in (lambda e, y: fastcl.ntxent_loss_pml(e, y, 0.1), fastcl.triplet_margin_loss_pml,
                         fastcl.multi_similarity_loss_pml, fastcl.circle_loss_pml, fastcl.contrastive_loss_pml)]
     for fn, inputs, fullgraph in cases:
-        results = []
-        for f in (fn, torch.compile(fn, fullgraph=fullgraph, backend=compiler)):
-            leaves = [t.clone().requires_grad_() for t in inputs]
-            loss = f(leaves)
-            results.append([loss, *torch.autograd.grad(loss, leaves)])
-        for a, b in zip(*results):
-            assert_close(a, b, torch.float32)
-        with torch.no_grad():  # no grad: torch 2.11 bound _RowStats's *params forward wrongly here
-            assert_close(torch.compile(fn, fullgraph=fullgraph, backend=compiler)(inputs), fn(inputs), torch.float32)
+        # The PML cases share one lambda's code: without a reset, dynamo's recompile limit would
+        # quietly leave the last ones eager.
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            results = []
+            for f in (fn, torch.compile(fn, fullgraph=fullgraph, backend=compiler)):
+                leaves = [t.clone().requires_grad_() for t in inputs]
+                loss = f(leaves)
+                results.append([loss, *torch.autograd.grad(loss, leaves)])
+            for a, b in zip(*results):
+                assert_close(a, b, torch.float32)
+            with torch.no_grad():  # no grad: torch 2.11 bound _RowStats's *params forward wrongly here
+                compiled = torch.compile(fn, fullgraph=fullgraph, backend=compiler)(inputs)
+                assert_close(compiled, fn(inputs), torch.float32)
 
 
 def test_apply_function_passes_a_repeated_tensor_as_a_distinct_alias():
@@ -227,6 +234,22 @@ def test_backend_choice_traces_without_graph_break(device):
     choose = torch.compile(lambda x: x + len(resolve_backend(None, torch.device(device), problem)),
                            fullgraph=True, backend="eager")
     assert choose(torch.zeros(())) == len(resolve_backend(None, torch.device(device), problem))
+
+
+def test_constant_mark_before_dynamo_is_torchs(monkeypatch):
+    """Before torch._dynamo is imported (half of ``import fastcl``'s time), fastcl marks its
+    environment reader as a constant itself: the mark must be the one torch's decorator sets."""
+    from fastcl.ops import dispatch
+
+    def ours():
+        return 0
+
+    def torchs():
+        return 0
+    torch.compiler.assume_constant_result(torchs)
+    monkeypatch.delitem(sys.modules, "torch._dynamo")
+    assert dispatch.assume_constant_result(ours) is ours
+    assert vars(ours) == vars(torchs) and vars(torchs)
 
 
 def test_compiled_settings_replace_no_global():

@@ -1,5 +1,7 @@
 """NT-Xent with a memory bank (lightly's MoCo form) against a float64 oracle, and the bank's
 first-in first-out rule step by step."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,6 +144,16 @@ def test_compiled_steps_do_not_recompile_per_pointer():
             assert_close(step(out0, out1), eager(out0, out1), torch.float32, f"step {i}")
     assert compiled_crit.memory_bank.ptr == eager.memory_bank.ptr
     assert torch.equal(compiled_crit.memory_bank.bank, eager.memory_bank.bank)
+
+
+def test_copied_banks_keep_enqueue_out_of_graphs(monkeypatch):
+    """The bank's writes are put outside compiled graphs when a bank is built, not at import;
+    a copy or unpickling (no __init__) must do it too."""
+    bank = MemoryBank((5, 3))
+    assert MemoryBank._enqueue._fastcl_outside_graphs
+    monkeypatch.setattr(MemoryBank, "_enqueue", lambda self, batch, sizes=None: None)  # as before any bank
+    copy.deepcopy(bank)
+    assert getattr(MemoryBank._enqueue, "_fastcl_outside_graphs", False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -376,7 +376,12 @@ def test_pytorch_metric_learning_cross_batch_memory(loss_name, mode):
              else getattr(fastcl.nn.pml, loss_name)())
     ours = fastcl.nn.pml.CrossBatchMemory(inner, d, size, miner=miner_ours)
     theirs = pml.CrossBatchMemory(getattr(pml, loss_name.rpartition(".")[2])(), d, size, miner=miner_theirs)
-    for step, n in enumerate([13, 13, 13, 13, 1, 13, 1, 13, 40, 13]):
+    sizes = [13, 13, 13, 13, 1, 13, 1, 13, size, 13]
+    if loss_name == "NTXentLoss" and mode.startswith("triplet"):
+        # PML's NT-Xent over mined triplets grows as the cube of the rows (5 s for a batch of 40;
+        # a memory-sized batch is tested with every other pairing): smaller batches, still wrapping.
+        sizes = [9, 9, 9, 9, 1, 9, 1, 9, 20, 9]
+    for step, n in enumerate(sizes):
         emb = randn(n, d, generator=gen, dtype=torch.float64)
         labels = torch.randint(0, 4, (n,), generator=gen)
         kw = {}

@@ -269,20 +269,21 @@ def test_cpu_gemm_choices_agree(tmp_path):
             "r, c = fastcl.ops.similarity_lse(q, k, 3.0, rows=True, cols=True, backend='cpu');"
             "gq, gk = torch.autograd.grad(r.sum() + 2 * c.sum(), [q, k]);"
             "print(_ext._C.cpu_gemm()); torch.save([r, c, gq, gk], sys.argv[1])")
-    outs, names = [], []
-    for i, choice in enumerate(("", "aten")):
-        path = str(tmp_path / f"gemm_{i}.pt")
-        env = dict(os.environ, FASTCL_CPU_GEMM=choice)
-        res = subprocess.run([sys.executable, "-c", "import sys; " + code, path], env=env,
-                             capture_output=True, text=True, check=True)
-        names.append(res.stdout.split()[-1])
-        outs.append(torch.load(path))
+    choices = ("", "aten", "mkl")
+    # The choice is read once per process: one process each, run side by side (mostly start-up).
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; " + code, str(tmp_path / f"gemm_{i}.pt")],
+                              env=dict(os.environ, FASTCL_CPU_GEMM=choice), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, choice in enumerate(choices)]
+    results = [(p.communicate(timeout=300), p.returncode) for p in procs]
+    for ((out, err), code_), choice in zip(results[:2], choices):
+        assert code_ == 0, f"FASTCL_CPU_GEMM={choice!r}: {err}"
+    names = [out.split()[-1] for (out, _), _ in results[:2]]
+    outs = [torch.load(tmp_path / f"gemm_{i}.pt") for i in range(2)]
     assert names[1] == "aten" and names[0] in ("onednn", "aten")
     for a, b in zip(*outs):
         assert_close(a, b, torch.float32, "onednn vs aten")
-    bad = subprocess.run([sys.executable, "-c", "import sys; " + code, str(tmp_path / "bad.pt")],
-                         env=dict(os.environ, FASTCL_CPU_GEMM="mkl"), capture_output=True, text=True)
-    assert bad.returncode != 0 and "FASTCL_CPU_GEMM must be unset, 'onednn' or 'aten', got 'mkl'" in bad.stderr
+    (_, bad_err), bad_code = results[2]
+    assert bad_code != 0 and "FASTCL_CPU_GEMM must be unset, 'onednn' or 'aten', got 'mkl'" in bad_err
 
 
 @needs_ext

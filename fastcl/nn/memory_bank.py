@@ -38,6 +38,7 @@ class MemoryBank(nn.Module):
         self.size = bank_size(size)
         self.gather_distributed, self.group = gather_distributed, group
         self.register_buffer("bank", torch.empty(self.size, dtype=torch.float), persistent=False)
+        _enqueue_outside_compiled_graphs()
         self.ptr = 0  # next row to write; a host int, so a step never waits for the device to read it
         if len(self.size) == 1 and self.size[0] > 0:
             warnings.warn(f"memory_bank_size={size} gives no feature dimension; it is taken from the first "
@@ -101,9 +102,13 @@ class MemoryBank(nn.Module):
         if self.bank.device != output.device:
             self.bank = self.bank.to(output.device)
 
-    # Outside torch.compile: the write pointer is a host int, which a compiled graph would guard
-    # on, recompiling the caller's graph for every position of the pointer.
-    @torch.compiler.disable
+    def __setstate__(self, state):  # unpickling and deepcopy skip __init__
+        super().__setstate__(state)
+        _enqueue_outside_compiled_graphs()
+
+    # Outside torch.compile (see _enqueue_outside_compiled_graphs): the write pointer is a host
+    # int, which a compiled graph would guard on, recompiling the caller's graph for every
+    # position of the pointer.
     @torch.no_grad()
     def _enqueue(self, batch: torch.Tensor, sizes=None) -> None:
         batch = batch.detach()
@@ -117,3 +122,13 @@ class MemoryBank(nn.Module):
         else:
             self.bank[ptr:ptr + n] = batch.to(self.bank.dtype)
             self.ptr = ptr + n
+
+
+def _enqueue_outside_compiled_graphs() -> None:
+    """Puts ``MemoryBank._enqueue`` under ``torch.compiler.disable``, once.  Done when the first
+    bank is built rather than at class definition: that decorator imports ``torch._dynamo``,
+    about half of ``import fastcl``'s time."""
+    if not getattr(MemoryBank._enqueue, "_fastcl_outside_graphs", False):
+        disabled = torch.compiler.disable(MemoryBank._enqueue)
+        disabled._fastcl_outside_graphs = True
+        MemoryBank._enqueue = disabled
