@@ -2,7 +2,7 @@
 // The Python layer validates user input with friendly errors; these checks keep a direct call of
 // the op from reaching a kernel with shapes or dtypes it cannot handle.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 namespace fastcl_masking {
 

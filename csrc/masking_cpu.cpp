@@ -2,7 +2,8 @@
 // restore_tokens (see kernels/masking.py for the formula).  OpenMP threads (at::parallel_for)
 // own disjoint output rows, so there are no atomics and results are deterministic; segment sums
 // run in fp32 (fp64 for fp64) in ascending order.  Plain copies use memcpy.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>

@@ -1,6 +1,8 @@
 // Python module entry point for fastcl._C.  Ops register themselves with TORCH_LIBRARY_FRAGMENT
 // in their own files (namespace fastcl_C); this file only makes the shared library importable.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
 
 #include "tile_gemm.h"
 

@@ -6,7 +6,8 @@
 // fold into Gq = G @ k and Gk = G^T @ q.  Nothing of size N x M is ever allocated.  Threads own
 // disjoint rows and every sum has a fixed order, so results are deterministic.  fp32/bf16/fp16
 // inputs are computed in fp32, fp64 inputs in fp64.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include "fast_math.h"

@@ -5,7 +5,8 @@
 // is folded straight into dq/dk by two more GEMMs.  Nothing of size N x M is ever allocated.
 // Every reduction has a fixed order (per-slot and per-chunk partials merged in order), so
 // results are deterministic.  fp32/bf16/fp16 inputs are computed in fp32, fp64 inputs in fp64.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include "fast_math.h"

@@ -9,7 +9,7 @@
 // too); it checks before touching `out`, so the first refusal switches to addmm for good.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <dlfcn.h>
 

@@ -135,7 +135,7 @@ def _build_glue() -> dict:
              *[f"-I{p}" for p in include_paths()], f"-I{_cuda_include()}", f"-I{stubs}",
              f"-I{sysconfig.get_paths()['include']}"]
     objs = []
-    for src in GLUE_FILES + [data_stub]:  # each pulls in torch/extension.h: ~20 s of g++
+    for src in GLUE_FILES + [data_stub]:  # each pulls in ATen: ~10 s of g++
         obj = tmp / (src.stem + ".o")
         objs.append(obj)
         proc = _background.run([CXX, *flags, "-c", str(src), "-o", str(obj)], timeout=600)

@@ -1,7 +1,8 @@
 // ATen glue: registers the CUDA implementations of fastcl_C::masking_segment_gather and
 // fastcl_C::masking_indices (schemas in csrc/masking_cpu.cpp) on top of the raw-pointer launchers
 // in masking.cu.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 

@@ -1,7 +1,8 @@
 // ATen glue of the strip epilogues (similarity_strips.cu): checks, allocation, launch on the
 // current stream.  Built only with CUDA PyTorch (setup.py); the Python driver that calls these
 // ops once per strip is fastcl/ops/strips.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
