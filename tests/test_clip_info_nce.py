@@ -156,3 +156,13 @@ def test_modules():
     ref.backward()
     assert_close(loss, ref, torch.float32)
     assert_close(temp.grad, ref_temp.grad, torch.float32, "d temperature")
+
+
+def test_learnable_log_scale_is_a_float32_scalar_parameter():
+    """InfoNCELoss(learnable_temperature=True) holds log(1/T) as a 0-d parameter in the default
+    dtype (float32, as CLIP's logit_scale), not float64: its optimiser state and the scale it
+    feeds stay fp32."""
+    mod = fastcl.nn.InfoNCELoss(temperature=0.2, learnable_temperature=True)
+    assert isinstance(mod.log_scale, torch.nn.Parameter)
+    assert mod.log_scale.shape == () and mod.log_scale.dtype == torch.float32
+    assert_close(mod.log_scale.detach(), torch.tensor(math.log(5.0), dtype=torch.float64), torch.float32, "log(1/T)")

@@ -182,3 +182,22 @@ def test_caption_loss_on_gpu(dtype, monkeypatch):
     ref = _oracle(b, labels, 0)
     assert_close(loss.cpu(), ref, torch.float32, "value")
     assert_close(grad.cpu(), torch.autograd.grad(ref, b)[0], dtype, "grad")
+
+
+def test_pad_id_range_is_int64():
+    """pad_id is compared with int64 token ids: -2**63 and 2**63 - 1 are taken, one past either
+    end is refused by name (past 2**63 - 1 the comparison would otherwise fail unnamed, or not)."""
+    logits, labels = torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long)
+    for pad_id in (-2**63, 2**63 - 1):
+        assert_close(caption_loss(logits, labels, pad_id), _oracle(logits, labels, pad_id), torch.float32, str(pad_id))
+    for pad_id in (-2**63 - 1, 2**63):
+        with pytest.raises(ValueError, match="pad_id must fit in int64"):
+            caption_loss(logits, labels, pad_id)
+
+
+def test_labels_on_another_device_are_named():
+    """Labels on another device than the logits (meta stands in for a GPU here) are refused by
+    name, not left to an unnamed failure further on."""
+    logits, labels = torch.randn(2, 3, 5), torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels must be on cpu, got meta"):
+        caption_loss(logits, labels.to("meta"))

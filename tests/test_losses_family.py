@@ -886,3 +886,46 @@ def test_macl_zero_temperature_with_nonzero_cosines_is_nan(backend):
     assert torch.isnan(o_macl(a.double(), b.double(), 0.1, 1.0, 0.5))
     assert torch.isnan(MACLLoss(0.1, 1.0, 0.5, backend=backend)(a, b))
     assert torch.isnan(fastcl.macl_loss(a, b, 0.1, 1.0, 0.5, backend=backend))
+
+
+# ----------------------------------------------------------------------------- mutation audit (losses)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_supcon_mask_weights_totalling_below_one(backend):
+    """SupContrast divides an anchor's weighted positive sum by its total weight, by 1 only where
+    that total is below 1e-6: a mask of small weights (totals between 1e-6 and 1) pins the divisor
+    (the other mask tests have totals of 1 or more, or below 1e-6, where clamping at 1 agrees)."""
+    g = torch.Generator().manual_seed(47)
+    feats = F.normalize(randn(11, 2, 6, generator=g), dim=-1)
+    mask = 0.01 * torch.rand(11, 11, generator=g)  # each anchor's total about 0.1
+    compare(lambda f: supcon_loss(f, mask=mask, backend=backend), lambda f: o_supcon(f, mask=mask), [feats],
+            torch.float32, "supcon small mask weights")
+
+
+def test_negative_mises_fisher_weights_default_sigma():
+    """lightly's negative_mises_fisher_weights defaults to sigma = 0.5 (DCLWLoss passes its own
+    sigma, so only a direct call reads the default)."""
+    from fastcl.losses.dcl import negative_mises_fisher_weights
+    g = torch.Generator().manual_seed(48)
+    a, b = F.normalize(randn(13, 6, generator=g), dim=1), F.normalize(randn(13, 6, generator=g), dim=1)
+    ref = 2 - 13 * torch.softmax((a.double() * b.double()).sum(1) / 0.5, dim=0)
+    assert_close(negative_mises_fisher_weights(a, b), ref, torch.float32, "vMF weights, default sigma")
+
+
+@pytest.mark.parametrize("lam", [0.0, -0.5])
+def test_hypersphere_any_real_lam(lam):
+    """lightly's lam is any real weight (only t and alpha must be positive): lam = 0 (alignment
+    only) and a negative lam against the pdist form."""
+    g = torch.Generator().manual_seed(49)
+    a, b = randn(23, 8, generator=g), randn(23, 8, generator=g)
+    b = a + 0.5 * b
+    compare(lambda x, y: fastcl.hypersphere_loss(x, y, 2.0, lam), lambda x, y: o_hypersphere(x, y, 2.0, lam),
+            [a, b], torch.float32, f"hypersphere lam={lam}", normalised=True)
+
+
+def test_directclr_defaults():
+    """lightly's DirectCLRLoss defaults: loss_dim 64 and temperature 0.5, on outputs of 80 features
+    (test_directclr sets both; test_lightly_defaults' outputs are narrower than 64)."""
+    g = torch.Generator().manual_seed(50)
+    a, b = randn(19, 80, generator=g), randn(19, 80, generator=g)
+    compare(lambda x, y: DirectCLRLoss()(x, y), lambda x, y: o_ntxent(x[:, :64], y[:, :64], 0.5), [a, b],
+            torch.float32, "DirectCLRLoss defaults")

@@ -610,3 +610,91 @@ def test_random_masking_refuses_a_broadcasting_pos_embed(shape):
     with pytest.raises(ValueError, match=rf"pos_embed must have shape \(L, D\) or \(1, L, D\) = \(1, 5, 7\), "
                                          rf"got {re.escape(str(shape))}"):
         random_masking(x, 0.4, pos_embed=randn(*shape, generator=g))
+
+
+# ---- mutation audit ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_ratio_zero_round_trip(backend):
+    """mask_ratio = 0 keeps every token (K = L, which MAE allows): restore_tokens takes ids_restore
+    of L = K columns (L >= K, not L > K) and gives x back, no slot taking the mask token."""
+    dev = device_of(backend)
+    x = randn(3, 7, 5, device=dev, generator=gen(55))
+    kept, mask, restore, _ = random_masking(x, 0.0, generator=torch.Generator(dev).manual_seed(2), backend=backend)
+    assert kept.shape == x.shape and not mask.any()
+    assert torch.equal(restore_tokens(kept, torch.full((5,), -7.0, device=dev), restore, backend=backend), x)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+def test_noise_on_another_device_is_named(backend):
+    """Noise on another device than x (meta stands in for a GPU here) is refused by name: on the
+    reference backend it would otherwise give a CPU result from indices it never checked."""
+    x = randn(2, 5, 3, generator=gen(56))
+    with pytest.raises(ValueError, match=r"noise must be on x's device cpu, got meta"):
+        random_masking(x, 0.4, noise=torch.rand(2, 5, device="meta"), backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("reference", "cpu")])
+def test_pos_embed_and_mask_token_on_another_device_are_named(backend):
+    """A pos_embed or mask_token on another device (meta for a GPU) is refused by name, not left
+    to torch's unnamed device error or the kernel's missing meta implementation."""
+    g = gen(57)
+    with pytest.raises(ValueError, match=r"pos_embed must be on x's device cpu, got meta"):
+        random_masking(randn(2, 5, 3, generator=g), 0.4, pos_embed=torch.randn(5, 3, device="meta"), backend=backend)
+    with pytest.raises(ValueError, match=r"mask_token must be on x_kept's device cpu, got meta"):
+        restore_tokens(randn(2, 3, 3, generator=g), torch.randn(3, device="meta"),
+                       torch.argsort(torch.rand(2, 5, generator=g), dim=1), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mask_token_gradient_keeps_samples_fp32_until_the_total(backend, dtype):
+    """d mask_token sums every sample's removed slots; the per-sample partial sums stay fp32
+    until the total.  Two samples whose upstream rows nearly cancel leave a small total that
+    partial sums rounded to the half dtype (errors ~ their size * 2^-9) would swamp."""
+    dev = device_of(backend)
+    g = gen(58)
+    L, D, keep = 15, 7, 4
+    restore = torch.argsort(torch.argsort(torch.rand(1, L, generator=g), dim=1), dim=1).repeat(2, 1).to(dev)
+    up0 = randn(L, D, generator=g)
+    up = torch.stack([up0, -up0 + 0.01 * randn(L, D, generator=g)]).to(device=dev, dtype=dtype)
+    token = randn(D, dtype=dtype, device=dev, generator=g).requires_grad_()
+    kept = randn(2, keep, D, dtype=dtype, device=dev, generator=g)
+    restore_tokens(kept, token, restore, backend=backend).backward(up)
+    ref = (up.double() * (restore >= keep)[..., None]).sum((0, 1))
+    assert_close(token.grad, ref, dtype, "d mask_token of nearly cancelling samples")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_follows_the_default_dtype(backend):
+    """MAE builds its mask with torch.ones, in the default float dtype: float64 under
+    torch.set_default_dtype(torch.float64) (the other tests leave the default at float32)."""
+    dev = device_of(backend)
+    x = randn(2, 40, 3, device=dev, generator=gen(59))
+    noise = torch.rand(2, 40, generator=gen(60)).to(dev)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        mask = random_masking(x, 0.5, noise=noise, backend=backend)[1]
+    finally:
+        torch.set_default_dtype(old)
+    assert mask.dtype == torch.float64
+    assert torch.equal(mask, oracle_masking(x, 0.5, noise)[1].double())
+
+
+def test_random_masking_module_default_ratio():
+    """RandomMasking() keeps MAE's default mask ratio, 0.75 (test_modules passes it explicitly)."""
+    masking = RandomMasking()
+    assert masking.mask_ratio == 0.75
+    assert masking(torch.randn(2, 8, 3))[0].shape == (2, 2, 3)
+
+
+def test_restore_tokens_module_token_as_mae():
+    """MAE's mask token: a (1, 1, dim) float32 parameter (its state_dict shape) drawn by
+    torch.nn.init.normal_(std=.02), the same draw under the same seed."""
+    torch.manual_seed(61)
+    token = RestoreTokens(67).mask_token
+    torch.manual_seed(61)
+    ref = torch.nn.init.normal_(torch.zeros(1, 1, 67), std=0.02)
+    assert token.shape == (1, 1, 67) and token.dtype == torch.float32
+    assert torch.equal(token.detach(), ref)

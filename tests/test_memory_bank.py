@@ -169,3 +169,13 @@ def test_bank_loss_gives_the_negatives_no_gradient(backend):
     assert negatives.grad is None
     ref = o_bank_ntxent(out0.detach().double(), out1.double(), negatives.detach().double(), 0.3)
     assert_close(loss, ref, torch.float32, "loss")
+
+
+def test_bank_loss_default_temperature():
+    """ntxent_bank_loss without a temperature takes lightly's NTXentLoss default, 0.5 (the module
+    always passes its own, so only a direct call reads it)."""
+    g = torch.Generator().manual_seed(54)
+    out0, out1 = randn(N, D, generator=g), randn(N, D, generator=g)
+    bank = F.normalize(randn(K, D, generator=g), dim=1)
+    assert_close(ntxent_bank_loss(out0, out1, bank), o_bank_ntxent(out0.double(), out1.double(), bank.double(), 0.5),
+                 torch.float32, "default temperature")

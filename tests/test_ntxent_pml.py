@@ -465,3 +465,45 @@ def test_cross_batch_memory_errors():
         fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, miner="MultiSimilarityMiner")
     with pytest.raises(TypeError, match="loss must be a loss module"):
         fastcl.nn.pml.SelfSupervisedLoss(0.07)
+
+
+def test_anchors_without_negatives_give_exactly_zero():
+    """Every anchor with positives lacks negatives (its class covers every reference) and the one
+    anchor with negatives lacks positives: each pair's -log(1 + tiny) rounds to 0 in PML and in the
+    oracle, so the loss is exactly 0, not -tiny (the pair losses are clamped at 0)."""
+    gen = torch.Generator().manual_seed(52)
+    labels, ref_labels = torch.tensor([0, 1, 0]), torch.tensor([0, 0])
+    for dtype in (torch.float32, torch.float64):
+        emb, ref = randn(3, 5, generator=gen, dtype=dtype), randn(2, 5, generator=gen, dtype=dtype)
+        ours = fastcl.ntxent_loss_pml(emb, labels, 0.1, ref_emb=ref, ref_labels=ref_labels)
+        theirs = oracle(emb, labels, 0.1, ref, ref_labels, tiny=torch.finfo(dtype).tiny)
+        assert ours.item() == 0.0 and theirs.item() == 0.0, dtype
+
+
+def test_temperature_gradient_at_logits_near_a_thousand():
+    """The temperature's gradient centres each row's logits before the products sum(ds * s): at
+    temperature 1/1024 and rows nearly alike (logits 1024 * cos within ~100 of each other) the
+    uncentred products would lose the small result to their rounding.  The rows are dyadic unit
+    vectors, (7, +-3, +-2, +-1, +-1) / 8 permuted, so every cosine and logit is exact in fp32 and
+    TOL[float32] applies without LARGE_LOGITS_FACTOR (whose rounding of the logits is absent)."""
+    import itertools
+    vecs = sorted({(7,) + tuple(p * s for p, s in zip(perm, signs))
+                   for perm in itertools.permutations([3, 2, 1, 1]) for signs in itertools.product([1, -1], repeat=4)})
+    rows = torch.tensor(vecs, dtype=torch.float32) / 8
+    gen = torch.Generator().manual_seed(0)
+    emb = rows[torch.randint(0, len(rows), (67,), generator=gen)]
+    labels = torch.randint(0, 3, (67,), generator=gen)
+    (t,), (rt,) = leaves(torch.tensor(1 / 1024)), leaves(torch.tensor(1 / 1024, dtype=torch.float64))
+    ours = torch.autograd.grad(fastcl.ntxent_loss_pml(emb, labels, t), t)[0]
+    ref = torch.autograd.grad(oracle(emb.double(), labels, rt, tiny=torch.finfo(torch.float32).tiny), rt)[0]
+    assert_close(ours, ref, torch.float32, "d temperature at logits near 1024")
+
+
+def test_nan_in_a_reference_where_pml_gives_zero():
+    """NaN in ref_emb gives NaN also where PML's rule makes the loss 0 (no positive pair: every
+    reference of another class); test_nan_in_nan_out puts the NaN in the embeddings only."""
+    gen = torch.Generator().manual_seed(53)
+    emb, ref = randn(9, 5, generator=gen), randn(7, 5, generator=gen)
+    assert fastcl.ntxent_loss_pml(emb, torch.arange(9), 0.1, ref_emb=ref, ref_labels=torch.arange(7) + 9).item() == 0
+    ref[4, 2] = float("nan")
+    assert torch.isnan(fastcl.ntxent_loss_pml(emb, torch.arange(9), 0.1, ref_emb=ref, ref_labels=torch.arange(7) + 9))

@@ -485,3 +485,21 @@ def test_pml_base_keywords_at_their_defaults(name):
         ours_cls(margin_typo=1)
     with pytest.raises(TypeError, match="collect_stats must be a bool"):
         ours_cls(collect_stats="yes")
+
+
+@pytest.mark.parametrize("name", _PML_NAMES)
+def test_cross_batch_memory_with_no_more_negative_pairs_than_anchors(name):
+    """A batch of one class against a memory holding a single row of another: the batch's own
+    slots are left out (exclude_self), N = 5 anchors have exactly N negative pairs.  PML's loss is
+    not its zero there; SupCon's and NT-Xent's 'any negative pair' rules count the negative pairs
+    less the left-out (i, i) pairs of another class (none here), not less N."""
+    pml = pml_losses()
+    gen = torch.Generator().manual_seed(51)
+    first, x = randn(1, 6, generator=gen, dtype=torch.float64), randn(5, 6, generator=gen, dtype=torch.float64)
+    ours = fastcl.nn.pml.CrossBatchMemory(getattr(fastcl.nn.pml, name)(), 6, 16)
+    theirs = pml.CrossBatchMemory(getattr(pml, name)(), 6, 16)
+    ours(first, torch.tensor([1]))
+    theirs(first, torch.tensor([1]))
+    (a,), (b,) = leaves(x), leaves(x)
+    labels = torch.zeros(5, dtype=torch.long)
+    check_loss_and_grads(ours(a, labels), theirs(b, labels), [a], [b], torch.float64, name)

@@ -602,3 +602,12 @@ def test_ntxent_pml_refuses_a_float64_subnormal_temperature():
     for t in (5e-324, torch.tensor(5e-324, dtype=torch.float64)):
         with pytest.raises(ValueError, match="1 / temperature = inf is outside"):
             fastcl.ntxent_loss_pml(x, torch.arange(5) % 2, temperature=t)
+
+
+def test_distill_clip_loss_names_any_row_count_that_differs():
+    """Each of the four feature tensors with one row fewer than the others is refused by name
+    (the student text's and the teacher text's rows are not covered by check_pair, which checks D)."""
+    x, t = torch.randn(6, 8), torch.randn(6, 5)
+    for args in ((x, x[:5], t, t), (x, x, t[:5], t), (x, x, t, t[:5])):
+        with pytest.raises(ValueError, match="must have the same number of rows"):
+            fastcl.distill_clip_loss(args[0], args[1], 2.0, args[2], args[3], 1.0)
