@@ -128,13 +128,12 @@ def test_scale_sign_is_checked_on_the_cpu_only():
 def test_fused_kernels_follow_the_formula_at_any_scale(backend):
     """What an unchecked GPU scale at or below 0 gets: the formula's value, as the reference.  (At
     exactly 0 the CPU kernels' oneDNN GEMM left its output tile stale: they now take addmm there.)"""
-    from conftest import assert_close
+    from conftest import TOL, assert_close
     from fastcl._ext import extension_available
     from fastcl.ops.dispatch import triton_available
     if (backend == "cpu" and not extension_available()) or (backend == "triton" and not triton_available()):
         pytest.skip(f"no {backend} backend")
-    g = torch.Generator().manual_seed(11)  # unseeded, 1 draw in 40 missed the scale-0 bound
-    qq, kk = torch.randn(67, 40, generator=g), torch.randn(131, 40, generator=g)
+    qq, kk = torch.randn(67, 40), torch.randn(131, 40)
     for scale in (-2.5, 0.0):
         s = torch.tensor(scale)
         row, col, _ = torch.ops.fastcl.similarity_lse_fwd(qq, kk, s, torch.tensor(0.5), True, True, None, False, None,
@@ -161,7 +160,14 @@ def test_fused_kernels_follow_the_formula_at_any_scale(backend):
                 assert not got.any(), f"{backend} {what} at scale 0"
             else:
                 assert_close(got, want, torch.float32, f"{backend} {what} at scale {scale}")
-        assert_close(qgq, rs, torch.float32, f"{backend} scale gradient at scale {scale}")
+        # The scale's gradient sums dS_ij * (q_i . k_j), terms of both signs that can cancel to a
+        # small total (at scale 0 one draw in 40 lost 2e-5 of it): bound its error by the terms' sizes.
+        d_s = g_row.double()[:, None] * torch.softmax(logits.detach(), 1) + g_col.double() * torch.softmax(logits.detach(), 0)
+        d_s.diagonal().add_(g_pos.double())
+        magnitude = float((d_s * (qq.double() @ kk.double().T)).abs().sum())
+        err = abs(float(qgq) - float(rs))
+        assert err <= TOL[torch.float32] * magnitude, (f"{backend} scale gradient at scale {scale}: error {err:.3e} "
+                                                       f"> {TOL[torch.float32]:.1e} of sum|terms| {magnitude:.3e}")
 
 
 def test_losses_read_no_values_back():
