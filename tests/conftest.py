@@ -1,5 +1,7 @@
-"""Shared test set-up: the tolerance table, helpers, and the GPU marker."""
+"""Shared test set-up: the tolerance table, helpers, per-test seeds, and the GPU marker."""
 import os
+import random
+import zlib
 
 import torch
 
@@ -216,6 +218,27 @@ class LiveBytes:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+# Draws are fresh in every run and reproducible from the run's seed: each test seeds torch's and
+# Python's generators from (this base, its id), and a failure prints FASTCL_TEST_SEED=<base>, which
+# reruns the same draws.
+TEST_SEED = int(os.environ.get("FASTCL_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_draws(request):
+    seed = (TEST_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        report.sections.append(("fastcl test seed", f"FASTCL_TEST_SEED={TEST_SEED} reruns these draws"))
+    return report
 
 
 def pytest_collection_modifyitems(config, items):
