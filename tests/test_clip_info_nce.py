@@ -98,6 +98,23 @@ def test_info_nce(backend, symmetric, exclude_self):
         assert_close(g, gr, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_narrow_integer_labels_give_the_int64_result(backend):
+    """labels / positives of any accepted integer dtype (uint8 ... int32) are widened to int64
+    before they reach the ops, which index with int64 or int32 only."""
+    gen = torch.Generator().manual_seed(21)
+    img, txt = randn(9, 8, generator=gen), randn(13, 8, generator=gen)
+    labels = torch.randperm(13, generator=gen)[:9]
+    want_clip = fastcl.clip_loss(img, txt, 2.0, labels=labels, reduction="none", label_smoothing=0.1, backend=backend)
+    want_nce = fastcl.info_nce(img, txt, positives=labels, symmetric=True, reduction="none", backend=backend)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        narrow = labels.to(dtype)
+        assert torch.equal(fastcl.clip_loss(img, txt, 2.0, labels=narrow, reduction="none", label_smoothing=0.1,
+                                            backend=backend), want_clip), dtype
+        assert torch.equal(fastcl.info_nce(img, txt, positives=narrow, symmetric=True, reduction="none",
+                                           backend=backend), want_nce), dtype
+
+
 def test_info_nce_default_is_diagonal_at_t007():
     gen = torch.Generator().manual_seed(2)
     q, k = randn(67, 40, generator=gen), randn(67, 40, generator=gen)

@@ -418,6 +418,35 @@ def test_info_nce_symmetric_exclude_self_label_smoothing(backend, symmetric):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_info_nce_exclude_self_label_smoothing_more_queries_than_keys(backend):
+    """N > M with exclude_self: only the M diagonal entries (i, i), i < M, exist to leave out, so
+    queries past M smooth over all M keys (the other exclude_self tests have N == M)."""
+    g = torch.Generator().manual_seed(48)
+    n, m = 31, 19
+    q, k = randn(n, 12, generator=g), randn(m, 12, generator=g)
+    positives = (torch.arange(n) + 5) % m
+    assert (positives[:m] != torch.arange(m)).all()
+    compare(lambda a, b, s: info_nce(a, b, logit_scale=s, positives=positives, exclude_self=True,
+                                     label_smoothing=0.15, backend=backend),
+            lambda a, b, s: o_info_nce(a, b, s, positives, 0.15, exclude_self=True),
+            [q, k, torch.tensor(2.0)], torch.float32, "exclude_self N > M", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_smoothing_mean_logit_of_half_inputs(backend):
+    """The smoothing's mean logit is summed in fp32 from bf16 inputs, as the LSEs are: rows that
+    share a large common direction make the mean logit large, where bf16 sums and products
+    would be off by ~1e-2 relative, far past the fp32 value's tolerance."""
+    g = torch.Generator().manual_seed(49)
+    shared = 2.0 * randn(1, 40, generator=g)
+    q, k = randn(37, 40, generator=g) + shared, randn(37, 40, generator=g) + shared
+    # (a float scale: its gradient at such logits cancels past bf16's TOL on the tile-rounding backends)
+    compare(lambda a, b: info_nce(a, b, logit_scale=0.05, symmetric=True, label_smoothing=0.3, backend=backend),
+            lambda a, b: o_info_nce(a, b, 0.05, torch.arange(37), 0.3, symmetric=True),
+            [q, k], torch.bfloat16, "bf16 smoothing", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_reductions(backend, reduction):
     """reduction= of every loss that takes it: "none" gives the per-anchor losses in the documented
@@ -484,6 +513,31 @@ def test_modules_label_smoothing():
         info_nce(img, txt, label_smoothing=1.5)
     with pytest.raises(TypeError, match="label_smoothing"):
         clip_loss(img, txt, 1.0, label_smoothing="0.1")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_label_smoothing_with_default_positives(backend):
+    """reduction="none" with smoothing and the default (diagonal) positives: sample i's column
+    term is text (key) i's.  A mean is blind to the column terms being permuted, so the other
+    smoothing tests (means, or explicit labels) cannot tell."""
+    g = torch.Generator().manual_seed(46)
+    n = 23
+    x, y = randn(n, 10, generator=g), randn(n, 10, generator=g)
+    w = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+
+    def o_per_sample(a, b, s, bias):
+        logits = s * a @ b.T + bias
+        per = 0.5 * (F.cross_entropy(logits, torch.arange(n), reduction="none", label_smoothing=0.2)
+                     + F.cross_entropy(logits.T, torch.arange(n), reduction="none", label_smoothing=0.2))
+        return (per * w).sum()
+    compare(lambda a, b, s: (clip_loss(a, b, s, -0.5, reduction="none", label_smoothing=0.2, backend=backend)
+                             * w.float()).sum(),
+            lambda a, b, s: o_per_sample(a, b, s, -0.5), [x, y, torch.tensor(3.0)], torch.float32,
+            "clip per sample", backend=backend)
+    compare(lambda a, b, s: (info_nce(a, b, logit_scale=s, symmetric=True, reduction="none", label_smoothing=0.2,
+                                      backend=backend) * w.float()).sum(),
+            lambda a, b, s: o_per_sample(a, b, s, 0.0), [x, y, torch.tensor(3.0)], torch.float32,
+            "info_nce per sample", backend=backend)
 
 
 # ----------------------------------------------------------------------------- stability, NaN
@@ -770,6 +824,17 @@ def test_siglip_more_texts_than_images(backend):
             torch.float32, "siglip M > N", backend=backend, biases=(3,))
     compare(lambda i, t, ss, bb: SigLipLoss(backend=backend)(i, t, ss, bb), o_siglip, [img, txt, s, b],
             torch.float32, "SigLipLoss M > N", backend=backend, biases=(3,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_without_bias(backend):
+    """logit_bias=None adds no bias, as open_clip's ``if logit_bias is not None`` (not, say, the
+    usual init of -10); every other test passes a bias."""
+    g = torch.Generator().manual_seed(47)
+    img = F.normalize(randn(29, 16, generator=g), dim=1)
+    txt = F.normalize(randn(29, 16, generator=g), dim=1)
+    compare(lambda i, t, ss: siglip_loss(i, t, ss, None, backend=backend), lambda i, t, ss: o_siglip(i, t, ss, 0.0),
+            [img, txt, torch.tensor(10.0)], torch.float32, "siglip without bias", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

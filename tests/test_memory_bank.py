@@ -63,9 +63,18 @@ def test_bank_loss_arguments():
         NTXentLoss(memory_bank_size=(4, 8, 2))
     with pytest.raises(TypeError, match="memory_bank_size"):
         NTXentLoss(memory_bank_size=2.5)
+    # bools are ints to Python: True would be a bank of one row, (True, 8) one of 1 x 8
+    with pytest.raises(TypeError, match="memory_bank_size must be an int"):
+        NTXentLoss(memory_bank_size=True)
+    with pytest.raises(ValueError, match="memory_bank_size must be a non-negative int"):
+        NTXentLoss(memory_bank_size=(True, 8))
     crit = NTXentLoss(memory_bank_size=(4, 8))
     with pytest.raises(ValueError, match="dim 8"):
         crit(torch.randn(5, 6, requires_grad=True), torch.randn(5, 6))
+    with pytest.raises(ValueError, match="dim 8"):  # a read without update (evaluation) checks too
+        crit(torch.randn(5, 6), torch.randn(5, 6))
+    # the bank is a buffer that moves with the module but is not saved (lightly's persistent=False)
+    assert "memory_bank.bank" not in crit.state_dict() and crit.memory_bank.bank.shape == (4, 8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
