@@ -114,3 +114,29 @@ def test_ring_ops_refuse_create_graph_by_name():
                                                r"process dist_impl='gather'"):
             torch.autograd.grad(call(), [q, k], create_graph=True)
         assert all(torch.isfinite(g).all() for g in torch.autograd.grad(call(), [q, k])), name
+
+
+def test_euclidean_distances_twice_differentiable():
+    """The PML-form losses' distances: cdist's values, and a backward of differentiable ops whose
+    own derivative (in q, k and the incoming gradient) passes gradgradcheck, also with one of q, k
+    not requiring grad."""
+    from fastcl.losses.euclidean import euclidean_distances
+    g = torch.Generator().manual_seed(11)
+    q = randn(N, D, dtype=torch.float64, generator=g, requires_grad=True)
+    k = randn(M, D, dtype=torch.float64, generator=g, requires_grad=True)
+    d = euclidean_distances(q, k)
+    assert_close(d, (q[:, None] - k[None]).pow(2).sum(-1).sqrt(), torch.float64, "distances")
+    assert torch.autograd.gradgradcheck(euclidean_distances, (q, k))
+    # bit for bit cdist's (its GEMM form beyond 25 rows), whose rounding decides PML's ties
+    a, b = randn(40, 8, generator=g), randn(30, 8, generator=g)
+    assert torch.equal(euclidean_distances(a, b), torch.cdist(a, b))
+    assert torch.autograd.gradgradcheck(lambda a: euclidean_distances(a, k.detach()).pow(2).sum(), (q,))
+    assert torch.autograd.gradgradcheck(lambda b: euclidean_distances(q.detach(), b).exp().sum(), (k,))
+    # a near-duplicate pair (distance 1e-6) still gets the unit-vector gradient; only 0 gets none
+    u = torch.tensor([[0.6, 0.0, 0.8]], dtype=torch.float64)
+    near = (k[:1].detach() + 1e-6 * u).requires_grad_()
+    (gn,) = torch.autograd.grad(euclidean_distances(near, k.detach())[0, 0], near)
+    assert_close(gn, u, torch.float64, "near-duplicate gradient", factor=1e4)
+    same = k[:1].detach().clone().requires_grad_()
+    (gs,) = torch.autograd.grad(euclidean_distances(same, k.detach())[0, 0], same)
+    assert torch.equal(gs, torch.zeros_like(gs))

@@ -507,3 +507,37 @@ def test_nan_in_a_reference_where_pml_gives_zero():
     assert fastcl.ntxent_loss_pml(emb, torch.arange(9), 0.1, ref_emb=ref, ref_labels=torch.arange(7) + 9).item() == 0
     ref[4, 2] = float("nan")
     assert torch.isnan(fastcl.ntxent_loss_pml(emb, torch.arange(9), 0.1, ref_emb=ref, ref_labels=torch.arange(7) + 9))
+
+
+def test_wrapper_defaults_match_pml():
+    """SelfSupervisedLoss is symmetric and CrossBatchMemory holds 1024 rows unless told otherwise,
+    as PML's (a script relying on them must get the same loss)."""
+    pml = pml_losses()
+    ours = fastcl.nn.pml.SelfSupervisedLoss(fastcl.nn.pml.NTXentLoss())
+    assert ours.symmetric is pml.SelfSupervisedLoss(pml.NTXentLoss()).symmetric is True
+    assert (fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6).memory_size
+            == pml.CrossBatchMemory(pml.NTXentLoss(), 6).memory_size == 1024)
+
+
+def test_module_argument_checks_by_name():
+    """The SupCon module checks its temperature at construction; CrossBatchMemory refuses a bool
+    size and an enqueue_mask of the wrong length before writing anything."""
+    for bad in (0.0, -0.1, float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            fastcl.nn.pml.SupConLoss(temperature=bad)
+    with pytest.raises(ValueError, match="embedding_size must be a positive int"):
+        fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), True)
+    with pytest.raises(ValueError, match="memory_size must be a positive int"):
+        fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=True)
+    crit = fastcl.nn.pml.CrossBatchMemory(fastcl.nn.pml.NTXentLoss(), 6, memory_size=8)
+    with pytest.raises(ValueError, match=r"enqueue_mask must be a bool tensor of shape \(5,\)"):
+        crit(torch.randn(5, 6), torch.arange(5), enqueue_mask=torch.ones(4, dtype=torch.bool))
+    assert crit.queue_idx == 0 and crit.embedding_memory.abs().sum() == 0
+    with pytest.raises(TypeError, match="ref_emb must have the same dtype"):  # not promoted by the cat
+        fastcl.nn.pml.SelfSupervisedLoss(fastcl.nn.pml.NTXentLoss())(torch.randn(5, 4), torch.randn(5, 4).double())
+
+
+def test_supcon_module_passes_its_backend():
+    emb, labels = torch.randn(6, 4), torch.arange(6) % 2
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastcl.nn.pml.SupConLoss(backend="nope")(emb, labels)

@@ -487,6 +487,20 @@ def test_pml_base_keywords_at_their_defaults(name):
         ours_cls(collect_stats="yes")
 
 
+def test_pml_default_distance_and_reducer_settings_are_checked():
+    """Only the default settings of PML's default classes are computed: LpDistance with p=1 and
+    AvgNonZeroReducer with an upper threshold are refused, though their class names match."""
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import distances, reducers
+    for name in ("TripletMarginLoss", "ContrastiveLoss"):
+        getattr(fastcl.nn.pml, name)(distance=distances.LpDistance(p=2))  # the default, spelt out
+        with pytest.raises(NotImplementedError, match=f"{name}\\(distance=LpDistance"):
+            getattr(fastcl.nn.pml, name)(distance=distances.LpDistance(p=1))
+    for name in ("SupConLoss", "CircleLoss", "TripletMarginLoss"):
+        with pytest.raises(NotImplementedError, match=f"{name}\\(reducer=AvgNonZeroReducer"):
+            getattr(fastcl.nn.pml, name)(reducer=reducers.AvgNonZeroReducer(high=1.0))
+
+
 @pytest.mark.parametrize("name", _PML_NAMES)
 def test_cross_batch_memory_with_no_more_negative_pairs_than_anchors(name):
     """A batch of one class against a memory holding a single row of another: the batch's own

@@ -306,6 +306,9 @@ def test_bf16_autocast_step_matches_fp32_and_steps():
     (dict(batch_size=8, precision="fp16"), "precision"),
     (dict(batch_size=8, checkpoint_every=0), "checkpoint_every"),
     (dict(batch_size=8, seed=-1), "seed"),
+    (dict(batch_size=8, seed=True), "seed"),
+    (dict(batch_size=8, chunk_size=True), "chunk_size"),
+    (dict(batch_size=8, log_every=0), "log_every"),
 ])
 def test_bad_config_errors_name_the_argument(kwargs, name):
     model = _simclr()
@@ -328,6 +331,21 @@ def test_bad_fit_arguments():
         Trainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8)
 
 
+def test_bad_types_and_shapes_name_the_argument():
+    model = _simclr()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        Trainer(lambda x: x, _ntxent, opt, batch_size=8)
+    with pytest.raises(TypeError, match="transform must be callable"):
+        Trainer(model, _ntxent, opt, batch_size=8, transform="flip")
+    trainer = Trainer(model, _ntxent, opt, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="input 1 has 7"):
+        trainer.compute_gradients((torch.randn(8, 10), torch.randn(7, 10)))
+    per_row = Trainer(model, lambda z0, z1: (z0 * z1).sum(1), opt, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="loss_fn must return a 0-d tensor"):
+        per_row.compute_gradients((torch.randn(8, 10), torch.randn(8, 10)))
+
+
 def test_ddp_wrapping_with_grad_cache_single_process(tmp_path):
     # torchrun path on one CPU process (gloo): the model is wrapped in DDP, replay chunks skip the
     # all-reduce except the last, and the gradients still equal the plain unchunked step.
@@ -343,8 +361,17 @@ def test_ddp_wrapping_with_grad_cache_single_process(tmp_path):
         trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=12,
                           chunk_size=5, progress=False)
         assert isinstance(trainer.model, nn.parallel.DistributedDataParallel) and trainer.module is model
+        reductions = []
+
+        def count(state, bucket):  # DDP's all-reduce of a gradient bucket (one: a small model)
+            reductions.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        trainer.model.register_comm_hook(None, count)
         model.zero_grad(set_to_none=True)
         trainer.compute_gradients(inputs)
+        assert reductions == [0], "one all-reduce, on the last of the 3 chunks' backwards"
         for name, p in model.named_parameters():
             assert_close(p.grad, ref[name], torch.float32, name)
     finally:
@@ -414,3 +441,116 @@ def test_data_fingerprint_tells_data_apart():
     nan[0, 0] = float("nan")
     assert data_fingerprint([nan]) == data_fingerprint([nan.clone()])  # NaN equals itself here
     assert data_fingerprint([torch.empty(0, 3)]) == data_fingerprint([torch.empty(0, 3)])
+
+
+def test_train_step_starts_from_zero_gradients_in_train_mode():
+    """Each step's gradients are its own (not accumulated over steps), computed in train mode
+    even after an evaluation left the model in eval mode."""
+    g = torch.Generator().manual_seed(9)
+    inputs = (torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g))
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=8, progress=False)
+    trainer.train_step(inputs)
+    first = _grads(model)
+    model.eval()
+    trainer.train_step(inputs)
+    assert model.training
+    for name, grad in _grads(model).items():
+        assert torch.equal(grad, first[name]), name
+
+
+def test_resume_needs_same_seed():
+    model = _simclr()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = Trainer(model, _ntxent, opt, batch_size=8, seed=7, progress=False).state_dict()
+    with pytest.raises(ValueError, match="written with seed=7, but this trainer has seed=8"):
+        Trainer(model, _ntxent, opt, batch_size=8, seed=8, progress=False).load_state_dict(state)
+
+
+def test_each_epoch_takes_every_row_once_in_its_own_order():
+    seen = []
+
+    def record(batch, gen):
+        (x,) = batch
+        seen.append(x[:, 0].long().tolist())
+        return x, x + 0.1
+    data = torch.randn(24, 10)
+    data[:, 0] = torch.arange(24)
+    model = _simclr()
+    Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=8, seed=3, transform=record,
+            progress=False).fit(data, 2)
+    epochs = [sum(seen[:3], []), sum(seen[3:], [])]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(24))
+    assert epochs[0] != epochs[1]
+
+
+def test_checkpoints_every_n_steps_and_at_the_end_of_an_epoch(monkeypatch):
+    model = _simclr()
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.0), batch_size=8,
+                      transform=_noise_views, checkpoint_path="unused.pt", checkpoint_every=2, progress=False)
+    saved = []
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda path: saved.append(trainer.global_step))
+    trainer.fit(torch.randn(40, 10), 1)  # 5 steps
+    assert saved == [2, 4, 5]
+
+
+def test_fit_passes_chunking_and_precision_and_counts_samples():
+    """fit's chunk_size and precision reach the Trainer; samples_per_s counts batch_size samples
+    per step (the record's rate times its elapsed time)."""
+    model = _simclr()
+    rows, dtypes = [], []
+    model.encoder.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+
+    def loss(z0, z1):
+        dtypes.append(z0.dtype)
+        return _ntxent(z0, z1)
+    hist = fit(model, loss, torch.randn(16, 10), torch.optim.SGD(model.parameters(), lr=0.0), epochs=1,
+               batch_size=8, chunk_size=4, precision="bf16", transform=_noise_views, progress=False)
+    assert max(rows) == 4 and dtypes == [torch.bfloat16] * 2
+    for r in hist:
+        assert r["samples_per_s"] * r["elapsed_s"] == pytest.approx(8 * r["step"], rel=1e-9)
+
+
+def test_resumed_csv_metrics_keep_one_header(tmp_path):
+    def run(**kw):
+        model = _simclr()
+        trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8,
+                          transform=_noise_views, checkpoint_path=str(tmp_path / "ck.pt"),
+                          metrics_path=str(tmp_path / "m.csv"), progress=False)
+        trainer.fit(torch.randn(24, 10, generator=torch.Generator().manual_seed(2)), 1, **kw)
+    run(max_steps=2)
+    run(resume=str(tmp_path / "ck.pt"))
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,step,") and sum(line.startswith("epoch,") for line in lines) == 1
+    assert [int(r["step"]) for r in csv.DictReader(lines)] == [1, 2, 3]
+
+
+def test_resume_restores_the_scheduler_mid_period(tmp_path):
+    """A run split at step 3 of StepLR(step_size=2) takes the full run's rates: the scheduler's
+    own count is restored (the optimizer's rate alone would shift the decays by a step)."""
+    def run(**kw):
+        model = _simclr()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        trainer = Trainer(model, _ntxent, opt, batch_size=8, transform=_noise_views, progress=False,
+                          scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+                          checkpoint_path=str(tmp_path / "ck.pt"))
+        return [r["lr"] for r in trainer.fit(torch.randn(24, 10), 2, **kw)]
+    full = run()
+    assert run(max_steps=3) == full[:3]
+    assert run(resume=str(tmp_path / "ck.pt")) == full[3:]
+
+
+def test_model_may_return_a_list_and_checkpoints_make_their_directory(tmp_path):
+    class ListOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _simclr()
+
+        def forward(self, x0, x1):
+            return list(self.inner(x0, x1))
+    model = ListOut()
+    path = tmp_path / "new" / "dir" / "ck.pt"
+    trainer = Trainer(model, _ntxent, torch.optim.SGD(model.parameters(), lr=0.1), batch_size=8,
+                      transform=_noise_views, checkpoint_path=str(path), progress=False)
+    trainer.fit(torch.randn(8, 10), 1)
+    assert torch.load(path, weights_only=False)["global_step"] == 1

@@ -219,3 +219,12 @@ def test_nan_in_a_reference_that_is_only_a_negative():
     ref[7, 2] = float("nan")
     assert ref_labels[7] not in labels
     assert torch.isnan(fastcl.triplet_margin_loss_pml(emb, labels, 0.05, ref_emb=ref, ref_labels=ref_labels))
+
+
+def test_module_refuses_smooth_loss_and_checks_margin_up_front():
+    """smooth_loss=True (PML's softplus form) is not computed, so it is refused by name, and a
+    bad margin fails at construction, not at the first forward."""
+    with pytest.raises(NotImplementedError, match="smooth_loss=True"):
+        fastcl.nn.pml.TripletMarginLoss(smooth_loss=True)
+    with pytest.raises(ValueError, match="margin"):
+        fastcl.nn.pml.TripletMarginLoss(margin=float("inf"))
