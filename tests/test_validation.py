@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastcl
-from conftest import assert_close
+from conftest import TOL, assert_close
 from fastcl.ops import similarity_lse
 
 _gen = torch.Generator().manual_seed(0)
@@ -145,7 +145,6 @@ def test_scale_sign_is_checked_on_the_cpu_only():
 def test_fused_kernels_follow_the_formula_at_any_scale(backend):
     """What an unchecked GPU scale at or below 0 gets: the formula's value, as the reference.  (At
     exactly 0 the CPU kernels' oneDNN GEMM left its output tile stale: they now take addmm there.)"""
-    from conftest import TOL, assert_close
     from fastcl._ext import extension_available
     from fastcl.ops.dispatch import triton_available
     if (backend == "cpu" and not extension_available()) or (backend == "triton" and not triton_available()):
