@@ -223,7 +223,16 @@ class LiveBytes:
 # Draws are fresh in every run and reproducible from the run's seed: each test seeds torch's and
 # Python's generators from (this base, its id), and a failure prints FASTCL_TEST_SEED=<base>, which
 # reruns the same draws.
-TEST_SEED = int(os.environ.get("FASTCL_TEST_SEED") or random.SystemRandom().randrange(1, 2**31))
+def seed_base(text) -> int:
+    """FASTCL_TEST_SEED's value (a non-negative int; unset or empty: a fresh one)."""
+    if not text:
+        return random.SystemRandom().randrange(1, 2**31)
+    if not text.strip().isdigit():
+        raise ValueError(f"FASTCL_TEST_SEED must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
+TEST_SEED = seed_base(os.environ.get("FASTCL_TEST_SEED"))
 
 
 @pytest.fixture(autouse=True)

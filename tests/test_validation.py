@@ -636,3 +636,12 @@ def test_distill_clip_loss_names_any_row_count_that_differs():
     for args in ((x, x[:5], t, t), (x, x, t[:5], t), (x, x, t, t[:5])):
         with pytest.raises(ValueError, match="must have the same number of rows"):
             fastcl.distill_clip_loss(args[0], args[1], 2.0, args[2], args[3], 1.0)
+
+
+@pytest.mark.parametrize("text", ["abc", "-3", "1.5"])
+def test_test_seed_names_its_variable(text):
+    """A mistyped FASTCL_TEST_SEED fails by name, not as int()'s bare ValueError."""
+    from conftest import seed_base
+    with pytest.raises(ValueError, match="FASTCL_TEST_SEED must be a non-negative integer"):
+        seed_base(text)
+    assert seed_base("42") == 42 and 1 <= seed_base("") < 2**31 and 1 <= seed_base(None) < 2**31
