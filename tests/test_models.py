@@ -117,7 +117,6 @@ def test_masked_token_encoder_arguments():
 
 
 def test_masked_token_encoder_keeps_lowest_noise_tokens():
-    pytest.importorskip("fastcl.masking")
     torch.manual_seed(0)
     b, length, d = 3, 8, 4
     x = torch.randn(b, length, d)
@@ -207,7 +206,6 @@ def test_masked_token_encoder_ratio_bounds_and_type():
 def test_masked_token_encoder_passes_generator_and_pos_embed():
     """The generator draws the noise (same seed, same tokens; MAE's float mask) and pos_embed is
     added to the kept tokens."""
-    pytest.importorskip("fastcl.masking")
     b, length, d = 2, 8, 3
     x, pos = torch.randn(b, length, d), torch.randn(length, d)
     enc = MaskedTokenEncoder(nn.Identity(), mask_ratio=0.5)
